@@ -1,0 +1,75 @@
+// CPU kernels: the tensors of one dtype group are cut into (tensor, chunk) work items that one
+// parallel region (OpenMP through at::parallel_for) shares out; each item is a plain loop that the
+// compiler vectorises, converting bf16/fp16 in registers.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../ops_impl.h"
+
+namespace swa_fast {
+namespace {
+
+// Elements per work item: large enough to amortise scheduling, small enough to balance 2+ threads.
+constexpr int64_t kChunk = 1 << 16;
+// Below this many elements in total, threading costs more than it saves.
+constexpr int64_t kSerialBelow = 1 << 15;
+
+struct Item {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename F>
+void run_item(F f, void* const* ptrs, int64_t begin, int64_t end) {
+  f.resolve();
+  for (int64_t i = begin; i < end; ++i) f(ptrs, i);
+}
+
+struct CpuRun {
+  template <size_t K, typename F>
+  static void run(const std::array<at::TensorList, K>& lists, const std::vector<int64_t>& indices, F f) {
+    static_assert(F::kLists == K, "functor and list count disagree");
+    std::vector<std::array<void*, K>> ptrs(indices.size());
+    std::vector<Item> items;
+    int64_t total = 0;
+    for (size_t j = 0; j < indices.size(); ++j) {
+      for (size_t k = 0; k < K; ++k) ptrs[j][k] = lists[k][indices[j]].data_ptr();
+      const int64_t n = lists[0][indices[j]].numel();
+      for (int64_t b = 0; b < n; b += kChunk) items.push_back({static_cast<int64_t>(j), b, std::min(n, b + kChunk)});
+      total += n;
+    }
+    auto work = [&](int64_t first, int64_t last) {
+      for (int64_t it = first; it < last; ++it) {
+        const Item& item = items[it];
+        run_item(f, ptrs[item.tensor].data(), item.begin, item.end);
+      }
+    };
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    if (total < kSerialBelow) {
+      work(0, n_items);
+    } else {
+      at::parallel_for(0, n_items, 1, work);
+    }
+  }
+};
+
+void lerp_cpu(at::TensorList avg, at::TensorList src, const at::Tensor& weight) {
+  lerp_impl<CpuRun>(avg, src, weight);
+}
+void moments_cpu(at::TensorList mean, at::TensorList sq, at::TensorList src, const at::Tensor& weight) {
+  moments_impl<CpuRun>(mean, sq, src, weight);
+}
+void copy_cpu(at::TensorList dst, at::TensorList src) { copy_impl<CpuRun>(dst, src); }
+void swap_cpu(at::TensorList a, at::TensorList b) { swap_impl<CpuRun>(a, b); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(swa_fast, CPU, m) {
+  m.impl("lerp_", &lerp_cpu);
+  m.impl("moments_", &moments_cpu);
+  m.impl("copy_", &copy_cpu);
+  m.impl("swap_", &swap_cpu);
+}
+
+}  // namespace swa_fast
