@@ -1,0 +1,189 @@
+"""The Python face of the ops: backend choice, float weights, fake kernels of the compiled ops.
+
+    lerp_(avg, src, weight)          avg += weight * (src - avg)
+    moments_(mean, sq, src, weight)  mean += w (src - mean); sq += w (src^2 - sq)
+    copy_(dst, src)                  dst = src (cast)
+    swap_(a, b)                      a <-> b
+
+Every op takes lists of tensors and updates them in place; each side may have its own dtype and
+the arithmetic is done in fp32 (fp64 for fp64 destinations). `weight` is a 0-dim float32/float64
+tensor on the destination's device (no host synchronisation, CUDA-graph capturable) or a float.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import checks, reference
+
+try:
+    from . import _C  # registers torch.ops.swa_fast.{lerp_, moments_, copy_, swap_}
+
+    EXTENSION_ERROR: str | None = None
+    BUILD_INFO: dict = _C.build_info()
+except ImportError as e:
+    _C = None
+    EXTENSION_ERROR = f"the compiled extension swa_fast._C did not load ({e})"
+    BUILD_INFO = {"cuda": False, "cuda_archs": "", "cuda_version": "", "torch_version": ""}
+    warnings.warn(
+        f"swa_fast: {EXTENSION_ERROR}; falling back to Triton / torch._foreach_* (slower). "
+        "Reinstall with `pip install --no-build-isolation .` to build the kernels.",
+        stacklevel=2,
+    )
+
+from . import triton_kernels  # noqa: E402  (after _C: it adds to the swa_fast op namespace)
+
+BACKENDS = ("cuda", "triton", "cpu", "foreach", "reference")
+# Preference order per device type when no backend is forced.
+_PREFERENCE = {"cuda": ("cuda", "triton", "foreach"), "cpu": ("cpu", "foreach")}
+
+
+def backend_status(device: torch.device | str) -> dict[str, str | None]:
+    """For each backend: None when it can run tensors on `device`, else the reason it cannot."""
+    device = torch.device(device)
+    ext = EXTENSION_ERROR
+    return {
+        "cuda": ext
+        or (None if BUILD_INFO["cuda"] else "swa_fast was built without CUDA kernels (no CUDA toolkit at build time)")
+        if device.type == "cuda"
+        else f"the cuda backend runs CUDA tensors, these are on {device.type}",
+        "triton": triton_kernels.TRITON_ERROR
+        or (
+            None
+            if triton_kernels.runs_on(device)
+            else f"Triton runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), these are on {device.type}"
+        ),
+        "cpu": ext if device.type == "cpu" else f"the cpu backend runs CPU tensors, these are on {device.type}",
+        "foreach": None,
+        "reference": None,
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _choose(device_type: str, forced: str | None, _interpreting: bool) -> str:
+    status = backend_status(torch.device(device_type))
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"swa_fast: unknown backend {forced!r}; expected one of {', '.join(BACKENDS)}")
+        if status[forced] is not None:
+            raise RuntimeError(f"swa_fast: backend {forced!r} is unavailable for {device_type} tensors: {status[forced]}")
+        return forced
+    for name in _PREFERENCE.get(device_type, ("foreach",)):
+        if status[name] is None:
+            return name
+    return "foreach"
+
+
+def choose_backend(device: torch.device | str, backend: str | None = None) -> str:
+    """The backend for tensors on `device`: `backend` if given, else $SWA_FAST_BACKEND, else the
+    fastest available (cuda > triton > foreach on CUDA; cpu > foreach on the CPU). A forced backend
+    that cannot run raises a RuntimeError with the reason."""
+    forced = backend or os.environ.get("SWA_FAST_BACKEND") or None
+    return _choose(torch.device(device).type, forced, triton_kernels.interpreting())
+
+
+def _as_weight(weight: Tensor | float) -> Tensor:
+    # A float becomes a CPU scalar, which the kernels read on the host: no device allocation.
+    return weight if isinstance(weight, Tensor) else torch.tensor(float(weight), dtype=torch.float64)
+
+
+def _host_weight(weight: Tensor | float) -> Tensor | float:
+    # torch._foreach_* take CPU scalars as Python numbers; reading a CPU tensor does not sync.
+    return weight.item() if isinstance(weight, Tensor) and weight.device.type == "cpu" else weight
+
+
+# --- torch._foreach_* fallbacks -------------------------------------------------------------------
+
+def _same_dtype_as(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[Tensor]:
+    return [s if s.dtype == d.dtype else s.to(d.dtype) for d, s in zip(dst, src)]
+
+
+def _foreach_lerp(avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
+    src = _same_dtype_as(avg, src)
+    weight = _host_weight(weight)
+    if isinstance(weight, Tensor):  # no Tensor-weight overload of _foreach_lerp_
+        delta = torch._foreach_sub(src, avg)
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(avg, delta)
+    else:
+        torch._foreach_lerp_(avg, src, weight)
+
+
+def _foreach_moments(mean: list[Tensor], sq: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
+    src = _same_dtype_as(mean, src)
+    _foreach_lerp(mean, src, weight)
+    _foreach_lerp(sq, torch._foreach_mul(src, src), weight)
+
+
+def _foreach_copy(dst: list[Tensor], src: list[Tensor]) -> None:
+    torch._foreach_copy_(dst, src)
+
+
+def _foreach_swap(a: list[Tensor], b: list[Tensor]) -> None:
+    tmp = [t.clone() for t in a]
+    torch._foreach_copy_(a, b)
+    torch._foreach_copy_(b, tmp)
+
+
+# --- the ops --------------------------------------------------------------------------------------
+# Compiled backends check in C++ (no Python loop over tensors); the Python backends check here.
+
+def _run(op: str, lists: list[list[Tensor]], weight, backend: str | None, check, python_impls) -> None:
+    if not lists[0]:
+        check(*lists, *weight)
+        return
+    name = choose_backend(lists[0][0].device, backend)
+    if name in ("cpu", "cuda"):
+        getattr(torch.ops.swa_fast, op)(*lists, *map(_as_weight, weight))
+    elif name == "triton":
+        getattr(torch.ops.swa_fast, op[:-1] + "_triton")(*lists, *map(_as_weight, weight))
+    else:
+        check(*lists, *weight)
+        python_impls[name](*lists, *weight)
+
+
+@torch.no_grad()
+def lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float, *, backend: str | None = None) -> None:
+    """avg[i] += weight * (src[i] - avg[i]) for every i, in place: SWA with weight 1/(n+1)
+    (Izmailov et al. 2018), EMA with weight 1 - decay."""
+    _run("lerp_", [list(avg), list(src)], (weight,), backend, checks.check_lerp,
+         {"foreach": _foreach_lerp, "reference": reference.lerp_})
+
+
+@torch.no_grad()
+def moments_(
+    mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float,
+    *, backend: str | None = None,
+) -> None:
+    """SWAG's running moments in one pass (Maddox et al. 2019):
+    mean += w (src - mean), sq += w (src^2 - sq)."""
+    _run("moments_", [list(mean), list(sq), list(src)], (weight,), backend, checks.check_moments,
+         {"foreach": _foreach_moments, "reference": reference.moments_})
+
+
+@torch.no_grad()
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None = None) -> None:
+    """dst[i] = src[i], cast to dst[i]'s dtype: load or save a snapshot in one pass."""
+    _run("copy_", [list(dst), list(src)], (), backend, checks.check_copy,
+         {"foreach": _foreach_copy, "reference": reference.copy_})
+
+
+@torch.no_grad()
+def swap_(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str | None = None) -> None:
+    """Exchange the contents of a[i] and b[i] (same dtypes): apply an average and restore."""
+    _run("swap_", [list(a), list(b)], (), backend, checks.check_swap,
+         {"foreach": _foreach_swap, "reference": reference.swap_})
+
+
+if _C is not None:
+    # Fake kernels: shape/dtype checks only, so torch.compile and fake tensors can trace the ops.
+    torch.library.register_fake("swa_fast::lerp_")(checks.check_lerp)
+    torch.library.register_fake("swa_fast::moments_")(checks.check_moments)
+    torch.library.register_fake("swa_fast::copy_")(checks.check_copy)
+    torch.library.register_fake("swa_fast::swap_")(checks.check_swap)

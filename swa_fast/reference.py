@@ -1,0 +1,56 @@
+"""Naive per-parameter implementations of the ops: the oracle of the tests and the baseline of the
+benchmarks. One Python iteration and a few PyTorch ops per tensor, arithmetic in fp32 (fp64 when
+the destination is fp64), exactly the math of DESIGN.md's op table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weight(weight: Tensor | float, like: Tensor) -> Tensor | float:
+    if isinstance(weight, Tensor):
+        return weight.to(device=like.device, dtype=acc_dtype(like.dtype))
+    return weight
+
+
+@torch.no_grad()
+def lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) -> None:
+    """avg += weight * (src - avg)   (SWA with weight 1/(n+1), EMA with 1 - decay)"""
+    for a, s in zip(avg, src):
+        acc = acc_dtype(a.dtype)
+        af = a.to(acc)
+        a.copy_(af + _weight(weight, a) * (s.to(acc) - af))
+
+
+@torch.no_grad()
+def moments_(mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) -> None:
+    """mean += w (src - mean);  sq += w (src^2 - sq)   (SWAG, Maddox et al. 2019)"""
+    for m, q, s in zip(mean, sq, src):
+        acc = acc_dtype(m.dtype)
+        x, mf, qf = s.to(acc), m.to(acc), q.to(acc)
+        w = _weight(weight, m)
+        m.copy_(mf + w * (x - mf))
+        q.copy_(qf + w * (x * x - qf))
+
+
+@torch.no_grad()
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """dst = src, cast to dst's dtype"""
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
+@torch.no_grad()
+def swap_(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    """a <-> b"""
+    for x, y in zip(a, b):
+        tmp = x.clone()
+        x.copy_(y)
+        y.copy_(tmp)
