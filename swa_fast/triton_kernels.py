@@ -60,6 +60,20 @@ if triton is not None:
         return tl.load(ptrs + t * K + k).to(tl.pointer_type(DTYPE))
 
     @triton.jit
+    def _rounded(x, DST: tl.constexpr):
+        """x (fp32, or fp64 for fp64 destinations) rounded to nearest even in DST, as PyTorch does.
+
+        bf16 is rounded with integer ops on the fp32 bits: Triton's interpreter truncates in its
+        fp32 -> bf16 cast, and this gives the same bits compiled and interpreted."""
+        if DST == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN (the carry could make it inf)
+            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(DST)
+
+    @triton.jit
     def _lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
                      DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
@@ -67,7 +81,7 @@ if triton is not None:
         a = tl.load(avg + offs, mask=mask).to(ACC)
         s = tl.load(_ptr(ptrs, t, 1, 2, SRC) + offs, mask=mask).to(ACC)
         w = tl.load(w_ptr).to(ACC)
-        tl.store(avg + offs, (a + w * (s - a)).to(DST), mask=mask)
+        tl.store(avg + offs, _rounded(a + w * (s - a), DST), mask=mask)
 
     @triton.jit
     def _moments_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
@@ -79,15 +93,15 @@ if triton is not None:
         m = tl.load(mean + offs, mask=mask).to(ACC)
         q = tl.load(sq + offs, mask=mask).to(ACC)
         w = tl.load(w_ptr).to(ACC)
-        tl.store(mean + offs, (m + w * (x - m)).to(DST), mask=mask)
-        tl.store(sq + offs, (q + w * (x * x - q)).to(DST), mask=mask)
+        tl.store(mean + offs, _rounded(m + w * (x - m), DST), mask=mask)
+        tl.store(sq + offs, _rounded(q + w * (x * x - q), DST), mask=mask)
 
     @triton.jit
     def _copy_kernel(ptrs, block_tensor, block_start, numels,
                      DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         s = tl.load(_ptr(ptrs, t, 1, 2, SRC) + offs, mask=mask).to(ACC)
-        tl.store(_ptr(ptrs, t, 0, 2, DST) + offs, s.to(DST), mask=mask)
+        tl.store(_ptr(ptrs, t, 0, 2, DST) + offs, _rounded(s, DST), mask=mask)
 
     @triton.jit
     def _swap_kernel(ptrs, block_tensor, block_start, numels,

@@ -1,0 +1,92 @@
+"""Each op on each CPU backend (compiled C++, Triton interpreted, foreach) against reference.py."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import FLOATS, OPS, run_and_check
+
+# 0, 1, odd, around each backend's chunk (CPU 65536, Triton 4096, CUDA 16384), and 1e6+.
+SIZES = [0, 1, 7, 4095, 4097, 16385, 65535, 65536, 65537]
+DTYPE_PAIRS = list(itertools.product(FLOATS, FLOATS))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dst_dtype,src_dtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+def test_dtype_pairs(op, backend, dst_dtype, src_dtype):
+    run_and_check(op, backend, [(3, 5), (17,), (2, 3, 4)], dst_dtype, src_dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("size", SIZES)
+def test_sizes(op, backend, size):
+    run_and_check(op, backend, [(size,)], torch.float32, torch.float32)
+    run_and_check(op, backend, [(size,)], torch.bfloat16, torch.bfloat16, seed=1)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_large_tensor(op, backend):
+    run_and_check(op, backend, [(1_000_003,), (5,)], torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n_tensors", [1, 2, 100, 2000])
+def test_many_tensors(op, backend, n_tensors):
+    shapes = [((i * 37) % 300,) for i in range(n_tensors)]  # includes empty tensors
+    run_and_check(op, backend, shapes, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_mixed_dtypes_in_one_list(op, backend):
+    """A list whose tensors each pair a different dtype runs as one call."""
+    lists_by_pair = []
+    for d, s in DTYPE_PAIRS:
+        from conftest import make_case
+
+        lists, extra = make_case(op, [(33,)], d, s, seed=len(lists_by_pair))
+        lists_by_pair.append(lists)
+    lists = [[t for lists in lists_by_pair for t in lists[k]] for k in range(len(lists_by_pair[0]))]
+    from conftest import assert_matches_reference, clone_lists
+
+    import swa_fast
+
+    before = clone_lists(lists)
+    getattr(swa_fast, op)(*lists, *extra, backend=backend)
+    assert_matches_reference(op, before, lists, extra)
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_"])
+def test_non_contiguous_source(op, backend):
+    import swa_fast
+    from conftest import assert_matches_reference, clone_lists, make_case
+
+    lists, extra = make_case(op, [(6, 4), (5, 3)], torch.float32, torch.float32)
+    src = [torch.randn(4, 6).t(), torch.randn(5, 6)[:, ::2]]
+    assert not any(s.is_contiguous() for s in src)
+    lists[-1] = src
+    before = clone_lists(lists)
+    getattr(swa_fast, op)(*lists, *extra, backend=backend)
+    assert_matches_reference(op, before, lists, extra)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+def test_tensor_weight(backend, weight_dtype):
+    import swa_fast
+    from conftest import assert_matches_reference, clone_lists, make_case
+
+    lists, _ = make_case("lerp_", [(100,), (3,)], torch.float32, torch.float32)
+    weight = torch.tensor(0.125, dtype=weight_dtype)
+    before = clone_lists(lists)
+    swa_fast.lerp_(*lists, weight, backend=backend)
+    assert_matches_reference("lerp_", before, lists, (weight,))
+
+
+def test_swa_average_of_known_tensors(backend):
+    """Weights 1/(n+1) over N tensors give their arithmetic mean."""
+    import swa_fast
+
+    values = [torch.full((1000,), float(v)) for v in (1.0, 2.0, 6.0, -3.0)]
+    avg = [torch.zeros(1000)]
+    for n, v in enumerate(values):
+        swa_fast.lerp_(avg, [v], torch.tensor(1.0 / (n + 1)), backend=backend)
+    torch.testing.assert_close(avg[0], torch.full((1000,), 1.5))
