@@ -20,6 +20,9 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The dtype as Python spells it ("torch.bfloat16"), so every backend's messages read alike.
+inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
 // Calls f(T{}) with T the C++ type of `t`.
 template <typename F>
 decltype(auto) visit_float(at::ScalarType t, F&& f) {
@@ -28,7 +31,7 @@ decltype(auto) visit_float(at::ScalarType t, F&& f) {
     case at::kDouble: return f(double{});
     case at::kHalf: return f(c10::Half{});
     case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK_VALUE(false, "swa_fast: unsupported dtype ", t);
+    default: TORCH_CHECK_VALUE(false, "swa_fast: unsupported dtype ", dtype_name(t));
   }
 }
 
@@ -55,7 +58,7 @@ inline void check_lists(const char* op, const std::vector<NamedList>& lists, boo
       const at::Tensor& t = l.tensors[i];
       TORCH_CHECK_VALUE(t.defined(), "swa_fast.", op, ": `", l.name, "[", i, "]` is undefined");
       TORCH_CHECK_VALUE(is_supported_float(t.scalar_type()), "swa_fast.", op, ": `", l.name, "[", i,
-                        "]` has dtype ", t.scalar_type(),
+                        "]` has dtype ", dtype_name(t.scalar_type()),
                         "; expected float32, float64, float16 or bfloat16");
       TORCH_CHECK_VALUE(t.device() == device, "swa_fast.", op, ": `", l.name, "[", i, "]` is on ",
                         t.device(), " but `", first.name, "[0]` is on ", device,
@@ -66,8 +69,8 @@ inline void check_lists(const char* op, const std::vector<NamedList>& lists, boo
                         "]` is written in place and must be contiguous (got strides ", t.strides(),
                         " for shape ", t.sizes(), ")");
       TORCH_CHECK_VALUE(!same_dtype || t.scalar_type() == ref.scalar_type(), "swa_fast.", op, ": `", l.name,
-                        "[", i, "]` has dtype ", t.scalar_type(), " but `", first.name, "[", i,
-                        "]` has dtype ", ref.scalar_type(), "; both sides must have the same dtype");
+                        "[", i, "]` has dtype ", dtype_name(t.scalar_type()), " but `", first.name, "[", i,
+                        "]` has dtype ", dtype_name(ref.scalar_type()), "; both sides must have the same dtype");
     }
   }
 }
@@ -77,7 +80,7 @@ inline void check_weight(const char* op, const at::Tensor& weight, at::Device de
   TORCH_CHECK_VALUE(weight.dim() == 0, "swa_fast.", op, ": `weight` must be a 0-dim tensor, got shape ",
                     weight.sizes());
   TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, "swa_fast.",
-                    op, ": `weight` must be float32 or float64, got ", weight.scalar_type());
+                    op, ": `weight` must be float32 or float64, got ", dtype_name(weight.scalar_type()));
   TORCH_CHECK_VALUE(weight.device() == device || weight.device().is_cpu(), "swa_fast.", op,
                     ": `weight` is on ", weight.device(), " but the tensors are on ", device,
                     "; pass it on ", device, " (or on the CPU)");

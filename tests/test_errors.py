@@ -1,0 +1,132 @@
+"""Bad input raises a ValueError that names the index, the expected and the received value, on every
+backend, and writes nothing: the bad tensor sits last so that a backend writing as it goes would
+already have changed the first ones."""
+
+import pytest
+import torch
+from conftest import clone_lists, make_case
+
+import swa_fast
+
+
+
+@pytest.fixture(params=["cpu", "triton", "foreach", "reference"])
+def any_backend(request):
+    if swa_fast.backend_status("cpu")[request.param] is not None:
+        pytest.skip(swa_fast.backend_status("cpu")[request.param])
+    return request.param
+
+
+def case(op):
+    return make_case(op, [(4, 3), (5,), (2, 2)], torch.float32, torch.float32)
+
+
+def replaced(lists, k, i, tensor):
+    out = [list(lst) for lst in lists]
+    out[k][i] = tensor
+    return out
+
+
+def assert_rejected(op, backend, lists, extra, *patterns):
+    before = clone_lists(lists)
+    with pytest.raises(ValueError) as info:
+        getattr(swa_fast, op)(*lists, *extra, backend=backend)
+    for p in patterns:
+        assert p in str(info.value), f"{p!r} not in {info.value}"
+    for k, lst in enumerate(lists):
+        for t, b in zip(lst, before[k]):
+            if t.device.type != "meta":
+                assert torch.equal(t, b), f"{op} wrote list {k} before raising"
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+def test_unequal_lengths(op, any_backend):
+    lists, extra = case(op)
+    lists[-1] = lists[-1][:2]
+    assert_rejected(op, any_backend, lists, extra, "has 2 tensors", "has 3", "equal lengths")
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+def test_shape_mismatch(op, any_backend):
+    lists, extra = case(op)
+    lists = replaced(lists, len(lists) - 1, 2, torch.zeros(5))
+    assert_rejected(op, any_backend, lists, extra, "[2]", "shape [5]", "shape [2, 2]")
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+def test_same_numel_other_shape(op, any_backend):
+    lists, extra = case(op)
+    lists = replaced(lists, len(lists) - 1, 2, torch.zeros(4, 1))
+    assert_rejected(op, any_backend, lists, extra, "[2]", "shape [4, 1]", "shape [2, 2]")
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+def test_device_mismatch(op, any_backend):
+    lists, extra = case(op)
+    lists = replaced(lists, len(lists) - 1, 2, torch.zeros(2, 2, device="meta"))
+    assert_rejected(op, any_backend, lists, extra, "[2]", "meta", "cpu", "one device")
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_floating_dtype(op, any_backend, dtype):
+    lists, extra = case(op)
+    lists = replaced(lists, len(lists) - 1, 2, torch.zeros(2, 2, dtype=dtype))
+    assert_rejected(op, any_backend, lists, extra, "[2]", str(dtype).replace("torch.", ""), "expected float32")
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+def test_non_contiguous_destination(op, any_backend):
+    lists, extra = case(op)
+    lists = replaced(lists, 0, 0, torch.zeros(3, 4).t())
+    assert_rejected(op, any_backend, lists, extra, "[0]", "contiguous", "strides [1, 4]")
+
+
+def test_swap_dtype_mismatch(any_backend):
+    lists, extra = case("swap_")
+    lists = replaced(lists, 1, 2, torch.zeros(2, 2, dtype=torch.float64))
+    assert_rejected("swap_", any_backend, lists, extra, "b[2]", "float64", "float32", "same dtype")
+
+
+def test_moments_sq_dtype_differs_from_mean(any_backend):
+    lists, extra = case("moments_")
+    lists = replaced(lists, 1, 1, torch.zeros(5, dtype=torch.bfloat16))
+    assert_rejected("moments_", any_backend, lists, extra, "sq[1]", "BFloat16".lower()[:4])
+
+
+@pytest.mark.parametrize(
+    "weight,pattern",
+    [
+        (torch.tensor([0.5]), "0-dim"),
+        (torch.tensor(1, dtype=torch.int64), "float32 or float64"),
+        (torch.tensor(0.5, dtype=torch.bfloat16), "float32 or float64"),
+        (torch.tensor(0.5, device="meta"), "meta"),
+    ],
+)
+@pytest.mark.parametrize("op", ["lerp_", "moments_"])
+def test_bad_weight(op, any_backend, weight, pattern):
+    lists, _ = case(op)
+    assert_rejected(op, any_backend, lists, (weight,), "weight", pattern)
+
+
+def test_unknown_or_unavailable_backend():
+    lists, extra = case("lerp_")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        swa_fast.lerp_(*lists, *extra, backend="gpu")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable for cpu tensors"):
+        swa_fast.lerp_(*lists, *extra, backend="cuda")
+
+
+def test_env_var_forces_backend(monkeypatch):
+    lists, extra = case("lerp_")
+    monkeypatch.setenv("SWA_FAST_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="'cuda' is unavailable"):
+        swa_fast.lerp_(*lists, *extra)
+    monkeypatch.setenv("SWA_FAST_BACKEND", "reference")
+    assert swa_fast.choose_backend("cpu") == "reference"
+
+
+def test_empty_lists(any_backend):
+    for op in ["lerp_", "moments_", "copy_", "swap_"]:
+        lists, extra = case(op)
+        getattr(swa_fast, op)(*[[] for _ in lists], *extra, backend=any_backend)
