@@ -12,7 +12,6 @@ tensor on the destination's device (no host synchronisation, CUDA-graph capturab
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -65,8 +64,10 @@ def backend_status(device: torch.device | str) -> dict[str, str | None]:
     }
 
 
-@functools.lru_cache(maxsize=64)
-def _choose(device_type: str, forced: str | None, _interpreting: bool) -> str:
+_CHOICES: dict[tuple[str, str | None, bool], str] = {}
+
+
+def _choose(device_type: str, forced: str | None) -> str:
     status = backend_status(torch.device(device_type))
     if forced is not None:
         if forced not in BACKENDS:
@@ -85,7 +86,10 @@ def choose_backend(device: torch.device | str, backend: str | None = None) -> st
     fastest available (cuda > triton > foreach on CUDA; cpu > foreach on the CPU). A forced backend
     that cannot run raises a RuntimeError with the reason."""
     forced = backend or os.environ.get("SWA_FAST_BACKEND") or None
-    return _choose(torch.device(device).type, forced, triton_kernels.interpreting())
+    key = (torch.device(device).type, forced, triton_kernels.interpreting())
+    if key not in _CHOICES:  # only successful choices are remembered: a failing one raises each time
+        _CHOICES[key] = _choose(key[0], forced)
+    return _CHOICES[key]
 
 
 def _as_weight(weight: Tensor | float) -> Tensor:

@@ -1,0 +1,63 @@
+"""`python -m swa_fast info` prints what was built and what each device would use;
+`python -m swa_fast bench [...]` runs the benchmark suite of a source checkout."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+from . import ops, triton_kernels
+
+
+def info() -> str:
+    b = ops.BUILD_INFO
+    triton_version = getattr(triton_kernels.triton, "__version__", None) or triton_kernels.TRITON_ERROR
+    lines = [
+        f"swa_fast       {__import__('swa_fast').__version__}",
+        f"extension      {'loaded' if ops._C is not None else ops.EXTENSION_ERROR}",
+        f"CUDA kernels   {'built for ' + b['cuda_archs'] + ' (CUDA ' + b['cuda_version'] + ')' if b['cuda'] else 'not built'}",
+        f"built against  torch {b['torch_version'] or '-'}",
+        f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton         {triton_version}",
+        f"CPU threads    {torch.get_num_threads()} ({'OpenMP' if torch.backends.openmp.is_available() else 'no OpenMP'})",
+        f"GPUs visible   {torch.cuda.device_count()}"
+        + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
+        "",
+        "backend per device (chosen, then why the others are not used):",
+    ]
+    for device in ("cpu", "cuda"):
+        try:
+            chosen = ops.choose_backend(device)
+        except (RuntimeError, ValueError) as e:
+            chosen = f"error: {e}"
+        lines.append(f"  {device:5s} -> {chosen}")
+        for name, reason in ops.backend_status(device).items():
+            if reason is not None:
+                lines.append(f"           {name}: {reason}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swa_fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="what was built and which backend each device uses")
+    sub.add_parser("bench", help="run the benchmark suite (from a source checkout)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        print(info())
+        return 0
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not script.is_file():
+        print(f"swa_fast bench: {script} not found; run it from a source checkout of swa_fast", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

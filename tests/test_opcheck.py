@@ -1,0 +1,47 @@
+"""torch.library.opcheck on every op (compiled and Triton), and one torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+from conftest import make_case
+
+import swa_fast
+from swa_fast import ops
+
+COMPILED = pytest.mark.skipif(ops._C is None, reason=f"{ops.EXTENSION_ERROR}")
+
+
+def op_args(op, dst_dtype=torch.float32, src_dtype=torch.bfloat16):
+    lists, extra = make_case(op, [(3, 4), (7,), (0,)], dst_dtype, src_dtype)
+    return (*lists, *(torch.tensor(w, dtype=torch.float32) for w in extra))
+
+
+@COMPILED
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+def test_opcheck_compiled(op):
+    src_dtype = torch.float32 if op == "swap_" else torch.bfloat16
+    torch.library.opcheck(getattr(torch.ops.swa_fast, op), op_args(op, src_dtype=src_dtype))
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+def test_opcheck_triton(op):
+    src_dtype = torch.float32 if op == "swap_" else torch.bfloat16
+    torch.library.opcheck(getattr(torch.ops.swa_fast, op[:-1] + "_triton"), op_args(op, src_dtype=src_dtype))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_compile_fullgraph_update(backend):
+    """An SWA update traced whole by torch.compile: the op stays one node, the result is right."""
+    if swa_fast.backend_status("cpu")[backend] is not None:
+        pytest.skip(swa_fast.backend_status("cpu")[backend])
+    torch._dynamo.reset()
+    avg = [torch.zeros(5, 3), torch.zeros(4)]
+    params = [torch.randn(5, 3), torch.randn(4)]
+
+    @torch.compile(fullgraph=True)
+    def update(avg, params, weight):
+        swa_fast.lerp_(avg, params, weight, backend=backend)
+
+    for n in range(3):
+        update(avg, params, torch.tensor(1.0 / (n + 1)))
+    for a, p in zip(avg, params):
+        torch.testing.assert_close(a, p)

@@ -1,0 +1,44 @@
+"""The Triton launchers called directly on CPU tensors (TRITON_INTERPRET=1, set in conftest)."""
+
+import pytest
+import torch
+from conftest import assert_matches_reference, clone_lists, make_case
+
+from swa_fast import triton_kernels
+
+LAUNCHERS = {
+    "lerp_": triton_kernels.launch_lerp_,
+    "moments_": triton_kernels.launch_moments_,
+    "copy_": triton_kernels.launch_copy_,
+    "swap_": triton_kernels.launch_swap_,
+}
+
+
+@pytest.mark.parametrize("op", LAUNCHERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_launcher_matches_reference(op, dtype):
+    lists, extra = make_case(op, [(triton_kernels.BLOCK + 3,), (2, 5), (0,)], dtype, torch.float32)
+    before = clone_lists(lists)
+    LAUNCHERS[op](*lists, *extra)
+    assert_matches_reference(op, before, lists, extra)
+
+
+def test_plan_is_reused_for_the_same_list():
+    avg, src = [torch.zeros(10), torch.zeros(3)], [torch.ones(10), torch.ones(3)]
+    triton_kernels._PLAN_CACHE.clear()
+    triton_kernels.launch_lerp_(avg, src, 0.5)
+    triton_kernels.launch_lerp_(avg, src, 0.5)
+    assert len(triton_kernels._PLAN_CACHE) == 1
+    torch.testing.assert_close(avg[0], torch.full((10,), 0.75))
+
+
+def test_bf16_rounding_is_to_nearest_even():
+    """Values exactly between two bf16 numbers round to the even one, as PyTorch does."""
+    lo = torch.tensor([1.0, 1.0078125], dtype=torch.bfloat16)  # consecutive bf16 values
+    halfway = (lo[0].float() + lo[1].float()) / 2  # 1.00390625: a tie
+    dst = [torch.zeros(1, dtype=torch.bfloat16)]
+    triton_kernels.launch_copy_(dst, [halfway.reshape(1)])
+    assert torch.equal(dst[0], halfway.reshape(1).to(torch.bfloat16))
+    nan = [torch.zeros(1, dtype=torch.bfloat16)]
+    triton_kernels.launch_copy_(nan, [torch.tensor([float("nan")])])
+    assert nan[0].isnan().all()
