@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <array>
-#include <map>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -87,25 +86,45 @@ inline void check_weight(const char* op, const at::Tensor& weight, at::Device de
 }
 
 // Indices of the non-empty tensors of a list, grouped by the dtypes of the lists at each index.
+// Few groups (usually one): a vector searched from the last hit beats a map.
 template <size_t K>
-std::map<std::array<at::ScalarType, K>, std::vector<int64_t>> group_by_dtypes(
-    const std::array<at::TensorList, K>& lists) {
-  std::map<std::array<at::ScalarType, K>, std::vector<int64_t>> groups;
+using DtypeGroups = std::vector<std::pair<std::array<at::ScalarType, K>, std::vector<int64_t>>>;
+
+template <size_t K>
+DtypeGroups<K> group_by_dtypes(const std::array<at::TensorList, K>& lists) {
+  DtypeGroups<K> groups;
+  size_t last = 0;
   for (size_t i = 0; i < lists[0].size(); ++i) {
     if (lists[0][i].numel() == 0) continue;
     std::array<at::ScalarType, K> key;
     for (size_t k = 0; k < K; ++k) key[k] = lists[k][i].scalar_type();
-    groups[key].push_back(static_cast<int64_t>(i));
+    if (groups.empty() || groups[last].first != key) {
+      last = 0;
+      while (last < groups.size() && groups[last].first != key) ++last;
+      if (last == groups.size()) {
+        groups.push_back({key, {}});
+        groups.back().second.reserve(lists[0].size() - i);
+      }
+    }
+    groups[last].second.push_back(static_cast<int64_t>(i));
   }
   return groups;
 }
 
-// Read-only inputs may be strided: the kernels see a contiguous copy (allocated only when needed).
-inline std::vector<at::Tensor> contiguous_all(at::TensorList src) {
-  std::vector<at::Tensor> out;
-  out.reserve(src.size());
-  for (const auto& t : src) out.push_back(t.contiguous());
-  return out;
-}
+// Read-only inputs may be strided: the kernels see contiguous copies, made only for the tensors
+// that need one.
+struct ContiguousList {
+  explicit ContiguousList(at::TensorList src) : list(src) {
+    for (size_t i = 0; i < src.size(); ++i) {
+      if (src[i].is_contiguous()) continue;
+      owned.assign(src.begin(), src.end());
+      for (size_t j = i; j < src.size(); ++j) owned[j] = owned[j].contiguous();
+      list = owned;
+      break;
+    }
+  }
+  std::vector<at::Tensor> owned;
+  at::TensorList list;
+};
 
 }  // namespace swa_fast

@@ -14,8 +14,8 @@ void lerp_impl(at::TensorList avg, at::TensorList src, const at::Tensor& weight)
   check_lists("lerp_", {{"avg", avg, true}, {"src", src, false}}, false);
   if (avg.empty()) return;
   check_weight("lerp_", weight, avg[0].device());
-  const auto src_c = contiguous_all(src);
-  const std::array<at::TensorList, 2> lists{avg, src_c};
+  const ContiguousList src_c(src);
+  const std::array<at::TensorList, 2> lists{avg, src_c.list};
   for (const auto& [key, indices] : group_by_dtypes<2>(lists)) {
     visit_float(key[0], [&](auto d) {
       visit_float(key[1], [&](auto s) {
@@ -32,8 +32,8 @@ void moments_impl(at::TensorList mean, at::TensorList sq, at::TensorList src, co
   check_lists("moments_", {{"mean", mean, true}, {"src", src, false}}, false);
   if (mean.empty()) return;
   check_weight("moments_", weight, mean[0].device());
-  const auto src_c = contiguous_all(src);
-  const std::array<at::TensorList, 3> lists{mean, sq, src_c};
+  const ContiguousList src_c(src);
+  const std::array<at::TensorList, 3> lists{mean, sq, src_c.list};
   for (const auto& [key, indices] : group_by_dtypes<3>(lists)) {
     visit_float(key[0], [&](auto d) {
       visit_float(key[2], [&](auto s) {
@@ -47,8 +47,8 @@ void moments_impl(at::TensorList mean, at::TensorList sq, at::TensorList src, co
 template <class Run>
 void copy_impl(at::TensorList dst, at::TensorList src) {
   check_lists("copy_", {{"dst", dst, true}, {"src", src, false}}, false);
-  const auto src_c = contiguous_all(src);
-  const std::array<at::TensorList, 2> lists{dst, src_c};
+  const ContiguousList src_c(src);
+  const std::array<at::TensorList, 2> lists{dst, src_c.list};
   for (const auto& [key, indices] : group_by_dtypes<2>(lists)) {
     visit_float(key[0], [&](auto d) {
       visit_float(key[1], [&](auto s) { Run::run(lists, indices, Copy<decltype(d), decltype(s)>{}); });

@@ -15,15 +15,19 @@ from . import ops, triton_kernels
 
 def info() -> str:
     b = ops.BUILD_INFO
+    cuda = f"built for {b['cuda_archs']} (CUDA {b['cuda_version']})" if b["cuda"] else "not built"
+    threads = (
+        f"{torch.get_num_threads()} ({'OpenMP' if torch.backends.openmp.is_available() else 'no OpenMP'})"
+    )
     triton_version = getattr(triton_kernels.triton, "__version__", None) or triton_kernels.TRITON_ERROR
     lines = [
         f"swa_fast       {__import__('swa_fast').__version__}",
         f"extension      {'loaded' if ops._C is not None else ops.EXTENSION_ERROR}",
-        f"CUDA kernels   {'built for ' + b['cuda_archs'] + ' (CUDA ' + b['cuda_version'] + ')' if b['cuda'] else 'not built'}",
+        f"CUDA kernels   {cuda}",
         f"built against  torch {b['torch_version'] or '-'}",
         f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton         {triton_version}",
-        f"CPU threads    {torch.get_num_threads()} ({'OpenMP' if torch.backends.openmp.is_available() else 'no OpenMP'})",
+        f"CPU threads    {threads}",
         f"GPUs visible   {torch.cuda.device_count()}"
         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
         "",
@@ -52,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
     if not script.is_file():
-        print(f"swa_fast bench: {script} not found; run it from a source checkout of swa_fast", file=sys.stderr)
+        print(
+            f"swa_fast bench: {script} not found; run it from a source checkout of swa_fast", file=sys.stderr
+        )
         return 2
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")

@@ -14,7 +14,9 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_lists(op: str, lists: Sequence[tuple[str, Sequence[Tensor], bool]], same_dtype: bool = False) -> None:
+def check_lists(
+    op: str, lists: Sequence[tuple[str, Sequence[Tensor], bool]], same_dtype: bool = False
+) -> None:
     """`lists` holds (name, tensors, written) triples; written lists must be contiguous."""
     first_name, first, _ = lists[0]
     for name, tensors, _ in lists:

@@ -45,23 +45,23 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "foreach"), "cpu": ("cpu", "foreach")}
 
 def backend_status(device: torch.device | str) -> dict[str, str | None]:
     """For each backend: None when it can run tensors on `device`, else the reason it cannot."""
-    device = torch.device(device)
-    ext = EXTENSION_ERROR
-    return {
-        "cuda": ext
-        or (None if BUILD_INFO["cuda"] else "swa_fast was built without CUDA kernels (no CUDA toolkit at build time)")
-        if device.type == "cuda"
-        else f"the cuda backend runs CUDA tensors, these are on {device.type}",
-        "triton": triton_kernels.TRITON_ERROR
-        or (
-            None
-            if triton_kernels.runs_on(device)
-            else f"Triton runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), these are on {device.type}"
-        ),
-        "cpu": ext if device.type == "cpu" else f"the cpu backend runs CPU tensors, these are on {device.type}",
-        "foreach": None,
-        "reference": None,
-    }
+    kind = torch.device(device).type
+    status: dict[str, str | None] = dict.fromkeys(BACKENDS)
+    if kind != "cuda":
+        status["cuda"] = f"the cuda backend runs CUDA tensors, these are on {kind}"
+    elif EXTENSION_ERROR or not BUILD_INFO["cuda"]:
+        status["cuda"] = (
+            EXTENSION_ERROR or "swa_fast was built without CUDA kernels (no toolkit at build time)"
+        )
+    if triton_kernels.TRITON_ERROR or not triton_kernels.runs_on(torch.device(device)):
+        status["triton"] = triton_kernels.TRITON_ERROR or (
+            f"Triton runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), these are on {kind}"
+        )
+    if kind != "cpu":
+        status["cpu"] = f"the cpu backend runs CPU tensors, these are on {kind}"
+    elif EXTENSION_ERROR:
+        status["cpu"] = EXTENSION_ERROR
+    return status
 
 
 _CHOICES: dict[tuple[str, str | None, bool], str] = {}
@@ -73,7 +73,9 @@ def _choose(device_type: str, forced: str | None) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"swa_fast: unknown backend {forced!r}; expected one of {', '.join(BACKENDS)}")
         if status[forced] is not None:
-            raise RuntimeError(f"swa_fast: backend {forced!r} is unavailable for {device_type} tensors: {status[forced]}")
+            raise RuntimeError(
+                f"swa_fast: backend {forced!r} is unavailable for {device_type} tensors: {status[forced]}"
+            )
         return forced
     for name in _PREFERENCE.get(device_type, ("foreach",)):
         if status[name] is None:
@@ -103,6 +105,7 @@ def _host_weight(weight: Tensor | float) -> Tensor | float:
 
 
 # --- torch._foreach_* fallbacks -------------------------------------------------------------------
+
 
 def _same_dtype_as(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[Tensor]:
     return [s if s.dtype == d.dtype else s.to(d.dtype) for d, s in zip(dst, src)]
@@ -138,51 +141,82 @@ def _foreach_swap(a: list[Tensor], b: list[Tensor]) -> None:
 # --- the ops --------------------------------------------------------------------------------------
 # Compiled backends check in C++ (no Python loop over tensors); the Python backends check here.
 
+
 def _run(op: str, lists: list[list[Tensor]], weight, backend: str | None, check, python_impls) -> None:
-    if not lists[0]:
-        check(*lists, *weight)
-        return
-    name = choose_backend(lists[0][0].device, backend)
+    name = choose_backend(lists[0][0].device, backend) if lists[0] else "reference"
     if name in ("cpu", "cuda"):
-        getattr(torch.ops.swa_fast, op)(*lists, *map(_as_weight, weight))
-    elif name == "triton":
+        # Eager calls take the extension's fast path; traced code needs the registered op.
+        fn = getattr(torch.ops.swa_fast, op) if torch.compiler.is_compiling() else getattr(_C, op)
+        fn(*lists, *map(_as_weight, weight))
+        return
+    check(*lists, *weight)  # before the Triton op too: its schema would reject a non-tensor less clearly
+    if name == "triton":
         getattr(torch.ops.swa_fast, op[:-1] + "_triton")(*lists, *map(_as_weight, weight))
     else:
-        check(*lists, *weight)
         python_impls[name](*lists, *weight)
 
 
 @torch.no_grad()
-def lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float, *, backend: str | None = None) -> None:
+def lerp_(
+    avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float, *, backend: str | None = None
+) -> None:
     """avg[i] += weight * (src[i] - avg[i]) for every i, in place: SWA with weight 1/(n+1)
     (Izmailov et al. 2018), EMA with weight 1 - decay."""
-    _run("lerp_", [list(avg), list(src)], (weight,), backend, checks.check_lerp,
-         {"foreach": _foreach_lerp, "reference": reference.lerp_})
+    _run(
+        "lerp_",
+        [list(avg), list(src)],
+        (weight,),
+        backend,
+        checks.check_lerp,
+        {"foreach": _foreach_lerp, "reference": reference.lerp_},
+    )
 
 
 @torch.no_grad()
 def moments_(
-    mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float,
-    *, backend: str | None = None,
+    mean: Sequence[Tensor],
+    sq: Sequence[Tensor],
+    src: Sequence[Tensor],
+    weight: Tensor | float,
+    *,
+    backend: str | None = None,
 ) -> None:
     """SWAG's running moments in one pass (Maddox et al. 2019):
     mean += w (src - mean), sq += w (src^2 - sq)."""
-    _run("moments_", [list(mean), list(sq), list(src)], (weight,), backend, checks.check_moments,
-         {"foreach": _foreach_moments, "reference": reference.moments_})
+    _run(
+        "moments_",
+        [list(mean), list(sq), list(src)],
+        (weight,),
+        backend,
+        checks.check_moments,
+        {"foreach": _foreach_moments, "reference": reference.moments_},
+    )
 
 
 @torch.no_grad()
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None = None) -> None:
     """dst[i] = src[i], cast to dst[i]'s dtype: load or save a snapshot in one pass."""
-    _run("copy_", [list(dst), list(src)], (), backend, checks.check_copy,
-         {"foreach": _foreach_copy, "reference": reference.copy_})
+    _run(
+        "copy_",
+        [list(dst), list(src)],
+        (),
+        backend,
+        checks.check_copy,
+        {"foreach": _foreach_copy, "reference": reference.copy_},
+    )
 
 
 @torch.no_grad()
 def swap_(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str | None = None) -> None:
     """Exchange the contents of a[i] and b[i] (same dtypes): apply an average and restore."""
-    _run("swap_", [list(a), list(b)], (), backend, checks.check_swap,
-         {"foreach": _foreach_swap, "reference": reference.swap_})
+    _run(
+        "swap_",
+        [list(a), list(b)],
+        (),
+        backend,
+        checks.check_swap,
+        {"foreach": _foreach_swap, "reference": reference.swap_},
+    )
 
 
 if _C is not None:

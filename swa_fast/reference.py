@@ -30,7 +30,9 @@ def lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) 
 
 
 @torch.no_grad()
-def moments_(mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) -> None:
+def moments_(
+    mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float
+) -> None:
     """mean += w (src - mean);  sq += w (src^2 - sq)   (SWAG, Maddox et al. 2019)"""
     for m, q, s in zip(mean, sq, src):
         acc = acc_dtype(m.dtype)

@@ -74,8 +74,17 @@ if triton is not None:
             return x.to(DST)
 
     @triton.jit
-    def _lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _lerp_kernel(
+        ptrs,
+        block_tensor,
+        block_start,
+        numels,
+        w_ptr,
+        DST: tl.constexpr,
+        SRC: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         avg = _ptr(ptrs, t, 0, 2, DST)
         a = tl.load(avg + offs, mask=mask).to(ACC)
@@ -84,8 +93,17 @@ if triton is not None:
         tl.store(avg + offs, _rounded(a + w * (s - a), DST), mask=mask)
 
     @triton.jit
-    def _moments_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
-                        DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _moments_kernel(
+        ptrs,
+        block_tensor,
+        block_start,
+        numels,
+        w_ptr,
+        DST: tl.constexpr,
+        SRC: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         mean = _ptr(ptrs, t, 0, 3, DST)
         sq = _ptr(ptrs, t, 1, 3, DST)
@@ -97,15 +115,31 @@ if triton is not None:
         tl.store(sq + offs, _rounded(q + w * (x * x - q), DST), mask=mask)
 
     @triton.jit
-    def _copy_kernel(ptrs, block_tensor, block_start, numels,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _copy_kernel(
+        ptrs,
+        block_tensor,
+        block_start,
+        numels,
+        DST: tl.constexpr,
+        SRC: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         s = tl.load(_ptr(ptrs, t, 1, 2, SRC) + offs, mask=mask).to(ACC)
         tl.store(_ptr(ptrs, t, 0, 2, DST) + offs, _rounded(s, DST), mask=mask)
 
     @triton.jit
-    def _swap_kernel(ptrs, block_tensor, block_start, numels,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _swap_kernel(
+        ptrs,
+        block_tensor,
+        block_start,
+        numels,
+        DST: tl.constexpr,
+        SRC: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         a = _ptr(ptrs, t, 0, 2, DST)
         b = _ptr(ptrs, t, 1, 2, SRC)
@@ -136,7 +170,9 @@ def _plan(lists: Sequence[Sequence[Tensor]], indices: list[int]) -> tuple[Tensor
         block_tensor += [j] * len(starts)
         block_start += starts
     device = lists[0][indices[0]].device
-    plan = tuple(torch.tensor(v, dtype=torch.int64).to(device) for v in (ptrs, block_tensor, block_start, numels))
+    plan = tuple(
+        torch.tensor(v, dtype=torch.int64).to(device) for v in (ptrs, block_tensor, block_start, numels)
+    )
     _PLAN_CACHE[key] = plan
     if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
         _PLAN_CACHE.popitem(last=False)
@@ -153,9 +189,15 @@ def _launch(kernel, lists: Sequence[Sequence[Tensor]], dtype_lists: tuple[int, i
     for (dst_dtype, src_dtype), indices in groups.items():
         ptrs, block_tensor, block_start, numels = _plan(lists, indices)
         kernel[(block_tensor.numel(),)](
-            ptrs, block_tensor, block_start, numels, *scalar_args,
-            DST=_TL_DTYPES[dst_dtype], SRC=_TL_DTYPES[src_dtype],
-            ACC=_TL_DTYPES[reference.acc_dtype(dst_dtype)], BLOCK=BLOCK,
+            ptrs,
+            block_tensor,
+            block_start,
+            numels,
+            *scalar_args,
+            DST=_TL_DTYPES[dst_dtype],
+            SRC=_TL_DTYPES[src_dtype],
+            ACC=_TL_DTYPES[reference.acc_dtype(dst_dtype)],
+            BLOCK=BLOCK,
         )
 
 
@@ -177,7 +219,9 @@ def launch_lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | 
         _launch(_lerp_kernel, [avg, _contiguous(src)], (0, 1), _device_weight(weight, avg[0].device))
 
 
-def launch_moments_(mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) -> None:
+def launch_moments_(
+    mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float
+) -> None:
     checks.check_moments(mean, sq, src, weight)
     if mean:
         _launch(_moments_kernel, [mean, sq, _contiguous(src)], (0, 2), _device_weight(weight, mean[0].device))

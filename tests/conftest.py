@@ -35,7 +35,9 @@ def make_case(op: str, shapes, dst_dtype, src_dtype, seed: int = 0, device="cpu"
     g = torch.Generator().manual_seed(seed)
 
     def rand(dtype):
-        return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
+        return [
+            torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes
+        ]
 
     if op == "lerp_":
         return [rand(dst_dtype), rand(src_dtype)], (0.3,)

@@ -52,7 +52,9 @@ def fatbin_archs(library: Path) -> set[tuple[int, str]]:
     return found
 
 
-@pytest.mark.skipif(not EXPECT_CUDA, reason="SWA_FAST_EXPECT_CUDA=1 not set: this build was not asked for CUDA kernels")
+@pytest.mark.skipif(
+    not EXPECT_CUDA, reason="SWA_FAST_EXPECT_CUDA=1 not set: this build was not asked for CUDA kernels"
+)
 def test_cuda_kernels_are_built():
     assert ops._C is not None, ops.EXTENSION_ERROR
     assert ops.BUILD_INFO["cuda"], ops.BUILD_INFO
@@ -90,12 +92,16 @@ def test_import_without_extension(tmp_path):
     site_packages = Path(torch.__file__).parent.parent
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{site_packages}"}
     env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_info_cli():
-    out = subprocess.run([sys.executable, "-m", "swa_fast", "info"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "swa_fast", "info"], capture_output=True, text=True, check=True
+    )
     text = out.stdout
     assert f"torch          {torch.__version__}" in text
     assert "cpu   -> " + swa_fast.choose_backend("cpu") in text

@@ -38,12 +38,18 @@ def kernel_launches(fn) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "kernel" in e.name.lower())
+    return sum(
+        1
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and "kernel" in e.name.lower()
+    )
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_one_launch_per_list(op):
-    lists, extra = make_case(op, [(i % 500 + 1,) for i in range(1000)], torch.float32, torch.bfloat16, device="cuda")
+    lists, extra = make_case(
+        op, [(i % 500 + 1,) for i in range(1000)], torch.float32, torch.bfloat16, device="cuda"
+    )
     weight = tuple(torch.tensor(w, device="cuda") for w in extra)
     run = lambda: getattr(swa_fast, op)(*lists, *weight, backend="cuda")  # noqa: E731
     run()  # warm-up: builds and caches the device table
@@ -84,4 +90,6 @@ def test_cuda_graph_capture_and_replay():
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_cuda(op):
     lists, extra = make_case(op, [(3, 4), (7,)], torch.float32, torch.float32, device="cuda")
-    torch.library.opcheck(getattr(torch.ops.swa_fast, op), (*lists, *(torch.tensor(w, device="cuda") for w in extra)))
+    torch.library.opcheck(
+        getattr(torch.ops.swa_fast, op), (*lists, *(torch.tensor(w, device="cuda") for w in extra))
+    )

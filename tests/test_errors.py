@@ -9,7 +9,6 @@ from conftest import clone_lists, make_case
 import swa_fast
 
 
-
 @pytest.fixture(params=["cpu", "triton", "foreach", "reference"])
 def any_backend(request):
     if swa_fast.backend_status("cpu")[request.param] is not None:
@@ -72,7 +71,9 @@ def test_device_mismatch(op, any_backend):
 def test_non_floating_dtype(op, any_backend, dtype):
     lists, extra = case(op)
     lists = replaced(lists, len(lists) - 1, 2, torch.zeros(2, 2, dtype=dtype))
-    assert_rejected(op, any_backend, lists, extra, "[2]", str(dtype).replace("torch.", ""), "expected float32")
+    assert_rejected(
+        op, any_backend, lists, extra, "[2]", str(dtype).replace("torch.", ""), "expected float32"
+    )
 
 
 @pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
@@ -130,3 +131,10 @@ def test_empty_lists(any_backend):
     for op in ["lerp_", "moments_", "copy_", "swap_"]:
         lists, extra = case(op)
         getattr(swa_fast, op)(*[[] for _ in lists], *extra, backend=any_backend)
+
+
+def test_non_tensor_in_list(any_backend):
+    lists, extra = case("lerp_")
+    lists = replaced(lists, 1, 1, [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"src\[1\]` is a list, expected a Tensor"):
+        swa_fast.lerp_(*lists, *extra, backend=any_backend)

@@ -57,8 +57,9 @@ def test_mixed_dtypes_in_one_list(op, backend):
 
 @pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_"])
 def test_non_contiguous_source(op, backend):
-    import swa_fast
     from conftest import assert_matches_reference, clone_lists, make_case
+
+    import swa_fast
 
     lists, extra = make_case(op, [(6, 4), (5, 3)], torch.float32, torch.float32)
     src = [torch.randn(4, 6).t(), torch.randn(5, 6)[:, ::2]]
@@ -71,8 +72,9 @@ def test_non_contiguous_source(op, backend):
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
 def test_tensor_weight(backend, weight_dtype):
-    import swa_fast
     from conftest import assert_matches_reference, clone_lists, make_case
+
+    import swa_fast
 
     lists, _ = make_case("lerp_", [(100,), (3,)], torch.float32, torch.float32)
     weight = torch.tensor(0.125, dtype=weight_dtype)
@@ -90,3 +92,26 @@ def test_swa_average_of_known_tensors(backend):
     for n, v in enumerate(values):
         swa_fast.lerp_(avg, [v], torch.tensor(1.0 / (n + 1)), backend=backend)
     torch.testing.assert_close(avg[0], torch.full((1000,), 1.5))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_written_tensors_bump_their_version(op, backend):
+    """As for any in-place PyTorch op, so autograd notices tensors changed under it."""
+    from conftest import WRITTEN, make_case
+
+    import swa_fast
+
+    lists, extra = make_case(op, [(3,), (4,)], torch.float32, torch.float32)
+    before = [[t._version for t in lst] for lst in lists]
+    getattr(swa_fast, op)(*lists, *extra, backend=backend)
+    for k, lst in enumerate(lists):
+        changed = [t._version > v for t, v in zip(lst, before[k])]
+        assert all(changed) if k < WRITTEN[op] else not any(changed), (k, changed)
+
+
+def test_tuples_and_generators_are_accepted(backend):
+    import swa_fast
+
+    avg = (torch.zeros(3), torch.zeros(2))
+    swa_fast.lerp_(avg, iter([torch.ones(3), torch.ones(2)]), 0.5, backend=backend)
+    assert all(torch.equal(a, torch.full_like(a, 0.5)) for a in avg)

@@ -6,6 +6,10 @@ from conftest import assert_matches_reference, clone_lists, make_case
 
 from swa_fast import triton_kernels
 
+pytestmark = pytest.mark.skipif(
+    not triton_kernels.runs_on(torch.device("cpu")), reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
+)
+
 LAUNCHERS = {
     "lerp_": triton_kernels.launch_lerp_,
     "moments_": triton_kernels.launch_moments_,

@@ -12,7 +12,7 @@ namespace {
 // Elements per work item: large enough to amortise scheduling, small enough to balance 2+ threads.
 constexpr int64_t kChunk = 1 << 16;
 // Below this many elements in total, threading costs more than it saves.
-constexpr int64_t kSerialBelow = 1 << 15;
+constexpr int64_t kSerialBelow = 1 << 16;
 
 struct Item {
   int64_t tensor;

@@ -1,0 +1,36 @@
+# `make test` and `make bench` each set up .venv (torch, the build tools, swa_fast built with its
+# kernels) and then run. Re-running rebuilds only when a source file changed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.cu)
+# When a CUDA toolkit is here, the build must contain the CUDA kernels; tests/test_build.py checks.
+EXPECT_CUDA := $(shell (command -v nvcc || ls /usr/local/cuda*/bin/nvcc) >/dev/null 2>&1 && echo 1 || echo 0)
+
+.PHONY: test bench lint info gpu-check clean
+
+$(BIN)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch ninja setuptools wheel pytest numpy expecttest ruff matplotlib
+	touch $@
+
+$(BIN)/.built: $(BIN)/.deps $(SOURCES)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: $(BIN)/.built
+	$(BIN)/ruff check .
+	SWA_FAST_EXPECT_CUDA=$(EXPECT_CUDA) $(BIN)/python -m pytest tests -q
+
+bench: $(BIN)/.built
+	$(BIN)/python -m swa_fast bench
+
+info: $(BIN)/.built
+	$(BIN)/python -m swa_fast info
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info swa_fast/*.so bench_results

@@ -1,0 +1,236 @@
+"""Benchmark suite: one averaging update done several ways, in one process, on the same tensors.
+
+    python benchmarks/run.py              quick profile (what `make bench` runs)
+    python -m swa_fast bench --full       every shape set, op and size
+
+Methods, for the SWA update avg += w (param - avg) over a real model's parameter shapes:
+  naive          swa_fast.reference: one Python iteration and a few torch ops per parameter
+  AveragedModel  torch.optim.swa_utils.AveragedModel.update_parameters (what users run today)
+  foreach_lerp   torch._foreach_lerp_ over the same lists
+  swa_fast:<b>   swa_fast.lerp_ forced to backend <b>, for every backend that runs here
+
+Figures: median time (torch.utils.benchmark.Timer on the CPU, CUDA events on a GPU), GB/s of the
+bytes the update must move, that as a fraction of the copy bandwidth measured in the same run
+(a plain tensor copy of 256 MiB: the physical limit), and speed-ups against naive and
+AveragedModel. Writes a table to the terminal, JSON with the machine's metadata and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import swa_fast  # noqa: E402
+from benchmarks.shapes import SHAPE_SETS, numel  # noqa: E402
+from swa_fast import reference  # noqa: E402
+
+
+def median_seconds(fn, device: torch.device, min_run_time: float) -> float:
+    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        deadline = time.perf_counter() + min_run_time
+        while len(times) < 5 or time.perf_counter() < deadline:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[len(times) // 2]
+    from torch.utils.benchmark import Timer
+
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device: torch.device, min_run_time: float) -> float:
+    """Bytes per second of a plain large copy (read + write): the most a streaming update can reach."""
+    n = 64 * 1024 * 1024  # 256 MiB of fp32
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    return 2 * n * 4 / median_seconds(lambda: dst.copy_(src), device, min_run_time)
+
+
+class ShapeModel(torch.nn.Module):
+    """A module whose parameters have the given shapes (what AveragedModel needs)."""
+
+    def __init__(self, shapes, dtype, device):
+        super().__init__()
+        self.params = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes
+        )
+
+
+def methods(avg, params, model, device, kind):
+    """name -> zero-argument callable doing one update of `avg` toward `params`."""
+    weight = torch.tensor(0.1, device=device)
+    out = {"naive": lambda: reference.lerp_(avg, params, weight)}
+    if kind == "ema":
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    else:
+        averaged = AveragedModel(model)
+    averaged.update_parameters(model)  # the first call only copies; time the averaging ones
+    out["AveragedModel"] = lambda: averaged.update_parameters(model)
+    if all(a.dtype == p.dtype for a, p in zip(avg, params)):
+        out["foreach_lerp"] = lambda: torch._foreach_lerp_(avg, params, 0.1)
+    else:  # what a user has to do today for a bf16 model and an fp32 average: cast, then update
+        out["cast+foreach_lerp"] = lambda: torch._foreach_lerp_(avg, [p.float() for p in params], 0.1)
+    status = swa_fast.backend_status(device)
+    for backend in ("cuda", "triton", "cpu", "foreach"):
+        if status[backend] is None:
+            out[f"swa_fast:{backend}"] = lambda b=backend: swa_fast.lerp_(avg, params, weight, backend=b)
+    return out
+
+
+def bench_set(name, shapes, param_dtype, device, min_run_time, bandwidth, kind="swa"):
+    model = ShapeModel(shapes, param_dtype, device)
+    params = [p.detach() for p in model.parameters()]
+    avg = [torch.randn(s, device=device) for s in shapes]
+    n = numel(shapes)
+    moved = n * (2 * 4 + torch.finfo(param_dtype).bits // 8)  # read avg and param, write avg
+    rows = []
+    for method, fn in methods(avg, params, model, device, kind).items():
+        t = median_seconds(fn, device, min_run_time)
+        rows.append(
+            {
+                "workload": name,
+                "params": f"{param_dtype}".replace("torch.", ""),
+                "tensors": len(shapes),
+                "elements": n,
+                "method": method,
+                "median_ms": t * 1e3,
+                "GB/s": moved / t / 1e9,
+                "of_copy_bw": moved / t / bandwidth,
+            }
+        )
+    base = {r["method"]: r["median_ms"] for r in rows}
+    for r in rows:
+        r["x_vs_naive"] = base["naive"] / r["median_ms"]
+        r["x_vs_AveragedModel"] = base["AveragedModel"] / r["median_ms"]
+    return rows
+
+
+def print_table(rows):
+    cols = [
+        "workload",
+        "params",
+        "tensors",
+        "method",
+        "median_ms",
+        "GB/s",
+        "of_copy_bw",
+        "x_vs_naive",
+        "x_vs_AveragedModel",
+    ]
+    fmt = {
+        "median_ms": "{:.3f}",
+        "GB/s": "{:.2f}",
+        "of_copy_bw": "{:.2f}",
+        "x_vs_naive": "{:.1f}x",
+        "x_vs_AveragedModel": "{:.1f}x",
+    }
+    cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = " | ".join(c.ljust(w) for c, w in zip(cols, widths))
+    print(line)
+    print("-|-".join("-" * w for w in widths))
+    for row in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib not installed: no plot written to {path})")
+        return
+    workloads = list(dict.fromkeys(f"{r['workload']} ({r['params']})" for r in rows))
+    methods_ = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(methods_)
+    for j, m in enumerate(methods_):
+        xs, ys = [], []
+        for i, w in enumerate(workloads):
+            for r in rows:
+                if f"{r['workload']} ({r['params']})" == w and r["method"] == m:
+                    xs.append(i + j * width)
+                    ys.append(r["of_copy_bw"])
+        ax.bar(xs, ys, width, label=m)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="copy bandwidth")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads, fontsize=8)
+    ax.set_ylabel("fraction of copy bandwidth (higher is better)")
+    ax.set_title("One SWA update: achieved bandwidth per method")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def metadata(device, bandwidth):
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "swa_fast_build": swa_fast.ops.BUILD_INFO,
+        "commit": commit,
+        "device": str(device),
+        "copy_GBps": bandwidth / 1e9,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="every shape set and dtype, longer timing")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sets", nargs="*", choices=list(SHAPE_SETS), help="shape sets to run")
+    p.add_argument("--out", default="bench_results", help="folder for results.json and the plot")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    min_run_time = 2.0 if args.full else 0.5
+    sets = args.sets or (list(SHAPE_SETS) if args.full else ["gpt2-small", "tiny-1000"])
+    bandwidth = copy_bandwidth(device, min_run_time)
+    print(
+        f"swa_fast benchmark on {device} ({torch.get_num_threads()} threads); "
+        f"copy bandwidth {bandwidth / 1e9:.2f} GB/s\n"
+    )
+    rows = []
+    for name in sets:
+        for dtype in (torch.float32, torch.bfloat16):
+            rows += bench_set(name, SHAPE_SETS[name](), dtype, device, min_run_time, bandwidth)
+    print_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"meta": metadata(device, bandwidth), "rows": rows}, indent=1)
+    )
+    print(f"\njson: {out / 'results.json'}")
+    plot(rows, out / "lerp_bandwidth.png")
+
+
+if __name__ == "__main__":
+    main()
