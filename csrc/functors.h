@@ -38,19 +38,26 @@ struct Weight {
   }
 };
 
+// Each op is split into load (read element i of every list into registers) and store (compute and
+// write it back), so the CUDA kernel can issue several elements' loads before any store: the
+// compiler cannot reorder them itself, since the lists may alias.
+
 // avg += w * (src - avg)
 template <typename D, typename S>
 struct Lerp {
   static constexpr int kLists = 2;
   using A = acc_t<D>;
+  struct Regs {
+    A avg, src;
+  };
   Weight<A> weight;
   A w = A(0);
   C10_HOST_DEVICE void resolve() { w = weight.get(); }
-  C10_HOST_DEVICE void operator()(void* const* p, int64_t i) const {
-    D* avg = static_cast<D*>(p[0]);
-    const S* src = static_cast<const S*>(p[1]);
-    const A a = static_cast<A>(avg[i]);
-    avg[i] = static_cast<D>(a + w * (static_cast<A>(src[i]) - a));
+  C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
+    return {static_cast<A>(static_cast<const D*>(p[0])[i]), static_cast<A>(static_cast<const S*>(p[1])[i])};
+  }
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+    static_cast<D*>(p[0])[i] = static_cast<D>(r.avg + w * (r.src - r.avg));
   }
 };
 
@@ -59,17 +66,19 @@ template <typename D, typename S>
 struct Moments {
   static constexpr int kLists = 3;
   using A = acc_t<D>;
+  struct Regs {
+    A mean, sq, src;
+  };
   Weight<A> weight;
   A w = A(0);
   C10_HOST_DEVICE void resolve() { w = weight.get(); }
-  C10_HOST_DEVICE void operator()(void* const* p, int64_t i) const {
-    D* mean = static_cast<D*>(p[0]);
-    D* sq = static_cast<D*>(p[1]);
-    const A x = static_cast<A>(static_cast<const S*>(p[2])[i]);
-    const A m = static_cast<A>(mean[i]);
-    const A q = static_cast<A>(sq[i]);
-    mean[i] = static_cast<D>(m + w * (x - m));
-    sq[i] = static_cast<D>(q + w * (x * x - q));
+  C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
+    return {static_cast<A>(static_cast<const D*>(p[0])[i]), static_cast<A>(static_cast<const D*>(p[1])[i]),
+            static_cast<A>(static_cast<const S*>(p[2])[i])};
+  }
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+    static_cast<D*>(p[0])[i] = static_cast<D>(r.mean + w * (r.src - r.mean));
+    static_cast<D*>(p[1])[i] = static_cast<D>(r.sq + w * (r.src * r.src - r.sq));
   }
 };
 
@@ -78,9 +87,15 @@ template <typename D, typename S>
 struct Copy {
   static constexpr int kLists = 2;
   using A = std::conditional_t<std::is_same_v<D, double> || std::is_same_v<S, double>, double, float>;
+  struct Regs {
+    A src;
+  };
   C10_HOST_DEVICE void resolve() {}
-  C10_HOST_DEVICE void operator()(void* const* p, int64_t i) const {
-    static_cast<D*>(p[0])[i] = static_cast<D>(static_cast<A>(static_cast<const S*>(p[1])[i]));
+  C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
+    return {static_cast<A>(static_cast<const S*>(p[1])[i])};
+  }
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+    static_cast<D*>(p[0])[i] = static_cast<D>(r.src);
   }
 };
 
@@ -88,13 +103,16 @@ struct Copy {
 template <typename T>
 struct Swap {
   static constexpr int kLists = 2;
+  struct Regs {
+    T a, b;
+  };
   C10_HOST_DEVICE void resolve() {}
-  C10_HOST_DEVICE void operator()(void* const* p, int64_t i) const {
-    T* a = static_cast<T*>(p[0]);
-    T* b = static_cast<T*>(p[1]);
-    const T t = a[i];
-    a[i] = b[i];
-    b[i] = t;
+  C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
+    return {static_cast<const T*>(p[0])[i], static_cast<const T*>(p[1])[i]};
+  }
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+    static_cast<T*>(p[0])[i] = r.b;
+    static_cast<T*>(p[1])[i] = r.a;
   }
 };
 

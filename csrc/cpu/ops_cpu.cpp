@@ -23,7 +23,7 @@ struct Item {
 template <typename F>
 void run_item(F f, void* const* ptrs, int64_t begin, int64_t end) {
   f.resolve();
-  for (int64_t i = begin; i < end; ++i) f(ptrs, i);
+  for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
 }
 
 struct CpuRun {

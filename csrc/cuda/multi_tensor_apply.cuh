@@ -44,12 +44,19 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const int64_t* t
     for (int k = 0; k < K; ++k) ptrs[k] = reinterpret_cast<void*>(table[lo * K + k]);
     const int64_t begin = (chunk - chunk_prefix[lo]) * kChunkElems;
     const int64_t end = min(begin + kChunkElems, numels[lo]);
-    // kUnroll independent elements per thread in flight hide memory latency.
+    // Each thread loads kUnroll elements before storing any: that many loads in flight per thread
+    // hide memory latency. Neighbouring threads touch neighbouring elements (coalesced).
     for (int64_t base = begin + threadIdx.x; base < end; base += kThreads * kUnroll) {
+      typename F::Regs regs[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = base + u * kThreads;
-        if (i < end) f(ptrs, i);
+        if (i < end) regs[u] = f.load(ptrs, i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * kThreads;
+        if (i < end) f.store(ptrs, i, regs[u]);
       }
     }
   }
