@@ -9,10 +9,12 @@ Methods, for the SWA update avg += w (param - avg) over a real model's parameter
   foreach_lerp   torch._foreach_lerp_ over the same lists
   swa_fast:<b>   swa_fast.lerp_ forced to backend <b>, for every backend that runs here
 
-Figures: median time (torch.utils.benchmark.Timer on the CPU, CUDA events on a GPU), GB/s of the
-bytes the update must move, that as a fraction of the copy bandwidth measured in the same run
-(the faster of an out-of-place and an in-place copy of 256 MiB: the physical limit), and speed-ups against naive and
-AveragedModel. Writes a table to the terminal, JSON with the machine's metadata and a PNG plot.
+Figures: median time (torch.utils.benchmark.Timer on the CPU, CUDA events on a GPU; the methods
+take turns over several rounds so that a drift of the machine hits them all alike), GB/s of the
+bytes the update must move, that as a fraction of the copy bandwidth measured in the same run (the
+faster of an out-of-place and an in-place copy of 256 MiB: the physical limit), and speed-ups
+against naive and AveragedModel. Writes a table to the terminal, JSON with the machine's metadata
+and a PNG plot.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import swa_fast  # noqa: E402
 from benchmarks.shapes import SHAPE_SETS, numel  # noqa: E402
 from swa_fast import reference  # noqa: E402
+
+ROUNDS = 3
 
 
 def median_seconds(fn, device: torch.device, min_run_time: float) -> float:

@@ -115,3 +115,16 @@ def test_tuples_and_generators_are_accepted(backend):
     avg = (torch.zeros(3), torch.zeros(2))
     swa_fast.lerp_(avg, iter([torch.ones(3), torch.ones(2)]), 0.5, backend=backend)
     assert all(torch.equal(a, torch.full_like(a, 0.5)) for a in avg)
+
+
+def test_every_fp16_value_widens_exactly(backend):
+    """All 65,536 fp16 bit patterns (subnormals, infinities, NaN) load as PyTorch converts them."""
+    import swa_fast
+
+    half = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    out = [torch.empty(half.shape)]
+    swa_fast.copy_(out, [half], backend=backend)
+    want = half.float()
+    nan = want.isnan()
+    assert torch.equal(out[0][~nan].view(torch.int32), want[~nan].view(torch.int32))
+    assert out[0][nan].isnan().all()

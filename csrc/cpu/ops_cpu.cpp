@@ -20,8 +20,16 @@ struct Item {
   int64_t end;
 };
 
+// x86-64-v3 (AVX2, FMA, F16C) clone next to the baseline one, picked at load time by the CPU: the
+// bf16/fp16 conversions vectorise four times wider than with SSE2 alone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SWA_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SWA_FAST_CPU_CLONES
+#endif
+
 template <typename F>
-void run_item(F f, void* const* ptrs, int64_t begin, int64_t end) {
+SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t end) {
   f.resolve();
   for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
 }
