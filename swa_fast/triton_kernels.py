@@ -73,18 +73,11 @@ if triton is not None:
         else:
             return x.to(DST)
 
+    # One signature line per kernel: the plan's tensors, then the dtypes.
+    # fmt: off
     @triton.jit
-    def _lerp_kernel(
-        ptrs,
-        block_tensor,
-        block_start,
-        numels,
-        w_ptr,
-        DST: tl.constexpr,
-        SRC: tl.constexpr,
-        ACC: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
+    def _lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
+                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         avg = _ptr(ptrs, t, 0, 2, DST)
         a = tl.load(avg + offs, mask=mask).to(ACC)
@@ -93,17 +86,8 @@ if triton is not None:
         tl.store(avg + offs, _rounded(a + w * (s - a), DST), mask=mask)
 
     @triton.jit
-    def _moments_kernel(
-        ptrs,
-        block_tensor,
-        block_start,
-        numels,
-        w_ptr,
-        DST: tl.constexpr,
-        SRC: tl.constexpr,
-        ACC: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
+    def _moments_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
+                        DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         mean = _ptr(ptrs, t, 0, 3, DST)
         sq = _ptr(ptrs, t, 1, 3, DST)
@@ -115,31 +99,15 @@ if triton is not None:
         tl.store(sq + offs, _rounded(q + w * (x * x - q), DST), mask=mask)
 
     @triton.jit
-    def _copy_kernel(
-        ptrs,
-        block_tensor,
-        block_start,
-        numels,
-        DST: tl.constexpr,
-        SRC: tl.constexpr,
-        ACC: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
+    def _copy_kernel(ptrs, block_tensor, block_start, numels,
+                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         s = tl.load(_ptr(ptrs, t, 1, 2, SRC) + offs, mask=mask).to(ACC)
         tl.store(_ptr(ptrs, t, 0, 2, DST) + offs, _rounded(s, DST), mask=mask)
 
     @triton.jit
-    def _swap_kernel(
-        ptrs,
-        block_tensor,
-        block_start,
-        numels,
-        DST: tl.constexpr,
-        SRC: tl.constexpr,
-        ACC: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
+    def _swap_kernel(ptrs, block_tensor, block_start, numels,
+                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         a = _ptr(ptrs, t, 0, 2, DST)
         b = _ptr(ptrs, t, 1, 2, SRC)
@@ -147,6 +115,8 @@ if triton is not None:
         y = tl.load(b + offs, mask=mask)
         tl.store(a + offs, y, mask=mask)
         tl.store(b + offs, x, mask=mask)
+
+    # fmt: on
 
 
 _PLAN_CACHE: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = OrderedDict()
