@@ -65,6 +65,22 @@ C10_HOST_DEVICE inline A load_as(const void* p, int64_t i) {
   return static_cast<A>(static_cast<const T*>(p)[i]);
 }
 
+// PyTorch's lerp: exact at both ends (weight 1 gives src bit for bit, so the first SWA update,
+// weight 1/(0+1), is a copy) and accurate on either side of 0.5.
+template <typename A>
+struct LerpWeight {
+  A w = A(0), one_minus_w = A(1);
+  bool upper = false;
+  C10_HOST_DEVICE void set(A weight) {
+    w = weight;
+    one_minus_w = A(1) - weight;
+    upper = weight >= A(0.5);  // loop-invariant: the compiler hoists the branch out of the loop
+  }
+  C10_HOST_DEVICE A operator()(A start, A end) const {
+    return upper ? end - (end - start) * one_minus_w : start + w * (end - start);
+  }
+};
+
 // Each op is split into load (read element i of every list into registers) and store (compute and
 // write it back), so the CUDA kernel can issue several elements' loads before any store: the
 // compiler cannot reorder them itself, since the lists may alias.
@@ -78,13 +94,13 @@ struct Lerp {
     A avg, src;
   };
   Weight<A> weight;
-  A w = A(0);
-  C10_HOST_DEVICE void resolve() { w = weight.get(); }
+  LerpWeight<A> lerp;
+  C10_HOST_DEVICE void resolve() { lerp.set(weight.get()); }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, D>(p[0], i), load_as<A, S>(p[1], i)};
   }
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
-    static_cast<D*>(p[0])[i] = static_cast<D>(r.avg + w * (r.src - r.avg));
+    static_cast<D*>(p[0])[i] = static_cast<D>(lerp(r.avg, r.src));
   }
 };
 
@@ -97,14 +113,14 @@ struct Moments {
     A mean, sq, src;
   };
   Weight<A> weight;
-  A w = A(0);
-  C10_HOST_DEVICE void resolve() { w = weight.get(); }
+  LerpWeight<A> lerp;
+  C10_HOST_DEVICE void resolve() { lerp.set(weight.get()); }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, D>(p[0], i), load_as<A, D>(p[1], i), load_as<A, S>(p[2], i)};
   }
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
-    static_cast<D*>(p[0])[i] = static_cast<D>(r.mean + w * (r.src - r.mean));
-    static_cast<D*>(p[1])[i] = static_cast<D>(r.sq + w * (r.src * r.src - r.sq));
+    static_cast<D*>(p[0])[i] = static_cast<D>(lerp(r.mean, r.src));
+    static_cast<D*>(p[1])[i] = static_cast<D>(lerp(r.sq, r.src * r.src));
   }
 };
 

@@ -112,14 +112,11 @@ def _same_dtype_as(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[Tensor]
 
 
 def _foreach_lerp(avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
-    src = _same_dtype_as(avg, src)
     weight = _host_weight(weight)
-    if isinstance(weight, Tensor):  # no Tensor-weight overload of _foreach_lerp_
-        delta = torch._foreach_sub(src, avg)
-        torch._foreach_mul_(delta, weight)
-        torch._foreach_add_(avg, delta)
+    if isinstance(weight, Tensor):  # a device scalar: the List overload broadcasts a 0-dim weight
+        torch._foreach_lerp_(avg, _same_dtype_as(avg, src), [weight] * len(avg))
     else:
-        torch._foreach_lerp_(avg, src, weight)
+        torch._foreach_lerp_(avg, _same_dtype_as(avg, src), weight)
 
 
 def _foreach_moments(mean: list[Tensor], sq: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:

@@ -60,6 +60,11 @@ if triton is not None:
         return tl.load(ptrs + t * K + k).to(tl.pointer_type(DTYPE))
 
     @triton.jit
+    def _lerp(start, end, w):
+        # PyTorch's lerp: exact at both ends, accurate on either side of 0.5.
+        return tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
+
+    @triton.jit
     def _rounded(x, DST: tl.constexpr):
         """x (fp32, or fp64 for fp64 destinations) rounded to nearest even in DST, as PyTorch does.
 
@@ -83,7 +88,7 @@ if triton is not None:
         a = tl.load(avg + offs, mask=mask).to(ACC)
         s = tl.load(_ptr(ptrs, t, 1, 2, SRC) + offs, mask=mask).to(ACC)
         w = tl.load(w_ptr).to(ACC)
-        tl.store(avg + offs, _rounded(a + w * (s - a), DST), mask=mask)
+        tl.store(avg + offs, _rounded(_lerp(a, s, w), DST), mask=mask)
 
     @triton.jit
     def _moments_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
@@ -95,8 +100,8 @@ if triton is not None:
         m = tl.load(mean + offs, mask=mask).to(ACC)
         q = tl.load(sq + offs, mask=mask).to(ACC)
         w = tl.load(w_ptr).to(ACC)
-        tl.store(mean + offs, _rounded(m + w * (x - m), DST), mask=mask)
-        tl.store(sq + offs, _rounded(q + w * (x * x - q), DST), mask=mask)
+        tl.store(mean + offs, _rounded(_lerp(m, x, w), DST), mask=mask)
+        tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
 
     @triton.jit
     def _copy_kernel(ptrs, block_tensor, block_start, numels,

@@ -128,3 +128,18 @@ def test_every_fp16_value_widens_exactly(backend):
     nan = want.isnan()
     assert torch.equal(out[0][~nan].view(torch.int32), want[~nan].view(torch.int32))
     assert out[0][nan].isnan().all()
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_"])
+def test_weight_one_copies_exactly(op, backend):
+    """Weight 1 (the first SWA update, 1/(0+1)) gives the source bit for bit, as torch.lerp does,
+    even where avg + 1 * (src - avg) would round."""
+    import swa_fast
+
+    src = torch.tensor([1.0, 3e-8, -7.1, 1e-30])
+    dst = [torch.tensor([1e10, 1.0, 2.0, -5.0])]
+    sq = [torch.full_like(src, 9.0)]
+    getattr(swa_fast, op)(dst, *([sq] if op == "moments_" else []), [src], torch.tensor(1.0), backend=backend)
+    assert torch.equal(dst[0], src)
+    if op == "moments_":
+        assert torch.equal(sq[0], src * src)
