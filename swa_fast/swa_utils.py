@@ -1,0 +1,224 @@
+"""Drop-in replacement for `torch.optim.swa_utils`: change the import, keep the code.
+
+    from swa_fast.swa_utils import AveragedModel, SWALR, update_bn
+
+`AveragedModel` keeps torch's signature, state_dict keys, `n_averaged` buffer and `module`
+attribute, and its averages are interchangeable with torch's in both directions. What changes is
+the update: the averaged model's floating parameters (and buffers, with `use_buffers=True`) live in
+flat buffers, one per (device, dtype), and `update_parameters` is one fused swa_fast op per group,
+with the weight kept on the device: no host synchronisation, no per-parameter Python arithmetic.
+The default SWA average and the functions from this module's `get_swa_multi_avg_fn` /
+`get_ema_multi_avg_fn` take that path; a user's own `avg_fn` / `multi_avg_fn` run as in torch.
+
+`SWALR`, `update_bn`, `get_swa_avg_fn` and `get_ema_avg_fn` are torch's own (they do no averaging
+of their own or work per parameter by design).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from copy import deepcopy
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_bn
+
+from . import checks, ops
+from .flat import FlatBuffer
+
+__all__ = [
+    "SWALR",
+    "AveragedModel",
+    "get_ema_avg_fn",
+    "get_ema_multi_avg_fn",
+    "get_swa_avg_fn",
+    "get_swa_multi_avg_fn",
+    "update_bn",
+]
+
+PARAM_LIST = list[Tensor] | tuple[Tensor, ...]
+_CPU = torch.device("cpu")
+
+
+def get_swa_multi_avg_fn() -> Callable[[PARAM_LIST, PARAM_LIST, Tensor | int], None]:
+    """Equal-weight average (SWA, Izmailov et al. 2018): avg += (param - avg) / (n + 1), fused."""
+
+    @torch.no_grad()
+    def swa_update(averaged: PARAM_LIST, current: PARAM_LIST, num_averaged: Tensor | int) -> None:
+        if averaged and averaged[0].is_floating_point():
+            ops.lerp_(averaged, current, _swa_weight(num_averaged))
+        else:  # integer tensors, as torch does
+            for a, c in zip(averaged, current):
+                a.copy_(a + (c - a) / (num_averaged + 1))
+
+    swa_update.swa_fast_kind = ("swa", None)
+    return swa_update
+
+
+def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[PARAM_LIST, PARAM_LIST, Tensor | int], None]:
+    """Exponential moving average: ema = decay * ema + (1 - decay) * param, fused."""
+    if decay < 0.0 or decay > 1.0:
+        raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
+
+    @torch.no_grad()
+    def ema_update(ema: PARAM_LIST, current: PARAM_LIST, _num_averaged: Tensor | int) -> None:
+        if ema and ema[0].is_floating_point():
+            ops.lerp_(ema, current, 1.0 - decay)
+        else:
+            for e, c in zip(ema, current):
+                e.copy_(e * decay + c * (1 - decay))
+
+    ema_update.swa_fast_kind = ("ema", decay)
+    return ema_update
+
+
+def _swa_weight(num_averaged: Tensor | int) -> Tensor | float:
+    if isinstance(num_averaged, Tensor):
+        return torch.reciprocal(num_averaged.to(torch.float64) + 1)
+    return 1.0 / (num_averaged + 1)
+
+
+class _Plan:
+    """The averaged tensors as views of flat buffers, and the data pointers that prove the module
+    still uses them (a `.to()`, a `load_state_dict(assign=True)` or `p.data = ...` replaces them)."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
+        self.other = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
+        self.flat = FlatBuffer([tensors[i] for i in self.floating])
+        for i, view in zip(self.floating, self.flat.views):
+            tensors[i].data = view
+        self.ptrs = [t.data_ptr() for t in tensors]
+
+
+class AveragedModel(Module):
+    """`torch.optim.swa_utils.AveragedModel`, updated by fused swa_fast ops on flat buffers.
+
+    Args as torch's: `model`, `device`, `avg_fn`, `multi_avg_fn`, `use_buffers`; and
+    `dtype`: the dtype of the averaged copy's floating parameters and buffers (default: the
+    model's own, as in torch). `dtype=torch.float32` keeps an fp32 average of a bf16/fp16 model, so
+    small updates are not rounded away; the averaged model then also computes in fp32.
+
+    """
+
+    n_averaged: Tensor
+
+    def __init__(
+        self,
+        model: Module,
+        device: int | torch.device | None = None,
+        avg_fn: Callable[[Tensor, Tensor, Tensor | int], Tensor] | None = None,
+        multi_avg_fn: Callable[[PARAM_LIST, PARAM_LIST, Tensor | int], None] | None = None,
+        use_buffers: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if avg_fn is not None and multi_avg_fn is not None:
+            raise AssertionError("Only one of avg_fn and multi_avg_fn should be provided")
+        self.module = deepcopy(model)
+        if device is not None:
+            self.module = self.module.to(device)
+        if dtype is not None:
+            self.module = self.module.to(dtype)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
+        self.avg_fn = avg_fn
+        self.multi_avg_fn = multi_avg_fn
+        self.use_buffers = use_buffers
+        self._plan: _Plan | None = None
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def _averaged_tensors(self) -> list[Tensor]:
+        if self.use_buffers:
+            return list(itertools.chain(self.module.parameters(), self.module.buffers()))
+        return list(self.parameters())
+
+    def _current_plan(self) -> _Plan:
+        tensors = self._averaged_tensors()
+        plan = self._plan
+        if plan is None or plan.ptrs != [t.data_ptr() for t in tensors]:
+            plan = self._plan = _Plan(tensors)
+        return plan
+
+    @torch.no_grad()
+    def update_parameters(self, model: Module) -> None:
+        """Fold `model`'s current weights into the average (the first call copies them)."""
+        if self.use_buffers:
+            current = list(itertools.chain(model.parameters(), model.buffers()))
+        else:
+            current = list(model.parameters())
+        kind = getattr(self.multi_avg_fn, "swa_fast_kind", None)
+        if self.avg_fn is not None or (self.multi_avg_fn is not None and kind is None):
+            self._update_like_torch(current)
+        else:
+            self._update_fused(current, kind or ("swa", None))
+        if not self.use_buffers:
+            # As torch does: buffers are not averaged, they follow the model.
+            for b_swa, b_model in zip(self.module.buffers(), model.buffers()):
+                b_swa.detach().copy_(b_model.detach().to(b_swa.device))
+        self.n_averaged += 1
+
+    def _update_fused(self, current: list[Tensor], kind: tuple[str, float | None]) -> None:
+        plan = self._current_plan()
+        if len(current) != len(plan.ptrs):
+            raise ValueError(
+                f"swa_fast.AveragedModel.update_parameters: the model has {len(current)} "
+                f"{'parameters and buffers' if self.use_buffers else 'parameters'}, the averaged copy "
+                f"has {len(plan.ptrs)}; pass the model this AveragedModel was made from"
+            )
+        if kind[0] == "swa":
+            weight = _swa_weight(self.n_averaged)  # 1 on the first call: an exact copy
+        else:  # EMA: copy on the first call, then 1 - decay; decided on the device, no sync
+            weight = torch.where(self.n_averaged == 0, 1.0, 1.0 - kind[1]).to(torch.float64)
+        calls = []
+        for group in plan.flat.groups:
+            src = [current[plan.floating[j]] for j in group.indices]
+            src = [s if s.device == group.device else s.to(group.device) for s in src]
+            w = weight if weight.device in (group.device, _CPU) else weight.to(group.device)
+            calls.append((plan.flat.group_views(group), src, w))
+        if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
+            for avg, src, w in calls:
+                checks.check_lerp(avg, src, w)
+        for avg, src, w in calls:
+            ops.lerp_(avg, src, w)
+        if plan.other:
+            averaged = self._averaged_tensors()
+            self._update_integers([averaged[i] for i in plan.other], [current[i] for i in plan.other], kind)
+
+    def _update_integers(self, averaged: list[Tensor], current: list[Tensor], kind) -> None:
+        """Integer buffers (num_batches_tracked with use_buffers=True), with torch's arithmetic:
+        a copy on the first update, then the average truncated back to the integer dtype."""
+        for a, c in zip(averaged, current):
+            c = c.to(a.device)
+            n = self.n_averaged.to(a.device)
+            blended = a + (c - a) / (n + 1) if kind[0] == "swa" else a * kind[1] + c * (1 - kind[1])
+            a.copy_(torch.where(n == 0, c, blended))
+
+    def _update_like_torch(self, current: list[Tensor]) -> None:
+        """A user's own avg_fn / multi_avg_fn: torch's update, step for step."""
+        averaged = [p.detach() for p in self._averaged_tensors()]
+        current = [c.detach().to(a.device) for a, c in zip(averaged, current)]
+        if self.n_averaged == 0:
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+            return
+        if self.multi_avg_fn is not None:
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+            for a, c in zip(averaged, current):
+                group = groups.setdefault((a.device, a.dtype), ([], []))
+                group[0].append(a)
+                group[1].append(c)
+            for (device, _), (a_list, c_list) in groups.items():
+                self.multi_avg_fn(a_list, c_list, self.n_averaged.to(device))
+        else:
+            for a, c in zip(averaged, current):
+                a.copy_(self.avg_fn(a, c, self.n_averaged.to(a.device)))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_plan"] = None  # rebuilt on the next update
+        return state

@@ -1,0 +1,237 @@
+"""swa_fast.swa_utils against torch.optim.swa_utils: same results, same state_dicts, same API."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch.optim import swa_utils as torch_swa
+
+from swa_fast import swa_utils as fast_swa
+
+
+def small_cnn(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 3),
+    ).to(dtype)
+
+
+def perturb(model, seed):
+    """A step's worth of change: new weights, and (for the CNN) new BatchNorm statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
+        if isinstance(model, torch.nn.Sequential):
+            model.train()
+            dtype = next(model.parameters()).dtype
+            model(torch.randn(5, 1, 8, 8, generator=g).to(dtype))
+
+
+def assert_same_state(fast, ref, rtol=1e-6, atol=1e-6):
+    fs, ts = fast.state_dict(), ref.state_dict()
+    assert list(fs) == list(ts)
+    for k in fs:
+        torch.testing.assert_close(fs[k], ts[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def run_both(fast_kwargs=None, torch_kwargs=None, updates=6, model=None):
+    model = model or small_cnn()
+    fast = fast_swa.AveragedModel(model, **(fast_kwargs or {}))
+    ref = torch_swa.AveragedModel(model, **(torch_kwargs or fast_kwargs or {}))
+    for step in range(updates):
+        perturb(model, step)
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+    return model, fast, ref
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_swa_matches_torch(use_buffers):
+    _, fast, ref = run_both({"use_buffers": use_buffers})
+    assert_same_state(fast, ref)
+    assert fast.n_averaged.item() == 6
+
+
+def test_swa_is_the_mean_of_the_snapshots():
+    model = torch.nn.Linear(3, 2)
+    averaged = fast_swa.AveragedModel(model)
+    snapshots = []
+    for step in range(4):
+        perturb(model, step)
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+        averaged.update_parameters(model)
+    for i, p in enumerate(averaged.module.parameters()):
+        torch.testing.assert_close(p, torch.stack([s[i] for s in snapshots]).mean(0))
+
+
+def test_first_update_copies_exactly():
+    model = small_cnn()
+    averaged = fast_swa.AveragedModel(model)
+    perturb(model, 1)
+    averaged.update_parameters(model)
+    for a, p in zip(averaged.module.parameters(), model.parameters()):
+        assert torch.equal(a, p)
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_ema_matches_torch(use_buffers):
+    _, fast, ref = run_both(
+        {"multi_avg_fn": fast_swa.get_ema_multi_avg_fn(0.9), "use_buffers": use_buffers},
+        {"multi_avg_fn": torch_swa.get_ema_multi_avg_fn(0.9), "use_buffers": use_buffers},
+    )
+    assert_same_state(fast, ref)
+
+
+def test_swa_multi_avg_fn_matches_torch():
+    _, fast, ref = run_both(
+        {"multi_avg_fn": fast_swa.get_swa_multi_avg_fn()}, {"multi_avg_fn": torch_swa.get_swa_multi_avg_fn()}
+    )
+    assert_same_state(fast, ref)
+
+
+def test_users_own_avg_fn_runs_as_in_torch():
+    def halfway(avg, cur, n):
+        return (avg + cur) / 2
+
+    _, fast, ref = run_both({"avg_fn": halfway})
+    assert_same_state(fast, ref, rtol=0, atol=0)
+
+
+def test_users_own_multi_avg_fn_runs_as_in_torch():
+    def add_half(avg_list, cur_list, n):
+        for a, c in zip(avg_list, cur_list):
+            a.add_(0.5 * (c - a))
+
+    _, fast, ref = run_both({"multi_avg_fn": add_half})
+    assert_same_state(fast, ref, rtol=0, atol=0)
+
+
+def test_our_multi_avg_fns_work_in_torchs_averaged_model():
+    _, ours_in_torch, ref = run_both(
+        {"multi_avg_fn": fast_swa.get_ema_multi_avg_fn(0.8)},
+        {"multi_avg_fn": torch_swa.get_ema_multi_avg_fn(0.8)},
+    )
+    assert_same_state(ours_in_torch, ref)
+
+
+def test_both_avg_fns_rejected_like_torch():
+    with pytest.raises(AssertionError, match="Only one of avg_fn and multi_avg_fn"):
+        fast_swa.AveragedModel(small_cnn(), avg_fn=lambda a, c, n: a, multi_avg_fn=lambda a, c, n: None)
+
+
+def test_state_dicts_are_interchangeable_with_torch():
+    model, fast, ref = run_both()
+    from_torch = fast_swa.AveragedModel(model)
+    from_torch.load_state_dict(ref.state_dict())
+    assert_same_state(from_torch, ref, rtol=0, atol=0)
+    into_torch = torch_swa.AveragedModel(model)
+    into_torch.load_state_dict(fast.state_dict())
+    assert_same_state(fast, into_torch, rtol=0, atol=0)
+    # and the loaded average keeps averaging like torch's
+    perturb(model, 99)
+    from_torch.update_parameters(model)
+    ref.update_parameters(model)
+    assert_same_state(from_torch, ref)
+
+
+def test_pickle_deepcopy_and_save_round_trip():
+    model, fast, _ = run_both()
+    for clone in (pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast)):
+        assert_same_state(clone, fast, rtol=0, atol=0)
+        perturb(model, 50)
+        clone.update_parameters(model)
+        assert clone.n_averaged.item() == fast.n_averaged.item() + 1
+    buffer = io.BytesIO()
+    torch.save(fast.state_dict(), buffer)
+    buffer.seek(0)
+    restored = fast_swa.AveragedModel(small_cnn())
+    restored.load_state_dict(torch.load(buffer))
+    assert_same_state(restored, fast, rtol=0, atol=0)
+
+
+def test_moved_averaged_model_keeps_averaging_correctly():
+    """`.to()` replaces the module's tensors: the next update notices and rebuilds its flat buffers."""
+    model, fast, ref = run_both(updates=3)
+    fast.to(torch.float64)
+    ref.to(torch.float64)
+    model.to(torch.float64)
+    for step in range(3, 6):
+        perturb(model, step)
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+    assert_same_state(fast, ref)  # fp32-level differences from the first 3 updates remain
+
+
+def test_mismatched_model_raises_and_leaves_average_untouched():
+    model, fast, _ = run_both(updates=2)
+    before = copy.deepcopy(fast.state_dict())
+    other = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 5),
+    )
+    with pytest.raises(ValueError, match=r"\[4\]` has shape \[5, 144\].*shape \[3, 144\]"):
+        fast.update_parameters(other)
+    with pytest.raises(ValueError, match="the model has 2 parameters, the averaged copy has 6"):
+        fast.update_parameters(torch.nn.Linear(2, 2))
+    after = fast.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_bf16_model_with_fp32_average():
+    """dtype=torch.float32 averages a bf16 model in fp32: the mean of bf16 snapshots, computed
+    exactly, rounded once; torch's bf16 average drifts by many bf16 steps."""
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    fast = fast_swa.AveragedModel(model, dtype=torch.float32)
+    snapshots = []
+    for step in range(20):
+        perturb(model, step)
+        snapshots.append(model.weight.detach().double().clone())
+        fast.update_parameters(model)
+    exact = torch.stack(snapshots).mean(0)
+    assert fast.module.weight.dtype == torch.float32
+    torch.testing.assert_close(fast.module.weight.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_update_bn_and_swalr_are_torchs():
+    assert fast_swa.SWALR is torch_swa.SWALR
+    model, fast, _ = run_both()
+    loader = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    fast_swa.update_bn(loader, fast)
+    bn = fast.module[1]
+    assert bn.num_batches_tracked.item() == 3 and torch.isfinite(bn.running_var).all()
+
+
+def test_short_training_run_matches_torch():
+    """SGD on a small regression task; SWA from epoch 3 with SWALR; swa_fast vs torch, same seed."""
+    results = []
+    for swa in (fast_swa, torch_swa):
+        torch.manual_seed(0)
+        x, y = torch.randn(256, 8), torch.randn(256, 1)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        averaged = swa.AveragedModel(model)
+        scheduler = swa.SWALR(optimizer, swa_lr=0.05, anneal_epochs=2)
+        for epoch in range(8):
+            for i in range(0, 256, 32):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(model(x[i : i + 32]), y[i : i + 32]).backward()
+                optimizer.step()
+            if epoch >= 3:
+                averaged.update_parameters(model)
+                scheduler.step()
+        swa.update_bn([(x[i : i + 32],) for i in range(0, 256, 32)], averaged)
+        results.append(averaged)
+    assert_same_state(results[0], results[1], rtol=1e-5, atol=1e-6)
