@@ -7,6 +7,7 @@ Methods, for the SWA update avg += w (param - avg) over a real model's parameter
   naive          swa_fast.reference: one Python iteration and a few torch ops per parameter
   AveragedModel  torch.optim.swa_utils.AveragedModel.update_parameters (what users run today)
   foreach_lerp   torch._foreach_lerp_ over the same lists
+  swa_fast AveragedModel  swa_fast.swa_utils.AveragedModel.update_parameters (the drop-in)
   swa_fast:<b>   swa_fast.lerp_ forced to backend <b>, for every backend that runs here
 
 Figures: median time (torch.utils.benchmark.Timer on the CPU, CUDA events on a GPU; the methods
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import swa_fast  # noqa: E402
 from benchmarks.shapes import SHAPE_SETS, numel  # noqa: E402
 from swa_fast import reference  # noqa: E402
+from swa_fast import swa_utils as fast_swa  # noqa: E402
 
 ROUNDS = 3
 
@@ -91,13 +93,18 @@ def methods(avg, params, model, device, kind):
         averaged = AveragedModel(model)
     averaged.update_parameters(model)  # the first call only copies; time the averaging ones
     out["AveragedModel"] = lambda: averaged.update_parameters(model)
+    # the drop-in: same call, fp32 average (dtype=) also for a bf16 model
+    ours = fast_swa.AveragedModel(model, dtype=torch.float32)
+    ours.update_parameters(model)
+    out["swa_fast AveragedModel"] = lambda: ours.update_parameters(model)
     if all(a.dtype == p.dtype for a, p in zip(avg, params)):
         out["foreach_lerp"] = lambda: torch._foreach_lerp_(avg, params, 0.1)
     else:  # what a user has to do today for a bf16 model and an fp32 average: cast, then update
         out["cast+foreach_lerp"] = lambda: torch._foreach_lerp_(avg, [p.float() for p in params], 0.1)
     status = swa_fast.backend_status(device)
     for backend in ("cuda", "triton", "cpu", "foreach"):
-        if status[backend] is None:
+        interpreted = backend == "triton" and device.type != "cuda"  # TRITON_INTERPRET: not a speed
+        if status[backend] is None and not interpreted:
             out[f"swa_fast:{backend}"] = lambda b=backend: swa_fast.lerp_(avg, params, weight, backend=b)
     return out
 
@@ -108,9 +115,14 @@ def bench_set(name, shapes, param_dtype, device, min_run_time, bandwidth, kind="
     avg = [torch.randn(s, device=device) for s in shapes]
     n = numel(shapes)
     moved = n * (2 * 4 + torch.finfo(param_dtype).bits // 8)  # read avg and param, write avg
+    candidates = methods(avg, params, model, device, kind)
+    samples = {method: [] for method in candidates}
+    for _ in range(ROUNDS):  # the methods take turns, so a drift of the machine hits them all alike
+        for method, fn in candidates.items():
+            samples[method].append(median_seconds(fn, device, min_run_time / ROUNDS))
     rows = []
-    for method, fn in methods(avg, params, model, device, kind).items():
-        t = median_seconds(fn, device, min_run_time)
+    for method, times in samples.items():
+        t = sorted(times)[len(times) // 2]
         rows.append(
             {
                 "workload": name,
@@ -218,10 +230,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sets", nargs="*", choices=list(SHAPE_SETS), help="shape sets to run")
     p.add_argument("--out", default="bench_results", help="folder for results.json and the plot")
+    p.add_argument("--min-run-time", type=float, help="seconds of timing per method and workload")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    min_run_time = 2.0 if args.full else 0.5
+    min_run_time = args.min_run_time or (2.0 if args.full else 0.5)
     sets = args.sets or (list(SHAPE_SETS) if args.full else ["gpt2-small", "tiny-1000"])
     bandwidth = copy_bandwidth(device, min_run_time)
     print(

@@ -1,0 +1,20 @@
+"""The benchmark runner runs end to end (on a small workload, with short timings) and writes what
+it promises; the figures themselves are for `make bench`, not for a test."""
+
+import json
+
+import torch
+
+from benchmarks import run
+
+
+def test_runner_writes_table_json_and_plot(tmp_path, capsys):
+    run.main(["--device", "cpu", "--sets", "tiny-1000", "--min-run-time", "0.03", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "results.json").read_text())
+    methods = {r["method"] for r in result["rows"]}
+    assert {"naive", "AveragedModel", "swa_fast AveragedModel", "swa_fast:foreach"} <= methods
+    assert result["meta"]["torch"] == torch.__version__ and result["meta"]["copy_GBps"] > 0
+    assert all(r["median_ms"] > 0 and r["x_vs_naive"] > 0 for r in result["rows"])
+    assert "swa_fast AveragedModel" in out
+    assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
