@@ -16,7 +16,6 @@ of their own or work per parameter by design).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from copy import deepcopy
 
@@ -80,6 +79,22 @@ def _swa_weight(num_averaged: Tensor | int) -> Tensor | float:
     return 1.0 / (num_averaged + 1)
 
 
+def _module_tensors(module: Module, buffers: bool) -> list[Tensor]:
+    """`list(module.parameters())`, then `.buffers()` when asked: the same tensors in the same order,
+    each once, ~10x faster than nn.Module's generators (which cost ~1 us a tensor)."""
+    modules = list(module.modules())
+    out = [t for m in modules for t in m._parameters.values() if t is not None]
+    if buffers:
+        out += [t for m in modules for t in m._buffers.values() if t is not None]
+    ids = list(map(id, out))
+    if len(set(ids)) == len(ids):
+        return out
+    first = {}  # shared tensors: keep the first place of each, as nn.Module does
+    for i, key in enumerate(ids):
+        first.setdefault(key, i)
+    return [t for i, (t, key) in enumerate(zip(out, ids)) if first[key] == i]
+
+
 class _Plan:
     """The averaged tensors as views of flat buffers, and the data pointers that prove the module
     still uses them (a `.to()`, a `load_state_dict(assign=True)` or `p.data = ...` replaces them)."""
@@ -127,15 +142,14 @@ class AveragedModel(Module):
         self.avg_fn = avg_fn
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
+        self._moved = device is not None
         self._plan: _Plan | None = None
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def _averaged_tensors(self) -> list[Tensor]:
-        if self.use_buffers:
-            return list(itertools.chain(self.module.parameters(), self.module.buffers()))
-        return list(self.parameters())
+        return _module_tensors(self.module, self.use_buffers)
 
     def _current_plan(self) -> _Plan:
         tensors = self._averaged_tensors()
@@ -147,10 +161,7 @@ class AveragedModel(Module):
     @torch.no_grad()
     def update_parameters(self, model: Module) -> None:
         """Fold `model`'s current weights into the average (the first call copies them)."""
-        if self.use_buffers:
-            current = list(itertools.chain(model.parameters(), model.buffers()))
-        else:
-            current = list(model.parameters())
+        current = _module_tensors(model, self.use_buffers)
         kind = getattr(self.multi_avg_fn, "swa_fast_kind", None)
         if self.avg_fn is not None or (self.multi_avg_fn is not None and kind is None):
             self._update_like_torch(current)
@@ -176,8 +187,12 @@ class AveragedModel(Module):
             weight = torch.where(self.n_averaged == 0, 1.0, 1.0 - kind[1]).to(torch.float64)
         calls = []
         for group in plan.flat.groups:
-            src = [current[plan.floating[j]] for j in group.indices]
-            src = [s if s.device == group.device else s.to(group.device) for s in src]
+            if len(plan.flat.groups) == 1 and not plan.other:
+                src = current  # the common case: no list to build
+            else:
+                src = [current[plan.floating[j]] for j in group.indices]
+            if self._moved or src[0].device != group.device:  # torch's `device=`: the model lives elsewhere
+                src = [s if s.device == group.device else s.to(group.device) for s in src]
             w = weight if weight.device in (group.device, _CPU) else weight.to(group.device)
             calls.append((plan.flat.group_views(group), src, w))
         if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
