@@ -25,7 +25,7 @@ from torch.nn import Module
 from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_bn
 
 from . import checks, ops
-from .flat import FlatBuffer
+from .flat import FlatBuffer, module_tensors
 
 __all__ = [
     "SWALR",
@@ -77,22 +77,6 @@ def _swa_weight(num_averaged: Tensor | int) -> Tensor | float:
     if isinstance(num_averaged, Tensor):
         return torch.reciprocal(num_averaged.to(torch.float64) + 1)
     return 1.0 / (num_averaged + 1)
-
-
-def _module_tensors(module: Module, buffers: bool) -> list[Tensor]:
-    """`list(module.parameters())`, then `.buffers()` when asked: the same tensors in the same order,
-    each once, ~10x faster than nn.Module's generators (which cost ~1 us a tensor)."""
-    modules = list(module.modules())
-    out = [t for m in modules for t in m._parameters.values() if t is not None]
-    if buffers:
-        out += [t for m in modules for t in m._buffers.values() if t is not None]
-    ids = list(map(id, out))
-    if len(set(ids)) == len(ids):
-        return out
-    first = {}  # shared tensors: keep the first place of each, as nn.Module does
-    for i, key in enumerate(ids):
-        first.setdefault(key, i)
-    return [t for i, (t, key) in enumerate(zip(out, ids)) if first[key] == i]
 
 
 class _Plan:
@@ -149,7 +133,7 @@ class AveragedModel(Module):
         return self.module(*args, **kwargs)
 
     def _averaged_tensors(self) -> list[Tensor]:
-        return _module_tensors(self.module, self.use_buffers)
+        return module_tensors(self.module, self.use_buffers)
 
     def _current_plan(self) -> _Plan:
         tensors = self._averaged_tensors()
@@ -161,7 +145,7 @@ class AveragedModel(Module):
     @torch.no_grad()
     def update_parameters(self, model: Module) -> None:
         """Fold `model`'s current weights into the average (the first call copies them)."""
-        current = _module_tensors(model, self.use_buffers)
+        current = module_tensors(model, self.use_buffers)
         kind = getattr(self.multi_avg_fn, "swa_fast_kind", None)
         if self.avg_fn is not None or (self.multi_avg_fn is not None and kind is None):
             self._update_like_torch(current)

@@ -238,11 +238,11 @@ def test_short_training_run_matches_torch():
 
 
 def test_module_tensors_match_nn_module_order_with_shared_weights():
-    from swa_fast.swa_utils import _module_tensors
+    from swa_fast.flat import module_tensors
 
     embedding = torch.nn.Embedding(10, 4)
     model = torch.nn.Sequential(embedding, torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 10))
     model[2].weight = embedding.weight  # tied, as in language models
-    assert list(map(id, _module_tensors(model, False))) == list(map(id, model.parameters()))
+    assert list(map(id, module_tensors(model, False))) == list(map(id, model.parameters()))
     everything = [*model.parameters(), *model.buffers()]
-    assert list(map(id, _module_tensors(model, True))) == list(map(id, everything))
+    assert list(map(id, module_tensors(model, True))) == list(map(id, everything))

@@ -1,0 +1,283 @@
+"""SWA and EMA managers over flat buffers: what a training loop calls.
+
+    swa = swa_fast.SWA(model)                  # fp32 average, also for a bf16 model
+    ...
+    swa.update(model)                          # one fused op per (device, dtype) group
+    with swa.average_applied(model):           # evaluate with the average, live weights restored
+        evaluate(model)
+
+SWA (Izmailov et al., UAI 2018) gives every update the weight 1/(n+1), computed on the device from
+the device-resident count `n_averaged`; EMA uses 1 - decay, with timm's optional warmup
+decay_t = min(decay, 1 - (1 + t/gamma)^-power) and its schedule (`update_after_step`,
+`update_every`) computed from a host-side count of calls. Neither waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from . import ops
+from .flat import FlatBuffer, module_tensors
+
+
+def _unwrapped(model: Module) -> Module:
+    """The model inside DDP / DataParallel / torch.compile wrappers, whose names carry no prefix."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _names(model: Module, use_buffers: bool) -> list[str]:
+    """Names of `module_tensors(model, use_buffers)`, in its order."""
+    names = [name for name, _ in model.named_parameters()]
+    if use_buffers:
+        names += [name for name, _ in model.named_buffers()]
+    return names
+
+
+class Averager:
+    """The shared machinery of SWA and EMA: flat fp32 (by default) copies of the model's floating
+    parameters (and buffers with `use_buffers=True`; integer buffers are copied), updated in place.
+
+    Wrapped models (DDP, torch.compile) are unwrapped, so names and tensors are the inner model's.
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        *,
+        dtype: torch.dtype | None = torch.float32,
+        use_buffers: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        model = _unwrapped(model)
+        tensors = module_tensors(model, use_buffers)
+        self.names = _names(model, use_buffers)
+        self.use_buffers = use_buffers
+        self.backend = backend
+        self._floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
+        self._integer = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
+        self.average = FlatBuffer([tensors[i] for i in self._floating], dtype=dtype)
+        self._integers = [tensors[i].detach().clone() for i in self._integer]
+        self._ids = [id(t) for t in tensors]
+        self._model = weakref.ref(model)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        self.n_averaged = torch.zeros((), dtype=torch.long, device=device)
+        self.calls = 0  # update() calls, counted on the host
+
+    # --- the model's tensors, checked --------------------------------------------------------------
+
+    def _tensors_of(self, model: Module) -> list[Tensor]:
+        """The model's tensors, in the manager's order. The model it was made from must still hold
+        the very same tensors (a replaced or added one would be averaged with another's history);
+        another model (say a deepcopy for evaluation) must have the same names."""
+        model = _unwrapped(model)
+        tensors = module_tensors(model, self.use_buffers)
+        if model is self._model():
+            if list(map(id, tensors)) != self._ids:
+                raise ValueError(self._describe_change(_names(model, self.use_buffers), tensors))
+        elif (names := _names(model, self.use_buffers)) != self.names:
+            raise ValueError(self._describe_change(names, None))
+        return tensors
+
+    def _describe_change(self, names: list[str], tensors: list[Tensor] | None) -> str:
+        for i, (expected, got) in enumerate(zip(self.names, names)):
+            if expected != got:
+                what = f"expected '{expected}', found '{got}'"
+                break
+            if tensors is not None and id(tensors[i]) != self._ids[i]:
+                what = f"'{expected}' was replaced"
+                break
+        else:
+            what = f"it had {len(self.names)} tensors, it has {len(names)}"
+        return (
+            f"swa_fast: the model is not the one this {type(self).__name__} was made for ({what}); "
+            "averaging on would mix different tensors. Create a new manager for the new model."
+        )
+
+    def _groups(self, tensors: list[Tensor]):
+        """(average views, model tensors) per flat group."""
+        for group in self.average.groups:
+            yield self.average.group_views(group), [tensors[self._floating[j]] for j in group.indices]
+
+    # --- updates ------------------------------------------------------------------------------------
+
+    def _weight(self) -> Tensor | float | None:
+        """The weight of this call's update; None to skip the call."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update(self, model: Module) -> None:
+        """Fold the model's current weights into the average."""
+        tensors = self._tensors_of(model)
+        self.calls += 1
+        weight = self._weight()
+        if weight is None:
+            return
+        for avg, src in self._groups(tensors):
+            ops.lerp_(avg, src, weight, backend=self.backend)
+        for kept, i in zip(self._integers, self._integer):
+            kept.copy_(tensors[i])
+        self.n_averaged += 1
+
+    # --- using the average --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def copy_to(self, model: Module) -> None:
+        """Write the average into the model (cast to the model's dtypes), one fused copy per group."""
+        tensors = self._tensors_of(model)
+        for avg, dst in self._groups(tensors):
+            ops.copy_(dst, avg, backend=self.backend)
+        for kept, i in zip(self._integers, self._integer):
+            tensors[i].copy_(kept)
+
+    @torch.no_grad()
+    def swap(self, model: Module) -> None:
+        """Exchange the model's weights and the average in place (same dtypes only: an fp32 average
+        of a bf16 model cannot hold the live weights exactly; use `average_applied`)."""
+        tensors = self._tensors_of(model)
+        for avg, live in self._groups(tensors):
+            ops.swap_(avg, live, backend=self.backend)
+
+    @contextlib.contextmanager
+    def average_applied(self, model: Module) -> Iterator[Module]:
+        """Within the block the model holds the average; on exit its own weights come back exactly."""
+        tensors = self._tensors_of(model)
+        live = FlatBuffer(tensors)  # a copy in the model's own dtypes: the restore is exact
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for group in live.groups:
+                    restore = [tensors[i] for i in group.indices]
+                    ops.copy_(restore, live.group_views(group), backend=self.backend)
+
+    # --- saving and resuming ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        average = {self.names[i]: v for i, v in zip(self._floating, self.average.views)}
+        average.update({self.names[i]: t for i, t in zip(self._integer, self._integers)})
+        return {"average": average, "n_averaged": self.n_averaged, "calls": self.calls, **self._extra_state()}
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict of the same model; resuming continues bit for bit. Checks everything
+        before writing anything: a state of another model raises and names the first mismatch."""
+        missing = [k for k in ("average", "n_averaged", "calls") if k not in state]
+        if missing:
+            raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
+        saved = state["average"]
+        for name, mine in zip(self.names, [*self._ordered()]):
+            if name not in saved:
+                raise ValueError(f"swa_fast: the state_dict has no '{name}' (is it of another model?)")
+            if saved[name].shape != mine.shape:
+                raise ValueError(
+                    f"swa_fast: '{name}' has shape {list(saved[name].shape)} in the state_dict but "
+                    f"{list(mine.shape)} here"
+                )
+        extra = sorted(set(saved) - set(self.names))
+        if extra:
+            raise ValueError(f"swa_fast: the state_dict has entries this model lacks, first '{extra[0]}'")
+        for group in self.average.groups:
+            views = self.average.group_views(group)
+            names = [self.names[self._floating[j]] for j in group.indices]
+            src = [saved[name].to(v.device, v.dtype) for name, v in zip(names, views)]
+            ops.copy_(views, src, backend=self.backend)
+        for kept, i in zip(self._integers, self._integer):
+            kept.copy_(saved[self.names[i]])
+        self.n_averaged.copy_(state["n_averaged"])
+        self.calls = int(state["calls"])
+        self._load_extra_state(state)
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def _ordered(self) -> list[Tensor]:
+        out: list[Tensor] = [torch.empty(0)] * len(self.names)
+        for i, v in zip(self._floating, self.average.views):
+            out[i] = v
+        for i, t in zip(self._integer, self._integers):
+            out[i] = t
+        return out
+
+
+class SWA(Averager):
+    """Stochastic Weight Averaging: the equal-weight mean of every model passed to `update`."""
+
+    def _weight(self) -> Tensor:
+        return torch.reciprocal(self.n_averaged.to(torch.float64) + 1)  # 1 first: an exact copy
+
+
+class EMA(Averager):
+    """Exponential moving average: avg = decay_t * avg + (1 - decay_t) * model.
+
+    `warmup_gamma`/`warmup_power` (timm's ModelEmaV3): decay_t = min(decay, 1 - (1 + t/gamma)^-power)
+    for the t-th averaging update, so early averages follow the model closely. The first `update`
+    calls up to `update_after_step` copy the model; after that only every `update_every`-th call
+    averages.
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        decay: float = 0.999,
+        *,
+        warmup_gamma: float | None = None,
+        warmup_power: float = 2 / 3,
+        update_after_step: int = 0,
+        update_every: int = 1,
+        **kwargs,
+    ) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"swa_fast.EMA: decay must be in [0, 1], got {decay}")
+        if update_every < 1:
+            raise ValueError(f"swa_fast.EMA: update_every must be >= 1, got {update_every}")
+        super().__init__(model, **kwargs)
+        self.decay = decay
+        self.warmup_gamma = warmup_gamma
+        self.warmup_power = warmup_power
+        self.update_after_step = update_after_step
+        self.update_every = update_every
+
+    def decay_at(self, call: int) -> float:
+        """decay_t at the `call`-th update() call (from 1), timm's ModelEmaV3.get_decay: 0 (a copy
+        of the model) up to `update_after_step` + 1, then `decay`, or its warmup."""
+        t = call - self.update_after_step - 1
+        if t <= 0:
+            return 0.0
+        if self.warmup_gamma is None:
+            return self.decay
+        return min(self.decay, 1 - (1 + t / self.warmup_gamma) ** -self.warmup_power)
+
+    def _weight(self) -> float | None:
+        # A host-side schedule of host-side counts: a Python float weight, read by the kernels on
+        # the host, costs no device synchronisation.
+        if (
+            self.calls > self.update_after_step + 1
+            and (self.calls - self.update_after_step - 1) % self.update_every
+        ):
+            return None
+        return 1.0 - self.decay_at(self.calls)
+
+    def _extra_state(self) -> dict:
+        return {"decay": self.decay}
+
+    def _load_extra_state(self, state: dict) -> None:
+        if state.get("decay", self.decay) != self.decay:
+            raise ValueError(
+                f"swa_fast.EMA: the state_dict has decay {state['decay']}, this one {self.decay}"
+            )

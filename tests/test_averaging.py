@@ -1,0 +1,190 @@
+"""The native SWA / EMA managers: the math, exact restores, bit-exact resume, clear errors."""
+
+import copy
+
+import pytest
+import torch
+
+import swa_fast
+
+
+def model_with_bn(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2)).to(
+        dtype
+    )
+
+
+def step(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+        if isinstance(model, torch.nn.Sequential):  # new BatchNorm statistics too
+            model.train()
+            model(torch.randn(8, 6, generator=g).to(next(model.parameters()).dtype))
+
+
+def weights(model):
+    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+
+def test_swa_is_the_mean_of_what_it_saw():
+    model = model_with_bn()
+    swa = swa_fast.SWA(model, use_buffers=True)
+    seen = []
+    for s in range(5):
+        step(model, s)
+        seen.append(weights(model))
+        swa.update(model)
+    averaged = swa_fast.SWA(model, use_buffers=True)
+    swa.copy_to(model)
+    for i, got in enumerate(weights(model)):
+        stack = torch.stack([w[i] for w in seen])
+        if got.is_floating_point():
+            torch.testing.assert_close(got, stack.mean(0))
+        else:  # num_batches_tracked: copied
+            assert torch.equal(got, stack[-1])
+    assert swa.n_averaged.item() == 5 and averaged.n_averaged.item() == 0
+
+
+def test_ema_matches_the_closed_form_with_warmup():
+    model = torch.nn.Linear(3, 3)
+    ema = swa_fast.EMA(model, decay=0.9, warmup_gamma=1.0, warmup_power=0.75, update_after_step=2)
+    expected = None
+    for call in range(1, 12):
+        with torch.no_grad():
+            model.weight.add_(torch.full_like(model.weight, float(call)))
+        t = call - 2 - 1
+        decay = 0.0 if t <= 0 else min(0.9, 1 - (1 + t / 1.0) ** -0.75)
+        assert ema.decay_at(call) == pytest.approx(decay)
+        current = model.weight.detach().double()
+        expected = current if expected is None else decay * expected + (1 - decay) * current
+        ema.update(model)
+    applied = copy.deepcopy(model)
+    ema.copy_to(applied)
+    torch.testing.assert_close(applied.weight.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_ema_update_every_skips_calls():
+    model = torch.nn.Linear(2, 2)
+    ema = swa_fast.EMA(model, decay=0.5, update_every=3)
+    applied = 0
+    for _ in range(10):
+        before = ema.n_averaged.item()
+        ema.update(model)
+        applied += ema.n_averaged.item() - before
+    assert applied == 4  # the first call (a copy), then calls 4, 7, 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_average_applied_restores_the_live_weights_exactly(dtype):
+    model = model_with_bn(dtype)
+    swa = swa_fast.SWA(model)
+    for s in range(3):
+        step(model, s)
+        swa.update(model)
+    step(model, 10)
+    live = weights(model)
+    with swa.average_applied(model):
+        inside = weights(model)
+        assert not all(torch.equal(a, b) for a, b in zip(inside, live))
+    for a, b in zip(weights(model), live):
+        assert torch.equal(a, b)
+
+
+def test_swap_twice_is_identity():
+    model = model_with_bn()
+    swa = swa_fast.SWA(model)
+    step(model, 1)
+    swa.update(model)
+    step(model, 2)
+    live = weights(model)
+    swa.swap(model)
+    swa.swap(model)
+    for a, b in zip(weights(model), live):
+        assert torch.equal(a, b)
+
+
+def test_resume_is_bit_exact():
+    def run(stop_at=None):
+        model = model_with_bn(torch.bfloat16)
+        ema = swa_fast.EMA(model, decay=0.8, warmup_gamma=2.0, use_buffers=True)
+        for s in range(8):
+            if s == stop_at:  # a restart: new manager, state loaded from a saved dict
+                saved = copy.deepcopy(ema.state_dict())
+                ema = swa_fast.EMA(model, decay=0.8, warmup_gamma=2.0, use_buffers=True)
+                ema.load_state_dict(saved)
+            step(model, s)
+            ema.update(model)
+        return ema.state_dict()["average"]
+
+    straight, resumed = run(), run(stop_at=4)
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_state_dict_of_another_model_raises_and_changes_nothing():
+    swa = swa_fast.SWA(model_with_bn())
+    before = copy.deepcopy(swa.state_dict())
+    other = swa_fast.SWA(
+        torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    )
+    with pytest.raises(
+        ValueError, match=r"'2.weight' has shape \[3, 5\] in the state_dict but \[2, 5\] here"
+    ):
+        swa.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="no '0.weight'"):
+        swa.load_state_dict({"average": {}, "n_averaged": torch.tensor(0), "calls": 0})
+    for name, t in swa.state_dict()["average"].items():
+        assert torch.equal(t, before["average"][name])
+
+
+def test_changed_model_is_detected():
+    model = model_with_bn()
+    swa = swa_fast.SWA(model)
+    model[2] = torch.nn.Linear(5, 2)  # replaced: same shapes, different tensors
+    with pytest.raises(ValueError, match="'2.weight' was replaced"):
+        swa.update(model)
+    model = model_with_bn()
+    swa = swa_fast.SWA(model)
+    model.add_module("head", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="it had 6 tensors, it has 8"):
+        swa.update(model)
+    with pytest.raises(ValueError, match="expected '0.weight', found 'weight'"):
+        swa.copy_to(torch.nn.Linear(6, 5))
+
+
+def test_resized_parameter_raises_before_writing():
+    model = torch.nn.Linear(4, 3)
+    swa = swa_fast.SWA(model)
+    swa.update(model)
+    before = copy.deepcopy(swa.state_dict())
+    with torch.no_grad():
+        model.weight.data = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=r"shape \[2, 4\]"):
+        swa.update(model)
+    for name, t in swa.state_dict()["average"].items():
+        assert torch.equal(t, before["average"][name])
+
+
+def test_wrapped_models_keep_their_names():
+    model = model_with_bn()
+    compiled = torch.compile(model)
+    swa = swa_fast.SWA(compiled)
+    assert swa.names[0] == "0.weight"
+    swa.update(compiled)
+    swa.update(model)  # the same tensors, wrapped or not
+    assert swa.n_averaged.item() == 2
+
+
+def test_bf16_model_fp32_average_keeps_small_updates():
+    model = torch.nn.Linear(16, 16).to(torch.bfloat16)
+    swa = swa_fast.SWA(model)
+    assert swa.average.views[0].dtype == torch.float32
+    total = torch.zeros(16, 16, dtype=torch.float64)
+    for s in range(50):
+        step(model, s)
+        total += model.weight.double()
+        swa.update(model)
+    torch.testing.assert_close(swa.average.views[0].double(), total / 50, rtol=1e-5, atol=1e-5)
