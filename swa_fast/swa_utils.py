@@ -10,8 +10,9 @@ with the weight kept on the device: no host synchronisation, no per-parameter Py
 The default SWA average and the functions from this module's `get_swa_multi_avg_fn` /
 `get_ema_multi_avg_fn` take that path; a user's own `avg_fn` / `multi_avg_fn` run as in torch.
 
-`SWALR`, `update_bn`, `get_swa_avg_fn` and `get_ema_avg_fn` are torch's own (they do no averaging
-of their own or work per parameter by design).
+`SWALR`, `get_swa_avg_fn` and `get_ema_avg_fn` are torch's own (a scheduler, and per-parameter
+functions by design). `update_bn` is swa_fast.bn's: torch's behaviour, plus a `forward_fn` for
+batches that are not a tensor.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from copy import deepcopy
 import torch
 from torch import Tensor
 from torch.nn import Module
-from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn, update_bn
+from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn
 
 from . import checks, ops
+from .bn import update_bn
 from .flat import FlatBuffer, module_tensors
 
 __all__ = [

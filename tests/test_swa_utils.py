@@ -203,13 +203,27 @@ def test_bf16_model_with_fp32_average():
     torch.testing.assert_close(fast.module.weight.double(), exact, rtol=1e-5, atol=1e-5)
 
 
-def test_update_bn_and_swalr_are_torchs():
+def test_swalr_is_torchs():
     assert fast_swa.SWALR is torch_swa.SWALR
-    model, fast, _ = run_both()
-    loader = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+
+
+def test_update_bn_matches_torch():
+    _, fast, ref = run_both()
+    loader = [(torch.randn(8, 1, 8, 8), torch.zeros(8)) for _ in range(3)]
+    fast.eval()
     fast_swa.update_bn(loader, fast)
-    bn = fast.module[1]
-    assert bn.num_batches_tracked.item() == 3 and torch.isfinite(bn.running_var).all()
+    torch_swa.update_bn(loader, ref)
+    assert_same_state(fast, ref, rtol=1e-6, atol=1e-6)
+    assert not fast.training and fast.module[1].momentum == 0.1
+    assert fast.module[1].num_batches_tracked.item() == 3
+
+
+def test_update_bn_with_a_custom_forward():
+    _, fast, ref = run_both()
+    images = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    fast_swa.update_bn([{"image": x} for x in images], fast, forward_fn=lambda m, batch: m(batch["image"]))
+    torch_swa.update_bn(images, ref)
+    assert_same_state(fast, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_short_training_run_matches_torch():
