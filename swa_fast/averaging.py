@@ -25,6 +25,8 @@ from torch.nn import Module
 from . import ops
 from .flat import FlatBuffer, module_tensors
 
+_CPU = torch.device("cpu")
+
 
 def _unwrapped(model: Module) -> Module:
     """The model inside DDP / DataParallel / torch.compile wrappers, whose names carry no prefix."""
@@ -107,6 +109,9 @@ class Averager:
 
     def _groups(self, tensors: list[Tensor]):
         """(average views, model tensors) per flat group."""
+        if len(self.average.groups) == 1 and not self._integer:  # the common case: no list to build
+            yield self.average.views, tensors
+            return
         for group in self.average.groups:
             yield self.average.group_views(group), [tensors[self._floating[j]] for j in group.indices]
 
@@ -125,7 +130,10 @@ class Averager:
         if weight is None:
             return
         for avg, src in self._groups(tensors):
-            ops.lerp_(avg, src, weight, backend=self.backend)
+            w = weight
+            if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
+                w = w.to(avg[0].device, non_blocking=True)
+            ops.lerp_(avg, src, w, backend=self.backend)
         for kept, i in zip(self._integers, self._integer):
             kept.copy_(tensors[i])
         self.n_averaged += 1
@@ -181,7 +189,7 @@ class Averager:
         if missing:
             raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
         saved = state["average"]
-        for name, mine in zip(self.names, [*self._ordered()]):
+        for name, mine in zip(self.names, self._ordered()):
             if name not in saved:
                 raise ValueError(f"swa_fast: the state_dict has no '{name}' (is it of another model?)")
             if saved[name].shape != mine.shape:

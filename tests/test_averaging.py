@@ -37,7 +37,6 @@ def test_swa_is_the_mean_of_what_it_saw():
         step(model, s)
         seen.append(weights(model))
         swa.update(model)
-    averaged = swa_fast.SWA(model, use_buffers=True)
     swa.copy_to(model)
     for i, got in enumerate(weights(model)):
         stack = torch.stack([w[i] for w in seen])
@@ -45,7 +44,7 @@ def test_swa_is_the_mean_of_what_it_saw():
             torch.testing.assert_close(got, stack.mean(0))
         else:  # num_batches_tracked: copied
             assert torch.equal(got, stack[-1])
-    assert swa.n_averaged.item() == 5 and averaged.n_averaged.item() == 0
+    assert swa.n_averaged.item() == 5
 
 
 def test_ema_matches_the_closed_form_with_warmup():
