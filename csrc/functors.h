@@ -66,17 +66,20 @@ C10_HOST_DEVICE inline A load_as(const void* p, int64_t i) {
 }
 
 // PyTorch's lerp: exact at both ends (weight 1 gives src bit for bit, so the first SWA update,
-// weight 1/(0+1), is a copy) and accurate on either side of 0.5.
+// weight 1/(0+1), is a copy) and accurate on either side of 0.5. Weight 0 keeps start untouched
+// even where end is inf or NaN (plain lerp would give NaN): an update can be skipped on the device.
 template <typename A>
 struct LerpWeight {
   A w = A(0), one_minus_w = A(1);
-  bool upper = false;
+  bool upper = false, keep = true;
   C10_HOST_DEVICE void set(A weight) {
     w = weight;
     one_minus_w = A(1) - weight;
-    upper = weight >= A(0.5);  // loop-invariant: the compiler hoists the branch out of the loop
+    upper = weight >= A(0.5);  // loop-invariant: the compiler hoists the branches out of the loop
+    keep = weight == A(0);
   }
   C10_HOST_DEVICE A operator()(A start, A end) const {
+    if (keep) return start;
     return upper ? end - (end - start) * one_minus_w : start + w * (end - start);
   }
 };

@@ -51,6 +51,10 @@ class Averager:
     """The shared machinery of SWA and EMA: flat fp32 (by default) copies of the model's floating
     parameters (and buffers with `use_buffers=True`; integer buffers are copied), updated in place.
 
+    `check_finite=True`: an update in which any of the model's values is inf or NaN leaves the
+    average untouched and counts in `n_skipped`, decided on the device (no host sync). Off, as in
+    torch, a non-finite value enters the average.
+
     Wrapped models (DDP, torch.compile) are unwrapped, so names and tensors are the inner model's.
     """
 
@@ -60,6 +64,7 @@ class Averager:
         *,
         dtype: torch.dtype | None = torch.float32,
         use_buffers: bool = False,
+        check_finite: bool = False,
         backend: str | None = None,
     ) -> None:
         model = _unwrapped(model)
@@ -75,6 +80,8 @@ class Averager:
         self._model = weakref.ref(model)
         device = tensors[0].device if tensors else torch.device("cpu")
         self.n_averaged = torch.zeros((), dtype=torch.long, device=device)
+        self.check_finite = check_finite
+        self.n_skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite updates
         self.calls = 0  # update() calls, counted on the host
 
     # --- the model's tensors, checked --------------------------------------------------------------
@@ -129,14 +136,35 @@ class Averager:
         weight = self._weight()
         if weight is None:
             return
-        for avg, src in self._groups(tensors):
+        groups = list(self._groups(tensors))
+        if self.check_finite:
+            # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN
+            # sources), so a non-finite update is skipped on the device, without a sync.
+            finite = self._all_finite([src for _, src in groups])
+            weight = torch.where(
+                finite, torch.as_tensor(weight, dtype=torch.float64, device=finite.device), 0.0
+            )
+        for avg, src in groups:
             w = weight
             if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
                 w = w.to(avg[0].device, non_blocking=True)
             ops.lerp_(avg, src, w, backend=self.backend)
         for kept, i in zip(self._integers, self._integer):
-            kept.copy_(tensors[i])
-        self.n_averaged += 1
+            kept.copy_(torch.where(finite, tensors[i], kept) if self.check_finite else tensors[i])
+        if self.check_finite:
+            self.n_averaged += finite
+            self.n_skipped += ~finite
+        else:
+            self.n_averaged += 1
+
+    def _all_finite(self, sources: list[list[Tensor]]) -> Tensor:
+        """One device boolean: every element of every source is finite (max-abs norms propagate
+        inf and NaN, and cannot overflow)."""
+        device = self.n_averaged.device
+        maxima = [
+            n.to(device, torch.float32) for src in sources for n in torch._foreach_norm(src, float("inf"))
+        ]
+        return torch.stack(maxima).isfinite().all()
 
     # --- using the average --------------------------------------------------------------------------
 
@@ -176,7 +204,13 @@ class Averager:
     def state_dict(self) -> dict:
         average = {self.names[i]: v for i, v in zip(self._floating, self.average.views)}
         average.update({self.names[i]: t for i, t in zip(self._integer, self._integers)})
-        return {"average": average, "n_averaged": self.n_averaged, "calls": self.calls, **self._extra_state()}
+        return {
+            "average": average,
+            "n_averaged": self.n_averaged,
+            "n_skipped": self.n_skipped,
+            "calls": self.calls,
+            **self._extra_state(),
+        }
 
     def _extra_state(self) -> dict:
         return {}
@@ -208,6 +242,7 @@ class Averager:
         for kept, i in zip(self._integers, self._integer):
             kept.copy_(saved[self.names[i]])
         self.n_averaged.copy_(state["n_averaged"])
+        self.n_skipped.copy_(state.get("n_skipped", 0))
         self.calls = int(state["calls"])
         self._load_extra_state(state)
 

@@ -113,10 +113,13 @@ def _same_dtype_as(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[Tensor]
 
 def _foreach_lerp(avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
     weight = _host_weight(weight)
+    src = _same_dtype_as(avg, src)
     if isinstance(weight, Tensor):  # a device scalar: the List overload broadcasts a 0-dim weight
-        torch._foreach_lerp_(avg, _same_dtype_as(avg, src), [weight] * len(avg))
-    else:
-        torch._foreach_lerp_(avg, _same_dtype_as(avg, src), weight)
+        # weight 0 must keep avg even where src is not finite: feed avg itself then (no sync)
+        src = [torch.where(weight == 0, a, s) for a, s in zip(avg, src)]
+        torch._foreach_lerp_(avg, src, [weight] * len(avg))
+    elif weight != 0:
+        torch._foreach_lerp_(avg, src, weight)
 
 
 def _foreach_moments(mean: list[Tensor], sq: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
@@ -158,7 +161,8 @@ def lerp_(
     avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float, *, backend: str | None = None
 ) -> None:
     """avg[i] += weight * (src[i] - avg[i]) for every i, in place: SWA with weight 1/(n+1)
-    (Izmailov et al. 2018), EMA with weight 1 - decay."""
+    (Izmailov et al. 2018), EMA with weight 1 - decay. Computed as torch.lerp (exact at weights 0
+    and 1); weight 0 leaves avg untouched even where src is inf or NaN."""
     _run(
         "lerp_",
         [list(avg), list(src)],

@@ -1,7 +1,8 @@
 """Naive per-parameter implementations of the ops: the oracle of the tests and the baseline of the
 benchmarks. One Python iteration and a few PyTorch ops per tensor, arithmetic in fp32 (fp64 when
 the destination is fp64), exactly the math of DESIGN.md's op table. The interpolation is
-torch.lerp's: exact at weights 0 and 1."""
+torch.lerp's (exact at weights 0 and 1), except that weight 0 keeps the destination even where the
+source is not finite."""
 
 from __future__ import annotations
 
@@ -21,12 +22,18 @@ def _weight(weight: Tensor | float, like: Tensor) -> Tensor | float:
     return weight
 
 
+def _lerp(start: Tensor, end: Tensor, weight: Tensor | float) -> Tensor:
+    return torch.where(
+        torch.as_tensor(weight, device=start.device) == 0, start, torch.lerp(start, end, weight)
+    )
+
+
 @torch.no_grad()
 def lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) -> None:
     """avg += weight * (src - avg)   (SWA with weight 1/(n+1), EMA with 1 - decay)"""
     for a, s in zip(avg, src):
         acc = acc_dtype(a.dtype)
-        a.copy_(torch.lerp(a.to(acc), s.to(acc), _weight(weight, a)))
+        a.copy_(_lerp(a.to(acc), s.to(acc), _weight(weight, a)))
 
 
 @torch.no_grad()
@@ -37,8 +44,8 @@ def moments_(
     for m, q, s in zip(mean, sq, src):
         acc = acc_dtype(m.dtype)
         x, w = s.to(acc), _weight(weight, m)
-        m.copy_(torch.lerp(m.to(acc), x, w))
-        q.copy_(torch.lerp(q.to(acc), x * x, w))
+        m.copy_(_lerp(m.to(acc), x, w))
+        q.copy_(_lerp(q.to(acc), x * x, w))
 
 
 @torch.no_grad()

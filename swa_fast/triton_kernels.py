@@ -61,8 +61,10 @@ if triton is not None:
 
     @triton.jit
     def _lerp(start, end, w):
-        # PyTorch's lerp: exact at both ends, accurate on either side of 0.5.
-        return tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
+        # PyTorch's lerp: exact at both ends, accurate on either side of 0.5; weight 0 keeps start
+        # even where end is not finite.
+        mixed = tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
+        return tl.where(w == 0, start, mixed)
 
     @triton.jit
     def _rounded(x, DST: tl.constexpr):

@@ -187,3 +187,32 @@ def test_bf16_model_fp32_average_keeps_small_updates():
         total += model.weight.double()
         swa.update(model)
     torch.testing.assert_close(swa.average.views[0].double(), total / 50, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_finite_skips_a_non_finite_update(bad):
+    model = model_with_bn()
+    swa = swa_fast.SWA(model, check_finite=True, use_buffers=True)
+    step(model, 0)
+    swa.update(model)
+    before = copy.deepcopy(swa.state_dict())
+    with torch.no_grad():
+        model[2].weight[0, 0] = bad
+    swa.update(model)
+    assert swa.n_averaged.item() == 1 and swa.n_skipped.item() == 1
+    for name, t in swa.state_dict()["average"].items():
+        assert torch.equal(t, before["average"][name]), name
+    with torch.no_grad():
+        model[2].weight[0, 0] = 0.5
+    swa.update(model)  # finite again: counted
+    assert swa.n_averaged.item() == 2 and swa.n_skipped.item() == 1
+
+
+def test_without_check_finite_nan_enters_the_average_as_in_torch():
+    model = torch.nn.Linear(2, 2)
+    swa = swa_fast.SWA(model)
+    swa.update(model)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    swa.update(model)
+    assert swa.average.views[0].isnan().any()

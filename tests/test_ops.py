@@ -143,3 +143,18 @@ def test_weight_one_copies_exactly(op, backend):
     assert torch.equal(dst[0], src)
     if op == "moments_":
         assert torch.equal(sq[0], src * src)
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_weight_zero_keeps_the_destination_even_for_non_finite_sources(op, backend, as_tensor):
+    """What lets a manager skip a non-finite update on the device: weight 0 changes nothing."""
+    import swa_fast
+
+    src = torch.tensor([float("inf"), float("nan"), -float("inf"), 2.0])
+    dst = [torch.tensor([1.0, -2.0, 3.5, 4.0])]
+    sq = [torch.tensor([1.0, 4.0, 12.25, 16.0])]
+    before = [dst[0].clone(), sq[0].clone()]
+    weight = torch.tensor(0.0) if as_tensor else 0.0
+    getattr(swa_fast, op)(dst, *([sq] if op == "moments_" else []), [src], weight, backend=backend)
+    assert torch.equal(dst[0], before[0]) and torch.equal(sq[0], before[1])
