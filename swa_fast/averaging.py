@@ -141,9 +141,8 @@ class Averager:
             # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN
             # sources), so a non-finite update is skipped on the device, without a sync.
             finite = self._all_finite([src for _, src in groups])
-            weight = torch.where(
-                finite, torch.as_tensor(weight, dtype=torch.float64, device=finite.device), 0.0
-            )
+            # (a float weight stays a CPU scalar: copying it to the GPU would wait for the stream)
+            weight = torch.where(finite, torch.as_tensor(weight, dtype=torch.float64), 0.0)
         for avg, src in groups:
             w = weight
             if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
