@@ -101,7 +101,6 @@ class AveragedModel(Module):
     `dtype`: the dtype of the averaged copy's floating parameters and buffers (default: the
     model's own, as in torch). `dtype=torch.float32` keeps an fp32 average of a bf16/fp16 model, so
     small updates are not rounded away; the averaged model then also computes in fp32.
-
     """
 
     n_averaged: Tensor
