@@ -21,6 +21,7 @@ and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -101,11 +102,8 @@ def methods(avg, params, model, device, kind):
         out["foreach_lerp"] = lambda: torch._foreach_lerp_(avg, params, 0.1)
     else:  # what a user has to do today for a bf16 model and an fp32 average: cast, then update
         out["cast+foreach_lerp"] = lambda: torch._foreach_lerp_(avg, [p.float() for p in params], 0.1)
-    status = swa_fast.backend_status(device)
-    for backend in ("cuda", "triton", "cpu", "foreach"):
-        interpreted = backend == "triton" and device.type != "cuda"  # TRITON_INTERPRET: not a speed
-        if status[backend] is None and not interpreted:
-            out[f"swa_fast:{backend}"] = lambda b=backend: swa_fast.lerp_(avg, params, weight, backend=b)
+    for backend in swa_fast_backends(device):
+        out[f"swa_fast:{backend}"] = lambda b=backend: swa_fast.lerp_(avg, params, weight, backend=b)
     return out
 
 
@@ -116,8 +114,18 @@ def bench_set(name, shapes, param_dtype, device, min_run_time, bandwidth, kind="
     n = numel(shapes)
     moved = n * (2 * 4 + torch.finfo(param_dtype).bits // 8)  # read avg and param, write avg
     candidates = methods(avg, params, model, device, kind)
+    dtype_name = f"{param_dtype}".replace("torch.", "")
+    labels = {"workload": name, "params": dtype_name, "tensors": len(shapes), "elements": n}
+    return time_methods(candidates, labels, moved, device, min_run_time, bandwidth)
+
+
+def time_methods(candidates, labels, moved, device, min_run_time, bandwidth):
+    """Rows of figures for `candidates` (name -> callable), which take turns over ROUNDS rounds so
+    that a drift of the machine hits them all alike; ratios against the first method (the naive
+    baseline) and against torch's AveragedModel when it ran. `labels`: workload, params (dtype),
+    tensors, elements; `moved`: the bytes one call must move."""
     samples = {method: [] for method in candidates}
-    for _ in range(ROUNDS):  # the methods take turns, so a drift of the machine hits them all alike
+    for _ in range(ROUNDS):
         for method, fn in candidates.items():
             samples[method].append(median_seconds(fn, device, min_run_time / ROUNDS))
     rows = []
@@ -125,10 +133,7 @@ def bench_set(name, shapes, param_dtype, device, min_run_time, bandwidth, kind="
         t = sorted(times)[len(times) // 2]
         rows.append(
             {
-                "workload": name,
-                "params": f"{param_dtype}".replace("torch.", ""),
-                "tensors": len(shapes),
-                "elements": n,
+                **labels,
                 "method": method,
                 "median_ms": t * 1e3,
                 "GB/s": moved / t / 1e9,
@@ -136,9 +141,81 @@ def bench_set(name, shapes, param_dtype, device, min_run_time, bandwidth, kind="
             }
         )
     base = {r["method"]: r["median_ms"] for r in rows}
+    baseline = next(iter(base))
     for r in rows:
-        r["x_vs_naive"] = base["naive"] / r["median_ms"]
-        r["x_vs_AveragedModel"] = base["AveragedModel"] / r["median_ms"]
+        r["x_vs_naive"] = base[baseline] / r["median_ms"]
+        if "AveragedModel" in base:
+            r["x_vs_AveragedModel"] = base["AveragedModel"] / r["median_ms"]
+    return rows
+
+
+def swa_fast_backends(device):
+    """The swa_fast backends worth timing on `device` (interpreted Triton is not a speed)."""
+    status = swa_fast.backend_status(device)
+    return [
+        b
+        for b in ("cuda", "triton", "cpu", "foreach")
+        if status[b] is None and (b != "triton" or device.type == "cuda")
+    ]
+
+
+def bench_sweep(sizes, device, min_run_time, bandwidth):
+    """One fp32 tensor of each size: where the update becomes bandwidth-bound."""
+    rows = []
+    for n in sizes:
+        avg, src = [torch.randn(n, device=device)], [torch.randn(n, device=device)]
+        weight = torch.tensor(0.1, device=device)
+        candidates = {
+            "naive": lambda a=avg, s=src, w=weight: reference.lerp_(a, s, w),
+            "foreach_lerp": lambda a=avg, s=src: torch._foreach_lerp_(a, s, 0.1),
+        }
+        for b in swa_fast_backends(device):
+            candidates[f"swa_fast:{b}"] = lambda a=avg, s=src, w=weight, b=b: swa_fast.lerp_(
+                a, s, w, backend=b
+            )
+        labels = {"workload": f"sweep {n:.0e}", "params": "float32", "tensors": 1, "elements": n}
+        rows += time_methods(candidates, labels, 12 * n, device, min_run_time, bandwidth)
+    return rows
+
+
+def bench_moments_and_snapshots(shapes, name, device, min_run_time, bandwidth):
+    """SWAG's two moments (one fused pass vs two foreach passes) and an FGE snapshot saved and
+    loaded (one fused copy vs state_dict deepcopy / load_state_dict), fp32."""
+    model = ShapeModel(shapes, torch.float32, device)
+    params = [p.detach() for p in model.parameters()]
+    mean = [torch.randn(s, device=device) for s in shapes]
+    sq = [torch.rand(s, device=device) for s in shapes]
+    weight = torch.tensor(0.1, device=device)
+    n = numel(shapes)
+
+    def two_foreach_passes():
+        torch._foreach_lerp_(mean, params, 0.1)
+        torch._foreach_lerp_(sq, torch._foreach_mul(params, params), 0.1)
+
+    moments = {
+        "naive": lambda: reference.moments_(mean, sq, params, weight),
+        "foreach x2": two_foreach_passes,
+    }
+    for b in swa_fast_backends(device):
+        moments[f"swa_fast:{b}"] = lambda b=b: swa_fast.moments_(mean, sq, params, weight, backend=b)
+
+    def labels(what):
+        return {"workload": f"{name} {what}", "params": "float32", "tensors": len(shapes), "elements": n}
+
+    rows = time_methods(moments, labels("SWAG moments"), 20 * n, device, min_run_time, bandwidth)
+
+    snapshot = swa_fast.FlatBuffer(params)
+    saved = copy.deepcopy(model.state_dict())
+    save = {
+        "state_dict deepcopy": lambda: copy.deepcopy(model.state_dict()),
+        "swa_fast.copy_": lambda: swa_fast.copy_(snapshot.views, params),
+    }
+    rows += time_methods(save, labels("FGE save"), 8 * n, device, min_run_time, bandwidth)
+    load = {
+        "load_state_dict": lambda: model.load_state_dict(saved),
+        "swa_fast.copy_": lambda: swa_fast.copy_(params, snapshot.views),
+    }
+    rows += time_methods(load, labels("FGE load"), 8 * n, device, min_run_time, bandwidth)
     return rows
 
 
@@ -161,7 +238,7 @@ def print_table(rows):
         "x_vs_naive": "{:.1f}x",
         "x_vs_AveragedModel": "{:.1f}x",
     }
-    cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
+    cells = [[fmt.get(c, "{}").format(r[c]) if c in r else "-" for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = " | ".join(c.ljust(w) for c, w in zip(cols, widths))
     print(line)
@@ -196,6 +273,30 @@ def plot(rows, path):
     ax.set_ylabel("fraction of copy bandwidth (higher is better)")
     ax.set_title("One SWA update: achieved bandwidth per method")
     ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def plot_sweep(rows, bandwidth, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib not installed: no plot written to {path})")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        ax.plot([r["elements"] for r in mine], [r["GB/s"] for r in mine], marker="o", label=method)
+    ax.axhline(bandwidth / 1e9, color="black", linestyle="--", linewidth=0.8, label="copy bandwidth")
+    ax.set_xscale("log")
+    ax.set_xlabel("elements in the tensor (fp32)")
+    ax.set_ylabel("GB/s moved by the update")
+    ax.set_title("One tensor's SWA update: bandwidth against size")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
@@ -246,13 +347,20 @@ def main(argv=None):
         for dtype in (torch.float32, torch.bfloat16):
             rows += bench_set(name, SHAPE_SETS[name](), dtype, device, min_run_time, bandwidth)
     print_table(rows)
+    top = 9 if device.type == "cuda" else 8
+    sizes = [10**k for k in range(4, top + 1)] if args.full else [10**k for k in range(4, 8)]
+    sweep = bench_sweep(sizes, device, min_run_time, bandwidth)
+    extras = bench_moments_and_snapshots(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
+    print()
+    print_table(sweep + extras)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
-        json.dumps({"meta": metadata(device, bandwidth), "rows": rows}, indent=1)
+        json.dumps({"meta": metadata(device, bandwidth), "rows": rows + sweep + extras}, indent=1)
     )
     print(f"\njson: {out / 'results.json'}")
     plot(rows, out / "lerp_bandwidth.png")
+    plot_sweep(sweep, bandwidth, out / "lerp_sweep.png")
 
 
 if __name__ == "__main__":

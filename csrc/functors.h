@@ -66,20 +66,20 @@ C10_HOST_DEVICE inline A load_as(const void* p, int64_t i) {
 }
 
 // PyTorch's lerp: exact at both ends (weight 1 gives src bit for bit, so the first SWA update,
-// weight 1/(0+1), is a copy) and accurate on either side of 0.5. Weight 0 keeps start untouched
-// even where end is inf or NaN (plain lerp would give NaN): an update can be skipped on the device.
+// weight 1/(0+1), is a copy) and accurate on either side of 0.5. Weight 0 writes nothing at all
+// (`skip()`, checked by the runners once per work item), so start stays as it was even where end
+// is inf or NaN: that is how an update is skipped on the device.
 template <typename A>
 struct LerpWeight {
   A w = A(0), one_minus_w = A(1);
-  bool upper = false, keep = true;
+  bool upper = false;
   C10_HOST_DEVICE void set(A weight) {
     w = weight;
     one_minus_w = A(1) - weight;
-    upper = weight >= A(0.5);  // loop-invariant: the compiler hoists the branches out of the loop
-    keep = weight == A(0);
+    upper = weight >= A(0.5);  // loop-invariant: the compiler hoists the branch out of the loop
   }
+  C10_HOST_DEVICE bool zero() const { return w == A(0); }
   C10_HOST_DEVICE A operator()(A start, A end) const {
-    if (keep) return start;
     return upper ? end - (end - start) * one_minus_w : start + w * (end - start);
   }
 };
@@ -99,6 +99,7 @@ struct Lerp {
   Weight<A> weight;
   LerpWeight<A> lerp;
   C10_HOST_DEVICE void resolve() { lerp.set(weight.get()); }
+  C10_HOST_DEVICE bool skip() const { return lerp.zero(); }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, D>(p[0], i), load_as<A, S>(p[1], i)};
   }
@@ -118,6 +119,7 @@ struct Moments {
   Weight<A> weight;
   LerpWeight<A> lerp;
   C10_HOST_DEVICE void resolve() { lerp.set(weight.get()); }
+  C10_HOST_DEVICE bool skip() const { return lerp.zero(); }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, D>(p[0], i), load_as<A, D>(p[1], i), load_as<A, S>(p[2], i)};
   }
@@ -136,6 +138,7 @@ struct Copy {
     A src;
   };
   C10_HOST_DEVICE void resolve() {}
+  C10_HOST_DEVICE bool skip() const { return false; }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, S>(p[1], i)};
   }
@@ -152,6 +155,7 @@ struct Swap {
     T a, b;
   };
   C10_HOST_DEVICE void resolve() {}
+  C10_HOST_DEVICE bool skip() const { return false; }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {static_cast<const T*>(p[0])[i], static_cast<const T*>(p[1])[i]};
   }

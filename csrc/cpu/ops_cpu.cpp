@@ -32,6 +32,7 @@ struct Item {
 template <typename F>
 SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t end) {
   f.resolve();
+  if (f.skip()) return;
   for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
 }
 

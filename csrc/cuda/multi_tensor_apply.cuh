@@ -33,6 +33,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const int64_t* t
   const int64_t* numels = table + n_tensors * K;
   const int64_t* chunk_prefix = numels + n_tensors;  // n_tensors + 1 entries
   f.resolve();
+  if (f.skip()) return;  // a weight of 0: nothing to write (uniform across the grid)
   for (int64_t chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
     int64_t lo = 0, hi = n_tensors - 1;  // the last tensor whose first chunk is <= chunk
     while (lo < hi) {
