@@ -114,13 +114,10 @@ class Averager:
             "averaging on would mix different tensors. Create a new manager for the new model."
         )
 
-    def _groups(self, tensors: list[Tensor]):
+    def _groups(self, tensors: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
         """(average views, model tensors) per flat group."""
-        if len(self.average.groups) == 1 and not self._integer:  # the common case: no list to build
-            yield self.average.views, tensors
-            return
-        for group in self.average.groups:
-            yield self.average.group_views(group), [tensors[self._floating[j]] for j in group.indices]
+        floating = [tensors[i] for i in self._floating] if self._integer else tensors
+        return [(views, src) for _, views, src in self.average.pairs(floating)]
 
     # --- updates ------------------------------------------------------------------------------------
 
@@ -136,7 +133,7 @@ class Averager:
         weight = self._weight()
         if weight is None:
             return
-        groups = list(self._groups(tensors))
+        groups = self._groups(tensors)
         if self.check_finite:
             # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN
             # sources), so a non-finite update is skipped on the device, without a sync.
@@ -194,9 +191,8 @@ class Averager:
             yield model
         finally:
             with torch.no_grad():
-                for group in live.groups:
-                    restore = [tensors[i] for i in group.indices]
-                    ops.copy_(restore, live.group_views(group), backend=self.backend)
+                for _, saved, restore in live.pairs(tensors):
+                    ops.copy_(restore, saved, backend=self.backend)
 
     # --- saving and resuming ------------------------------------------------------------------------
 
@@ -233,9 +229,8 @@ class Averager:
         extra = sorted(set(saved) - set(self.names))
         if extra:
             raise ValueError(f"swa_fast: the state_dict has entries this model lacks, first '{extra[0]}'")
-        for group in self.average.groups:
-            views = self.average.group_views(group)
-            names = [self.names[self._floating[j]] for j in group.indices]
+        floating_names = [self.names[i] for i in self._floating]
+        for _, views, names in self.average.pairs(floating_names):
             src = [saved[name].to(v.device, v.dtype) for name, v in zip(names, views)]
             ops.copy_(views, src, backend=self.backend)
         for kept, i in zip(self._integers, self._integer):

@@ -55,8 +55,12 @@ class FlatBuffer:
     def nbytes(self) -> int:
         return sum(g.buffer.numel() * g.buffer.element_size() for g in self.groups)
 
-    def group_views(self, group: FlatGroup) -> list[Tensor]:
-        return [self.views[i] for i in group.indices]
+    def pairs(self, tensors: Sequence[Tensor]) -> list[tuple[FlatGroup, list[Tensor], list[Tensor]]]:
+        """(group, its views, the matching `tensors`) per group; `tensors` are in the input order of
+        the buffer's tensors. With one group (the common case) no list is built."""
+        if len(self.groups) == 1:
+            return [(self.groups[0], self.views, list(tensors))]
+        return [(g, [self.views[i] for i in g.indices], [tensors[i] for i in g.indices]) for g in self.groups]
 
 
 def module_tensors(module: torch.nn.Module, buffers: bool) -> list[Tensor]:

@@ -77,8 +77,8 @@ class SWA(torch.optim.Optimizer):
         """Fold the group's current parameters into its averages: avg += (p - avg) / (n_avg + 1)."""
         flat = self._averages(group)
         weight = 1.0 / (group["n_avg"] + 1)  # a host number: the first update is an exact copy
-        for g in flat.groups:
-            ops.lerp_(flat.group_views(g), [group["params"][i] for i in g.indices], weight)
+        for _, views, params in flat.pairs(group["params"]):
+            ops.lerp_(views, params, weight)
         group["n_avg"] += 1
 
     def update_swa(self) -> None:
@@ -94,8 +94,8 @@ class SWA(torch.optim.Optimizer):
                     warnings.warn(f"SWA wasn't applied to param {p}; skipping it", stacklevel=2)
                 continue
             flat = self._flat[id(group)]
-            for g in flat.groups:
-                ops.swap_([group["params"][i] for i in g.indices], flat.group_views(g))
+            for _, views, params in flat.pairs(group["params"]):
+                ops.swap_(params, views)
 
     def step(self, closure: Callable | None = None):
         if self.swa_lr is not None:

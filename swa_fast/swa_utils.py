@@ -171,15 +171,12 @@ class AveragedModel(Module):
         else:  # EMA: copy on the first call, then 1 - decay; decided on the device, no sync
             weight = torch.where(self.n_averaged == 0, 1.0, 1.0 - kind[1]).to(torch.float64)
         calls = []
-        for group in plan.flat.groups:
-            if len(plan.flat.groups) == 1 and not plan.other:
-                src = current  # the common case: no list to build
-            else:
-                src = [current[plan.floating[j]] for j in group.indices]
+        floating = [current[i] for i in plan.floating] if plan.other else current
+        for group, views, src in plan.flat.pairs(floating):
             if self._moved or src[0].device != group.device:  # torch's `device=`: the model lives elsewhere
                 src = [s if s.device == group.device else s.to(group.device) for s in src]
             w = weight if weight.device in (group.device, _CPU) else weight.to(group.device)
-            calls.append((plan.flat.group_views(group), src, w))
+            calls.append((views, src, w))
         if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
             for avg, src, w in calls:
                 checks.check_lerp(avg, src, w)
