@@ -15,7 +15,6 @@ decay_t = min(decay, 1 - (1 + t/gamma)^-power) and its schedule (`update_after_s
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -23,28 +22,10 @@ from torch import Tensor
 from torch.nn import Module
 
 from . import ops
-from .flat import FlatBuffer, module_tensors
+from .flat import FlatBuffer
+from .model_tensors import ModelCopy, TrackedModel
 
 _CPU = torch.device("cpu")
-
-
-def _unwrapped(model: Module) -> Module:
-    """The model inside DDP / DataParallel / torch.compile wrappers, whose names carry no prefix."""
-    while True:
-        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _names(model: Module, use_buffers: bool) -> list[str]:
-    """Names of `module_tensors(model, use_buffers)`, in its order."""
-    names = [name for name, _ in model.named_parameters()]
-    if use_buffers:
-        names += [name for name, _ in model.named_buffers()]
-    return names
 
 
 class Averager:
@@ -67,56 +48,23 @@ class Averager:
         check_finite: bool = False,
         backend: str | None = None,
     ) -> None:
-        model = _unwrapped(model)
-        tensors = module_tensors(model, use_buffers)
-        self.names = _names(model, use_buffers)
+        self.tracked = TrackedModel(model, use_buffers, type(self).__name__)
+        tensors = self.tracked.tensors(model)
+        self.names = self.tracked.names
         self.use_buffers = use_buffers
         self.backend = backend
-        self._floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
-        self._integer = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
-        self.average = FlatBuffer([tensors[i] for i in self._floating], dtype=dtype)
-        self._integers = [tensors[i].detach().clone() for i in self._integer]
-        self._ids = [id(t) for t in tensors]
-        self._model = weakref.ref(model)
+        self._copy = ModelCopy(self.tracked, tensors, dtype=dtype, backend=backend)
+        self.average = self._copy.flat
+        self._integers = self._copy.integers
         device = tensors[0].device if tensors else torch.device("cpu")
         self.n_averaged = torch.zeros((), dtype=torch.long, device=device)
         self.check_finite = check_finite
         self.n_skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite updates
         self.calls = 0  # update() calls, counted on the host
 
-    # --- the model's tensors, checked --------------------------------------------------------------
-
-    def _tensors_of(self, model: Module) -> list[Tensor]:
-        """The model's tensors, in the manager's order. The model it was made from must still hold
-        the very same tensors (a replaced or added one would be averaged with another's history);
-        another model (say a deepcopy for evaluation) must have the same names."""
-        model = _unwrapped(model)
-        tensors = module_tensors(model, self.use_buffers)
-        if model is self._model():
-            if list(map(id, tensors)) != self._ids:
-                raise ValueError(self._describe_change(_names(model, self.use_buffers), tensors))
-        elif (names := _names(model, self.use_buffers)) != self.names:
-            raise ValueError(self._describe_change(names, None))
-        return tensors
-
-    def _describe_change(self, names: list[str], tensors: list[Tensor] | None) -> str:
-        for i, (expected, got) in enumerate(zip(self.names, names)):
-            if expected != got:
-                what = f"expected '{expected}', found '{got}'"
-                break
-            if tensors is not None and id(tensors[i]) != self._ids[i]:
-                what = f"'{expected}' was replaced"
-                break
-        else:
-            what = f"it had {len(self.names)} tensors, it has {len(names)}"
-        return (
-            f"swa_fast: the model is not the one this {type(self).__name__} was made for ({what}); "
-            "averaging on would mix different tensors. Create a new manager for the new model."
-        )
-
     def _groups(self, tensors: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
         """(average views, model tensors) per flat group."""
-        floating = [tensors[i] for i in self._floating] if self._integer else tensors
+        floating, _ = self.tracked.split(tensors)
         return [(views, src) for _, views, src in self.average.pairs(floating)]
 
     # --- updates ------------------------------------------------------------------------------------
@@ -128,7 +76,7 @@ class Averager:
     @torch.no_grad()
     def update(self, model: Module) -> None:
         """Fold the model's current weights into the average."""
-        tensors = self._tensors_of(model)
+        tensors = self.tracked.tensors(model)
         self.calls += 1
         weight = self._weight()
         if weight is None:
@@ -145,8 +93,8 @@ class Averager:
             if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
                 w = w.to(avg[0].device, non_blocking=True)
             ops.lerp_(avg, src, w, backend=self.backend)
-        for kept, i in zip(self._integers, self._integer):
-            kept.copy_(torch.where(finite, tensors[i], kept) if self.check_finite else tensors[i])
+        for kept, live in zip(self._integers, self.tracked.split(tensors)[1]):
+            kept.copy_(torch.where(finite, live, kept) if self.check_finite else live)
         if self.check_finite:
             self.n_averaged += finite
             self.n_skipped += ~finite
@@ -164,27 +112,22 @@ class Averager:
 
     # --- using the average --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def copy_to(self, model: Module) -> None:
         """Write the average into the model (cast to the model's dtypes), one fused copy per group."""
-        tensors = self._tensors_of(model)
-        for avg, dst in self._groups(tensors):
-            ops.copy_(dst, avg, backend=self.backend)
-        for kept, i in zip(self._integers, self._integer):
-            tensors[i].copy_(kept)
+        self._copy.load(self.tracked.tensors(model))
 
     @torch.no_grad()
     def swap(self, model: Module) -> None:
         """Exchange the model's weights and the average in place (same dtypes only: an fp32 average
         of a bf16 model cannot hold the live weights exactly; use `average_applied`)."""
-        tensors = self._tensors_of(model)
+        tensors = self.tracked.tensors(model)
         for avg, live in self._groups(tensors):
             ops.swap_(avg, live, backend=self.backend)
 
     @contextlib.contextmanager
     def average_applied(self, model: Module) -> Iterator[Module]:
         """Within the block the model holds the average; on exit its own weights come back exactly."""
-        tensors = self._tensors_of(model)
+        tensors = self.tracked.tensors(model)
         live = FlatBuffer(tensors)  # a copy in the model's own dtypes: the restore is exact
         self.copy_to(model)
         try:
@@ -197,10 +140,8 @@ class Averager:
     # --- saving and resuming ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        average = {self.names[i]: v for i, v in zip(self._floating, self.average.views)}
-        average.update({self.names[i]: t for i, t in zip(self._integer, self._integers)})
         return {
-            "average": average,
+            "average": self._copy.named(),
             "n_averaged": self.n_averaged,
             "n_skipped": self.n_skipped,
             "calls": self.calls,
@@ -217,39 +158,14 @@ class Averager:
         missing = [k for k in ("average", "n_averaged", "calls") if k not in state]
         if missing:
             raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
-        saved = state["average"]
-        for name, mine in zip(self.names, self._ordered()):
-            if name not in saved:
-                raise ValueError(f"swa_fast: the state_dict has no '{name}' (is it of another model?)")
-            if saved[name].shape != mine.shape:
-                raise ValueError(
-                    f"swa_fast: '{name}' has shape {list(saved[name].shape)} in the state_dict but "
-                    f"{list(mine.shape)} here"
-                )
-        extra = sorted(set(saved) - set(self.names))
-        if extra:
-            raise ValueError(f"swa_fast: the state_dict has entries this model lacks, first '{extra[0]}'")
-        floating_names = [self.names[i] for i in self._floating]
-        for _, views, names in self.average.pairs(floating_names):
-            src = [saved[name].to(v.device, v.dtype) for name, v in zip(names, views)]
-            ops.copy_(views, src, backend=self.backend)
-        for kept, i in zip(self._integers, self._integer):
-            kept.copy_(saved[self.names[i]])
+        self._check_extra_state(state)
+        self._copy.load_named(state["average"])
         self.n_averaged.copy_(state["n_averaged"])
         self.n_skipped.copy_(state.get("n_skipped", 0))
         self.calls = int(state["calls"])
-        self._load_extra_state(state)
 
-    def _load_extra_state(self, state: dict) -> None:
+    def _check_extra_state(self, state: dict) -> None:
         pass
-
-    def _ordered(self) -> list[Tensor]:
-        out: list[Tensor] = [torch.empty(0)] * len(self.names)
-        for i, v in zip(self._floating, self.average.views):
-            out[i] = v
-        for i, t in zip(self._integer, self._integers):
-            out[i] = t
-        return out
 
 
 class SWA(Averager):
@@ -313,7 +229,7 @@ class EMA(Averager):
     def _extra_state(self) -> dict:
         return {"decay": self.decay}
 
-    def _load_extra_state(self, state: dict) -> None:
+    def _check_extra_state(self, state: dict) -> None:
         if state.get("decay", self.decay) != self.decay:
             raise ValueError(
                 f"swa_fast.EMA: the state_dict has decay {state['decay']}, this one {self.decay}"

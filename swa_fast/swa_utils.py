@@ -27,7 +27,8 @@ from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn
 
 from . import checks, ops
 from .bn import update_bn
-from .flat import FlatBuffer, module_tensors
+from .flat import FlatBuffer
+from .model_tensors import module_tensors
 
 __all__ = [
     "SWALR",

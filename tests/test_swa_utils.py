@@ -252,7 +252,7 @@ def test_short_training_run_matches_torch():
 
 
 def test_module_tensors_match_nn_module_order_with_shared_weights():
-    from swa_fast.flat import module_tensors
+    from swa_fast.model_tensors import module_tensors
 
     embedding = torch.nn.Embedding(10, 4)
     model = torch.nn.Sequential(embedding, torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 10))
