@@ -28,7 +28,8 @@ class FlatBuffer:
     """Copies of `tensors` (values included) in one contiguous buffer per (device, dtype).
 
     `dtype` / `device`, when given, replace every tensor's own dtype / device (for example an fp32
-    average of a bf16 model). `views[i]` has the shape of `tensors[i]`.
+    average of a bf16 model). `pin_memory=True` pins CPU buffers, so that copies between them and
+    a GPU are asynchronous. `views[i]` has the shape of `tensors[i]`.
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class FlatBuffer:
         tensors: Sequence[Tensor],
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        pin_memory: bool = False,
     ) -> None:
         placement: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, t in enumerate(tensors):
@@ -45,7 +47,7 @@ class FlatBuffer:
         self.groups: list[FlatGroup] = []
         for (dev, dt), indices in placement.items():
             numels = [tensors[i].numel() for i in indices]
-            buffer = torch.empty(sum(numels), dtype=dt, device=dev)
+            buffer = torch.empty(sum(numels), dtype=dt, device=dev, pin_memory=pin_memory)
             for i, part in zip(indices, buffer.split(numels)):
                 self.views[i] = part.view(tensors[i].shape)
             self.groups.append(FlatGroup(dev, dt, buffer, indices))
@@ -61,6 +63,18 @@ class FlatBuffer:
 
     def nbytes(self) -> int:
         return sum(g.buffer.numel() * g.buffer.element_size() for g in self.groups)
+
+    def group_views(self, group: int) -> list[Tensor]:
+        """The views of the `group`-th group's tensors."""
+        if len(self.groups) == 1:
+            return self.views
+        return [self.views[i] for i in self.groups[group].indices]
+
+    def views_of(self, group: FlatGroup, flat: Tensor) -> list[Tensor]:
+        """Views with the shapes of `group`'s tensors into `flat`, a 1-D tensor of the group's
+        length laid out like the group (a row of a SWAG deviation matrix, a SWAG sample)."""
+        shapes = [self.views[i].shape for i in group.indices]
+        return [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in shapes]), shapes)]
 
     def pairs(self, tensors: Sequence[Tensor]) -> list[tuple[FlatGroup, list[Tensor], list[Tensor]]]:
         """(group, its views, the matching `tensors`) per group; `tensors` are in the input order of

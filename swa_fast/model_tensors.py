@@ -84,6 +84,11 @@ class TrackedModel:
             raise ValueError(self._describe_change(names, None))
         return tensors
 
+    @property
+    def model(self) -> Module | None:
+        """The model this was made from, while it lives."""
+        return self._model()
+
     def split(self, tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """(floating, integer) tensors of a `tensors()` list."""
         if not self.integer:
@@ -141,12 +146,13 @@ class ModelCopy:
         tensors: list[Tensor],
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        pin_memory: bool = False,
         backend: str | None = None,
     ) -> None:
         floating, integer = tracked.split(tensors)
         self.tracked = tracked
         self.backend = backend
-        self.flat = FlatBuffer(floating, dtype=dtype, device=device)
+        self.flat = FlatBuffer(floating, dtype=dtype, device=device, pin_memory=pin_memory)
         self.integers = [t.detach().to(device or t.device, copy=True) for t in integer]
 
     def nbytes(self) -> int:
