@@ -1,14 +1,20 @@
 """swa_fast: fused, in-place weight averaging for PyTorch."""
 
-from .averaging import EMA, SWA
+from .averaging import EMA, SWA, SWAG
 from .bn import update_bn
+from .fge import FGE
 from .flat import FlatBuffer
 from .ops import BACKENDS, backend_status, choose_backend, copy_, lerp_, moments_, swap_
+from .schedules import SWALR, FGECyclicLR
 
 __all__ = [
     "BACKENDS",
     "EMA",
+    "FGE",
     "SWA",
+    "SWAG",
+    "SWALR",
+    "FGECyclicLR",
     "FlatBuffer",
     "backend_status",
     "choose_backend",

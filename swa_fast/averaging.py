@@ -15,13 +15,16 @@ decay_t = min(decay, 1 - (1 + t/gamma)^-power) and its schedule (`update_after_s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
 from . import ops
+from .bn import update_bn
+from .ensemble import ensemble_predict
 from .flat import FlatBuffer
 from .model_tensors import ModelCopy, TrackedModel
 
@@ -88,11 +91,11 @@ class Averager:
             finite = self._all_finite([src for _, src in groups])
             # (a float weight stays a CPU scalar: copying it to the GPU would wait for the stream)
             weight = torch.where(finite, torch.as_tensor(weight, dtype=torch.float64), 0.0)
-        for avg, src in groups:
+        for k, (avg, src) in enumerate(groups):
             w = weight
             if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
                 w = w.to(avg[0].device, non_blocking=True)
-            ops.lerp_(avg, src, w, backend=self.backend)
+            self._fold(k, avg, src, w)
         for kept, live in zip(self._integers, self.tracked.split(tensors)[1]):
             kept.copy_(torch.where(finite, live, kept) if self.check_finite else live)
         if self.check_finite:
@@ -100,6 +103,10 @@ class Averager:
             self.n_skipped += ~finite
         else:
             self.n_averaged += 1
+
+    def _fold(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
+        """Fold one flat group's model tensors into its average views."""
+        ops.lerp_(avg, src, weight, backend=self.backend)
 
     def _all_finite(self, sources: list[list[Tensor]]) -> Tensor:
         """One device boolean: every element of every source is finite (max-abs norms propagate
@@ -163,8 +170,12 @@ class Averager:
         self.n_averaged.copy_(state["n_averaged"])
         self.n_skipped.copy_(state.get("n_skipped", 0))
         self.calls = int(state["calls"])
+        self._load_extra_state(state)
 
     def _check_extra_state(self, state: dict) -> None:
+        """Raise unless the subclass's part of `state` fits (before anything is written)."""
+
+    def _load_extra_state(self, state: dict) -> None:
         pass
 
 
@@ -234,3 +245,151 @@ class EMA(Averager):
             raise ValueError(
                 f"swa_fast.EMA: the state_dict has decay {state['decay']}, this one {self.decay}"
             )
+
+
+class SWAG(Averager):
+    """SWA-Gaussian (Maddox et al., "A Simple Baseline for Bayesian Uncertainty in Deep Learning",
+    2019): a Gaussian over the weights with the SWA mean, a diagonal covariance from the running
+    second moment, and a low-rank part from the last `max_rank` deviations:
+
+        mean  += (w - mean) / (n + 1);   sq += (w^2 - sq) / (n + 1)     (one fused `moments_` pass)
+        D[(n mod K)] = w - mean                                        (a ring of K rows, one flat
+                                                                         tensor, no concatenation)
+        sample = mean + sqrt(scale) * (sqrt(max(sq - mean^2, 1e-30)) * z1 + D^T z2 / sqrt(K - 1))
+
+    with z1, z2 standard normal and K the rows collected so far. `scale=0.5` is the paper's
+    sample (its 1/sqrt(2) factors); `diag_only=True` drops the low-rank part (SWAG-Diagonal).
+    `average` holds the mean (the SWA solution), so `copy_to` / `average_applied` apply it.
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        max_rank: int = 20,
+        *,
+        dtype: torch.dtype | None = torch.float32,
+        use_buffers: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        if max_rank < 0:
+            raise ValueError(f"swa_fast.SWAG: max_rank must be >= 0, got {max_rank}")
+        super().__init__(model, dtype=dtype, use_buffers=use_buffers, backend=backend)
+        self.max_rank = max_rank
+        self.sq = FlatBuffer(self.average.views)  # the first update overwrites it exactly
+        # One (max_rank, group length) matrix per flat group, written a row per update.
+        self.deviations = [g.buffer.new_zeros(max_rank, g.buffer.numel()) for g in self.average.groups]
+
+    @property
+    def rank(self) -> int:
+        """Deviation rows collected so far (at most max_rank)."""
+        return min(self.calls, self.max_rank)
+
+    def _weight(self) -> Tensor:
+        return torch.reciprocal(self.n_averaged.to(torch.float64) + 1)
+
+    def _fold(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
+        g = self.average.groups[group]
+        ops.moments_(avg, self.sq.group_views(group), src, weight, backend=self.backend)
+        if self.max_rank:
+            row = self.deviations[group][(self.calls - 1) % self.max_rank]
+            ops.copy_(self.average.views_of(g, row), src, backend=self.backend)
+            row.sub_(g.buffer)  # the deviation from the updated mean, as in the paper
+
+    def variance(self) -> list[Tensor]:
+        """The diagonal variance sq - mean^2 (clamped at 1e-30), a tensor per averaged tensor."""
+        return [(q - m * m).clamp_min_(1e-30) for m, q in zip(self.average.views, self.sq.views)]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Module,
+        scale: float = 0.5,
+        diag_only: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Draw weights from the SWAG Gaussian into `model`, on the average's device, with one fused
+        copy per group. Recompute BatchNorm statistics afterwards (`swa_fast.update_bn`)."""
+        if self.calls == 0:
+            raise ValueError("swa_fast.SWAG: no model has been collected yet; call update() first")
+        if not diag_only and self.rank < 2:
+            raise ValueError(
+                f"swa_fast.SWAG: the low-rank part needs at least 2 collected models, there are "
+                f"{self.rank} (max_rank={self.max_rank}); collect more or pass diag_only=True"
+            )
+        tensors = self.tracked.tensors(model)
+        floating, integer = self.tracked.split(tensors)
+        for k, (g, _, dst) in enumerate(self.average.pairs(floating)):
+            sq = self.sq.groups[k].buffer
+            drawn = torch.addcmul(sq, g.buffer, g.buffer, value=-1).clamp_min_(1e-30).sqrt_()
+            drawn.mul_(torch.randn(drawn.shape, dtype=drawn.dtype, device=drawn.device, generator=generator))
+            if not diag_only:
+                rows = self.deviations[k][: self.rank]
+                z = torch.randn(self.rank, dtype=rows.dtype, device=rows.device, generator=generator)
+                drawn.addmv_(rows.t(), z, alpha=(self.rank - 1) ** -0.5)
+            drawn.mul_(scale**0.5).add_(g.buffer)
+            ops.copy_(dst, self.average.views_of(g, drawn), backend=self.backend)
+        for kept, live in zip(self._integers, integer):
+            live.copy_(kept)
+
+    def predict(self, model: Module, inputs: Any, **kwargs) -> Tensor:
+        """Bayesian model average on one batch: see `predict_loader`."""
+        return self.predict_loader(model, [inputs], **kwargs)
+
+    def predict_loader(
+        self,
+        model: Module,
+        loader: Iterable[Any],
+        n_samples: int = 30,
+        scale: float = 0.5,
+        diag_only: bool = False,
+        bn_loader: Iterable[Any] | None = None,
+        forward_fn: Callable[[Module, Any], Tensor] | None = None,
+        output: str = "probs",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The mean over `n_samples` SWAG samples of the model's softmax probabilities (or logits)
+        on every batch of `loader` (which must give the same batches each pass), concatenated.
+        With `bn_loader`, BatchNorm statistics are recomputed for every sample (as the paper
+        does). The model's own weights, buffers and mode are restored exactly afterwards."""
+        if n_samples < 1:
+            raise ValueError(f"swa_fast.SWAG: n_samples must be >= 1, got {n_samples}")
+
+        def samples() -> Iterator[None]:
+            for _ in range(n_samples):
+                self.sample(model, scale, diag_only, generator)
+                if bn_loader is not None:
+                    update_bn(bn_loader, model, forward_fn=forward_fn)
+                yield
+
+        return ensemble_predict(model, samples(), loader, output, forward_fn)
+
+    def _deviation_views(self) -> dict[str, Tensor]:
+        """name -> its (max_rank, *shape) columns of the deviation matrices."""
+        out: list[Tensor] = [torch.empty(0)] * len(self.average)
+        for g, rows in zip(self.average.groups, self.deviations):
+            columns = rows.split([self.average.views[i].numel() for i in g.indices], dim=1)
+            for i, part in zip(g.indices, columns):
+                out[i] = part.view(self.max_rank, *self.average.views[i].shape)
+        return dict(zip(self.tracked.floating_names, out))
+
+    def _extra_state(self) -> dict:
+        return {
+            "sq": dict(zip(self.tracked.floating_names, self.sq.views)),
+            "deviation": self._deviation_views(),
+            "max_rank": self.max_rank,
+        }
+
+    def _check_extra_state(self, state: dict) -> None:
+        if state.get("max_rank") != self.max_rank or "sq" not in state or "deviation" not in state:
+            raise ValueError(
+                f"swa_fast.SWAG: expected a SWAG state_dict with max_rank {self.max_rank}, got one with "
+                f"max_rank {state.get('max_rank')} and keys {sorted(state)}"
+            )
+        self.tracked.check_state(state["sq"], dict(zip(self.tracked.floating_names, self.sq.views)))
+        self.tracked.check_state(state["deviation"], self._deviation_views())
+
+    def _load_extra_state(self, state: dict) -> None:
+        for name, sq in zip(self.tracked.floating_names, self.sq.views):
+            sq.copy_(state["sq"][name])
+        for name, columns in self._deviation_views().items():
+            columns.copy_(state["deviation"][name])

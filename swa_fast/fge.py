@@ -1,0 +1,203 @@
+"""Fast Geometric Ensembling (Garipov et al., "Loss Surfaces, Mode Connectivity, and Fast
+Ensembling of DNNs", 2018): snapshots of the weights at the minima of a cyclic learning rate,
+whose averaged predictions form an ensemble at the cost of one training run.
+
+    schedule = swa_fast.FGECyclicLR(optimizer, lr_max=0.05, lr_min=5e-4, cycle_length=2 * len(loader))
+    fge = swa_fast.FGE(model, max_snapshots=8, scheduler=schedule)   # snapshots itself at minima
+    for x, y in loader: ...; optimizer.step(); schedule.step()
+    probs = fge.predict(model, x_test)                               # mean softmax of snapshots
+
+A snapshot is the model's floating parameters and buffers (BatchNorm statistics included) in
+flat buffers, saved and loaded with one fused copy per (device, dtype) group; its dtype and device
+are choices (say bf16, or the CPU in pinned memory for a GPU model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from . import ops
+from .averaging import SWA
+from .ensemble import ensemble_predict
+from .model_tensors import ModelCopy, TrackedModel
+from .schedules import FGECyclicLR
+
+WHEN_FULL = ("drop_oldest", "raise")
+
+
+class FGE:
+    """A store of up to `max_snapshots` snapshots of `model` (None: no limit), oldest first.
+
+    When full, `when_full="drop_oldest"` reuses the oldest snapshot's storage for the new one (the
+    ensemble follows the latest cycles); `"raise"` refuses a new snapshot with an error.
+    `dtype` / `device` / `pin_memory`: how snapshots are stored (default: as the model's tensors).
+    `scheduler`: an `FGECyclicLR`; a snapshot is then taken after every optimizer step made at the
+    minimum of a cycle, with no call in the training loop (a step post-hook on its optimizer; call
+    `close()` to remove it).
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        max_snapshots: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        pin_memory: bool = False,
+        scheduler: FGECyclicLR | None = None,
+        when_full: str = "drop_oldest",
+        backend: str | None = None,
+    ) -> None:
+        if max_snapshots is not None and max_snapshots < 1:
+            raise ValueError(f"swa_fast.FGE: max_snapshots must be >= 1 or None, got {max_snapshots}")
+        if when_full not in WHEN_FULL:
+            raise ValueError(f"swa_fast.FGE: when_full must be one of {WHEN_FULL}, got {when_full!r}")
+        if scheduler is not None and not isinstance(scheduler, FGECyclicLR):
+            raise ValueError(f"swa_fast.FGE: scheduler must be FGECyclicLR, got {type(scheduler).__name__}")
+        self.tracked = TrackedModel(model, buffers=True, owner="FGE")
+        self.max_snapshots = max_snapshots
+        self.dtype = dtype
+        self.device = device
+        self.pin_memory = pin_memory
+        self.when_full = when_full
+        self.backend = backend
+        self.snapshots: list[ModelCopy] = []
+        self.n_taken = 0  # snapshots taken in all, dropped ones included
+        # Shapes, dtypes and devices of the model's tensors: enough to rebuild snapshots on load.
+        self._layout = [(t.shape, t.dtype, t.device) for t in self.tracked.tensors(model)]
+        self._hook = None
+        if scheduler is not None:
+            self._hook = scheduler.optimizer.register_step_post_hook(self._after_step(scheduler))
+
+    def _after_step(self, scheduler: FGECyclicLR) -> Callable[..., None]:
+        tracked = self.tracked
+
+        def snapshot_at_minimum(_optimizer, _args, _kwargs) -> None:
+            # Runs after optimizer.step() and before scheduler.step(): the step just made used the
+            # scheduler's current rate.
+            model = tracked.model
+            if scheduler.at_minimum() and model is not None:
+                self.snapshot(model)
+
+        return snapshot_at_minimum
+
+    def close(self) -> None:
+        """Stop taking snapshots automatically."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __len__(self) -> int:
+        return len(self.snapshots)
+
+    def nbytes(self) -> int:
+        """Bytes held by the snapshots."""
+        return sum(s.nbytes() for s in self.snapshots)
+
+    @torch.no_grad()
+    def snapshot(self, model: Module) -> None:
+        """Store the model's current weights and buffers as the newest snapshot."""
+        tensors = self.tracked.tensors(model)
+        if self.max_snapshots is not None and len(self.snapshots) >= self.max_snapshots:
+            if self.when_full == "raise":
+                raise RuntimeError(
+                    f"swa_fast.FGE: the store is full ({self.max_snapshots} snapshots) and "
+                    "when_full='raise'; raise max_snapshots or use when_full='drop_oldest'"
+                )
+            oldest = self.snapshots.pop(0)
+            oldest.save(tensors)
+            self.snapshots.append(oldest)
+        else:
+            self.snapshots.append(self._new_copy(tensors))
+        self.n_taken += 1
+
+    def _new_copy(self, tensors: list[Tensor]) -> ModelCopy:
+        return ModelCopy(
+            self.tracked,
+            tensors,
+            dtype=self.dtype,
+            device=self.device,
+            pin_memory=self.pin_memory,
+            backend=self.backend,
+        )
+
+    # --- the ensemble ---------------------------------------------------------------------------------
+
+    def _members(self, model: Module) -> Iterator[None]:
+        tensors = self.tracked.tensors(model)
+        for snapshot in self.snapshots:
+            snapshot.load(tensors)
+            yield
+
+    def predict(self, model: Module, inputs: Any, **kwargs) -> Tensor:
+        """The ensemble's prediction on one batch: see `predict_loader`."""
+        return self.predict_loader(model, [inputs], **kwargs)
+
+    def predict_loader(
+        self,
+        model: Module,
+        loader: Iterable[Any],
+        forward_fn: Callable[[Module, Any], Tensor] | None = None,
+        output: str = "probs",
+    ) -> Tensor:
+        """The mean over snapshots of the model's softmax probabilities (`output="logits"`: raw
+        outputs) on every batch of `loader`, concatenated. Each snapshot is loaded once, and the
+        loader, which must give the same batches each pass, is run once per snapshot. The model's
+        own weights, buffers and train/eval mode are restored exactly afterwards."""
+        return ensemble_predict(model, self._members(model), loader, output, forward_fn)
+
+    @torch.no_grad()
+    def to_swa(self, model: Module) -> SWA:
+        """An `swa_fast.SWA` manager for `model` holding the equal-weight mean of the snapshots
+        (their BatchNorm statistics averaged too; `update_bn` gives the exact ones)."""
+        if not self.snapshots:
+            raise ValueError("swa_fast.FGE: no snapshots to average")
+        swa = SWA(model, use_buffers=True, backend=self.backend)
+        for k, snapshot in enumerate(self.snapshots):
+            for group, avg, stored in swa.average.pairs(snapshot.flat.views):
+                stored = [t.to(group.device, non_blocking=True) for t in stored]
+                ops.lerp_(avg, stored, 1.0 / (k + 1), backend=self.backend)
+        for kept, stored in zip(swa._integers, self.snapshots[-1].integers):
+            kept.copy_(stored)
+        swa.n_averaged.fill_(len(self.snapshots))
+        return swa
+
+    # --- saving and resuming --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "snapshots": [s.named() for s in self.snapshots],
+            "n_taken": self.n_taken,
+            "max_snapshots": self.max_snapshots,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the snapshots of a `state_dict()` of the same model; checks everything before
+        changing anything."""
+        if "snapshots" not in state or "n_taken" not in state:
+            raise ValueError(f"swa_fast.FGE: not an FGE state_dict: keys {sorted(state)}")
+        saved = state["snapshots"]
+        if self.max_snapshots is not None and len(saved) > self.max_snapshots:
+            raise ValueError(
+                f"swa_fast.FGE: the state_dict has {len(saved)} snapshots, this store holds at most "
+                f"{self.max_snapshots}"
+            )
+        shapes = [shape for shape, _, _ in self._layout]
+        expected = {n: torch.empty(shape, device="meta") for n, shape in zip(self.tracked.names, shapes)}
+        for snapshot in saved:
+            self.tracked.check_state(snapshot, expected)
+        copies = []
+        for snapshot in saved:
+            tensors = [
+                snapshot[name].to(device=device, dtype=dtype)
+                for name, (_, dtype, device) in zip(self.tracked.names, self._layout)
+            ]
+            copies.append(self._new_copy(tensors))
+        self.snapshots = copies
+        self.n_taken = int(state["n_taken"])
