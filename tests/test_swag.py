@@ -1,0 +1,163 @@
+"""SWAG: moments and deviations against the closed form, samples with the mean and covariance the
+moments say, Bayesian model averaging, state_dict round trips and clear errors."""
+
+import io
+
+import pytest
+import torch
+
+import swa_fast
+
+
+def collect(model, swag, n, seed=0):
+    """Give the model `n` random weight vectors, updating `swag` after each; return them (flat)."""
+    g = torch.Generator().manual_seed(seed)
+    seen = []
+    for _ in range(n):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 2 + 1)
+        seen.append(torch.cat([p.detach().double().flatten() for p in model.parameters()]))
+        swag.update(model)
+    return torch.stack(seen)
+
+
+def flat(tensors):
+    return torch.cat([t.detach().double().flatten() for t in tensors])
+
+
+def test_moments_and_deviation_ring_match_the_closed_form():
+    model = torch.nn.Linear(5, 3)
+    swag = swa_fast.SWAG(model, max_rank=4)
+    seen = collect(model, swag, 7)
+    mean, sq = seen.mean(0), (seen**2).mean(0)
+    torch.testing.assert_close(flat(swag.average.views), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(flat(swag.sq.views), sq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(flat(swag.variance()), (sq - mean**2).clamp_min(1e-30), rtol=1e-4, atol=1e-5)
+    assert swag.rank == 4 and swag.n_averaged.item() == 7
+    # Row (i mod 4) holds model i minus the running mean after update i; the ring kept i = 3..6.
+    running = torch.cumsum(seen, 0) / torch.arange(1, 8, dtype=torch.float64)[:, None]
+    for i in range(3, 7):
+        row = swag.deviations[0][i % 4].double()
+        torch.testing.assert_close(row, seen[i] - running[i], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_model_keeps_fp32_moments():
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    swag = swa_fast.SWAG(model, max_rank=2)
+    seen = collect(model, swag, 5)
+    assert swag.average.views[0].dtype == torch.float32 and swag.deviations[0].dtype == torch.float32
+    torch.testing.assert_close(flat(swag.average.views), seen.mean(0), rtol=1e-6, atol=1e-6)
+
+
+def expected_covariance(swag, scale):
+    diag = torch.diag(flat(swag.variance()))
+    rows = swag.deviations[0][: swag.rank].double()
+    return scale * (diag + rows.t() @ rows / (swag.rank - 1))
+
+
+@pytest.mark.parametrize("diag_only", [True, False])
+def test_samples_have_the_mean_and_covariance_of_the_moments(diag_only):
+    model = torch.nn.Linear(2, 2)  # 6 weights: the whole covariance matrix is checked
+    swag = swa_fast.SWAG(model, max_rank=3)
+    collect(model, swag, 6)
+    scale = 0.5
+    cov = scale * torch.diag(flat(swag.variance())) if diag_only else expected_covariance(swag, scale)
+    g = torch.Generator().manual_seed(1234)
+    n = 20000
+    samples = torch.empty(n, 6, dtype=torch.float64)
+    for s in range(n):
+        swag.sample(model, scale=scale, diag_only=diag_only, generator=g)
+        samples[s] = flat(model.parameters())
+    mean = flat(swag.average.views)
+    # The sample mean is within 5 standard errors of the SWA mean, for every weight.
+    standard_error = (torch.diagonal(cov) / n).sqrt()
+    assert ((samples.mean(0) - mean).abs() < 5 * standard_error).all()
+    # The sample covariance is the SWAG covariance to within 5% (estimation error here is ~1%;
+    # a missing sqrt(scale), a wrong 1/(K-1) or a dropped low-rank term is off by 20% or more).
+    empirical = torch.cov(samples.t())
+    assert torch.linalg.matrix_norm(empirical - cov) < 0.05 * torch.linalg.matrix_norm(cov)
+
+
+def test_low_rank_term_changes_the_covariance():
+    """Guard for the test above: with these moments the low-rank term is not negligible."""
+    model = torch.nn.Linear(2, 2)
+    swag = swa_fast.SWAG(model, max_rank=3)
+    collect(model, swag, 6)
+    full = expected_covariance(swag, 0.5)
+    diag = 0.5 * torch.diag(flat(swag.variance()))
+    assert torch.linalg.matrix_norm(full - diag) > 0.2 * torch.linalg.matrix_norm(full)
+
+
+def test_predict_is_the_mean_over_samples_and_restores_the_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3))
+    swag = swa_fast.SWAG(model, max_rank=3)
+    x = torch.randn(20, 4)
+    for s in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape) * 0.1)
+        model.train()
+        model(x + s)  # moves the BatchNorm statistics
+        swag.update(model)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    probs = swag.predict(model, x, n_samples=4, bn_loader=[x], generator=torch.Generator().manual_seed(5))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k]), k
+    assert model.training
+    # The same samples by hand, with the same generator.
+    g = torch.Generator().manual_seed(5)
+    expected = []
+    for _ in range(4):
+        swag.sample(model, generator=g)
+        swa_fast.update_bn([x], model)
+        with torch.no_grad():
+            expected.append(model.eval()(x).softmax(-1))
+    torch.testing.assert_close(probs, torch.stack(expected).mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_round_trip_then_identical_updates():
+    model = torch.nn.Linear(3, 3)
+    swag = swa_fast.SWAG(model, max_rank=3)
+    collect(model, swag, 4)
+    buffer = io.BytesIO()
+    torch.save(swag.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = swa_fast.SWAG(model, max_rank=3)
+    resumed.load_state_dict(torch.load(buffer))
+    collect(model, swag, 3, seed=1)
+    collect(model, resumed, 3, seed=1)
+    assert torch.equal(swag.average.groups[0].buffer, resumed.average.groups[0].buffer)
+    assert torch.equal(swag.sq.groups[0].buffer, resumed.sq.groups[0].buffer)
+    assert torch.equal(swag.deviations[0], resumed.deviations[0])
+    assert swag.calls == resumed.calls == 7
+
+
+def test_loading_a_state_of_another_rank_or_model_raises_and_changes_nothing():
+    model = torch.nn.Linear(3, 3)
+    swag = swa_fast.SWAG(model, max_rank=3)
+    collect(model, swag, 2)
+    before = swag.deviations[0].clone(), swag.sq.groups[0].buffer.clone()
+    other_rank = swa_fast.SWAG(model, max_rank=2)
+    collect(model, other_rank, 2, seed=3)
+    with pytest.raises(ValueError, match="max_rank 3"):
+        swag.load_state_dict(other_rank.state_dict())
+    state = swa_fast.SWAG(model, max_rank=3).state_dict()
+    state["deviation"]["weight"] = torch.zeros(3, 4, 4)
+    with pytest.raises(ValueError, match="'weight' has shape"):
+        swag.load_state_dict(state)
+    assert torch.equal(swag.deviations[0], before[0]) and torch.equal(swag.sq.groups[0].buffer, before[1])
+
+
+def test_sampling_needs_collected_models():
+    model = torch.nn.Linear(2, 2)
+    swag = swa_fast.SWAG(model, max_rank=3)
+    with pytest.raises(ValueError, match="call update"):
+        swag.sample(model)
+    swag.update(model)
+    with pytest.raises(ValueError, match="at least 2"):
+        swag.sample(model)
+    swag.sample(model, diag_only=True)  # the diagonal part needs one
+    with pytest.raises(ValueError, match="n_samples"):
+        swag.predict(model, torch.zeros(1, 2), n_samples=0)
