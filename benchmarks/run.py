@@ -74,6 +74,30 @@ def copy_bandwidth(device: torch.device, min_run_time: float) -> float:
     return 2 * n * 4 / best
 
 
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    """The most memory one call of `fn` holds at once beyond what existed before it: the caching
+    allocator's peak on a GPU; on the CPU, the running sum of the allocations and frees the
+    profiler records, in the order they happened."""
+    fn()  # warm: first-call caches are not the update's cost
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    for event in events:
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
 class ShapeModel(torch.nn.Module):
     """A module whose parameters have the given shapes (what AveragedModel needs)."""
 
@@ -138,6 +162,7 @@ def time_methods(candidates, labels, moved, device, min_run_time, bandwidth):
                 "median_ms": t * 1e3,
                 "GB/s": moved / t / 1e9,
                 "of_copy_bw": moved / t / bandwidth,
+                "peak_extra_MB": peak_extra_bytes(candidates[method], device) / 2**20,
             }
         )
     base = {r["method"]: r["median_ms"] for r in rows}
@@ -219,6 +244,52 @@ def bench_moments_and_snapshots(shapes, name, device, min_run_time, bandwidth):
     return rows
 
 
+def check_targets(rows, device):
+    """The issue's targets for the fp32 SWA update, each as (target, measured figure, met), from
+    ratios measured in this run. Only the workloads that ran are checked."""
+    best = "swa_fast:cuda" if device.type == "cuda" else "swa_fast:cpu"
+    found = {(r["workload"], r["params"], r["method"]): r for r in rows}
+
+    def row(workload, params, method):
+        return found.get((workload, params, method))
+
+    checks = []
+
+    def check(target, workload, params, figure, minimum):
+        ours = row(workload, params, best)
+        if ours is None:
+            return
+        value = figure(ours)
+        if value is not None:
+            checks.append((f"{workload} {params}: {target} >= {minimum}", round(value, 2), value >= minimum))
+
+    def versus(method):
+        def figure(ours):
+            other = row(ours["workload"], ours["params"], method)
+            return other["median_ms"] / ours["median_ms"] if other else None
+
+        return figure
+
+    if device.type == "cpu":
+        check("fraction of copy bandwidth", "gpt2-small", "float32", lambda r: r["of_copy_bw"], 0.85)
+        check("x vs AveragedModel", "gpt2-small", "float32", lambda r: r.get("x_vs_AveragedModel"), 6)
+        check("x vs foreach_lerp", "gpt2-small", "float32", versus("foreach_lerp"), 1.0)
+        check("x vs AveragedModel", "tiny-1000", "float32", lambda r: r.get("x_vs_AveragedModel"), 100)
+        check("x vs foreach_lerp", "tiny-1000", "float32", versus("foreach_lerp"), 5)
+        check("fraction of copy bandwidth", "gpt2-small", "bfloat16", lambda r: r["of_copy_bw"], 0.8)
+    else:
+        for workload in dict.fromkeys(r["workload"] for r in rows):
+            check("x vs foreach_lerp", workload, "float32", versus("foreach_lerp"), 1.0)
+            if workload.startswith("sweep") and row(workload, "float32", best)["elements"] >= 10**8:
+                check("fraction of copy bandwidth", workload, "float32", lambda r: r["of_copy_bw"], 0.85)
+    return checks
+
+
+def print_targets(checks):
+    for target, value, met in checks:
+        print(f"{'met   ' if met else 'MISSED'} {target}: {value}")
+
+
 def print_table(rows):
     cols = [
         "workload",
@@ -230,8 +301,10 @@ def print_table(rows):
         "of_copy_bw",
         "x_vs_naive",
         "x_vs_AveragedModel",
+        "peak_extra_MB",
     ]
     fmt = {
+        "peak_extra_MB": "{:.2f}",
         "median_ms": "{:.3f}",
         "GB/s": "{:.2f}",
         "of_copy_bw": "{:.2f}",
@@ -353,11 +426,13 @@ def main(argv=None):
     extras = bench_moments_and_snapshots(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
     print()
     print_table(sweep + extras)
+    targets = check_targets(rows + sweep, device)
+    print("\ntargets (issue 5), from ratios measured in this run:")
+    print_targets(targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"meta": metadata(device, bandwidth), "rows": rows + sweep + extras}, indent=1)
-    )
+    results = {"meta": metadata(device, bandwidth), "rows": rows + sweep + extras, "targets": targets}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\njson: {out / 'results.json'}")
     plot(rows, out / "lerp_bandwidth.png")
     plot_sweep(sweep, bandwidth, out / "lerp_sweep.png")

@@ -17,4 +17,9 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
     assert result["meta"]["torch"] == torch.__version__ and result["meta"]["copy_GBps"] > 0
     assert all(r["median_ms"] > 0 and r["x_vs_naive"] > 0 for r in result["rows"])
     assert "swa_fast AveragedModel" in out
+    # Peak extra memory: torch's per-parameter loop makes temporaries, the fused op none.
+    peak = {r["method"]: r["peak_extra_MB"] for r in result["rows"] if r["workload"] == "tiny-1000"}
+    assert peak["swa_fast:cpu"] < 0.001 < peak["AveragedModel"] or "swa_fast:cpu" not in peak
+    targets = {t[0]: t for t in result["targets"]}
+    assert "tiny-1000 float32: x vs AveragedModel >= 100" in targets and "targets (issue 5)" in out
     assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
