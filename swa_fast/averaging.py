@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import ops
+from . import distributed, ops
 from .bn import update_bn
 from .ensemble import ensemble_predict
 from .flat import FlatBuffer
@@ -40,6 +40,10 @@ class Averager:
     torch, a non-finite value enters the average.
 
     Wrapped models (DDP, torch.compile) are unwrapped, so names and tensors are the inner model's.
+    Under DDP every rank keeps the same average with no communication; `rank0_only=True` keeps it
+    on rank 0 only (the other ranks' `update` does nothing, `state_dict()` is empty). Under FSDP2
+    each rank averages its own shards, and `state_dict()` holds DTensors (see distributed.py).
+    Every rank must pass the same DDP / FSDP2 model and options: checked once, here.
     """
 
     def __init__(
@@ -49,14 +53,24 @@ class Averager:
         dtype: torch.dtype | None = torch.float32,
         use_buffers: bool = False,
         check_finite: bool = False,
+        rank0_only: bool = False,
         backend: str | None = None,
     ) -> None:
-        self.tracked = TrackedModel(model, use_buffers, type(self).__name__)
+        options = [("dtype", str(dtype)), ("check_finite", check_finite), ("rank0_only", rank0_only)]
+        self.tracked = TrackedModel(model, use_buffers, type(self).__name__, options)
+        if rank0_only and self.tracked.sharded:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}: rank0_only=True needs the whole model on rank 0 (DDP), "
+                "but its parameters are sharded DTensors (FSDP2): each rank must average its own shards"
+            )
+        # The other ranks keep a stand-in of the right shapes on the meta device: no memory.
+        self.holds_average = not rank0_only or distributed.rank_in(model) == 0
         tensors = self.tracked.tensors(model)
         self.names = self.tracked.names
         self.use_buffers = use_buffers
         self.backend = backend
-        self._copy = ModelCopy(self.tracked, tensors, dtype=dtype, backend=backend)
+        device = None if self.holds_average else "meta"
+        self._copy = ModelCopy(self.tracked, tensors, dtype=dtype, device=device, backend=backend)
         self.average = self._copy.flat
         self._integers = self._copy.integers
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -82,7 +96,7 @@ class Averager:
         tensors = self.tracked.tensors(model)
         self.calls += 1
         weight = self._weight()
-        if weight is None:
+        if weight is None or not self.holds_average:
             return
         groups = self._groups(tensors)
         if self.check_finite:
@@ -121,12 +135,14 @@ class Averager:
 
     def copy_to(self, model: Module) -> None:
         """Write the average into the model (cast to the model's dtypes), one fused copy per group."""
+        self._require_average("copy_to")
         self._copy.load(self.tracked.tensors(model))
 
     @torch.no_grad()
     def swap(self, model: Module) -> None:
         """Exchange the model's weights and the average in place (same dtypes only: an fp32 average
         of a bf16 model cannot hold the live weights exactly; use `average_applied`)."""
+        self._require_average("swap")
         tensors = self.tracked.tensors(model)
         for avg, live in self._groups(tensors):
             ops.swap_(avg, live, backend=self.backend)
@@ -134,6 +150,7 @@ class Averager:
     @contextlib.contextmanager
     def average_applied(self, model: Module) -> Iterator[Module]:
         """Within the block the model holds the average; on exit its own weights come back exactly."""
+        self._require_average("average_applied")
         tensors = self.tracked.tensors(model)
         live = FlatBuffer(tensors)  # a copy in the model's own dtypes: the restore is exact
         self.copy_to(model)
@@ -144,9 +161,18 @@ class Averager:
                 for _, saved, restore in live.pairs(tensors):
                     ops.copy_(restore, saved, backend=self.backend)
 
+    def _require_average(self, what: str) -> None:
+        if not self.holds_average:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}.{what}: with rank0_only=True the average lives on rank 0 "
+                "only, and this process is another rank; call it on rank 0"
+            )
+
     # --- saving and resuming ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        if not self.holds_average:  # rank0_only: nothing here to save (DCP saves rank 0's state)
+            return {}
         return {
             "average": self._copy.named(),
             "n_averaged": self.n_averaged,
@@ -161,7 +187,10 @@ class Averager:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restore a state_dict of the same model; resuming continues bit for bit. Checks everything
-        before writing anything: a state of another model raises and names the first mismatch."""
+        before writing anything: a state of another model raises and names the first mismatch.
+        Under rank0_only, ranks other than 0 hold nothing and ignore it."""
+        if not self.holds_average:
+            return
         missing = [k for k in ("average", "n_averaged", "calls") if k not in state]
         if missing:
             raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")

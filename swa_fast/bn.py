@@ -3,6 +3,9 @@
 Averaged weights never produced the activations that a model's BatchNorm running statistics were
 collected on, so after SWA the statistics are recomputed with one pass over the training data
 (Izmailov et al. 2018, section 3.2), exactly as torch.optim.swa_utils.update_bn does.
+
+Under torch.distributed each rank sees its own part of the data; the ranks' statistics are then
+combined into those of one pass over all of it, so every rank ends with the same ones.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import torch
 from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import distributed
+from .model_tensors import module_tensors
+
 
 @torch.no_grad()
 def update_bn(
@@ -22,6 +28,8 @@ def update_bn(
     device: torch.device | str | None = None,
     *,
     forward_fn: Callable[[Module, Any], Any] | None = None,
+    sync: bool | None = None,
+    group: Any = None,
 ) -> None:
     """Reset every BatchNorm's running statistics in `model` and recompute them as the plain
     average over one pass of `loader` (momentum None), then restore momenta and train/eval mode.
@@ -29,7 +37,31 @@ def update_bn(
     A batch is fed as `model(batch)`, or `model(batch[0])` when it is a list or tuple, moved to
     `device` if given: torch's behaviour. `forward_fn(model, batch)` replaces that for batches of
     any other form (dicts, several inputs, ...).
+
+    Several processes (torch.distributed): with `sync`, the ranks' statistics are combined, each
+    weighted by its number of batches, into what one process that saw every rank's batches computes,
+    and every rank gets them. `sync=None` (the default) syncs when the model is DDP-wrapped or
+    FSDP2-sharded (its forward already needs every rank, so every rank is calling this), and leaves
+    a plain model alone (rank 0 alone may be calling); `sync=True` syncs any model over `group`
+    (default: all ranks), `sync=False` never. A DDP wrapper is looked through for the pass: its
+    forward would overwrite every rank's buffers with rank 0's before each batch.
     """
+    groups = None
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        groups = [model.process_group]
+        model = model.module
+    if sync is None:
+        if groups is None:  # an FSDP2 model: its mesh's groups (none for a plain model)
+            groups = distributed.groups_of(
+                model, [distributed.shards_of(t) for t in module_tensors(model, False)]
+            )
+        sync = bool(groups)
+    if sync:
+        if distributed.dist is None or not distributed.dist.is_initialized():
+            raise ValueError(
+                "swa_fast.update_bn: sync=True needs torch.distributed, which is not initialised"
+            )
+        groups = [group] if group is not None else (groups or [None])
     momenta = {}
     for module in model.modules():
         if isinstance(module, _BatchNorm):
@@ -55,3 +87,34 @@ def update_bn(
         for module, momentum in momenta.items():
             module.momentum = momentum
         model.train(was_training)
+    if sync:
+        _combine_across_ranks([m for m in momenta if m.track_running_stats], groups)
+
+
+def _combine_across_ranks(norms: list[_BatchNorm], groups: list) -> None:
+    """Replace each rank's statistics by the batch-count-weighted mean over all ranks: with momentum
+    None a BatchNorm's running mean and variance are plain averages over its batches, so the sums
+    sum_r n_r * stat_r over ranks, divided by sum_r n_r, are the averages over every batch. All
+    norms travel in one float64 all-reduce per group (several groups: the dimensions of a mesh,
+    whose successive sums cover all of it)."""
+    if not norms:
+        return
+    counts = torch.stack([m.num_batches_tracked for m in norms]).double()
+    packed = torch.cat(
+        [
+            *(
+                torch.cat([m.running_mean.double(), m.running_var.double()]) * n
+                for m, n in zip(norms, counts)
+            ),
+            counts,
+        ]
+    )
+    for g in groups:
+        distributed.dist.all_reduce(packed, group=g)
+    totals = packed[-len(norms) :]
+    sizes = [2 * m.running_mean.numel() for m in norms]
+    for m, part, total in zip(norms, packed[: -len(norms)].split(sizes), totals):
+        mean, var = (part / total.clamp(min=1)).chunk(2)
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(total)

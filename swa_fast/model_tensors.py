@@ -4,6 +4,12 @@ Every manager (SWA, EMA, SWAG, FGE snapshots) keeps copies of a model's floating
 buffers, when asked) and the integer buffers beside them. `TrackedModel` lists those tensors in
 one fixed order, with their names, and refuses a model whose tensors changed: a parameter that was
 replaced or added would otherwise be averaged with another parameter's history.
+
+Distributed models (see distributed.py): a DDP wrapper is looked through; FSDP2 / DTensor
+parameters are tracked by their local shards, which `tensors()` returns and `ModelCopy` stores, so
+every manager averages, saves and loads shards without knowing about them; `ModelCopy.named()`
+turns the stored shards back into DTensors laid out as the parameters. When the model is DDP or
+FSDP2, every rank must build its manager from the same model, which is checked across ranks.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import ops
+from . import distributed, ops
 from .flat import FlatBuffer
 
 
@@ -57,12 +63,16 @@ class TrackedModel:
     """The tensors of `model` a manager keeps: its parameters, then its buffers with
     `buffers=True`, split into floating ones (averaged, snapshotted) and integer ones (copied).
 
-    `owner` names the manager in error messages.
+    `owner` names the manager in error messages. `options` (a list of (name, value) pairs) are the
+    manager's settings that must also agree across ranks.
     """
 
-    def __init__(self, model: Module, buffers: bool, owner: str) -> None:
-        model = unwrapped(model)
+    def __init__(self, model: Module, buffers: bool, owner: str, options: list | None = None) -> None:
+        wrapper, model = model, unwrapped(model)
+        distributed.reshard(model)  # track the sharded FSDP2 parameters, not gathered ones
         tensors = module_tensors(model, buffers)
+        self.layouts = [distributed.shards_of(t) for t in tensors]  # DTensor layout, or None
+        self.sharded = any(s is not None for s in self.layouts)
         self.buffers = buffers
         self.owner = owner
         self.names = module_names(model, buffers)
@@ -70,19 +80,51 @@ class TrackedModel:
         self.integer = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
         self._ids = [id(t) for t in tensors]
         self._model = weakref.ref(model)
+        # A model that differs between ranks must raise on every rank, not leave some waiting in a
+        # later collective (a DCP save, a full-state-dict gather) or silently average other tensors.
+        fingerprint = [("option " + k, v) for k, v in (options or [])] + [("use_buffers", buffers)]
+        fingerprint += [
+            (f"'{n}'", (str(t.dtype), *((list(t.shape),) if s is None else (s.describe(),))))
+            for n, t, s in zip(self.names, tensors, self.layouts)
+        ]
+        distributed.check_same_on_all_ranks(fingerprint, distributed.groups_of(wrapper, self.layouts), owner)
 
     def tensors(self, model: Module) -> list[Tensor]:
-        """The model's tensors, in the tracked order. The model it was made from must still hold
-        the very same tensors; another model (say a deepcopy for evaluation) must have the same
-        names."""
+        """The model's tensors, in the tracked order (a DTensor's local shard in its place). The
+        model it was made from must still hold the very same tensors; another model (say a deepcopy
+        for evaluation) must have the same names and the same DTensor layouts."""
         model = unwrapped(model)
         tensors = module_tensors(model, self.buffers)
         if model is self._model():
             if list(map(id, tensors)) != self._ids:
-                raise ValueError(self._describe_change(module_names(model, self.buffers), tensors))
-        elif (names := module_names(model, self.buffers)) != self.names:
-            raise ValueError(self._describe_change(names, None))
-        return tensors
+                # After a forward without backward the FSDP2 root holds gathered parameters.
+                if distributed.reshard(model):
+                    tensors = module_tensors(model, self.buffers)
+                if list(map(id, tensors)) != self._ids:
+                    raise ValueError(self._describe_change(module_names(model, self.buffers), tensors))
+        else:
+            if (names := module_names(model, self.buffers)) != self.names:
+                raise ValueError(self._describe_change(names, None))
+            if self.sharded and distributed.reshard(model):
+                tensors = module_tensors(model, self.buffers)
+            self._check_layouts(tensors)
+        return distributed.local_tensors(tensors, self.layouts) if self.sharded else tensors
+
+    def _check_layouts(self, tensors: list[Tensor]) -> None:
+        """Another model must be sharded as the tracked one: local shards of other layouts do not
+        line up with the stored ones."""
+        for name, t, layout in zip(self.names, tensors, self.layouts):
+            got = distributed.shards_of(t)
+            if got is None and layout is None:
+                continue
+            if got is None or layout is None or got[:3] != layout[:3]:
+                said = "a plain tensor" if got is None else got.describe()
+                expected = "a plain tensor" if layout is None else layout.describe()
+                raise ValueError(
+                    f"swa_fast: '{name}' is {said} in this model but was {expected} in the model this "
+                    f"{self.owner} was made for; shard both models alike (or load a full state dict "
+                    "from swa_fast.distributed.full_state_dict into an unsharded one)"
+                )
 
     @property
     def model(self) -> Module | None:
@@ -159,9 +201,14 @@ class ModelCopy:
         return self.flat.nbytes() + sum(t.numel() * t.element_size() for t in self.integers)
 
     def named(self) -> dict[str, Tensor]:
-        """name -> stored tensor (views into the flat buffers), in the model's order."""
+        """name -> stored tensor (views into the flat buffers), in the model's order. A DTensor
+        parameter's entry is a DTensor over the stored shard, laid out as the parameter, so
+        torch.distributed.checkpoint saves it sharded and loads straight into the flat buffer."""
         out = dict(zip(self.tracked.floating_names, self.flat.views))
         out.update(zip(self.tracked.integer_names, self.integers))
+        if self.tracked.sharded:
+            layouts = zip(self.tracked.names, self.tracked.layouts)
+            return {name: distributed.as_dtensor(out[name], layout) for name, layout in layouts}
         return {name: out[name] for name in self.tracked.names}
 
     @torch.no_grad()
@@ -185,8 +232,11 @@ class ModelCopy:
     @torch.no_grad()
     def load_named(self, saved: dict) -> None:
         """Restore from a `named()` dict (say from a state_dict); checks everything before writing
-        anything."""
+        anything. For a DTensor parameter, the entry may be a DTensor laid out alike or a full
+        tensor (from `distributed.full_state_dict`), of which this rank keeps its part."""
         self.tracked.check_state(saved, self.named())
+        layouts = zip(self.tracked.names, self.tracked.layouts)
+        saved = {name: distributed.local_part(saved[name], layout, name) for name, layout in layouts}
         for _, views, names in self.flat.pairs(self.tracked.floating_names):
             self._copy(views, [saved[name].to(v.device) for name, v in zip(names, views)])
         for kept, name in zip(self.integers, self.tracked.integer_names):

@@ -1,0 +1,186 @@
+"""torch.distributed: DDP, FSDP2 / DTensor local shards, checks across ranks, full state dicts.
+
+DDP keeps the same weights on every rank, so every rank's manager keeps the same average without
+any communication. FSDP2 (`fully_shard`) parameters are DTensors: a manager averages each rank's
+own local shard with the fused ops (again no communication on update), and its state_dict exposes
+the average as DTensors with the parameters' mesh, placements and global shapes, so
+`torch.distributed.checkpoint` saves and loads it sharded. `full_state_dict` gathers it into plain
+tensors on rank 0.
+
+The handling lives in `model_tensors.TrackedModel` / `ModelCopy`, which every manager is built on;
+this module holds the pieces they call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+try:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without distributed support: no DTensor can exist
+    dist = FSDPModule = DTensor = distribute_tensor = None
+
+
+class Shards(NamedTuple):
+    """How a DTensor parameter is laid out over ranks: what a local shard needs to become a DTensor
+    again."""
+
+    mesh: Any  # DeviceMesh
+    placements: tuple
+    shape: torch.Size  # global
+    stride: tuple  # global
+
+    def describe(self) -> str:
+        return f"a DTensor of global shape {list(self.shape)} placed {list(self.placements)} on {self.mesh}"
+
+
+def shards_of(tensor: Tensor) -> Shards | None:
+    """The layout of a DTensor; None for a plain tensor."""
+    if DTensor is None or not isinstance(tensor, DTensor):
+        return None
+    return Shards(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tuple(tensor.stride()))
+
+
+def local_tensors(tensors: Sequence[Tensor], layouts: Sequence[Shards | None]) -> list[Tensor]:
+    """Each DTensor's local shard (which shares its storage: writes reach the parameter), other
+    tensors as they are. `_local_tensor` rather than `to_local()`: the latter is an autograd
+    Function call per tensor, which would put microseconds per parameter on the update path."""
+    return [t if s is None else t._local_tensor for t, s in zip(tensors, layouts)]
+
+
+def as_dtensor(local: Tensor, layout: Shards | None) -> Tensor:
+    """`local` (a rank's shard) as a DTensor laid out as `layout`, sharing its storage; a plain
+    tensor when `layout` is None."""
+    if layout is None:
+        return local
+    with torch.no_grad():  # a view made under autograd could not be written in place (DCP load does)
+        return DTensor.from_local(
+            local, layout.mesh, layout.placements, run_check=False, shape=layout.shape, stride=layout.stride
+        )
+
+
+def local_part(value: Tensor, layout: Shards | None, name: str) -> Tensor:
+    """This rank's part of a saved `value` for a tensor laid out as `layout`: the local shard of a
+    DTensor laid out the same way, or the slice of a full (gathered) tensor that is this rank's (no
+    communication). Raises ValueError for a DTensor laid out otherwise."""
+    if layout is None:
+        if shards_of(value) is not None:
+            raise ValueError(
+                f"swa_fast: '{name}' is {shards_of(value).describe()} in the state_dict, but a plain "
+                "tensor here; load a full state dict (swa_fast.distributed.full_state_dict) instead"
+            )
+        return value
+    saved = shards_of(value)
+    if saved is None:  # a full tensor (a gathered state dict): keep this rank's part
+        return distribute_tensor(value, layout.mesh, layout.placements, src_data_rank=None)._local_tensor
+    if saved.mesh != layout.mesh or saved.placements != layout.placements:
+        raise ValueError(
+            f"swa_fast: '{name}' is {saved.describe()} in the state_dict, but {layout.describe()} "
+            "here; torch.distributed.checkpoint.load "
+            "reshards a saved checkpoint into this manager's state_dict"
+        )
+    return value._local_tensor
+
+
+def reshard(model: Module) -> bool:
+    """Put the sharded parameters back into every FSDP2 module of `model` (after a forward without
+    backward, the root keeps its gathered ones); no communication. False if there are none."""
+    if FSDPModule is None:
+        return False
+    found = False
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+            found = True
+    return found
+
+
+def groups_of(wrapper: Module, layouts: Sequence[Shards | None]) -> list:
+    """The process groups over which a model must be the same on every rank: the DDP wrapper's, or
+    each dimension of its DTensors' mesh (ranks along any one dimension hold the same module, and
+    the dimensions together connect the whole mesh). Empty for a model on one process."""
+    if dist is None or not dist.is_initialized():
+        return []
+    while isinstance(wrapper, torch.nn.DataParallel) or hasattr(wrapper, "_orig_mod"):
+        wrapper = wrapper.module if isinstance(wrapper, torch.nn.DataParallel) else wrapper._orig_mod
+    if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
+        return [wrapper.process_group]
+    mesh = next((s.mesh for s in layouts if s is not None), None)
+    if mesh is None:
+        return []
+    return [mesh.get_group(d) for d in range(mesh.ndim)]
+
+
+def check_same_on_all_ranks(fingerprint: list, groups: Sequence, owner: str) -> None:
+    """Raise ValueError on every rank (so none is left waiting in a collective) unless every rank of
+    `groups` has the same `fingerprint`: a list of (what, value) pairs describing its model."""
+    for group in groups:
+        if dist.get_world_size(group) == 1:
+            continue
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, fingerprint, group=group)
+        ranks = dist.get_process_group_ranks(group)
+        for rank, other in zip(ranks, gathered):
+            if other == gathered[0]:
+                continue
+            differing = [(a, b) for a, b in zip(gathered[0], other) if a != b]
+            if not differing:
+                what = f"{len(gathered[0])} vs {len(other)} entries"
+            elif differing[0][0][0] == differing[0][1][0]:  # same name, other value
+                (what, mine), (_, theirs) = differing[0]
+                what = f"{what}: {mine} vs {theirs}"
+            else:
+                what = f"{': '.join(map(str, differing[0][0]))} vs {': '.join(map(str, differing[0][1]))}"
+            raise ValueError(
+                f"swa_fast: the {owner} on rank {ranks[0]} and on rank {rank} were given different models "
+                f"({what}). Every rank must pass the same (DDP or FSDP2) model and options, or the "
+                "averages would not fit together."
+            )
+
+
+def rank_in(wrapper: Module) -> int:
+    """This process's rank in the DDP wrapper's group (or the default group); 0 without
+    torch.distributed."""
+    if dist is None or not dist.is_initialized():
+        return 0
+    group = getattr(wrapper, "process_group", None)
+    if not isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
+        group = None
+    return dist.get_rank(group)
+
+
+def full_state_dict(state: dict, *, rank0_only: bool = True, cpu: bool = True) -> dict:
+    """A manager's `state_dict()` with every DTensor gathered into a plain full tensor (on the CPU
+    with `cpu=True`): what a single-process manager of the unsharded model saves and loads.
+
+    A collective: every rank must call it with its own manager's state_dict. With `rank0_only`,
+    rank 0 gets the result and the other ranks an empty dict (so a full copy never sits on every
+    rank). Every manager's `load_state_dict` accepts the result on any rank, sharded or not, and
+    keeps each rank's part.
+
+        full = swa_fast.distributed.full_state_dict(ema.state_dict())
+        if dist.get_rank() == 0:
+            torch.save(full, "ema_full.pt")
+    """
+    keep = not rank0_only or dist is None or not dist.is_initialized() or dist.get_rank() == 0
+
+    def gather(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: gather(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(gather(v) for v in value)
+        if not isinstance(value, Tensor):
+            return value
+        if shards_of(value) is not None:
+            value = value.full_tensor()  # every rank takes part, in the same (dict) order
+        return value.detach().to("cpu" if cpu else value.device, copy=True) if keep else None
+
+    out = gather(state)
+    return out if keep else {}

@@ -1,0 +1,347 @@
+"""torch.distributed: DDP and FSDP2 (DTensor) managers, update_bn across ranks, DCP round trips.
+
+Each test starts two real processes on the gloo backend (CPU) and checks their results against one
+process that sees all the data. Every collective has a 60 s timeout and every test a deadline, so
+a failure ends the test instead of hanging it.
+"""
+
+import copy
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, init_device_mesh
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import swa_fast
+from swa_fast.distributed import full_state_dict
+
+WORLD = 2
+STEPS = 4
+
+
+def _entry(rank: int, fn, tmp: str) -> None:
+    torch.set_num_threads(1)  # two processes on a small machine
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    try:
+        fn(rank, tmp)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_ranks(fn, tmp_path, timeout: float = 120) -> None:
+    """Run fn(rank, tmp) in two spawned processes; a failure in either is raised here."""
+    ctx = mp.start_processes(_entry, args=(fn, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{fn.__name__} did not finish within {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+# --- what both sides compute -------------------------------------------------------------------------
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # Linear(3, 1) has one row: under FSDP2 rank 1 holds empty shards of it.
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    )
+
+
+def batches(rank: int | None):
+    """STEPS batches of 8 rows; a rank gets its half of each (None: all of it)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)
+        yield (x, y) if rank is None else (x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4])
+
+
+def train(model, rank, managers, eval_between=False):
+    """SGD on the rank's data (mean loss: DDP and FSDP2 average the ranks' gradients, which gives
+    the full batch's), each manager updated after every step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches(rank):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if eval_between:  # leaves the FSDP2 root's parameters gathered: managers must cope
+            with torch.no_grad():
+                model(x)
+        for m in managers:
+            m.update(model)
+
+
+def single_process_averages():
+    model = mlp()
+    swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.8)
+    train(model, None, [swa, ema])
+    return swa.state_dict()["average"], ema.state_dict()["average"]
+
+
+def assert_same_on_every_rank(tensors: dict) -> None:
+    for name, t in tensors.items():
+        gathered = [torch.empty_like(t) for _ in range(WORLD)]
+        dist.all_gather(gathered, t.contiguous())
+        assert all(torch.equal(gathered[0], other) for other in gathered), name
+
+
+def assert_close_dicts(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def fsdp_mlp():
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = mlp()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_weights(model) -> dict:
+    return {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in model.named_parameters()}
+
+
+def local_weights(model) -> dict:
+    return {
+        n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+# --- DDP -------------------------------------------------------------------------------------------
+
+
+def _ddp_averages(rank, tmp):
+    model = DDP(mlp())
+    swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.8)
+    swa0 = swa_fast.SWA(model, rank0_only=True)
+    train(model, rank, [swa, ema, swa0])
+    swa_avg, ema_avg = swa.state_dict()["average"], ema.state_dict()["average"]
+    assert_same_on_every_rank(swa_avg)
+    assert_same_on_every_rank(ema_avg)
+    expected_swa, expected_ema = single_process_averages()
+    assert_close_dicts(swa_avg, expected_swa)
+    assert_close_dicts(ema_avg, expected_ema)
+
+    live = local_weights(model.module)
+    with swa.average_applied(model):
+        assert_close_dicts(local_weights(model.module), swa_avg)
+    assert all(torch.equal(live[n], p) for n, p in model.module.named_parameters())
+
+    if rank == 0:
+        assert all(torch.equal(swa0.state_dict()["average"][n], t) for n, t in swa_avg.items())
+    else:  # rank0_only: nothing kept, nothing allocated, and a clear error when asked for it
+        assert swa0.state_dict() == {}
+        assert all(g.buffer.device.type == "meta" for g in swa0.average.groups)
+        with pytest.raises(ValueError, match="rank0_only=True the average lives on rank 0"):
+            swa0.copy_to(model)
+        assert all(torch.equal(live[n], p) for n, p in model.module.named_parameters())
+
+
+def test_ddp_average_equals_one_process_on_every_rank(tmp_path):
+    run_on_two_ranks(_ddp_averages, tmp_path)
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 1))
+
+
+def bn_batches():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(5, 4, generator=g) * (i + 1) for i in range(5)]
+
+
+def _update_bn_across_ranks(rank, tmp):
+    data = bn_batches()
+    mine = data[0::2] if rank == 0 else data[1::2]  # 3 batches and 2: the weighting matters
+    model = DDP(bn_model())
+    swa_fast.update_bn(mine, model)
+    stats = dict(model.module[1].named_buffers())
+    assert_same_on_every_rank(stats)
+    one = bn_model()
+    swa_fast.update_bn(data, one)
+    expected = dict(one[1].named_buffers())
+    assert_close_dicts(stats, expected)
+    assert stats["num_batches_tracked"].item() == 5
+
+    local = bn_model()  # a plain model is left alone by default: rank 0 may be alone here
+    swa_fast.update_bn(mine, local)
+    assert local[1].num_batches_tracked.item() == len(mine)
+    swa_fast.update_bn(mine, local, sync=True)  # ... unless asked
+    assert_close_dicts(dict(local[1].named_buffers()), expected)
+
+
+def test_update_bn_gives_every_rank_the_statistics_of_all_data(tmp_path):
+    run_on_two_ranks(_update_bn_across_ranks, tmp_path)
+
+
+# --- FSDP2 -----------------------------------------------------------------------------------------
+
+
+def _fsdp_averages(rank, tmp):
+    model = fsdp_mlp()
+    swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.8)
+    train(model, rank, [swa, ema], eval_between=True)
+
+    state = swa.state_dict()
+    for name, p in model.named_parameters():  # laid out as the parameters
+        avg = state["average"][name]
+        assert isinstance(avg, DTensor)
+        assert (avg.shape, avg.placements, avg.device_mesh) == (p.shape, p.placements, p.device_mesh)
+    if rank == 1:
+        assert state["average"]["4.weight"].to_local().numel() == 0  # an empty shard works too
+
+    expected_swa, expected_ema = single_process_averages()
+    full_swa, full_ema = full_state_dict(state), full_state_dict(ema.state_dict())
+    if rank == 0:
+        assert_close_dicts(full_swa["average"], expected_swa)
+        assert_close_dicts(full_ema["average"], expected_ema)
+        assert full_swa["n_averaged"].item() == STEPS
+    else:
+        assert full_swa == {} and full_ema == {}
+
+    # Applying the average to the sharded model, and restoring it exactly.
+    live = local_weights(model)
+    with swa.average_applied(model):
+        assert_close_dicts(full_weights(model), expected_swa)
+    assert_close_dicts(local_weights(model), live)
+    assert all(torch.equal(live[n], t) for n, t in local_weights(model).items())
+    swa.swap(model)
+    assert_close_dicts(full_weights(model), expected_swa)
+    swa.swap(model)
+    assert all(torch.equal(live[n], t) for n, t in local_weights(model).items())
+    other = fsdp_mlp()  # another model sharded alike
+    swa.copy_to(other)
+    assert_close_dicts(full_weights(other), expected_swa)
+
+    # An unsharded model cannot take the shards; nothing is written.
+    plain = mlp()
+    before = local_weights(plain)
+    with pytest.raises(ValueError, match="is a plain tensor in this model but was a DTensor"):
+        swa.copy_to(plain)
+    assert all(torch.equal(before[n], t) for n, t in local_weights(plain).items())
+    with pytest.raises(ValueError, match="rank0_only=True needs the whole model on rank 0"):
+        swa_fast.SWA(model, rank0_only=True)
+
+    # A full state dict (say from a single-process run) loads into a sharded manager: each rank
+    # keeps its part.
+    fresh = swa_fast.SWA(model)
+    fresh.load_state_dict(full_state_dict(state, rank0_only=False))
+    for name, t in fresh.state_dict()["average"].items():
+        assert torch.equal(t.to_local(), state["average"][name].to_local()), name
+    assert fresh.n_averaged.item() == STEPS
+
+
+def test_fsdp2_average_equals_one_process_and_applies_to_shards(tmp_path):
+    run_on_two_ranks(_fsdp_averages, tmp_path)
+
+
+def _dcp_round_trip(rank, tmp):
+    model = fsdp_mlp()
+    ema = swa_fast.EMA(model, decay=0.8)
+    swa = swa_fast.SWA(model)
+    train(model, rank, [ema, swa])
+    saved = {n: t.to_local().clone() for n, t in ema.state_dict()["average"].items()}
+    dcp.save({"ema": ema.state_dict(), "swa": swa.state_dict()}, checkpoint_id=f"{tmp}/ckpt")
+
+    ema2, swa2 = swa_fast.EMA(model, decay=0.8), swa_fast.SWA(model)  # what a resumed job builds
+    train(model, rank, [ema2, swa2])  # ... and whatever they held is overwritten by the load
+    state = {"ema": ema2.state_dict(), "swa": swa2.state_dict()}
+    dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
+    ema2.load_state_dict(state["ema"])
+    swa2.load_state_dict(state["swa"])
+    for name, t in ema2.state_dict()["average"].items():
+        assert torch.equal(t.to_local(), saved[name]), name
+    assert (ema2.calls, swa2.n_averaged.item()) == (STEPS, STEPS)
+
+    # Going on from there: the resumed managers follow the originals bit for bit.
+    for m in (ema, swa):  # the same updates the resumed ones missed out on
+        for _ in range(STEPS):
+            m.update(model)
+    for original, resumed in ((ema, ema2), (swa, swa2)):
+        for _ in range(STEPS):
+            resumed.update(model)
+        a, b = original.state_dict(), resumed.state_dict()
+        assert a["calls"] == b["calls"] and torch.equal(a["n_averaged"], b["n_averaged"])
+        for name in a["average"]:
+            assert torch.equal(a["average"][name].to_local(), b["average"][name].to_local()), name
+
+
+def test_dcp_round_trip_of_sharded_managers_resumes_exactly(tmp_path):
+    run_on_two_ranks(_dcp_round_trip, tmp_path)
+
+
+# --- models that differ between ranks ----------------------------------------------------------------
+
+
+class Named(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _mismatches(rank, tmp):
+    mesh = init_device_mesh("cpu", (WORLD,))
+    sharded = torch.nn.Linear(4, 6 if rank == 0 else 8)
+    fully_shard(sharded, mesh=mesh)
+    with pytest.raises(ValueError, match=r"rank 0 and on rank 1 were given different models \('weight'"):
+        swa_fast.SWA(sharded)
+
+    # Same shapes (DDP's own check passes), other names.
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(4, 4)) if rank == 0 else Named())
+    with pytest.raises(ValueError, match="different models .'0.weight': .* vs 'fc.weight'"):
+        swa_fast.EMA(model)
+
+    same = DDP(Named())
+    with pytest.raises(ValueError, match="option rank0_only: True vs False"):
+        swa_fast.SWA(same, rank0_only=rank == 0)
+    swa_fast.SWA(same).update(same)  # and a matching one still works after all that
+    dist.barrier()
+
+
+def test_a_rank_with_another_model_gets_a_clear_error_on_every_rank(tmp_path):
+    run_on_two_ranks(_mismatches, tmp_path)
+
+
+# --- without torch.distributed ---------------------------------------------------------------------
+
+
+def test_update_bn_sync_without_torch_distributed_raises_and_leaves_the_model():
+    model = bn_model()
+    swa_fast.update_bn(bn_batches(), model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="sync=True needs torch.distributed"):
+        swa_fast.update_bn(bn_batches()[:1], model, sync=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rank0_only_and_full_state_dict_in_one_process():
+    model = mlp()
+    swa = swa_fast.SWA(model, rank0_only=True)  # one process is rank 0: it keeps the average
+    train(model, None, [swa])
+    full = full_state_dict(swa.state_dict())
+    expected, _ = single_process_averages()
+    assert all(torch.equal(full["average"][n], expected[n]) for n in expected)
+    assert full["average"]["0.weight"].data_ptr() != swa.state_dict()["average"]["0.weight"].data_ptr()
