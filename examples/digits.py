@@ -1,0 +1,568 @@
+"""SGD vs SWA vs FGE vs SWAG vs EMA on real data, with the SWA paper's pictures.
+
+    python examples/digits.py                          # scikit-learn's digits, no download
+    python examples/digits.py --data ~/cifar10         # a CIFAR-10 folder in ImageFolder layout
+
+Every method gets the same budget of epochs, the same initial weights and the same batch order
+(per seed). Three training runs per seed:
+
+- `sgd`: SGD with momentum, cosine-decaying learning rate from --lr to 1% of it over the budget.
+  EMA (`swa_fast.EMA`, per iteration, BatchNorm statistics averaged too) rides on this run, as an
+  EMA does on a normal training run.
+- `swa`: the same cosine, compressed into the first --swa-start of the budget and ending at
+  --swa-lr, then `SWALR` holds --swa-lr and `AveragedModel` averages the end of every epoch
+  (Izmailov et al. 2018); `update_bn` at the end. SWAG (`swa_fast.SWAG`, Maddox et al. 2019)
+  collects its moments at the same points, and predicts by a Bayesian model average.
+- `fge`: the same first phase, then `FGECyclicLR` cycles between --swa-lr and 1% of --lr, with a
+  snapshot at each cycle's minimum (Garipov et al. 2018); the prediction is the snapshots' ensemble.
+
+Time spent in the averaging calls (update, snapshot) is measured apart from training. Outputs in
+--out: `<name>_results.json`, `<name>_results.md` (the table), `<name>_accuracy.png` and
+`<name>_line.png` (train loss and test error along the line from the SGD solution through SWA's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import swa_fast
+from swa_fast.swa_utils import SWALR, AveragedModel, update_bn
+
+try:
+    from tqdm import tqdm
+except ImportError:  # a plain progress line instead
+    tqdm = None
+
+METHODS = ("sgd", "swa", "fge", "swag", "ema")
+RUN_OF = {"sgd": "sgd", "ema": "sgd", "swa": "swa", "swag": "swa", "fge": "fge"}  # training run per method
+LABELS = {"sgd": "SGD", "swa": "SWA", "fge": "FGE", "swag": "SWAG", "ema": "EMA"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm"}
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class Data:
+    """Train and test tensors in memory, normalised with the training set's per-channel statistics."""
+
+    def __init__(self, name: str, x_train, y_train, x_test, y_test, augment: bool) -> None:
+        x_train = torch.as_tensor(x_train, dtype=torch.float32)
+        x_test = torch.as_tensor(x_test, dtype=torch.float32)
+        mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+        std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        self.name = name
+        self.x_train, self.x_test = (x_train - mean) / std, (x_test - mean) / std
+        self.y_train = torch.as_tensor(y_train, dtype=torch.long)
+        self.y_test = torch.as_tensor(y_test, dtype=torch.long)
+        self.num_classes = int(max(self.y_train.max(), self.y_test.max())) + 1
+        self.augment = augment  # random flips and shifts: right for photos, wrong for digits
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.x_train.shape[1:]))
+        return f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images, {shape}"
+
+
+def load_digits_data(subsample: int | None = None) -> Data:
+    """scikit-learn's 8x8 handwritten digits (1,797 images), a fixed stratified 70/30 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32)[:, None] / 16.0
+    y = digits.target
+    if subsample is not None and subsample < len(x):
+        keep = np.random.default_rng(0).permutation(len(x))[:subsample]
+        x, y = x[keep], y[keep]
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    return Data("digits", x_train, y_train, x_test, y_test, augment=False)
+
+
+def load_image_folder(root: Path, subsample: int | None = None) -> Data:
+    """root/train/<class>/*.png and root/test/<class>/*.png (torchvision's ImageFolder layout, as
+    CIFAR-10 is often unpacked), read with Pillow, so torchvision is not needed. Classes are the
+    sorted folder names of train/; every image must have the same size."""
+    from PIL import Image
+
+    root = Path(root).expanduser()
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise SystemExit(f"--data {root}: expected {root}/train/<class>/*.png and {root}/test/<class>/*.png")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+
+    def read(split: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if subsample is not None:
+                files = files[: max(1, subsample // len(classes))]
+            for f in files:
+                with Image.open(f) as image:
+                    images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+                labels.append(label)
+        if not images:
+            raise SystemExit(f"--data {root}: no images in {root / split}/<class>/")
+        sizes = {im.shape for im in images}
+        if len(sizes) > 1:
+            raise SystemExit(f"--data {root}: images in {split}/ differ in size: {sorted(sizes)[:3]}")
+        x = np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        return x, np.array(labels)
+
+    x_train, y_train = read("train")
+    x_test, y_test = read("test")
+    return Data(root.name or "data", x_train, y_train, x_test, y_test, augment=True)
+
+
+class Batches:
+    """Mini-batches of in-memory tensors, reshuffled on each pass from a seeded generator, so that
+    every run with the same seed sees the same batches. Iterable many times (update_bn needs that)."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int | None = None, augment=False):
+        self.x, self.y, self.batch_size, self.augment = x, y, batch_size, augment
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.x)
+        order = torch.arange(n) if self.generator is None else torch.randperm(n, generator=self.generator)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self.x[idx]
+            if self.augment and self.generator is not None:
+                x = random_flip_and_shift(x, self.generator)
+            yield x, self.y[idx]
+
+
+def random_flip_and_shift(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Standard CIFAR augmentation, cheaply: a random horizontal flip per image and one random
+    shift (zero padding, crop) per batch."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    return F.pad(x, (pad, pad, pad, pad))[:, :, i : i + x.shape[2], j : j + x.shape[3]]
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def make_cnn(channels: int, size: int, num_classes: int, width: int = 32) -> nn.Sequential:
+    """A small VGG-style CNN with BatchNorm: stages of two 3x3 convolutions, each stage halving
+    the image and doubling the width until it is 4x4, then a linear layer. 8x8 digits get one
+    stage, 3x32x32 CIFAR images three."""
+    layers: list[nn.Module] = []
+    c_in, c_out = channels, width
+    while True:
+        for c in (c_in, c_out):
+            layers += [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers.append(nn.MaxPool2d(2))
+        size //= 2
+        c_in = c_out
+        if size <= 4:
+            break
+        c_out *= 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * size * size, num_classes))
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+class Stopwatch:
+    """Seconds per named activity; `with watch("averaging"): ...` adds to it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Batches) -> Tensor:
+    """Softmax probabilities (N, C) in eval mode, computed in fp64 so that NLL never sees a 0."""
+    model.eval()
+    return torch.cat([model(x).double().softmax(1) for x, _ in batches])
+
+
+def scores(probs: Tensor, y: Tensor) -> dict[str, float]:
+    """Accuracy and negative log-likelihood of predicted probabilities."""
+    p_true = probs.double()[torch.arange(len(y)), y].clamp_min(1e-300)
+    return {"acc": (probs.argmax(1) == y).double().mean().item(), "nll": -p_true.log().mean().item()}
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+class Progress:
+    """tqdm when installed, else one printed line per epoch (this is a CLI)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.bar = tqdm(total=total, unit="epoch", dynamic_ncols=True) if tqdm else None
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_description(what)
+            self.bar.update()
+        else:
+            print(f"[{self.done}/{self.total}] {what}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress: Progress) -> dict:
+    """One training run; returns, per method that rides on it, its test probabilities and times,
+    and the final models needed for the line plot."""
+    torch.manual_seed(seed)  # the same initial weights for every run of this seed
+    channels, size = data.x_train.shape[1], data.x_train.shape[2]
+    model = make_cnn(channels, size, data.num_classes, args.width)
+    train = Batches(data.x_train, data.y_train, args.batch_size, seed=seed, augment=data.augment)
+    bn_loader = Batches(data.x_train, data.y_train, args.batch_size)  # update_bn: one plain pass
+    test = Batches(data.x_test, data.y_test, 512)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+    per_epoch = len(train)
+    swa_start = min(max(1, round(args.swa_start * args.epochs)), args.epochs - 1)
+    first_phase = args.epochs if run == "sgd" else swa_start
+    floor = args.lr if run == "sgd" else args.swa_lr
+    floor *= 0.01 if run == "sgd" else 1.0
+    # Per-iteration cosine over the first phase: lr -> 1% of lr (sgd) or -> swa_lr (swa, fge).
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=first_phase * per_epoch, eta_min=floor
+    )
+    watch = Stopwatch()  # "averaging": the averaging calls only; "train": everything else in the loop
+
+    ema = swa_fast.EMA(model, decay=args.ema_decay, use_buffers=True) if "ema" in methods else None
+    swa_model = AveragedModel(model) if "swa" in methods else None
+    swag = swa_fast.SWAG(model, max_rank=args.swag_rank) if "swag" in methods else None
+    fge = swa_fast.FGE(model) if run == "fge" else None
+    cyclic = None
+    avg_time = dict.fromkeys(methods, 0.0)
+
+    def timed(method: str, fn, *a) -> None:
+        start = time.perf_counter()
+        fn(*a)
+        avg_time[method] += time.perf_counter() - start
+
+    with watch("loop"):
+        for epoch in range(args.epochs):
+            if run != "sgd" and epoch == swa_start:
+                if run == "swa":
+                    scheduler = SWALR(optimizer, swa_lr=args.swa_lr, anneal_epochs=0)  # holds swa_lr
+                else:
+                    # At most what is left of the budget, and even (one iteration at the minimum).
+                    cycle = min(args.cycle * per_epoch, (args.epochs - swa_start) * per_epoch) // 2 * 2
+                    cyclic = swa_fast.FGECyclicLR(optimizer, args.swa_lr, 0.01 * args.lr, max(2, cycle))
+            model.train()
+            for x, y in train:
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                if ema is not None:
+                    timed("ema", ema.update, model)
+                if cyclic is not None:
+                    if cyclic.at_minimum():  # this step used the cycle's lowest rate: a snapshot
+                        timed("fge", fge.snapshot, model)
+                    cyclic.step()
+                elif epoch < first_phase:
+                    cosine.step()
+            if run == "swa" and epoch >= swa_start:
+                if swa_model is not None:
+                    timed("swa", swa_model.update_parameters, model)
+                if swag is not None:
+                    timed("swag", swag.update, model)
+                scheduler.step()
+            progress.step(f"seed {seed} {run} epoch {epoch + 1}/{args.epochs}")
+    averaging = sum(avg_time.values())
+    train_s = watch.seconds["loop"] - averaging
+
+    out: dict = {"models": {}}
+
+    def record(method: str, fn) -> None:
+        start = time.perf_counter()
+        probs = fn()
+        out[method] = {
+            **scores(probs, data.y_test),
+            "train_s": train_s,
+            "averaging_s": avg_time.get(method, 0.0),
+            "predict_s": time.perf_counter() - start,
+        }
+
+    if "sgd" in methods:
+        record("sgd", lambda: predict(model, test))
+    if ema is not None:
+
+        def ema_predict() -> Tensor:
+            # A copy holds the average, BatchNorm statistics included (use_buffers=True). Not
+            # `ema.average_applied(model)`: it fails on the integer num_batches_tracked buffers.
+            averaged = copy.deepcopy(model)
+            ema.copy_to(averaged)
+            return predict(averaged, test)
+
+        record("ema", ema_predict)
+    if swa_model is not None:
+
+        def swa_predict() -> Tensor:
+            update_bn(bn_loader, swa_model)  # averaged weights need their own BatchNorm statistics
+            return predict(swa_model, test)
+
+        record("swa", swa_predict)
+    if swag is not None:
+        # The low-rank part needs two collected models; a very short budget gets SWAG-Diagonal.
+        diag_only = swag.rank < 2
+        record(
+            "swag",
+            lambda: swag.predict_loader(
+                model, test, n_samples=args.swag_samples, scale=0.5, diag_only=diag_only, bn_loader=bn_loader
+            ),
+        )
+        out["swag"].update(rank=swag.rank, diag_only=diag_only)
+    if fge is not None:
+        record("fge", lambda: fge.predict_loader(model, test))
+        out["fge"]["snapshots"] = len(fge)
+    out["models"] = {"final": model, "swa": swa_model.module if swa_model is not None else None}
+    return out
+
+
+# --- the line through SGD and SWA -----------------------------------------------------------------
+
+
+@torch.no_grad()
+def line_through(w_sgd: nn.Module, w_swa: nn.Module, data: Data, args, ts: np.ndarray) -> dict:
+    """Train loss and test error at w(t) = w_sgd + t (w_swa - w_sgd), each point with its own
+    BatchNorm statistics (update_bn, over the same batches as the SWA model's), as in Izmailov et
+    al. 2018, figure 5. The train loss is the plain cross-entropy (no weight-decay term), in eval
+    mode."""
+    probe = copy.deepcopy(w_sgd)
+    train = Batches(data.x_train, data.y_train, args.batch_size)
+    test = Batches(data.x_test, data.y_test, 512)
+    loss, error = [], []
+    for t in ts:
+        for p, a, b in zip(probe.parameters(), w_sgd.parameters(), w_swa.parameters()):
+            p.copy_(a + float(t) * (b - a))
+        update_bn(train, probe)
+        probs = predict(probe, train)
+        loss.append(
+            -probs[torch.arange(len(data.y_train)), data.y_train].clamp_min(1e-300).log().mean().item()
+        )
+        error.append(1.0 - scores(predict(probe, test), data.y_test)["acc"])
+    gap = torch.cat([(b - a).flatten() for a, b in zip(w_sgd.parameters(), w_swa.parameters())])
+    return {
+        "t": [float(t) for t in ts],
+        "distance": gap.norm().item(),
+        "train_loss": loss,
+        "test_error": error,
+    }
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    summary = {}
+    for method, runs in results.items():
+        row = {}
+        for key in ("acc", "nll", "train_s", "averaging_s", "predict_s"):
+            values = np.array([r[key] for r in runs])
+            row[key] = float(values.mean())
+            row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary[method] = row
+    return summary
+
+
+def markdown_table(summary: dict, results: dict, data: Data, args) -> str:
+    n = len(args.seeds)
+    lines = [
+        f"{data.describe()}; {args.epochs} epochs, seeds {', '.join(map(str, args.seeds))} "
+        f"(mean ± std over {n} seed{'s' * (n > 1)}; seconds are per seed)",
+        "",
+        "| method | test accuracy | test NLL | train s | averaging s | predict s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, row in summary.items():
+        label = LABELS[method] + {"ema": " (on the SGD run)", "swag": " (on the SWA run)"}.get(method, "")
+        if method == "fge":
+            label += f" ({results['fge'][0]['snapshots']} snapshots)"
+        lines.append(
+            f"| {label} | {100 * row['acc']:.2f} ± {100 * row['acc_std']:.2f}% "
+            f"| {row['nll']:.4f} ± {row['nll_std']:.4f} | {row['train_s']:.2f} "
+            f"| {row['averaging_s']:.4f} | {row['predict_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(results: dict[str, list[dict]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, name in ((axes[0], "acc", "test accuracy (%)"), (axes[1], "nll", "test NLL")):
+        for i, runs in enumerate(results.values()):
+            values = np.array([r[key] for r in runs]) * (100 if key == "acc" else 1)
+            ax.scatter(np.full(len(values), i), values, s=18, alpha=0.6, color=f"C{i}")
+            spread = values.std(ddof=1) if len(values) > 1 else 0.0
+            ax.errorbar(i + 0.18, values.mean(), yerr=spread, fmt="D", color=f"C{i}", capsize=4)
+        ax.set_xticks(range(len(results)), [LABELS[m] for m in results])
+        ax.set_ylabel(name)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title("dots: seeds; diamond: mean ± std")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_line(lines: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, name in ((axes[0], "train_loss", "train loss"), (axes[1], "test_error", "test error (%)")):
+        for i, (start, line) in enumerate(lines.items()):
+            # x: signed distance from the SWA solution, so that lines of different lengths compare
+            t = np.array(line["t"])
+            x = (t - 1) * line["distance"]
+            values = np.array(line[key]) * (100 if key == "test_error" else 1)
+            ax.plot(x, values, "-", marker="os"[i % 2], ms=3, color=f"C{i}", label=f"from {start}")
+            k0, k1 = int(np.argmin(np.abs(t))), int(np.argmin(np.abs(t - 1)))
+            ax.plot(x[k0], values[k0], marker="os"[i % 2], ms=9, color=f"C{i}")
+            ax.plot(x[k1], values[k1], "*", ms=14, color="k", label="SWA solution" if i == 0 else None)
+        ax.set_xlabel("distance from SWA along w_SGD + t (w_SWA - w_SGD), t in [-0.5, 2]; big marker: SGD")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="a folder with train/<class>/*.png and test/<class>/*.png (CIFAR-10, say); default: digits",
+    )
+    p.add_argument("--epochs", type=int, default=40, help="training budget of every method")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--out", type=Path, default=Path("digits_results"))
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+    )
+    p.add_argument("--subsample", type=int, help="keep only this many images (a quick try)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--width", type=int, default=32, help="channels of the CNN's first stage")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
+    p.add_argument("--swa-start", type=float, default=0.75, help="fraction of the budget before SWA/FGE")
+    p.add_argument("--swa-lr", type=float, default=0.05)
+    p.add_argument("--cycle", type=int, default=2, help="FGE cycle length in epochs")
+    p.add_argument("--ema-decay", type=float, default=0.99, help="EMA decay per iteration")
+    p.add_argument("--swag-rank", type=int, default=20)
+    p.add_argument("--swag-samples", type=int, default=30)
+    p.add_argument("--line-points", type=int, default=26, help="points on the line t in [-0.5, 2]")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    args = p.parse_args(argv)
+    asked = set(args.methods.split(","))
+    if not asked or asked - set(METHODS):
+        p.error(f"--methods: {sorted(asked - set(METHODS))} unknown; pick from {','.join(METHODS)}")
+    args.methods = [m for m in METHODS if m in asked]
+    if args.epochs < 2:
+        p.error("--epochs must be at least 2 (SWA and FGE need a phase after the first)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_image_folder(args.data, args.subsample) if args.data else load_digits_data(args.subsample)
+    print(data.describe(), file=sys.stderr)
+    methods = set(args.methods)
+    runs = [r for r in ("sgd", "swa", "fge") if any(RUN_OF[m] == r for m in methods)]
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    line = None
+    progress = Progress(len(args.seeds) * len(runs) * args.epochs)
+    try:
+        for seed in args.seeds:
+            finals = {}
+            for run in runs:
+                out = train_run(run, {m for m in methods if RUN_OF[m] == run}, data, args, seed, progress)
+                for m in methods:
+                    if m in out:
+                        results[m].append({"seed": seed, **out[m]})
+                finals[run] = out["models"]
+            if line is None and finals.get("swa", {}).get("swa") is not None:
+                # The paper's picture, for the first seed, from two SGD solutions to the SWA one:
+                # the SGD run's (same initial weights and batches) and the last iterate of the SWA
+                # run itself (the point SWA's average ends at).
+                ts = np.linspace(-0.5, 2.0, args.line_points)
+                w_swa = finals["swa"]["swa"]
+                starts = {"SGD run's solution": finals.get("sgd", {}).get("final")}
+                starts["SWA run's last SGD iterate"] = finals["swa"]["final"]
+                line = {k: line_through(w, w_swa, data, args, ts) for k, w in starts.items() if w is not None}
+    finally:
+        progress.close()
+
+    summary = summarise(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(summary, results, data, args)
+    files = {"table": args.out / f"{data.name}_results.md", "json": args.out / f"{data.name}_results.json"}
+    files["table"].write_text(table)
+    title = f"{data.describe()}, {args.epochs} epochs, {len(args.seeds)} seed(s)"
+    files["accuracy_plot"] = args.out / f"{data.name}_accuracy.png"
+    plot_accuracy(results, files["accuracy_plot"], title)
+    if line is not None:
+        files["line_plot"] = args.out / f"{data.name}_line.png"
+        title = (
+            f"{data.name}: along the line through an SGD solution and the SWA solution (seed {args.seeds[0]})"
+        )
+        plot_line(line, files["line_plot"], title)
+    report = {
+        "data": data.describe(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "summary": summary,
+        "runs": results,
+        "line": line,
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    files["json"].write_text(json.dumps(report, indent=1))
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""examples/digits.py end to end at a tiny budget: every method runs, the outputs are written and
+sane. Accuracy gains are not asserted (a few epochs on a subsample prove nothing about them)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
+METHODS = ("sgd", "swa", "fge", "swag", "ema")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    spec = importlib.util.spec_from_file_location("digits_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_outputs(report: dict, out: Path, name: str, seeds: int) -> None:
+    for key in ("table", "json", "accuracy_plot", "line_plot"):
+        path = Path(report["files"][key])
+        assert path.parent == out and path.name.startswith(name) and path.stat().st_size > 0, key
+    for key in ("accuracy_plot", "line_plot"):
+        assert Path(report["files"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / f"{name}_results.json").read_text())
+    assert set(saved["summary"]) == set(METHODS)
+    table = (out / f"{name}_results.md").read_text()
+    for label in ("SGD", "SWA", "FGE", "SWAG", "EMA"):
+        assert f"| {label}" in table
+    for method in METHODS:
+        runs = saved["runs"][method]
+        assert len(runs) == seeds
+        for run in runs:
+            assert 0.0 <= run["acc"] <= 1.0
+            assert math.isfinite(run["nll"]) and run["nll"] >= 0.0
+            assert run["train_s"] > 0 and run["averaging_s"] >= 0 and run["predict_s"] > 0
+    for method in ("swa", "fge", "swag", "ema"):  # the averaging calls were timed
+        assert all(r["averaging_s"] > 0 for r in saved["runs"][method])
+    assert all(r["snapshots"] >= 1 for r in saved["runs"]["fge"])
+    for line in saved["line"].values():
+        assert len(line["t"]) == len(line["train_loss"]) == len(line["test_error"])
+        assert all(math.isfinite(v) for v in line["train_loss"])
+        assert all(0.0 <= v <= 1.0 for v in line["test_error"])
+
+
+def test_digits_end_to_end(digits, tmp_path):
+    # 4 epochs with SWA from the middle: two collected models, so SWAG's low-rank part is used.
+    argv = ["--epochs", "4", "--seeds", "0", "1", "--subsample", "300", "--swa-start", "0.5"]
+    argv += ["--swag-samples", "3", "--line-points", "4", "--width", "8", "--out", str(tmp_path)]
+    report = digits.main(argv)
+    check_outputs(report, tmp_path, "digits", seeds=2)
+    assert "1x8x8" in report["data"]
+    assert all(not r["diag_only"] and r["rank"] == 2 for r in report["runs"]["swag"])
+    # Both lines of the paper's picture: from the SGD run's solution and from the SWA run's iterate.
+    assert len(report["line"]) == 2
+
+
+def write_fake_folder(root: Path, classes=("cat", "dog", "ship"), per_split=None) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (per_split or {"train": 6, "test": 2}).items():
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                pixels[..., k] = 255  # a colour per class, so there is something to learn
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_image_folder_without_torchvision(digits, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # any import of it would fail
+    data_dir = tmp_path / "fake_cifar"
+    write_fake_folder(data_dir)
+    out = tmp_path / "out"
+    argv = ["--data", str(data_dir), "--epochs", "2", "--seeds", "0", "--batch-size", "6", "--width", "4"]
+    argv += ["--swag-samples", "2", "--line-points", "3", "--out", str(out)]
+    report = digits.main(argv)
+    check_outputs(report, out, "fake_cifar", seeds=1)
+    assert report["data"].startswith("fake_cifar: 18 train / 6 test images, 3x32x32")
+    # One collected model in a 2-epoch budget: SWAG falls back to its diagonal part.
+    assert report["runs"]["swag"][0]["diag_only"]
+
+
+def test_cnn_adapts_to_the_input(digits):
+    for channels, size, stages in ((1, 8, 1), (3, 32, 3)):
+        model = digits.make_cnn(channels, size, num_classes=7, width=4)
+        assert model(torch.zeros(2, channels, size, size)).shape == (2, 7)
+        assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model) == stages
+
+
+def test_bad_folder_is_refused(digits, tmp_path):
+    with pytest.raises(SystemExit, match="train/<class>"):
+        digits.load_image_folder(tmp_path)
