@@ -1,13 +1,16 @@
 """torch.distributed: DDP and FSDP2 (DTensor) managers, update_bn across ranks, DCP round trips.
 
-Each test starts two real processes on the gloo backend (CPU) and checks their results against one
-process that sees all the data. Every collective has a 60 s timeout and every test a deadline, so
-a failure ends the test instead of hanging it.
+Each test runs on two real processes joined by the gloo backend (CPU) and checks their results
+against one process that sees all the data. Every collective has a 60 s timeout and every test a
+deadline, so a failure ends the test instead of hanging it.
 """
 
 import copy
+import queue
 import time
+import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,29 +28,90 @@ WORLD = 2
 STEPS = 4
 
 
-def _entry(rank: int, fn, tmp: str) -> None:
+def _serve(rank: int, store: str, tasks, results) -> None:
+    """A rank of the worker pair: runs fn(rank, tmp) for each task until told to stop."""
     torch.set_num_threads(1)  # two processes on a small machine
     dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
     try:
-        fn(rank, tmp)
+        while (task := tasks.get()) is not None:
+            fn, tmp = task
+            try:
+                fn(rank, tmp)
+                results.put((rank, None))
+            except BaseException:  # reported to the test, which fails with it
+                results.put((rank, traceback.format_exc()))
     finally:
         dist.destroy_process_group()
 
 
-def run_on_two_ranks(fn, tmp_path, timeout: float = 120) -> None:
-    """Run fn(rank, tmp) in two spawned processes; a failure in either is raised here."""
-    ctx = mp.start_processes(_entry, args=(fn, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{fn.__name__} did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
+class TwoRanks:
+    """Two processes joined in a gloo process group, kept for the whole module: starting them (and
+    importing torch in them) costs far more than a test."""
+
+    def __init__(self, tmp: Path) -> None:
+        ctx = mp.get_context("spawn")
+        self.tasks = [ctx.Queue() for _ in range(WORLD)]
+        self.results = ctx.Queue()
+        store = tmp / f"store-{time.monotonic_ns()}"
+        self.procs = [
+            ctx.Process(target=_serve, args=(r, str(store), self.tasks[r], self.results), daemon=True)
+            for r in range(WORLD)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, tmp: Path, timeout: float = 120) -> None:
+        """fn(rank, tmp) on both ranks; raises with each failing rank's traceback."""
+        for q in self.tasks:
+            q.put((fn, str(tmp)))
+        deadline, errors, answered = time.monotonic() + timeout, {}, 0
+        while answered < WORLD:
+            try:
+                rank, error = self.results.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"{fn.__name__} did not finish within {timeout} s") from None
+            answered += 1
+            if error is not None:
+                errors[rank] = error
+        if errors:
+            raise AssertionError("\n".join(f"rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
+
+    def close(self) -> None:
+        for q in self.tasks:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    holder = {"ranks": None}
+    yield holder
+    if holder["ranks"] is not None:
+        holder["ranks"].close()
+
+
+@pytest.fixture
+def on_two_ranks(pool, tmp_path):
+    """Runs fn(rank, tmp_path) on both ranks; after a failure the pair is replaced, since a rank may
+    still be inside a collective."""
+
+    def run(fn) -> None:
+        if pool["ranks"] is None:
+            pool["ranks"] = TwoRanks(tmp_path)
+        try:
+            pool["ranks"].run(fn, tmp_path)
+        except BaseException:
+            ranks, pool["ranks"] = pool["ranks"], None
+            for p in ranks.procs:
+                p.kill()
+            raise
+
+    return run
 
 
 # --- what both sides compute -------------------------------------------------------------------------
@@ -154,8 +218,8 @@ def _ddp_averages(rank, tmp):
         assert all(torch.equal(live[n], p) for n, p in model.module.named_parameters())
 
 
-def test_ddp_average_equals_one_process_on_every_rank(tmp_path):
-    run_on_two_ranks(_ddp_averages, tmp_path)
+def test_ddp_average_equals_one_process_on_every_rank(on_two_ranks):
+    on_two_ranks(_ddp_averages)
 
 
 def bn_model():
@@ -188,8 +252,8 @@ def _update_bn_across_ranks(rank, tmp):
     assert_close_dicts(dict(local[1].named_buffers()), expected)
 
 
-def test_update_bn_gives_every_rank_the_statistics_of_all_data(tmp_path):
-    run_on_two_ranks(_update_bn_across_ranks, tmp_path)
+def test_update_bn_gives_every_rank_the_statistics_of_all_data(on_two_ranks):
+    on_two_ranks(_update_bn_across_ranks)
 
 
 # --- FSDP2 -----------------------------------------------------------------------------------------
@@ -249,8 +313,8 @@ def _fsdp_averages(rank, tmp):
     assert fresh.n_averaged.item() == STEPS
 
 
-def test_fsdp2_average_equals_one_process_and_applies_to_shards(tmp_path):
-    run_on_two_ranks(_fsdp_averages, tmp_path)
+def test_fsdp2_average_equals_one_process_and_applies_to_shards(on_two_ranks):
+    on_two_ranks(_fsdp_averages)
 
 
 def _dcp_round_trip(rank, tmp):
@@ -284,8 +348,8 @@ def _dcp_round_trip(rank, tmp):
             assert torch.equal(a["average"][name].to_local(), b["average"][name].to_local()), name
 
 
-def test_dcp_round_trip_of_sharded_managers_resumes_exactly(tmp_path):
-    run_on_two_ranks(_dcp_round_trip, tmp_path)
+def test_dcp_round_trip_of_sharded_managers_resumes_exactly(on_two_ranks):
+    on_two_ranks(_dcp_round_trip)
 
 
 # --- models that differ between ranks ----------------------------------------------------------------
@@ -321,8 +385,8 @@ def _mismatches(rank, tmp):
     dist.barrier()
 
 
-def test_a_rank_with_another_model_gets_a_clear_error_on_every_rank(tmp_path):
-    run_on_two_ranks(_mismatches, tmp_path)
+def test_a_rank_with_another_model_gets_a_clear_error_on_every_rank(on_two_ranks):
+    on_two_ranks(_mismatches)
 
 
 # --- without torch.distributed ---------------------------------------------------------------------
