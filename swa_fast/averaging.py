@@ -15,6 +15,7 @@ decay_t = min(decay, 1 - (1 + t/gamma)^-power) and its schedule (`update_after_s
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -44,6 +45,15 @@ class Averager:
     on rank 0 only (the other ranks' `update` does nothing, `state_dict()` is empty). Under FSDP2
     each rank averages its own shards, and `state_dict()` holds DTensors (see distributed.py).
     Every rank must pass the same DDP / FSDP2 model and options: checked once, here.
+
+    Placement, for a GPU model: `device="cpu"` keeps the average in (pinned) CPU memory. Each
+    `update` then starts an asynchronous copy of the weights to the CPU and returns; the copy is
+    folded into the average by the CPU at the next `update` (by when it has long landed) or at the
+    first read (`copy_to`, `average_applied`, `state_dict`...). `side_stream=True` instead runs the
+    update on its own CUDA stream, overlapping the next forward pass; the next `optimizer.step()`
+    (any optimizer's, through a global step pre-hook) and, with `use_buffers`, the model's next
+    forward wait for it on the GPU, without a host sync. Anything else that changes the weights
+    in place in between must call `wait()` first.
     """
 
     def __init__(
@@ -54,6 +64,8 @@ class Averager:
         use_buffers: bool = False,
         check_finite: bool = False,
         rank0_only: bool = False,
+        device: torch.device | str | None = None,
+        side_stream: bool = False,
         backend: str | None = None,
     ) -> None:
         options = [("dtype", str(dtype)), ("check_finite", check_finite), ("rank0_only", rank0_only)]
@@ -69,15 +81,34 @@ class Averager:
         self.names = self.tracked.names
         self.use_buffers = use_buffers
         self.backend = backend
-        device = None if self.holds_average else "meta"
-        self._copy = ModelCopy(self.tracked, tensors, dtype=dtype, device=device, backend=backend)
+        model_device = tensors[0].device if tensors else _CPU
+        device = torch.device(device) if device is not None else model_device
+        moved = any(t.device != device for t in tensors)
+        pin = moved and device.type == "cpu" and any(t.is_cuda for t in tensors)
+        self._copy = ModelCopy(
+            self.tracked,
+            tensors,
+            dtype=dtype,
+            device=device if self.holds_average else "meta",
+            pin_memory=pin and self.holds_average,
+            backend=backend,
+        )
         self.average = self._copy.flat
         self._integers = self._copy.integers
-        device = tensors[0].device if tensors else torch.device("cpu")
+        # The model's weights on their way to the average's device, and the weight of the update
+        # they belong to (folded at the next update or read).
+        self._staging: ModelCopy | None = None
+        self._pending: Tensor | float | None = None
+        if moved and self.holds_average:
+            if side_stream:
+                raise ValueError("swa_fast: side_stream=True keeps the average on the GPU: drop device=")
+            self._stage_through(tensors, pin)
+        self._stream = self._side_stream(model, model_device) if side_stream else None
         self.n_averaged = torch.zeros((), dtype=torch.long, device=device)
         self.check_finite = check_finite
         self.n_skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite updates
         self.calls = 0  # update() calls, counted on the host
+        self.folds = 0  # updates folded into the average, counted on the host
 
     def _groups(self, tensors: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
         """(average views, model tensors) per flat group."""
@@ -95,8 +126,30 @@ class Averager:
         """Fold the model's current weights into the average."""
         tensors = self.tracked.tensors(model)
         self.calls += 1
-        weight = self._weight()
-        if weight is None or not self.holds_average:
+        if not self.holds_average:
+            return
+        if self._staging is not None:
+            self._fold_staged()  # the previous update's copy: it has long landed
+            self._pending = self._weight()
+            if self._pending is not None:
+                self._staging.save(tensors)  # asynchronous: folded at the next update or read
+            return
+        if self._stream is None:
+            self._fold_model(tensors)
+            return
+        # The side stream starts from the weights as the optimizer left them on the main stream,
+        # and computes the weight itself, so that nothing it reads is freed under it.
+        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        with torch.cuda.stream(self._stream):
+            self._fold_model(tensors)
+            self._done = torch.cuda.Event()
+            self._done.record(self._stream)
+
+    def _fold_model(self, tensors: list[Tensor], weight: Tensor | float | None = None) -> None:
+        """Fold `tensors` (the model's, or copies of them) into the average with this call's
+        weight, or `weight` when it was worked out already."""
+        weight = self._weight() if weight is None else weight
+        if weight is None:
             return
         groups = self._groups(tensors)
         if self.check_finite:
@@ -117,6 +170,43 @@ class Averager:
             self.n_skipped += ~finite
         else:
             self.n_averaged += 1
+        self.folds += 1
+
+    def _stage_through(self, tensors: list[Tensor], pin_memory: bool) -> None:
+        """Update through a copy of the model on the average's device (see the class docstring)."""
+        device = self.average.groups[0].device if self.average.groups else _CPU
+        self._staging = ModelCopy(self.tracked, tensors, device=device, pin_memory=pin_memory)
+
+    def _fold_staged(self) -> None:
+        if self._pending is not None:
+            self._staging.wait()
+            weight, self._pending = self._pending, None
+            self._fold_model(self._staging.stored(), weight)
+
+    def _side_stream(self, model: Module, device: torch.device) -> torch.cuda.Stream:
+        if device.type != "cuda":
+            raise ValueError(f"swa_fast: side_stream=True needs a model on a CUDA GPU, it is on {device}")
+        self._done: torch.cuda.Event | None = None
+        me = weakref.ref(self)
+
+        def join(*_args) -> None:
+            if (manager := me()) is not None:
+                manager.wait()
+
+        hooks = [torch.optim.optimizer.register_optimizer_step_pre_hook(join)]
+        if self.use_buffers:  # a training forward updates BatchNorm statistics in place
+            hooks.append(model.register_forward_pre_hook(join))
+        weakref.finalize(self, lambda: [h.remove() for h in hooks])
+        return torch.cuda.Stream(device)
+
+    def wait(self) -> None:
+        """Make what follows wait for the update in flight: on the GPU for a side-stream update
+        (no host sync), on the host for a CPU-placed average (folds it)."""
+        if self._stream is not None and self._done is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._done)
+            self._done = None
+        if self._staging is not None:
+            self._fold_staged()
 
     def _fold(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
         """Fold one flat group's model tensors into its average views."""
@@ -135,49 +225,57 @@ class Averager:
 
     def copy_to(self, model: Module) -> None:
         """Write the average into the model (cast to the model's dtypes), one fused copy per group."""
-        self._require_average("copy_to")
+        self._ready("copy_to")
         self._copy.load(self.tracked.tensors(model))
 
     @torch.no_grad()
     def swap(self, model: Module) -> None:
         """Exchange the model's weights and the average in place (same dtypes only: an fp32 average
         of a bf16 model cannot hold the live weights exactly; use `average_applied`)."""
-        self._require_average("swap")
+        self._ready("swap")
+        if self._staging is not None:
+            raise ValueError(
+                "swa_fast: swap exchanges the weights in place, so it needs the average on the model's "
+                "device; this one is kept on another (device=). Use average_applied(model) instead."
+            )
         tensors = self.tracked.tensors(model)
+        self.tracked.before_write()
         for avg, live in self._groups(tensors):
             ops.swap_(avg, live, backend=self.backend)
 
     @contextlib.contextmanager
     def average_applied(self, model: Module) -> Iterator[Module]:
         """Within the block the model holds the average; on exit its own weights come back exactly."""
-        self._require_average("average_applied")
+        self._ready("average_applied")
         tensors = self.tracked.tensors(model)
-        live = FlatBuffer(tensors)  # a copy in the model's own dtypes: the restore is exact
+        live = ModelCopy(self.tracked, tensors, backend=self.backend)  # in the model's dtypes: exact
         self.copy_to(model)
         try:
             yield model
         finally:
-            with torch.no_grad():
-                for _, saved, restore in live.pairs(tensors):
-                    ops.copy_(restore, saved, backend=self.backend)
+            live.load(tensors)
 
-    def _require_average(self, what: str) -> None:
+    def _ready(self, what: str) -> None:
+        """Before reading the average: it must be here, and an update in flight must be in it."""
         if not self.holds_average:
             raise ValueError(
                 f"swa_fast.{type(self).__name__}.{what}: with rank0_only=True the average lives on rank 0 "
                 "only, and this process is another rank; call it on rank 0"
             )
+        self.wait()
 
     # --- saving and resuming ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         if not self.holds_average:  # rank0_only: nothing here to save (DCP saves rank 0's state)
             return {}
+        self.wait()
         return {
             "average": self._copy.named(),
             "n_averaged": self.n_averaged,
             "n_skipped": self.n_skipped,
             "calls": self.calls,
+            "folds": self.folds,
             **self._extra_state(),
         }
 
@@ -191,6 +289,7 @@ class Averager:
         Under rank0_only, ranks other than 0 hold nothing and ignore it."""
         if not self.holds_average:
             return
+        self.wait()
         missing = [k for k in ("average", "n_averaged", "calls") if k not in state]
         if missing:
             raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
@@ -199,6 +298,7 @@ class Averager:
         self.n_averaged.copy_(state["n_averaged"])
         self.n_skipped.copy_(state.get("n_skipped", 0))
         self.calls = int(state["calls"])
+        self.folds = int(state.get("folds", self.calls))
         self._load_extra_state(state)
 
     def _check_extra_state(self, state: dict) -> None:
@@ -311,7 +411,7 @@ class SWAG(Averager):
     @property
     def rank(self) -> int:
         """Deviation rows collected so far (at most max_rank)."""
-        return min(self.calls, self.max_rank)
+        return min(self.folds, self.max_rank)
 
     def _weight(self) -> Tensor:
         return torch.reciprocal(self.n_averaged.to(torch.float64) + 1)
@@ -320,12 +420,13 @@ class SWAG(Averager):
         g = self.average.groups[group]
         ops.moments_(avg, self.sq.group_views(group), src, weight, backend=self.backend)
         if self.max_rank:
-            row = self.deviations[group][(self.calls - 1) % self.max_rank]
+            row = self.deviations[group][self.folds % self.max_rank]  # folds: this one not yet counted
             ops.copy_(self.average.views_of(g, row), src, backend=self.backend)
             row.sub_(g.buffer)  # the deviation from the updated mean, as in the paper
 
     def variance(self) -> list[Tensor]:
         """The diagonal variance sq - mean^2 (clamped at 1e-30), a tensor per averaged tensor."""
+        self._ready("variance")
         return [(q - m * m).clamp_min_(1e-30) for m, q in zip(self.average.views, self.sq.views)]
 
     @torch.no_grad()
@@ -338,7 +439,8 @@ class SWAG(Averager):
     ) -> None:
         """Draw weights from the SWAG Gaussian into `model`, on the average's device, with one fused
         copy per group. Recompute BatchNorm statistics afterwards (`swa_fast.update_bn`)."""
-        if self.calls == 0:
+        self._ready("sample")
+        if self.folds == 0:
             raise ValueError("swa_fast.SWAG: no model has been collected yet; call update() first")
         if not diag_only and self.rank < 2:
             raise ValueError(

@@ -53,7 +53,7 @@ class FlatBuffer:
             self.groups.append(FlatGroup(dev, dt, buffer, indices))
         with torch.no_grad():
             for group, views, src in self.pairs(tensors):
-                if all(t.device == group.device for t in src):
+                if group.dtype.is_floating_point and all(t.device == group.device for t in src):
                     ops.copy_(views, src)  # one fused pass per group
                 else:
                     torch._foreach_copy_(views, src)

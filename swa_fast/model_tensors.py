@@ -63,8 +63,10 @@ class TrackedModel:
     """The tensors of `model` a manager keeps: its parameters, then its buffers with
     `buffers=True`, split into floating ones (averaged, snapshotted) and integer ones (copied).
 
-    `owner` names the manager in error messages. `options` (a list of (name, value) pairs) are the
-    manager's settings that must also agree across ranks.
+    `owner` names the manager in error messages. A manager passes `options`, its settings as a
+    list of (name, value) pairs (maybe empty), to have them and the model checked to be the same on
+    every rank of a DDP / FSDP2 model: a collective, so every rank must create it. None (a helper's
+    passing use, which rank 0 may make alone) checks nothing across ranks.
     """
 
     def __init__(self, model: Module, buffers: bool, owner: str, options: list | None = None) -> None:
@@ -76,13 +78,17 @@ class TrackedModel:
         self.buffers = buffers
         self.owner = owner
         self.names = module_names(model, buffers)
+        self.shapes = [t.shape for t in tensors]  # global shapes, for DTensors
         self.floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
         self.integer = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
         self._ids = [id(t) for t in tensors]
         self._model = weakref.ref(model)
+        self._sharded_model = self._model  # the model whose shards `tensors()` gave last
+        if options is None:
+            return
         # A model that differs between ranks must raise on every rank, not leave some waiting in a
         # later collective (a DCP save, a full-state-dict gather) or silently average other tensors.
-        fingerprint = [("option " + k, v) for k, v in (options or [])] + [("use_buffers", buffers)]
+        fingerprint = [("option " + k, v) for k, v in options] + [("use_buffers", buffers)]
         fingerprint += [
             (f"'{n}'", (str(t.dtype), *((list(t.shape),) if s is None else (s.describe(),))))
             for n, t, s in zip(self.names, tensors, self.layouts)
@@ -108,7 +114,17 @@ class TrackedModel:
             if self.sharded and distributed.reshard(model):
                 tensors = module_tensors(model, self.buffers)
             self._check_layouts(tensors)
-        return distributed.local_tensors(tensors, self.layouts) if self.sharded else tensors
+        if not self.sharded:
+            return tensors
+        self._sharded_model = weakref.ref(model)
+        return distributed.local_tensors(tensors, self.layouts)
+
+    def before_write(self) -> None:
+        """Call before writing into the shards that `tensors()` gave. After a forward pass FSDP2
+        keeps some modules' gathered parameters (the root's always) and reuses them in the next
+        forward, which would then not see the written values: drop them (no communication)."""
+        if self.sharded and (model := self._sharded_model()) is not None:
+            distributed.reshard(model)
 
     def _check_layouts(self, tensors: list[Tensor]) -> None:
         """Another model must be sharded as the tracked one: local shards of other layouts do not
@@ -161,6 +177,25 @@ class TrackedModel:
         if extra:
             raise ValueError(f"swa_fast: the state_dict has entries this model lacks, first '{extra[0]}'")
 
+    def local_state(self, saved: dict, names: list[str] | None = None) -> dict[str, Tensor]:
+        """Check that `saved` holds exactly `names` (default: all) with this model's (global) shapes,
+        then give name -> this rank's part: a DTensor's local shard, or the slice of a full tensor
+        that this rank holds (no communication). Plain tensors pass through. For a manager's own
+        per-tensor state beside a ModelCopy (say SWAG's second moment) on load."""
+        names = self.names if names is None else names
+        where = {name: i for i, name in enumerate(self.names)}
+        self.check_state(saved, {n: torch.empty(self.shapes[where[n]], device="meta") for n in names})
+        return {n: distributed.local_part(saved[n], self.layouts[where[n]], n) for n in names}
+
+    def shard_state(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
+        """name -> this rank's part (as `tensors()` gives) made DTensors laid out as the model's
+        tensors, for a state_dict that torch.distributed.checkpoint saves sharded; as is for a model
+        without DTensors. The inverse of `local_state`."""
+        if not self.sharded:
+            return local
+        where = {name: i for i, name in enumerate(self.names)}
+        return {n: distributed.as_dtensor(t, self.layouts[where[n]]) for n, t in local.items()}
+
     def _describe_change(self, names: list[str], tensors: list[Tensor] | None) -> str:
         for i, (expected, got) in enumerate(zip(self.names, names)):
             if expected != got:
@@ -180,7 +215,12 @@ class TrackedModel:
 class ModelCopy:
     """A copy of a tracked model's tensors: the floating ones in a FlatBuffer (`dtype` and `device`
     are choices, e.g. an fp32 average of a bf16 model, or a bf16 snapshot), the integer ones cloned.
-    Moving values in and out of the model is one fused copy per flat group."""
+    Moving values in and out of the model is one fused copy per flat group.
+
+    Kept on the CPU for a GPU model (`device="cpu"`, best with `pin_memory=True`), a `save` is
+    asynchronous: it returns before the copy lands, and `wait()` (which every CPU-side reader here
+    calls) blocks until it has. Loads back to the GPU are synchronous, so the CPU may write the
+    copy again as soon as a load returns."""
 
     def __init__(
         self,
@@ -195,7 +235,26 @@ class ModelCopy:
         self.tracked = tracked
         self.backend = backend
         self.flat = FlatBuffer(floating, dtype=dtype, device=device, pin_memory=pin_memory)
+        self._on_cpu = any(g.device.type == "cpu" for g in self.flat.groups)
         self.integers = [t.detach().to(device or t.device, copy=True) for t in integer]
+        if pin_memory:
+            self.integers = [t.pin_memory() for t in self.integers]
+        self._saved: torch.cuda.Event | None = None  # marks the end of an asynchronous save
+
+    def wait(self) -> None:
+        """Block until the last `save` has landed (a no-op unless it copied from a GPU)."""
+        if self._saved is not None:
+            self._saved.synchronize()
+            self._saved = None
+
+    def stored(self) -> list[Tensor]:
+        """The stored tensors, in the order of `tracked.tensors()` (complete once `wait()`ed)."""
+        out: list[Tensor] = [torch.empty(0)] * len(self.tracked.names)
+        for i, v in zip(self.tracked.floating, self.flat.views):
+            out[i] = v
+        for i, t in zip(self.tracked.integer, self.integers):
+            out[i] = t
+        return out
 
     def nbytes(self) -> int:
         return self.flat.nbytes() + sum(t.numel() * t.element_size() for t in self.integers)
@@ -204,6 +263,7 @@ class ModelCopy:
         """name -> stored tensor (views into the flat buffers), in the model's order. A DTensor
         parameter's entry is a DTensor over the stored shard, laid out as the parameter, so
         torch.distributed.checkpoint saves it sharded and loads straight into the flat buffer."""
+        self.wait()
         out = dict(zip(self.tracked.floating_names, self.flat.views))
         out.update(zip(self.tracked.integer_names, self.integers))
         if self.tracked.sharded:
@@ -215,17 +275,23 @@ class ModelCopy:
     def save(self, tensors: list[Tensor]) -> None:
         """Store the model's `tensors` (from `tracked.tensors(model)`) here."""
         floating, integer = self.tracked.split(tensors)
+        self.wait()
         for _, views, src in self.flat.pairs(floating):
-            self._copy(views, src)
+            self._copy(views, src, non_blocking=True)
         for kept, live in zip(self.integers, integer):
-            kept.copy_(live)
+            kept.copy_(live, non_blocking=True)
+        if self._on_cpu and any(t.is_cuda for t in tensors):
+            self._saved = torch.cuda.Event()
+            self._saved.record()
 
     @torch.no_grad()
     def load(self, tensors: list[Tensor]) -> None:
         """Write the stored values into the model's `tensors`, cast to their dtypes."""
+        self.tracked.before_write()
         floating, integer = self.tracked.split(tensors)
+        self.wait()
         for _, views, dst in self.flat.pairs(floating):
-            self._copy(dst, views)
+            self._copy(dst, views, non_blocking=False)
         for kept, live in zip(self.integers, integer):
             live.copy_(kept)
 
@@ -234,16 +300,16 @@ class ModelCopy:
         """Restore from a `named()` dict (say from a state_dict); checks everything before writing
         anything. For a DTensor parameter, the entry may be a DTensor laid out alike or a full
         tensor (from `distributed.full_state_dict`), of which this rank keeps its part."""
-        self.tracked.check_state(saved, self.named())
+        self.tracked.check_state(saved, self.named())  # (named() waits for a save in flight)
         layouts = zip(self.tracked.names, self.tracked.layouts)
         saved = {name: distributed.local_part(saved[name], layout, name) for name, layout in layouts}
         for _, views, names in self.flat.pairs(self.tracked.floating_names):
-            self._copy(views, [saved[name].to(v.device) for name, v in zip(names, views)])
+            self._copy(views, [saved[name].to(v.device) for name, v in zip(names, views)], False)
         for kept, name in zip(self.integers, self.tracked.integer_names):
             kept.copy_(saved[name])
 
-    def _copy(self, dst: list[Tensor], src: list[Tensor]) -> None:
+    def _copy(self, dst: list[Tensor], src: list[Tensor], non_blocking: bool) -> None:
         if dst and dst[0].device != src[0].device:  # a copy kept on another device
-            torch._foreach_copy_(dst, src, non_blocking=True)
+            torch._foreach_copy_(dst, src, non_blocking=non_blocking)
         else:
             ops.copy_(dst, src, backend=self.backend)

@@ -216,3 +216,60 @@ def test_without_check_finite_nan_enters_the_average_as_in_torch():
         model.weight[0, 0] = float("nan")
     swa.update(model)
     assert swa.average.views[0].isnan().any()
+
+
+def staged(manager, model):
+    """Route `manager`'s updates through a copy of the model, as `device="cpu"` does for a GPU model
+    (on this CPU-only machine the model and the average cannot be on different devices)."""
+    manager._stage_through(manager.tracked.tensors(model), pin_memory=False)
+    return manager
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: swa_fast.SWA(m, use_buffers=True),
+        lambda m: swa_fast.EMA(m, decay=0.8, update_after_step=1, update_every=2, use_buffers=True),
+        lambda m: swa_fast.SWAG(m, max_rank=2, use_buffers=True),
+        lambda m: swa_fast.SWA(m, check_finite=True),
+    ],
+    ids=["swa", "ema", "swag", "swa-check-finite"],
+)
+def test_an_average_kept_elsewhere_folds_each_update_at_the_next_call_or_read(make):
+    model = model_with_bn()
+    direct, deferred = make(model), staged(make(model), model)
+    for s in range(6):
+        step(model, s)
+        direct.update(model)
+        deferred.update(model)
+        assert deferred.folds <= direct.folds  # the latest update may still be on its way
+    state, expected = deferred.state_dict(), direct.state_dict()  # a read folds it
+    assert state["folds"] == expected["folds"] == direct.folds
+    for key in ("average", "sq", "deviation"):
+        for name, value in expected.get(key, {}).items():
+            assert torch.equal(state[key][name], value), (key, name)
+    assert torch.equal(state["n_averaged"], expected["n_averaged"])
+    step(model, 99)
+    deferred.update(model)
+    direct.update(model)
+    averaged = direct.state_dict()["average"].keys()
+    with deferred.average_applied(model):
+        inside = {k: v.clone() for k, v in model.state_dict().items() if k in averaged}
+    direct.copy_to(probe := model_with_bn())
+    for name, value in inside.items():
+        assert torch.equal(value, probe.state_dict()[name]), name
+
+
+def test_swap_refuses_an_average_kept_on_another_device():
+    model = model_with_bn()
+    swa = staged(swa_fast.SWA(model, dtype=None), model)
+    swa.update(model)
+    before = weights(model)
+    with pytest.raises(ValueError, match="average_applied"):
+        swa.swap(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+
+def test_side_stream_needs_a_gpu_model():
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        swa_fast.SWA(model_with_bn(), side_stream=True)

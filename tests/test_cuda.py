@@ -93,3 +93,84 @@ def test_opcheck_cuda(op):
     torch.library.opcheck(
         getattr(torch.ops.swa_fast, op), (*lists, *(torch.tensor(w, device="cuda") for w in extra))
     )
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(288, 4)).cuda()
+
+
+def train_steps(model, managers, steps, sync_check_from=None):
+    """SGD steps on random data, each followed by every manager's update; from step
+    `sync_check_from` on, any host synchronisation inside the updates raises."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for s in range(steps):
+        x = torch.randn(16, 3, 8, 8, device="cuda", generator=g)
+        y = torch.randint(0, 4, (16,), device="cuda", generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if sync_check_from is not None and s >= sync_check_from:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for manager in managers:
+                manager.update(model)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_side_stream_update_equals_the_main_stream_one_without_a_sync():
+    model = small_cnn()
+    on_main = swa_fast.SWA(model, use_buffers=True)
+    on_side = swa_fast.SWA(model, use_buffers=True, side_stream=True)
+    ema_side = swa_fast.EMA(model, decay=0.9, side_stream=True)
+    ema_main = swa_fast.EMA(model, decay=0.9)
+    train_steps(model, [on_main, on_side, ema_main, ema_side], steps=12, sync_check_from=3)
+    for a, b in [(on_main, on_side), (ema_main, ema_side)]:
+        expected, got = a.state_dict(), b.state_dict()  # state_dict waits for the side stream
+        for name in expected["average"]:
+            assert torch.equal(got["average"][name], expected["average"][name]), name
+
+
+def test_average_in_pinned_cpu_memory_equals_the_gpu_one():
+    model = small_cnn()
+    on_gpu = swa_fast.SWA(model, use_buffers=True)
+    on_cpu = swa_fast.SWA(model, use_buffers=True, device="cpu")
+    assert on_cpu.average.groups[0].buffer.is_pinned() and on_cpu.n_averaged.device.type == "cpu"
+    train_steps(model, [on_gpu, on_cpu], steps=8)
+    expected, got = on_gpu.state_dict(), on_cpu.state_dict()
+    for name, value in expected["average"].items():
+        torch.testing.assert_close(got["average"][name], value.cpu(), rtol=1e-6, atol=1e-7)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 3, 8, 8, device="cuda")
+    with on_cpu.average_applied(model):
+        inside = model.eval()(x)
+    with on_gpu.average_applied(model):
+        torch.testing.assert_close(inside, model(x), rtol=1e-5, atol=1e-6)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k]), k
+
+
+def test_fge_snapshots_in_pinned_cpu_memory():
+    model = small_cnn()
+    on_cpu = swa_fast.FGE(model, device="cpu", pin_memory=True)
+    on_gpu = swa_fast.FGE(model)
+    for _ in range(3):
+        train_steps(model, [], steps=2)
+        on_cpu.snapshot(model)
+        on_gpu.snapshot(model)
+    assert on_cpu.snapshots[0].flat.groups[0].buffer.is_pinned()
+    x = torch.randn(6, 3, 8, 8, device="cuda")
+    assert torch.equal(on_cpu.predict(model, x), on_gpu.predict(model, x))
+    state = on_cpu.state_dict()
+    assert all(v.device.type == "cpu" for snapshot in state["snapshots"] for v in snapshot.values())
+
+
+def test_swag_samples_on_the_gpu():
+    model = small_cnn()
+    swag = swa_fast.SWAG(model, max_rank=3)
+    train_steps(model, [swag], steps=5)
+    swag.sample(model, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert all(p.is_cuda and p.isfinite().all() for p in model.parameters())
