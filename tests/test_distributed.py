@@ -1,7 +1,7 @@
 """torch.distributed: DDP and FSDP2 (DTensor) managers, update_bn across ranks, DCP round trips.
 
 Each test runs on two real processes joined by the gloo backend (CPU) and checks their results
-against one process that sees all the data. Every collective has a 60 s timeout and every test a
+against one process that sees all the data. Every collective has a 30 s timeout and every test a
 deadline, so a failure ends the test instead of hanging it.
 """
 
@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import swa_fast
-from swa_fast.distributed import full_state_dict
+from swa_fast.distributed import full_state_dict, reshard
 
 WORLD = 2
 STEPS = 4
@@ -32,7 +32,7 @@ def _serve(rank: int, store: str, tasks, results) -> None:
     """A rank of the worker pair: runs fn(rank, tmp) for each task until told to stop."""
     torch.set_num_threads(1)  # two processes on a small machine
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
     )
     try:
         while (task := tasks.get()) is not None:
@@ -133,9 +133,9 @@ def batches(rank: int | None):
         yield (x, y) if rank is None else (x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4])
 
 
-def train(model, rank, managers, eval_between=False):
+def train(model, rank, updates, eval_between=False):
     """SGD on the rank's data (mean loss: DDP and FSDP2 average the ranks' gradients, which gives
-    the full batch's), each manager updated after every step."""
+    the full batch's), each of `updates` (say `swa.update`) called after every step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in batches(rank):
         opt.zero_grad()
@@ -144,14 +144,14 @@ def train(model, rank, managers, eval_between=False):
         if eval_between:  # leaves the FSDP2 root's parameters gathered: managers must cope
             with torch.no_grad():
                 model(x)
-        for m in managers:
-            m.update(model)
+        for update in updates:
+            update(model)
 
 
 def single_process_averages():
     model = mlp()
     swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.8)
-    train(model, None, [swa, ema])
+    train(model, None, [swa.update, ema.update])
     return swa.state_dict()["average"], ema.state_dict()["average"]
 
 
@@ -178,10 +178,12 @@ def fsdp_mlp():
 
 
 def full_weights(model) -> dict:
+    reshard(model)  # after a forward the FSDP2 root holds gathered plain tensors
     return {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in model.named_parameters()}
 
 
 def local_weights(model) -> dict:
+    reshard(model)
     return {
         n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
         for n, p in model.named_parameters()
@@ -195,7 +197,7 @@ def _ddp_averages(rank, tmp):
     model = DDP(mlp())
     swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.8)
     swa0 = swa_fast.SWA(model, rank0_only=True)
-    train(model, rank, [swa, ema, swa0])
+    train(model, rank, [swa.update, ema.update, swa0.update])
     swa_avg, ema_avg = swa.state_dict()["average"], ema.state_dict()["average"]
     assert_same_on_every_rank(swa_avg)
     assert_same_on_every_rank(ema_avg)
@@ -262,7 +264,7 @@ def test_update_bn_gives_every_rank_the_statistics_of_all_data(on_two_ranks):
 def _fsdp_averages(rank, tmp):
     model = fsdp_mlp()
     swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.8)
-    train(model, rank, [swa, ema], eval_between=True)
+    train(model, rank, [swa.update, ema.update], eval_between=True)
 
     state = swa.state_dict()
     for name, p in model.named_parameters():  # laid out as the parameters
@@ -281,15 +283,27 @@ def _fsdp_averages(rank, tmp):
     else:
         assert full_swa == {} and full_ema == {}
 
-    # Applying the average to the sharded model, and restoring it exactly.
+    # Applying the average to the sharded model, and restoring it exactly. Forward passes inside
+    # and after: FSDP2 keeps the root's gathered weights after a forward, which must not outlive
+    # the writes into the shards.
     live = local_weights(model)
-    with swa.average_applied(model):
-        assert_close_dicts(full_weights(model), expected_swa)
-    assert_close_dicts(local_weights(model), live)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
+    one = mlp()
+    one.load_state_dict(expected_swa)
+    with torch.no_grad():
+        before = model(x)
+        with swa.average_applied(model):
+            assert_close_dicts(full_weights(model), expected_swa)
+            torch.testing.assert_close(model(x), one(x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(model(x), before)
     assert all(torch.equal(live[n], t) for n, t in local_weights(model).items())
     swa.swap(model)
     assert_close_dicts(full_weights(model), expected_swa)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), one(x), rtol=1e-5, atol=1e-6)
     swa.swap(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
     assert all(torch.equal(live[n], t) for n, t in local_weights(model).items())
     other = fsdp_mlp()  # another model sharded alike
     swa.copy_to(other)
@@ -321,12 +335,12 @@ def _dcp_round_trip(rank, tmp):
     model = fsdp_mlp()
     ema = swa_fast.EMA(model, decay=0.8)
     swa = swa_fast.SWA(model)
-    train(model, rank, [ema, swa])
+    train(model, rank, [ema.update, swa.update])
     saved = {n: t.to_local().clone() for n, t in ema.state_dict()["average"].items()}
     dcp.save({"ema": ema.state_dict(), "swa": swa.state_dict()}, checkpoint_id=f"{tmp}/ckpt")
 
     ema2, swa2 = swa_fast.EMA(model, decay=0.8), swa_fast.SWA(model)  # what a resumed job builds
-    train(model, rank, [ema2, swa2])  # ... and whatever they held is overwritten by the load
+    train(model, rank, [ema2.update, swa2.update])  # ... and whatever they held is overwritten by the load
     state = {"ema": ema2.state_dict(), "swa": swa2.state_dict()}
     dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
     ema2.load_state_dict(state["ema"])
@@ -350,6 +364,32 @@ def _dcp_round_trip(rank, tmp):
 
 def test_dcp_round_trip_of_sharded_managers_resumes_exactly(on_two_ranks):
     on_two_ranks(_dcp_round_trip)
+
+
+def _fge_snapshots(rank, tmp):
+    model = fsdp_mlp()
+    fge = swa_fast.FGE(model)
+    train(model, rank, [fge.snapshot])
+    one = mlp()
+    expected = swa_fast.FGE(one)
+    train(one, None, [expected.snapshot])
+
+    state = fge.state_dict()
+    assert all(isinstance(t, DTensor) for snapshot in state["snapshots"] for t in snapshot.values())
+    full = full_state_dict(state)
+    if rank == 0:
+        for got, want in zip(full["snapshots"], expected.state_dict()["snapshots"], strict=True):
+            assert_close_dicts(got, want)
+
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+    live = local_weights(model)
+    got = fge.predict(model, x, output="logits")  # each snapshot loaded into the shards in turn
+    torch.testing.assert_close(got, expected.predict(one, x, output="logits"), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(live[n], t) for n, t in local_weights(model).items())
+
+
+def test_fge_snapshots_of_a_sharded_model(on_two_ranks):
+    on_two_ranks(_fge_snapshots)
 
 
 # --- models that differ between ranks ----------------------------------------------------------------
@@ -404,7 +444,7 @@ def test_update_bn_sync_without_torch_distributed_raises_and_leaves_the_model():
 def test_rank0_only_and_full_state_dict_in_one_process():
     model = mlp()
     swa = swa_fast.SWA(model, rank0_only=True)  # one process is rank 0: it keeps the average
-    train(model, None, [swa])
+    train(model, None, [swa.update])
     full = full_state_dict(swa.state_dict())
     expected, _ = single_process_averages()
     assert all(torch.equal(full["average"][n], expected[n]) for n in expected)
