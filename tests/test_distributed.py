@@ -210,6 +210,18 @@ def _ddp_averages(rank, tmp):
         assert_close_dicts(local_weights(model.module), swa_avg)
     assert all(torch.equal(live[n], p) for n, p in model.module.named_parameters())
 
+    # DCP: the replicated average is written once and read back on every rank.
+    dcp.save({"ema": ema.state_dict()}, checkpoint_id=f"{tmp}/ckpt")
+    resumed = swa_fast.EMA(model, decay=0.8)
+    state = {"ema": resumed.state_dict()}
+    dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
+    resumed.load_state_dict(state["ema"])
+    for m in (ema, resumed):
+        m.update(model)
+    after = resumed.state_dict()["average"]
+    assert all(torch.equal(t, after[n]) for n, t in ema.state_dict()["average"].items())
+    assert resumed.calls == ema.calls == STEPS + 1
+
     if rank == 0:
         assert all(torch.equal(swa0.state_dict()["average"][n], t) for n, t in swa_avg.items())
     else:  # rank0_only: nothing kept, nothing allocated, and a clear error when asked for it
@@ -252,6 +264,11 @@ def _update_bn_across_ranks(rank, tmp):
     assert local[1].num_batches_tracked.item() == len(mine)
     swa_fast.update_bn(mine, local, sync=True)  # ... unless asked
     assert_close_dicts(dict(local[1].named_buffers()), expected)
+
+    sharded = bn_model()  # FSDP2: synced over the mesh by default
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (WORLD,)))
+    swa_fast.update_bn(mine, sharded)
+    assert_close_dicts(dict(sharded[1].named_buffers()), expected)
 
 
 def test_update_bn_gives_every_rank_the_statistics_of_all_data(on_two_ranks):
