@@ -18,13 +18,13 @@ Every method gets the same budget of epochs, the same initial weights and the sa
 
 Time spent in the averaging calls (update, snapshot) is measured apart from training. Outputs in
 --out: `<name>_results.json`, `<name>_results.md` (the table), `<name>_accuracy.png` and
-`<name>_line.png` (train loss and test error along the line from the SGD solution through SWA's).
+`<name>_line.png` (train loss and test error along the lines from two SGD solutions, the SGD
+run's and the SWA run's last iterate, through the SWA solution: the SWA paper's figure 5).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -180,21 +180,6 @@ def make_cnn(channels: int, size: int, num_classes: int, width: int = 32) -> nn.
 # --- measuring ----------------------------------------------------------------------------------
 
 
-class Stopwatch:
-    """Seconds per named activity; `with watch("averaging"): ...` adds to it."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
 @torch.no_grad()
 def predict(model: nn.Module, batches: Batches) -> Tensor:
     """Softmax probabilities (N, C) in eval mode, computed in fp64 so that NLL never sees a 0."""
@@ -244,13 +229,11 @@ def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress
     per_epoch = len(train)
     swa_start = min(max(1, round(args.swa_start * args.epochs)), args.epochs - 1)
     first_phase = args.epochs if run == "sgd" else swa_start
-    floor = args.lr if run == "sgd" else args.swa_lr
-    floor *= 0.01 if run == "sgd" else 1.0
     # Per-iteration cosine over the first phase: lr -> 1% of lr (sgd) or -> swa_lr (swa, fge).
+    floor = 0.01 * args.lr if run == "sgd" else args.swa_lr
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=first_phase * per_epoch, eta_min=floor
     )
-    watch = Stopwatch()  # "averaging": the averaging calls only; "train": everything else in the loop
 
     ema = swa_fast.EMA(model, decay=args.ema_decay, use_buffers=True) if "ema" in methods else None
     swa_model = AveragedModel(model) if "swa" in methods else None
@@ -264,37 +247,37 @@ def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress
         fn(*a)
         avg_time[method] += time.perf_counter() - start
 
-    with watch("loop"):
-        for epoch in range(args.epochs):
-            if run != "sgd" and epoch == swa_start:
-                if run == "swa":
-                    scheduler = SWALR(optimizer, swa_lr=args.swa_lr, anneal_epochs=0)  # holds swa_lr
-                else:
-                    # At most what is left of the budget, and even (one iteration at the minimum).
-                    cycle = min(args.cycle * per_epoch, (args.epochs - swa_start) * per_epoch) // 2 * 2
-                    cyclic = swa_fast.FGECyclicLR(optimizer, args.swa_lr, 0.01 * args.lr, max(2, cycle))
-            model.train()
-            for x, y in train:
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                optimizer.step()
-                if ema is not None:
-                    timed("ema", ema.update, model)
-                if cyclic is not None:
-                    if cyclic.at_minimum():  # this step used the cycle's lowest rate: a snapshot
-                        timed("fge", fge.snapshot, model)
-                    cyclic.step()
-                elif epoch < first_phase:
-                    cosine.step()
-            if run == "swa" and epoch >= swa_start:
-                if swa_model is not None:
-                    timed("swa", swa_model.update_parameters, model)
-                if swag is not None:
-                    timed("swag", swag.update, model)
-                scheduler.step()
-            progress.step(f"seed {seed} {run} epoch {epoch + 1}/{args.epochs}")
+    loop_start = time.perf_counter()
+    for epoch in range(args.epochs):
+        if run != "sgd" and epoch == swa_start:
+            if run == "swa":
+                scheduler = SWALR(optimizer, swa_lr=args.swa_lr, anneal_epochs=0)  # holds swa_lr
+            else:
+                # At most what is left of the budget, and even (one iteration at the minimum).
+                cycle = min(args.cycle * per_epoch, (args.epochs - swa_start) * per_epoch) // 2 * 2
+                cyclic = swa_fast.FGECyclicLR(optimizer, args.swa_lr, 0.01 * args.lr, max(2, cycle))
+        model.train()
+        for x, y in train:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if ema is not None:
+                timed("ema", ema.update, model)
+            if cyclic is not None:
+                if cyclic.at_minimum():  # this step used the cycle's lowest rate: a snapshot
+                    timed("fge", fge.snapshot, model)
+                cyclic.step()
+            elif epoch < first_phase:
+                cosine.step()
+        if run == "swa" and epoch >= swa_start:
+            if swa_model is not None:
+                timed("swa", swa_model.update_parameters, model)
+            if swag is not None:
+                timed("swag", swag.update, model)
+            scheduler.step()
+        progress.step(f"seed {seed} {run} epoch {epoch + 1}/{args.epochs}")
     averaging = sum(avg_time.values())
-    train_s = watch.seconds["loop"] - averaging
+    train_s = time.perf_counter() - loop_start - averaging  # the training loop, averaging calls excluded
 
     out: dict = {"models": {}}
 
@@ -313,11 +296,8 @@ def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress
     if ema is not None:
 
         def ema_predict() -> Tensor:
-            # A copy holds the average, BatchNorm statistics included (use_buffers=True). Not
-            # `ema.average_applied(model)`: it fails on the integer num_batches_tracked buffers.
-            averaged = copy.deepcopy(model)
-            ema.copy_to(averaged)
-            return predict(averaged, test)
+            with ema.average_applied(model):  # BatchNorm statistics averaged too (use_buffers=True)
+                return predict(model, test)
 
         record("ema", ema_predict)
     if swa_model is not None:
@@ -379,13 +359,19 @@ def line_through(w_sgd: nn.Module, w_swa: nn.Module, data: Data, args, ts: np.nd
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Accuracy and NLL: mean and sample std over seeds. Seconds: the median over seeds, because
+    on a shared machine one slow seed (another job running) would dominate a mean."""
     summary = {}
     for method, runs in results.items():
         row = {}
-        for key in ("acc", "nll", "train_s", "averaging_s", "predict_s"):
+        for run in runs:
+            run["total_s"] = run["train_s"] + run["averaging_s"] + run["predict_s"]
+        for key in ("acc", "nll"):
             values = np.array([r[key] for r in runs])
             row[key] = float(values.mean())
             row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        for key in ("train_s", "averaging_s", "predict_s", "total_s"):
+            row[key] = float(np.median([r[key] for r in runs]))
         summary[method] = row
     return summary
 
@@ -394,10 +380,10 @@ def markdown_table(summary: dict, results: dict, data: Data, args) -> str:
     n = len(args.seeds)
     lines = [
         f"{data.describe()}; {args.epochs} epochs, seeds {', '.join(map(str, args.seeds))} "
-        f"(mean ± std over {n} seed{'s' * (n > 1)}; seconds are per seed)",
+        f"(accuracy, NLL: mean ± std over {n} seed{'s' * (n > 1)}; seconds: median of one seed's run)",
         "",
-        "| method | test accuracy | test NLL | train s | averaging s | predict s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | test accuracy | test NLL | train s | averaging s | predict s | total s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method, row in summary.items():
         label = LABELS[method] + {"ema": " (on the SGD run)", "swag": " (on the SWA run)"}.get(method, "")
@@ -406,7 +392,7 @@ def markdown_table(summary: dict, results: dict, data: Data, args) -> str:
         lines.append(
             f"| {label} | {100 * row['acc']:.2f} ± {100 * row['acc_std']:.2f}% "
             f"| {row['nll']:.4f} ± {row['nll_std']:.4f} | {row['train_s']:.2f} "
-            f"| {row['averaging_s']:.4f} | {row['predict_s']:.2f} |"
+            f"| {row['averaging_s']:.4f} | {row['predict_s']:.2f} | {row['total_s']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -447,11 +433,13 @@ def plot_line(lines: dict[str, dict], path: Path, title: str) -> None:
             t = np.array(line["t"])
             x = (t - 1) * line["distance"]
             values = np.array(line[key]) * (100 if key == "test_error" else 1)
-            ax.plot(x, values, "-", marker="os"[i % 2], ms=3, color=f"C{i}", label=f"from {start}")
+            ax.plot(
+                x, values, "-", marker="os"[i % 2], ms=3, color=f"C{i}", label=f"from {start} (large marker)"
+            )
             k0, k1 = int(np.argmin(np.abs(t))), int(np.argmin(np.abs(t - 1)))
             ax.plot(x[k0], values[k0], marker="os"[i % 2], ms=9, color=f"C{i}")
             ax.plot(x[k1], values[k1], "*", ms=14, color="k", label="SWA solution" if i == 0 else None)
-        ax.set_xlabel("distance from SWA along w_SGD + t (w_SWA - w_SGD), t in [-0.5, 2]; big marker: SGD")
+        ax.set_xlabel("signed distance from the SWA solution (L2 norm of the weights)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -545,9 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_accuracy(results, files["accuracy_plot"], title)
     if line is not None:
         files["line_plot"] = args.out / f"{data.name}_line.png"
-        title = (
-            f"{data.name}: along the line through an SGD solution and the SWA solution (seed {args.seeds[0]})"
-        )
+        title = f"{data.name}, seed {args.seeds[0]}: w_SGD + t (w_SWA - w_SGD), t in [-0.5, 2]"
         plot_line(line, files["line_plot"], title)
     report = {
         "data": data.describe(),
