@@ -23,9 +23,9 @@ from torch.nn import Module
 try:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # a torch built without distributed support: no DTensor can exist
-    dist = FSDPModule = DTensor = distribute_tensor = None
+    dist = FSDPModule = DTensor = Shard = distribute_tensor = None
 
 
 class Shards(NamedTuple):
@@ -36,6 +36,19 @@ class Shards(NamedTuple):
     placements: tuple
     shape: torch.Size  # global
     stride: tuple  # global
+
+    def with_lead(self, lead: tuple[int, ...]) -> Shards:
+        """The layout of a tensor of shape (*lead, *shape) whose trailing dims are laid out as this
+        one (say a stack of per-parameter rows, SWAG's deviations): shard dims move by len(lead)."""
+        if not lead:
+            return self
+        placements = []
+        for p in self.placements:
+            if p.is_shard() and type(p) is not Shard:
+                raise ValueError(f"swa_fast: cannot stack tensors placed {p} (only Shard / Replicate)")
+            placements.append(Shard(p.dim + len(lead)) if p.is_shard() else p)
+        shape = torch.Size((*lead, *self.shape))
+        return Shards(self.mesh, tuple(placements), shape, torch.empty(shape, device="meta").stride())
 
     def describe(self) -> str:
         return f"a DTensor of global shape {list(self.shape)} placed {list(self.placements)} on {self.mesh}"

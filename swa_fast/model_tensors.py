@@ -177,24 +177,29 @@ class TrackedModel:
         if extra:
             raise ValueError(f"swa_fast: the state_dict has entries this model lacks, first '{extra[0]}'")
 
-    def local_state(self, saved: dict, names: list[str] | None = None) -> dict[str, Tensor]:
+    def local_state(self, saved: dict, names: list[str] | None = None, lead: tuple = ()) -> dict[str, Tensor]:
         """Check that `saved` holds exactly `names` (default: all) with this model's (global) shapes,
-        then give name -> this rank's part: a DTensor's local shard, or the slice of a full tensor
-        that this rank holds (no communication). Plain tensors pass through. For a manager's own
-        per-tensor state beside a ModelCopy (say SWAG's second moment) on load."""
+        each behind `lead` extra leading dims, then give name -> this rank's part: a DTensor's local
+        shard, or the slice of a full tensor that this rank holds (no communication); plain tensors
+        pass through. Loads a manager's own per-tensor state kept beside a ModelCopy (say SWAG's)."""
         names = self.names if names is None else names
         where = {name: i for i, name in enumerate(self.names)}
-        self.check_state(saved, {n: torch.empty(self.shapes[where[n]], device="meta") for n in names})
-        return {n: distributed.local_part(saved[n], self.layouts[where[n]], n) for n in names}
+        shapes = {n: torch.empty((*lead, *self.shapes[where[n]]), device="meta") for n in names}
+        self.check_state(saved, shapes)
+        return {n: distributed.local_part(saved[n], self._layout(where[n], lead), n) for n in names}
 
-    def shard_state(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
-        """name -> this rank's part (as `tensors()` gives) made DTensors laid out as the model's
-        tensors, for a state_dict that torch.distributed.checkpoint saves sharded; as is for a model
-        without DTensors. The inverse of `local_state`."""
+    def shard_state(self, local: dict[str, Tensor], lead: tuple = ()) -> dict[str, Tensor]:
+        """name -> this rank's part (as `tensors()` gives, behind `lead` extra leading dims) made
+        DTensors laid out as the model's tensors, so torch.distributed.checkpoint saves it sharded
+        and loads into it in place; as is for a model without DTensors. The inverse of
+        `local_state`."""
         if not self.sharded:
             return local
         where = {name: i for i, name in enumerate(self.names)}
-        return {n: distributed.as_dtensor(t, self.layouts[where[n]]) for n, t in local.items()}
+        return {n: distributed.as_dtensor(t, self._layout(where[n], lead)) for n, t in local.items()}
+
+    def _layout(self, i: int, lead: tuple) -> distributed.Shards | None:
+        return None if self.layouts[i] is None else self.layouts[i].with_lead(tuple(lead))
 
     def _describe_change(self, names: list[str], tensors: list[Tensor] | None) -> str:
         for i, (expected, got) in enumerate(zip(self.names, names)):
@@ -300,9 +305,8 @@ class ModelCopy:
         """Restore from a `named()` dict (say from a state_dict); checks everything before writing
         anything. For a DTensor parameter, the entry may be a DTensor laid out alike or a full
         tensor (from `distributed.full_state_dict`), of which this rank keeps its part."""
-        self.tracked.check_state(saved, self.named())  # (named() waits for a save in flight)
-        layouts = zip(self.tracked.names, self.tracked.layouts)
-        saved = {name: distributed.local_part(saved[name], layout, name) for name, layout in layouts}
+        saved = self.tracked.local_state(saved)  # checks every entry, then this rank's parts
+        self.wait()  # a save in flight lands before it is overwritten
         for _, views, names in self.flat.pairs(self.tracked.floating_names):
             self._copy(views, [saved[name].to(v.device) for name, v in zip(names, views)], False)
         for kept, name in zip(self.integers, self.tracked.integer_names):

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import swa_fast
 from swa_fast.distributed import full_state_dict, reshard
+from swa_fast.model_tensors import TrackedModel
 
 WORLD = 2
 STEPS = 4
@@ -407,6 +408,28 @@ def _fge_snapshots(rank, tmp):
 
 def test_fge_snapshots_of_a_sharded_model(on_two_ranks):
     on_two_ranks(_fge_snapshots)
+
+
+def _stacked_state(rank, tmp):
+    """A manager's own per-tensor state with leading dims (SWAG's deviation rows), saved as DTensors
+    and read back from them or from full tensors."""
+    model = fsdp_mlp()
+    tracked = TrackedModel(model, buffers=False, owner="test")
+    local = dict(zip(tracked.names, tracked.tensors(model)))
+    stacked = {n: torch.stack([t * k for k in range(3)]) for n, t in local.items()}
+    sharded = tracked.shard_state(stacked, lead=(3,))
+    full = full_state_dict(sharded, rank0_only=False)
+    for name, w in full_weights(model).items():
+        assert torch.equal(full[name], torch.stack([w * k for k in range(3)])), name
+    for saved in (full, sharded):
+        back = tracked.local_state(saved, lead=(3,))
+        assert all(torch.equal(back[n], stacked[n]) for n in stacked)
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \[3, 8, 6\] in the state_dict but \[8, 6\]"):
+        tracked.local_state(full)
+
+
+def test_per_tensor_state_with_leading_dims_of_a_sharded_model(on_two_ranks):
+    on_two_ranks(_stacked_state)
 
 
 # --- models that differ between ranks ----------------------------------------------------------------
