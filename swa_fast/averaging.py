@@ -293,18 +293,19 @@ class Averager:
         missing = [k for k in ("average", "n_averaged", "calls") if k not in state]
         if missing:
             raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
-        self._check_extra_state(state)
+        checked = self._check_extra_state(state)
         self._copy.load_named(state["average"])
         self.n_averaged.copy_(state["n_averaged"])
         self.n_skipped.copy_(state.get("n_skipped", 0))
         self.calls = int(state["calls"])
         self.folds = int(state.get("folds", self.calls))
-        self._load_extra_state(state)
+        self._load_extra_state(checked)
 
-    def _check_extra_state(self, state: dict) -> None:
-        """Raise unless the subclass's part of `state` fits (before anything is written)."""
+    def _check_extra_state(self, state: dict) -> Any:
+        """Raise unless the subclass's part of `state` fits (before anything is written); return
+        what `_load_extra_state` then writes (this rank's parts of it)."""
 
-    def _load_extra_state(self, state: dict) -> None:
+    def _load_extra_state(self, checked: Any) -> None:
         pass
 
 
@@ -389,6 +390,7 @@ class SWAG(Averager):
     with z1, z2 standard normal and K the rows collected so far. `scale=0.5` is the paper's
     sample (its 1/sqrt(2) factors); `diag_only=True` drops the low-rank part (SWAG-Diagonal).
     `average` holds the mean (the SWA solution), so `copy_to` / `average_applied` apply it.
+    Other keywords (`rank0_only`, `device`, `side_stream`, `backend`) are the Averager's.
     """
 
     def __init__(
@@ -398,11 +400,14 @@ class SWAG(Averager):
         *,
         dtype: torch.dtype | None = torch.float32,
         use_buffers: bool = False,
-        backend: str | None = None,
+        **options,
     ) -> None:
         if max_rank < 0:
             raise ValueError(f"swa_fast.SWAG: max_rank must be >= 0, got {max_rank}")
-        super().__init__(model, dtype=dtype, use_buffers=use_buffers, backend=backend)
+        if options.get("check_finite"):
+            # A skipped update would still write its (non-finite) deviation row.
+            raise ValueError("swa_fast.SWAG: check_finite is not supported (SWA and EMA have it)")
+        super().__init__(model, dtype=dtype, use_buffers=use_buffers, **options)
         self.max_rank = max_rank
         self.sq = FlatBuffer(self.average.views)  # the first update overwrites it exactly
         # One (max_rank, group length) matrix per flat group, written a row per update.
@@ -449,14 +454,19 @@ class SWAG(Averager):
             )
         tensors = self.tracked.tensors(model)
         floating, integer = self.tracked.split(tensors)
+        # The low-rank noise multiplies whole deviation vectors: one draw for every flat group and,
+        # under FSDP2, every rank's shards (the first rank's is sent to the others).
+        if not diag_only:
+            first = self.deviations[0]
+            shared = torch.randn(self.rank, dtype=first.dtype, device=first.device, generator=generator)
+            shared = distributed.shared_draw(shared, self.tracked.layouts)
         for k, (g, _, dst) in enumerate(self.average.pairs(floating)):
             sq = self.sq.groups[k].buffer
             drawn = torch.addcmul(sq, g.buffer, g.buffer, value=-1).clamp_min_(1e-30).sqrt_()
             drawn.mul_(torch.randn(drawn.shape, dtype=drawn.dtype, device=drawn.device, generator=generator))
             if not diag_only:
                 rows = self.deviations[k][: self.rank]
-                z = torch.randn(self.rank, dtype=rows.dtype, device=rows.device, generator=generator)
-                drawn.addmv_(rows.t(), z, alpha=(self.rank - 1) ** -0.5)
+                drawn.addmv_(rows.t(), shared.to(rows.device), alpha=(self.rank - 1) ** -0.5)
             drawn.mul_(scale**0.5).add_(g.buffer)
             ops.copy_(dst, self.average.views_of(g, drawn), backend=self.backend)
         for kept, live in zip(self._integers, integer):
@@ -505,22 +515,26 @@ class SWAG(Averager):
 
     def _extra_state(self) -> dict:
         return {
-            "sq": dict(zip(self.tracked.floating_names, self.sq.views)),
-            "deviation": self._deviation_views(),
+            "sq": self.tracked.shard_state(dict(zip(self.tracked.floating_names, self.sq.views))),
+            "deviation": self.tracked.shard_state(self._deviation_views(), lead=(self.max_rank,)),
             "max_rank": self.max_rank,
         }
 
-    def _check_extra_state(self, state: dict) -> None:
+    def _check_extra_state(self, state: dict) -> tuple[dict, dict]:
         if state.get("max_rank") != self.max_rank or "sq" not in state or "deviation" not in state:
             raise ValueError(
                 f"swa_fast.SWAG: expected a SWAG state_dict with max_rank {self.max_rank}, got one with "
                 f"max_rank {state.get('max_rank')} and keys {sorted(state)}"
             )
-        self.tracked.check_state(state["sq"], dict(zip(self.tracked.floating_names, self.sq.views)))
-        self.tracked.check_state(state["deviation"], self._deviation_views())
+        names = self.tracked.floating_names
+        return (
+            self.tracked.local_state(state["sq"], names),
+            self.tracked.local_state(state["deviation"], names, lead=(self.max_rank,)),
+        )
 
-    def _load_extra_state(self, state: dict) -> None:
+    def _load_extra_state(self, checked: tuple[dict, dict]) -> None:
+        sq_parts, deviation_parts = checked
         for name, sq in zip(self.tracked.floating_names, self.sq.views):
-            sq.copy_(state["sq"][name])
+            sq.copy_(sq_parts[name])
         for name, columns in self._deviation_views().items():
-            columns.copy_(state["deviation"][name])
+            columns.copy_(deviation_parts[name])

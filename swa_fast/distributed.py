@@ -158,6 +158,20 @@ def check_same_on_all_ranks(fingerprint: list, groups: Sequence, owner: str) -> 
             )
 
 
+def shared_draw(draw: Tensor, layouts: Sequence[Shards | None]) -> Tensor:
+    """`draw` (a random tensor) replaced in place by the first rank's, on every rank of the
+    DTensors' mesh (along each of its dimensions): for a draw that multiplies whole parameter
+    vectors, such as SWAG's low-rank noise, which every rank's shards must share. As is without
+    DTensors."""
+    mesh = next((s.mesh for s in layouts if s is not None), None)
+    if mesh is None:
+        return draw
+    for d in range(mesh.ndim):
+        group = mesh.get_group(d)
+        dist.broadcast(draw, src=dist.get_global_rank(group, 0), group=group)
+    return draw
+
+
 def rank_in(wrapper: Module) -> int:
     """This process's rank in the DDP wrapper's group (or the default group); 0 without
     torch.distributed."""

@@ -59,7 +59,7 @@ class FGE:
             raise ValueError(f"swa_fast.FGE: when_full must be one of {WHEN_FULL}, got {when_full!r}")
         if scheduler is not None and not isinstance(scheduler, FGECyclicLR):
             raise ValueError(f"swa_fast.FGE: scheduler must be FGECyclicLR, got {type(scheduler).__name__}")
-        self.tracked = TrackedModel(model, buffers=True, owner="FGE")
+        self.tracked = TrackedModel(model, buffers=True, owner="FGE", options=[])
         self.max_snapshots = max_snapshots
         self.dtype = dtype
         self.device = device
@@ -188,10 +188,8 @@ class FGE:
                 f"swa_fast.FGE: the state_dict has {len(saved)} snapshots, this store holds at most "
                 f"{self.max_snapshots}"
             )
-        shapes = [shape for shape, _, _ in self._layout]
-        expected = {n: torch.empty(shape, device="meta") for n, shape in zip(self.tracked.names, shapes)}
-        for snapshot in saved:
-            self.tracked.check_state(snapshot, expected)
+        # Checks every snapshot first; then this rank's parts (DTensor shards, or slices of full tensors).
+        saved = [self.tracked.local_state(snapshot) for snapshot in saved]
         copies = []
         for snapshot in saved:
             tensors = [

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import swa_fast
-from swa_fast.distributed import full_state_dict, reshard
+from swa_fast.distributed import full_state_dict, reshard, shared_draw
 from swa_fast.model_tensors import TrackedModel
 
 WORLD = 2
@@ -467,6 +467,69 @@ def _mismatches(rank, tmp):
 
 def test_a_rank_with_another_model_gets_a_clear_error_on_every_rank(on_two_ranks):
     on_two_ranks(_mismatches)
+
+
+def _fge_swag_checkpoints(rank, tmp):
+    model = fsdp_mlp()
+    fge, swag = swa_fast.FGE(model), swa_fast.SWAG(model, max_rank=3)
+    train(model, rank, [fge.snapshot, swag.update])
+    one = mlp()
+    fge1, swag1 = swa_fast.FGE(one), swa_fast.SWAG(one, max_rank=3)
+    train(one, None, [fge1.snapshot, swag1.update])
+    full = full_state_dict(swag.state_dict())
+    if rank == 0:
+        expected = swag1.state_dict()
+        for k in ("average", "sq", "deviation"):
+            assert_close_dicts(full[k], expected[k])
+    dcp.save({"fge": fge.state_dict(), "swag": swag.state_dict()}, checkpoint_id=f"{tmp}/ckpt")
+    fge2, swag2 = swa_fast.FGE(model), swa_fast.SWAG(model, max_rank=3)
+    train(model, rank, [fge2.snapshot, swag2.update])
+    state = {"fge": fge2.state_dict(), "swag": swag2.state_dict()}
+    dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
+    fge2.load_state_dict(state["fge"])
+    swag2.load_state_dict(state["swag"])
+    for a, b in zip(fge.state_dict()["snapshots"], fge2.state_dict()["snapshots"], strict=True):
+        assert all(torch.equal(a[n].to_local(), b[n].to_local()) for n in a)
+    a, b = swag.state_dict(), swag2.state_dict()
+    for k in ("average", "sq", "deviation"):
+        assert all(torch.equal(a[k][n].to_local(), b[k][n].to_local()) for n in a[k]), k
+    fge3, swag3 = swa_fast.FGE(model), swa_fast.SWAG(model, max_rank=3)  # from full state dicts
+    fge3.load_state_dict(full_state_dict(fge.state_dict(), rank0_only=False))
+    swag3.load_state_dict(full_state_dict(swag.state_dict(), rank0_only=False))
+    c = swag3.state_dict()
+    for k in ("average", "sq", "deviation"):
+        assert all(torch.equal(a[k][n].to_local(), c[k][n].to_local()) for n in a[k]), k
+    assert len(fge3.snapshots) == STEPS
+
+
+def test_fge_and_swag_checkpoints_of_a_sharded_model(on_two_ranks):
+    on_two_ranks(_fge_swag_checkpoints)
+
+
+def _swag_sample_on_shards(rank, tmp):
+    # The low-rank noise is drawn from differently seeded generators on the two ranks, then made
+    # the first rank's everywhere: checked on the helper, then through a whole sample.
+    draw = shared_draw(torch.randn(5, generator=torch.Generator().manual_seed(rank)), [])
+    assert torch.equal(draw, torch.randn(5, generator=torch.Generator().manual_seed(rank)))  # no mesh
+    model = fsdp_mlp()
+    layouts = swa_fast.SWAG(model, max_rank=2).tracked.layouts
+    draw = shared_draw(torch.randn(5, generator=torch.Generator().manual_seed(rank)), layouts)
+    gathered = [torch.empty(5) for _ in range(WORLD)]
+    dist.all_gather(gathered, draw)
+    assert torch.equal(gathered[0], gathered[1])
+    assert torch.equal(draw, torch.randn(5, generator=torch.Generator().manual_seed(0)))
+    swag = swa_fast.SWAG(model, max_rank=3)
+    train(model, rank, [swag.update])
+    swag.copy_to(model)
+    mean = full_weights(model)
+    swag.sample(model, generator=torch.Generator().manual_seed(10 + rank))
+    drawn = full_weights(model)
+    assert all(torch.isfinite(t).all() for t in drawn.values())
+    assert any(not torch.equal(drawn[n], mean[n]) for n in mean)
+
+
+def test_swag_samples_share_their_low_rank_noise_across_shards(on_two_ranks):
+    on_two_ranks(_swag_sample_on_shards)
 
 
 # --- without torch.distributed ---------------------------------------------------------------------
