@@ -1,5 +1,6 @@
 """swa_fast: fused, in-place weight averaging for PyTorch."""
 
+from . import distributed, schedules, swa_utils
 from .averaging import EMA, SWA, SWAG
 from .bn import update_bn
 from .fge import FGE
@@ -18,9 +19,12 @@ __all__ = [
     "FlatBuffer",
     "backend_status",
     "choose_backend",
+    "distributed",
     "copy_",
     "lerp_",
     "moments_",
+    "schedules",
+    "swa_utils",
     "swap_",
     "update_bn",
 ]

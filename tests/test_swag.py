@@ -161,3 +161,8 @@ def test_sampling_needs_collected_models():
     swag.sample(model, diag_only=True)  # the diagonal part needs one
     with pytest.raises(ValueError, match="n_samples"):
         swag.predict(model, torch.zeros(1, 2), n_samples=0)
+
+
+def test_check_finite_is_refused():
+    with pytest.raises(ValueError, match="check_finite"):
+        swa_fast.SWAG(torch.nn.Linear(2, 2), check_finite=True)
