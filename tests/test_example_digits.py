@@ -44,6 +44,10 @@ def check_outputs(report: dict, out: Path, name: str, seeds: int) -> None:
     for method in ("swa", "fge", "swag", "ema"):  # the averaging calls were timed
         assert all(r["averaging_s"] > 0 for r in saved["runs"][method])
     assert all(r["snapshots"] >= 1 for r in saved["runs"]["fge"])
+    for method in METHODS:  # paired differences with SGD, seed by seed
+        row = saved["summary"][method]
+        assert math.isfinite(row["acc_vs_sgd"]) and math.isfinite(row["nll_vs_sgd"])
+    assert saved["summary"]["sgd"]["acc_vs_sgd"] == 0.0
     for line in saved["line"].values():
         assert len(line["t"]) == len(line["train_loss"]) == len(line["test_error"])
         assert all(math.isfinite(v) for v in line["train_loss"])
