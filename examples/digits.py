@@ -70,6 +70,11 @@ class Data:
         self.num_classes = int(max(self.y_train.max(), self.y_test.max())) + 1
         self.augment = augment  # random flips and shifts: right for photos, wrong for digits
 
+    def to(self, device: torch.device) -> Data:
+        for key in ("x_train", "x_test", "y_train", "y_test"):
+            setattr(self, key, getattr(self, key).to(device))
+        return self
+
     def describe(self) -> str:
         shape = "x".join(map(str, self.x_train.shape[1:]))
         return f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images, {shape}"
@@ -140,7 +145,7 @@ class Batches:
         n = len(self.x)
         order = torch.arange(n) if self.generator is None else torch.randperm(n, generator=self.generator)
         for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
+            idx = order[start : start + self.batch_size].to(self.x.device)
             x = self.x[idx]
             if self.augment and self.generator is not None:
                 x = random_flip_and_shift(x, self.generator)
@@ -150,7 +155,7 @@ class Batches:
 def random_flip_and_shift(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
     """Standard CIFAR augmentation, cheaply: a random horizontal flip per image and one random
     shift (zero padding, crop) per batch."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
+    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     i, j = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
     return F.pad(x, (pad, pad, pad, pad))[:, :, i : i + x.shape[2], j : j + x.shape[3]]
@@ -180,6 +185,11 @@ def make_cnn(channels: int, size: int, num_classes: int, width: int = 32) -> nn.
 # --- measuring ----------------------------------------------------------------------------------
 
 
+def synchronize(data: Data) -> None:
+    if data.x_train.is_cuda:
+        torch.cuda.synchronize(data.x_train.device)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: Batches) -> Tensor:
     """Softmax probabilities (N, C) in eval mode, computed in fp64 so that NLL never sees a 0."""
@@ -189,7 +199,7 @@ def predict(model: nn.Module, batches: Batches) -> Tensor:
 
 def scores(probs: Tensor, y: Tensor) -> dict[str, float]:
     """Accuracy and negative log-likelihood of predicted probabilities."""
-    p_true = probs.double()[torch.arange(len(y)), y].clamp_min(1e-300)
+    p_true = probs.double().gather(1, y[:, None]).clamp_min(1e-300)
     return {"acc": (probs.argmax(1) == y).double().mean().item(), "nll": -p_true.log().mean().item()}
 
 
@@ -221,7 +231,8 @@ def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress
     and the final models needed for the line plot."""
     torch.manual_seed(seed)  # the same initial weights for every run of this seed
     channels, size = data.x_train.shape[1], data.x_train.shape[2]
-    model = make_cnn(channels, size, data.num_classes, args.width)
+    model_device = data.x_train.device
+    model = make_cnn(channels, size, data.num_classes, args.width).to(model_device)
     train = Batches(data.x_train, data.y_train, args.batch_size, seed=seed, augment=data.augment)
     bn_loader = Batches(data.x_train, data.y_train, args.batch_size)  # update_bn: one plain pass
     test = Batches(data.x_test, data.y_test, 512)
@@ -243,8 +254,10 @@ def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress
     avg_time = dict.fromkeys(methods, 0.0)
 
     def timed(method: str, fn, *a) -> None:
+        synchronize(data)
         start = time.perf_counter()
         fn(*a)
+        synchronize(data)  # on a GPU, the time of the work, not of its launch
         avg_time[method] += time.perf_counter() - start
 
     loop_start = time.perf_counter()
@@ -276,6 +289,7 @@ def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress
                 timed("swag", swag.update, model)
             scheduler.step()
         progress.step(f"seed {seed} {run} epoch {epoch + 1}/{args.epochs}")
+    synchronize(data)
     averaging = sum(avg_time.values())
     train_s = time.perf_counter() - loop_start - averaging  # the training loop, averaging calls excluded
 
@@ -284,6 +298,7 @@ def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress
     def record(method: str, fn) -> None:
         start = time.perf_counter()
         probs = fn()
+        synchronize(data)
         out[method] = {
             **scores(probs, data.y_test),
             "train_s": train_s,
@@ -319,7 +334,7 @@ def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress
                 scale=0.5,
                 diag_only=diag_only,
                 bn_loader=bn_loader,
-                generator=torch.Generator().manual_seed(seed),  # reproducible samples
+                generator=torch.Generator(model_device).manual_seed(seed),  # reproducible samples
             ),
         )
         out["swag"].update(rank=swag.rank, diag_only=diag_only)
@@ -348,9 +363,7 @@ def line_through(w_sgd: nn.Module, w_swa: nn.Module, data: Data, args, ts: np.nd
             p.copy_(a + float(t) * (b - a))
         update_bn(train, probe)
         probs = predict(probe, train)
-        loss.append(
-            -probs[torch.arange(len(data.y_train)), data.y_train].clamp_min(1e-300).log().mean().item()
-        )
+        loss.append(-probs.gather(1, data.y_train[:, None]).clamp_min(1e-300).log().mean().item())
         error.append(1.0 - scores(predict(probe, test), data.y_test)["acc"])
     gap = torch.cat([(b - a).flatten() for a, b in zip(w_sgd.parameters(), w_swa.parameters())])
     return {
@@ -500,6 +513,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--swag-samples", type=int, default=30)
     p.add_argument("--line-points", type=int, default=26, help="points on the line t in [-0.5, 2]")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     asked = set(args.methods.split(","))
     if not asked or asked - set(METHODS):
@@ -515,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_image_folder(args.data, args.subsample) if args.data else load_digits_data(args.subsample)
+    data.to(torch.device(args.device))  # the whole data set lives on the device: no loader needed
     print(data.describe(), file=sys.stderr)
     methods = set(args.methods)
     runs = [r for r in ("sgd", "swa", "fge") if any(RUN_OF[m] == r for m in methods)]
@@ -559,6 +574,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": args.device,
         "summary": summary,
         "runs": results,
         "line": line,

@@ -58,7 +58,7 @@ def test_digits_end_to_end(digits, tmp_path):
     # 4 epochs with SWA from the middle: two collected models, so SWAG's low-rank part is used.
     argv = ["--epochs", "4", "--seeds", "0", "1", "--subsample", "300", "--swa-start", "0.5"]
     argv += ["--swag-samples", "3", "--line-points", "4", "--width", "8", "--out", str(tmp_path)]
-    report = digits.main(argv)
+    report = digits.main([*argv, "--device", "cpu"])
     check_outputs(report, tmp_path, "digits", seeds=2)
     assert "1x8x8" in report["data"]
     assert all(not r["diag_only"] and r["rank"] == 2 for r in report["runs"]["swag"])
@@ -86,12 +86,33 @@ def test_image_folder_without_torchvision(digits, tmp_path, monkeypatch):
     write_fake_folder(data_dir)
     out = tmp_path / "out"
     argv = ["--data", str(data_dir), "--epochs", "2", "--seeds", "0", "--batch-size", "6", "--width", "4"]
-    argv += ["--swag-samples", "2", "--line-points", "3", "--out", str(out)]
+    argv += ["--swag-samples", "2", "--line-points", "3", "--out", str(out), "--device", "cpu"]
     report = digits.main(argv)
     check_outputs(report, out, "fake_cifar", seeds=1)
     assert report["data"].startswith("fake_cifar: 18 train / 6 test images, 3x32x32")
     # One collected model in a 2-epoch budget: SWAG falls back to its diagonal part.
     assert report["runs"]["swag"][0]["diag_only"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_digits_on_cuda(digits, tmp_path):
+    # The image-folder path too: its augmentation draws on the CPU for CUDA batches.
+    data_dir = tmp_path / "fake_cifar"
+    write_fake_folder(data_dir)
+    argv = ["--data", str(data_dir), "--epochs", "4", "--seeds", "0", "--batch-size", "6", "--width", "4"]
+    argv += [
+        "--swa-start",
+        "0.5",
+        "--swag-samples",
+        "2",
+        "--line-points",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    report = digits.main([*argv, "--device", "cuda"])
+    check_outputs(report, tmp_path / "out", "fake_cifar", seeds=1)
+    assert report["device"] == "cuda"
 
 
 def test_cnn_adapts_to_the_input(digits):
