@@ -227,7 +227,7 @@ class Progress:
 
 
 def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress: Progress) -> dict:
-    """One training run; returns, per method that rides on it, its test probabilities and times,
+    """One training run; returns, per method that rides on it, its test scores and times,
     and the final models needed for the line plot."""
     torch.manual_seed(seed)  # the same initial weights for every run of this seed
     channels, size = data.x_train.shape[1], data.x_train.shape[2]
