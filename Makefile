@@ -9,7 +9,7 @@ EXPECT_CUDA := $(shell (command -v nvcc || ls /usr/local/cuda*/bin/nvcc) >/dev/n
 
 .PHONY: test bench lint info gpu-check clean
 
-$(BIN)/.deps: pyproject.toml
+$(BIN)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch ninja setuptools wheel pytest numpy expecttest ruff matplotlib pytest-benchmark scikit-learn tqdm

@@ -458,12 +458,12 @@ class SWAG(Averager):
         # under FSDP2, every rank's shards (the first rank's is sent to the others).
         if not diag_only:
             first = self.deviations[0]
-            shared = torch.randn(self.rank, dtype=first.dtype, device=first.device, generator=generator)
+            shared = self._normal(self.rank, first, generator)
             shared = distributed.shared_draw(shared, self.tracked.layouts)
         for k, (g, _, dst) in enumerate(self.average.pairs(floating)):
             sq = self.sq.groups[k].buffer
             drawn = torch.addcmul(sq, g.buffer, g.buffer, value=-1).clamp_min_(1e-30).sqrt_()
-            drawn.mul_(torch.randn(drawn.shape, dtype=drawn.dtype, device=drawn.device, generator=generator))
+            drawn.mul_(self._normal(drawn.numel(), drawn, generator))
             if not diag_only:
                 rows = self.deviations[k][: self.rank]
                 drawn.addmv_(rows.t(), shared.to(rows.device), alpha=(self.rank - 1) ** -0.5)
@@ -471,6 +471,13 @@ class SWAG(Averager):
             ops.copy_(dst, self.average.views_of(g, drawn), backend=self.backend)
         for kept, live in zip(self._integers, integer):
             live.copy_(kept)
+
+    @staticmethod
+    def _normal(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """n standard normal numbers for `like`'s device, drawn where `generator` lives (a CPU
+        generator serves a GPU model too, at the cost of a copy)."""
+        device = generator.device if generator is not None else like.device
+        return torch.randn(n, dtype=like.dtype, device=device, generator=generator).to(like.device)
 
     def predict(self, model: Module, inputs: Any, **kwargs) -> Tensor:
         """Bayesian model average on one batch: see `predict_loader`."""
