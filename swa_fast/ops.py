@@ -142,21 +142,30 @@ def _foreach_swap(a: list[Tensor], b: list[Tensor]) -> None:
 # Compiled backends check in C++ (no Python loop over tensors); the Python backends check here.
 
 
-def _run(op: str, lists: list[list[Tensor]], weight, backend: str | None, check, python_impls) -> None:
+def _as_list(tensors: Sequence[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
+    # Lists and tuples pass as they are (copying 1,000 items costs microseconds); anything else,
+    # such as model.parameters(), is gathered once.
+    return tensors if type(tensors) in (list, tuple) else list(tensors)
+
+
+def _run(op: str, lists: list[Sequence[Tensor]], weight, backend: str | None, check, python_impls) -> None:
+    lists = [_as_list(tensors) for tensors in lists]
     name = choose_backend(lists[0][0].device, backend) if lists[0] else "reference"
-    if name in ("cpu", "cuda"):
-        # Eager calls take the extension's fast path; traced code needs the registered op.
-        fn = getattr(torch.ops.swa_fast, op) if torch.compiler.is_compiling() else getattr(_C, op)
-        fn(*lists, *map(_as_weight, weight))
+    if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        # The extension's eager fast path: below autograd, so it needs no no_grad() either.
+        getattr(_C, op)(*lists, *map(_as_weight, weight))
         return
-    check(*lists, *weight)  # before the Triton op too: its schema would reject a non-tensor less clearly
-    if name == "triton":
-        getattr(torch.ops.swa_fast, op[:-1] + "_triton")(*lists, *map(_as_weight, weight))
-    else:
-        python_impls[name](*lists, *weight)
+    with torch.no_grad():
+        if name in ("cpu", "cuda"):  # traced code needs the registered op
+            getattr(torch.ops.swa_fast, op)(*lists, *map(_as_weight, weight))
+            return
+        check(*lists, *weight)  # before the Triton op too: its schema would reject a non-tensor less clearly
+        if name == "triton":
+            getattr(torch.ops.swa_fast, op[:-1] + "_triton")(*lists, *map(_as_weight, weight))
+        else:
+            python_impls[name](*lists, *weight)
 
 
-@torch.no_grad()
 def lerp_(
     avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float, *, backend: str | None = None
 ) -> None:
@@ -165,7 +174,7 @@ def lerp_(
     and 1); weight 0 leaves avg untouched even where src is inf or NaN."""
     _run(
         "lerp_",
-        [list(avg), list(src)],
+        [avg, src],
         (weight,),
         backend,
         checks.check_lerp,
@@ -173,7 +182,6 @@ def lerp_(
     )
 
 
-@torch.no_grad()
 def moments_(
     mean: Sequence[Tensor],
     sq: Sequence[Tensor],
@@ -186,7 +194,7 @@ def moments_(
     mean += w (src - mean), sq += w (src^2 - sq)."""
     _run(
         "moments_",
-        [list(mean), list(sq), list(src)],
+        [mean, sq, src],
         (weight,),
         backend,
         checks.check_moments,
@@ -194,12 +202,11 @@ def moments_(
     )
 
 
-@torch.no_grad()
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None = None) -> None:
     """dst[i] = src[i], cast to dst[i]'s dtype: load or save a snapshot in one pass."""
     _run(
         "copy_",
-        [list(dst), list(src)],
+        [dst, src],
         (),
         backend,
         checks.check_copy,
@@ -207,12 +214,11 @@ def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None =
     )
 
 
-@torch.no_grad()
 def swap_(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str | None = None) -> None:
     """Exchange the contents of a[i] and b[i] (same dtypes): apply an average and restore."""
     _run(
         "swap_",
-        [list(a), list(b)],
+        [a, b],
         (),
         backend,
         checks.check_swap,
