@@ -1,4 +1,4 @@
-"""SWA and EMA managers over flat buffers: what a training loop calls.
+"""SWA, EMA and SWAG managers over flat buffers: what a training loop calls.
 
     swa = swa_fast.SWA(model)                  # fp32 average, also for a bf16 model
     ...
@@ -33,7 +33,7 @@ _CPU = torch.device("cpu")
 
 
 class Averager:
-    """The shared machinery of SWA and EMA: flat fp32 (by default) copies of the model's floating
+    """The shared machinery of SWA, EMA and SWAG: flat fp32 (by default) copies of the model's floating
     parameters (and buffers with `use_buffers=True`; integer buffers are copied), updated in place.
 
     `check_finite=True`: an update in which any of the model's values is inf or NaN leaves the
@@ -82,8 +82,10 @@ class Averager:
         self.use_buffers = use_buffers
         self.backend = backend
         model_device = tensors[0].device if tensors else _CPU
-        device = torch.device(device) if device is not None else model_device
-        moved = any(t.device != device for t in tensors)
+        # Without `device`, each tensor's average sits on that tensor's device (a model spread over
+        # several GPUs keeps a flat group per device).
+        device = torch.device(device) if device is not None else None
+        moved = device is not None and any(t.device != device for t in tensors)
         pin = moved and device.type == "cpu" and any(t.is_cuda for t in tensors)
         self._copy = ModelCopy(
             self.tracked,
@@ -104,9 +106,10 @@ class Averager:
                 raise ValueError("swa_fast: side_stream=True keeps the average on the GPU: drop device=")
             self._stage_through(tensors, pin)
         self._stream = self._side_stream(model, model_device) if side_stream else None
-        self.n_averaged = torch.zeros((), dtype=torch.long, device=device)
+        counts_device = device or model_device
+        self.n_averaged = torch.zeros((), dtype=torch.long, device=counts_device)
         self.check_finite = check_finite
-        self.n_skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite updates
+        self.n_skipped = torch.zeros((), dtype=torch.long, device=counts_device)  # non-finite updates
         self.calls = 0  # update() calls, counted on the host
         self.folds = 0  # updates folded into the average, counted on the host
 
