@@ -163,7 +163,8 @@ def test_fge_snapshots_in_pinned_cpu_memory():
         on_gpu.snapshot(model)
     assert on_cpu.snapshots[0].flat.groups[0].buffer.is_pinned()
     x = torch.randn(6, 3, 8, 8, device="cuda")
-    assert torch.equal(on_cpu.predict(model, x), on_gpu.predict(model, x))
+    # The same fp32 weights from either store: equal up to the convolution's own run-to-run error.
+    torch.testing.assert_close(on_cpu.predict(model, x), on_gpu.predict(model, x), rtol=1e-6, atol=1e-7)
     state = on_cpu.state_dict()
     assert all(v.device.type == "cpu" for snapshot in state["snapshots"] for v in snapshot.values())
 
