@@ -203,6 +203,33 @@ def bench_sweep(sizes, device, min_run_time, bandwidth):
     return rows
 
 
+def bench_tiny_model(device, min_run_time, bandwidth):
+    """The fixed cost of one update through each API: a small MLP with BatchNorm (6 parameters,
+    2,890 weights), where the arithmetic is negligible and what is left is per-call overhead."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(), torch.nn.Linear(64, 10)]
+    model = torch.nn.Sequential(*layers).to(device)
+    params = [p.detach() for p in model.parameters()]
+    avg = [p.clone() for p in params]
+    weight = torch.tensor(0.1, device=device)
+    theirs = AveragedModel(model)
+    ours = fast_swa.AveragedModel(model)
+    swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.999)
+    candidates = {
+        "AveragedModel": lambda: theirs.update_parameters(model),
+        "swa_fast AveragedModel": lambda: ours.update_parameters(model),
+        "swa_fast.SWA.update": lambda: swa.update(model),
+        "swa_fast.EMA.update": lambda: ema.update(model),
+        "foreach_lerp": lambda: torch._foreach_lerp_(avg, params, 0.1),
+        "swa_fast.lerp_": lambda: swa_fast.lerp_(avg, params, weight),
+    }
+    for update in candidates.values():  # the first call of each only copies
+        update()
+    n = sum(p.numel() for p in params)
+    labels = {"workload": "tiny MLP, one update", "params": "float32", "tensors": len(params), "elements": n}
+    return time_methods(candidates, labels, 12 * n, device, min_run_time, bandwidth)
+
+
 def bench_moments_and_snapshots(shapes, name, device, min_run_time, bandwidth):
     """SWAG's two moments (one fused pass vs two foreach passes) and an FGE snapshot saved and
     loaded (one fused copy vs state_dict deepcopy / load_state_dict), fp32."""
@@ -424,6 +451,7 @@ def main(argv=None):
     sizes = [10**k for k in range(4, top + 1)] if args.full else [10**k for k in range(4, 8)]
     sweep = bench_sweep(sizes, device, min_run_time, bandwidth)
     extras = bench_moments_and_snapshots(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
+    extras += bench_tiny_model(device, min_run_time, bandwidth)
     print()
     print_table(sweep + extras)
     targets = check_targets(rows + sweep, device)

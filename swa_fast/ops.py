@@ -94,9 +94,21 @@ def choose_backend(device: torch.device | str, backend: str | None = None) -> st
     return _CHOICES[key]
 
 
+_FLOAT_WEIGHTS: dict[float, Tensor] = {}
+
+
 def _as_weight(weight: Tensor | float) -> Tensor:
-    # A float becomes a CPU scalar, which the kernels read on the host: no device allocation.
-    return weight if isinstance(weight, Tensor) else torch.tensor(float(weight), dtype=torch.float64)
+    # A float becomes a CPU scalar, which the kernels read on the host: no device allocation. The
+    # scalars are kept (they are only read), since an EMA passes the same weight every call and
+    # making the tensor costs more than the rest of a small model's update.
+    if isinstance(weight, Tensor):
+        return weight
+    weight = float(weight)
+    if weight not in _FLOAT_WEIGHTS:
+        if len(_FLOAT_WEIGHTS) >= 256:  # an SWA-style weight sequence must not grow this forever
+            _FLOAT_WEIGHTS.clear()
+        _FLOAT_WEIGHTS[weight] = torch.tensor(weight, dtype=torch.float64)
+    return _FLOAT_WEIGHTS[weight]
 
 
 def _host_weight(weight: Tensor | float) -> Tensor | float:

@@ -20,6 +20,8 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
     # Peak extra memory: torch's per-parameter loop makes temporaries, the fused op none.
     peak = {r["method"]: r["peak_extra_MB"] for r in result["rows"] if r["workload"] == "tiny-1000"}
     assert peak["swa_fast:cpu"] < 0.001 < peak["AveragedModel"] or "swa_fast:cpu" not in peak
+    overhead = {r["method"] for r in result["rows"] if r["workload"] == "tiny MLP, one update"}
+    assert {"AveragedModel", "swa_fast.SWA.update", "swa_fast.EMA.update"} <= overhead
     targets = {t[0]: t for t in result["targets"]}
     assert "tiny-1000 float32: x vs AveragedModel >= 100" in targets and "targets (issue 5)" in out
     assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
