@@ -380,7 +380,7 @@ class EMA(Averager):
             )
 
 
-class SWAG(Averager):
+class SWAG(SWA):
     """SWA-Gaussian (Maddox et al., "A Simple Baseline for Bayesian Uncertainty in Deep Learning",
     2019): a Gaussian over the weights with the SWA mean, a diagonal covariance from the running
     second moment, and a low-rank part from the last `max_rank` deviations:
@@ -392,7 +392,8 @@ class SWAG(Averager):
 
     with z1, z2 standard normal and K the rows collected so far. `scale=0.5` is the paper's
     sample (its 1/sqrt(2) factors); `diag_only=True` drops the low-rank part (SWAG-Diagonal).
-    `average` holds the mean (the SWA solution), so `copy_to` / `average_applied` apply it.
+    It is an SWA whose `average` holds the mean (the SWA solution), so `copy_to` /
+    `average_applied` apply that.
     Other keywords (`rank0_only`, `device`, `side_stream`, `backend`) are the Averager's.
     """
 
@@ -420,9 +421,6 @@ class SWAG(Averager):
     def rank(self) -> int:
         """Deviation rows collected so far (at most max_rank)."""
         return min(self.folds, self.max_rank)
-
-    def _weight(self) -> Tensor:
-        return torch.reciprocal(self.n_averaged.to(torch.float64) + 1)
 
     def _fold(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
         g = self.average.groups[group]

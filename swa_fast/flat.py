@@ -16,6 +16,24 @@ from torch import Tensor
 from . import ops
 
 
+@torch.no_grad()
+def copy_lists(
+    dst: Sequence[Tensor], src: Sequence[Tensor], non_blocking: bool = False, backend: str | None = None
+) -> bool:
+    """dst[i] = src[i]: one fused swa_fast.copy_ when both sides are floating and on one device,
+    else torch's per-tensor copies (across devices; with `non_blocking`, asynchronous where pinned
+    memory allows). True when it copied from a GPU to another device (the caller may have to wait
+    for that copy before the host reads `dst`)."""
+    if not dst:
+        return False
+    device = dst[0].device
+    if dst[0].is_floating_point() and all(t.device == device for t in src):
+        ops.copy_(dst, src, backend=backend)
+        return False
+    torch._foreach_copy_(dst, src, non_blocking=non_blocking)
+    return any(t.is_cuda and t.device != device for t in src)
+
+
 @dataclass
 class FlatGroup:
     device: torch.device
@@ -51,12 +69,8 @@ class FlatBuffer:
             for i, part in zip(indices, buffer.split(numels)):
                 self.views[i] = part.view(tensors[i].shape)
             self.groups.append(FlatGroup(dev, dt, buffer, indices))
-        with torch.no_grad():
-            for group, views, src in self.pairs(tensors):
-                if group.dtype.is_floating_point and all(t.device == group.device for t in src):
-                    ops.copy_(views, src)  # one fused pass per group
-                else:
-                    torch._foreach_copy_(views, src)
+        for _, views, src in self.pairs(tensors):
+            copy_lists(views, src)
 
     def __len__(self) -> int:
         return len(self.views)

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import distributed, ops
-from .flat import FlatBuffer
+from . import distributed
+from .flat import FlatBuffer, copy_lists
 
 
 def module_tensors(module: Module, buffers: bool) -> list[Tensor]:
@@ -240,7 +240,6 @@ class ModelCopy:
         self.tracked = tracked
         self.backend = backend
         self.flat = FlatBuffer(floating, dtype=dtype, device=device, pin_memory=pin_memory)
-        self._on_cpu = any(g.device.type == "cpu" for g in self.flat.groups)
         self.integers = [t.detach().to(device or t.device, copy=True) for t in integer]
         if pin_memory:
             self.integers = [t.pin_memory() for t in self.integers]
@@ -281,11 +280,12 @@ class ModelCopy:
         """Store the model's `tensors` (from `tracked.tensors(model)`) here."""
         floating, integer = self.tracked.split(tensors)
         self.wait()
+        from_gpu = False
         for _, views, src in self.flat.pairs(floating):
-            self._copy(views, src, non_blocking=True)
+            from_gpu |= copy_lists(views, src, non_blocking=True, backend=self.backend)
         for kept, live in zip(self.integers, integer):
             kept.copy_(live, non_blocking=True)
-        if self._on_cpu and any(t.is_cuda for t in tensors):
+        if from_gpu:
             self._saved = torch.cuda.Event()
             self._saved.record()
 
@@ -296,7 +296,7 @@ class ModelCopy:
         floating, integer = self.tracked.split(tensors)
         self.wait()
         for _, views, dst in self.flat.pairs(floating):
-            self._copy(dst, views, non_blocking=False)
+            copy_lists(dst, views, backend=self.backend)
         for kept, live in zip(self.integers, integer):
             live.copy_(kept)
 
@@ -308,12 +308,7 @@ class ModelCopy:
         saved = self.tracked.local_state(saved)  # checks every entry, then this rank's parts
         self.wait()  # a save in flight lands before it is overwritten
         for _, views, names in self.flat.pairs(self.tracked.floating_names):
-            self._copy(views, [saved[name].to(v.device) for name, v in zip(names, views)], False)
+            values = [saved[name].to(v.device) for name, v in zip(names, views)]
+            copy_lists(views, values, backend=self.backend)
         for kept, name in zip(self.integers, self.tracked.integer_names):
             kept.copy_(saved[name])
-
-    def _copy(self, dst: list[Tensor], src: list[Tensor], non_blocking: bool) -> None:
-        if dst and dst[0].device != src[0].device:  # a copy kept on another device
-            torch._foreach_copy_(dst, src, non_blocking=non_blocking)
-        else:
-            ops.copy_(dst, src, backend=self.backend)
