@@ -1,5 +1,5 @@
-// Shared by the CPU and CUDA kernels: argument checks, dtype dispatch and grouping of a list by
-// dtype, so that each group runs as one typed pass over all its tensors.
+// Shared by the CPU and CUDA kernels: argument checks, dtype dispatch and grouping of a call's
+// tensors by dtype, so that each group runs as one typed pass over all its tensors.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,44 +34,113 @@ decltype(auto) visit_float(at::ScalarType t, F&& f) {
   }
 }
 
-struct NamedList {
+// One list argument of an op.
+struct ListArg {
   const char* name;
   at::TensorList tensors;
-  bool written;  // written lists must be contiguous
+  bool written;         // written in place: must be contiguous
+  bool same_dtype = false;  // must have the first list's dtype at every index
 };
 
-// Raises a ValueError naming the op, the list, the index, what was expected and what came.
-// Everything is checked before a kernel runs, so a bad call writes nothing.
-inline void check_lists(const char* op, const std::vector<NamedList>& lists, bool same_dtype) {
-  const NamedList& first = lists.front();
+// The tensors of a call that share one dtype per list: their K data pointers and element counts.
+// Each group runs as one typed pass.
+template <size_t K>
+struct DtypeGroup {
+  std::array<at::ScalarType, K> dtypes;
+  std::vector<std::array<void*, K>> ptrs;
+  std::vector<int64_t> numels;
+};
+
+// What the kernels need of a call.
+template <size_t K>
+struct Gathered {
+  at::Device device = at::kCPU;  // of the first tensor (when there is one)
+  std::vector<DtypeGroup<K>> groups;
+  std::vector<at::Tensor> contiguous_copies;  // of strided read-only inputs: alive until the kernels ran
+};
+
+inline bool same_sizes(at::IntArrayRef a, at::IntArrayRef b) {
+  // An inline loop: these are 1 to 4 numbers, and a call to memcmp per tensor showed in profiles.
+  if (a.size() != b.size()) return false;
+  for (size_t d = 0; d < a.size(); ++d) {
+    if (a[d] != b[d]) return false;
+  }
+  return true;
+}
+
+constexpr size_t kPrefetchAhead = 8;
+
+inline void prefetch_metadata(const at::Tensor& t) {
+  const char* impl = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+  for (int line = 0; line < 4; ++line) __builtin_prefetch(impl + 64 * line);
+}
+
+// Checks every tensor of a call and gathers what the kernels need, in one pass over the tensors:
+// for a list of 1,000 small tensors, reading each tensor's metadata is most of a call's cost, so
+// it is read once. A bad argument raises a ValueError naming the op, the list, the index, what was
+// expected and what came; everything is checked before a kernel runs, so a bad call writes nothing.
+// Empty tensors are checked and then left out.
+template <size_t K>
+Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
+  const ListArg& first = lists[0];
   for (const auto& l : lists) {
     TORCH_CHECK_VALUE(l.tensors.size() == first.tensors.size(), "swa_fast.", op, ": `", l.name, "` has ",
                       l.tensors.size(), " tensors but `", first.name, "` has ", first.tensors.size(),
                       "; the lists must have equal lengths");
   }
-  if (first.tensors.empty()) return;
-  const at::Device device = first.tensors[0].device();
-  for (size_t i = 0; i < first.tensors.size(); ++i) {
+  Gathered<K> out;
+  if (first.tensors.empty()) return out;
+  out.device = first.tensors[0].device();
+  size_t last = 0;  // the group of the previous tensor: usually that of the next one too
+  const size_t n = first.tensors.size();
+  for (size_t i = 0; i < n; ++i) {
+    // The metadata of a list of tensors is scattered over the heap, and waiting for it is most of
+    // this loop's time: ask for a later tensor's while this one is checked.
+    if (i + kPrefetchAhead < n) {
+      for (size_t k = 0; k < K; ++k) prefetch_metadata(lists[k].tensors[i + kPrefetchAhead]);
+    }
     const at::Tensor& ref = first.tensors[i];
-    for (const auto& l : lists) {
+    std::array<at::ScalarType, K> dtypes;
+    for (size_t k = 0; k < K; ++k) {
+      const ListArg& l = lists[k];
       const at::Tensor& t = l.tensors[i];
       TORCH_CHECK_VALUE(t.defined(), "swa_fast.", op, ": `", l.name, "[", i, "]` is undefined");
-      TORCH_CHECK_VALUE(is_supported_float(t.scalar_type()), "swa_fast.", op, ": `", l.name, "[", i,
-                        "]` has dtype ", dtype_name(t.scalar_type()),
-                        "; expected float32, float64, float16 or bfloat16");
-      TORCH_CHECK_VALUE(t.device() == device, "swa_fast.", op, ": `", l.name, "[", i, "]` is on ",
-                        t.device(), " but `", first.name, "[0]` is on ", device,
+      dtypes[k] = t.scalar_type();
+      TORCH_CHECK_VALUE(is_supported_float(dtypes[k]), "swa_fast.", op, ": `", l.name, "[", i, "]` has dtype ",
+                        dtype_name(dtypes[k]), "; expected float32, float64, float16 or bfloat16");
+      TORCH_CHECK_VALUE(t.device() == out.device, "swa_fast.", op, ": `", l.name, "[", i, "]` is on ",
+                        t.device(), " but `", first.name, "[0]` is on ", out.device,
                         "; all tensors of one call must be on one device");
-      TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "swa_fast.", op, ": `", l.name, "[", i, "]` has shape ",
-                        t.sizes(), " but `", first.name, "[", i, "]` has shape ", ref.sizes());
+      TORCH_CHECK_VALUE(same_sizes(t.sizes(), ref.sizes()), "swa_fast.", op, ": `", l.name, "[", i,
+                        "]` has shape ", t.sizes(), " but `", first.name, "[", i, "]` has shape ", ref.sizes());
       TORCH_CHECK_VALUE(!l.written || t.is_contiguous(), "swa_fast.", op, ": `", l.name, "[", i,
                         "]` is written in place and must be contiguous (got strides ", t.strides(),
                         " for shape ", t.sizes(), ")");
-      TORCH_CHECK_VALUE(!same_dtype || t.scalar_type() == ref.scalar_type(), "swa_fast.", op, ": `", l.name,
-                        "[", i, "]` has dtype ", dtype_name(t.scalar_type()), " but `", first.name, "[", i,
-                        "]` has dtype ", dtype_name(ref.scalar_type()), "; both sides must have the same dtype");
+      TORCH_CHECK_VALUE(!l.same_dtype || dtypes[k] == dtypes[0], "swa_fast.", op, ": `", l.name, "[", i,
+                        "]` has dtype ", dtype_name(dtypes[k]), " but `", first.name, "[", i, "]` has dtype ",
+                        dtype_name(dtypes[0]), "; both sides must have the same dtype");
     }
+    const int64_t numel = ref.numel();
+    if (numel == 0) continue;
+    if (out.groups.empty() || out.groups[last].dtypes != dtypes) {
+      last = 0;
+      while (last < out.groups.size() && out.groups[last].dtypes != dtypes) ++last;
+      if (last == out.groups.size()) out.groups.push_back({dtypes, {}, {}});
+    }
+    DtypeGroup<K>& group = out.groups[last];
+    std::array<void*, K>& ptrs = group.ptrs.emplace_back();  // written in place: no copy to stall on
+    for (size_t k = 0; k < K; ++k) {
+      const at::Tensor& t = lists[k].tensors[i];
+      if (lists[k].written) {
+        ptrs[k] = t.data_ptr();
+      } else {  // only read: the kernels see a contiguous copy of a strided tensor
+        const at::Tensor& c = t.is_contiguous() ? t : out.contiguous_copies.emplace_back(t.contiguous());
+        ptrs[k] = const_cast<void*>(c.const_data_ptr());
+      }
+    }
+    group.numels.push_back(numel);
   }
+  return out;
 }
 
 // The weight: a 0-dim floating tensor on the destination's device or on the CPU.
@@ -84,47 +153,5 @@ inline void check_weight(const char* op, const at::Tensor& weight, at::Device de
                     ": `weight` is on ", weight.device(), " but the tensors are on ", device,
                     "; pass it on ", device, " (or on the CPU)");
 }
-
-// Indices of the non-empty tensors of a list, grouped by the dtypes of the lists at each index.
-// Few groups (usually one): a vector searched from the last hit beats a map.
-template <size_t K>
-using DtypeGroups = std::vector<std::pair<std::array<at::ScalarType, K>, std::vector<int64_t>>>;
-
-template <size_t K>
-DtypeGroups<K> group_by_dtypes(const std::array<at::TensorList, K>& lists) {
-  DtypeGroups<K> groups;
-  size_t last = 0;
-  for (size_t i = 0; i < lists[0].size(); ++i) {
-    if (lists[0][i].numel() == 0) continue;
-    std::array<at::ScalarType, K> key;
-    for (size_t k = 0; k < K; ++k) key[k] = lists[k][i].scalar_type();
-    if (groups.empty() || groups[last].first != key) {
-      last = 0;
-      while (last < groups.size() && groups[last].first != key) ++last;
-      if (last == groups.size()) {
-        groups.push_back({key, {}});
-        groups.back().second.reserve(lists[0].size() - i);
-      }
-    }
-    groups[last].second.push_back(static_cast<int64_t>(i));
-  }
-  return groups;
-}
-
-// Read-only inputs may be strided: the kernels see contiguous copies, made only for the tensors
-// that need one.
-struct ContiguousList {
-  explicit ContiguousList(at::TensorList src) : list(src) {
-    for (size_t i = 0; i < src.size(); ++i) {
-      if (src[i].is_contiguous()) continue;
-      owned.assign(src.begin(), src.end());
-      for (size_t j = i; j < src.size(); ++j) owned[j] = owned[j].contiguous();
-      list = owned;
-      break;
-    }
-  }
-  std::vector<at::Tensor> owned;
-  at::TensorList list;
-};
 
 }  // namespace swa_fast

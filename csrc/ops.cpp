@@ -92,13 +92,20 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-PyObject* py_lerp(PyObject*, PyObject* args) {
+// Positional arguments as METH_FASTCALL passes them: no argument tuple is built, which matters for
+// more than its allocation: every tuple counts towards Python's next garbage collection.
+bool expect_args(const char* op, Py_ssize_t nargs, Py_ssize_t expected) {
+  if (nargs == expected) return true;
+  PyErr_Format(PyExc_TypeError, "swa_fast.%s takes %zd positional arguments (%zd given)", op, expected, nargs);
+  return false;
+}
+
+PyObject* py_lerp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  PyObject *a, *s, *w;
-  if (!PyArg_ParseTuple(args, "OOO", &a, &s, &w)) return nullptr;
+  if (!expect_args("lerp_", nargs, 3)) return nullptr;
   static auto op = op_handle<void(TL, TL, T)>("swa_fast::lerp_");
-  const BorrowedTensors avg(a, "lerp_", "avg"), src(s, "lerp_", "src");
-  const at::Tensor& weight = unpack_tensor(w, "lerp_", "weight");
+  const BorrowedTensors avg(args[0], "lerp_", "avg"), src(args[1], "lerp_", "src");
+  const at::Tensor& weight = unpack_tensor(args[2], "lerp_", "weight");
   {
     pybind11::gil_scoped_release no_gil;
     op.redispatch(avg.device_keys(), avg.list(), src.list(), weight);
@@ -108,13 +115,13 @@ PyObject* py_lerp(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* py_moments(PyObject*, PyObject* args) {
+PyObject* py_moments(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  PyObject *m, *q, *s, *w;
-  if (!PyArg_ParseTuple(args, "OOOO", &m, &q, &s, &w)) return nullptr;
+  if (!expect_args("moments_", nargs, 4)) return nullptr;
   static auto op = op_handle<void(TL, TL, TL, T)>("swa_fast::moments_");
-  const BorrowedTensors mean(m, "moments_", "mean"), sq(q, "moments_", "sq"), src(s, "moments_", "src");
-  const at::Tensor& weight = unpack_tensor(w, "moments_", "weight");
+  const BorrowedTensors mean(args[0], "moments_", "mean"), sq(args[1], "moments_", "sq"),
+      src(args[2], "moments_", "src");
+  const at::Tensor& weight = unpack_tensor(args[3], "moments_", "weight");
   {
     pybind11::gil_scoped_release no_gil;
     op.redispatch(mean.device_keys(), mean.list(), sq.list(), src.list(), weight);
@@ -127,12 +134,11 @@ PyObject* py_moments(PyObject*, PyObject* args) {
 
 // copy_ and swap_ share a signature: (written list, second list); swap_ writes both.
 template <bool kSecondWritten>
-PyObject* py_two_lists(const char* name, const char* first_name, const char* second_name, PyObject* args) {
+PyObject* py_two_lists(const c10::TypedOperatorHandle<void(TL, TL)>& op, const char* name, const char* first_name,
+                       const char* second_name, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  PyObject *x, *y;
-  if (!PyArg_ParseTuple(args, "OO", &x, &y)) return nullptr;
-  auto op = op_handle<void(TL, TL)>((std::string("swa_fast::") + name).c_str());
-  const BorrowedTensors first(x, name, first_name), second(y, name, second_name);
+  if (!expect_args(name, nargs, 2)) return nullptr;
+  const BorrowedTensors first(args[0], name, first_name), second(args[1], name, second_name);
   {
     pybind11::gil_scoped_release no_gil;
     op.redispatch(first.device_keys(), first.list(), second.list());
@@ -143,8 +149,14 @@ PyObject* py_two_lists(const char* name, const char* first_name, const char* sec
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* py_copy(PyObject*, PyObject* args) { return py_two_lists<false>("copy_", "dst", "src", args); }
-PyObject* py_swap(PyObject*, PyObject* args) { return py_two_lists<true>("swap_", "a", "b", args); }
+PyObject* py_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  static auto op = op_handle<void(TL, TL)>("swa_fast::copy_");
+  return py_two_lists<false>(op, "copy_", "dst", "src", args, nargs);
+}
+PyObject* py_swap(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  static auto op = op_handle<void(TL, TL)>("swa_fast::swap_");
+  return py_two_lists<true>(op, "swap_", "a", "b", args, nargs);
+}
 
 PyObject* build_info(PyObject*, PyObject*) {
   return Py_BuildValue("{s:O,s:s,s:s,s:s}", "cuda", SWA_FAST_WITH_CUDA ? Py_True : Py_False, "cuda_archs",
@@ -152,11 +164,13 @@ PyObject* build_info(PyObject*, PyObject*) {
                        SWA_FAST_BUILD_TORCH_VERSION);
 }
 
+PyCFunction fastcall(_PyCFunctionFast f) { return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f)); }
+
 PyMethodDef methods[] = {
-    {"lerp_", py_lerp, METH_VARARGS, "lerp_(avg, src, weight): eager fast path of torch.ops.swa_fast.lerp_"},
-    {"moments_", py_moments, METH_VARARGS, "moments_(mean, sq, src, weight): eager fast path"},
-    {"copy_", py_copy, METH_VARARGS, "copy_(dst, src): eager fast path"},
-    {"swap_", py_swap, METH_VARARGS, "swap_(a, b): eager fast path"},
+    {"lerp_", fastcall(py_lerp), METH_FASTCALL, "lerp_(avg, src, weight): eager fast path of torch.ops.swa_fast.lerp_"},
+    {"moments_", fastcall(py_moments), METH_FASTCALL, "moments_(mean, sq, src, weight): eager fast path"},
+    {"copy_", fastcall(py_copy), METH_FASTCALL, "copy_(dst, src): eager fast path"},
+    {"swap_", fastcall(py_swap), METH_FASTCALL, "swap_(a, b): eager fast path"},
     {"build_info", build_info, METH_NOARGS, "What this extension was built with."},
     {nullptr, nullptr, 0, nullptr},
 };

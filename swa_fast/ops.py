@@ -64,7 +64,7 @@ def backend_status(device: torch.device | str) -> dict[str, str | None]:
     return status
 
 
-_CHOICES: dict[tuple[str, str | None, bool], str] = {}
+_CHOICES: dict[tuple[str, str | None], str] = {}
 
 
 def _choose(device_type: str, forced: str | None) -> str:
@@ -88,7 +88,7 @@ def choose_backend(device: torch.device | str, backend: str | None = None) -> st
     fastest available (cuda > triton > foreach on CUDA; cpu > foreach on the CPU). A forced backend
     that cannot run raises a RuntimeError with the reason."""
     forced = backend or os.environ.get("SWA_FAST_BACKEND") or None
-    key = (torch.device(device).type, forced, triton_kernels.interpreting())
+    key = (device.type if isinstance(device, torch.device) else torch.device(device).type, forced)
     if key not in _CHOICES:  # only successful choices are remembered: a failing one raises each time
         _CHOICES[key] = _choose(key[0], forced)
     return _CHOICES[key]

@@ -31,13 +31,14 @@ except ImportError as e:  # pragma: no cover - triton ships with CUDA builds of 
 BLOCK = 4096
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read once, as Triton does: whether @triton.jit makes interpreted kernels is decided when the
+# kernels below are defined, so setting it later changes nothing.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels (not the reference) run for tensors on `device`."""
-    return triton is not None and (device.type == "cuda" or interpreting())
+    return triton is not None and (device.type == "cuda" or INTERPRETING)
 
 
 if triton is not None:

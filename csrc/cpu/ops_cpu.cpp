@@ -38,29 +38,27 @@ SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t
 
 struct CpuRun {
   template <size_t K, typename F>
-  static void run(const std::array<at::TensorList, K>& lists, const std::vector<int64_t>& indices, F f) {
+  static void run(const DtypeGroup<K>& group, at::Device, F f) {
     static_assert(F::kLists == K, "functor and list count disagree");
-    std::vector<std::array<void*, K>> ptrs(indices.size());
-    std::vector<Item> items;
+    const std::vector<int64_t>& numels = group.numels;
     int64_t total = 0;
-    for (size_t j = 0; j < indices.size(); ++j) {
-      for (size_t k = 0; k < K; ++k) ptrs[j][k] = lists[k][indices[j]].data_ptr();
-      const int64_t n = lists[0][indices[j]].numel();
-      for (int64_t b = 0; b < n; b += kChunk) items.push_back({static_cast<int64_t>(j), b, std::min(n, b + kChunk)});
-      total += n;
+    for (const int64_t n : numels) total += n;
+    if (total < kSerialBelow) {  // straight through, with no work list to build
+      for (size_t j = 0; j < numels.size(); ++j) run_item(f, group.ptrs[j].data(), 0, numels[j]);
+      return;
     }
-    auto work = [&](int64_t first, int64_t last) {
+    std::vector<Item> items;
+    for (size_t j = 0; j < numels.size(); ++j) {
+      for (int64_t b = 0; b < numels[j]; b += kChunk) {
+        items.push_back({static_cast<int64_t>(j), b, std::min(numels[j], b + kChunk)});
+      }
+    }
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t it = first; it < last; ++it) {
         const Item& item = items[it];
-        run_item(f, ptrs[item.tensor].data(), item.begin, item.end);
+        run_item(f, group.ptrs[item.tensor].data(), item.begin, item.end);
       }
-    };
-    const int64_t n_items = static_cast<int64_t>(items.size());
-    if (total < kSerialBelow) {
-      work(0, n_items);
-    } else {
-      at::parallel_for(0, n_items, 1, work);
-    }
+    });
   }
 };
 

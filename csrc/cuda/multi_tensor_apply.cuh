@@ -114,11 +114,10 @@ inline int64_t multiprocessor_count(int device) {
 
 struct CudaRun {
   template <size_t K, typename F>
-  static void run(const std::array<at::TensorList, K>& lists, const std::vector<int64_t>& indices, F f) {
+  static void run(const DtypeGroup<K>& group, at::Device device, F f) {
     static_assert(F::kLists == K, "functor and list count disagree");
-    const int64_t n = static_cast<int64_t>(indices.size());
+    const int64_t n = static_cast<int64_t>(group.numels.size());
     if (n == 0) return;
-    const at::Device device = lists[0][indices[0]].device();
     const c10::cuda::CUDAGuard guard(device);
 
     std::vector<int64_t> host(n * K + n + n + 1);
@@ -126,8 +125,8 @@ struct CudaRun {
     int64_t* prefix = numels + n;
     prefix[0] = 0;
     for (int64_t j = 0; j < n; ++j) {
-      for (size_t k = 0; k < K; ++k) host[j * K + k] = reinterpret_cast<int64_t>(lists[k][indices[j]].data_ptr());
-      numels[j] = lists[0][indices[j]].numel();
+      for (size_t k = 0; k < K; ++k) host[j * K + k] = reinterpret_cast<int64_t>(group.ptrs[j][k]);
+      numels[j] = group.numels[j];
       prefix[j + 1] = prefix[j] + (numels[j] + kChunkElems - 1) / kChunkElems;
     }
     const int64_t n_chunks = prefix[n];
