@@ -165,7 +165,7 @@ class FGE:
         for kept, stored in zip(swa._integers, self.snapshots[-1].integers):
             kept.copy_(stored)
         swa.n_averaged.fill_(len(self.snapshots))
-        swa.calls = swa.folds = len(self.snapshots)
+        swa.n_averaged_host = swa.calls = swa.folds = len(self.snapshots)
         return swa
 
     # --- saving and resuming --------------------------------------------------------------------------

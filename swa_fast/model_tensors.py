@@ -24,20 +24,49 @@ from . import distributed
 from .flat import FlatBuffer, copy_lists
 
 
+def submodules(module: Module) -> list[Module]:
+    """`list(module.modules())`: the same modules in the same order (depth first), 2-3x faster, with
+    no generators and no names. Every update walks the model to see that it still holds the same
+    tensors, and for a model of a few hundred modules nn.Module's walk costs more than the update."""
+    out = [module]
+
+    def visit(parent: Module) -> None:
+        for child in parent._modules.values():
+            if child is not None:
+                out.append(child)
+                if child._modules:
+                    visit(child)
+
+    visit(module)
+    if len(set(map(id, out))) != len(out):  # a module reached twice: nn.Module's walk keeps it once
+        return list(module.modules())
+    return out
+
+
 def module_tensors(module: Module, buffers: bool) -> list[Tensor]:
     """`list(module.parameters())`, then `.buffers()` when asked: the same tensors in the same order,
     each once, ~10x faster than nn.Module's generators (which cost ~1 us a tensor)."""
-    modules = list(module.modules())
+    modules = submodules(module)
     out = [t for m in modules for t in m._parameters.values() if t is not None]
     if buffers:
         out += [t for m in modules for t in m._buffers.values() if t is not None]
-    ids = list(map(id, out))
+    return _each_once(out)
+
+
+def module_buffers(module: Module) -> list[Tensor]:
+    """`list(module.buffers())`, as fast as `module_tensors`."""
+    return _each_once([t for m in submodules(module) for t in m._buffers.values() if t is not None])
+
+
+def _each_once(tensors: list[Tensor]) -> list[Tensor]:
+    """Shared tensors keep their first place only, as nn.Module's generators do."""
+    ids = list(map(id, tensors))
     if len(set(ids)) == len(ids):
-        return out
-    first = {}  # shared tensors: keep the first place of each, as nn.Module does
+        return tensors
+    first = {}
     for i, key in enumerate(ids):
         first.setdefault(key, i)
-    return [t for i, (t, key) in enumerate(zip(out, ids)) if first[key] == i]
+    return [t for i, (t, key) in enumerate(zip(tensors, ids)) if first[key] == i]
 
 
 def module_names(module: Module, buffers: bool) -> list[str]:
@@ -53,8 +82,8 @@ def unwrapped(model: Module) -> Module:
     while True:
         if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), Module):
-            model = model._orig_mod
+        elif isinstance(model._modules.get("_orig_mod"), Module):  # torch.compile's wrapper
+            model = model._modules["_orig_mod"]
         else:
             return model
 

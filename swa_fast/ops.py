@@ -94,21 +94,10 @@ def choose_backend(device: torch.device | str, backend: str | None = None) -> st
     return _CHOICES[key]
 
 
-_FLOAT_WEIGHTS: dict[float, Tensor] = {}
-
-
 def _as_weight(weight: Tensor | float) -> Tensor:
-    # A float becomes a CPU scalar, which the kernels read on the host: no device allocation. The
-    # scalars are kept (they are only read), since an EMA passes the same weight every call and
-    # making the tensor costs more than the rest of a small model's update.
-    if isinstance(weight, Tensor):
-        return weight
-    weight = float(weight)
-    if weight not in _FLOAT_WEIGHTS:
-        if len(_FLOAT_WEIGHTS) >= 256:  # an SWA-style weight sequence must not grow this forever
-            _FLOAT_WEIGHTS.clear()
-        _FLOAT_WEIGHTS[weight] = torch.tensor(weight, dtype=torch.float64)
-    return _FLOAT_WEIGHTS[weight]
+    # A float becomes a CPU scalar, which the kernels read on the host: no device allocation.
+    # (The extension's eager entry points take the float itself, and do this faster.)
+    return weight if isinstance(weight, Tensor) else torch.tensor(float(weight), dtype=torch.float64)
 
 
 def _host_weight(weight: Tensor | float) -> Tensor | float:
@@ -165,7 +154,7 @@ def _run(op: str, lists: list[Sequence[Tensor]], weight, backend: str | None, ch
     name = choose_backend(lists[0][0].device, backend) if lists[0] else "reference"
     if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
         # The extension's eager fast path: below autograd, so it needs no no_grad() either.
-        getattr(_C, op)(*lists, *map(_as_weight, weight))
+        getattr(_C, op)(*lists, *weight)
         return
     with torch.no_grad():
         if name in ("cpu", "cuda"):  # traced code needs the registered op

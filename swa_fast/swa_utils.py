@@ -28,7 +28,7 @@ from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn
 from . import checks, ops
 from .bn import update_bn
 from .flat import FlatBuffer
-from .model_tensors import module_tensors
+from .model_tensors import module_buffers, module_tensors
 
 __all__ = [
     "SWALR",
@@ -77,9 +77,9 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[PARAM_LIST, PARAM_LI
 
 
 def _swa_weight(num_averaged: Tensor | int) -> Tensor | float:
-    if isinstance(num_averaged, Tensor):
+    if isinstance(num_averaged, Tensor) and num_averaged.device.type != "cpu":  # there: no host sync
         return torch.reciprocal(num_averaged.to(torch.float64) + 1)
-    return 1.0 / (num_averaged + 1)
+    return 1.0 / (int(num_averaged) + 1)  # reading a CPU tensor waits for nothing
 
 
 class _Plan:
@@ -153,10 +153,11 @@ class AveragedModel(Module):
             self._update_like_torch(current)
         else:
             self._update_fused(current, kind or ("swa", None))
-        if not self.use_buffers:
-            # As torch does: buffers are not averaged, they follow the model.
-            for b_swa, b_model in zip(self.module.buffers(), model.buffers()):
-                b_swa.detach().copy_(b_model.detach().to(b_swa.device))
+        if not self.use_buffers:  # as torch does: buffers are not averaged, they follow the model
+            ours, theirs = module_buffers(self.module), module_buffers(model)
+            n = min(len(ours), len(theirs))  # (torch zips them)
+            if n:
+                torch._foreach_copy_(ours[:n], theirs[:n])
         self.n_averaged += 1
 
     def _update_fused(self, current: list[Tensor], kind: tuple[str, float | None]) -> None:
@@ -169,14 +170,17 @@ class AveragedModel(Module):
             )
         if kind[0] == "swa":
             weight = _swa_weight(self.n_averaged)  # 1 on the first call: an exact copy
-        else:  # EMA: copy on the first call, then 1 - decay; decided on the device, no sync
-            weight = torch.where(self.n_averaged == 0, 1.0, 1.0 - kind[1]).to(torch.float64)
+        elif self.n_averaged.device.type != "cpu":  # EMA: a copy first, then 1 - decay, decided
+            weight = torch.where(self.n_averaged == 0, 1.0, 1.0 - kind[1]).to(torch.float64)  # there
+        else:  # a CPU count is read for free
+            weight = 1.0 if int(self.n_averaged) == 0 else 1.0 - kind[1]
         calls = []
         floating = [current[i] for i in plan.floating] if plan.other else current
         for group, views, src in plan.flat.pairs(floating):
             if self._moved or src[0].device != group.device:  # torch's `device=`: the model lives elsewhere
                 src = [s if s.device == group.device else s.to(group.device) for s in src]
-            w = weight if weight.device in (group.device, _CPU) else weight.to(group.device)
+            on_device = isinstance(weight, Tensor) and weight.device not in (group.device, _CPU)
+            w = weight.to(group.device) if on_device else weight
             calls.append((views, src, w))
         if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
             for avg, src, w in calls:

@@ -273,3 +273,26 @@ def test_swap_refuses_an_average_kept_on_another_device():
 def test_side_stream_needs_a_gpu_model():
     with pytest.raises(ValueError, match="CUDA GPU"):
         swa_fast.SWA(model_with_bn(), side_stream=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "foreach", "reference"])
+@pytest.mark.parametrize(
+    "make, check_finite",  # (SWAG refuses check_finite)
+    [
+        (swa_fast.SWA, False),
+        (swa_fast.SWA, True),
+        (swa_fast.EMA, False),
+        (swa_fast.EMA, True),
+        (swa_fast.SWAG, False),
+    ],
+)
+def test_update_outside_no_grad_records_no_graph(make, check_finite, backend):
+    model = model_with_bn()
+    manager = make(model, use_buffers=True, check_finite=check_finite, backend=backend)
+    assert torch.is_grad_enabled()
+    for s in range(3):
+        step(model, s)
+        manager.update(model)
+    kept = [*manager.average.views, manager.n_averaged, manager.n_skipped]
+    assert not any(t.requires_grad or t.grad_fn is not None for t in kept)
+    assert all(p.grad is None for p in model.parameters())
