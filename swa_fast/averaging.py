@@ -322,7 +322,11 @@ class Averager:
 
 
 class SWA(Averager):
-    """Stochastic Weight Averaging: the equal-weight mean of every model passed to `update`."""
+    """Stochastic Weight Averaging: the equal-weight mean of every model passed to `update`.
+
+    The weight 1/(n+1) is a host number, new at every update (with `check_finite`, a device
+    tensor), so a CUDA graph that captured an `update` would replay a stale weight: capture the
+    ops (`swa_fast.lerp_` with a device weight) instead."""
 
     def _weight(self) -> Tensor | float:
         # 1 first: an exact copy. A float is passed to the kernels by value, with no device op.

@@ -19,19 +19,17 @@ from . import ops
 @torch.no_grad()
 def copy_lists(
     dst: Sequence[Tensor], src: Sequence[Tensor], non_blocking: bool = False, backend: str | None = None
-) -> bool:
+) -> None:
     """dst[i] = src[i]: one fused swa_fast.copy_ when both sides are floating and on one device,
     else torch's per-tensor copies (across devices; with `non_blocking`, asynchronous where pinned
-    memory allows). True when it copied from a GPU to another device (the caller may have to wait
-    for that copy before the host reads `dst`)."""
+    memory allows: the caller waits before the host reads `dst`)."""
     if not dst:
-        return False
+        return
     device = dst[0].device
     if dst[0].is_floating_point() and all(t.device == device for t in src):
         ops.copy_(dst, src, backend=backend)
-        return False
-    torch._foreach_copy_(dst, src, non_blocking=non_blocking)
-    return any(t.is_cuda and t.device != device for t in src)
+    else:
+        torch._foreach_copy_(dst, src, non_blocking=non_blocking)
 
 
 @dataclass

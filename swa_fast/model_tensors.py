@@ -272,13 +272,16 @@ class ModelCopy:
         self.integers = [t.detach().to(device or t.device, copy=True) for t in integer]
         if pin_memory:
             self.integers = [t.pin_memory() for t in self.integers]
-        self._saved: torch.cuda.Event | None = None  # marks the end of an asynchronous save
+        # The GPUs whose tensors a save copies to host memory, asynchronously.
+        on_host = device is not None and torch.device(device).type == "cpu"
+        self._gpus_to_host = sorted({t.device for t in tensors if t.is_cuda}, key=str) if on_host else []
+        self._saved: list[torch.cuda.Event] = []  # one per GPU, at the end of an asynchronous save
 
     def wait(self) -> None:
         """Block until the last `save` has landed (a no-op unless it copied from a GPU)."""
-        if self._saved is not None:
-            self._saved.synchronize()
-            self._saved = None
+        for event in self._saved:
+            event.synchronize()
+        self._saved = []
 
     def stored(self) -> list[Tensor]:
         """The stored tensors, in the order of `tracked.tensors()` (complete once `wait()`ed)."""
@@ -309,14 +312,13 @@ class ModelCopy:
         """Store the model's `tensors` (from `tracked.tensors(model)`) here."""
         floating, integer = self.tracked.split(tensors)
         self.wait()
-        from_gpu = False
         for _, views, src in self.flat.pairs(floating):
-            from_gpu |= copy_lists(views, src, non_blocking=True, backend=self.backend)
+            copy_lists(views, src, non_blocking=True, backend=self.backend)
         for kept, live in zip(self.integers, integer):
             kept.copy_(live, non_blocking=True)
-        if from_gpu:
-            self._saved = torch.cuda.Event()
-            self._saved.record()
+        for gpu in self._gpus_to_host:  # each GPU's copies run on its own current stream
+            self._saved.append(torch.cuda.Event())
+            self._saved[-1].record(torch.cuda.current_stream(gpu))
 
     @torch.no_grad()
     def load(self, tensors: list[Tensor]) -> None:
