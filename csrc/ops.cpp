@@ -86,7 +86,7 @@ class BorrowedTensors {
 at::Tensor unpack_weight(PyObject* obj, const char* op) {
   if (THPVariable_Check(obj)) return THPVariable_Unpack(obj);
   TORCH_CHECK_VALUE(PyFloat_Check(obj) || PyLong_Check(obj), "swa_fast.", op,
-                    ": `weight` must be a Tensor or a float, got ", Py_TYPE(obj)->tp_name);
+                    ": `weight` must be a float or a 0-dim tensor, got ", Py_TYPE(obj)->tp_name);
   const double value = PyFloat_AsDouble(obj);
   if (value == -1.0 && PyErr_Occurred()) throw python_error();
   return at::scalar_tensor(value, at::TensorOptions().dtype(at::kDouble));

@@ -102,6 +102,7 @@ def test_moments_sq_dtype_differs_from_mean(any_backend):
         (torch.tensor(1, dtype=torch.int64), "float32 or float64"),
         (torch.tensor(0.5, dtype=torch.bfloat16), "float32 or float64"),
         (torch.tensor(0.5, device="meta"), "meta"),
+        ("0.5", "must be a float or a 0-dim tensor"),
     ],
 )
 @pytest.mark.parametrize("op", ["lerp_", "moments_"])
