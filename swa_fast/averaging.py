@@ -48,6 +48,9 @@ class Averager:
     each rank averages its own shards, and `state_dict()` holds DTensors (see distributed.py).
     Every rank must pass the same DDP / FSDP2 model and options: checked once, here.
 
+    `n_averaged` (on the average's device) counts the updates in the average; treat it as
+    read-only, since the host keeps its own count of it (loaded with `load_state_dict`).
+
     Placement, for a GPU model: `device="cpu"` keeps the average in (pinned) CPU memory. Each
     `update` then starts an asynchronous copy of the weights to the CPU and returns; the copy is
     folded into the average by the CPU at the next `update` (by when it has long landed) or at the
