@@ -48,9 +48,6 @@ class Averager:
     each rank averages its own shards, and `state_dict()` holds DTensors (see distributed.py).
     Every rank must pass the same DDP / FSDP2 model and options: checked once, here.
 
-    `n_averaged` (on the average's device) counts the updates in the average; treat it as
-    read-only, since the host keeps its own count of it (loaded with `load_state_dict`).
-
     Placement, for a GPU model: `device="cpu"` keeps the average in (pinned) CPU memory. Each
     `update` then starts an asynchronous copy of the weights to the CPU and returns; the copy is
     folded into the average by the CPU at the next `update` (by when it has long landed) or at the
@@ -112,14 +109,26 @@ class Averager:
             self._stage_through(tensors, pin)
         self._stream = self._side_stream(model, model_device) if side_stream else None
         counts_device = device or model_device
-        self.n_averaged = torch.zeros((), dtype=torch.long, device=counts_device)
+        self._n_averaged = torch.zeros((), dtype=torch.long, device=counts_device)
         self.check_finite = check_finite
         self.n_skipped = torch.zeros((), dtype=torch.long, device=counts_device)  # non-finite updates
-        # n_averaged as the host knows it, so that no update has to read it from the device; None
-        # with check_finite, where the device decides which updates count.
-        self.n_averaged_host: int | None = None if check_finite else 0
+        # The count as the host knows it, so that no update has to read it from the device or
+        # write it there (see `n_averaged`); None with check_finite, where the device decides
+        # which updates count. `_n_written`: the count last written to the device tensor.
+        self._n_host: int | None = None if check_finite else 0
+        self._n_written = 0
         self.calls = 0  # update() calls, counted on the host
         self.folds = 0  # updates folded into the average, counted on the host
+
+    @property
+    def n_averaged(self) -> Tensor:
+        """The number of updates in the average: a 0-dim tensor on the average's device. Without
+        `check_finite` the host counts them and writes this tensor when it is read, so that an
+        update launches nothing but its fused op; read it here each time rather than keeping it."""
+        if self._n_host is not None and self._n_written != self._n_host:
+            self._n_averaged.fill_(self._n_host)
+            self._n_written = self._n_host
+        return self._n_averaged
 
     def _groups(self, tensors: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
         """(average views, model tensors) per flat group."""
@@ -177,11 +186,10 @@ class Averager:
         for kept, live in zip(self._integers, self.tracked.split(tensors)[1]):
             kept.copy_(torch.where(finite, live, kept) if self.check_finite else live)
         if self.check_finite:
-            self.n_averaged += finite
+            self._n_averaged += finite
             self.n_skipped += ~finite
         else:
-            self.n_averaged += 1
-            self.n_averaged_host += 1
+            self._n_host += 1
         self.folds += 1
 
     def _stage_through(self, tensors: list[Tensor], pin_memory: bool) -> None:
@@ -227,7 +235,7 @@ class Averager:
     def _all_finite(self, sources: list[list[Tensor]]) -> Tensor:
         """One device boolean: every element of every source is finite (max-abs norms propagate
         inf and NaN, and cannot overflow)."""
-        device = self.n_averaged.device
+        device = self._n_averaged.device
         with torch.no_grad():  # the model's parameters require grad: record no graph
             maxima = [
                 n.to(device, torch.float32) for src in sources for n in torch._foreach_norm(src, float("inf"))
@@ -308,9 +316,9 @@ class Averager:
             raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
         checked = self._check_extra_state(state)
         self._copy.load_named(state["average"])
-        self.n_averaged.copy_(state["n_averaged"])
+        self._n_averaged.copy_(state["n_averaged"])
         if not self.check_finite:
-            self.n_averaged_host = int(self.n_averaged)  # read once here, not at every update
+            self._n_host = self._n_written = int(self._n_averaged)  # read once here
         self.n_skipped.copy_(state.get("n_skipped", 0))
         self.calls = int(state["calls"])
         self.folds = int(state.get("folds", self.calls))
@@ -333,9 +341,9 @@ class SWA(Averager):
 
     def _weight(self) -> Tensor | float:
         # 1 first: an exact copy. A float is passed to the kernels by value, with no device op.
-        if self.n_averaged_host is not None:
-            return 1.0 / (self.n_averaged_host + 1)
-        return torch.reciprocal(self.n_averaged.to(torch.float64) + 1)
+        if self._n_host is not None:
+            return 1.0 / (self._n_host + 1)
+        return torch.reciprocal(self._n_averaged.to(torch.float64) + 1)
 
 
 class EMA(Averager):

@@ -164,8 +164,7 @@ class FGE:
                 ops.lerp_(avg, stored, 1.0 / (k + 1), backend=self.backend)
         for kept, stored in zip(swa._integers, self.snapshots[-1].integers):
             kept.copy_(stored)
-        swa.n_averaged.fill_(len(self.snapshots))
-        swa.n_averaged_host = swa.calls = swa.folds = len(self.snapshots)
+        swa._n_host = swa.calls = swa.folds = len(self.snapshots)  # (SWA counts on the host)
         return swa
 
     # --- saving and resuming --------------------------------------------------------------------------
