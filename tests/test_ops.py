@@ -158,3 +158,22 @@ def test_weight_zero_keeps_the_destination_even_for_non_finite_sources(op, backe
     weight = torch.tensor(0.0) if as_tensor else 0.0
     getattr(swa_fast, op)(dst, *([sq] if op == "moments_" else []), [src], weight, backend=backend)
     assert torch.equal(dst[0], before[0]) and torch.equal(sq[0], before[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_copy_beyond_the_caches(dtype):
+    """copy_ of more than 32 MB between tensors of one dtype streams its stores past the caches
+    (csrc/cpu): every byte must still land, at any alignment, and a cast copy of that size too."""
+    import swa_fast
+
+    n = (40 << 20) // torch.tensor([], dtype=dtype).element_size()
+    base = torch.randn(n + 3, dtype=torch.float64).to(dtype)
+    src = [base[1 : n // 2 + 1], base[n // 2 + 1 : n + 2].view(-1, 1)]  # misaligned starts
+    out = torch.zeros(n + 5, dtype=dtype)
+    dst = [out[3 : n // 2 + 3], out[n // 2 + 3 : n + 4].view(-1, 1)]
+    swa_fast.copy_(dst, src, backend="cpu")
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    assert out[:3].eq(0).all() and out[n + 4 :].eq(0).all()  # nothing written outside
+    wide = [torch.zeros(s.shape, dtype=torch.float32) for s in src]
+    swa_fast.copy_(wide, src, backend="cpu")
+    assert all(torch.equal(w, s.float()) for w, s in zip(wide, src))

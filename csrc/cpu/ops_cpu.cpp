@@ -4,6 +4,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "../ops_impl.h"
 
 namespace swa_fast {
@@ -36,6 +44,46 @@ SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t
   for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
 }
 
+// A copy between tensors of one dtype moves bytes as they are: kBytes per element (0: not one).
+template <typename F>
+struct PlainCopy {
+  static constexpr int64_t kBytes = 0;
+};
+template <typename T>
+struct PlainCopy<Copy<T, T>> {
+  static constexpr int64_t kBytes = sizeof(T);
+};
+
+// A copy of more than this many bytes does not fit in the caches: its destination is better
+// written with non-temporal stores, which skip reading each line before overwriting it (a third
+// of the traffic). Measured on a 2-core EPYC VM (32 MB L3): 1.35x faster at 500 MB, about even at
+// 16 MB, slower at 4 MB (where the destination would otherwise have stayed in cache).
+constexpr int64_t kStreamAboveBytes = int64_t(32) << 20;
+
+#if defined(__x86_64__)
+// n bytes from src to dst, the aligned middle with 16-byte non-temporal stores (SSE2, in every
+// x86-64 CPU; one core's stores saturate memory either way). The caller fences.
+void stream_copy(char* dst, const char* src, size_t n) {
+  const size_t head = std::min(n, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
+  std::memcpy(dst, src, head);
+  dst += head;
+  src += head;
+  n -= head;
+  const size_t body = n & ~size_t(63);
+  for (size_t i = 0; i < body; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+  }
+  std::memcpy(dst + body, src + body, n - body);
+}
+#endif
+
 struct CpuRun {
   template <size_t K, typename F>
   static void run(const DtypeGroup<K>& group, at::Device, F f) {
@@ -53,6 +101,23 @@ struct CpuRun {
         items.push_back({static_cast<int64_t>(j), b, std::min(numels[j], b + kChunk)});
       }
     }
+#if defined(__x86_64__)
+    if constexpr (PlainCopy<F>::kBytes > 0) {
+      constexpr int64_t bytes = PlainCopy<F>::kBytes;
+      if (total * bytes > kStreamAboveBytes) {
+        at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+          for (int64_t it = first; it < last; ++it) {
+            const Item& item = items[it];
+            const auto& p = group.ptrs[item.tensor];
+            stream_copy(static_cast<char*>(p[0]) + item.begin * bytes,
+                        static_cast<const char*>(p[1]) + item.begin * bytes, (item.end - item.begin) * bytes);
+          }
+          _mm_sfence();  // this thread's streamed stores land before its part counts as done
+        });
+        return;
+      }
+    }
+#endif
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t it = first; it < last; ++it) {
         const Item& item = items[it];
