@@ -6,7 +6,8 @@
 attribute, and its averages are interchangeable with torch's in both directions. What changes is
 the update: the averaged model's floating parameters (and buffers, with `use_buffers=True`) live in
 flat buffers, one per (device, dtype), and `update_parameters` is one fused swa_fast op per group,
-with the weight kept on the device: no host synchronisation, no per-parameter Python arithmetic.
+with the weight worked out where `n_averaged` lives (on a GPU without a host synchronisation; a
+CPU count is read directly): no per-parameter Python arithmetic.
 The default SWA average and the functions from this module's `get_swa_multi_avg_fn` /
 `get_ema_multi_avg_fn` take that path; a user's own `avg_fn` / `multi_avg_fn` run as in torch.
 
@@ -179,8 +180,8 @@ class AveragedModel(Module):
         for group, views, src in plan.flat.pairs(floating):
             if self._moved or src[0].device != group.device:  # torch's `device=`: the model lives elsewhere
                 src = [s if s.device == group.device else s.to(group.device) for s in src]
-            on_device = isinstance(weight, Tensor) and weight.device not in (group.device, _CPU)
-            w = weight.to(group.device) if on_device else weight
+            elsewhere = isinstance(weight, Tensor) and weight.device not in (group.device, _CPU)
+            w = weight.to(group.device) if elsewhere else weight
             calls.append((views, src, w))
         if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
             for avg, src, w in calls:
