@@ -81,15 +81,19 @@ class BorrowedTensors {
   std::vector<at::Tensor> tensors_;
 };
 
-// The weight: a tensor, or a Python number made a CPU float64 scalar here (for ~0.1 us, where
-// torch.tensor() costs ~1.5 us: an SWA weight 1/(n+1) is a new number every call).
+// The weight: a tensor, or a Python number written into this thread's CPU float64 scalar, so that
+// a float weight (an SWA weight 1/(n+1) is a new one every call) costs no allocation and no
+// torch.tensor() (~1.5 us). Reusing it is safe: the kernels read a CPU weight by value before the
+// call returns. (Never freed: a thread's exit must not depend on torch's allocator still being up.)
 at::Tensor unpack_weight(PyObject* obj, const char* op) {
   if (THPVariable_Check(obj)) return THPVariable_Unpack(obj);
   TORCH_CHECK_VALUE(PyFloat_Check(obj) || PyLong_Check(obj), "swa_fast.", op,
                     ": `weight` must be a float or a 0-dim tensor, got ", Py_TYPE(obj)->tp_name);
   const double value = PyFloat_AsDouble(obj);
   if (value == -1.0 && PyErr_Occurred()) throw python_error();
-  return at::scalar_tensor(value, at::TensorOptions().dtype(at::kDouble));
+  thread_local at::Tensor* scalar = new at::Tensor(at::empty({}, at::TensorOptions().dtype(at::kDouble)));
+  *scalar->mutable_data_ptr<double>() = value;
+  return *scalar;
 }
 
 template <typename Sig>

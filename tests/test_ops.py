@@ -177,3 +177,32 @@ def test_copy_beyond_the_caches(dtype):
     wide = [torch.zeros(s.shape, dtype=torch.float32) for s in src]
     swa_fast.copy_(wide, src, backend="cpu")
     assert all(torch.equal(w, s.float()) for w, s in zip(wide, src))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "foreach"])  # (Triton's CPU interpreter is not thread-safe)
+def test_float_weights_from_several_threads_at_once(backend):
+    """Each thread's float weight is its own, also while the kernels run without the GIL."""
+    import threading
+
+    import swa_fast
+
+    weights = [0.125, 0.25, 0.5, 0.75]
+    results = {}
+
+    def run(k):
+        avg = [torch.zeros(20_000) for _ in range(8)]
+        src = [torch.ones(20_000) for _ in range(8)]
+        for _ in range(50):
+            swa_fast.lerp_(avg, src, weights[k], backend=backend)
+        results[k] = avg
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(weights))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, w in enumerate(weights):
+        expected = torch.zeros(20_000)
+        for _ in range(50):
+            expected.lerp_(torch.ones(20_000), w)
+        assert all(torch.allclose(a, expected, rtol=1e-6, atol=0) for a in results[k]), w
