@@ -101,8 +101,7 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// Positional arguments as METH_FASTCALL passes them: no argument tuple is built, which matters for
-// more than its allocation: every tuple counts towards Python's next garbage collection.
+// Positional arguments as METH_FASTCALL passes them, without an argument tuple to unpack.
 bool expect_args(const char* op, Py_ssize_t nargs, Py_ssize_t expected) {
   if (nargs == expected) return true;
   PyErr_Format(PyExc_TypeError, "swa_fast.%s takes %zd positional arguments (%zd given)", op, expected, nargs);
