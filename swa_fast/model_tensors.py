@@ -24,49 +24,54 @@ from . import distributed
 from .flat import FlatBuffer, copy_lists
 
 
-def submodules(module: Module) -> list[Module]:
-    """`list(module.modules())`: the same modules in the same order (depth first), 2-3x faster, with
-    no generators and no names. Every update walks the model to see that it still holds the same
-    tensors, and for a model of a few hundred modules nn.Module's walk costs more than the update."""
-    out = [module]
-
-    def visit(parent: Module) -> None:
-        for child in parent._modules.values():
-            if child is not None:
-                out.append(child)
-                if child._modules:
-                    visit(child)
-
-    visit(module)
-    if len(set(map(id, out))) != len(out):  # a module reached twice: nn.Module's walk keeps it once
-        return list(module.modules())
-    return out
-
-
 def module_tensors(module: Module, buffers: bool) -> list[Tensor]:
     """`list(module.parameters())`, then `.buffers()` when asked: the same tensors in the same order,
-    each once, ~10x faster than nn.Module's generators (which cost ~1 us a tensor)."""
-    modules = submodules(module)
-    out = [t for m in modules for t in m._parameters.values() if t is not None]
-    if buffers:
-        out += [t for m in modules for t in m._buffers.values() if t is not None]
-    return _each_once(out)
+    each once, 1.5x faster than nn.Module's walk and ~10x faster than its generators (which cost
+    ~1 us a tensor). Every update walks the model to see that it still holds the same tensors, and
+    for a model of a hundred modules that walk costs more than the update itself."""
+    return _each_once(_walk(module, True, buffers))
 
 
 def module_buffers(module: Module) -> list[Tensor]:
     """`list(module.buffers())`, as fast as `module_tensors`."""
-    return _each_once([t for m in submodules(module) for t in m._buffers.values() if t is not None])
+    return _each_once(_walk(module, False, True))
+
+
+def _walk(module: Module, parameters: bool, buffers: bool) -> list[Tensor]:
+    """The parameters of `module` and its submodules, then their buffers (each when asked), in
+    nn.Module's depth-first order, read from the modules' own dicts. A module reached twice (shared)
+    gives its tensors twice: `_each_once` keeps their first places, which are nn.Module's."""
+    params = list(module._parameters.values()) if parameters else []
+    bufs = list(module._buffers.values()) if buffers else []
+
+    def visit(parent: Module) -> None:
+        for child in parent._modules.values():
+            if child is not None:
+                if parameters:
+                    params.extend(child._parameters.values())
+                if buffers:
+                    bufs.extend(child._buffers.values())
+                if child._modules:
+                    visit(child)
+
+    visit(module)
+    return [t for t in params + bufs if t is not None]
+
+
+def _first_places(ids: list[int]) -> list[int] | None:
+    """The position of each id's first occurrence, in order; None when every id occurs once."""
+    if len(set(ids)) == len(ids):
+        return None
+    first: dict[int, int] = {}
+    for i, key in enumerate(ids):
+        first.setdefault(key, i)
+    return sorted(first.values())
 
 
 def _each_once(tensors: list[Tensor]) -> list[Tensor]:
     """Shared tensors keep their first place only, as nn.Module's generators do."""
-    ids = list(map(id, tensors))
-    if len(set(ids)) == len(ids):
-        return tensors
-    first = {}
-    for i, key in enumerate(ids):
-        first.setdefault(key, i)
-    return [t for i, (t, key) in enumerate(zip(tensors, ids)) if first[key] == i]
+    keep = _first_places(list(map(id, tensors)))
+    return tensors if keep is None else [tensors[i] for i in keep]
 
 
 def module_names(module: Module, buffers: bool) -> list[str]:
@@ -101,7 +106,12 @@ class TrackedModel:
     def __init__(self, model: Module, buffers: bool, owner: str, options: list | None = None) -> None:
         wrapper, model = model, unwrapped(model)
         distributed.reshard(model)  # track the sharded FSDP2 parameters, not gathered ones
-        tensors = module_tensors(model, buffers)
+        walked = _walk(model, True, buffers)
+        # What a walk of this model gives while it is unchanged, and which of it to keep (shared
+        # tensors once): the check that `tensors()` makes on every update.
+        self._walked_ids = list(map(id, walked))
+        self._keep = _first_places(self._walked_ids)
+        tensors = walked if self._keep is None else [walked[i] for i in self._keep]
         self.layouts = [distributed.shards_of(t) for t in tensors]  # DTensor layout, or None
         self.sharded = any(s is not None for s in self.layouts)
         self.buffers = buffers
@@ -129,8 +139,12 @@ class TrackedModel:
         model it was made from must still hold the very same tensors; another model (say a deepcopy
         for evaluation) must have the same names and the same DTensor layouts."""
         model = unwrapped(model)
-        tensors = module_tensors(model, self.buffers)
-        if model is self._model():
+        walked = _walk(model, True, self.buffers)
+        mine = model is self._model()
+        if mine and list(map(id, walked)) == self._walked_ids:  # unchanged: the usual case
+            tensors = walked if self._keep is None else [walked[i] for i in self._keep]
+        elif mine:
+            tensors = _each_once(walked)
             if list(map(id, tensors)) != self._ids:
                 # After a forward without backward the FSDP2 root holds gathered parameters.
                 if distributed.reshard(model):
@@ -138,6 +152,7 @@ class TrackedModel:
                 if list(map(id, tensors)) != self._ids:
                     raise ValueError(self._describe_change(module_names(model, self.buffers), tensors))
         else:
+            tensors = _each_once(walked)
             if (names := module_names(model, self.buffers)) != self.names:
                 raise ValueError(self._describe_change(names, None))
             if self.sharded and distributed.reshard(model):

@@ -154,6 +154,24 @@ def test_changed_model_is_detected():
         swa.copy_to(torch.nn.Linear(6, 5))
 
 
+def test_tied_weights_are_averaged_once_and_their_change_is_detected():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 2))
+    model[1].weight = model[0].weight  # tied, as a language model's embedding and output layer
+    swa = swa_fast.SWA(model)
+    seen = []
+    for s in range(3):
+        step(model, s)
+        seen.append(weights(model))
+        swa.update(model)
+    assert len(swa.average) == len(list(model.parameters())) == 5
+    for got, *values in zip(swa.average.views, *seen):
+        torch.testing.assert_close(got, torch.stack(values).mean(0), rtol=1e-6, atol=1e-6)
+    model[1].weight = torch.nn.Parameter(model[0].weight.detach().clone())  # untied
+    with pytest.raises(ValueError, match="expected '1.bias', found '1.weight'"):
+        swa.update(model)
+
+
 def test_resized_parameter_raises_before_writing():
     model = torch.nn.Linear(4, 3)
     swa = swa_fast.SWA(model)

@@ -263,12 +263,13 @@ def test_module_tensors_match_nn_module_order_with_shared_weights():
 
 
 def test_module_walk_matches_nn_module_with_nested_and_shared_modules():
-    from swa_fast.model_tensors import module_buffers, module_tensors, submodules
+    from swa_fast.model_tensors import module_buffers, module_tensors
 
     block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     nested = torch.nn.Sequential(torch.nn.Sequential(block, torch.nn.ReLU()), torch.nn.LayerNorm(4))
     shared = torch.nn.Sequential(block, torch.nn.Linear(4, 4), block)  # one module in two places
     for model in (nested, shared, torch.nn.TransformerEncoderLayer(8, 2)):
-        assert submodules(model) == list(model.modules())
+        everything = [*model.parameters(), *model.buffers()]
+        assert list(map(id, module_tensors(model, True))) == list(map(id, everything))
         assert list(map(id, module_tensors(model, False))) == list(map(id, model.parameters()))
         assert list(map(id, module_buffers(model))) == list(map(id, model.buffers()))
