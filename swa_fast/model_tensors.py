@@ -121,6 +121,15 @@ class TrackedModel:
         self.floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
         self.integer = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
         self._ids = [id(t) for t in tensors]
+        # The tensors themselves, weakly (a manager must not keep a dropped model's memory alive).
+        # Should one die, the model no longer holds it, and a new tensor may be given its id,
+        # which the id checks in `tensors()` would take for the old one: `_lost` says so instead.
+        self._lost = lost = [False]
+
+        def died(_ref: weakref.ref, lost: list = lost) -> None:
+            lost[0] = True
+
+        self._refs = [weakref.ref(t, died) for t in tensors]
         self._model = weakref.ref(model)
         self._sharded_model = self._model  # the model whose shards `tensors()` gave last
         if options is None:
@@ -141,15 +150,15 @@ class TrackedModel:
         model = unwrapped(model)
         walked = _walk(model, True, self.buffers)
         mine = model is self._model()
-        if mine and list(map(id, walked)) == self._walked_ids:  # unchanged: the usual case
+        if mine and list(map(id, walked)) == self._walked_ids and not self._lost[0]:  # the usual case
             tensors = walked if self._keep is None else [walked[i] for i in self._keep]
         elif mine:
             tensors = _each_once(walked)
-            if list(map(id, tensors)) != self._ids:
+            if list(map(id, tensors)) != self._ids or self._lost[0]:
                 # After a forward without backward the FSDP2 root holds gathered parameters.
                 if distributed.reshard(model):
                     tensors = module_tensors(model, self.buffers)
-                if list(map(id, tensors)) != self._ids:
+                if list(map(id, tensors)) != self._ids or self._lost[0]:
                     raise ValueError(self._describe_change(module_names(model, self.buffers), tensors))
         else:
             tensors = _each_once(walked)
@@ -250,7 +259,7 @@ class TrackedModel:
             if expected != got:
                 what = f"expected '{expected}', found '{got}'"
                 break
-            if tensors is not None and id(tensors[i]) != self._ids[i]:
+            if tensors is not None and self._refs[i]() is not tensors[i]:
                 what = f"'{expected}' was replaced"
                 break
         else:

@@ -172,6 +172,19 @@ def test_tied_weights_are_averaged_once_and_their_change_is_detected():
         swa.update(model)
 
 
+def test_replaced_parameter_is_detected_even_when_it_takes_the_old_ones_id():
+    """A parameter dropped and then replaced: CPython gives the new tensor the freed one's id (it
+    does every time in this sequence), which an id comparison alone takes for the old tensor."""
+    for _ in range(5):
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 2))
+        swa = swa_fast.SWA(model)
+        data = torch.randn(2, 5)
+        model[1].weight = None  # the old parameter is freed here
+        model[1].weight = torch.nn.Parameter(data)
+        with pytest.raises(ValueError, match="'1.weight' was replaced"):
+            swa.update(model)
+
+
 def test_resized_parameter_raises_before_writing():
     model = torch.nn.Linear(4, 3)
     swa = swa_fast.SWA(model)
