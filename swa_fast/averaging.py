@@ -288,6 +288,8 @@ class Averager:
     # --- saving and resuming ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The average as views of its flat buffers (no copy; DCP loads into them in place) and the
+        counts as they are now: save it before the next `update`, which changes the former only."""
         if not self.holds_average:  # rank0_only: nothing here to save (DCP saves rank 0's state)
             return {}
         self.wait()
