@@ -28,7 +28,7 @@ from torch.nn import Module
 from . import distributed, ops
 from .bn import update_bn
 from .ensemble import ensemble_predict
-from .flat import FlatBuffer
+from .flat import FlatBuffer, copy_lists
 from .model_tensors import ModelCopy, TrackedModel
 
 _CPU = torch.device("cpu")
@@ -183,8 +183,10 @@ class Averager:
             if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
                 w = w.to(avg[0].device, non_blocking=True)
             self._fold(k, avg, src, w)
-        for kept, live in zip(self._integers, self.tracked.split(tensors)[1]):
-            kept.copy_(torch.where(finite, live, kept) if self.check_finite else live)
+        integers = self.tracked.split(tensors)[1]
+        if self.check_finite:
+            integers = [torch.where(finite, live, kept) for kept, live in zip(self._integers, integers)]
+        copy_lists(self._integers, integers)  # one call for every num_batches_tracked
         if self.check_finite:
             self._n_averaged += finite
             self.n_skipped += ~finite
@@ -499,8 +501,7 @@ class SWAG(SWA):
                 drawn.addmv_(rows.t(), shared.to(rows.device), alpha=(self.rank - 1) ** -0.5)
             drawn.mul_(scale**0.5).add_(g.buffer)
             ops.copy_(dst, self.average.views_of(g, drawn), backend=self.backend)
-        for kept, live in zip(self._integers, integer):
-            live.copy_(kept)
+        copy_lists(integer, self._integers)
 
     @staticmethod
     def _normal(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -338,8 +338,7 @@ class ModelCopy:
         self.wait()
         for _, views, src in self.flat.pairs(floating):
             copy_lists(views, src, non_blocking=True, backend=self.backend)
-        for kept, live in zip(self.integers, integer):
-            kept.copy_(live, non_blocking=True)
+        copy_lists(self.integers, integer, non_blocking=True)
         for gpu in self._gpus_to_host:  # each GPU's copies run on its own current stream
             self._saved.append(torch.cuda.Event())
             self._saved[-1].record(torch.cuda.current_stream(gpu))
@@ -352,8 +351,7 @@ class ModelCopy:
         self.wait()
         for _, views, dst in self.flat.pairs(floating):
             copy_lists(dst, views, backend=self.backend)
-        for kept, live in zip(self.integers, integer):
-            live.copy_(kept)
+        copy_lists(integer, self.integers)
 
     @torch.no_grad()
     def load_named(self, saved: dict) -> None:

@@ -194,12 +194,19 @@ class AveragedModel(Module):
 
     def _update_integers(self, averaged: list[Tensor], current: list[Tensor], kind) -> None:
         """Integer buffers (num_batches_tracked with use_buffers=True), with torch's arithmetic:
-        a copy on the first update, then the average truncated back to the integer dtype."""
+        a copy on the first update, then the average truncated back to the integer dtype. Alike
+        buffers (a model's num_batches_tracked are all 0-dim int64) are stacked, so that each step
+        is one op for all of them rather than one per BatchNorm layer."""
+        alike: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for a, c in zip(averaged, current):
-            c = c.to(a.device)
-            n = self.n_averaged.to(a.device)
+            group = alike.setdefault((a.device, a.dtype, a.shape, c.device), ([], []))
+            group[0].append(a)
+            group[1].append(c)
+        for (device, *_), (a_list, c_list) in alike.items():
+            a, c = torch.stack(a_list), torch.stack(c_list).to(device)
+            n = self.n_averaged.to(device)
             blended = a + (c - a) / (n + 1) if kind[0] == "swa" else a * kind[1] + c * (1 - kind[1])
-            a.copy_(torch.where(n == 0, c, blended))
+            torch._foreach_copy_(a_list, torch.where(n == 0, c, blended).unbind())
 
     def _update_like_torch(self, current: list[Tensor]) -> None:
         """A user's own avg_fn / multi_avg_fn: torch's update, step for step."""
