@@ -19,6 +19,18 @@ WEIGHTED = {"lerp_": True, "moments_": True, "copy_": False, "swap_": False}
 OPS = tuple(WRITTEN)
 
 
+def cnn_with_bn(image_side: int) -> torch.nn.Module:
+    """A small CNN with BatchNorm (and so an integer buffer) for 1-channel square images."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * (image_side - 2) ** 2, 3),
+    )
+
+
 def cpu_backends() -> list[str]:
     """Every backend that can run CPU tensors here, bar the reference (the oracle)."""
     status = swa_fast.backend_status("cpu")

@@ -6,19 +6,9 @@ import io
 
 import pytest
 import torch
+from conftest import cnn_with_bn
 
 import swa_fast
-
-
-def cnn_with_bn():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4 * 4 * 4, 3),
-    )
 
 
 def data(seed=0, n=16):
@@ -45,7 +35,7 @@ def assert_same_state(model, state):
 
 
 def test_automatic_snapshots_are_taken_exactly_at_the_minima():
-    model = cnn_with_bn()
+    model = cnn_with_bn(6)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = swa_fast.FGECyclicLR(opt, lr_max=0.1, lr_min=0.001, cycle_length=4)
     fge = swa_fast.FGE(model, scheduler=sched)
@@ -58,7 +48,7 @@ def test_automatic_snapshots_are_taken_exactly_at_the_minima():
             expected.append(everything(model))
         sched.step()
     assert len(expected) == 3 and len(fge) == 3 and fge.n_taken == 3
-    probe = cnn_with_bn()
+    probe = cnn_with_bn(6)
     for snapshot, state in zip(fge.snapshots, expected):
         snapshot.load(fge.tracked.tensors(probe))
         assert_same_state(probe, state)
@@ -71,7 +61,7 @@ def test_automatic_snapshots_are_taken_exactly_at_the_minima():
 
 
 def test_ensemble_equals_the_mean_of_separately_saved_models_and_restores_exactly():
-    model = cnn_with_bn()
+    model = cnn_with_bn(6)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     fge = swa_fast.FGE(model)
     saved = []
@@ -97,7 +87,7 @@ def test_ensemble_equals_the_mean_of_separately_saved_models_and_restores_exactl
 
 
 def test_predict_loader_concatenates_batches():
-    model = cnn_with_bn()
+    model = cnn_with_bn(6)
     fge = swa_fast.FGE(model)
     fge.snapshot(model)
     with torch.no_grad():
@@ -109,7 +99,7 @@ def test_predict_loader_concatenates_batches():
 
 
 def test_a_loader_that_changes_between_passes_raises():
-    model = cnn_with_bn()
+    model = cnn_with_bn(6)
     fge = swa_fast.FGE(model)
     fge.snapshot(model)
     fge.snapshot(model)
@@ -126,13 +116,13 @@ def test_a_loader_that_changes_between_passes_raises():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_storage_round_trips_within_its_precision(dtype):
-    model = cnn_with_bn()
+    model = cnn_with_bn(6)
     fge = swa_fast.FGE(model, dtype=dtype)
     before = everything(model)
     fge.snapshot(model)
     assert all(v.dtype == dtype for v in fge.snapshots[0].flat.views)
     assert fge.nbytes() < sum(t.numel() * t.element_size() for t in before.values())
-    probe = cnn_with_bn()
+    probe = cnn_with_bn(6)
     with torch.no_grad():
         for p in probe.parameters():
             p.zero_()
@@ -173,7 +163,7 @@ def test_raise_when_full_keeps_the_store():
 
 
 def test_to_swa_is_the_mean_of_the_snapshots():
-    model = cnn_with_bn()
+    model = cnn_with_bn(6)
     fge = swa_fast.FGE(model, dtype=torch.float64)
     states = []
     for s in range(4):
@@ -182,7 +172,7 @@ def test_to_swa_is_the_mean_of_the_snapshots():
         states.append(everything(model))
     swa = fge.to_swa(model)
     assert swa.n_averaged.item() == 4 and swa.state_dict()["folds"] == 4
-    probe = cnn_with_bn()
+    probe = cnn_with_bn(6)
     swa.copy_to(probe)
     for k, v in probe.state_dict().items():
         stacked = torch.stack([st[k] for st in states])
@@ -193,7 +183,7 @@ def test_to_swa_is_the_mean_of_the_snapshots():
 
 
 def test_state_dict_round_trip_through_torch_save():
-    model = cnn_with_bn()
+    model = cnn_with_bn(6)
     fge = swa_fast.FGE(model, max_snapshots=3, dtype=torch.bfloat16)
     for s in range(2):
         train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), *data(s))
@@ -201,7 +191,7 @@ def test_state_dict_round_trip_through_torch_save():
     buffer = io.BytesIO()
     torch.save(fge.state_dict(), buffer)
     buffer.seek(0)
-    restored = swa_fast.FGE(cnn_with_bn(), max_snapshots=3, dtype=torch.bfloat16)
+    restored = swa_fast.FGE(cnn_with_bn(6), max_snapshots=3, dtype=torch.bfloat16)
     restored.load_state_dict(torch.load(buffer))
     assert len(restored) == 2 and restored.n_taken == 2
     x, _ = data(7)
@@ -209,14 +199,14 @@ def test_state_dict_round_trip_through_torch_save():
 
 
 def test_loading_another_models_snapshots_raises_and_changes_nothing():
-    fge = swa_fast.FGE(cnn_with_bn())
-    fge.snapshot(cnn_with_bn())
+    fge = swa_fast.FGE(cnn_with_bn(6))
+    fge.snapshot(cnn_with_bn(6))
     other = swa_fast.FGE(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     other.snapshot(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="has no '0.weight'|has shape"):
         fge.load_state_dict(other.state_dict())
     assert len(fge) == 1
-    small = swa_fast.FGE(cnn_with_bn(), max_snapshots=1)
+    small = swa_fast.FGE(cnn_with_bn(6), max_snapshots=1)
     state = fge.state_dict()
     state["snapshots"] = state["snapshots"] * 2
     with pytest.raises(ValueError, match="at most 1"):

@@ -6,20 +6,10 @@ import pickle
 
 import pytest
 import torch
+from conftest import cnn_with_bn
 from torch.optim import swa_utils as torch_swa
 
 from swa_fast import swa_utils as fast_swa
-
-
-def small_cnn(dtype=torch.float32):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4 * 6 * 6, 3),
-    ).to(dtype)
 
 
 def perturb(model, seed):
@@ -42,7 +32,7 @@ def assert_same_state(fast, ref, rtol=1e-6, atol=1e-6):
 
 
 def run_both(fast_kwargs=None, torch_kwargs=None, updates=6, model=None):
-    model = model or small_cnn()
+    model = model or cnn_with_bn(8)
     fast = fast_swa.AveragedModel(model, **(fast_kwargs or {}))
     ref = torch_swa.AveragedModel(model, **(torch_kwargs or fast_kwargs or {}))
     for step in range(updates):
@@ -72,7 +62,7 @@ def test_swa_is_the_mean_of_the_snapshots():
 
 
 def test_first_update_copies_exactly():
-    model = small_cnn()
+    model = cnn_with_bn(8)
     averaged = fast_swa.AveragedModel(model)
     perturb(model, 1)
     averaged.update_parameters(model)
@@ -86,6 +76,27 @@ def test_ema_matches_torch(use_buffers):
         {"multi_avg_fn": fast_swa.get_ema_multi_avg_fn(0.9), "use_buffers": use_buffers},
         {"multi_avg_fn": torch_swa.get_ema_multi_avg_fn(0.9), "use_buffers": use_buffers},
     )
+    assert_same_state(fast, ref)
+
+
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_many_batchnorm_counters_match_torch(kind):
+    """Integer buffers are averaged stacked: each keeps its own value, with torch's arithmetic."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        *[m for _ in range(3) for m in (torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))]
+    )
+    fn = {"swa": None, "ema": "get_ema_multi_avg_fn"}[kind]
+    fast = fast_swa.AveragedModel(model, use_buffers=True, multi_avg_fn=fn and getattr(fast_swa, fn)(0.7))
+    ref = torch_swa.AveragedModel(model, use_buffers=True, multi_avg_fn=fn and getattr(torch_swa, fn)(0.7))
+    for step in range(5):
+        for layer, calls in [(model, 1), (model[3], 2 * step), (model[5], step * step)]:
+            for _ in range(calls):
+                layer(torch.randn(8, 4))  # each BatchNorm counts a different number of batches
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+    counts = [fast.module[i].num_batches_tracked.item() for i in (1, 3, 5)]
+    assert len(set(counts)) == 3, counts
     assert_same_state(fast, ref)
 
 
@@ -123,7 +134,7 @@ def test_our_multi_avg_fns_work_in_torchs_averaged_model():
 
 def test_both_avg_fns_rejected_like_torch():
     with pytest.raises(AssertionError, match="Only one of avg_fn and multi_avg_fn"):
-        fast_swa.AveragedModel(small_cnn(), avg_fn=lambda a, c, n: a, multi_avg_fn=lambda a, c, n: None)
+        fast_swa.AveragedModel(cnn_with_bn(8), avg_fn=lambda a, c, n: a, multi_avg_fn=lambda a, c, n: None)
 
 
 def test_state_dicts_are_interchangeable_with_torch():
@@ -151,7 +162,7 @@ def test_pickle_deepcopy_and_save_round_trip():
     buffer = io.BytesIO()
     torch.save(fast.state_dict(), buffer)
     buffer.seek(0)
-    restored = fast_swa.AveragedModel(small_cnn())
+    restored = fast_swa.AveragedModel(cnn_with_bn(8))
     restored.load_state_dict(torch.load(buffer))
     assert_same_state(restored, fast, rtol=0, atol=0)
 
