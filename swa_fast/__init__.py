@@ -1,12 +1,13 @@
 """swa_fast: fused, in-place weight averaging for PyTorch."""
 
 from . import distributed, schedules, swa_utils
-from .averaging import EMA, SWA, SWAG
+from .averaging import EMA, SWA
 from .bn import update_bn
 from .fge import FGE
 from .flat import FlatBuffer
 from .ops import BACKENDS, backend_status, choose_backend, copy_, lerp_, moments_, swap_
 from .schedules import SWALR, FGECyclicLR
+from .swag import SWAG
 
 __all__ = [
     "BACKENDS",

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed
 from .model_tensors import module_tensors
+from .wrappers import unwrap
 
 
 @torch.no_grad()
@@ -46,10 +47,8 @@ def update_bn(
     (default: all ranks), `sync=False` never. A DDP wrapper is looked through for the pass: its
     forward would overwrite every rank's buffers with rank 0's before each batch.
     """
-    groups = None
-    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        groups = [model.process_group]
-        model = model.module
+    model, ddp = unwrap(model)
+    groups = None if ddp is None else [ddp.process_group]
     if sync is None:
         if groups is None:  # an FSDP2 model: its mesh's groups (none for a plain model)
             groups = distributed.groups_of(

@@ -8,7 +8,8 @@ the average as DTensors with the parameters' mesh, placements and global shapes,
 tensors on rank 0.
 
 The handling lives in `model_tensors.TrackedModel` / `ModelCopy`, which every manager is built on;
-this module holds the pieces they call.
+this module holds the pieces they call: layouts of DTensors, local parts of saved states, checks
+across ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.nn import Module
+
+from .wrappers import unwrap
 
 try:
     import torch.distributed as dist
@@ -59,6 +62,30 @@ def shards_of(tensor: Tensor) -> Shards | None:
     if DTensor is None or not isinstance(tensor, DTensor):
         return None
     return Shards(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tuple(tensor.stride()))
+
+
+def with_lead(layout: Shards | None, lead: tuple[int, ...]) -> Shards | None:
+    """`layout.with_lead(lead)`, and None for a plain tensor's (None) layout."""
+    return None if layout is None else layout.with_lead(tuple(lead))
+
+
+def check_layouts(
+    names: Sequence[str], tensors: Sequence[Tensor], layouts: Sequence[Shards | None], owner: str
+) -> None:
+    """Raise unless `tensors` (another model's) are sharded as `layouts` (the tracked model's):
+    local shards of other layouts do not line up with the stored ones."""
+    for name, t, layout in zip(names, tensors, layouts):
+        got = shards_of(t)
+        if got is None and layout is None:
+            continue
+        if got is None or layout is None or got[:3] != layout[:3]:
+            said = "a plain tensor" if got is None else got.describe()
+            expected = "a plain tensor" if layout is None else layout.describe()
+            raise ValueError(
+                f"swa_fast: '{name}' is {said} in this model but was {expected} in the model this "
+                f"{owner} was made for; shard both models alike (or load a full state dict "
+                "from swa_fast.distributed.full_state_dict into an unsharded one)"
+            )
 
 
 def local_tensors(tensors: Sequence[Tensor], layouts: Sequence[Shards | None]) -> list[Tensor]:
@@ -121,10 +148,9 @@ def groups_of(wrapper: Module, layouts: Sequence[Shards | None]) -> list:
     the dimensions together connect the whole mesh). Empty for a model on one process."""
     if dist is None or not dist.is_initialized():
         return []
-    while isinstance(wrapper, torch.nn.DataParallel) or hasattr(wrapper, "_orig_mod"):
-        wrapper = wrapper.module if isinstance(wrapper, torch.nn.DataParallel) else wrapper._orig_mod
-    if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
-        return [wrapper.process_group]
+    ddp = unwrap(wrapper)[1]
+    if ddp is not None:
+        return [ddp.process_group]
     mesh = next((s.mesh for s in layouts if s is not None), None)
     if mesh is None:
         return []
@@ -177,10 +203,8 @@ def rank_in(wrapper: Module) -> int:
     torch.distributed."""
     if dist is None or not dist.is_initialized():
         return 0
-    group = getattr(wrapper, "process_group", None)
-    if not isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
-        group = None
-    return dist.get_rank(group)
+    ddp = unwrap(wrapper)[1]
+    return dist.get_rank(ddp.process_group if ddp is not None else None)
 
 
 def full_state_dict(state: dict, *, rank0_only: bool = True, cpu: bool = True) -> dict:

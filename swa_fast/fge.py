@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import ops
 from .averaging import SWA
 from .ensemble import ensemble_predict
 from .model_tensors import ModelCopy, TrackedModel
@@ -158,13 +157,9 @@ class FGE:
         if not self.snapshots:
             raise ValueError("swa_fast.FGE: no snapshots to average")
         swa = SWA(model, use_buffers=True, backend=self.backend)
-        for k, snapshot in enumerate(self.snapshots):
-            for group, avg, stored in swa.average.pairs(snapshot.flat.views):
-                stored = [t.to(group.device, non_blocking=True) for t in stored]
-                ops.lerp_(avg, stored, 1.0 / (k + 1), backend=self.backend)
-        for kept, stored in zip(swa._integers, self.snapshots[-1].integers):
-            kept.copy_(stored)
-        swa._n_host = swa.calls = swa.folds = len(self.snapshots)  # (SWA counts on the host)
+        for snapshot in self.snapshots:
+            snapshot.wait()  # a save to host memory may still be on its way
+            swa.update_from(snapshot.stored())
         return swa
 
     # --- saving and resuming --------------------------------------------------------------------------

@@ -22,13 +22,15 @@ from torch.nn import Module
 
 from . import distributed
 from .flat import FlatBuffer, copy_lists
+from .wrappers import unwrap
 
 
 def module_tensors(module: Module, buffers: bool) -> list[Tensor]:
     """`list(module.parameters())`, then `.buffers()` when asked: the same tensors in the same order,
-    each once, 1.5x faster than nn.Module's walk and ~10x faster than its generators (which cost
-    ~1 us a tensor). Every update walks the model to see that it still holds the same tensors, and
-    for a model of a hundred modules that walk costs more than the update itself."""
+    each once, read straight from the modules' dicts (faster than nn.Module's walk and much faster
+    than its generators: docs/benchmarks.md). Every update walks the model to see that it still
+    holds the same tensors, and for a model of a hundred modules that walk could cost more than
+    the update itself."""
     return _each_once(_walk(module, True, buffers))
 
 
@@ -82,17 +84,6 @@ def module_names(module: Module, buffers: bool) -> list[str]:
     return names
 
 
-def unwrapped(model: Module) -> Module:
-    """The model inside DDP / DataParallel / torch.compile wrappers, whose names carry no prefix."""
-    while True:
-        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(model._modules.get("_orig_mod"), Module):  # torch.compile's wrapper
-            model = model._modules["_orig_mod"]
-        else:
-            return model
-
-
 class TrackedModel:
     """The tensors of `model` a manager keeps: its parameters, then its buffers with
     `buffers=True`, split into floating ones (averaged, snapshotted) and integer ones (copied).
@@ -104,7 +95,7 @@ class TrackedModel:
     """
 
     def __init__(self, model: Module, buffers: bool, owner: str, options: list | None = None) -> None:
-        wrapper, model = model, unwrapped(model)
+        wrapper, model = model, unwrap(model)[0]
         distributed.reshard(model)  # track the sharded FSDP2 parameters, not gathered ones
         walked = _walk(model, True, buffers)
         # What a walk of this model gives while it is unchanged, and which of it to keep (shared
@@ -147,7 +138,7 @@ class TrackedModel:
         """The model's tensors, in the tracked order (a DTensor's local shard in its place). The
         model it was made from must still hold the very same tensors; another model (say a deepcopy
         for evaluation) must have the same names and the same DTensor layouts."""
-        model = unwrapped(model)
+        model = unwrap(model)[0]
         walked = _walk(model, True, self.buffers)
         mine = model is self._model()
         if mine and list(map(id, walked)) == self._walked_ids and not self._lost[0]:  # the usual case
@@ -166,7 +157,7 @@ class TrackedModel:
                 raise ValueError(self._describe_change(names, None))
             if self.sharded and distributed.reshard(model):
                 tensors = module_tensors(model, self.buffers)
-            self._check_layouts(tensors)
+            distributed.check_layouts(self.names, tensors, self.layouts, self.owner)
         if not self.sharded:
             return tensors
         self._sharded_model = weakref.ref(model)
@@ -178,22 +169,6 @@ class TrackedModel:
         forward, which would then not see the written values: drop them (no communication)."""
         if self.sharded and (model := self._sharded_model()) is not None:
             distributed.reshard(model)
-
-    def _check_layouts(self, tensors: list[Tensor]) -> None:
-        """Another model must be sharded as the tracked one: local shards of other layouts do not
-        line up with the stored ones."""
-        for name, t, layout in zip(self.names, tensors, self.layouts):
-            got = distributed.shards_of(t)
-            if got is None and layout is None:
-                continue
-            if got is None or layout is None or got[:3] != layout[:3]:
-                said = "a plain tensor" if got is None else got.describe()
-                expected = "a plain tensor" if layout is None else layout.describe()
-                raise ValueError(
-                    f"swa_fast: '{name}' is {said} in this model but was {expected} in the model this "
-                    f"{self.owner} was made for; shard both models alike (or load a full state dict "
-                    "from swa_fast.distributed.full_state_dict into an unsharded one)"
-                )
 
     @property
     def model(self) -> Module | None:
@@ -239,7 +214,8 @@ class TrackedModel:
         where = {name: i for i, name in enumerate(self.names)}
         shapes = {n: torch.empty((*lead, *self.shapes[where[n]]), device="meta") for n in names}
         self.check_state(saved, shapes)
-        return {n: distributed.local_part(saved[n], self._layout(where[n], lead), n) for n in names}
+        layouts = {n: distributed.with_lead(self.layouts[where[n]], lead) for n in names}
+        return {n: distributed.local_part(saved[n], layouts[n], n) for n in names}
 
     def shard_state(self, local: dict[str, Tensor], lead: tuple = ()) -> dict[str, Tensor]:
         """name -> this rank's part (as `tensors()` gives, behind `lead` extra leading dims) made
@@ -249,10 +225,8 @@ class TrackedModel:
         if not self.sharded:
             return local
         where = {name: i for i, name in enumerate(self.names)}
-        return {n: distributed.as_dtensor(t, self._layout(where[n], lead)) for n, t in local.items()}
-
-    def _layout(self, i: int, lead: tuple) -> distributed.Shards | None:
-        return None if self.layouts[i] is None else self.layouts[i].with_lead(tuple(lead))
+        layouts = {n: distributed.with_lead(self.layouts[where[n]], lead) for n in local}
+        return {n: distributed.as_dtensor(t, layouts[n]) for n, t in local.items()}
 
     def _describe_change(self, names: list[str], tensors: list[Tensor] | None) -> str:
         for i, (expected, got) in enumerate(zip(self.names, names)):

@@ -22,6 +22,7 @@ from torch.nn import Module
 from . import ops
 from .bn import update_bn
 from .flat import FlatBuffer
+from .weighting import swa_weight
 
 
 class SWA(torch.optim.Optimizer):
@@ -74,9 +75,9 @@ class SWA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def update_swa_group(self, group: dict) -> None:
-        """Fold the group's current parameters into its averages: avg += (p - avg) / (n_avg + 1)."""
+        """Update the group's averages with its current parameters: avg += (p - avg) / (n_avg + 1)."""
         flat = self._averages(group)
-        weight = 1.0 / (group["n_avg"] + 1)  # a host number: the first update is an exact copy
+        weight = swa_weight(group["n_avg"])  # a host number: the first update is an exact copy
         for _, views, params in flat.pairs(group["params"]):
             ops.lerp_(views, params, weight)
         group["n_avg"] += 1

@@ -30,6 +30,7 @@ from . import checks, ops
 from .bn import update_bn
 from .flat import FlatBuffer
 from .model_tensors import module_buffers, module_tensors
+from .weighting import ema_weight, swa_weight
 
 __all__ = [
     "SWALR",
@@ -51,7 +52,7 @@ def get_swa_multi_avg_fn() -> Callable[[PARAM_LIST, PARAM_LIST, Tensor | int], N
     @torch.no_grad()
     def swa_update(averaged: PARAM_LIST, current: PARAM_LIST, num_averaged: Tensor | int) -> None:
         if averaged and averaged[0].is_floating_point():
-            ops.lerp_(averaged, current, _swa_weight(num_averaged))
+            ops.lerp_(averaged, current, swa_weight(num_averaged))
         else:  # integer tensors, as torch does
             for a, c in zip(averaged, current):
                 a.copy_(a + (c - a) / (num_averaged + 1))
@@ -77,21 +78,15 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[PARAM_LIST, PARAM_LI
     return ema_update
 
 
-def _swa_weight(num_averaged: Tensor | int) -> Tensor | float:
-    if isinstance(num_averaged, Tensor) and num_averaged.device.type != "cpu":  # there: no host sync
-        return torch.reciprocal(num_averaged.to(torch.float64) + 1)
-    return 1.0 / (int(num_averaged) + 1)  # reading a CPU tensor waits for nothing
-
-
-class _Plan:
+class _FlatAverage:
     """The averaged tensors as views of flat buffers, and the data pointers that prove the module
     still uses them (a `.to()`, a `load_state_dict(assign=True)` or `p.data = ...` replaces them)."""
 
     def __init__(self, tensors: list[Tensor]) -> None:
         self.floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
         self.other = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
-        self.flat = FlatBuffer([tensors[i] for i in self.floating])
-        for i, view in zip(self.floating, self.flat.views):
+        self.buffer = FlatBuffer([tensors[i] for i in self.floating])
+        for i, view in zip(self.floating, self.buffer.views):
             tensors[i].data = view
         self.ptrs = [t.data_ptr() for t in tensors]
 
@@ -130,7 +125,7 @@ class AveragedModel(Module):
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
         self._moved = device is not None
-        self._plan: _Plan | None = None
+        self._flat_average: _FlatAverage | None = None
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -138,16 +133,16 @@ class AveragedModel(Module):
     def _averaged_tensors(self) -> list[Tensor]:
         return module_tensors(self.module, self.use_buffers)
 
-    def _current_plan(self) -> _Plan:
+    def _current_flat_average(self) -> _FlatAverage:
         tensors = self._averaged_tensors()
-        plan = self._plan
-        if plan is None or plan.ptrs != [t.data_ptr() for t in tensors]:
-            plan = self._plan = _Plan(tensors)
-        return plan
+        flat = self._flat_average
+        if flat is None or flat.ptrs != [t.data_ptr() for t in tensors]:
+            flat = self._flat_average = _FlatAverage(tensors)
+        return flat
 
     @torch.no_grad()
     def update_parameters(self, model: Module) -> None:
-        """Fold `model`'s current weights into the average (the first call copies them)."""
+        """Update the average with `model`'s current weights (the first call copies them)."""
         current = module_tensors(model, self.use_buffers)
         kind = getattr(self.multi_avg_fn, "swa_fast_kind", None)
         if self.avg_fn is not None or (self.multi_avg_fn is not None and kind is None):
@@ -162,22 +157,18 @@ class AveragedModel(Module):
         self.n_averaged += 1
 
     def _update_fused(self, current: list[Tensor], kind: tuple[str, float | None]) -> None:
-        plan = self._current_plan()
-        if len(current) != len(plan.ptrs):
+        flat = self._current_flat_average()
+        if len(current) != len(flat.ptrs):
             raise ValueError(
                 f"swa_fast.AveragedModel.update_parameters: the model has {len(current)} "
                 f"{'parameters and buffers' if self.use_buffers else 'parameters'}, the averaged copy "
-                f"has {len(plan.ptrs)}; pass the model this AveragedModel was made from"
+                f"has {len(flat.ptrs)}; pass the model this AveragedModel was made from"
             )
-        if kind[0] == "swa":
-            weight = _swa_weight(self.n_averaged)  # 1 on the first call: an exact copy
-        elif self.n_averaged.device.type != "cpu":  # EMA: a copy first, then 1 - decay, decided
-            weight = torch.where(self.n_averaged == 0, 1.0, 1.0 - kind[1]).to(torch.float64)  # there
-        else:  # a CPU count is read for free
-            weight = 1.0 if int(self.n_averaged) == 0 else 1.0 - kind[1]
+        # 1 on the first call: an exact copy. Worked out where n_averaged lives (no host sync).
+        weight = swa_weight(self.n_averaged) if kind[0] == "swa" else ema_weight(kind[1], self.n_averaged)
         calls = []
-        floating = [current[i] for i in plan.floating] if plan.other else current
-        for group, views, src in plan.flat.pairs(floating):
+        floating = [current[i] for i in flat.floating] if flat.other else current
+        for group, views, src in flat.buffer.pairs(floating):
             if self._moved or src[0].device != group.device:  # torch's `device=`: the model lives elsewhere
                 src = [s if s.device == group.device else s.to(group.device) for s in src]
             elsewhere = isinstance(weight, Tensor) and weight.device not in (group.device, _CPU)
@@ -188,9 +179,9 @@ class AveragedModel(Module):
                 checks.check_lerp(avg, src, w)
         for avg, src, w in calls:
             ops.lerp_(avg, src, w)
-        if plan.other:
+        if flat.other:
             averaged = self._averaged_tensors()
-            self._update_integers([averaged[i] for i in plan.other], [current[i] for i in plan.other], kind)
+            self._update_integers([averaged[i] for i in flat.other], [current[i] for i in flat.other], kind)
 
     def _update_integers(self, averaged: list[Tensor], current: list[Tensor], kind) -> None:
         """Integer buffers (num_batches_tracked with use_buffers=True), with torch's arithmetic:
@@ -230,5 +221,5 @@ class AveragedModel(Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_plan"] = None  # rebuilt on the next update
+        state["_flat_average"] = None  # rebuilt on the next update
         return state

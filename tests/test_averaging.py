@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import swa_fast
+from swa_fast.placement import OtherDevice
 
 
 def model_with_bn(dtype=torch.float32):
@@ -252,7 +253,8 @@ def test_without_check_finite_nan_enters_the_average_as_in_torch():
 def staged(manager, model):
     """Route `manager`'s updates through a copy of the model, as `device="cpu"` does for a GPU model
     (on this CPU-only machine the model and the average cannot be on different devices)."""
-    manager._stage_through(manager.tracked.tensors(model), pin_memory=False)
+    tensors = manager.tracked.tensors(model)
+    manager._placement = OtherDevice(manager.tracked, tensors, torch.device("cpu"), pin_memory=False)
     return manager
 
 
@@ -266,16 +268,16 @@ def staged(manager, model):
     ],
     ids=["swa", "ema", "swag", "swa-check-finite"],
 )
-def test_an_average_kept_elsewhere_folds_each_update_at_the_next_call_or_read(make):
+def test_an_average_kept_elsewhere_applies_each_update_at_the_next_call_or_read(make):
     model = model_with_bn()
     direct, deferred = make(model), staged(make(model), model)
     for s in range(6):
         step(model, s)
         direct.update(model)
         deferred.update(model)
-        assert deferred.folds <= direct.folds  # the latest update may still be on its way
-    state, expected = deferred.state_dict(), direct.state_dict()  # a read folds it
-    assert state["folds"] == expected["folds"] == direct.folds
+        assert deferred.updates <= direct.updates  # the latest update may still be on its way
+    state, expected = deferred.state_dict(), direct.state_dict()  # a read applies it
+    assert state["updates"] == expected["updates"] == direct.updates
     for key in ("average", "sq", "deviation"):
         for name, value in expected.get(key, {}).items():
             assert torch.equal(state[key][name], value), (key, name)

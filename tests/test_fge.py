@@ -171,7 +171,7 @@ def test_to_swa_is_the_mean_of_the_snapshots():
         fge.snapshot(model)
         states.append(everything(model))
     swa = fge.to_swa(model)
-    assert swa.n_averaged.item() == 4 and swa.state_dict()["folds"] == 4
+    assert swa.n_averaged.item() == 4 and swa.state_dict()["updates"] == 4
     probe = cnn_with_bn(6)
     swa.copy_to(probe)
     for k, v in probe.state_dict().items():

@@ -1,0 +1,50 @@
+"""UpdateCounts: how many updates an average holds, kept where no update has to wait for it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class UpdateCounts:
+    """`n_averaged` (updates in the average) and `n_skipped` (non-finite updates left out), as 0-dim
+    long tensors on the average's device.
+
+    When every update counts (`device_decides=False`), the host keeps the count and writes it to
+    the device tensor only when `n_averaged` is read, so that an update launches nothing but its
+    fused op. When the device decides which updates count (a manager's `check_finite`), the count
+    lives there and the host never reads it.
+    """
+
+    def __init__(self, device: torch.device, device_decides: bool) -> None:
+        self._n_averaged = torch.zeros((), dtype=torch.long, device=device)
+        self.n_skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.host: int | None = None if device_decides else 0  # None: only the device knows
+        self._written = 0  # the host count last written to the device tensor
+
+    @property
+    def n_averaged(self) -> Tensor:
+        if self.host is not None and self._written != self.host:
+            self._n_averaged.fill_(self.host)
+            self._written = self.host
+        return self._n_averaged
+
+    def current(self) -> Tensor | int:
+        """The count to compute a weight from without a host sync: the host's, else the device's."""
+        return self._n_averaged if self.host is None else self.host
+
+    def add(self, finite: Tensor | None = None) -> None:
+        """Count one update; `finite` (a device boolean) says whether it counted, when the device
+        decides."""
+        if finite is None:
+            self.host += 1
+        else:
+            self._n_averaged += finite
+            self.n_skipped += ~finite
+
+    def set(self, n_averaged: Tensor | int, n_skipped: Tensor | int = 0) -> None:
+        """Overwrite both counts (a loaded state, or averages built elsewhere)."""
+        self._n_averaged.copy_(torch.as_tensor(n_averaged))
+        self.n_skipped.copy_(torch.as_tensor(n_skipped))
+        if self.host is not None:
+            self.host = self._written = int(self._n_averaged)  # read once here

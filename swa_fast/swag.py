@@ -1,0 +1,193 @@
+"""SWAG (Maddox et al., "A Simple Baseline for Bayesian Uncertainty in Deep Learning", 2019): an
+SWA whose updates also keep the second moment and the last deviations, for a Gaussian over the
+weights to sample and ensemble from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from . import distributed, ops
+from .averaging import SWA
+from .bn import update_bn
+from .ensemble import ensemble_predict
+from .flat import FlatBuffer, copy_lists
+
+
+class SWAG(SWA):
+    """SWA-Gaussian (Maddox et al., "A Simple Baseline for Bayesian Uncertainty in Deep Learning",
+    2019): a Gaussian over the weights with the SWA mean, a diagonal covariance from the running
+    second moment, and a low-rank part from the last `max_rank` deviations:
+
+        mean  += (w - mean) / (n + 1);   sq += (w^2 - sq) / (n + 1)     (one fused `moments_` pass)
+        D[(n mod K)] = w - mean                                        (a ring of K rows, one flat
+                                                                         tensor, no concatenation)
+        sample = mean + sqrt(scale) * (sqrt(max(sq - mean^2, 1e-30)) * z1 + D^T z2 / sqrt(K - 1))
+
+    with z1, z2 standard normal and K the rows collected so far. `scale=0.5` is the paper's
+    sample (its 1/sqrt(2) factors); `diag_only=True` drops the low-rank part (SWAG-Diagonal).
+    It is an SWA whose `average` holds the mean (the SWA solution), so `copy_to` /
+    `average_applied` apply that.
+
+    Args:
+        model: the model to collect.
+        max_rank: K, the deviation rows kept (0: SWAG-Diagonal only).
+        dtype: the dtype of the mean, second moment and deviations (default fp32).
+        use_buffers: collect floating buffers too (BatchNorm statistics; `update_bn` after a
+            sample recomputes them for the sampled weights anyway).
+        **options: the `Averager`'s rank0_only, device, side_stream and backend (check_finite is
+            refused: a skipped update would still write its non-finite deviation row).
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        max_rank: int = 20,
+        *,
+        dtype: torch.dtype | None = torch.float32,
+        use_buffers: bool = False,
+        **options,
+    ) -> None:
+        if max_rank < 0:
+            raise ValueError(f"swa_fast.SWAG: max_rank must be >= 0, got {max_rank}")
+        if options.get("check_finite"):
+            # A skipped update would still write its (non-finite) deviation row.
+            raise ValueError("swa_fast.SWAG: check_finite is not supported (SWA and EMA have it)")
+        super().__init__(model, dtype=dtype, use_buffers=use_buffers, **options)
+        self.max_rank = max_rank
+        self.sq = FlatBuffer(self.average.views)  # the first update overwrites it exactly
+        # One (max_rank, group length) matrix per flat group, written a row per update.
+        self.deviations = [g.buffer.new_zeros(max_rank, g.buffer.numel()) for g in self.average.groups]
+
+    @property
+    def rank(self) -> int:
+        """Deviation rows collected so far (at most max_rank)."""
+        return min(self.updates, self.max_rank)
+
+    def _update_group(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
+        g = self.average.groups[group]
+        ops.moments_(avg, self.sq.group_views(group), src, weight, backend=self.backend)
+        if self.max_rank:
+            row = self.deviations[group][self.updates % self.max_rank]  # this update is not counted yet
+            ops.copy_(self.average.views_of(g, row), src, backend=self.backend)
+            row.sub_(g.buffer)  # the deviation from the updated mean, as in the paper
+
+    def variance(self) -> list[Tensor]:
+        """The diagonal variance sq - mean^2 (clamped at 1e-30), a tensor per averaged tensor."""
+        self._ready("variance")
+        return [(q - m * m).clamp_min_(1e-30) for m, q in zip(self.average.views, self.sq.views)]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Module,
+        scale: float = 0.5,
+        diag_only: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Draw weights from the SWAG Gaussian into `model`, on the average's device, with one fused
+        copy per group. Recompute BatchNorm statistics afterwards (`swa_fast.update_bn`)."""
+        self._ready("sample")
+        if self.updates == 0:
+            raise ValueError("swa_fast.SWAG: no model has been collected yet; call update() first")
+        if not diag_only and self.rank < 2:
+            raise ValueError(
+                f"swa_fast.SWAG: the low-rank part needs at least 2 collected models, there are "
+                f"{self.rank} (max_rank={self.max_rank}); collect more or pass diag_only=True"
+            )
+        tensors = self.tracked.tensors(model)
+        floating, integer = self.tracked.split(tensors)
+        # The low-rank noise multiplies whole deviation vectors: one draw for every flat group and,
+        # under FSDP2, every rank's shards (the first rank's is sent to the others).
+        if not diag_only:
+            first = self.deviations[0]
+            shared = self._normal(self.rank, first, generator)
+            shared = distributed.shared_draw(shared, self.tracked.layouts)
+        for k, (g, _, dst) in enumerate(self.average.pairs(floating)):
+            sq = self.sq.groups[k].buffer
+            drawn = torch.addcmul(sq, g.buffer, g.buffer, value=-1).clamp_min_(1e-30).sqrt_()
+            drawn.mul_(self._normal(drawn.numel(), drawn, generator))
+            if not diag_only:
+                rows = self.deviations[k][: self.rank]
+                drawn.addmv_(rows.t(), shared.to(rows.device), alpha=(self.rank - 1) ** -0.5)
+            drawn.mul_(scale**0.5).add_(g.buffer)
+            ops.copy_(dst, self.average.views_of(g, drawn), backend=self.backend)
+        copy_lists(integer, self._integers)
+
+    @staticmethod
+    def _normal(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """n standard normal numbers for `like`'s device, drawn where `generator` lives (a CPU
+        generator serves a GPU model too, at the cost of a copy)."""
+        device = generator.device if generator is not None else like.device
+        return torch.randn(n, dtype=like.dtype, device=device, generator=generator).to(like.device)
+
+    def predict(self, model: Module, inputs: Any, **kwargs) -> Tensor:
+        """Bayesian model average on one batch: see `predict_loader`."""
+        return self.predict_loader(model, [inputs], **kwargs)
+
+    def predict_loader(
+        self,
+        model: Module,
+        loader: Iterable[Any],
+        n_samples: int = 30,
+        scale: float = 0.5,
+        diag_only: bool = False,
+        bn_loader: Iterable[Any] | None = None,
+        forward_fn: Callable[[Module, Any], Tensor] | None = None,
+        output: str = "probs",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The mean over `n_samples` SWAG samples of the model's softmax probabilities (or logits)
+        on every batch of `loader` (which must give the same batches each pass), concatenated.
+        With `bn_loader`, BatchNorm statistics are recomputed for every sample (as the paper
+        does). The model's own weights, buffers and mode are restored exactly afterwards."""
+        if n_samples < 1:
+            raise ValueError(f"swa_fast.SWAG: n_samples must be >= 1, got {n_samples}")
+
+        def samples() -> Iterator[None]:
+            for _ in range(n_samples):
+                self.sample(model, scale, diag_only, generator)
+                if bn_loader is not None:
+                    update_bn(bn_loader, model, forward_fn=forward_fn)
+                yield
+
+        return ensemble_predict(model, samples(), loader, output, forward_fn)
+
+    def _deviation_views(self) -> dict[str, Tensor]:
+        """name -> its (max_rank, *shape) columns of the deviation matrices."""
+        out: list[Tensor] = [torch.empty(0)] * len(self.average)
+        for g, rows in zip(self.average.groups, self.deviations):
+            columns = rows.split([self.average.views[i].numel() for i in g.indices], dim=1)
+            for i, part in zip(g.indices, columns):
+                out[i] = part.view(self.max_rank, *self.average.views[i].shape)
+        return dict(zip(self.tracked.floating_names, out))
+
+    def _extra_state(self) -> dict:
+        return {
+            "sq": self.tracked.shard_state(dict(zip(self.tracked.floating_names, self.sq.views))),
+            "deviation": self.tracked.shard_state(self._deviation_views(), lead=(self.max_rank,)),
+            "max_rank": self.max_rank,
+        }
+
+    def _check_extra_state(self, state: dict) -> tuple[dict, dict]:
+        if state.get("max_rank") != self.max_rank or "sq" not in state or "deviation" not in state:
+            raise ValueError(
+                f"swa_fast.SWAG: expected a SWAG state_dict with max_rank {self.max_rank}, got one with "
+                f"max_rank {state.get('max_rank')} and keys {sorted(state)}"
+            )
+        names = self.tracked.floating_names
+        return (
+            self.tracked.local_state(state["sq"], names),
+            self.tracked.local_state(state["deviation"], names, lead=(self.max_rank,)),
+        )
+
+    def _load_extra_state(self, checked: tuple[dict, dict]) -> None:
+        sq_parts, deviation_parts = checked
+        for name, sq in zip(self.tracked.floating_names, self.sq.views):
+            sq.copy_(sq_parts[name])
+        for name, columns in self._deviation_views().items():
+            columns.copy_(deviation_parts[name])

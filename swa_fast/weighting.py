@@ -1,0 +1,43 @@
+"""The weight each averaging update gives the model: one home for each rule.
+
+Every average here is updated as `avg += w * (model - avg)`; only `w` differs:
+
+    SWA (Izmailov et al. 2018)   w = 1 / (n + 1)      n: models averaged so far (1 first: a copy)
+    EMA                          w = 1 - decay_t       decay_t = 0 on the first update (a copy), then
+                                                       `decay`, or timm's warmup
+                                                       min(decay, 1 - (1 + t / gamma) ** -power)
+
+The managers, both drop-ins (`swa_utils.AveragedModel`, `optim.SWA`) and FGE's `to_swa` take their
+weights from here. A count held on a GPU gives a weight computed there (no host synchronisation);
+a host count or a CPU tensor gives a Python float, which the kernels take by value.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def swa_weight(n_averaged: Tensor | int) -> Tensor | float:
+    """1 / (n + 1): the weight that keeps the average the equal-weight mean of every model given."""
+    if isinstance(n_averaged, Tensor) and n_averaged.device.type != "cpu":  # there: no host sync
+        return torch.reciprocal(n_averaged.to(torch.float64) + 1)
+    return 1.0 / (int(n_averaged) + 1)  # reading a CPU tensor waits for nothing
+
+
+def ema_decay(decay: float, t: int, warmup_gamma: float | None = None, warmup_power: float = 2 / 3) -> float:
+    """decay_t of the t-th averaging update (from 0): 0 at t <= 0 (the first update copies the
+    model), then `decay`, or with `warmup_gamma` timm's warmup (ModelEmaV3.get_decay), under which
+    early averages follow the model closely."""
+    if t <= 0:
+        return 0.0
+    if warmup_gamma is None:
+        return decay
+    return min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)
+
+
+def ema_weight(decay: float, n_averaged: Tensor | int) -> Tensor | float:
+    """1 - decay_t for an EMA that has averaged `n_averaged` models (no warmup): 1, a copy, first."""
+    if isinstance(n_averaged, Tensor) and n_averaged.device.type != "cpu":  # decided there
+        return torch.where(n_averaged == 0, 1.0, 1.0 - decay).to(torch.float64)
+    return 1.0 - ema_decay(decay, int(n_averaged))
