@@ -1,0 +1,52 @@
+"""The project's speed targets for the fp32 SWA update, checked against the rows of one run: each
+target is a ratio (to the copy bandwidth or to another method timed in the same run), so a run checks
+them without figures from another run or machine."""
+
+from __future__ import annotations
+
+
+def check_targets(rows, device):
+    """The targets, each as (target, measured figure, met), from ratios measured in this run. Only
+    the workloads that ran are checked."""
+    best = "swa_fast:cuda" if device.type == "cuda" else "swa_fast:cpu"
+    found = {(r["workload"], r["params"], r["method"]): r for r in rows}
+
+    def row(workload, params, method):
+        return found.get((workload, params, method))
+
+    checks = []
+
+    def check(target, workload, params, figure, minimum):
+        ours = row(workload, params, best)
+        if ours is None:
+            return
+        value = figure(ours)
+        if value is not None:
+            checks.append((f"{workload} {params}: {target} >= {minimum}", round(value, 2), value >= minimum))
+
+    def versus(method):
+        def figure(ours):
+            other = row(ours["workload"], ours["params"], method)
+            return other["median_ms"] / ours["median_ms"] if other else None
+
+        return figure
+
+    if device.type == "cpu":
+        check("fraction of copy bandwidth", "gpt2-small", "float32", lambda r: r["of_copy_bw"], 0.85)
+        check("x vs AveragedModel", "gpt2-small", "float32", lambda r: r.get("x_vs_AveragedModel"), 6)
+        check("x vs foreach_lerp", "gpt2-small", "float32", versus("foreach_lerp"), 1.0)
+        check("x vs AveragedModel", "tiny-1000", "float32", lambda r: r.get("x_vs_AveragedModel"), 100)
+        check("x vs foreach_lerp", "tiny-1000", "float32", versus("foreach_lerp"), 5)
+        check("fraction of copy bandwidth", "gpt2-small", "bfloat16", lambda r: r["of_copy_bw"], 0.8)
+    else:
+        for workload in dict.fromkeys(r["workload"] for r in rows):
+            check("x vs foreach_lerp", workload, "float32", versus("foreach_lerp"), 1.0)
+            if workload.startswith("sweep") and row(workload, "float32", best)["elements"] >= 10**8:
+                check("fraction of copy bandwidth", workload, "float32", lambda r: r["of_copy_bw"], 0.85)
+    return checks
+
+
+def print_targets(checks):
+    print("\ntargets, from ratios measured in this run:")
+    for target, value, met in checks:
+        print(f"{'met   ' if met else 'MISSED'} {target}: {value}")

@@ -1,0 +1,158 @@
+"""What the benchmark times: the SWA/EMA update over a shape set done each way, a sweep of one
+tensor's size, the fixed cost of one update through each API on a tiny model, and SWAG's moments
+and FGE's snapshots. Each returns rows of figures (see timing.time_methods)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import swa_fast
+from benchmarks.shapes import numel
+from benchmarks.timing import time_methods
+from swa_fast import reference
+from swa_fast import swa_utils as fast_swa
+
+
+class ShapeModel(torch.nn.Module):
+    """A module whose parameters have the given shapes (what AveragedModel needs)."""
+
+    def __init__(self, shapes, dtype, device):
+        super().__init__()
+        self.params = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes
+        )
+
+
+def swa_fast_backends(device):
+    """The swa_fast backends worth timing on `device` (interpreted Triton is not a speed)."""
+    status = swa_fast.backend_status(device)
+    return [
+        b
+        for b in ("cuda", "triton", "cpu", "foreach")
+        if status[b] is None and (b != "triton" or device.type == "cuda")
+    ]
+
+
+def per_backend(device, op, *args):
+    """'swa_fast:<b>' -> `op(*args)` forced to backend b, for every backend worth timing on `device`."""
+    return {f"swa_fast:{b}": lambda b=b: op(*args, backend=b) for b in swa_fast_backends(device)}
+
+
+def methods(avg, params, model, device, kind):
+    """name -> zero-argument callable doing one update of `avg` toward `params`."""
+    weight = torch.tensor(0.1, device=device)
+    out = {"naive": lambda: reference.lerp_(avg, params, weight)}
+    if kind == "ema":
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    else:
+        averaged = AveragedModel(model)
+    averaged.update_parameters(model)  # the first call only copies; time the averaging ones
+    out["AveragedModel"] = lambda: averaged.update_parameters(model)
+    # the drop-in: same call, fp32 average (dtype=) also for a bf16 model
+    ours = fast_swa.AveragedModel(model, dtype=torch.float32)
+    ours.update_parameters(model)
+    out["swa_fast AveragedModel"] = lambda: ours.update_parameters(model)
+    if all(a.dtype == p.dtype for a, p in zip(avg, params)):
+        out["foreach_lerp"] = lambda: torch._foreach_lerp_(avg, params, 0.1)
+    else:  # what a user has to do today for a bf16 model and an fp32 average: cast, then update
+        out["cast+foreach_lerp"] = lambda: torch._foreach_lerp_(avg, [p.float() for p in params], 0.1)
+    out.update(per_backend(device, swa_fast.lerp_, avg, params, weight))
+    return out
+
+
+def bench_set(name, shapes, param_dtype, device, min_run_time, bandwidth, kind="swa"):
+    model = ShapeModel(shapes, param_dtype, device)
+    params = [p.detach() for p in model.parameters()]
+    avg = [torch.randn(s, device=device) for s in shapes]
+    n = numel(shapes)
+    moved = n * (2 * 4 + torch.finfo(param_dtype).bits // 8)  # read avg and param, write avg
+    candidates = methods(avg, params, model, device, kind)
+    dtype_name = f"{param_dtype}".replace("torch.", "")
+    labels = {"workload": name, "params": dtype_name, "tensors": len(shapes), "elements": n}
+    return time_methods(candidates, labels, moved, device, min_run_time, bandwidth)
+
+
+def bench_sweep(sizes, device, min_run_time, bandwidth):
+    """One fp32 tensor of each size: where the update becomes bandwidth-bound."""
+    rows = []
+    for n in sizes:
+        avg, src = [torch.randn(n, device=device)], [torch.randn(n, device=device)]
+        weight = torch.tensor(0.1, device=device)
+        candidates = {
+            "naive": lambda a=avg, s=src, w=weight: reference.lerp_(a, s, w),
+            "foreach_lerp": lambda a=avg, s=src: torch._foreach_lerp_(a, s, 0.1),
+            **per_backend(device, swa_fast.lerp_, avg, src, weight),
+        }
+        labels = {"workload": f"sweep {n:.0e}", "params": "float32", "tensors": 1, "elements": n}
+        rows += time_methods(candidates, labels, 12 * n, device, min_run_time, bandwidth)
+    return rows
+
+
+def bench_tiny_model(device, min_run_time, bandwidth):
+    """The fixed cost of one update through each API: a small MLP with BatchNorm (6 parameters,
+    2,890 weights), where the arithmetic is negligible and what is left is per-call overhead."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(), torch.nn.Linear(64, 10)]
+    model = torch.nn.Sequential(*layers).to(device)
+    params = [p.detach() for p in model.parameters()]
+    avg = [p.clone() for p in params]
+    weight = torch.tensor(0.1, device=device)
+    theirs = AveragedModel(model)
+    ours = fast_swa.AveragedModel(model)
+    swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.999)
+    candidates = {
+        "AveragedModel": lambda: theirs.update_parameters(model),
+        "swa_fast AveragedModel": lambda: ours.update_parameters(model),
+        "swa_fast.SWA.update": lambda: swa.update(model),
+        "swa_fast.EMA.update": lambda: ema.update(model),
+        "foreach_lerp": lambda: torch._foreach_lerp_(avg, params, 0.1),
+        "swa_fast.lerp_": lambda: swa_fast.lerp_(avg, params, weight),
+    }
+    for update in candidates.values():  # the first call of each only copies
+        update()
+    n = sum(p.numel() for p in params)
+    labels = {"workload": "tiny MLP, one update", "params": "float32", "tensors": len(params), "elements": n}
+    return time_methods(candidates, labels, 12 * n, device, min_run_time, bandwidth)
+
+
+def bench_moments_and_snapshots(shapes, name, device, min_run_time, bandwidth):
+    """SWAG's two moments (one fused pass vs two foreach passes) and an FGE snapshot saved and
+    loaded (one fused copy vs state_dict deepcopy / load_state_dict), fp32."""
+    model = ShapeModel(shapes, torch.float32, device)
+    params = [p.detach() for p in model.parameters()]
+    mean = [torch.randn(s, device=device) for s in shapes]
+    sq = [torch.rand(s, device=device) for s in shapes]
+    weight = torch.tensor(0.1, device=device)
+    n = numel(shapes)
+
+    def two_foreach_passes():
+        torch._foreach_lerp_(mean, params, 0.1)
+        torch._foreach_lerp_(sq, torch._foreach_mul(params, params), 0.1)
+
+    moments = {
+        "naive": lambda: reference.moments_(mean, sq, params, weight),
+        "foreach x2": two_foreach_passes,
+        **per_backend(device, swa_fast.moments_, mean, sq, params, weight),
+    }
+
+    def labels(what):
+        return {"workload": f"{name} {what}", "params": "float32", "tensors": len(shapes), "elements": n}
+
+    rows = time_methods(moments, labels("SWAG moments"), 20 * n, device, min_run_time, bandwidth)
+
+    snapshot = swa_fast.FlatBuffer(params)
+    saved = copy.deepcopy(model.state_dict())
+    save = {
+        "state_dict deepcopy": lambda: copy.deepcopy(model.state_dict()),
+        "swa_fast.copy_": lambda: swa_fast.copy_(snapshot.views, params),
+    }
+    rows += time_methods(save, labels("FGE save"), 8 * n, device, min_run_time, bandwidth)
+    load = {
+        "load_state_dict": lambda: model.load_state_dict(saved),
+        "swa_fast.copy_": lambda: swa_fast.copy_(params, snapshot.views),
+    }
+    rows += time_methods(load, labels("FGE load"), 8 * n, device, min_run_time, bandwidth)
+    return rows
