@@ -39,8 +39,10 @@ except ImportError as e:
 from . import triton_kernels  # noqa: E402  (after _C: it adds to the swa_fast op namespace)
 
 BACKENDS = ("cuda", "triton", "cpu", "foreach", "reference")
-# Preference order per device type when no backend is forced.
-_PREFERENCE = {"cuda": ("cuda", "triton", "foreach"), "cpu": ("cpu", "foreach")}
+# Preference order per device type when no backend is forced. foreach runs everywhere, so Triton
+# after it on the CPU (only there under its interpreter, a correctness tool) is never chosen.
+_PREFERENCE = {"cuda": ("cuda", "triton", "foreach"), "cpu": ("cpu", "foreach", "triton")}
+_OTHER_DEVICES = ("foreach", "triton")
 
 
 def backend_status(device: torch.device | str) -> dict[str, str | None]:
@@ -64,12 +66,29 @@ def backend_status(device: torch.device | str) -> dict[str, str | None]:
     return status
 
 
+def usable_backends(
+    device: torch.device | str, reference: bool = False, interpreted: bool = True
+) -> list[str]:
+    """The backends that can run tensors on `device`, fastest first (the first is what
+    choose_backend picks when none is forced). `reference` adds the per-tensor oracle at the end;
+    `interpreted=False` leaves out Triton run by its interpreter (TRITON_INTERPRET=1), which is
+    right but no measure of speed."""
+    device = torch.device(device)
+    status = backend_status(device)
+    names = [
+        name
+        for name in _PREFERENCE.get(device.type, _OTHER_DEVICES)
+        if status[name] is None and (interpreted or name != "triton" or not triton_kernels.INTERPRETING)
+    ]
+    return names + ["reference"] if reference else names
+
+
 _CHOICES: dict[tuple[str, str | None], str] = {}
 
 
 def _choose(device_type: str, forced: str | None) -> str:
-    status = backend_status(torch.device(device_type))
     if forced is not None:
+        status = backend_status(torch.device(device_type))
         if forced not in BACKENDS:
             raise ValueError(f"swa_fast: unknown backend {forced!r}; expected one of {', '.join(BACKENDS)}")
         if status[forced] is not None:
@@ -77,10 +96,7 @@ def _choose(device_type: str, forced: str | None) -> str:
                 f"swa_fast: backend {forced!r} is unavailable for {device_type} tensors: {status[forced]}"
             )
         return forced
-    for name in _PREFERENCE.get(device_type, ("foreach",)):
-        if status[name] is None:
-            return name
-    return "foreach"
+    return usable_backends(device_type)[0]
 
 
 def choose_backend(device: torch.device | str, backend: str | None = None) -> str:
