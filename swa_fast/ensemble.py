@@ -19,6 +19,14 @@ from .model_tensors import ModelCopy, TrackedModel
 OUTPUTS = ("probs", "logits")
 
 
+class PredictsOnBatches:
+    """What FGE and SWAG share: `predict` on one batch is `predict_loader` on a one-batch loader."""
+
+    def predict(self, model: Module, inputs: Any, **kwargs) -> Tensor:
+        """The ensemble's mean prediction on one batch: see `predict_loader`."""
+        return self.predict_loader(model, [inputs], **kwargs)
+
+
 def default_forward(model: Module, batch: Any) -> Tensor:
     """`model(batch)`, or `model(batch[0])` for (inputs, targets) pairs, as update_bn feeds them."""
     return model(batch[0] if isinstance(batch, (list, tuple)) else batch)

@@ -22,22 +22,27 @@ from torch import Tensor
 from torch.nn import Module
 
 from .averaging import SWA
-from .ensemble import ensemble_predict
+from .ensemble import PredictsOnBatches, ensemble_predict
 from .model_tensors import ModelCopy, TrackedModel
 from .schedules import FGECyclicLR
 
 WHEN_FULL = ("drop_oldest", "raise")
 
 
-class FGE:
-    """A store of up to `max_snapshots` snapshots of `model` (None: no limit), oldest first.
+class FGE(PredictsOnBatches):
+    """A store of snapshots of `model`, oldest first, and their ensemble's predictions.
 
-    When full, `when_full="drop_oldest"` reuses the oldest snapshot's storage for the new one (the
-    ensemble follows the latest cycles); `"raise"` refuses a new snapshot with an error.
-    `dtype` / `device` / `pin_memory`: how snapshots are stored (default: as the model's tensors).
-    `scheduler`: an `FGECyclicLR`; a snapshot is then taken after every optimizer step made at the
-    minimum of a cycle, with no call in the training loop (a step post-hook on its optimizer; call
-    `close()` to remove it).
+    Args:
+        model: the model to snapshot (its floating and integer parameters and buffers).
+        max_snapshots: the most snapshots kept (None: no limit).
+        dtype, device, pin_memory: how snapshots are stored (default: as the model's tensors; say
+            bf16, or `device="cpu", pin_memory=True` for a GPU model).
+        scheduler: an `FGECyclicLR`; a snapshot is then taken after every optimizer step made at
+            the minimum of a cycle, with no call in the training loop (a step post-hook on its
+            optimizer; `close()` removes it).
+        when_full: "drop_oldest" reuses the oldest snapshot's storage for the new one (the ensemble
+            follows the latest cycles); "raise" refuses a new snapshot with an error.
+        backend: force an op backend (see `swa_fast.choose_backend`).
     """
 
     def __init__(
@@ -132,10 +137,6 @@ class FGE:
         for snapshot in self.snapshots:
             snapshot.load(tensors)
             yield
-
-    def predict(self, model: Module, inputs: Any, **kwargs) -> Tensor:
-        """The ensemble's prediction on one batch: see `predict_loader`."""
-        return self.predict_loader(model, [inputs], **kwargs)
 
     def predict_loader(
         self,

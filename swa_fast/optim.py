@@ -26,7 +26,15 @@ from .weighting import swa_weight
 
 
 class SWA(torch.optim.Optimizer):
-    """Stochastic Weight Averaging as an optimizer wrapper (Izmailov et al., UAI 2018)."""
+    """Stochastic Weight Averaging as an optimizer wrapper (Izmailov et al., UAI 2018).
+
+    Args:
+        optimizer: the optimizer to wrap; it keeps the param groups and does the steps.
+        swa_start: auto mode: the step count after which averaging starts.
+        swa_freq: auto mode: average every `swa_freq` steps after `swa_start`.
+        swa_lr: auto mode: the learning rate from `swa_start` on (None: the optimizer's own).
+    Without both `swa_start` and `swa_freq` (manual mode) averaging is left to `update_swa()`.
+    """
 
     def __init__(
         self,

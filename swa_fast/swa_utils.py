@@ -94,10 +94,18 @@ class _FlatAverage:
 class AveragedModel(Module):
     """`torch.optim.swa_utils.AveragedModel`, updated by fused swa_fast ops on flat buffers.
 
-    Args as torch's: `model`, `device`, `avg_fn`, `multi_avg_fn`, `use_buffers`; and
-    `dtype`: the dtype of the averaged copy's floating parameters and buffers (default: the
-    model's own, as in torch). `dtype=torch.float32` keeps an fp32 average of a bf16/fp16 model, so
-    small updates are not rounded away; the averaged model then also computes in fp32.
+    Args:
+        model: the model to average (deep-copied into `module`).
+        device: where the averaged copy lives (default: where the model is).
+        avg_fn: a per-tensor `avg_fn(averaged, current, n_averaged) -> new average`, run as in
+            torch (no fused path).
+        multi_avg_fn: a per-list `multi_avg_fn(averaged, current, n_averaged)`; this module's
+            `get_swa_multi_avg_fn()` / `get_ema_multi_avg_fn(decay)` take the fused path, a user's
+            own runs as in torch. Neither given: the equal-weight (SWA) average, fused.
+        use_buffers: average the buffers too (else they are copied from the model, as in torch).
+        dtype: the dtype of the averaged copy's floating parameters and buffers (default: the
+            model's own, as in torch). `dtype=torch.float32` keeps an fp32 average of a bf16/fp16
+            model, so small updates are not rounded away; the averaged model then computes in fp32.
     """
 
     n_averaged: Tensor

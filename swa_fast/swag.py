@@ -14,11 +14,11 @@ from torch.nn import Module
 from . import distributed, ops
 from .averaging import SWA
 from .bn import update_bn
-from .ensemble import ensemble_predict
+from .ensemble import PredictsOnBatches, ensemble_predict
 from .flat import FlatBuffer, copy_lists
 
 
-class SWAG(SWA):
+class SWAG(SWA, PredictsOnBatches):
     """SWA-Gaussian (Maddox et al., "A Simple Baseline for Bayesian Uncertainty in Deep Learning",
     2019): a Gaussian over the weights with the SWA mean, a diagonal covariance from the running
     second moment, and a low-rank part from the last `max_rank` deviations:
@@ -124,10 +124,6 @@ class SWAG(SWA):
         generator serves a GPU model too, at the cost of a copy)."""
         device = generator.device if generator is not None else like.device
         return torch.randn(n, dtype=like.dtype, device=device, generator=generator).to(like.device)
-
-    def predict(self, model: Module, inputs: Any, **kwargs) -> Tensor:
-        """Bayesian model average on one batch: see `predict_loader`."""
-        return self.predict_loader(model, [inputs], **kwargs)
 
     def predict_loader(
         self,
