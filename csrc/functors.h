@@ -42,7 +42,7 @@ struct Weight {
 };
 
 // Element i of p as the arithmetic type A. fp16 on the host is widened with integer and float ops
-// that the compiler vectorises (c10's scalar conversion does not, and costs 5x more);
+// that the compiler vectorises (c10's scalar conversion does not: docs/benchmarks.md);
 // the result is exact, subnormals, infinities and NaN included. Device code uses the intrinsic.
 template <typename A, typename T>
 C10_HOST_DEVICE inline A load_as(const void* p, int64_t i) {

@@ -31,7 +31,7 @@ using TL = at::TensorList;
 using T = const at::Tensor&;
 
 // The tensors of a Python sequence, borrowed: their C++ reference counts are left alone (counting a
-// Python-owned tensor takes the GIL, ~100 ns a tensor) and the Python objects are kept alive
+// Python-owned tensor takes the GIL) and the Python objects are kept alive
 // instead, so a list changed by another thread while the kernel runs frees nothing it uses.
 class BorrowedTensors {
  public:
@@ -83,7 +83,7 @@ class BorrowedTensors {
 
 // The weight: a tensor, or a Python number written into this thread's CPU float64 scalar, so that
 // a float weight (an SWA weight 1/(n+1) is a new one every call) costs no allocation and no
-// torch.tensor() (~1.5 us). Reusing it is safe: the kernels read a CPU weight by value before the
+// torch.tensor(). Reusing it is safe: the kernels read a CPU weight by value before the
 // call returns. (Never freed: a thread's exit must not depend on torch's allocator still being up.)
 at::Tensor unpack_weight(PyObject* obj, const char* op) {
   if (THPVariable_Check(obj)) return THPVariable_Unpack(obj);

@@ -20,7 +20,7 @@ namespace {
 // Elements per work item: large enough to amortise scheduling, small enough to balance 2+ threads.
 constexpr int64_t kChunk = 1 << 16;
 // Below this many elements in total (a few MB, cache-resident), waking the pool's other threads
-// costs more than they save: measured ~1 ms on a 2-core VM when the pool had gone to sleep.
+// costs more than they save when the pool has gone to sleep (docs/benchmarks.md).
 constexpr int64_t kSerialBelow = 1 << 19;
 
 struct Item {
@@ -56,8 +56,8 @@ struct PlainCopy<Copy<T, T>> {
 
 // A copy of more than this many bytes does not fit in the caches: its destination is better
 // written with non-temporal stores, which skip reading each line before overwriting it (a third
-// of the traffic). Measured on a 2-core EPYC VM (32 MB L3): 1.35x faster at 500 MB, about even at
-// 16 MB, slower at 4 MB (where the destination would otherwise have stayed in cache).
+// of the traffic); below it, the destination would otherwise have stayed in cache (measured:
+// docs/benchmarks.md).
 constexpr int64_t kStreamAboveBytes = int64_t(32) << 20;
 
 #if defined(__x86_64__)
