@@ -41,11 +41,14 @@ class FlatGroup:
 
 
 class FlatBuffer:
-    """Copies of `tensors` (values included) in one contiguous buffer per (device, dtype).
+    """Copies of `tensors` (values included) in one contiguous buffer per (device, dtype);
+    `views[i]` has the shape of `tensors[i]`.
 
-    `dtype` / `device`, when given, replace every tensor's own dtype / device (for example an fp32
-    average of a bf16 model). `pin_memory=True` pins CPU buffers, so that copies between them and
-    a GPU are asynchronous. `views[i]` has the shape of `tensors[i]`.
+    Args:
+        tensors: what to copy.
+        dtype, device: when given, replace every tensor's own dtype / device (for example an fp32
+            average of a bf16 model).
+        pin_memory: pin CPU buffers, so that copies between them and a GPU are asynchronous.
     """
 
     def __init__(

@@ -27,8 +27,14 @@ __all__ = ["SWALR", "FGECyclicLR"]
 class FGECyclicLR(LRScheduler):
     """FGE's cyclic learning rate, one `step()` per iteration (see the module docstring).
 
-    `cycle_length` (c, in iterations) must be even, so that one iteration of each cycle sits
-    exactly at the minimum; Garipov et al. use c = 2 to 4 epochs' worth of iterations.
+    Args:
+        optimizer: the optimizer whose rate it sets.
+        lr_max, lr_min: the rate at the ends and at the middle of each cycle (0 <= lr_min <= lr_max).
+        cycle_length: c, in iterations; even, so that one iteration of each cycle sits exactly at
+            the minimum (Garipov et al. use 2 to 4 epochs' worth of iterations).
+        shape: "linear" (the paper's) or "cosine".
+        last_epoch: as torch's schedulers (-1: start a new schedule).
+
     `at_minimum()` says whether the iteration the optimizer is taking now uses the minimum rate:
     `swa_fast.FGE(..., scheduler=this)` snapshots then. The state (`state_dict`,
     `load_state_dict`) is the scheduler's position, so a resumed run continues the same cycle.
