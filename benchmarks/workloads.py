@@ -26,19 +26,11 @@ class ShapeModel(torch.nn.Module):
         )
 
 
-def swa_fast_backends(device):
-    """The swa_fast backends worth timing on `device` (interpreted Triton is not a speed)."""
-    status = swa_fast.backend_status(device)
-    return [
-        b
-        for b in ("cuda", "triton", "cpu", "foreach")
-        if status[b] is None and (b != "triton" or device.type == "cuda")
-    ]
-
-
 def per_backend(device, op, *args):
-    """'swa_fast:<b>' -> `op(*args)` forced to backend b, for every backend worth timing on `device`."""
-    return {f"swa_fast:{b}": lambda b=b: op(*args, backend=b) for b in swa_fast_backends(device)}
+    """'swa_fast:<b>' -> `op(*args)` forced to backend b, for every backend that runs on `device`
+    (Triton under its interpreter is left out: it is right but no measure of speed)."""
+    backends = swa_fast.ops.usable_backends(device, interpreted=False)
+    return {f"swa_fast:{b}": lambda b=b: op(*args, backend=b) for b in backends}
 
 
 def methods(avg, params, model, device, kind):
