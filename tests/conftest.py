@@ -2,11 +2,15 @@
 Triton kernels run on CPU tensors through the interpreter."""
 
 import os
+from collections import OrderedDict
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The two-process fixtures of the distributed tests, found here by pytest.
+from two_ranks import on_two_ranks, pool  # noqa: E402, F401
 
 import swa_fast  # noqa: E402
 from swa_fast import reference  # noqa: E402
@@ -19,16 +23,82 @@ WEIGHTED = {"lerp_": True, "moments_": True, "copy_": False, "swap_": False}
 OPS = tuple(WRITTEN)
 
 
-def cnn_with_bn(image_side: int) -> torch.nn.Module:
-    """A small CNN with BatchNorm (and so an integer buffer) for 1-channel square images."""
+def cnn_with_bn(image_side: int, in_channels: int = 1, filters: int = 4, classes: int = 3) -> torch.nn.Module:
+    """A small CNN with BatchNorm (and so an integer buffer) for square images, seeded."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3),
-        torch.nn.BatchNorm2d(4),
+        torch.nn.Conv2d(in_channels, filters, 3),
+        torch.nn.BatchNorm2d(filters),
         torch.nn.ReLU(),
         torch.nn.Flatten(),
-        torch.nn.Linear(4 * (image_side - 2) ** 2, 3),
+        torch.nn.Linear(filters * (image_side - 2) ** 2, classes),
     )
+
+
+def mlp(*widths: int, batch_norm=False, activation=None, seed: int | None = 0, dtype=torch.float32):
+    """Linear layers from widths[0] inputs to widths[-1] outputs; each hidden layer followed by
+    BatchNorm1d (batch_norm=True) then `activation` (a module class). Seeded, unless seed=None: then
+    the weights are the global generator's next draws."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(n_in, n_out))
+        if i < len(widths) - 2:
+            layers += [torch.nn.BatchNorm1d(n_out)] if batch_norm else []
+            layers += [activation()] if activation is not None else []
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+def fc_linear(features: int = 4) -> torch.nn.Module:
+    """One seeded Linear(features, features) named `fc`: mlp(features, features)'s shapes and
+    values under other names."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(features, features)))
+
+
+def perturb_(model: torch.nn.Module, seed: int, input_shape=None) -> None:
+    """A training step's worth of change, reproducible from `seed`: a random step added to every
+    parameter and, given `input_shape`, a forward pass in train mode on a random batch of that shape
+    (which moves the BatchNorm statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+        if input_shape is not None:
+            model.train()
+            model(torch.randn(input_shape, generator=g).to(next(model.parameters()).dtype))
+
+
+def random_batch(rows: int, input_shape, *, classes=None, outputs=1, seed=0, generator=None, device="cpu"):
+    """(inputs, targets): `rows` random inputs of `input_shape`, with class labels below `classes`,
+    or without classes `outputs` real targets per row. Drawn from `generator`, else from a new one
+    seeded with `seed`."""
+    g = torch.Generator().manual_seed(seed) if generator is None else generator
+    x = torch.randn(rows, *input_shape, generator=g, device=device)
+    if classes is not None:
+        return x, torch.randint(0, classes, (rows,), generator=g, device=device)
+    return x, torch.randn(rows, outputs, generator=g, device=device)
+
+
+def train_step(model: torch.nn.Module, optimizer, x, y) -> None:
+    """One optimizer step on (x, y) in train mode: cross-entropy for class labels, mean squared
+    error for real targets."""
+    model.train()
+    optimizer.zero_grad()
+    loss = torch.nn.functional.mse_loss if y.is_floating_point() else torch.nn.functional.cross_entropy
+    loss(model(x), y).backward()
+    optimizer.step()
+
+
+def weights(model: torch.nn.Module, buffers: bool = True) -> list[torch.Tensor]:
+    """Copies of the parameters (then the buffers), in nn.Module order."""
+    return [t.detach().clone() for t in [*model.parameters(), *(model.buffers() if buffers else ())]]
+
+
+def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state_dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def cpu_backends() -> list[str]:

@@ -4,38 +4,21 @@ import copy
 
 import pytest
 import torch
+from conftest import mlp, perturb_, weights
 
 import swa_fast
 from swa_fast.placement import OtherDevice
 
-
-def model_with_bn(dtype=torch.float32):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2)).to(
-        dtype
-    )
-
-
-def step(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
-        if isinstance(model, torch.nn.Sequential):  # new BatchNorm statistics too
-            model.train()
-            model(torch.randn(8, 6, generator=g).to(next(model.parameters()).dtype))
-
-
-def weights(model):
-    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+# The batch perturb_ runs through mlp(6, ...) models: 8 rows of 6 inputs.
+INPUTS = (8, 6)
 
 
 def test_swa_is_the_mean_of_what_it_saw():
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     swa = swa_fast.SWA(model, use_buffers=True)
     seen = []
     for s in range(5):
-        step(model, s)
+        perturb_(model, s, INPUTS)
         seen.append(weights(model))
         swa.update(model)
     swa.copy_to(model)
@@ -79,12 +62,12 @@ def test_ema_update_every_skips_calls():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_average_applied_restores_the_live_weights_exactly(dtype):
-    model = model_with_bn(dtype)
+    model = mlp(6, 5, 2, batch_norm=True, dtype=dtype)
     swa = swa_fast.SWA(model)
     for s in range(3):
-        step(model, s)
+        perturb_(model, s, INPUTS)
         swa.update(model)
-    step(model, 10)
+    perturb_(model, 10, INPUTS)
     live = weights(model)
     with swa.average_applied(model):
         inside = weights(model)
@@ -94,11 +77,11 @@ def test_average_applied_restores_the_live_weights_exactly(dtype):
 
 
 def test_swap_twice_is_identity():
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     swa = swa_fast.SWA(model)
-    step(model, 1)
+    perturb_(model, 1, INPUTS)
     swa.update(model)
-    step(model, 2)
+    perturb_(model, 2, INPUTS)
     live = weights(model)
     swa.swap(model)
     swa.swap(model)
@@ -108,14 +91,14 @@ def test_swap_twice_is_identity():
 
 def test_resume_is_bit_exact():
     def run(stop_at=None):
-        model = model_with_bn(torch.bfloat16)
+        model = mlp(6, 5, 2, batch_norm=True, dtype=torch.bfloat16)
         ema = swa_fast.EMA(model, decay=0.8, warmup_gamma=2.0, use_buffers=True)
         for s in range(8):
             if s == stop_at:  # a restart: new manager, state loaded from a saved dict
                 saved = copy.deepcopy(ema.state_dict())
                 ema = swa_fast.EMA(model, decay=0.8, warmup_gamma=2.0, use_buffers=True)
                 ema.load_state_dict(saved)
-            step(model, s)
+            perturb_(model, s, INPUTS)
             ema.update(model)
         return ema.state_dict()["average"]
 
@@ -125,11 +108,9 @@ def test_resume_is_bit_exact():
 
 
 def test_state_dict_of_another_model_raises_and_changes_nothing():
-    swa = swa_fast.SWA(model_with_bn())
+    swa = swa_fast.SWA(mlp(6, 5, 2, batch_norm=True))
     before = copy.deepcopy(swa.state_dict())
-    other = swa_fast.SWA(
-        torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
-    )
+    other = swa_fast.SWA(mlp(6, 5, 3, batch_norm=True))
     with pytest.raises(
         ValueError, match=r"'2.weight' has shape \[3, 5\] in the state_dict but \[2, 5\] here"
     ):
@@ -141,12 +122,12 @@ def test_state_dict_of_another_model_raises_and_changes_nothing():
 
 
 def test_changed_model_is_detected():
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     swa = swa_fast.SWA(model)
     model[2] = torch.nn.Linear(5, 2)  # replaced: same shapes, different tensors
     with pytest.raises(ValueError, match="'2.weight' was replaced"):
         swa.update(model)
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     swa = swa_fast.SWA(model)
     model.add_module("head", torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="it had 6 tensors, it has 8"):
@@ -156,13 +137,12 @@ def test_changed_model_is_detected():
 
 
 def test_tied_weights_are_averaged_once_and_their_change_is_detected():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 2))
+    model = mlp(6, 6, 6, 2)
     model[1].weight = model[0].weight  # tied, as a language model's embedding and output layer
     swa = swa_fast.SWA(model)
     seen = []
     for s in range(3):
-        step(model, s)
+        perturb_(model, s, INPUTS)
         seen.append(weights(model))
         swa.update(model)
     assert len(swa.average) == len(list(model.parameters())) == 5
@@ -200,7 +180,7 @@ def test_resized_parameter_raises_before_writing():
 
 
 def test_wrapped_models_keep_their_names():
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     compiled = torch.compile(model)
     swa = swa_fast.SWA(compiled)
     assert swa.names[0] == "0.weight"
@@ -215,7 +195,7 @@ def test_bf16_model_fp32_average_keeps_small_updates():
     assert swa.average.views[0].dtype == torch.float32
     total = torch.zeros(16, 16, dtype=torch.float64)
     for s in range(50):
-        step(model, s)
+        perturb_(model, s)
         total += model.weight.double()
         swa.update(model)
     torch.testing.assert_close(swa.average.views[0].double(), total / 50, rtol=1e-5, atol=1e-5)
@@ -223,9 +203,9 @@ def test_bf16_model_fp32_average_keeps_small_updates():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_check_finite_skips_a_non_finite_update(bad):
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     swa = swa_fast.SWA(model, check_finite=True, use_buffers=True)
-    step(model, 0)
+    perturb_(model, 0, INPUTS)
     swa.update(model)
     before = copy.deepcopy(swa.state_dict())
     with torch.no_grad():
@@ -269,10 +249,10 @@ def staged(manager, model):
     ids=["swa", "ema", "swag", "swa-check-finite"],
 )
 def test_an_average_kept_elsewhere_applies_each_update_at_the_next_call_or_read(make):
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     direct, deferred = make(model), staged(make(model), model)
     for s in range(6):
-        step(model, s)
+        perturb_(model, s, INPUTS)
         direct.update(model)
         deferred.update(model)
         assert deferred.updates <= direct.updates  # the latest update may still be on its way
@@ -282,19 +262,19 @@ def test_an_average_kept_elsewhere_applies_each_update_at_the_next_call_or_read(
         for name, value in expected.get(key, {}).items():
             assert torch.equal(state[key][name], value), (key, name)
     assert torch.equal(state["n_averaged"], expected["n_averaged"])
-    step(model, 99)
+    perturb_(model, 99, INPUTS)
     deferred.update(model)
     direct.update(model)
     averaged = direct.state_dict()["average"].keys()
     with deferred.average_applied(model):
         inside = {k: v.clone() for k, v in model.state_dict().items() if k in averaged}
-    direct.copy_to(probe := model_with_bn())
+    direct.copy_to(probe := mlp(6, 5, 2, batch_norm=True))
     for name, value in inside.items():
         assert torch.equal(value, probe.state_dict()[name]), name
 
 
 def test_swap_refuses_an_average_kept_on_another_device():
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     swa = staged(swa_fast.SWA(model, dtype=None), model)
     swa.update(model)
     before = weights(model)
@@ -305,7 +285,7 @@ def test_swap_refuses_an_average_kept_on_another_device():
 
 def test_side_stream_needs_a_gpu_model():
     with pytest.raises(ValueError, match="CUDA GPU"):
-        swa_fast.SWA(model_with_bn(), side_stream=True)
+        swa_fast.SWA(mlp(6, 5, 2, batch_norm=True), side_stream=True)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "foreach", "reference"])
@@ -320,11 +300,11 @@ def test_side_stream_needs_a_gpu_model():
     ],
 )
 def test_update_outside_no_grad_records_no_graph(make, check_finite, backend):
-    model = model_with_bn()
+    model = mlp(6, 5, 2, batch_norm=True)
     manager = make(model, use_buffers=True, check_finite=check_finite, backend=backend)
     assert torch.is_grad_enabled()
     for s in range(3):
-        step(model, s)
+        perturb_(model, s, INPUTS)
         manager.update(model)
     kept = [*manager.average.views, manager.n_averaged, manager.n_skipped]
     assert not any(t.requires_grad or t.grad_fn is not None for t in kept)

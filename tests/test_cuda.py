@@ -3,7 +3,17 @@ CUDA-graph capture. Skipped without a GPU (scripts/gpu_check.sh runs them on one
 
 import pytest
 import torch
-from conftest import FLOATS, OPS, cuda_backends, make_case, run_and_check
+from conftest import (
+    FLOATS,
+    OPS,
+    cnn_with_bn,
+    cuda_backends,
+    make_case,
+    random_batch,
+    run_and_check,
+    state_copy,
+    train_step,
+)
 
 import swa_fast
 
@@ -95,23 +105,13 @@ def test_opcheck_cuda(op):
     )
 
 
-def small_cnn():
-    torch.manual_seed(0)
-    layers = [torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(288, 4)).cuda()
-
-
 def train_steps(model, managers, steps, sync_check_from=None):
     """SGD steps on random data, each followed by every manager's update; from step
     `sync_check_from` on, any host synchronisation inside the updates raises."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator(device="cuda").manual_seed(1)
     for s in range(steps):
-        x = torch.randn(16, 3, 8, 8, device="cuda", generator=g)
-        y = torch.randint(0, 4, (16,), device="cuda", generator=g)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        train_step(model, opt, *random_batch(16, (3, 8, 8), classes=4, generator=g, device="cuda"))
         if sync_check_from is not None and s >= sync_check_from:
             torch.cuda.set_sync_debug_mode("error")
         try:
@@ -122,7 +122,7 @@ def train_steps(model, managers, steps, sync_check_from=None):
 
 
 def test_side_stream_update_equals_the_main_stream_one_without_a_sync():
-    model = small_cnn()
+    model = cnn_with_bn(8, in_channels=3, filters=8, classes=4).cuda()
     on_main = swa_fast.SWA(model, use_buffers=True)
     on_side = swa_fast.SWA(model, use_buffers=True, side_stream=True)
     ema_side = swa_fast.EMA(model, decay=0.9, side_stream=True)
@@ -135,7 +135,7 @@ def test_side_stream_update_equals_the_main_stream_one_without_a_sync():
 
 
 def test_average_in_pinned_cpu_memory_equals_the_gpu_one():
-    model = small_cnn()
+    model = cnn_with_bn(8, in_channels=3, filters=8, classes=4).cuda()
     on_gpu = swa_fast.SWA(model, use_buffers=True)
     on_cpu = swa_fast.SWA(model, use_buffers=True, device="cpu")
     assert on_cpu.average.groups[0].buffer.is_pinned() and on_cpu.n_averaged.device.type == "cpu"
@@ -143,7 +143,7 @@ def test_average_in_pinned_cpu_memory_equals_the_gpu_one():
     expected, got = on_gpu.state_dict(), on_cpu.state_dict()
     for name, value in expected["average"].items():
         torch.testing.assert_close(got["average"][name], value.cpu(), rtol=1e-6, atol=1e-7)
-    live = {k: v.clone() for k, v in model.state_dict().items()}
+    live = state_copy(model)
     x = torch.randn(5, 3, 8, 8, device="cuda")
     with on_cpu.average_applied(model):
         inside = model.eval()(x)
@@ -154,7 +154,7 @@ def test_average_in_pinned_cpu_memory_equals_the_gpu_one():
 
 
 def test_fge_snapshots_in_pinned_cpu_memory():
-    model = small_cnn()
+    model = cnn_with_bn(8, in_channels=3, filters=8, classes=4).cuda()
     on_cpu = swa_fast.FGE(model, device="cpu", pin_memory=True)
     on_gpu = swa_fast.FGE(model)
     for _ in range(3):
@@ -170,7 +170,7 @@ def test_fge_snapshots_in_pinned_cpu_memory():
 
 
 def test_swag_samples_on_the_gpu():
-    model = small_cnn()
+    model = cnn_with_bn(8, in_channels=3, filters=8, classes=4).cuda()
     swag = swa_fast.SWAG(model, max_rank=3)
     train_steps(model, [swag], steps=5)
     swag.sample(model, generator=torch.Generator(device="cuda").manual_seed(0))

@@ -6,131 +6,34 @@ deadline, so a failure ends the test instead of hanging it.
 """
 
 import copy
-import queue
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
+from conftest import fc_linear, mlp, random_batch, train_step
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
+from two_ranks import WORLD
 
 import swa_fast
 from swa_fast.distributed import full_state_dict, reshard, shared_draw
 from swa_fast.model_tensors import TrackedModel
 
-WORLD = 2
 STEPS = 4
-
-
-def _serve(rank: int, store: str, tasks, results) -> None:
-    """A rank of the worker pair: runs fn(rank, tmp) for each task until told to stop."""
-    torch.set_num_threads(1)  # two processes on a small machine
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
-    )
-    try:
-        while (task := tasks.get()) is not None:
-            fn, tmp = task
-            try:
-                fn(rank, tmp)
-                results.put((rank, None))
-            except BaseException:  # reported to the test, which fails with it
-                results.put((rank, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
-class TwoRanks:
-    """Two processes joined in a gloo process group, kept for the whole module: starting them (and
-    importing torch in them) costs far more than a test."""
-
-    def __init__(self, tmp: Path) -> None:
-        ctx = mp.get_context("spawn")
-        self.tasks = [ctx.Queue() for _ in range(WORLD)]
-        self.results = ctx.Queue()
-        store = tmp / f"store-{time.monotonic_ns()}"
-        self.procs = [
-            ctx.Process(target=_serve, args=(r, str(store), self.tasks[r], self.results), daemon=True)
-            for r in range(WORLD)
-        ]
-        for p in self.procs:
-            p.start()
-
-    def run(self, fn, tmp: Path, timeout: float = 120) -> None:
-        """fn(rank, tmp) on both ranks; raises with each failing rank's traceback."""
-        for q in self.tasks:
-            q.put((fn, str(tmp)))
-        deadline, errors, answered = time.monotonic() + timeout, {}, 0
-        while answered < WORLD:
-            try:
-                rank, error = self.results.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"{fn.__name__} did not finish within {timeout} s") from None
-            answered += 1
-            if error is not None:
-                errors[rank] = error
-        if errors:
-            raise AssertionError("\n".join(f"rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
-
-    def close(self) -> None:
-        for q in self.tasks:
-            q.put(None)
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    holder = {"ranks": None}
-    yield holder
-    if holder["ranks"] is not None:
-        holder["ranks"].close()
-
-
-@pytest.fixture
-def on_two_ranks(pool, tmp_path):
-    """Runs fn(rank, tmp_path) on both ranks; after a failure the pair is replaced, since a rank may
-    still be inside a collective."""
-
-    def run(fn) -> None:
-        if pool["ranks"] is None:
-            pool["ranks"] = TwoRanks(tmp_path)
-        try:
-            pool["ranks"].run(fn, tmp_path)
-        except BaseException:
-            ranks, pool["ranks"] = pool["ranks"], None
-            for p in ranks.procs:
-                p.kill()
-            raise
-
-    return run
+# Linear(3, 1) has one row: under FSDP2 rank 1 holds empty shards of it.
+WIDTHS = (6, 8, 3, 1)
 
 
 # --- what both sides compute -------------------------------------------------------------------------
-
-
-def mlp() -> torch.nn.Module:
-    torch.manual_seed(0)
-    # Linear(3, 1) has one row: under FSDP2 rank 1 holds empty shards of it.
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
-    )
 
 
 def batches(rank: int | None):
     """STEPS batches of 8 rows; a rank gets its half of each (None: all of it)."""
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
-        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)
+        x, y = random_batch(8, (WIDTHS[0],), generator=g)
         yield (x, y) if rank is None else (x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4])
 
 
@@ -139,9 +42,7 @@ def train(model, rank, updates, eval_between=False):
     the full batch's), each of `updates` (say `swa.update`) called after every step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in batches(rank):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+        train_step(model, opt, x, y)
         if eval_between:  # leaves the FSDP2 root's parameters gathered: managers must cope
             with torch.no_grad():
                 model(x)
@@ -150,7 +51,7 @@ def train(model, rank, updates, eval_between=False):
 
 
 def single_process_averages():
-    model = mlp()
+    model = mlp(*WIDTHS, activation=torch.nn.Tanh)
     swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.8)
     train(model, None, [swa.update, ema.update])
     return swa.state_dict()["average"], ema.state_dict()["average"]
@@ -171,7 +72,7 @@ def assert_close_dicts(got: dict, expected: dict) -> None:
 
 def fsdp_mlp():
     mesh = init_device_mesh("cpu", (WORLD,))
-    model = mlp()
+    model = mlp(*WIDTHS, activation=torch.nn.Tanh)
     fully_shard(model[0], mesh=mesh)
     fully_shard(model[2], mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -195,7 +96,7 @@ def local_weights(model) -> dict:
 
 
 def _ddp_averages(rank, tmp):
-    model = DDP(mlp())
+    model = DDP(mlp(*WIDTHS, activation=torch.nn.Tanh))
     swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.8)
     swa0 = swa_fast.SWA(model, rank0_only=True)
     train(model, rank, [swa.update, ema.update, swa0.update])
@@ -237,11 +138,6 @@ def test_ddp_average_equals_one_process_on_every_rank(on_two_ranks):
     on_two_ranks(_ddp_averages)
 
 
-def bn_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 1))
-
-
 def bn_batches():
     g = torch.Generator().manual_seed(2)
     return [torch.randn(5, 4, generator=g) * (i + 1) for i in range(5)]
@@ -250,23 +146,24 @@ def bn_batches():
 def _update_bn_across_ranks(rank, tmp):
     data = bn_batches()
     mine = data[0::2] if rank == 0 else data[1::2]  # 3 batches and 2: the weighting matters
-    model = DDP(bn_model())
+    model = DDP(mlp(4, 6, 1, batch_norm=True))
     swa_fast.update_bn(mine, model)
     stats = dict(model.module[1].named_buffers())
     assert_same_on_every_rank(stats)
-    one = bn_model()
+    one = mlp(4, 6, 1, batch_norm=True)
     swa_fast.update_bn(data, one)
     expected = dict(one[1].named_buffers())
     assert_close_dicts(stats, expected)
     assert stats["num_batches_tracked"].item() == 5
 
-    local = bn_model()  # a plain model is left alone by default: rank 0 may be alone here
+    # A plain model is left alone by default: rank 0 may be alone here.
+    local = mlp(4, 6, 1, batch_norm=True)
     swa_fast.update_bn(mine, local)
     assert local[1].num_batches_tracked.item() == len(mine)
     swa_fast.update_bn(mine, local, sync=True)  # ... unless asked
     assert_close_dicts(dict(local[1].named_buffers()), expected)
 
-    sharded = bn_model()  # FSDP2: synced over the mesh by default
+    sharded = mlp(4, 6, 1, batch_norm=True)  # FSDP2: synced over the mesh by default
     fully_shard(sharded, mesh=init_device_mesh("cpu", (WORLD,)))
     swa_fast.update_bn(mine, sharded)
     assert_close_dicts(dict(sharded[1].named_buffers()), expected)
@@ -306,7 +203,7 @@ def _fsdp_averages(rank, tmp):
     # the writes into the shards.
     live = local_weights(model)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
-    one = mlp()
+    one = mlp(*WIDTHS, activation=torch.nn.Tanh)
     one.load_state_dict(expected_swa)
     with torch.no_grad():
         before = model(x)
@@ -328,7 +225,7 @@ def _fsdp_averages(rank, tmp):
     assert_close_dicts(full_weights(other), expected_swa)
 
     # An unsharded model cannot take the shards; nothing is written.
-    plain = mlp()
+    plain = mlp(*WIDTHS, activation=torch.nn.Tanh)
     before = local_weights(plain)
     with pytest.raises(ValueError, match="is a plain tensor in this model but was a DTensor"):
         swa.copy_to(plain)
@@ -388,7 +285,7 @@ def _fge_snapshots(rank, tmp):
     model = fsdp_mlp()
     fge = swa_fast.FGE(model)
     train(model, rank, [fge.snapshot])
-    one = mlp()
+    one = mlp(*WIDTHS, activation=torch.nn.Tanh)
     expected = swa_fast.FGE(one)
     train(one, None, [expected.snapshot])
 
@@ -435,16 +332,6 @@ def test_per_tensor_state_with_leading_dims_of_a_sharded_model(on_two_ranks):
 # --- models that differ between ranks ----------------------------------------------------------------
 
 
-class Named(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
 def _mismatches(rank, tmp):
     mesh = init_device_mesh("cpu", (WORLD,))
     sharded = torch.nn.Linear(4, 6 if rank == 0 else 8)
@@ -453,12 +340,11 @@ def _mismatches(rank, tmp):
         swa_fast.SWA(sharded)
 
     # Same shapes (DDP's own check passes), other names.
-    torch.manual_seed(0)
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(4, 4)) if rank == 0 else Named())
+    model = DDP(mlp(4, 4) if rank == 0 else fc_linear())
     with pytest.raises(ValueError, match="different models .'0.weight': .* vs 'fc.weight'"):
         swa_fast.EMA(model)
 
-    same = DDP(Named())
+    same = DDP(fc_linear())
     with pytest.raises(ValueError, match="option rank0_only: True vs False"):
         swa_fast.SWA(same, rank0_only=rank == 0)
     swa_fast.SWA(same).update(same)  # and a matching one still works after all that
@@ -473,7 +359,7 @@ def _fge_swag_checkpoints(rank, tmp):
     model = fsdp_mlp()
     fge, swag = swa_fast.FGE(model), swa_fast.SWAG(model, max_rank=3)
     train(model, rank, [fge.snapshot, swag.update])
-    one = mlp()
+    one = mlp(*WIDTHS, activation=torch.nn.Tanh)
     fge1, swag1 = swa_fast.FGE(one), swa_fast.SWAG(one, max_rank=3)
     train(one, None, [fge1.snapshot, swag1.update])
     full = full_state_dict(swag.state_dict())
@@ -536,7 +422,7 @@ def test_swag_samples_share_their_low_rank_noise_across_shards(on_two_ranks):
 
 
 def test_update_bn_sync_without_torch_distributed_raises_and_leaves_the_model():
-    model = bn_model()
+    model = mlp(4, 6, 1, batch_norm=True)
     swa_fast.update_bn(bn_batches(), model)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="sync=True needs torch.distributed"):
@@ -545,7 +431,7 @@ def test_update_bn_sync_without_torch_distributed_raises_and_leaves_the_model():
 
 
 def test_rank0_only_and_full_state_dict_in_one_process():
-    model = mlp()
+    model = mlp(*WIDTHS, activation=torch.nn.Tanh)
     swa = swa_fast.SWA(model, rank0_only=True)  # one process is rank 0: it keeps the average
     train(model, None, [swa.update])
     full = full_state_dict(swa.state_dict())

@@ -6,25 +6,12 @@ import io
 
 import pytest
 import torch
-from conftest import cnn_with_bn
+from conftest import cnn_with_bn, random_batch, state_copy, train_step
 
 import swa_fast
 
-
-def data(seed=0, n=16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-def train_step(model, opt, x, y):
-    model.train()
-    opt.zero_grad()
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-
-
-def everything(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+# cnn_with_bn(6)'s input: one-channel 6x6 images, of 3 classes.
+IMAGE = (1, 6, 6)
 
 
 def assert_same_state(model, state):
@@ -39,13 +26,13 @@ def test_automatic_snapshots_are_taken_exactly_at_the_minima():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = swa_fast.FGECyclicLR(opt, lr_max=0.1, lr_min=0.001, cycle_length=4)
     fge = swa_fast.FGE(model, scheduler=sched)
-    x, y = data()
+    x, y = random_batch(16, IMAGE, classes=3)
     expected = []  # the model right after each step taken at the minimum rate
     for _ in range(12):
         at_min = opt.param_groups[0]["lr"] == pytest.approx(0.001)
         train_step(model, opt, x, y)
         if at_min:
-            expected.append(everything(model))
+            expected.append(state_copy(model))
         sched.step()
     assert len(expected) == 3 and len(fge) == 3 and fge.n_taken == 3
     probe = cnn_with_bn(6)
@@ -66,15 +53,16 @@ def test_ensemble_equals_the_mean_of_separately_saved_models_and_restores_exactl
     fge = swa_fast.FGE(model)
     saved = []
     for s in range(3):
-        x, y = data(s)
+        x, y = random_batch(16, IMAGE, classes=3, seed=s)
         for _ in range(3):
             train_step(model, opt, x, y)
         fge.snapshot(model)
         saved.append(copy.deepcopy(model))
-    train_step(model, opt, *data(9))  # the live model differs from every snapshot
+    # The live model differs from every snapshot.
+    train_step(model, opt, *random_batch(16, IMAGE, classes=3, seed=9))
     model.train()
-    live = everything(model)
-    x_test, _ = data(100, n=10)
+    live = state_copy(model)
+    x_test, _ = random_batch(10, IMAGE, classes=3, seed=100)
     probs = fge.predict(model, x_test)
     logits = fge.predict(model, x_test, output="logits")
     with torch.no_grad():
@@ -93,7 +81,7 @@ def test_predict_loader_concatenates_batches():
     with torch.no_grad():
         model[0].weight.mul_(1.5)
     fge.snapshot(model)
-    x, y = data(3, n=12)
+    x, y = random_batch(12, IMAGE, classes=3, seed=3)
     loader = [(x[:5], y[:5]), (x[5:], y[5:])]
     torch.testing.assert_close(fge.predict_loader(model, loader), fge.predict(model, x), rtol=1e-6, atol=1e-7)
 
@@ -103,7 +91,7 @@ def test_a_loader_that_changes_between_passes_raises():
     fge = swa_fast.FGE(model)
     fge.snapshot(model)
     fge.snapshot(model)
-    x, _ = data(4)
+    x, _ = random_batch(16, IMAGE, classes=3, seed=4)
     shuffled = iter([[x[:8], x[8:]], [x[:4], x[4:]]])
 
     class Reshuffling:
@@ -118,7 +106,7 @@ def test_a_loader_that_changes_between_passes_raises():
 def test_low_precision_storage_round_trips_within_its_precision(dtype):
     model = cnn_with_bn(6)
     fge = swa_fast.FGE(model, dtype=dtype)
-    before = everything(model)
+    before = state_copy(model)
     fge.snapshot(model)
     assert all(v.dtype == dtype for v in fge.snapshots[0].flat.views)
     assert fge.nbytes() < sum(t.numel() * t.element_size() for t in before.values())
@@ -167,9 +155,10 @@ def test_to_swa_is_the_mean_of_the_snapshots():
     fge = swa_fast.FGE(model, dtype=torch.float64)
     states = []
     for s in range(4):
-        train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), *data(s))
+        batch = random_batch(16, IMAGE, classes=3, seed=s)
+        train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), *batch)
         fge.snapshot(model)
-        states.append(everything(model))
+        states.append(state_copy(model))
     swa = fge.to_swa(model)
     assert swa.n_averaged.item() == 4 and swa.state_dict()["updates"] == 4
     probe = cnn_with_bn(6)
@@ -186,7 +175,8 @@ def test_state_dict_round_trip_through_torch_save():
     model = cnn_with_bn(6)
     fge = swa_fast.FGE(model, max_snapshots=3, dtype=torch.bfloat16)
     for s in range(2):
-        train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), *data(s))
+        batch = random_batch(16, IMAGE, classes=3, seed=s)
+        train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), *batch)
         fge.snapshot(model)
     buffer = io.BytesIO()
     torch.save(fge.state_dict(), buffer)
@@ -194,7 +184,7 @@ def test_state_dict_round_trip_through_torch_save():
     restored = swa_fast.FGE(cnn_with_bn(6), max_snapshots=3, dtype=torch.bfloat16)
     restored.load_state_dict(torch.load(buffer))
     assert len(restored) == 2 and restored.n_taken == 2
-    x, _ = data(7)
+    x, _ = random_batch(16, IMAGE, classes=3, seed=7)
     assert torch.equal(restored.predict(model, x), fge.predict(model, x))
 
 

@@ -4,32 +4,24 @@ import copy
 
 import pytest
 import torch
+from conftest import mlp, random_batch, train_step, weights
 
 from swa_fast.optim import SWA
 
 
 def setup(seed=0, **swa_kwargs):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    model = mlp(4, 8, 1, batch_norm=True, seed=seed)
     opt = SWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **swa_kwargs)
     return model, opt
-
-
-def train_step(model, opt, i):
-    g = torch.Generator().manual_seed(i)
-    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
-    opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
 
 
 def test_auto_mode_averages_every_swa_freq_steps_after_swa_start():
     model, opt = setup(swa_start=3, swa_freq=2, swa_lr=0.05)
     snapshots = []
     for i in range(1, 11):
-        train_step(model, opt, i)
+        train_step(model, opt, *random_batch(16, (4,), seed=i))
         if i > 3 and i % 2 == 0:
-            snapshots.append([p.detach().clone() for p in model.parameters()])
+            snapshots.append(weights(model, buffers=False))
         assert opt.param_groups[0]["lr"] == (0.05 if i > 3 else 0.1)
     assert opt.param_groups[0]["n_avg"] == len(snapshots) == 4
     opt.swap_swa_sgd()
@@ -40,9 +32,9 @@ def test_auto_mode_averages_every_swa_freq_steps_after_swa_start():
 def test_manual_mode_and_swap_twice_is_identity():
     model, opt = setup()
     for i in range(1, 6):
-        train_step(model, opt, i)
+        train_step(model, opt, *random_batch(16, (4,), seed=i))
         opt.update_swa()
-    live = [p.detach().clone() for p in model.parameters()]
+    live = weights(model, buffers=False)
     opt.swap_swa_sgd()
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), live))
     opt.swap_swa_sgd()
@@ -60,9 +52,9 @@ def test_state_dict_restores_the_averages_and_resumes_bit_exactly():
                 model, opt = setup(seed=123, swa_start=2, swa_freq=1)  # a fresh process, other weights
                 model.load_state_dict(saved_model)
                 opt.load_state_dict(saved_opt)
-            train_step(model, opt, i)
+            train_step(model, opt, *random_batch(16, (4,), seed=i))
         opt.swap_swa_sgd()
-        return [p.detach().clone() for p in model.parameters()]
+        return weights(model, buffers=False)
 
     straight, resumed = run(), run(restart_at=5)
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
@@ -79,7 +71,7 @@ def test_bad_arguments_and_states_raise():
     opt.update_swa()
     state = opt.state_dict()
     state["swa_state"][0]["swa_buffer"] = torch.zeros(3, 3)
-    before = [p.detach().clone() for p in model.parameters()]
+    before = weights(model, buffers=False)
     with pytest.raises(ValueError, match=r"parameter 0 has shape \[8, 4\], its saved average \[3, 3\]"):
         opt.load_state_dict(state)
     opt.swap_swa_sgd()  # the averages (a copy of `before`) are still there
@@ -100,6 +92,6 @@ def test_works_under_an_lr_scheduler():
     model, opt = setup()
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for i in range(1, 5):
-        train_step(model, opt, i)
+        train_step(model, opt, *random_batch(16, (4,), seed=i))
         scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)

@@ -6,22 +6,13 @@ import pickle
 
 import pytest
 import torch
-from conftest import cnn_with_bn
+from conftest import cnn_with_bn, mlp, perturb_, train_step, weights
 from torch.optim import swa_utils as torch_swa
 
 from swa_fast import swa_utils as fast_swa
 
-
-def perturb(model, seed):
-    """A step's worth of change: new weights, and (for the CNN) new BatchNorm statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype))
-        if isinstance(model, torch.nn.Sequential):
-            model.train()
-            dtype = next(model.parameters()).dtype
-            model(torch.randn(5, 1, 8, 8, generator=g).to(dtype))
+# The batch perturb_ runs through cnn_with_bn(8): 5 one-channel 8x8 images.
+IMAGES = (5, 1, 8, 8)
 
 
 def assert_same_state(fast, ref, rtol=1e-6, atol=1e-6):
@@ -36,7 +27,7 @@ def run_both(fast_kwargs=None, torch_kwargs=None, updates=6, model=None):
     fast = fast_swa.AveragedModel(model, **(fast_kwargs or {}))
     ref = torch_swa.AveragedModel(model, **(torch_kwargs or fast_kwargs or {}))
     for step in range(updates):
-        perturb(model, step)
+        perturb_(model, step, IMAGES)
         fast.update_parameters(model)
         ref.update_parameters(model)
     return model, fast, ref
@@ -54,8 +45,8 @@ def test_swa_is_the_mean_of_the_snapshots():
     averaged = fast_swa.AveragedModel(model)
     snapshots = []
     for step in range(4):
-        perturb(model, step)
-        snapshots.append([p.detach().clone() for p in model.parameters()])
+        perturb_(model, step)
+        snapshots.append(weights(model, buffers=False))
         averaged.update_parameters(model)
     for i, p in enumerate(averaged.module.parameters()):
         torch.testing.assert_close(p, torch.stack([s[i] for s in snapshots]).mean(0))
@@ -64,7 +55,7 @@ def test_swa_is_the_mean_of_the_snapshots():
 def test_first_update_copies_exactly():
     model = cnn_with_bn(8)
     averaged = fast_swa.AveragedModel(model)
-    perturb(model, 1)
+    perturb_(model, 1, IMAGES)
     averaged.update_parameters(model)
     for a, p in zip(averaged.module.parameters(), model.parameters()):
         assert torch.equal(a, p)
@@ -146,7 +137,7 @@ def test_state_dicts_are_interchangeable_with_torch():
     into_torch.load_state_dict(fast.state_dict())
     assert_same_state(fast, into_torch, rtol=0, atol=0)
     # and the loaded average keeps averaging like torch's
-    perturb(model, 99)
+    perturb_(model, 99, IMAGES)
     from_torch.update_parameters(model)
     ref.update_parameters(model)
     assert_same_state(from_torch, ref)
@@ -156,7 +147,7 @@ def test_pickle_deepcopy_and_save_round_trip():
     model, fast, _ = run_both()
     for clone in (pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast)):
         assert_same_state(clone, fast, rtol=0, atol=0)
-        perturb(model, 50)
+        perturb_(model, 50, IMAGES)
         clone.update_parameters(model)
         assert clone.n_averaged.item() == fast.n_averaged.item() + 1
     buffer = io.BytesIO()
@@ -174,7 +165,7 @@ def test_moved_averaged_model_keeps_averaging_correctly():
     ref.to(torch.float64)
     model.to(torch.float64)
     for step in range(3, 6):
-        perturb(model, step)
+        perturb_(model, step, IMAGES)
         fast.update_parameters(model)
         ref.update_parameters(model)
     assert_same_state(fast, ref)  # fp32-level differences from the first 3 updates remain
@@ -183,13 +174,7 @@ def test_moved_averaged_model_keeps_averaging_correctly():
 def test_mismatched_model_raises_and_leaves_average_untouched():
     model, fast, _ = run_both(updates=2)
     before = copy.deepcopy(fast.state_dict())
-    other = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4 * 6 * 6, 5),
-    )
+    other = cnn_with_bn(8, classes=5)
     with pytest.raises(ValueError, match=r"\[4\]` has shape \[5, 144\].*shape \[3, 144\]"):
         fast.update_parameters(other)
     with pytest.raises(ValueError, match="the model has 2 parameters, the averaged copy has 6"):
@@ -206,7 +191,7 @@ def test_bf16_model_with_fp32_average():
     fast = fast_swa.AveragedModel(model, dtype=torch.float32)
     snapshots = []
     for step in range(20):
-        perturb(model, step)
+        perturb_(model, step)
         snapshots.append(model.weight.detach().double().clone())
         fast.update_parameters(model)
     exact = torch.stack(snapshots).mean(0)
@@ -243,17 +228,13 @@ def test_short_training_run_matches_torch():
     for swa in (fast_swa, torch_swa):
         torch.manual_seed(0)
         x, y = torch.randn(256, 8), torch.randn(256, 1)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-        )
+        model = mlp(8, 16, 1, batch_norm=True, activation=torch.nn.Tanh, seed=None)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         averaged = swa.AveragedModel(model)
         scheduler = swa.SWALR(optimizer, swa_lr=0.05, anneal_epochs=2)
         for epoch in range(8):
             for i in range(0, 256, 32):
-                optimizer.zero_grad()
-                torch.nn.functional.mse_loss(model(x[i : i + 32]), y[i : i + 32]).backward()
-                optimizer.step()
+                train_step(model, optimizer, x[i : i + 32], y[i : i + 32])
             if epoch >= 3:
                 averaged.update_parameters(model)
                 scheduler.step()

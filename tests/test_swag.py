@@ -5,6 +5,7 @@ import io
 
 import pytest
 import torch
+from conftest import mlp, state_copy
 
 import swa_fast
 
@@ -90,8 +91,7 @@ def test_low_rank_term_changes_the_covariance():
 
 
 def test_predict_is_the_mean_over_samples_and_restores_the_model():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3))
+    model = mlp(4, 6, 3, batch_norm=True)
     swag = swa_fast.SWAG(model, max_rank=3)
     x = torch.randn(20, 4)
     for s in range(4):
@@ -101,7 +101,7 @@ def test_predict_is_the_mean_over_samples_and_restores_the_model():
         model.train()
         model(x + s)  # moves the BatchNorm statistics
         swag.update(model)
-    live = {k: v.clone() for k, v in model.state_dict().items()}
+    live = state_copy(model)
     probs = swag.predict(model, x, n_samples=4, bn_loader=[x], generator=torch.Generator().manual_seed(5))
     for k, v in model.state_dict().items():
         assert torch.equal(v, live[k]), k
