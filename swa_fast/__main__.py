@@ -31,13 +31,18 @@ def info() -> str:
         f"GPUs visible   {torch.cuda.device_count()}"
         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
         "",
-        "backend per device (chosen, then why the others are not used):",
+        "backend per device (chosen, the others usable, then why the rest cannot run):",
     ]
     for device in ("cpu", "cuda"):
-        try:
-            chosen = ops.choose_backend(device)
-        except (RuntimeError, ValueError) as e:
-            chosen = f"error: {e}"
+        if device == "cuda" and not torch.cuda.is_available():
+            chosen = "none: no GPU is visible"
+        else:
+            try:
+                chosen = ops.choose_backend(device)
+                others = [name for name in ops.usable_backends(device) if name != chosen]
+                chosen += f" (also usable: {', '.join(others)})" if others else ""
+            except (RuntimeError, ValueError) as e:
+                chosen = f"error: {e}"
         lines.append(f"  {device:5s} -> {chosen}")
         for name, reason in ops.backend_status(device).items():
             if reason is not None:

@@ -1,4 +1,5 @@
-"""The Python face of the ops: backend choice, float weights, fake kernels of the compiled ops.
+"""The Python face of the ops: the op table (OP_TABLE, one row per op), backend choice, float
+weights, fake kernels of the compiled ops.
 
     lerp_(avg, src, weight)          avg += weight * (src - avg)
     moments_(mean, sq, src, weight)  mean += w (src - mean); sq += w (src^2 - sq)
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -155,6 +157,91 @@ def _foreach_swap(a: list[Tensor], b: list[Tensor]) -> None:
     torch._foreach_copy_(b, tmp)
 
 
+# --- the op table ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op, as every backend, registration and test sees it. Its compiled kernels are the
+    schema line of csrc/ops.cpp and a functor of csrc/functors.h; its Triton kernel is
+    triton_kernels.KERNELS[name]."""
+
+    name: str  # as in torch.ops.swa_fast and swa_fast's public functions
+    lists: tuple[str, ...]  # its tensor lists' argument names, in order
+    written: int  # how many of the lists, from the first, it writes in place
+    weighted: bool  # whether a weight follows the lists
+    check: Callable[..., None]  # checks.py: rejects what the C++ checks reject, with their messages
+    reference: Callable[..., None]  # reference.py: per-tensor PyTorch, the tests' oracle
+    foreach: Callable[..., None]  # the torch._foreach_* fallback
+    triton: Callable[..., None] = field(init=False, repr=False)  # check, then the Triton kernel
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "triton", triton_kernels.launcher(self))
+
+    @property
+    def triton_op(self) -> str:
+        """The name of its Triton custom op in torch.ops.swa_fast."""
+        return self.name[:-1] + "_triton"
+
+    @property
+    def schema(self) -> str:
+        """Its signature as csrc/ops.cpp declares it: each written list in an alias set of its own."""
+        lists = [
+            f"Tensor({chr(ord('a') + k)}!)[] {name}" if k < self.written else f"Tensor[] {name}"
+            for k, name in enumerate(self.lists)
+        ]
+        return f"({', '.join(lists + ['Tensor weight'] * self.weighted)}) -> ()"
+
+
+OP_TABLE: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec(
+            "lerp_",
+            lists=("avg", "src"),
+            written=1,
+            weighted=True,
+            check=checks.check_lerp,
+            reference=reference.lerp_,
+            foreach=_foreach_lerp,
+        ),
+        OpSpec(
+            "moments_",
+            lists=("mean", "sq", "src"),
+            written=2,
+            weighted=True,
+            check=checks.check_moments,
+            reference=reference.moments_,
+            foreach=_foreach_moments,
+        ),
+        OpSpec(
+            "copy_",
+            lists=("dst", "src"),
+            written=1,
+            weighted=False,
+            check=checks.check_copy,
+            reference=reference.copy_,
+            foreach=_foreach_copy,
+        ),
+        OpSpec(
+            "swap_",
+            lists=("a", "b"),
+            written=2,
+            weighted=False,
+            check=checks.check_swap,
+            reference=reference.swap_,
+            foreach=_foreach_swap,
+        ),
+    )
+}
+
+for _spec in OP_TABLE.values():
+    triton_kernels.register_op(_spec)
+    if _C is not None:
+        # Fake kernels: shape/dtype checks only, so torch.compile and fake tensors can trace the ops.
+        torch.library.register_fake(f"swa_fast::{_spec.name}")(_spec.check)
+
+
 # --- the ops --------------------------------------------------------------------------------------
 # Compiled backends check in C++ (no Python loop over tensors); the Python backends check here.
 
@@ -165,22 +252,39 @@ def _as_list(tensors: Sequence[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
     return tensors if type(tensors) in (list, tuple) else list(tensors)
 
 
-def _run(op: str, lists: list[Sequence[Tensor]], weight, backend: str | None, check, python_impls) -> None:
-    lists = [_as_list(tensors) for tensors in lists]
-    name = choose_backend(lists[0][0].device, backend) if lists[0] else "reference"
-    if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
-        # The extension's eager fast path: below autograd, so it needs no no_grad() either.
-        getattr(_C, op)(*lists, *weight)
-        return
-    with torch.no_grad():
-        if name in ("cpu", "cuda"):  # traced code needs the registered op
-            getattr(torch.ops.swa_fast, op)(*lists, *map(_as_weight, weight))
+def _runner(spec: OpSpec) -> Callable[[list[Sequence[Tensor]], tuple, str | None], None]:
+    """The body of spec's public function: choose the backend, run the op there. Everything it
+    looks up is bound here, once: the managers call it on every update."""
+    eager = getattr(_C, spec.name, None)  # the extension's eager fast path
+    traced = getattr(torch.ops.swa_fast, spec.name) if _C is not None else None
+    triton_op = getattr(torch.ops.swa_fast, spec.triton_op)
+    check = spec.check
+    python_impls = {"foreach": spec.foreach, "reference": spec.reference}
+
+    def run(lists: list[Sequence[Tensor]], weight: tuple, backend: str | None) -> None:
+        lists = [_as_list(tensors) for tensors in lists]
+        name = choose_backend(lists[0][0].device, backend) if lists[0] else "reference"
+        if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
+            eager(*lists, *weight)  # below autograd, so it needs no no_grad() either
             return
-        check(*lists, *weight)  # before the Triton op too: its schema would reject a non-tensor less clearly
-        if name == "triton":
-            getattr(torch.ops.swa_fast, op[:-1] + "_triton")(*lists, *map(_as_weight, weight))
-        else:
-            python_impls[name](*lists, *weight)
+        with torch.no_grad():
+            if name in ("cpu", "cuda"):  # traced code needs the registered op
+                traced(*lists, *map(_as_weight, weight))
+                return
+            # Before the Triton op too: its schema would reject a non-tensor less clearly.
+            check(*lists, *weight)
+            if name == "triton":
+                triton_op(*lists, *map(_as_weight, weight))
+            else:
+                python_impls[name](*lists, *weight)
+
+    return run
+
+
+_run_lerp = _runner(OP_TABLE["lerp_"])
+_run_moments = _runner(OP_TABLE["moments_"])
+_run_copy = _runner(OP_TABLE["copy_"])
+_run_swap = _runner(OP_TABLE["swap_"])
 
 
 def lerp_(
@@ -189,14 +293,7 @@ def lerp_(
     """avg[i] += weight * (src[i] - avg[i]) for every i, in place: SWA with weight 1/(n+1)
     (Izmailov et al. 2018), EMA with weight 1 - decay. Computed as torch.lerp (exact at weights 0
     and 1); weight 0 leaves avg untouched even where src is inf or NaN."""
-    _run(
-        "lerp_",
-        [avg, src],
-        (weight,),
-        backend,
-        checks.check_lerp,
-        {"foreach": _foreach_lerp, "reference": reference.lerp_},
-    )
+    _run_lerp([avg, src], (weight,), backend)
 
 
 def moments_(
@@ -209,43 +306,14 @@ def moments_(
 ) -> None:
     """SWAG's running moments in one pass (Maddox et al. 2019):
     mean += w (src - mean), sq += w (src^2 - sq)."""
-    _run(
-        "moments_",
-        [mean, sq, src],
-        (weight,),
-        backend,
-        checks.check_moments,
-        {"foreach": _foreach_moments, "reference": reference.moments_},
-    )
+    _run_moments([mean, sq, src], (weight,), backend)
 
 
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None = None) -> None:
     """dst[i] = src[i], cast to dst[i]'s dtype: load or save a snapshot in one pass."""
-    _run(
-        "copy_",
-        [dst, src],
-        (),
-        backend,
-        checks.check_copy,
-        {"foreach": _foreach_copy, "reference": reference.copy_},
-    )
+    _run_copy([dst, src], (), backend)
 
 
 def swap_(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str | None = None) -> None:
     """Exchange the contents of a[i] and b[i] (same dtypes): apply an average and restore."""
-    _run(
-        "swap_",
-        [a, b],
-        (),
-        backend,
-        checks.check_swap,
-        {"foreach": _foreach_swap, "reference": reference.swap_},
-    )
-
-
-if _C is not None:
-    # Fake kernels: shape/dtype checks only, so torch.compile and fake tensors can trace the ops.
-    torch.library.register_fake("swa_fast::lerp_")(checks.check_lerp)
-    torch.library.register_fake("swa_fast::moments_")(checks.check_moments)
-    torch.library.register_fake("swa_fast::copy_")(checks.check_copy)
-    torch.library.register_fake("swa_fast::swap_")(checks.check_swap)
+    _run_swap([a, b], (), backend)

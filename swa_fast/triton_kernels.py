@@ -2,22 +2,26 @@
 
 Each launch reads a pointer table: the data pointers of every tensor as int64, cast back to typed
 pointers inside the kernel, and a block map (program -> tensor, first element). The tables of a
-list seen before are reused from a small cache. The ops register as `swa_fast::<op>_triton`; their
-bodies run the reference when the tensors are not on CUDA and the interpreter is off, so `opcheck`
-and `torch.compile` work on any machine. Arithmetic is in fp32 (fp64 for fp64 destinations);
-bf16/fp16 values are upcast right after loading.
+list seen before are reused from a small cache. ops.py's op table registers each op as
+`swa_fast::<op>_triton` (register_op); their bodies run the reference when the tensors are not on
+CUDA and the interpreter is off, so `opcheck` and `torch.compile` work on any machine. Arithmetic
+is in fp32 (fp64 for fp64 destinations); bf16/fp16 values are upcast right after loading.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from . import checks, reference
+from . import reference
+
+if TYPE_CHECKING:
+    from .ops import OpSpec
 
 try:
     import triton
@@ -81,7 +85,7 @@ if triton is not None:
         else:
             return x.to(DST)
 
-    # One signature line per kernel: the plan's tensors, then the dtypes.
+    # One signature line per kernel: the launch table's tensors, then the dtypes.
     # fmt: off
     @triton.jit
     def _lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
@@ -126,19 +130,31 @@ if triton is not None:
 
     # fmt: on
 
+    # Each op of ops.OP_TABLE by name.
+    KERNELS = {
+        "lerp_": _lerp_kernel,
+        "moments_": _moments_kernel,
+        "copy_": _copy_kernel,
+        "swap_": _swap_kernel,
+    }
+else:
+    KERNELS = {}
 
-_PLAN_CACHE: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = OrderedDict()
-_PLAN_CACHE_SIZE = 32
+
+_LAUNCH_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = OrderedDict()
+_LAUNCH_TABLES_KEPT = 32
 
 
-def _plan(lists: Sequence[Sequence[Tensor]], indices: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _launch_table(
+    lists: Sequence[Sequence[Tensor]], indices: list[int]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(pointer table, block -> tensor, block -> first element, numels) on the tensors' device."""
     key = tuple((tuple(lst[i].data_ptr() for lst in lists), lists[0][i].numel()) for i in indices)
     key = (lists[0][indices[0]].device, key)
-    plan = _PLAN_CACHE.get(key)
-    if plan is not None:
-        _PLAN_CACHE.move_to_end(key)
-        return plan
+    table = _LAUNCH_TABLES.get(key)
+    if table is not None:
+        _LAUNCH_TABLES.move_to_end(key)
+        return table
     ptrs, numels, block_tensor, block_start = [], [], [], []
     for j, i in enumerate(indices):
         ptrs += [lst[i].data_ptr() for lst in lists]
@@ -148,13 +164,13 @@ def _plan(lists: Sequence[Sequence[Tensor]], indices: list[int]) -> tuple[Tensor
         block_tensor += [j] * len(starts)
         block_start += starts
     device = lists[0][indices[0]].device
-    plan = tuple(
+    table = tuple(
         torch.tensor(v, dtype=torch.int64).to(device) for v in (ptrs, block_tensor, block_start, numels)
     )
-    _PLAN_CACHE[key] = plan
-    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.popitem(last=False)
-    return plan
+    _LAUNCH_TABLES[key] = table
+    if len(_LAUNCH_TABLES) > _LAUNCH_TABLES_KEPT:
+        _LAUNCH_TABLES.popitem(last=False)
+    return table
 
 
 def _launch(kernel, lists: Sequence[Sequence[Tensor]], dtype_lists: tuple[int, int], *scalar_args) -> None:
@@ -165,7 +181,7 @@ def _launch(kernel, lists: Sequence[Sequence[Tensor]], dtype_lists: tuple[int, i
         if t.numel():
             groups.setdefault((lists[d][i].dtype, lists[s][i].dtype), []).append(i)
     for (dst_dtype, src_dtype), indices in groups.items():
-        ptrs, block_tensor, block_start, numels = _plan(lists, indices)
+        ptrs, block_tensor, block_start, numels = _launch_table(lists, indices)
         kernel[(block_tensor.numel(),)](
             ptrs,
             block_tensor,
@@ -189,69 +205,46 @@ def _contiguous(src: Sequence[Tensor]) -> list[Tensor]:
     return [s.contiguous() for s in src]
 
 
-# Launchers: check, then run the kernels. Tests call these directly (on CPU tensors under
-# TRITON_INTERPRET=1).
-def launch_lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) -> None:
-    checks.check_lerp(avg, src, weight)
-    if avg:
-        _launch(_lerp_kernel, [avg, _contiguous(src)], (0, 1), _device_weight(weight, avg[0].device))
+def launcher(spec: OpSpec) -> Callable[..., None]:
+    """The op's Triton launcher, called as the op is: its check, then its kernel over the lists.
 
+    The lists the op writes are updated in place; those it only reads are made contiguous first.
+    Launches are grouped by the dtypes of the first list and the last one (destination, source).
+    Tests call launchers directly (on CPU tensors under TRITON_INTERPRET=1)."""
+    n_lists, written, check = len(spec.lists), spec.written, spec.check
+    kernel = KERNELS.get(spec.name)
 
-def launch_moments_(
-    mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float
-) -> None:
-    checks.check_moments(mean, sq, src, weight)
-    if mean:
-        _launch(_moments_kernel, [mean, sq, _contiguous(src)], (0, 2), _device_weight(weight, mean[0].device))
+    def launch(*args) -> None:
+        check(*args)
+        if kernel is None:
+            raise RuntimeError(f"swa_fast.{spec.name}: {TRITON_ERROR or 'no Triton kernel for this op'}")
+        lists = [*args[:written], *map(_contiguous, args[written:n_lists])]
+        if lists[0]:
+            weight = [_device_weight(w, lists[0][0].device) for w in args[n_lists:]]
+            _launch(kernel, lists, (0, n_lists - 1), *weight)
 
-
-def launch_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
-    checks.check_copy(dst, src)
-    _launch(_copy_kernel, [dst, _contiguous(src)], (0, 1))
-
-
-def launch_swap_(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
-    checks.check_swap(a, b)
-    _launch(_swap_kernel, [a, b], (0, 1))
+    launch.__name__ = launch.__qualname__ = f"launch_{spec.name}"
+    return launch
 
 
 def _runs_here(tensors: Sequence[Tensor]) -> bool:
     return bool(tensors) and runs_on(tensors[0].device)
 
 
-# The registered ops. A custom op must not alias its inputs in its outputs; these return nothing.
-@torch.library.custom_op("swa_fast::lerp_triton", mutates_args=("avg",))
-def lerp_triton(avg: list[Tensor], src: list[Tensor], weight: Tensor) -> None:
-    (launch_lerp_ if _runs_here(avg) else _checked(checks.check_lerp, reference.lerp_))(avg, src, weight)
+def register_op(spec: OpSpec) -> None:
+    """Registers `swa_fast::<op>_triton` with the compiled op's schema. Its body runs the launcher
+    where Triton runs, else the check and the reference; its fake kernel is the check. A custom op
+    must not alias its inputs in its outputs: these return nothing."""
+    launch, check, run_reference = spec.triton, spec.check, spec.reference
 
+    def run(*args) -> None:
+        if _runs_here(args[0]):
+            launch(*args)
+        else:
+            check(*args)
+            run_reference(*args)
 
-@torch.library.custom_op("swa_fast::moments_triton", mutates_args=("mean", "sq"))
-def moments_triton(mean: list[Tensor], sq: list[Tensor], src: list[Tensor], weight: Tensor) -> None:
-    (launch_moments_ if _runs_here(mean) else _checked(checks.check_moments, reference.moments_))(
-        mean, sq, src, weight
+    op = torch.library.custom_op(
+        f"swa_fast::{spec.triton_op}", run, mutates_args=spec.lists[: spec.written], schema=spec.schema
     )
-
-
-@torch.library.custom_op("swa_fast::copy_triton", mutates_args=("dst",))
-def copy_triton(dst: list[Tensor], src: list[Tensor]) -> None:
-    (launch_copy_ if _runs_here(dst) else _checked(checks.check_copy, reference.copy_))(dst, src)
-
-
-@torch.library.custom_op("swa_fast::swap_triton", mutates_args=("a", "b"))
-def swap_triton(a: list[Tensor], b: list[Tensor]) -> None:
-    (launch_swap_ if _runs_here(a) else _checked(checks.check_swap, reference.swap_))(a, b)
-
-
-def _checked(check, impl):
-    def run(*args):
-        check(*args)
-        impl(*args)
-
-    return run
-
-
-# Fake kernels: the same checks on shapes and dtypes, nothing to compute.
-lerp_triton.register_fake(checks.check_lerp)
-moments_triton.register_fake(checks.check_moments)
-copy_triton.register_fake(checks.check_copy)
-swap_triton.register_fake(checks.check_swap)
+    op.register_fake(check)

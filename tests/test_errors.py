@@ -4,15 +4,14 @@ already have changed the first ones."""
 
 import pytest
 import torch
-from conftest import clone_lists, make_case
+from conftest import OPS, WEIGHTED, clone_lists, make_case
 
 import swa_fast
+from swa_fast import ops
 
 
-@pytest.fixture(params=["cpu", "triton", "foreach", "reference"])
+@pytest.fixture(params=ops.usable_backends("cpu", reference=True))
 def any_backend(request):
-    if swa_fast.backend_status("cpu")[request.param] is not None:
-        pytest.skip(swa_fast.backend_status("cpu")[request.param])
     return request.param
 
 
@@ -38,35 +37,35 @@ def assert_rejected(op, backend, lists, extra, *patterns):
                 assert torch.equal(t, b), f"{op} wrote list {k} before raising"
 
 
-@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("op", OPS)
 def test_unequal_lengths(op, any_backend):
     lists, extra = case(op)
     lists[-1] = lists[-1][:2]
     assert_rejected(op, any_backend, lists, extra, "has 2 tensors", "has 3", "equal lengths")
 
 
-@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("op", OPS)
 def test_shape_mismatch(op, any_backend):
     lists, extra = case(op)
     lists = replaced(lists, len(lists) - 1, 2, torch.zeros(5))
     assert_rejected(op, any_backend, lists, extra, "[2]", "shape [5]", "shape [2, 2]")
 
 
-@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("op", OPS)
 def test_same_numel_other_shape(op, any_backend):
     lists, extra = case(op)
     lists = replaced(lists, len(lists) - 1, 2, torch.zeros(4, 1))
     assert_rejected(op, any_backend, lists, extra, "[2]", "shape [4, 1]", "shape [2, 2]")
 
 
-@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("op", OPS)
 def test_device_mismatch(op, any_backend):
     lists, extra = case(op)
     lists = replaced(lists, len(lists) - 1, 2, torch.zeros(2, 2, device="meta"))
     assert_rejected(op, any_backend, lists, extra, "[2]", "meta", "cpu", "one device")
 
 
-@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
 def test_non_floating_dtype(op, any_backend, dtype):
     lists, extra = case(op)
@@ -76,7 +75,7 @@ def test_non_floating_dtype(op, any_backend, dtype):
     )
 
 
-@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("op", OPS)
 def test_non_contiguous_destination(op, any_backend):
     lists, extra = case(op)
     lists = replaced(lists, 0, 0, torch.zeros(3, 4).t())
@@ -105,7 +104,7 @@ def test_moments_sq_dtype_differs_from_mean(any_backend):
         ("0.5", "must be a float or a 0-dim tensor"),
     ],
 )
-@pytest.mark.parametrize("op", ["lerp_", "moments_"])
+@pytest.mark.parametrize("op", [op for op in OPS if WEIGHTED[op]])
 def test_bad_weight(op, any_backend, weight, pattern):
     lists, _ = case(op)
     assert_rejected(op, any_backend, lists, (weight,), "weight", pattern)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_case
+from conftest import OPS, make_case
 
 import swa_fast
 from swa_fast import ops
@@ -16,16 +16,33 @@ def op_args(op, dst_dtype=torch.float32, src_dtype=torch.bfloat16):
 
 
 @COMPILED
-@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("op", OPS)
 def test_opcheck_compiled(op):
     src_dtype = torch.float32 if op == "swap_" else torch.bfloat16
     torch.library.opcheck(getattr(torch.ops.swa_fast, op), op_args(op, src_dtype=src_dtype))
 
 
-@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_", "swap_"])
+@pytest.mark.parametrize("op", OPS)
 def test_opcheck_triton(op):
     src_dtype = torch.float32 if op == "swap_" else torch.bfloat16
-    torch.library.opcheck(getattr(torch.ops.swa_fast, op[:-1] + "_triton"), op_args(op, src_dtype=src_dtype))
+    torch.library.opcheck(
+        getattr(torch.ops.swa_fast, ops.OP_TABLE[op].triton_op), op_args(op, src_dtype=src_dtype)
+    )
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_table_row_matches_the_registered_schemas(op):
+    """The op table's lists, written lists and weight are what csrc/ops.cpp declares (when the
+    extension is loaded) and what the Triton op was registered with."""
+    spec = ops.OP_TABLE[op]
+
+    def registered(name):
+        return str(getattr(torch.ops.swa_fast, name).default._schema)
+
+    assert registered(spec.triton_op) == f"swa_fast::{spec.triton_op}{spec.schema}"
+    if ops._C is not None:
+        assert registered(op) == f"swa_fast::{op}{spec.schema}"
+        assert hasattr(ops._C, op), "the extension has no eager entry point of this name"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

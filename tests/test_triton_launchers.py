@@ -4,18 +4,13 @@ import pytest
 import torch
 from conftest import assert_matches_reference, clone_lists, make_case
 
-from swa_fast import triton_kernels
+from swa_fast import ops, triton_kernels
 
 pytestmark = pytest.mark.skipif(
     not triton_kernels.runs_on(torch.device("cpu")), reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
 )
 
-LAUNCHERS = {
-    "lerp_": triton_kernels.launch_lerp_,
-    "moments_": triton_kernels.launch_moments_,
-    "copy_": triton_kernels.launch_copy_,
-    "swap_": triton_kernels.launch_swap_,
-}
+LAUNCHERS = {name: spec.triton for name, spec in ops.OP_TABLE.items()}
 
 
 @pytest.mark.parametrize("op", LAUNCHERS)
@@ -27,12 +22,12 @@ def test_launcher_matches_reference(op, dtype):
     assert_matches_reference(op, before, lists, extra)
 
 
-def test_plan_is_reused_for_the_same_list():
+def test_launch_table_is_reused_for_the_same_list():
     avg, src = [torch.zeros(10), torch.zeros(3)], [torch.ones(10), torch.ones(3)]
-    triton_kernels._PLAN_CACHE.clear()
-    triton_kernels.launch_lerp_(avg, src, 0.5)
-    triton_kernels.launch_lerp_(avg, src, 0.5)
-    assert len(triton_kernels._PLAN_CACHE) == 1
+    triton_kernels._LAUNCH_TABLES.clear()
+    LAUNCHERS["lerp_"](avg, src, 0.5)
+    LAUNCHERS["lerp_"](avg, src, 0.5)
+    assert len(triton_kernels._LAUNCH_TABLES) == 1
     torch.testing.assert_close(avg[0], torch.full((10,), 0.75))
 
 
@@ -41,8 +36,8 @@ def test_bf16_rounding_is_to_nearest_even():
     lo = torch.tensor([1.0, 1.0078125], dtype=torch.bfloat16)  # consecutive bf16 values
     halfway = (lo[0].float() + lo[1].float()) / 2  # 1.00390625: a tie
     dst = [torch.zeros(1, dtype=torch.bfloat16)]
-    triton_kernels.launch_copy_(dst, [halfway.reshape(1)])
+    LAUNCHERS["copy_"](dst, [halfway.reshape(1)])
     assert torch.equal(dst[0], halfway.reshape(1).to(torch.bfloat16))
     nan = [torch.zeros(1, dtype=torch.bfloat16)]
-    triton_kernels.launch_copy_(nan, [torch.tensor([float("nan")])])
+    LAUNCHERS["copy_"](nan, [torch.tensor([float("nan")])])
     assert nan[0].isnan().all()
