@@ -13,14 +13,14 @@ import torch  # noqa: E402
 from two_ranks import on_two_ranks, pool  # noqa: E402, F401
 
 import swa_fast  # noqa: E402
-from swa_fast import reference  # noqa: E402
+from swa_fast import ops, reference  # noqa: E402
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Which lists each op writes, and whether it takes a weight.
-WRITTEN = {"lerp_": 1, "moments_": 2, "copy_": 1, "swap_": 2}
-WEIGHTED = {"lerp_": True, "moments_": True, "copy_": False, "swap_": False}
-OPS = tuple(WRITTEN)
+# From swa_fast's op table: how many lists each op writes (the first ones), whether it takes a weight.
+WRITTEN = {name: spec.written for name, spec in ops.OP_TABLE.items()}
+WEIGHTED = {name: spec.weighted for name, spec in ops.OP_TABLE.items()}
+OPS = tuple(ops.OP_TABLE)
 
 
 def cnn_with_bn(image_side: int, in_channels: int = 1, filters: int = 4, classes: int = 3) -> torch.nn.Module:
@@ -103,13 +103,11 @@ def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def cpu_backends() -> list[str]:
     """Every backend that can run CPU tensors here, bar the reference (the oracle)."""
-    status = swa_fast.backend_status("cpu")
-    return [b for b in ("cpu", "triton", "foreach") if status[b] is None]
+    return ops.usable_backends("cpu")
 
 
 def cuda_backends() -> list[str]:
-    status = swa_fast.backend_status("cuda")
-    return [b for b in ("cuda", "triton", "foreach") if status[b] is None]
+    return ops.usable_backends("cuda")
 
 
 def make_case(op: str, shapes, dst_dtype, src_dtype, seed: int = 0, device="cpu"):
