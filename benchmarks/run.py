@@ -15,7 +15,7 @@ take turns over several rounds so that a drift of the machine hits them all alik
 bytes the update must move, that as a fraction of the copy bandwidth measured in the same run (the
 faster of an out-of-place and an in-place copy of 256 MiB: the physical limit), and speed-ups
 against naive and AveragedModel. Writes a table to the terminal, JSON with the machine's metadata
-and a PNG plot.
+and two PNG plots (bandwidth per method, and against size).
 """
 
 # The pieces, one purpose each: timing.py (how a method is timed and its figures computed),
@@ -38,12 +38,10 @@ from benchmarks.shapes import SHAPE_SETS  # noqa: E402
 from benchmarks.targets import check_targets, print_targets  # noqa: E402
 from benchmarks.timing import copy_bandwidth  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
-    ShapeModel,  # noqa: F401  (benchmarks/test_bench.py imports it from here)
     bench_moments_and_snapshots,
     bench_set,
     bench_sweep,
     bench_tiny_model,
-    methods,  # noqa: F401  (benchmarks/test_bench.py imports it from here)
 )
 
 
@@ -52,7 +50,7 @@ def parse_args(argv):
     p.add_argument("--full", action="store_true", help="every shape set and dtype, longer timing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sets", nargs="*", choices=list(SHAPE_SETS), help="shape sets to run")
-    p.add_argument("--out", default="bench_results", help="folder for results.json and the plot")
+    p.add_argument("--out", default="bench_results", help="folder for results.json and the plots")
     p.add_argument("--min-run-time", type=float, help="seconds of timing per method and workload")
     return p.parse_args(argv)
 

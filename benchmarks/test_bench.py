@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.run import ShapeModel, methods
 from benchmarks.shapes import SHAPE_SETS
+from benchmarks.workloads import ShapeModel, methods
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WORKLOADS = [

@@ -106,5 +106,7 @@ def test_info_cli():
     assert f"torch          {torch.__version__}" in text
     assert "cpu   -> " + swa_fast.choose_backend("cpu") in text
     assert "CPU threads" in text and "triton" in text
+    if not torch.cuda.is_available():  # no GPU: no backend is claimed for CUDA tensors
+        assert "cuda  -> none: no GPU is visible" in text
     if ops.BUILD_INFO["cuda"]:
         assert "built for " + ops.BUILD_INFO["cuda_archs"] in text
