@@ -2,6 +2,7 @@
 
     python examples/digits.py                          # scikit-learn's digits, no download
     python examples/digits.py --data ~/cifar10         # a CIFAR-10 folder in ImageFolder layout
+    python examples/digits.py --label-noise 0.3        # 30% of the training labels wrong
 
 Every method gets the same budget of epochs, the same initial weights and the same batch order
 (per seed). Three training runs per seed:
@@ -15,6 +16,9 @@ Every method gets the same budget of epochs, the same initial weights and the sa
   collects its moments at the same points, and predicts by a Bayesian model average.
 - `fge`: the same first phase, then `FGECyclicLR` cycles between --swa-lr and 1% of --lr, with a
   snapshot at each cycle's minimum (Garipov et al. 2018); the prediction is the snapshots' ensemble.
+
+With --label-noise a fixed random part of the training labels (the same for every seed and
+method) is changed to another class; the test labels stay clean.
 
 Time spent in the averaging calls (update, snapshot) is measured apart from training. Outputs in
 --out: `<name>_results.json`, `<name>_results.md` (the table), `<name>_accuracy.png` and
@@ -49,6 +53,7 @@ except ImportError:  # a plain progress line instead
 METHODS = ("sgd", "swa", "fge", "swag", "ema")
 RUN_OF = {"sgd": "sgd", "ema": "sgd", "swa": "swa", "swag": "swa", "fge": "fge"}  # training run per method
 LABELS = {"sgd": "SGD", "swa": "SWA", "fge": "FGE", "swag": "SWAG", "ema": "EMA"}
+LABEL_NOISE_SEED = 0  # not a training seed: the noise stays put while --seeds varies
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm"}
 
 
@@ -69,6 +74,13 @@ class Data:
         self.y_test = torch.as_tensor(y_test, dtype=torch.long)
         self.num_classes = int(max(self.y_train.max(), self.y_test.max())) + 1
         self.augment = augment  # random flips and shifts: right for photos, wrong for digits
+        self.label_noise = 0.0
+
+    def flip_train_labels(self, fraction: float, seed: int = LABEL_NOISE_SEED) -> Data:
+        """Noisy training labels (see `flip_labels`); the test labels stay clean."""
+        self.y_train = flip_labels(self.y_train, fraction, self.num_classes, seed)
+        self.label_noise = fraction
+        return self
 
     def to(self, device: torch.device) -> Data:
         for key in ("x_train", "x_test", "y_train", "y_test"):
@@ -77,7 +89,20 @@ class Data:
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.x_train.shape[1:]))
-        return f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images, {shape}"
+        noise = f" ({self.label_noise:.0%} of their labels flipped)" if self.label_noise else ""
+        return f"{self.name}: {len(self.x_train)} train{noise} / {len(self.x_test)} test images, {shape}"
+
+
+def flip_labels(y: Tensor, fraction: float, num_classes: int, seed: int = LABEL_NOISE_SEED) -> Tensor:
+    """A copy of `y` with round(fraction * len(y)) labels, picked at random, each changed to one of
+    the other classes, picked uniformly. From its own generator, so that the noise depends on
+    `seed` alone: every method and training seed sees the same noisy labels."""
+    rng = np.random.default_rng(seed)
+    flipped = torch.as_tensor(rng.permutation(len(y))[: round(fraction * len(y))], device=y.device)
+    shift = torch.as_tensor(rng.integers(1, num_classes, size=len(flipped)), device=y.device)
+    noisy = y.clone()
+    noisy[flipped] = (y[flipped] + shift) % num_classes
+    return noisy
 
 
 def load_digits_data(subsample: int | None = None) -> Data:
@@ -226,121 +251,195 @@ class Progress:
             self.bar.close()
 
 
+def swa_start_epoch(args) -> int:
+    """The first epoch of SWA's and FGE's second phase: at least one epoch in each phase."""
+    return min(max(1, round(args.swa_start * args.epochs)), args.epochs - 1)
+
+
+class LearningRate:
+    """One run's learning rate. Per iteration, a cosine over the first phase: --lr down to 1% of it
+    over the whole budget (sgd), or down to --swa-lr by the SWA start (swa, fge). Then the swa run
+    holds --swa-lr (`SWALR`, stepped per epoch) and the fge run cycles (`FGECyclicLR`, per
+    iteration)."""
+
+    def __init__(self, run: str, optimizer: torch.optim.Optimizer, args, per_epoch: int) -> None:
+        self.run, self.optimizer, self.args, self.per_epoch = run, optimizer, args, per_epoch
+        self.swa_start = swa_start_epoch(args)
+        self.first_phase = args.epochs if run == "sgd" else self.swa_start
+        floor = 0.01 * args.lr if run == "sgd" else args.swa_lr
+        self.cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.first_phase * per_epoch, eta_min=floor
+        )
+        self.hold: SWALR | None = None
+        self.cyclic: swa_fast.FGECyclicLR | None = None
+
+    def in_second_phase(self, epoch: int) -> bool:
+        return self.run != "sgd" and epoch >= self.swa_start
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.run == "sgd" or epoch != self.swa_start:
+            return
+        args = self.args
+        if self.run == "swa":
+            self.hold = SWALR(self.optimizer, swa_lr=args.swa_lr, anneal_epochs=0)
+        else:
+            # At most what is left of the budget, and even (one iteration at the minimum).
+            left = (args.epochs - self.swa_start) * self.per_epoch
+            cycle = min(args.cycle * self.per_epoch, left) // 2 * 2
+            self.cyclic = swa_fast.FGECyclicLR(self.optimizer, args.swa_lr, 0.01 * args.lr, max(2, cycle))
+
+    def at_cycle_minimum(self) -> bool:
+        """Whether the step just taken used the FGE cycle's lowest rate: a snapshot point."""
+        return self.cyclic is not None and self.cyclic.at_minimum()
+
+    def step_iteration(self, epoch: int) -> None:
+        if self.cyclic is not None:
+            self.cyclic.step()
+        elif epoch < self.first_phase:
+            self.cosine.step()
+
+    def step_epoch(self) -> None:
+        if self.hold is not None:
+            self.hold.step()
+
+
+class Averagers:
+    """The averaging methods that ride on one run, and the seconds each spends in its calls."""
+
+    def __init__(self, run: str, methods: set[str], model: nn.Module, data: Data, args) -> None:
+        self.data = data
+        self.ema = swa_fast.EMA(model, decay=args.ema_decay, use_buffers=True) if "ema" in methods else None
+        self.swa_model = AveragedModel(model) if "swa" in methods else None
+        self.swag = swa_fast.SWAG(model, max_rank=args.swag_rank) if "swag" in methods else None
+        self.fge = swa_fast.FGE(model) if run == "fge" else None
+        self.seconds = dict.fromkeys(methods, 0.0)
+
+    def timed(self, method: str, fn, *a) -> None:
+        synchronize(self.data)
+        start = time.perf_counter()
+        fn(*a)
+        synchronize(self.data)  # on a GPU, the time of the work, not of its launch
+        self.seconds[method] += time.perf_counter() - start
+
+    def after_step(self, model: nn.Module, at_cycle_minimum: bool) -> None:
+        if self.ema is not None:
+            self.timed("ema", self.ema.update, model)
+        if at_cycle_minimum:
+            self.timed("fge", self.fge.snapshot, model)
+
+    def after_epoch(self, model: nn.Module) -> None:
+        """SWA and SWAG collect once per epoch of the second phase."""
+        if self.swa_model is not None:
+            self.timed("swa", self.swa_model.update_parameters, model)
+        if self.swag is not None:
+            self.timed("swag", self.swag.update, model)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Batches,
+    rate: LearningRate,
+    averagers: Averagers,
+    epoch: int,
+) -> None:
+    rate.start_epoch(epoch)
+    model.train()
+    for x, y in train:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        averagers.after_step(model, rate.at_cycle_minimum())
+        rate.step_iteration(epoch)
+    if rate.in_second_phase(epoch):
+        averagers.after_epoch(model)
+        rate.step_epoch()
+
+
+def predictors(model: nn.Module, averagers: Averagers, data: Data, args, seed: int) -> dict:
+    """Per method that rode on the run, a function that returns its test-set probabilities, in the
+    order they run: SWAG and FGE predict through `model`, so they come after SGD and EMA."""
+    test = Batches(data.x_test, data.y_test, 512)
+    bn_loader = Batches(data.x_train, data.y_train, args.batch_size)  # update_bn: one plain pass
+    ema, swa_model, swag, fge = averagers.ema, averagers.swa_model, averagers.swag, averagers.fge
+
+    def ema_predict() -> Tensor:
+        with ema.average_applied(model):  # BatchNorm statistics averaged too (use_buffers=True)
+            return predict(model, test)
+
+    def swa_predict() -> Tensor:
+        update_bn(bn_loader, swa_model)  # averaged weights need their own BatchNorm statistics
+        return predict(swa_model, test)
+
+    def swag_predict() -> Tensor:
+        return swag.predict_loader(
+            model,
+            test,
+            n_samples=args.swag_samples,
+            scale=0.5,
+            diag_only=swag_diag_only(swag),
+            bn_loader=bn_loader,
+            generator=torch.Generator(data.x_train.device).manual_seed(seed),  # reproducible samples
+        )
+
+    out = {"sgd": lambda: predict(model, test)} if "sgd" in averagers.seconds else {}
+    if ema is not None:
+        out["ema"] = ema_predict
+    if swa_model is not None:
+        out["swa"] = swa_predict
+    if swag is not None:
+        out["swag"] = swag_predict
+    if fge is not None:
+        out["fge"] = lambda: fge.predict_loader(model, test)
+    return out
+
+
+def swag_diag_only(swag: swa_fast.SWAG) -> bool:
+    """The low-rank part needs two collected models; a very short budget gets SWAG-Diagonal."""
+    return swag.rank < 2
+
+
+def evaluate(model: nn.Module, averagers: Averagers, data: Data, args, seed: int, train_s: float) -> dict:
+    """Test scores and seconds of every method that rode on the run."""
+    out: dict = {}
+    for method, probabilities in predictors(model, averagers, data, args, seed).items():
+        start = time.perf_counter()
+        probs = probabilities()
+        synchronize(data)
+        out[method] = {
+            **scores(probs, data.y_test),
+            "train_s": train_s,
+            "averaging_s": averagers.seconds.get(method, 0.0),
+            "predict_s": time.perf_counter() - start,
+        }
+    if averagers.swag is not None:
+        out["swag"].update(rank=averagers.swag.rank, diag_only=swag_diag_only(averagers.swag))
+    if averagers.fge is not None:
+        out["fge"]["snapshots"] = len(averagers.fge)
+    return out
+
+
 def train_run(run: str, methods: set[str], data: Data, args, seed: int, progress: Progress) -> dict:
     """One training run; returns, per method that rides on it, its test scores and times,
     and the final models needed for the line plot."""
     torch.manual_seed(seed)  # the same initial weights for every run of this seed
     channels, size = data.x_train.shape[1], data.x_train.shape[2]
-    model_device = data.x_train.device
-    model = make_cnn(channels, size, data.num_classes, args.width).to(model_device)
+    model = make_cnn(channels, size, data.num_classes, args.width).to(data.x_train.device)
     train = Batches(data.x_train, data.y_train, args.batch_size, seed=seed, augment=data.augment)
-    bn_loader = Batches(data.x_train, data.y_train, args.batch_size)  # update_bn: one plain pass
-    test = Batches(data.x_test, data.y_test, 512)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    per_epoch = len(train)
-    swa_start = min(max(1, round(args.swa_start * args.epochs)), args.epochs - 1)
-    first_phase = args.epochs if run == "sgd" else swa_start
-    # Per-iteration cosine over the first phase: lr -> 1% of lr (sgd) or -> swa_lr (swa, fge).
-    floor = 0.01 * args.lr if run == "sgd" else args.swa_lr
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=first_phase * per_epoch, eta_min=floor
-    )
-
-    ema = swa_fast.EMA(model, decay=args.ema_decay, use_buffers=True) if "ema" in methods else None
-    swa_model = AveragedModel(model) if "swa" in methods else None
-    swag = swa_fast.SWAG(model, max_rank=args.swag_rank) if "swag" in methods else None
-    fge = swa_fast.FGE(model) if run == "fge" else None
-    cyclic = None
-    avg_time = dict.fromkeys(methods, 0.0)
-
-    def timed(method: str, fn, *a) -> None:
-        synchronize(data)
-        start = time.perf_counter()
-        fn(*a)
-        synchronize(data)  # on a GPU, the time of the work, not of its launch
-        avg_time[method] += time.perf_counter() - start
+    rate = LearningRate(run, optimizer, args, per_epoch=len(train))
+    averagers = Averagers(run, methods, model, data, args)
 
     loop_start = time.perf_counter()
     for epoch in range(args.epochs):
-        if run != "sgd" and epoch == swa_start:
-            if run == "swa":
-                scheduler = SWALR(optimizer, swa_lr=args.swa_lr, anneal_epochs=0)  # holds swa_lr
-            else:
-                # At most what is left of the budget, and even (one iteration at the minimum).
-                cycle = min(args.cycle * per_epoch, (args.epochs - swa_start) * per_epoch) // 2 * 2
-                cyclic = swa_fast.FGECyclicLR(optimizer, args.swa_lr, 0.01 * args.lr, max(2, cycle))
-        model.train()
-        for x, y in train:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            if ema is not None:
-                timed("ema", ema.update, model)
-            if cyclic is not None:
-                if cyclic.at_minimum():  # this step used the cycle's lowest rate: a snapshot
-                    timed("fge", fge.snapshot, model)
-                cyclic.step()
-            elif epoch < first_phase:
-                cosine.step()
-        if run == "swa" and epoch >= swa_start:
-            if swa_model is not None:
-                timed("swa", swa_model.update_parameters, model)
-            if swag is not None:
-                timed("swag", swag.update, model)
-            scheduler.step()
+        train_epoch(model, optimizer, train, rate, averagers, epoch)
         progress.step(f"seed {seed} {run} epoch {epoch + 1}/{args.epochs}")
     synchronize(data)
-    averaging = sum(avg_time.values())
+    averaging = sum(averagers.seconds.values())
     train_s = time.perf_counter() - loop_start - averaging  # the training loop, averaging calls excluded
 
-    out: dict = {"models": {}}
-
-    def record(method: str, fn) -> None:
-        start = time.perf_counter()
-        probs = fn()
-        synchronize(data)
-        out[method] = {
-            **scores(probs, data.y_test),
-            "train_s": train_s,
-            "averaging_s": avg_time.get(method, 0.0),
-            "predict_s": time.perf_counter() - start,
-        }
-
-    if "sgd" in methods:
-        record("sgd", lambda: predict(model, test))
-    if ema is not None:
-
-        def ema_predict() -> Tensor:
-            with ema.average_applied(model):  # BatchNorm statistics averaged too (use_buffers=True)
-                return predict(model, test)
-
-        record("ema", ema_predict)
-    if swa_model is not None:
-
-        def swa_predict() -> Tensor:
-            update_bn(bn_loader, swa_model)  # averaged weights need their own BatchNorm statistics
-            return predict(swa_model, test)
-
-        record("swa", swa_predict)
-    if swag is not None:
-        # The low-rank part needs two collected models; a very short budget gets SWAG-Diagonal.
-        diag_only = swag.rank < 2
-        record(
-            "swag",
-            lambda: swag.predict_loader(
-                model,
-                test,
-                n_samples=args.swag_samples,
-                scale=0.5,
-                diag_only=diag_only,
-                bn_loader=bn_loader,
-                generator=torch.Generator(model_device).manual_seed(seed),  # reproducible samples
-            ),
-        )
-        out["swag"].update(rank=swag.rank, diag_only=diag_only)
-    if fge is not None:
-        record("fge", lambda: fge.predict_loader(model, test))
-        out["fge"]["snapshots"] = len(fge)
+    out = evaluate(model, averagers, data, args, seed, train_s)
+    swa_model = averagers.swa_model
     out["models"] = {"final": model, "swa": swa_model.module if swa_model is not None else None}
     return out
 
@@ -501,6 +600,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
     )
     p.add_argument("--subsample", type=int, help="keep only this many images (a quick try)")
+    p.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        help="fraction of the training labels changed to another class (the same for every seed)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width", type=int, default=32, help="channels of the CNN's first stage")
     p.add_argument("--lr", type=float, default=0.1)
@@ -519,18 +624,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not asked or asked - set(METHODS):
         p.error(f"--methods: {sorted(asked - set(METHODS))} unknown; pick from {','.join(METHODS)}")
     args.methods = [m for m in METHODS if m in asked]
+    if not 0.0 <= args.label_noise <= 1.0:
+        p.error(f"--label-noise must be a fraction in [0, 1], not {args.label_noise}")
     if args.epochs < 2:
         p.error("--epochs must be at least 2 (SWA and FGE need a phase after the first)")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = load_image_folder(args.data, args.subsample) if args.data else load_digits_data(args.subsample)
-    data.to(torch.device(args.device))  # the whole data set lives on the device: no loader needed
-    print(data.describe(), file=sys.stderr)
+def train_all(data: Data, args) -> tuple[dict[str, list[dict]], dict | None]:
+    """Every run of every seed. Returns per method its results seed by seed, and the lines of the
+    paper's picture for the first seed that has an SWA solution."""
     methods = set(args.methods)
     runs = [r for r in ("sgd", "swa", "fge") if any(RUN_OF[m] == r for m in methods)]
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
@@ -546,17 +649,25 @@ def main(argv: list[str] | None = None) -> dict:
                         results[m].append({"seed": seed, **out[m]})
                 finals[run] = out["models"]
             if line is None and finals.get("swa", {}).get("swa") is not None:
-                # The paper's picture, for the first seed, from two SGD solutions to the SWA one:
-                # the SGD run's (same initial weights and batches) and the last iterate of the SWA
-                # run itself (the point SWA's average ends at).
-                ts = np.linspace(-0.5, 2.0, args.line_points)
-                w_swa = finals["swa"]["swa"]
-                starts = {"SGD run's solution": finals.get("sgd", {}).get("final")}
-                starts["SWA run's last SGD iterate"] = finals["swa"]["final"]
-                line = {k: line_through(w, w_swa, data, args, ts) for k, w in starts.items() if w is not None}
+                line = lines_to_swa(finals, data, args)
     finally:
         progress.close()
+    return results, line
 
+
+def lines_to_swa(finals: dict[str, dict], data: Data, args) -> dict[str, dict]:
+    """The paper's picture, from two SGD solutions to the SWA one: the SGD run's (same initial
+    weights and batches) and the last iterate of the SWA run itself (the point SWA's average ends
+    at)."""
+    ts = np.linspace(-0.5, 2.0, args.line_points)
+    w_swa = finals["swa"]["swa"]
+    starts = {"SGD run's solution": finals.get("sgd", {}).get("final")}
+    starts["SWA run's last SGD iterate"] = finals["swa"]["final"]
+    return {k: line_through(w, w_swa, data, args, ts) for k, w in starts.items() if w is not None}
+
+
+def write_outputs(results: dict[str, list[dict]], line: dict | None, data: Data, args) -> dict:
+    """The table, the plots and the JSON report in --out; returns the report."""
     summary = summarise(results)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summary, results, data, args)
@@ -583,6 +694,19 @@ def main(argv: list[str] | None = None) -> dict:
     files["json"].write_text(json.dumps(report, indent=1))
     print(table)
     return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_image_folder(args.data, args.subsample) if args.data else load_digits_data(args.subsample)
+    if args.label_noise:
+        data.flip_train_labels(args.label_noise)
+    data.to(torch.device(args.device))  # the whole data set lives on the device: no loader needed
+    print(data.describe(), file=sys.stderr)
+    results, line = train_all(data, args)
+    return write_outputs(results, line, data, args)
 
 
 if __name__ == "__main__":

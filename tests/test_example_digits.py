@@ -125,3 +125,54 @@ def test_cnn_adapts_to_the_input(digits):
 def test_bad_folder_is_refused(digits, tmp_path):
     with pytest.raises(SystemExit, match="train/<class>"):
         digits.load_image_folder(tmp_path)
+
+
+def test_label_noise_flips_an_exact_fraction(digits):
+    clean = digits.load_digits_data()
+    noisy = digits.load_digits_data().flip_train_labels(0.3)
+    changed = noisy.y_train != clean.y_train
+    assert changed.sum().item() == round(0.3 * len(clean.y_train))  # each pick moves to another class
+    assert noisy.y_train.min() >= 0 and noisy.y_train.max() < clean.num_classes
+    assert torch.equal(noisy.y_test, clean.y_test) and torch.equal(noisy.x_train, clean.x_train)
+    assert "30% of their labels flipped" in noisy.describe()
+
+
+def test_label_noise_goes_to_every_other_class(digits):
+    # All labels 0 and every one flipped: the new labels spread over classes 1-9, none stays 0.
+    y = torch.zeros(9000, dtype=torch.long)
+    noisy = digits.flip_labels(y, 1.0, num_classes=10)
+    counts = torch.bincount(noisy, minlength=10)
+    assert counts[0] == 0
+    assert counts[1:].min() > 850 and counts[1:].max() < 1150  # 1000 each expected; ~3 std of room
+
+
+def test_label_noise_depends_on_its_seed_only(digits):
+    y = digits.load_digits_data().y_train
+    torch.manual_seed(1)  # the training seed must not matter
+    first = digits.flip_labels(y, 0.2, num_classes=10)
+    torch.manual_seed(2)
+    assert torch.equal(digits.flip_labels(y, 0.2, num_classes=10), first)
+    assert not torch.equal(digits.flip_labels(y, 0.2, num_classes=10, seed=1), first)
+    assert torch.equal(digits.flip_labels(y, 0.0, num_classes=10), y)
+
+
+def test_label_noise_option_reaches_training(digits, tmp_path, monkeypatch):
+    trained_on = []
+    train_all = digits.train_all
+
+    def spy(data, args):
+        trained_on.append((data.y_train.clone(), data.y_test.clone()))
+        return train_all(data, args)
+
+    monkeypatch.setattr(digits, "train_all", spy)
+    argv = ["--epochs", "2", "--seeds", "0", "--subsample", "200", "--methods", "sgd,ema", "--width", "4"]
+    report = digits.main([*argv, "--label-noise", "0.25", "--out", str(tmp_path), "--device", "cpu"])
+    clean = digits.load_digits_data(subsample=200)
+    ((y_train, y_test),) = trained_on
+    assert torch.equal(y_train, digits.flip_labels(clean.y_train, 0.25, clean.num_classes))
+    assert (y_train != clean.y_train).sum().item() == round(0.25 * len(y_train))
+    assert torch.equal(y_test, clean.y_test)
+    assert report["args"]["label_noise"] == 0.25
+    assert "25% of their labels flipped" in report["data"]
+    with pytest.raises(SystemExit):
+        digits.parse_args(["--label-noise", "1.5"])
