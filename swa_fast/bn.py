@@ -44,8 +44,9 @@ def update_bn(
     and every rank gets them. `sync=None` (the default) syncs when the model is DDP-wrapped or
     FSDP2-sharded (its forward already needs every rank, so every rank is calling this), and leaves
     a plain model alone (rank 0 alone may be calling); `sync=True` syncs any model over `group`
-    (default: all ranks), `sync=False` never. A DDP wrapper is looked through for the pass: its
-    forward would overwrite every rank's buffers with rank 0's before each batch.
+    (default: all ranks), `sync=False` never. Wrappers (DDP, DataParallel, torch.compile) are looked
+    through for the pass: a DDP forward would overwrite every rank's buffers with rank 0's before
+    each batch.
     """
     model, ddp = unwrap(model)
     groups = None if ddp is None else [ddp.process_group]
