@@ -7,7 +7,7 @@ allocation and one fused op call, and the views can stand in for a model's param
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,29 @@ def copy_lists(
         torch._foreach_copy_(dst, src, non_blocking=non_blocking)
 
 
+@torch.no_grad()
+def write_through_strides(
+    dst: Sequence[Tensor], write: Callable[[list[Tensor]], None], keep_values: bool = False
+) -> None:
+    """`write(dst)` for a fused op that writes only contiguous tensors, when `dst` may hold strided
+    ones (a channels_last convolution, a transposed parameter): each strided tensor is replaced by a
+    contiguous temporary (holding its values when `keep_values`, as `swap_` needs), which is copied
+    back through the tensor's own strides after `write` returned. Should `write` raise, nothing is
+    copied back, so `dst` stays as the op left it (as it was: the ops check before writing). A list
+    of contiguous tensors goes straight through."""
+    strided = [i for i, t in enumerate(dst) if not t.is_contiguous()]
+    if not strided:
+        write(list(dst))
+        return
+    stand_ins = list(dst)
+    for i in strided:
+        t = dst[i]
+        stand_ins[i] = t.contiguous() if keep_values else torch.empty_like(t, memory_format=torch.contiguous_format)
+    write(stand_ins)
+    for i in strided:
+        dst[i].copy_(stand_ins[i])
+
+
 @dataclass
 class FlatGroup:
     device: torch.device
@@ -49,6 +72,7 @@ class FlatBuffer:
         dtype, device: when given, replace every tensor's own dtype / device (for example an fp32
             average of a bf16 model).
         pin_memory: pin CPU buffers, so that copies between them and a GPU are asynchronous.
+        names: the tensors' names, for error messages (default: their positions).
     """
 
     def __init__(
@@ -57,7 +81,9 @@ class FlatBuffer:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         pin_memory: bool = False,
+        names: Sequence[str] | None = None,
     ) -> None:
+        self.names = list(names) if names is not None else [f"tensor {i}" for i in range(len(tensors))]
         placement: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, t in enumerate(tensors):
             key = (torch.device(device) if device is not None else t.device, dtype or t.dtype)
@@ -75,6 +101,20 @@ class FlatBuffer:
 
     def __len__(self) -> int:
         return len(self.views)
+
+    def check_shapes(self, tensors: Sequence[Tensor]) -> None:
+        """Raise, naming the first mismatch, unless `tensors` (in the input order) have the shapes
+        of their copies here. Each group's op checks its own tensors before writing, but with
+        several groups a later group's mismatch would be found after earlier groups were written:
+        run this first then (a comparison of shapes, no device work)."""
+        if len(tensors) != len(self.views):
+            raise ValueError(f"swa_fast: expected {len(self.views)} tensors, got {len(tensors)}")
+        for name, t, view in zip(self.names, tensors, self.views):
+            if t.shape != view.shape:
+                raise ValueError(
+                    f"swa_fast: '{name}' has shape {list(t.shape)}, but the copy of it kept here has shape "
+                    f"{list(view.shape)} (another model, or a resized tensor?)"
+                )
 
     def nbytes(self) -> int:
         return sum(g.buffer.numel() * g.buffer.element_size() for g in self.groups)

@@ -14,8 +14,38 @@ a host count or a CPU tensor gives a Python float, which the kernels take by val
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
+
+
+def real_number(
+    value: object, what: str, low: float = -math.inf, high: float = math.inf, above_low: bool = False
+) -> float:
+    """`value` as a Python float, for a setting checked once where it is given: any real number
+    torch takes as a scalar (a Python or numpy number, a 0-dim real tensor of any dtype), finite,
+    in [low, high], or in (low, high] with `above_low`. `what` names it in the error, which says what
+    was expected and what came."""
+    number = None
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.is_complex():
+            number = float(value.item())  # read once, at construction
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    if (
+        number is None
+        or not math.isfinite(number)
+        or not (number > low if above_low else number >= low)
+        or not number <= high
+    ):
+        if high == math.inf:
+            expected = f"{'>' if above_low else '>='} {low}"
+        else:
+            expected = f"in {'(' if above_low else '['}{low}, {high}]"
+        raise ValueError(f"swa_fast.{what} must be a finite real number {expected}, got {value!r}")
+    return number
 
 
 def swa_weight(n_averaged: Tensor | int) -> Tensor | float:
