@@ -34,7 +34,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -356,10 +356,11 @@ def train_epoch(
         rate.step_epoch()
 
 
-def predictors(model: nn.Module, averagers: Averagers, data: Data, args, seed: int) -> dict:
+def predictors(
+    model: nn.Module, averagers: Averagers, test: Batches, data: Data, args, seed: int
+) -> dict[str, Callable[[], Tensor]]:
     """Per method that rode on the run, a function that returns its test-set probabilities, in the
     order they run: SWAG and FGE predict through `model`, so they come after SGD and EMA."""
-    test = Batches(data.x_test, data.y_test, 512)
     bn_loader = Batches(data.x_train, data.y_train, args.batch_size)  # update_bn: one plain pass
     ema, swa_model, swag, fge = averagers.ema, averagers.swa_model, averagers.swag, averagers.fge
 
@@ -400,9 +401,13 @@ def swag_diag_only(swag: swa_fast.SWAG) -> bool:
 
 
 def evaluate(model: nn.Module, averagers: Averagers, data: Data, args, seed: int, train_s: float) -> dict:
-    """Test scores and seconds of every method that rode on the run."""
+    """Test scores and seconds of every method that rode on the run, and the scores of the run's
+    last iterate: an averaging method's gain over it is what averaging itself brings, apart from
+    the run's learning-rate schedule."""
+    test = Batches(data.x_test, data.y_test, 512)
+    last_iterate = scores(predict(model, test), data.y_test)
     out: dict = {}
-    for method, probabilities in predictors(model, averagers, data, args, seed).items():
+    for method, probabilities in predictors(model, averagers, test, data, args, seed).items():
         start = time.perf_counter()
         probs = probabilities()
         synchronize(data)
@@ -411,6 +416,8 @@ def evaluate(model: nn.Module, averagers: Averagers, data: Data, args, seed: int
             "train_s": train_s,
             "averaging_s": averagers.seconds.get(method, 0.0),
             "predict_s": time.perf_counter() - start,
+            "last_iterate_acc": last_iterate["acc"],
+            "last_iterate_nll": last_iterate["nll"],
         }
     if averagers.swag is not None:
         out["swag"].update(rank=averagers.swag.rank, diag_only=swag_diag_only(averagers.swag))
@@ -476,6 +483,12 @@ def line_through(w_sgd: nn.Module, w_swa: nn.Module, data: Data, args, ts: np.nd
 # --- reporting ----------------------------------------------------------------------------------
 
 
+def paired_with_sgd(results: dict[str, list[dict]], method: str, key: str) -> np.ndarray:
+    """Per seed, `method`'s score minus SGD's. Paired by seed (same initial weights and batches):
+    the seed-to-seed spread, often larger than the differences between methods, cancels out."""
+    return np.array([r[key] - base[key] for r, base in zip(results[method], results["sgd"])])
+
+
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """Accuracy and NLL: mean and sample std over seeds. Seconds: the median over seeds, because
     on a shared machine one slow seed (another job running) would dominate a mean."""
@@ -491,10 +504,8 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
         for key in ("train_s", "averaging_s", "predict_s", "total_s"):
             row[key] = float(np.median([r[key] for r in runs]))
         if "sgd" in results:
-            # Paired by seed (same initial weights and batches): the seed-to-seed spread, much
-            # larger than the differences between methods here, cancels out.
             for key in ("acc", "nll"):
-                diff = np.array([r[key] - base[key] for r, base in zip(runs, results["sgd"])])
+                diff = paired_with_sgd(results, method, key)
                 row[key + "_vs_sgd"] = float(diff.mean())
                 row[key + "_vs_sgd_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
         summary[method] = row
@@ -528,23 +539,84 @@ def markdown_table(summary: dict, results: dict, data: Data, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(results: dict[str, list[dict]], path: Path, title: str) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend: this runs without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_accuracy(results: dict[str, list[dict]], path: Path, title: str) -> None:
+    values = {
+        m: {key: np.array([r[key] for r in runs]) for key in ("acc", "nll")} for m, runs in results.items()
+    }
+    for per_key in values.values():
+        per_key["acc"] = per_key["acc"] * 100
+    plot_seed_strips(
+        values,
+        {"acc": "test accuracy (%)", "nll": "test NLL"},
+        spread=lambda v: v.std(ddof=1) if len(v) > 1 else 0.0,
+        spread_name="mean ± std",
+        colours=method_colours(results),
+        path=path,
+        title=title,
+    )
+
+
+def plot_vs_sgd(results: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Per seed, each method's test accuracy and NLL minus SGD's on that seed: the paired
+    differences that the table's "vs SGD" columns summarise. Pairing removes the seed-to-seed
+    spread that the accuracy plot shows, which can be larger than the differences."""
+    values = {
+        m: {"acc": 100 * paired_with_sgd(results, m, "acc"), "nll": paired_with_sgd(results, m, "nll")}
+        for m in results
+        if m != "sgd"
+    }
+    plot_seed_strips(
+        values,
+        {"acc": "test accuracy minus SGD's (points)", "nll": "test NLL minus SGD's"},
+        spread=lambda v: 2 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0,
+        spread_name="mean ± 2 standard errors",
+        colours=method_colours(results),
+        path=path,
+        title=title,
+        zero_line=True,
+    )
+
+
+def method_colours(results: dict[str, list[dict]]) -> dict[str, str]:
+    """A method keeps its colour in every plot of a run."""
+    return {m: f"C{i}" for i, m in enumerate(results)}
+
+
+def plot_seed_strips(
+    values: dict[str, dict[str, np.ndarray]],
+    ylabels: dict[str, str],
+    spread: Callable[[np.ndarray], float],
+    spread_name: str,
+    colours: dict[str, str],
+    path: Path,
+    title: str,
+    zero_line: bool = False,
+) -> None:
+    """Accuracy and NLL side by side: per method a dot per seed, and beside them a diamond at the
+    mean with an error bar of `spread`."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, name in ((axes[0], "acc", "test accuracy (%)"), (axes[1], "nll", "test NLL")):
-        for i, runs in enumerate(results.values()):
-            values = np.array([r[key] for r in runs]) * (100 if key == "acc" else 1)
-            ax.scatter(np.full(len(values), i), values, s=18, alpha=0.6, color=f"C{i}")
-            spread = values.std(ddof=1) if len(values) > 1 else 0.0
-            ax.errorbar(i + 0.18, values.mean(), yerr=spread, fmt="D", color=f"C{i}", capsize=4)
-        ax.set_xticks(range(len(results)), [LABELS[m] for m in results])
-        ax.set_ylabel(name)
+    for ax, key in zip(axes, ("acc", "nll")):
+        for i, (method, per_key) in enumerate(values.items()):
+            v = per_key[key]
+            ax.scatter(np.full(len(v), i), v, s=18, alpha=0.6, color=colours[method])
+            ax.errorbar(i + 0.18, v.mean(), yerr=spread(v), fmt="D", color=colours[method], capsize=4)
+        if zero_line:
+            ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(values)), [LABELS[m] for m in values])
+        ax.set_ylabel(ylabels[key])
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title("dots: seeds; diamond: mean ± std")
+    axes[0].set_title(f"dots: seeds; diamond: {spread_name}")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -552,11 +624,7 @@ def plot_accuracy(results: dict[str, list[dict]], path: Path, title: str) -> Non
 
 
 def plot_line(lines: dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, name in ((axes[0], "train_loss", "train loss"), (axes[1], "test_error", "test error (%)")):
         for i, (start, line) in enumerate(lines.items()):
@@ -574,7 +642,10 @@ def plot_line(lines: dict[str, dict], path: Path, title: str) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_yscale("log")
+    losses = np.concatenate([line["train_loss"] for line in lines.values()])
+    # Log for a loss spanning decades; a narrow range (noisy labels keep it near 1) reads better linear.
+    if losses.max() > 5 * losses.min():
+        axes[0].set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -676,6 +747,9 @@ def write_outputs(results: dict[str, list[dict]], line: dict | None, data: Data,
     title = f"{data.describe()}, {args.epochs} epochs, {len(args.seeds)} seed(s)"
     files["accuracy_plot"] = args.out / f"{data.name}_accuracy.png"
     plot_accuracy(results, files["accuracy_plot"], title)
+    if "sgd" in results and len(results) > 1:
+        files["vs_sgd_plot"] = args.out / f"{data.name}_vs_sgd.png"
+        plot_vs_sgd(results, files["vs_sgd_plot"], title)
     if line is not None:
         files["line_plot"] = args.out / f"{data.name}_line.png"
         title = f"{data.name}, seed {args.seeds[0]}: w_SGD + t (w_SWA - w_SGD), t in [-0.5, 2]"

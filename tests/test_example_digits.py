@@ -24,10 +24,10 @@ def digits():
 
 
 def check_outputs(report: dict, out: Path, name: str, seeds: int) -> None:
-    for key in ("table", "json", "accuracy_plot", "line_plot"):
+    for key in ("table", "json", "accuracy_plot", "vs_sgd_plot", "line_plot"):
         path = Path(report["files"][key])
         assert path.parent == out and path.name.startswith(name) and path.stat().st_size > 0, key
-    for key in ("accuracy_plot", "line_plot"):
+    for key in ("accuracy_plot", "vs_sgd_plot", "line_plot"):
         assert Path(report["files"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / f"{name}_results.json").read_text())
     assert set(saved["summary"]) == set(METHODS)
@@ -44,6 +44,12 @@ def check_outputs(report: dict, out: Path, name: str, seeds: int) -> None:
     for method in ("swa", "fge", "swag", "ema"):  # the averaging calls were timed
         assert all(r["averaging_s"] > 0 for r in saved["runs"][method])
     assert all(r["snapshots"] >= 1 for r in saved["runs"]["fge"])
+    # The last iterate of each run is scored too; on the SGD run it is SGD's model.
+    for sgd, ema in zip(saved["runs"]["sgd"], saved["runs"]["ema"]):
+        assert sgd["last_iterate_acc"] == sgd["acc"] == ema["last_iterate_acc"]
+        assert sgd["last_iterate_nll"] == sgd["nll"]
+    for swa, swag in zip(saved["runs"]["swa"], saved["runs"]["swag"]):
+        assert 0.0 <= swa["last_iterate_acc"] <= 1.0 and swa["last_iterate_nll"] == swag["last_iterate_nll"]
     for method in METHODS:  # paired differences with SGD, seed by seed
         row = saved["summary"][method]
         assert math.isfinite(row["acc_vs_sgd"]) and math.isfinite(row["nll_vs_sgd"])
