@@ -21,9 +21,10 @@ With --label-noise a fixed random part of the training labels (the same for ever
 method) is changed to another class; the test labels stay clean.
 
 Time spent in the averaging calls (update, snapshot) is measured apart from training. Outputs in
---out: `<name>_results.json`, `<name>_results.md` (the table), `<name>_accuracy.png` and
-`<name>_line.png` (train loss and test error along the lines from two SGD solutions, the SGD
-run's and the SWA run's last iterate, through the SWA solution: the SWA paper's figure 5).
+--out: `<name>_results.json`, `<name>_results.md` (the table), `<name>_accuracy.png`,
+`<name>_vs_sgd.png` (each method minus SGD, seed by seed) and `<name>_line.png` (train loss and
+test error along the lines from two SGD solutions, the SGD run's and the SWA run's last iterate,
+through the SWA solution: the SWA paper's figure 5).
 """
 
 from __future__ import annotations
