@@ -61,18 +61,30 @@ def ensemble_predict(
     try:
         for _ in members:
             model.eval()
-            for b, batch in enumerate(batches):
+            seen = 0
+            for batch in batches:
                 out = forward(model, batch).float()
                 out = out.softmax(-1) if output == "probs" else out
                 if count == 0:
                     sums.append(out.clone())
-                elif b < len(sums) and sums[b].shape == out.shape:
-                    sums[b] += out
+                elif seen < len(sums) and sums[seen].shape == out.shape:
+                    sums[seen] += out
                 else:
                     raise ValueError(
                         "swa_fast: the batches changed between ensemble members (a loader must give "
                         "the same batches in the same order every pass: use shuffle=False)"
                     )
+                seen += 1
+            if not sums:
+                raise ValueError("swa_fast: the loader gave no batches to predict on")
+            if seen < len(sums):
+                # A one-shot iterable (a generator) is empty from the second pass on; averaging
+                # over members that saw nothing would scale every prediction down.
+                raise ValueError(
+                    f"swa_fast: the loader gave {len(sums)} batches for the first ensemble member and "
+                    f"{seen} for member {count + 1}; it must give the same batches on every pass (a "
+                    "generator or other iterator can be run only once: pass a list or a DataLoader)"
+                )
             count += 1
     finally:
         live.load(tensors)

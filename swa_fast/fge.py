@@ -14,6 +14,7 @@ are choices (say bf16, or the CPU in pinned memory for a GPU model).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -63,6 +64,14 @@ class FGE(PredictsOnBatches):
             raise ValueError(f"swa_fast.FGE: when_full must be one of {WHEN_FULL}, got {when_full!r}")
         if scheduler is not None and not isinstance(scheduler, FGECyclicLR):
             raise ValueError(f"swa_fast.FGE: scheduler must be FGECyclicLR, got {type(scheduler).__name__}")
+        if pin_memory and not torch.cuda.is_available():
+            # Pinned memory only speeds up copies to and from a GPU, and cannot be had without one;
+            # torch's DataLoader drops it the same way.
+            warnings.warn(
+                "swa_fast.FGE: pin_memory=True, but no GPU is available; snapshots are stored unpinned",
+                stacklevel=2,
+            )
+            pin_memory = False
         self.tracked = TrackedModel(model, buffers=True, owner="FGE", options=[])
         self.max_snapshots = max_snapshots
         self.dtype = dtype
@@ -105,17 +114,23 @@ class FGE(PredictsOnBatches):
 
     @torch.no_grad()
     def snapshot(self, model: Module) -> None:
-        """Store the model's current weights and buffers as the newest snapshot."""
+        """Store the model's current weights and buffers as the newest snapshot. A snapshot that
+        fails leaves the store as it was."""
         tensors = self.tracked.tensors(model)
+        for name, t, (shape, _, _) in zip(self.tracked.names, tensors, self._layout):
+            if t.shape != shape:  # a `p.data = ...` keeps the Parameter, so tracked.tensors passes it
+                raise ValueError(
+                    f"swa_fast.FGE: '{name}' has shape {list(t.shape)}, its snapshots {list(shape)}; "
+                    "create a new FGE for the changed model"
+                )
         if self.max_snapshots is not None and len(self.snapshots) >= self.max_snapshots:
             if self.when_full == "raise":
                 raise RuntimeError(
                     f"swa_fast.FGE: the store is full ({self.max_snapshots} snapshots) and "
                     "when_full='raise'; raise max_snapshots or use when_full='drop_oldest'"
                 )
-            oldest = self.snapshots.pop(0)
-            oldest.save(tensors)
-            self.snapshots.append(oldest)
+            self.snapshots[0].save(tensors)  # the oldest leaves its place only once overwritten
+            self.snapshots.append(self.snapshots.pop(0))
         else:
             self.snapshots.append(self._new_copy(tensors))
         self.n_taken += 1

@@ -229,3 +229,62 @@ def test_predict_without_snapshots_raises():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         swa_fast.FGE(torch.nn.Linear(2, 2), **kwargs)
+
+
+def test_a_one_shot_loader_raises_instead_of_averaging_with_empty_passes():
+    model = cnn_with_bn(6)
+    fge = swa_fast.FGE(model)
+    fge.snapshot(model)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    fge.snapshot(model)
+    model.train()
+    live = state_copy(model)
+    x, _ = random_batch(12, IMAGE, classes=3, seed=5)
+    one_shot = (x[i : i + 4] for i in range(0, 12, 4))
+    with pytest.raises(ValueError, match="3 batches for the first ensemble member and 0 for member 2"):
+        fge.predict_loader(model, one_shot)
+    assert_same_state(model, live)
+    assert model.training
+    # The same batches in a list (iterable again and again) give the ensemble's mean.
+    probs = fge.predict_loader(model, [x[i : i + 4] for i in range(0, 12, 4)])
+    torch.testing.assert_close(probs.sum(-1), torch.ones(12))
+
+
+def test_an_empty_loader_raises():
+    model = cnn_with_bn(6)
+    fge = swa_fast.FGE(model)
+    fge.snapshot(model)
+    with pytest.raises(ValueError, match="no batches"):
+        fge.predict_loader(model, [])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning works where there is a GPU")
+def test_pin_memory_without_a_gpu_warns_and_stores_unpinned():
+    model = cnn_with_bn(6)
+    with pytest.warns(UserWarning, match="pin_memory"):
+        fge = swa_fast.FGE(model, device="cpu", pin_memory=True)
+    fge.snapshot(model)
+    assert not fge.snapshots[0].flat.groups[0].buffer.is_pinned()
+    probe = cnn_with_bn(6)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.zero_()
+    fge.snapshots[0].load(fge.tracked.tensors(probe))
+    assert_same_state(probe, state_copy(model))
+
+
+@pytest.mark.parametrize("max_snapshots", [1, 2])
+def test_a_failed_snapshot_into_a_full_store_keeps_every_snapshot(max_snapshots):
+    model = torch.nn.Linear(3, 2)
+    fge = swa_fast.FGE(model, max_snapshots=max_snapshots)
+    for value in range(max_snapshots):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        fge.snapshot(model)
+    kept = [s.flat.groups[0].buffer.clone() for s in fge.snapshots]
+    model.weight.data = torch.zeros(2, 4)  # the same Parameter, another shape
+    with pytest.raises(ValueError, match=r"'weight' has shape \[2, 4\], its snapshots \[2, 3\]"):
+        fge.snapshot(model)
+    assert len(fge) == max_snapshots and fge.n_taken == max_snapshots
+    assert all(torch.equal(s.flat.groups[0].buffer, k) for s, k in zip(fge.snapshots, kept))
