@@ -15,6 +15,8 @@ memory) is a placement object (placement.py).
 from __future__ import annotations
 
 import contextlib
+import functools
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,12 +24,12 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import distributed, ops
+from . import checks, distributed, ops
 from .counts import UpdateCounts
-from .flat import copy_lists
+from .flat import copy_lists, write_through_strides
 from .model_tensors import ModelCopy, TrackedModel
 from .placement import OtherDevice, SameDevice, SideStream
-from .weighting import ema_decay, swa_weight
+from .weighting import ema_decay, real_number, swa_weight
 
 _CPU = torch.device("cpu")
 
@@ -75,6 +77,11 @@ class Averager:
         side_stream: bool = False,
         backend: str | None = None,
     ) -> None:
+        if dtype is not None and dtype not in checks.FLOAT_DTYPES:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}: dtype must be torch.float32, float64, float16, bfloat16 "
+                f"or None (each tensor's own), got {dtype}"
+            )
         options = [("dtype", str(dtype)), ("check_finite", check_finite), ("rank0_only", rank0_only)]
         self.tracked = TrackedModel(model, use_buffers, type(self).__name__, options)
         if rank0_only and self.tracked.sharded:
@@ -86,6 +93,13 @@ class Averager:
         self.holds_average = not rank0_only or distributed.rank_in(model) == 0
         tensors = self.tracked.tensors(model)
         self.names = self.tracked.names
+        complex_names = [name for name, t in zip(self.names, tensors) if t.is_complex()]
+        if complex_names:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}: '{complex_names[0]}' is complex ({len(complex_names)} "
+                "complex tensors in all); the averages here are of real floating tensors (float32, float64, "
+                "float16, bfloat16): average the real and imaginary parts as real parameters"
+            )
         self.use_buffers = use_buffers
         self.check_finite = check_finite
         self.backend = backend
@@ -113,6 +127,8 @@ class Averager:
         else:
             self._placement = SameDevice()
         self.counts = UpdateCounts(device or model_device, device_decides=check_finite)
+        # torch's max-abs norm has no value for an empty tensor: check_finite leaves those out.
+        self._has_empty = any(t.numel() == 0 for t in self.tracked.split(tensors)[0])
         self.calls = 0  # update() calls, counted on the host
         self.updates = 0  # updates applied to the average, counted on the host
 
@@ -173,6 +189,8 @@ class Averager:
         if weight is None:
             return
         groups = self._groups(tensors)
+        if len(groups) > 1:  # one group's op checks it before writing; several: all first
+            self.average.check_shapes(self.tracked.split(tensors)[0])
         finite = None
         if self.check_finite:
             # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN
@@ -184,7 +202,11 @@ class Averager:
             w = weight
             if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
                 w = w.to(avg[0].device, non_blocking=True)
-            self._update_group(k, avg, src, w)
+            try:
+                self._update_group(k, avg, src, w)
+            except ValueError:  # raised before writing: name the tensor if its shape is the cause
+                self.average.check_shapes(self.tracked.split(tensors)[0])
+                raise
         integers = self.tracked.split(tensors)[1]
         if finite is not None:
             integers = [torch.where(finite, live, kept) for kept, live in zip(self._integers, integers)]
@@ -205,10 +227,17 @@ class Averager:
         """One device boolean: every element of every source is finite (max-abs norms propagate
         inf and NaN, and cannot overflow)."""
         device = self.counts.n_skipped.device
+        if self._has_empty:
+            sources = [[t for t in src if t.numel()] for src in sources]
         with torch.no_grad():  # the model's parameters require grad: record no graph
             maxima = [
-                n.to(device, torch.float32) for src in sources for n in torch._foreach_norm(src, float("inf"))
+                n.to(device, torch.float32)
+                for src in sources
+                if src
+                for n in torch._foreach_norm(src, float("inf"))
             ]
+            if not maxima:  # nothing to average: every update counts
+                return torch.ones((), dtype=torch.bool, device=device)
             return torch.stack(maxima).isfinite().all()
 
     # --- using the average --------------------------------------------------------------------------
@@ -229,16 +258,22 @@ class Averager:
                 "device; this one is kept on another (device=). Use average_applied(model) instead."
             )
         tensors = self.tracked.tensors(model)
+        self.average.check_shapes(self.tracked.split(tensors)[0])  # every group, before any is written
         self.tracked.before_write()
         for avg, live in self._groups(tensors):
-            ops.swap_(avg, live, backend=self.backend)
+            swap = functools.partial(ops.swap_, avg, backend=self.backend)
+            write_through_strides(live, swap, keep_values=True)
 
     @contextlib.contextmanager
     def average_applied(self, model: Module) -> Iterator[Module]:
-        """Within the block the model holds the average; on exit its own weights come back exactly."""
+        """Within the block the model holds the average; on exit it is exactly as it was, buffers
+        included (also those the average leaves alone, which `update_bn` in the block changes)."""
         self._ready("average_applied")
-        tensors = self.tracked.tensors(model)
-        live = ModelCopy(self.tracked, tensors, backend=self.backend)  # in the model's dtypes: exact
+        self.tracked.tensors(model)  # the model this average is of (or one like it), else raise
+        # Everything the block may change, in the model's own dtypes: the restore is exact.
+        everything = self.tracked if self.use_buffers else TrackedModel(model, True, self.tracked.owner)
+        tensors = everything.tensors(model)
+        live = ModelCopy(everything, tensors, backend=self.backend)
         self.copy_to(model)
         try:
             yield model
@@ -255,6 +290,18 @@ class Averager:
         self.wait()
 
     # --- saving and resuming ------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """Pickling (`torch.save(manager)`, `copy.deepcopy`) keeps the average, the counts and the
+        settings, not the model (only referenced weakly): the unpickled manager tracks the first
+        model it is given (`update`, `copy_to`, ...) with the same names and shapes."""
+        if isinstance(self._placement, SideStream):
+            raise TypeError(
+                f"swa_fast.{type(self).__name__}: a side_stream=True manager cannot be pickled (its CUDA "
+                "stream and hooks belong to this process); save its state_dict() instead"
+            )
+        self.wait()  # an update in flight lands first
+        return self.__dict__.copy()
 
     def state_dict(self) -> dict:
         """The average as views of its flat buffers (no copy; DCP loads into them in place) and the
@@ -285,12 +332,30 @@ class Averager:
         missing = [k for k in ("average", "n_averaged", "calls") if k not in state]
         if missing:
             raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
+        counts = {key: self._saved_count(state, key) for key in ("n_averaged", "n_skipped", "calls")}
+        updates = self._saved_count(state, "updates" if "updates" in state else "folds")  # older saves
         checked = self._check_extra_state(state)
-        self._copy.load_named(state["average"])
-        self.counts.set(state["n_averaged"], state.get("n_skipped", 0))
-        self.calls = int(state["calls"])
-        self.updates = int(state.get("updates", state.get("folds", self.calls)))  # "folds": older saves
+        self._copy.load_named(state["average"])  # checks every entry before writing any
+        self.counts.set(counts["n_averaged"], counts["n_skipped"])
+        self.calls = counts["calls"]
+        self.updates = counts["calls"] if updates is None else updates
         self._load_extra_state(checked)
+
+    def _saved_count(self, state: dict, key: str) -> int | None:
+        """`state[key]`, a count (an int or a 0-dim integer tensor, >= 0) as an int, checked before
+        anything is written; None when absent (0 for n_skipped, which older saves lack)."""
+        if key not in state:
+            return 0 if key == "n_skipped" else None
+        value = state[key]
+        count = value
+        if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+            count = value.item()  # a complex or boolean one is refused below
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}.load_state_dict: '{key}' must be a count (an int >= 0 or "
+                f"a 0-dim integer tensor), got {value!r}"
+            )
+        return int(count)
 
     def _check_extra_state(self, state: dict) -> Any:
         """Raise unless the subclass's part of `state` fits (before anything is written); return
@@ -323,10 +388,11 @@ class EMA(Averager):
 
     Args:
         model: the model to average.
-        decay: the decay once warmed up, in [0, 1].
+        decay: the decay once warmed up, a real number in [0, 1] (a Python or numpy number, or a
+            0-dim tensor, read once here).
         warmup_gamma, warmup_power: timm's ModelEmaV3 warmup, decay_t = min(decay,
             1 - (1 + t / gamma) ** -power) for the t-th averaging update, so early averages follow
-            the model closely; None (the default) uses `decay` from the start.
+            the model closely; None (the default) uses `decay` from the start. Both > 0.
         update_after_step: the first `update_after_step + 1` calls to `update` copy the model.
         update_every: after that, only every `update_every`-th call averages.
         **options: the `Averager`'s (dtype, use_buffers, check_finite, rank0_only, device,
@@ -344,8 +410,10 @@ class EMA(Averager):
         update_every: int = 1,
         **options,
     ) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"swa_fast.EMA: decay must be in [0, 1], got {decay}")
+        decay = real_number(decay, "EMA: decay", 0.0, 1.0)
+        if warmup_gamma is not None:
+            warmup_gamma = real_number(warmup_gamma, "EMA: warmup_gamma", 0.0, above_low=True)
+        warmup_power = real_number(warmup_power, "EMA: warmup_power", 0.0, above_low=True)
         if update_every < 1:
             raise ValueError(f"swa_fast.EMA: update_every must be >= 1, got {update_every}")
         super().__init__(model, **options)

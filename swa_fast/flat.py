@@ -49,10 +49,23 @@ def write_through_strides(
     stand_ins = list(dst)
     for i in strided:
         t = dst[i]
-        stand_ins[i] = t.contiguous() if keep_values else torch.empty_like(t, memory_format=torch.contiguous_format)
+        stand_ins[i] = (
+            t.contiguous() if keep_values else torch.empty_like(t, memory_format=torch.contiguous_format)
+        )
     write(stand_ins)
     for i in strided:
         dst[i].copy_(stand_ins[i])
+
+
+def copy_into_strided(dst: Sequence[Tensor], src: Sequence[Tensor], backend: str | None = None) -> None:
+    """`copy_lists(dst, src)` where `dst` may hold strided tensors (a model's): each receives its
+    value through its own strides, rounded once, as a contiguous one would."""
+    write_through_strides(dst, lambda stand_ins: copy_lists(stand_ins, src, backend=backend))
+
+
+def _shaped_parts(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """Consecutive views of the 1-D `flat` with `shapes`."""
+    return [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in shapes]), shapes)]
 
 
 @dataclass
@@ -91,16 +104,28 @@ class FlatBuffer:
         self.views: list[Tensor] = [torch.empty(0)] * len(tensors)
         self.groups: list[FlatGroup] = []
         for (dev, dt), indices in placement.items():
-            numels = [tensors[i].numel() for i in indices]
-            buffer = torch.empty(sum(numels), dtype=dt, device=dev, pin_memory=pin_memory)
-            for i, part in zip(indices, buffer.split(numels)):
-                self.views[i] = part.view(tensors[i].shape)
+            shapes = [tensors[i].shape for i in indices]
+            buffer = torch.empty(sum(s.numel() for s in shapes), dtype=dt, device=dev, pin_memory=pin_memory)
+            for i, view in zip(indices, _shaped_parts(buffer, shapes)):
+                self.views[i] = view
             self.groups.append(FlatGroup(dev, dt, buffer, indices))
         for _, views, src in self.pairs(tensors):
             copy_lists(views, src)
 
     def __len__(self) -> int:
         return len(self.views)
+
+    # Pickled, the views are rebuilt from the buffers: plain pickle saves each tensor on its own,
+    # which would leave them copies that no longer see the buffers' updates.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "views": [v.shape for v in self.views]}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        shapes, self.views = self.views, [torch.empty(0)] * len(self.views)
+        for g in self.groups:
+            for i, view in zip(g.indices, _shaped_parts(g.buffer, [shapes[i] for i in g.indices])):
+                self.views[i] = view
 
     def check_shapes(self, tensors: Sequence[Tensor]) -> None:
         """Raise, naming the first mismatch, unless `tensors` (in the input order) have the shapes
@@ -128,8 +153,7 @@ class FlatBuffer:
     def views_of(self, group: FlatGroup, flat: Tensor) -> list[Tensor]:
         """Views with the shapes of `group`'s tensors into `flat`, a 1-D tensor of the group's
         length laid out like the group (a row of a SWAG deviation matrix, a SWAG sample)."""
-        shapes = [self.views[i].shape for i in group.indices]
-        return [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in shapes]), shapes)]
+        return _shaped_parts(flat, [self.views[i].shape for i in group.indices])
 
     def pairs(self, tensors: Sequence[Tensor]) -> list[tuple[FlatGroup, list[Tensor], list[Tensor]]]:
         """(group, its views, the matching `tensors`) per group; `tensors` are in the input order of

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from . import distributed
-from .flat import FlatBuffer, copy_lists
+from .flat import FlatBuffer, copy_into_strided, copy_lists
 from .wrappers import unwrap
 
 
@@ -84,6 +84,11 @@ def module_names(module: Module, buffers: bool) -> list[str]:
     return names
 
 
+def _no_model() -> None:
+    """The tracked model's weak reference while there is none (after unpickling)."""
+    return None
+
+
 class TrackedModel:
     """The tensors of `model` a manager keeps: its parameters, then its buffers with
     `buffers=True`, split into floating ones (averaged, snapshotted) and integer ones (copied).
@@ -97,12 +102,7 @@ class TrackedModel:
     def __init__(self, model: Module, buffers: bool, owner: str, options: list | None = None) -> None:
         wrapper, model = model, unwrap(model)[0]
         distributed.reshard(model)  # track the sharded FSDP2 parameters, not gathered ones
-        walked = _walk(model, True, buffers)
-        # What a walk of this model gives while it is unchanged, and which of it to keep (shared
-        # tensors once): the check that `tensors()` makes on every update.
-        self._walked_ids = list(map(id, walked))
-        self._keep = _first_places(self._walked_ids)
-        tensors = walked if self._keep is None else [walked[i] for i in self._keep]
+        tensors = self._attach(model, _walk(model, True, buffers))
         self.layouts = [distributed.shards_of(t) for t in tensors]  # DTensor layout, or None
         self.sharded = any(s is not None for s in self.layouts)
         self.buffers = buffers
@@ -111,6 +111,24 @@ class TrackedModel:
         self.shapes = [t.shape for t in tensors]  # global shapes, for DTensors
         self.floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
         self.integer = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
+        if options is None:
+            return
+        # A model that differs between ranks must raise on every rank, not leave some waiting in a
+        # later collective (a DCP save, a full-state-dict gather) or silently average other tensors.
+        fingerprint = [("option " + k, v) for k, v in options] + [("use_buffers", buffers)]
+        fingerprint += [
+            (f"'{n}'", (str(t.dtype), *((list(t.shape),) if s is None else (s.describe(),))))
+            for n, t, s in zip(self.names, tensors, self.layouts)
+        ]
+        distributed.check_same_on_all_ranks(fingerprint, distributed.groups_of(wrapper, self.layouts), owner)
+
+    def _attach(self, model: Module, walked: list[Tensor]) -> list[Tensor]:
+        """Track `model` (unwrapped), whose walk gave `walked`; give its tensors, each once."""
+        # What a walk of this model gives while it is unchanged, and which of it to keep (shared
+        # tensors once): the check that `tensors()` makes on every update.
+        self._walked_ids = list(map(id, walked))
+        self._keep = _first_places(self._walked_ids)
+        tensors = walked if self._keep is None else [walked[i] for i in self._keep]
         self._ids = [id(t) for t in tensors]
         # The tensors themselves, weakly (a manager must not keep a dropped model's memory alive).
         # Should one die, the model no longer holds it, and a new tensor may be given its id,
@@ -123,21 +141,26 @@ class TrackedModel:
         self._refs = [weakref.ref(t, died) for t in tensors]
         self._model = weakref.ref(model)
         self._sharded_model = self._model  # the model whose shards `tensors()` gave last
-        if options is None:
-            return
-        # A model that differs between ranks must raise on every rank, not leave some waiting in a
-        # later collective (a DCP save, a full-state-dict gather) or silently average other tensors.
-        fingerprint = [("option " + k, v) for k, v in options] + [("use_buffers", buffers)]
-        fingerprint += [
-            (f"'{n}'", (str(t.dtype), *((list(t.shape),) if s is None else (s.describe(),))))
-            for n, t, s in zip(self.names, tensors, self.layouts)
-        ]
-        distributed.check_same_on_all_ranks(fingerprint, distributed.groups_of(wrapper, self.layouts), owner)
+        return tensors
+
+    # Pickling (a manager saved whole with torch.save, or deep-copied) keeps what was tracked, not
+    # the model, which is only referenced weakly: an unpickled one tracks the first model it is
+    # given with the same names (as after the tracked model was freed, see `tensors()`).
+    _MODEL_REFERENCES = ("_walked_ids", "_keep", "_ids", "_lost", "_refs", "_model", "_sharded_model")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._MODEL_REFERENCES}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._walked_ids, self._keep, self._ids, self._lost, self._refs = [], None, [], [True], []
+        self._model = self._sharded_model = _no_model
 
     def tensors(self, model: Module) -> list[Tensor]:
         """The model's tensors, in the tracked order (a DTensor's local shard in its place). The
         model it was made from must still hold the very same tensors; another model (say a deepcopy
-        for evaluation) must have the same names and the same DTensor layouts."""
+        for evaluation) must have the same names and the same DTensor layouts. Once the tracked
+        model is gone (freed, or this was unpickled), the next model given is tracked instead."""
         model = unwrap(model)[0]
         walked = _walk(model, True, self.buffers)
         mine = model is self._model()
@@ -158,6 +181,8 @@ class TrackedModel:
             if self.sharded and distributed.reshard(model):
                 tensors = module_tensors(model, self.buffers)
             distributed.check_layouts(self.names, tensors, self.layouts, self.owner)
+            if self._model() is None:  # freed, or never here (unpickled): track this one from now on
+                self._attach(model, _walk(model, True, self.buffers))
         if not self.sharded:
             return tensors
         self._sharded_model = weakref.ref(model)
@@ -266,7 +291,9 @@ class ModelCopy:
         floating, integer = tracked.split(tensors)
         self.tracked = tracked
         self.backend = backend
-        self.flat = FlatBuffer(floating, dtype=dtype, device=device, pin_memory=pin_memory)
+        self.flat = FlatBuffer(
+            floating, dtype=dtype, device=device, pin_memory=pin_memory, names=tracked.floating_names
+        )
         self.integers = [t.detach().to(device or t.device, copy=True) for t in integer]
         if pin_memory:
             self.integers = [t.pin_memory() for t in self.integers]
@@ -309,6 +336,8 @@ class ModelCopy:
     def save(self, tensors: list[Tensor]) -> None:
         """Store the model's `tensors` (from `tracked.tensors(model)`) here."""
         floating, integer = self.tracked.split(tensors)
+        if len(self.flat.groups) > 1:
+            self.flat.check_shapes(floating)
         self.wait()
         for _, views, src in self.flat.pairs(floating):
             copy_lists(views, src, non_blocking=True, backend=self.backend)
@@ -319,12 +348,14 @@ class ModelCopy:
 
     @torch.no_grad()
     def load(self, tensors: list[Tensor]) -> None:
-        """Write the stored values into the model's `tensors`, cast to their dtypes."""
-        self.tracked.before_write()
+        """Write the stored values into the model's `tensors`, cast to their dtypes, through each
+        tensor's own strides (a channels_last or transposed parameter receives them too)."""
         floating, integer = self.tracked.split(tensors)
+        self.flat.check_shapes(floating)  # every group, before any is written
+        self.tracked.before_write()
         self.wait()
         for _, views, dst in self.flat.pairs(floating):
-            copy_lists(dst, views, backend=self.backend)
+            copy_into_strided(dst, views, backend=self.backend)
         copy_lists(integer, self.integers)
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ weights to sample and ensemble from."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -15,7 +16,8 @@ from . import distributed, ops
 from .averaging import SWA
 from .bn import update_bn
 from .ensemble import PredictsOnBatches, ensemble_predict
-from .flat import FlatBuffer, copy_lists
+from .flat import FlatBuffer, copy_into_strided, copy_lists
+from .weighting import real_number
 
 
 class SWAG(SWA, PredictsOnBatches):
@@ -90,10 +92,17 @@ class SWAG(SWA, PredictsOnBatches):
         generator: torch.Generator | None = None,
     ) -> None:
         """Draw weights from the SWAG Gaussian into `model`, on the average's device, with one fused
-        copy per group. Recompute BatchNorm statistics afterwards (`swa_fast.update_bn`)."""
+        copy per group. Recompute BatchNorm statistics afterwards (`swa_fast.update_bn`). A model
+        without floating tensors gets its integer buffers (with `use_buffers`) and nothing else."""
+        scale = real_number(scale, "SWAG.sample: scale", low=0.0)
         self._ready("sample")
         if self.updates == 0:
             raise ValueError("swa_fast.SWAG: no model has been collected yet; call update() first")
+        if not diag_only and self.max_rank < 2:
+            raise ValueError(
+                f"swa_fast.SWAG: the low-rank part needs at least 2 deviations, and this SWAG keeps at "
+                f"most max_rank={self.max_rank}; pass diag_only=True (or collect with max_rank >= 2)"
+            )
         if not diag_only and self.rank < 2:
             raise ValueError(
                 f"swa_fast.SWAG: the low-rank part needs at least 2 collected models, there are "
@@ -101,29 +110,34 @@ class SWAG(SWA, PredictsOnBatches):
             )
         tensors = self.tracked.tensors(model)
         floating, integer = self.tracked.split(tensors)
-        # The low-rank noise multiplies whole deviation vectors: one draw for every flat group and,
-        # under FSDP2, every rank's shards (the first rank's is sent to the others).
-        if not diag_only:
-            first = self.deviations[0]
-            shared = self._normal(self.rank, first, generator)
+        self.average.check_shapes(floating)  # every group, before any is written
+        # The low-rank noise multiplies whole deviation vectors: one draw for every flat group, in
+        # a dtype that holds each group's (cast to each), so that the covariance across groups is
+        # the low-rank one too; under FSDP2 one for every rank's shards (the first rank's is sent
+        # to the others).
+        if not diag_only and self.deviations:
+            dtype = functools.reduce(torch.promote_types, [d.dtype for d in self.deviations])
+            shared = self._normal(self.rank, dtype, self.deviations[0].device, generator)
             shared = distributed.shared_draw(shared, self.tracked.layouts)
         for k, (g, _, dst) in enumerate(self.average.pairs(floating)):
             sq = self.sq.groups[k].buffer
             drawn = torch.addcmul(sq, g.buffer, g.buffer, value=-1).clamp_min_(1e-30).sqrt_()
-            drawn.mul_(self._normal(drawn.numel(), drawn, generator))
+            drawn.mul_(self._normal(drawn.numel(), drawn.dtype, drawn.device, generator))
             if not diag_only:
                 rows = self.deviations[k][: self.rank]
-                drawn.addmv_(rows.t(), shared.to(rows.device), alpha=(self.rank - 1) ** -0.5)
+                drawn.addmv_(rows.t(), shared.to(rows.device, rows.dtype), alpha=(self.rank - 1) ** -0.5)
             drawn.mul_(scale**0.5).add_(g.buffer)
-            ops.copy_(dst, self.average.views_of(g, drawn), backend=self.backend)
+            copy_into_strided(dst, self.average.views_of(g, drawn), backend=self.backend)
         copy_lists(integer, self._integers)
 
     @staticmethod
-    def _normal(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        """n standard normal numbers for `like`'s device, drawn where `generator` lives (a CPU
-        generator serves a GPU model too, at the cost of a copy)."""
-        device = generator.device if generator is not None else like.device
-        return torch.randn(n, dtype=like.dtype, device=device, generator=generator).to(like.device)
+    def _normal(
+        n: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
+    ) -> Tensor:
+        """n standard normal numbers for `device`, drawn where `generator` lives (a CPU generator
+        serves a GPU model too, at the cost of a copy)."""
+        drawn_on = generator.device if generator is not None else device
+        return torch.randn(n, dtype=dtype, device=drawn_on, generator=generator).to(device)
 
     def predict_loader(
         self,
