@@ -1,6 +1,6 @@
 """swa_fast: fused, in-place weight averaging for PyTorch."""
 
-from . import distributed, schedules, swa_utils
+from . import distributed, optim, schedules, swa_utils
 from .averaging import EMA, SWA
 from .bn import update_bn
 from .fge import FGE
@@ -24,6 +24,7 @@ __all__ = [
     "copy_",
     "lerp_",
     "moments_",
+    "optim",
     "schedules",
     "swa_utils",
     "swap_",

@@ -6,8 +6,10 @@
 Auto mode (both `swa_start` and `swa_freq` given) averages every `swa_freq` steps after
 `swa_start`; manual mode leaves it to `update_swa()` / `update_swa_group(group)`. The averages of a
 param group live in one flat buffer and are updated with one fused op; `opt.state[p]['swa_buffer']`
-is that buffer's view of `p`, as in torchcontrib. Unlike torchcontrib's (keyed by `id()`), the
-state_dict restores the averages after a restart.
+is that buffer's view of `p`, as in torchcontrib. A parameter added to a group later (a layer
+unfrozen) starts its average at the group's next update, from zeros as in torchcontrib, and the
+others keep theirs. Unlike torchcontrib's (keyed by `id()`), the state_dict restores the averages
+after a restart.
 """
 
 from __future__ import annotations
@@ -15,14 +17,31 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from torch.nn import Module
 
 from . import ops
 from .bn import update_bn
 from .flat import FlatBuffer
 from .weighting import swa_weight
+
+
+@dataclass
+class _GroupAverages:
+    """A param group's averages: `flat.views[i]` is the average of `params[i]`. `params` is the
+    group's list as it was then and `listed` the list object itself, which an append (say, an
+    unfrozen layer) changes in place."""
+
+    listed: list
+    params: list[Tensor]
+    flat: FlatBuffer
+
+    def current(self, group: dict) -> bool:
+        """Whether the group still holds these parameters: two checks per group, for the update path."""
+        return group["params"] is self.listed and len(self.listed) == len(self.params)
 
 
 class SWA(torch.optim.Optimizer):
@@ -68,18 +87,29 @@ class SWA(torch.optim.Optimizer):
         self.param_groups = optimizer.param_groups
         self.state: defaultdict = defaultdict(dict)
         self.opt_state = optimizer.state
-        self._flat: dict[int, FlatBuffer] = {}  # id(param group) -> its averages
+        self._flat: dict[int, _GroupAverages] = {}  # id(param group) -> its averages
         for group in self.param_groups:
             group["n_avg"] = 0
             group["step_counter"] = 0
 
     def _averages(self, group: dict) -> FlatBuffer:
-        flat = self._flat.get(id(group))
-        if flat is None or len(flat) != len(group["params"]):
-            flat = self._flat[id(group)] = FlatBuffer(group["params"])
-            for p, view in zip(group["params"], flat.views):
-                self.state[p]["swa_buffer"] = view
+        """The group's averages, rebuilt when its parameters changed: each parameter keeps its own
+        average (torchcontrib keys them per parameter), and one new to the group starts from zeros,
+        as torchcontrib's does, so its first update gives it p / (n_avg + 1)."""
+        kept = self._flat.get(id(group))
+        if kept is not None and kept.current(group):
+            return kept.flat
+        params = list(group["params"])
+        starts = [self._average_of(p) for p in params]
+        flat = FlatBuffer([p.new_zeros(p.shape) if a is None else a for p, a in zip(params, starts)])
+        for p, view in zip(params, flat.views):
+            self.state[p]["swa_buffer"] = view
+        self._flat[id(group)] = _GroupAverages(group["params"], params, flat)
         return flat
+
+    def _average_of(self, p: Tensor) -> Tensor | None:
+        """`p`'s average, if it has one (self.state is a defaultdict: a lookup would add `p`)."""
+        return self.state[p].get("swa_buffer") if p in self.state else None
 
     @torch.no_grad()
     def update_swa_group(self, group: dict) -> None:
@@ -98,13 +128,21 @@ class SWA(torch.optim.Optimizer):
     def swap_swa_sgd(self) -> None:
         """Exchange the parameters and their averages (call twice to go back)."""
         for group in self.param_groups:
-            if id(group) not in self._flat:
-                for p in group["params"]:
-                    warnings.warn(f"SWA wasn't applied to param {p}; skipping it", stacklevel=2)
+            kept = self._flat.get(id(group))
+            if kept is not None and kept.current(group) and all(p.is_contiguous() for p in kept.params):
+                for _, views, params in kept.flat.pairs(kept.params):
+                    ops.swap_(params, views)
                 continue
-            flat = self._flat[id(group)]
-            for _, views, params in flat.pairs(group["params"]):
-                ops.swap_(params, views)
+            # A parameter added since the last update, or one laid out otherwise (channels_last,
+            # transposed), which swap_ cannot write: one at a time, through a copy.
+            for p in group["params"]:
+                average = self._average_of(p)
+                if average is None:
+                    warnings.warn(f"SWA wasn't applied to param {p}; skipping it", stacklevel=2)
+                    continue
+                live = p.detach().clone()
+                p.detach().copy_(average)
+                average.copy_(live)
 
     def step(self, closure: Callable | None = None):
         if self.swa_lr is not None:
@@ -156,15 +194,16 @@ class SWA(torch.optim.Optimizer):
         self.opt_state = self.optimizer.state
         self.state = defaultdict(dict)
         self._flat = {}
-        saved = {int(i): s for i, s in state_dict["swa_state"].items()}
-        start = 0
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, s in state_dict["swa_state"].items():
+            if "swa_buffer" in s:
+                p = params[int(i)]
+                self.state[p]["swa_buffer"] = s["swa_buffer"].to(p.device, p.dtype, copy=True)
         for group in self.param_groups:
-            positions = range(start, start + len(group["params"]))
-            start += len(group["params"])
-            if all("swa_buffer" in saved.get(i, {}) for i in positions) and len(positions):
-                flat = self._averages(group)
-                for view, i in zip(flat.views, positions):
-                    view.copy_(saved[i]["swa_buffer"])
+            # Into one flat buffer now where every parameter has its average; the others, with a
+            # parameter added since, at their next update (as when it was added).
+            if group["params"] and all(self._average_of(p) is not None for p in group["params"]):
+                self._averages(group)
 
     @staticmethod
     def bn_update(loader, model: Module, device=None) -> None:

@@ -1,6 +1,8 @@
 """swa_fast.optim.SWA against torchcontrib.optim.SWA's documented behaviour."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,3 +97,110 @@ def test_works_under_an_lr_scheduler():
         train_step(model, opt, *random_batch(16, (4,), seed=i))
         scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+class TorchcontribAverages:
+    """torchcontrib.optim.SWA's averaging, parameter by parameter: a parameter's buffer starts at
+    zeros at the first update of its group that sees it, and every update of a group weighs its
+    parameters by the group's count n_avg: buf += (p - buf) / (n_avg + 1)."""
+
+    def __init__(self):
+        self.buffers = {}
+        self.n_avg = {}
+
+    def update_group(self, index, params):
+        n = self.n_avg.get(index, 0)
+        for p in params:
+            buf = self.buffers.setdefault(p, torch.zeros_like(p))
+            buf.add_((p.detach() - buf) * (1 / float(n + 1)))
+        self.n_avg[index] = n + 1
+
+
+def test_a_parameter_appended_to_a_group_keeps_every_average_as_torchcontrib():
+    model = mlp(4, 8, 1, batch_norm=True)
+    frozen = list(model[0].parameters())
+    opt = SWA(torch.optim.SGD([*model[1].parameters(), *model[2].parameters()], lr=0.1))
+    reference = TorchcontribAverages()
+    for i in range(1, 9):
+        train_step(model, opt, *random_batch(16, (4,), seed=i))
+        if i == 4:  # unfreeze the first layer: torch's way to add parameters to a group
+            opt.param_groups[0]["params"].extend(frozen)
+        opt.update_swa()
+        reference.update_group(0, opt.param_groups[0]["params"])
+    assert opt.param_groups[0]["n_avg"] == 8
+    for p in opt.param_groups[0]["params"]:
+        torch.testing.assert_close(opt.state[p]["swa_buffer"], reference.buffers[p], rtol=1e-6, atol=1e-7)
+    opt.swap_swa_sgd()
+    for p in opt.param_groups[0]["params"]:
+        torch.testing.assert_close(p.detach(), reference.buffers[p], rtol=1e-6, atol=1e-7)
+
+
+def test_swap_before_an_appended_parameter_was_averaged_skips_it_as_torchcontrib():
+    model = mlp(4, 8, 1)
+    opt = SWA(torch.optim.SGD(model[1].parameters(), lr=0.1))
+    train_step(model, opt, *random_batch(16, (4,), seed=1))
+    opt.update_swa()
+    averaged = weights(model[1], buffers=False)
+    train_step(model, opt, *random_batch(16, (4,), seed=2))
+    opt.param_groups[0]["params"].append(model[0].weight)
+    live = weights(model, buffers=False)
+    with pytest.warns(UserWarning, match="SWA wasn't applied to param"):
+        opt.swap_swa_sgd()
+    assert torch.equal(model[0].weight, live[0])  # not averaged yet: left alone
+    assert all(torch.equal(p, a) for p, a in zip(model[1].parameters(), averaged))
+    with pytest.warns(UserWarning, match="SWA wasn't applied to param"):
+        opt.swap_swa_sgd()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), live))
+
+
+def test_swap_with_non_contiguous_parameters():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    model = model.to(memory_format=torch.channels_last)
+    model[2].weight = torch.nn.Parameter(torch.randn(2, 16).t().contiguous().t())  # a transposed layout
+    assert not model[0].weight.is_contiguous() and not model[2].weight.is_contiguous()
+    opt = SWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    snapshots = []
+    for i in range(1, 4):
+        train_step(model, opt, *random_batch(8, (3, 4, 4), outputs=2, seed=i))
+        opt.update_swa()
+        snapshots.append(weights(model, buffers=False))
+    live = weights(model, buffers=False)
+    opt.swap_swa_sgd()
+    for i, p in enumerate(model.parameters()):
+        torch.testing.assert_close(p.detach(), torch.stack([s[i] for s in snapshots]).mean(0))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)  # layouts kept
+    opt.swap_swa_sgd()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), live))
+
+
+def test_swa_fast_optim_is_an_attribute_after_import_swa_fast():
+    # A fresh interpreter: this test module's own import of swa_fast.optim would hide the bug.
+    code = "import swa_fast; assert swa_fast.optim.SWA.__name__ == 'SWA'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_state_dict_between_an_append_and_its_first_update_resumes_as_torchcontrib():
+    def start():
+        model = mlp(4, 8, 1)
+        return model, SWA(torch.optim.SGD(model[1].parameters(), lr=0.1))
+
+    model, opt = start()
+    reference = TorchcontribAverages()
+    for i in range(1, 7):
+        train_step(model, opt, *random_batch(16, (4,), seed=i))
+        if i == 3:
+            opt.param_groups[0]["params"].append(model[0].weight)
+            saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+            model, opt = start()  # a restart: the new process appends the same parameter first
+            opt.param_groups[0]["params"].append(model[0].weight)
+            model.load_state_dict(saved_model)
+            opt.load_state_dict(saved_opt)
+            reference.buffers = {
+                new: reference.buffers[old]
+                for old, new in zip(reference.buffers, opt.param_groups[0]["params"])
+            }
+        opt.update_swa()
+        reference.update_group(0, opt.param_groups[0]["params"])
+    for p in opt.param_groups[0]["params"]:
+        torch.testing.assert_close(opt.state[p]["swa_buffer"], reference.buffers[p], rtol=1e-6, atol=1e-7)
