@@ -57,6 +57,22 @@ def fc_linear(features: int = 4) -> torch.nn.Module:
     return torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(features, features)))
 
 
+class BF16WithFP32Norm(torch.nn.Module):
+    """bf16 linear layers around an fp32 LayerNorm, as mixed-precision training keeps its norms:
+    with dtype=None a manager keeps two flat groups (bf16 and fp32). Seeded."""
+
+    def __init__(self, features: int = 3, outputs: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inner = torch.nn.Linear(features, features).to(torch.bfloat16)
+        self.norm = torch.nn.LayerNorm(features)
+        self.head = torch.nn.Linear(features, outputs).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(self.inner(x.to(torch.bfloat16)).float())
+        return self.head(hidden.to(torch.bfloat16)).float()
+
+
 def perturb_(model: torch.nn.Module, seed: int, input_shape=None) -> None:
     """A training step's worth of change, reproducible from `seed`: a random step added to every
     parameter and, given `input_shape`, a forward pass in train mode on a random batch of that shape
