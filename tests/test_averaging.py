@@ -1,10 +1,12 @@
 """The native SWA / EMA managers: the math, exact restores, bit-exact resume, clear errors."""
 
 import copy
+import io
 
+import numpy as np
 import pytest
 import torch
-from conftest import mlp, perturb_, weights
+from conftest import BF16WithFP32Norm, cnn_with_bn, mlp, perturb_, state_copy, weights
 
 import swa_fast
 from swa_fast.placement import OtherDevice
@@ -309,3 +311,230 @@ def test_update_outside_no_grad_records_no_graph(make, check_finite, backend):
     kept = [*manager.average.views, manager.n_averaged, manager.n_skipped]
     assert not any(t.requires_grad or t.grad_fn is not None for t in kept)
     assert all(p.grad is None for p in model.parameters())
+
+
+# --- strided model tensors, exact restores, several flat groups ------------------------------------
+
+
+def strided_models():
+    """A channels_last CNN (its convolution weight is strided) and an MLP whose first weight is a
+    transposed view: models that can be averaged and must also receive the average."""
+    cnn = cnn_with_bn(6, in_channels=3).to(memory_format=torch.channels_last)
+    transposed = mlp(6, 5, 2, batch_norm=True)
+    transposed[0].weight.data = transposed[0].weight.data.t().contiguous().t()
+    return {"channels_last": (cnn, (8, 3, 6, 6)), "transposed": (transposed, INPUTS)}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "foreach", "reference"])
+@pytest.mark.parametrize("kind", ["channels_last", "transposed"])
+def test_strided_model_tensors_receive_the_average(kind, backend):
+    model, inputs = strided_models()[kind]
+    assert not all(p.is_contiguous() for p in model.parameters())
+    swa = swa_fast.SWA(model, dtype=None, backend=backend)
+    seen = []
+    for s in range(3):
+        perturb_(model, s, inputs)
+        seen.append(weights(model, buffers=False))
+        swa.update(model)
+    mean = [torch.stack(values).mean(0) for values in zip(*seen)]
+    live = weights(model)
+    with swa.average_applied(model):
+        for got, want in zip(model.parameters(), mean):
+            torch.testing.assert_close(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), live))
+    target = copy.deepcopy(model)
+    swa.copy_to(target)
+    for got, want in zip(target.parameters(), mean):
+        torch.testing.assert_close(got, want)
+    swa.swap(model)  # the model holds the average, the average the live weights
+    for got, want in zip(model.parameters(), mean):
+        torch.testing.assert_close(got, want)
+    swa.swap(model)
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), live))
+    assert not all(p.is_contiguous() for p in model.parameters())  # written through, not replaced
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_average_applied_then_update_bn_leaves_the_live_model_exactly_as_it_was(use_buffers):
+    """The README's pattern: BatchNorm statistics recomputed for the average inside the block."""
+    model = mlp(6, 5, 2, batch_norm=True)
+    swa = swa_fast.SWA(model, use_buffers=use_buffers)
+    for s in range(3):
+        perturb_(model, s, INPUTS)
+        swa.update(model)
+    perturb_(model, 10, INPUTS)
+    live = state_copy(model)
+    with swa.average_applied(model):
+        swa_fast.update_bn([torch.randn(INPUTS)], model)
+        assert not torch.equal(model[1].running_mean, live["1.running_mean"])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, live[name]), name
+
+
+def test_complex_tensors_are_refused_at_construction():
+    model = mlp(6, 5, 2)
+    model[0].weight.data = model[0].weight.data.to(torch.complex64)
+    for make in (swa_fast.SWA, swa_fast.EMA, swa_fast.SWAG):
+        with pytest.raises(ValueError, match="'0.weight' is complex"):
+            make(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_a_non_floating_average_dtype_is_refused_at_construction(dtype):
+    with pytest.raises(ValueError, match=f"dtype must be .* got {dtype}"):
+        swa_fast.SWA(mlp(6, 5, 2), dtype=dtype)
+
+
+def test_several_flat_groups_are_all_checked_before_any_is_written():
+    model = BF16WithFP32Norm()
+    swa = swa_fast.SWA(model, dtype=None)  # a bf16 group, then an fp32 one
+    assert len(swa.average.groups) == 2
+    swa.update(model)
+    perturb_(model, 1)
+    swa.update(model)
+    kept = [v.clone() for v in swa.average.views]
+
+    wider = BF16WithFP32Norm()
+    wider.norm = torch.nn.LayerNorm(4)  # the fp32 group (written second) no longer fits
+    untouched = weights(wider)
+    with pytest.raises(ValueError, match=r"'norm.weight' has shape \[4\]"):
+        swa.copy_to(wider)
+    assert all(torch.equal(a, b) for a, b in zip(weights(wider), untouched))
+
+    with torch.no_grad():
+        model.norm.weight.data = torch.ones(4)  # resized in place of the tracked parameter
+    with pytest.raises(ValueError, match=r"'norm.weight' has shape \[4\]"):
+        swa.update(model)
+    assert all(torch.equal(a, b) for a, b in zip(swa.average.views, kept))
+
+
+def test_a_resized_parameter_is_named_in_the_error():
+    model = torch.nn.Linear(4, 3)
+    swa = swa_fast.SWA(model)
+    model.weight.data = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=r"'weight' has shape \[2, 4\]"):
+        swa.update(model)
+
+
+# --- settings: any real number, checked at construction --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "decay",
+    [np.float32(0.75), np.float64(0.75), torch.tensor(0.75, dtype=torch.bfloat16), torch.tensor(0.75)],
+)
+def test_ema_takes_a_decay_torch_takes(decay):
+    model = mlp(6, 5, 2)
+    ema, plain = swa_fast.EMA(model, decay=decay), swa_fast.EMA(model, decay=0.75)
+    for s in range(3):
+        perturb_(model, s)
+        ema.update(model)
+        plain.update(model)
+    assert type(ema.decay) is float
+    assert all(torch.equal(a, b) for a, b in zip(ema.average.views, plain.average.views))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"decay": 1.5}, "decay must be a finite real number in"),
+        ({"decay": float("nan")}, "decay must be"),
+        ({"decay": torch.tensor([0.5])}, "decay must be"),
+        ({"decay": 0.5j}, "decay must be"),
+        ({"decay": "0.9"}, "decay must be"),
+        ({"warmup_gamma": 0}, "warmup_gamma must be a finite real number > 0"),
+        ({"warmup_gamma": -1.0}, "warmup_gamma must be"),
+        ({"warmup_gamma": 1.0, "warmup_power": -0.5}, "warmup_power must be"),
+    ],
+)
+def test_ema_settings_are_checked_at_construction(settings, message):
+    with pytest.raises(ValueError, match=message):
+        swa_fast.EMA(mlp(6, 5, 2), **settings)
+
+
+# --- models with nothing, or with empty tensors, to check ------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_check_finite_with_a_zero_size_parameter_and_without_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 0), torch.nn.Linear(0, 2))  # empty weights
+    swa = swa_fast.SWA(model, check_finite=True)
+    perturb_(model, 0)
+    swa.update(model)
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    swa.update(model)
+    assert swa.n_averaged.item() == 1 and swa.n_skipped.item() == 1
+    empty = torch.nn.ReLU()
+    nothing = swa_fast.EMA(empty, check_finite=True)
+    nothing.update(empty)
+    nothing.update(empty)
+    assert nothing.n_averaged.item() == 2 and nothing.n_skipped.item() == 0
+
+
+# --- pickling, and malformed states ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: swa_fast.SWA(m, use_buffers=True),
+        lambda m: swa_fast.EMA(m, decay=0.5, dtype=None),
+        lambda m: swa_fast.SWAG(m, max_rank=2),
+    ],
+    ids=["swa", "ema", "swag"],
+)
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_pickled_manager_copies_and_continues_like_the_original(make, how):
+    model = BF16WithFP32Norm()
+    manager = make(model)
+    for s in range(3):
+        perturb_(model, s)
+        manager.update(model)
+    if how == "torch.save":
+        saved = io.BytesIO()
+        torch.save(manager, saved)
+        saved.seek(0)
+        loaded = torch.load(saved, weights_only=False)
+    else:
+        loaded = copy.deepcopy(manager)
+    original_copy, loaded_copy = BF16WithFP32Norm(seed=1), BF16WithFP32Norm(seed=2)
+    manager.copy_to(original_copy)
+    loaded.copy_to(loaded_copy)  # a model of the same architecture: tracked from now on
+    assert all(torch.equal(a, b) for a, b in zip(weights(original_copy), weights(loaded_copy)))
+    perturb_(model, 9)
+    manager.update(model)
+    loaded.update(model)
+    for key, value in manager.state_dict().items():
+        if isinstance(value, dict):
+            for name, tensor in value.items():
+                assert torch.equal(loaded.state_dict()[key][name], tensor), (key, name)
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(loaded.state_dict()[key], value), key
+        else:
+            assert loaded.state_dict()[key] == value, key
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.update(calls="abc"), "'calls' must be a count"),
+        (lambda s: s.update(n_averaged=torch.tensor([1, 2])), "'n_averaged' must be a count"),
+        (lambda s: s.update(n_skipped=-1), "'n_skipped' must be a count"),
+        (lambda s: s.update(updates=1.5), "'updates' must be a count"),
+        (lambda s: s.pop("calls"), r"missing \['calls'\]"),
+    ],
+)
+def test_a_malformed_state_is_refused_before_the_average_is_written(change, message):
+    model = mlp(6, 5, 2, batch_norm=True)
+    swa = swa_fast.SWA(model)
+    swa.update(model)
+    state = copy.deepcopy(swa.state_dict())
+    for value in state["average"].values():
+        value.add_(1)  # a load that went ahead would show
+    change(state)
+    kept = [v.clone() for v in swa.average.views]
+    with pytest.raises(ValueError, match=message):
+        swa.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(swa.average.views, kept))
+    assert swa.n_averaged.item() == 1 and swa.calls == 1
