@@ -18,6 +18,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from torch.nn import Module
 
 from . import ops
 from .bn import update_bn
-from .flat import FlatBuffer
+from .flat import FlatBuffer, write_through_strides
 from .weighting import swa_weight
 
 
@@ -129,12 +130,11 @@ class SWA(torch.optim.Optimizer):
         """Exchange the parameters and their averages (call twice to go back)."""
         for group in self.param_groups:
             kept = self._flat.get(id(group))
-            if kept is not None and kept.current(group) and all(p.is_contiguous() for p in kept.params):
+            if kept is not None and kept.current(group):
                 for _, views, params in kept.flat.pairs(kept.params):
-                    ops.swap_(params, views)
+                    write_through_strides(params, partial(ops.swap_, b=views), keep_values=True)
                 continue
-            # A parameter added since the last update, or one laid out otherwise (channels_last,
-            # transposed), which swap_ cannot write: one at a time, through a copy.
+            # A parameter was added since the group's last update: one at a time, as torchcontrib.
             for p in group["params"]:
                 average = self._average_of(p)
                 if average is None:
