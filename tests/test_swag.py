@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from conftest import mlp, state_copy
+from conftest import BF16WithFP32Norm, mlp, state_copy
 
 import swa_fast
 
@@ -166,3 +166,72 @@ def test_sampling_needs_collected_models():
 def test_check_finite_is_refused():
     with pytest.raises(ValueError, match="check_finite"):
         swa_fast.SWAG(torch.nn.Linear(2, 2), check_finite=True)
+
+
+def test_sampling_into_a_strided_parameter():
+    model = torch.nn.Linear(3, 2)
+    model.weight.data = model.weight.data.t().contiguous().t()  # a transposed view
+    swag = swa_fast.SWAG(model, max_rank=3)
+    collect(model, swag, 4)
+    g = torch.Generator().manual_seed(0)
+    swag.sample(model, generator=g)
+    assert not model.weight.is_contiguous()
+    contiguous = torch.nn.Linear(3, 2)
+    swag.sample(contiguous, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.weight, contiguous.weight) and torch.equal(model.bias, contiguous.bias)
+
+
+def test_two_dtype_groups_sample_with_the_low_rank_covariance_across_groups():
+    """A bf16 model with an fp32 norm and dtype=None: two flat groups, one low-rank noise draw, so
+    that weights of different groups covary as the deviations say."""
+    model = BF16WithFP32Norm(features=2)  # 6 bf16, then 4 fp32, then 6 bf16 weights
+    swag = swa_fast.SWAG(model, max_rank=3, dtype=None)
+    assert [g.dtype for g in swag.average.groups] == [torch.bfloat16, torch.float32]
+    collect(model, swag, 6)
+    bf16, fp32 = swag.average.groups
+    rows = [swag.deviations[k][: swag.rank].double() for k in range(2)]
+    scale = 0.5
+    across = scale * rows[0].t() @ rows[1] / (swag.rank - 1)  # the bf16 x fp32 block
+    g = torch.Generator().manual_seed(1234)
+    n = 15000
+    samples = torch.empty(n, bf16.buffer.numel() + fp32.buffer.numel(), dtype=torch.float64)
+    params = list(model.parameters())
+    for s in range(n):
+        swag.sample(model, scale=scale, generator=g)
+        samples[s] = flat([params[i] for i in bf16.indices] + [params[i] for i in fp32.indices])
+    empirical = torch.cov(samples.t())[: bf16.buffer.numel(), bf16.buffer.numel() :]
+    assert torch.linalg.matrix_norm(across) > 0.1  # not a vanishing block
+    assert torch.linalg.matrix_norm(empirical - across) < 0.05 * torch.linalg.matrix_norm(across)
+    probs = swag.predict(model, torch.randn(5, 2), n_samples=2, generator=g)  # the low-rank part too
+    assert probs.shape == (5, 2) and torch.allclose(probs.sum(-1), torch.ones(5))
+
+
+def test_sampling_a_model_without_parameters_is_a_no_op():
+    model = torch.nn.ReLU()
+    swag = swa_fast.SWAG(model, max_rank=3)
+    for _ in range(3):
+        swag.update(model)
+    swag.sample(model)
+    swag.sample(model, diag_only=True)
+
+
+def test_max_rank_below_two_cannot_sample_the_low_rank_part_and_says_so():
+    model = torch.nn.Linear(2, 2)
+    for max_rank in (0, 1):
+        swag = swa_fast.SWAG(model, max_rank=max_rank)
+        collect(model, swag, 3)
+        with pytest.raises(ValueError, match=f"max_rank={max_rank}; pass diag_only=True") as raised:
+            swag.sample(model)
+        assert "collect more" not in str(raised.value)
+        swag.sample(model, diag_only=True)
+
+
+@pytest.mark.parametrize("scale", [-1, float("nan"), float("inf"), "1"])
+def test_a_bad_scale_is_refused_before_anything_is_written(scale):
+    model = torch.nn.Linear(2, 2)
+    swag = swa_fast.SWAG(model, max_rank=3)
+    collect(model, swag, 3)
+    live = state_copy(model)
+    with pytest.raises(ValueError, match="scale must be a finite real number >= 0"):
+        swag.sample(model, scale=scale)
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
