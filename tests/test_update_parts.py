@@ -1,12 +1,17 @@
-"""The pieces every manager's update is made of: the weights of weighting.py, UpdateCounts, and
-Averager.update_from (what FGE.to_swa builds an SWA from)."""
+"""The pieces every manager's update is made of: the weights and settings of weighting.py,
+UpdateCounts, FlatBuffer and writes into strided tensors, and Averager.update_from (what FGE.to_swa
+builds an SWA from)."""
 
+import pickle
+
+import numpy as np
 import pytest
 import torch
 
 import swa_fast
 from swa_fast.counts import UpdateCounts
-from swa_fast.weighting import ema_decay, ema_weight, swa_weight
+from swa_fast.flat import FlatBuffer, write_through_strides
+from swa_fast.weighting import ema_decay, ema_weight, real_number, swa_weight
 
 
 def test_swa_weight_is_one_over_n_plus_one_on_the_host_and_on_a_count_tensor():
@@ -69,3 +74,42 @@ def test_a_state_dict_saved_with_the_older_folds_key_resumes():
     resumed = swa_fast.EMA(model, decay=0.5, update_every=2)
     resumed.load_state_dict(state)
     assert resumed.updates == ema.updates == 2 and resumed.calls == 3
+
+
+def test_real_number_takes_what_torch_takes_and_says_what_came():
+    assert real_number(np.float32(0.5), "x", 0.0, 1.0) == 0.5
+    assert real_number(torch.tensor(0.25, dtype=torch.bfloat16), "x", 0.0, 1.0) == 0.25
+    assert type(real_number(np.float64(0.5), "x")) is float
+    for bad in (1.5, -0.1, float("nan"), float("inf"), 0.5j, torch.tensor([0.5]), "0.5", None):
+        expected = r"swa_fast.EMA: decay must be a finite real number in \[0.0, 1.0\]"
+        with pytest.raises(ValueError, match=expected):
+            real_number(bad, "EMA: decay", 0.0, 1.0)
+    with pytest.raises(ValueError, match="must be a finite real number > 0.0, got 0"):
+        real_number(0, "gamma", 0.0, above_low=True)
+
+
+def test_write_through_strides_reaches_strided_tensors_and_leaves_them_when_the_op_raises():
+    contiguous, transposed = torch.zeros(2, 3), torch.zeros(3, 2).t()
+    src = [torch.randn(2, 3), torch.randn(2, 3)]
+    write_through_strides([contiguous, transposed], lambda dst: swa_fast.copy_(dst, src))
+    assert torch.equal(contiguous, src[0]) and torch.equal(transposed, src[1])
+    assert not transposed.is_contiguous()
+    kept = transposed.clone()
+    other = [torch.randn(2, 3), torch.randn(3, 3)]  # the second does not fit: copy_ raises
+    with pytest.raises(ValueError, match="shape"):
+        write_through_strides([contiguous, transposed], lambda dst: swa_fast.copy_(dst, other))
+    assert torch.equal(transposed, kept) and torch.equal(contiguous, src[0])
+    a = [torch.randn(2, 3)]
+    b = [torch.randn(3, 2).t()]
+    before = a[0].clone(), b[0].clone()
+    write_through_strides(b, lambda stand_ins: swa_fast.swap_(a, stand_ins), keep_values=True)
+    assert torch.equal(a[0], before[1]) and torch.equal(b[0], before[0])
+
+
+def test_a_pickled_flat_buffer_keeps_its_views_in_its_buffers():
+    buffer = FlatBuffer([torch.randn(2, 3), torch.randn(4, dtype=torch.float64), torch.randn(5)])
+    loaded = pickle.loads(pickle.dumps(buffer))
+    for group in loaded.groups:
+        group.buffer.add_(1)
+    for view, kept in zip(loaded.views, buffer.views):
+        assert torch.equal(view, kept + 1)
