@@ -10,7 +10,8 @@ combined into those of one pass over all of it, so every rank ends with the same
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ def update_bn(
     forward_fn: Callable[[Module, Any], Any] | None = None,
     sync: bool | None = None,
     group: Any = None,
+    require_batches: bool = False,
 ) -> None:
     """Reset every BatchNorm's running statistics in `model` and recompute them as the plain
     average over one pass of `loader` (momentum None), then restore momenta and train/eval mode.
@@ -47,6 +49,11 @@ def update_bn(
     (default: all ranks), `sync=False` never. Wrappers (DDP, DataParallel, torch.compile) are looked
     through for the pass: a DDP forward would overwrite every rank's buffers with rank 0's before
     each batch.
+
+    An empty `loader` resets the statistics and feeds nothing, as torch's does; with
+    `require_batches` it raises a ValueError instead, before anything is reset: SWAG's per-sample
+    passes set it, where an empty pass (a one-shot iterable's second one) would leave a sample
+    with default statistics.
     """
     model, ddp = unwrap(model)
     groups = None if ddp is None else [ddp.process_group]
@@ -62,19 +69,20 @@ def update_bn(
                 "swa_fast.update_bn: sync=True needs torch.distributed, which is not initialised"
             )
         groups = [group] if group is not None else (groups or [None])
-    momenta = {}
-    for module in model.modules():
-        if isinstance(module, _BatchNorm):
-            module.reset_running_stats()
-            momenta[module] = module.momentum
-    if not momenta:
+    norms = [module for module in model.modules() if isinstance(module, _BatchNorm)]
+    if not norms:
         return
+    batches = _nonempty(loader) if require_batches else loader
+    momenta = {}
+    for module in norms:
+        module.reset_running_stats()
+        momenta[module] = module.momentum
     was_training = model.training
     model.train()
     for module in momenta:
         module.momentum = None
     try:
-        for batch in loader:
+        for batch in batches:
             if forward_fn is not None:
                 forward_fn(model, batch)
                 continue
@@ -89,6 +97,21 @@ def update_bn(
         model.train(was_training)
     if sync:
         _combine_across_ranks([m for m in momenta if m.track_running_stats], groups)
+
+
+def _nonempty(loader: Iterable[Any]) -> Iterator[Any]:
+    """`loader`'s batches; raises a ValueError now, before any is used, when there are none."""
+    batches = iter(loader)
+    first = next(batches, _NO_BATCH)
+    if first is _NO_BATCH:
+        raise ValueError(
+            "swa_fast.update_bn: the loader gave no batches; expected at least one (a generator or "
+            "other iterator can be run only once: pass a list or a DataLoader)"
+        )
+    return itertools.chain([first], batches)
+
+
+_NO_BATCH = object()
 
 
 def _combine_across_ranks(norms: list[_BatchNorm], groups: list) -> None:

@@ -30,7 +30,7 @@ from . import checks, ops
 from .bn import update_bn
 from .flat import FlatBuffer
 from .model_tensors import module_buffers, module_tensors
-from .weighting import ema_weight, swa_weight
+from .weighting import ema_weight, real_number, swa_weight
 
 __all__ = [
     "SWALR",
@@ -62,9 +62,9 @@ def get_swa_multi_avg_fn() -> Callable[[PARAM_LIST, PARAM_LIST, Tensor | int], N
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[PARAM_LIST, PARAM_LIST, Tensor | int], None]:
-    """Exponential moving average: ema = decay * ema + (1 - decay) * param, fused."""
-    if decay < 0.0 or decay > 1.0:
-        raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
+    """Exponential moving average: ema = decay * ema + (1 - decay) * param, fused. `decay` is any
+    real number in [0, 1] that torch's takes (a numpy number, a 0-dim tensor of any dtype)."""
+    decay = real_number(decay, "get_ema_multi_avg_fn: decay", 0.0, 1.0)
 
     @torch.no_grad()
     def ema_update(ema: PARAM_LIST, current: PARAM_LIST, _num_averaged: Tensor | int) -> None:
@@ -76,6 +76,29 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[PARAM_LIST, PARAM_LI
 
     ema_update.swa_fast_kind = ("ema", decay)
     return ema_update
+
+
+def _save_own_bytes(module: Module, state: dict, prefix: str, _metadata: dict) -> None:
+    """A state_dict post-hook of the submodules of an AveragedModel's copy. Its averaged tensors are
+    views of flat buffers, and torch.save writes a view's whole storage: `avg.module[1].state_dict()`
+    would save every layer. So in the outermost state_dict call, the entries of a storage that the
+    call's entries do not cover entirely are cloned (each saves its own bytes, as torch's would).
+    The whole model's state covers every flat buffer and stays views of it (no copy)."""
+    seen = getattr(state, "_metadata", None)  # one entry per module visited so far, by its prefix
+    if seen is not None and prefix and prefix[:-1].rpartition(".")[0] in seen:
+        return  # a submodule in its parent's call, which sees more of the storage
+    live = {id(t) for t in module_tensors(module, True)}  # keep_vars=True: the tensors themselves
+    by_storage: dict[int, list[str]] = {}
+    for name, value in state.items():
+        if type(value) is Tensor and value.numel() and id(value) not in live and name.startswith(prefix):
+            by_storage.setdefault(value.untyped_storage().data_ptr(), []).append(name)
+    for names in by_storage.values():
+        views = [state[name] for name in names]
+        size = views[0].element_size()
+        spans = {(v.storage_offset(), v.numel()) for v in views}  # tied weights are listed twice
+        if sum(n for _, n in spans) * size < views[0].untyped_storage().nbytes():
+            for name, view in zip(names, views):
+                state[name] = view.clone()
 
 
 class _FlatAverage:
@@ -134,6 +157,11 @@ class AveragedModel(Module):
         self.use_buffers = use_buffers
         self._moved = device is not None
         self._flat_average: _FlatAverage | None = None
+        # Not on this module or `module`: their state holds every averaged tensor, so it covers
+        # every flat buffer, and a whole-model state_dict() pays only each submodule's early return.
+        for module in self.module.modules():
+            if module is not self.module:
+                module.register_state_dict_post_hook(_save_own_bytes)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

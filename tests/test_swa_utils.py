@@ -4,6 +4,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import cnn_with_bn, mlp, perturb_, train_step, weights
@@ -265,3 +266,96 @@ def test_module_walk_matches_nn_module_with_nested_and_shared_modules():
         assert list(map(id, module_tensors(model, True))) == list(map(id, everything))
         assert list(map(id, module_tensors(model, False))) == list(map(id, model.parameters()))
         assert list(map(id, module_buffers(model))) == list(map(id, model.buffers()))
+
+
+@pytest.mark.parametrize(
+    "decay",
+    [
+        np.float32(0.99),
+        np.float64(0.9),
+        torch.tensor(0.99, dtype=torch.bfloat16),
+        torch.tensor(0.9, dtype=torch.float16),
+    ],
+    ids=["np.float32", "np.float64", "bf16 tensor", "fp16 tensor"],
+)
+def test_ema_decays_torch_accepts_give_torchs_average(decay):
+    _, fast, ref = run_both(
+        {"multi_avg_fn": fast_swa.get_ema_multi_avg_fn(decay)},
+        {"multi_avg_fn": torch_swa.get_ema_multi_avg_fn(decay)},
+    )
+    assert_same_state(fast, ref)
+
+
+@pytest.mark.parametrize(
+    "decay", [-0.1, 1.5, float("nan"), "0.9", None, 0.9j, torch.tensor([0.9, 0.9]), torch.tensor(0.9j)]
+)
+def test_bad_ema_decays_raise_at_construction(decay):
+    with pytest.raises(ValueError, match=r"decay must be a finite real number in \[0.0, 1.0\], got"):
+        fast_swa.get_ema_multi_avg_fn(decay)
+
+
+def test_channels_last_model_averages_as_torch():
+    model = cnn_with_bn(8, in_channels=3).to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    images = (5, 3, 8, 8)
+    fast = fast_swa.AveragedModel(model)
+    ref = torch_swa.AveragedModel(model)
+    for step in range(4):
+        perturb_(model, step, images)
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+    assert_same_state(fast, ref)
+    x = torch.randn(images).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def saved_bytes(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def test_saving_one_layers_state_dict_saves_only_that_layer_as_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 200), torch.nn.Linear(10, 10))
+    fast, ref = fast_swa.AveragedModel(model), torch_swa.AveragedModel(model)
+    for step in range(3):
+        perturb_(model, step)
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+    part, reference_part = fast.module[1].state_dict(), ref.module[1].state_dict()
+    assert saved_bytes(part) == saved_bytes(reference_part) < 10_000
+    restored = torch.nn.Linear(10, 10)
+    restored.load_state_dict(torch.load(io.BytesIO(_saved(part))))
+    assert all(torch.equal(a, b) for a, b in zip(restored.parameters(), fast.module[1].parameters()))
+    # The whole state covers each flat buffer: it stays views of them (no copy), no larger than torch's.
+    whole = fast.state_dict()
+    assert whole["module.0.weight"].untyped_storage().data_ptr() == fast.module[0].weight.data_ptr()
+    assert saved_bytes(whole) <= saved_bytes(ref.state_dict())  # one storage record in place of four
+    # keep_vars=True gives the parameters themselves, as torch's.
+    assert fast.module[1].state_dict(keep_vars=True)["weight"] is fast.module[1].weight
+    # Nested in another module's state_dict, the entries are as torch's.
+    holder = torch.nn.ModuleDict({"average": fast})
+    assert holder.state_dict()["average.module.1.weight"].data_ptr() == fast.module[1].weight.data_ptr()
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_update_bn_of_an_empty_loader_resets_as_torch_and_require_batches_raises_first():
+    _, fast, ref = run_both()
+    fast_swa.update_bn([], fast)
+    torch_swa.update_bn([], ref)
+    assert_same_state(fast, ref)
+    assert fast.module[1].num_batches_tracked.item() == 0
+    one_shot = (torch.randn(8, 1, 8, 8) for _ in range(3))
+    fast_swa.update_bn(one_shot, fast, require_batches=True)
+    before = copy.deepcopy(fast.state_dict())
+    with pytest.raises(ValueError, match="the loader gave no batches"):
+        fast_swa.update_bn(one_shot, fast, require_batches=True)  # exhausted
+    after = fast.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert fast.module[1].num_batches_tracked.item() == 3
