@@ -74,13 +74,19 @@ def test_ensemble_equals_the_mean_of_separately_saved_models_and_restores_exactl
     assert model.training and all(m.training for m in model.modules())
 
 
-def test_predict_loader_concatenates_batches():
+def two_snapshots():
+    """cnn_with_bn(6) and an FGE of two different snapshots of it."""
     model = cnn_with_bn(6)
     fge = swa_fast.FGE(model)
     fge.snapshot(model)
     with torch.no_grad():
         model[0].weight.mul_(1.5)
     fge.snapshot(model)
+    return model, fge
+
+
+def test_predict_loader_concatenates_batches():
+    model, fge = two_snapshots()
     x, y = random_batch(12, IMAGE, classes=3, seed=3)
     loader = [(x[:5], y[:5]), (x[5:], y[5:])]
     torch.testing.assert_close(fge.predict_loader(model, loader), fge.predict(model, x), rtol=1e-6, atol=1e-7)
@@ -232,12 +238,7 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 def test_a_one_shot_loader_raises_instead_of_averaging_with_empty_passes():
-    model = cnn_with_bn(6)
-    fge = swa_fast.FGE(model)
-    fge.snapshot(model)
-    with torch.no_grad():
-        model[0].weight.mul_(1.5)
-    fge.snapshot(model)
+    model, fge = two_snapshots()
     model.train()
     live = state_copy(model)
     x, _ = random_batch(12, IMAGE, classes=3, seed=5)
