@@ -62,20 +62,25 @@ def test_ema_update_every_skips_calls():
     assert applied == 4  # the first call (a copy), then calls 4, 7, 10
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_average_applied_restores_the_live_weights_exactly(dtype):
+@pytest.mark.parametrize(
+    "dtype, use_buffers", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+)
+def test_average_applied_restores_the_live_model_exactly(dtype, use_buffers):
+    """Also after the README's pattern, BatchNorm statistics recomputed for the average in the
+    block, whether the average keeps buffers or not."""
     model = mlp(6, 5, 2, batch_norm=True, dtype=dtype)
-    swa = swa_fast.SWA(model)
+    swa = swa_fast.SWA(model, use_buffers=use_buffers)
     for s in range(3):
         perturb_(model, s, INPUTS)
         swa.update(model)
     perturb_(model, 10, INPUTS)
-    live = weights(model)
+    live = state_copy(model)
     with swa.average_applied(model):
-        inside = weights(model)
-        assert not all(torch.equal(a, b) for a, b in zip(inside, live))
-    for a, b in zip(weights(model), live):
-        assert torch.equal(a, b)
+        assert not all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+        swa_fast.update_bn([torch.randn(INPUTS, dtype=dtype)], model)
+        assert not torch.equal(model[1].running_mean, live["1.running_mean"])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, live[name]), name
 
 
 def test_swap_twice_is_identity():
@@ -352,23 +357,6 @@ def test_strided_model_tensors_receive_the_average(kind, backend):
     swa.swap(model)
     assert all(torch.equal(a, b) for a, b in zip(weights(model), live))
     assert not all(p.is_contiguous() for p in model.parameters())  # written through, not replaced
-
-
-@pytest.mark.parametrize("use_buffers", [False, True])
-def test_average_applied_then_update_bn_leaves_the_live_model_exactly_as_it_was(use_buffers):
-    """The README's pattern: BatchNorm statistics recomputed for the average inside the block."""
-    model = mlp(6, 5, 2, batch_norm=True)
-    swa = swa_fast.SWA(model, use_buffers=use_buffers)
-    for s in range(3):
-        perturb_(model, s, INPUTS)
-        swa.update(model)
-    perturb_(model, 10, INPUTS)
-    live = state_copy(model)
-    with swa.average_applied(model):
-        swa_fast.update_bn([torch.randn(INPUTS)], model)
-        assert not torch.equal(model[1].running_mean, live["1.running_mean"])
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, live[name]), name
 
 
 def test_complex_tensors_are_refused_at_construction():
