@@ -162,7 +162,7 @@ class SWAG(SWA, PredictsOnBatches):
             for _ in range(n_samples):
                 self.sample(model, scale, diag_only, generator)
                 if bn_loader is not None:
-                    update_bn(bn_loader, model, forward_fn=forward_fn)
+                    update_bn(bn_loader, model, forward_fn=forward_fn, require_batches=True)
                 yield
 
         return ensemble_predict(model, samples(), loader, output, forward_fn)

@@ -117,6 +117,23 @@ def test_predict_is_the_mean_over_samples_and_restores_the_model():
     torch.testing.assert_close(probs, torch.stack(expected).mean(0), rtol=1e-6, atol=1e-7)
 
 
+def test_a_one_shot_bn_loader_raises_and_restores_the_model():
+    model = mlp(4, 6, 3, batch_norm=True)
+    swag = swa_fast.SWAG(model, max_rank=3)
+    for s in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape) * 0.1)
+        swag.update(model)
+    live = state_copy(model)
+    x = torch.randn(8, 4)
+    one_shot = (batch for batch in [x])  # the second sample's BatchNorm pass would see nothing
+    with pytest.raises(ValueError):
+        swag.predict(model, x, n_samples=2, bn_loader=one_shot)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k]), k
+
+
 def test_state_dict_round_trip_then_identical_updates():
     model = torch.nn.Linear(3, 3)
     swag = swa_fast.SWAG(model, max_rank=3)
