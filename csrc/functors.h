@@ -65,22 +65,26 @@ C10_HOST_DEVICE inline A load_as(const void* p, int64_t i) {
   return static_cast<A>(static_cast<const T*>(p)[i]);
 }
 
-// PyTorch's lerp: exact at both ends (weight 1 gives src bit for bit, so the first SWA update,
-// weight 1/(0+1), is a copy) and accurate on either side of 0.5. Weight 0 writes nothing at all
-// (`skip()`, checked by the runners once per work item), so start stays as it was even where end
-// is inf or NaN: that is how an update is skipped on the device.
+// PyTorch's lerp: exact at both ends and accurate on either side of 0.5. Weight 1 gives end as it
+// is, even where start is inf or NaN (the formula would give NaN there), so the first SWA update,
+// weight 1/(0+1), is a copy whatever the average held. Weight 0 writes nothing at all (`skip()`,
+// checked by the runners once per work item), so start stays as it was even where end is inf or
+// NaN: that is how an update is skipped on the device.
 template <typename A>
 struct LerpWeight {
   A w = A(0), one_minus_w = A(1);
-  bool upper = false;
+  bool upper = false, one = false;
   C10_HOST_DEVICE void set(A weight) {
     w = weight;
     one_minus_w = A(1) - weight;
-    upper = weight >= A(0.5);  // loop-invariant: the compiler hoists the branch out of the loop
+    // loop-invariant: the compiler hoists the branches out of the loop
+    upper = weight >= A(0.5);
+    one = weight == A(1);
   }
   C10_HOST_DEVICE bool zero() const { return w == A(0); }
   C10_HOST_DEVICE A operator()(A start, A end) const {
-    return upper ? end - (end - start) * one_minus_w : start + w * (end - start);
+    const A mixed = upper ? end - (end - start) * one_minus_w : start + w * (end - start);
+    return one ? end : mixed;  // a select, not a branch: the loop stays vectorised
   }
 };
 

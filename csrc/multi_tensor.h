@@ -4,7 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
+#include <iterator>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -34,6 +37,21 @@ decltype(auto) visit_float(at::ScalarType t, F&& f) {
   }
 }
 
+// The layout as Python spells it ("torch.sparse_coo").
+inline std::string layout_name(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    case at::kJagged: return "torch.jagged";
+    default: return "layout " + std::to_string(static_cast<int>(layout));
+  }
+}
+
 // One list argument of an op.
 struct ListArg {
   const char* name;
@@ -59,6 +77,132 @@ struct Gathered {
   std::vector<at::Tensor> contiguous_copies;  // of strided read-only inputs: alive until the kernels ran
 };
 
+// The bytes [begin, end) that a non-empty tensor of a call spans, and where it sits in the call.
+struct Span {
+  uintptr_t begin, end;
+  uint32_t list, index;
+  bool written;
+};
+
+// From the first element of the non-empty tensor `t` to one past the last byte its elements touch.
+inline Span span_of(const at::Tensor& t, size_t list, size_t index, bool written) {
+  int64_t elements = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) elements += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {begin, begin + static_cast<uintptr_t>(elements * t.element_size()), static_cast<uint32_t>(list),
+          static_cast<uint32_t>(index), written};
+}
+
+// Whether the read tensor lists[k][i] is the same view as a tensor written at index i: the one
+// sharing of memory allowed (an average updated from itself).
+template <size_t K>
+bool is_own_destination(const std::array<ListArg, K>& lists, size_t k, size_t i) {
+  const at::Tensor& t = lists[k].tensors[i];
+  if (!t.is_contiguous() || t.is_neg()) return false;
+  for (const ListArg& w : lists) {
+    const at::Tensor& d = w.tensors[i];
+    if (w.written && d.const_data_ptr() == t.const_data_ptr() && d.scalar_type() == t.scalar_type()) return true;
+  }
+  return false;
+}
+
+// Names the first pair of tensors, in the order of their spans' starts, of which one is written and
+// which share a byte: the rule checks.py applies too, so that both name the same pair. Called once
+// an overlap is known to exist; it sorts the spans of every tensor of the call.
+template <size_t K>
+[[noreturn]] void raise_overlap(const char* op, const std::array<ListArg, K>& lists) {
+  std::vector<Span> spans;
+  for (size_t k = 0; k < K; ++k) {
+    for (size_t i = 0; i < lists[k].tensors.size(); ++i) {
+      const at::Tensor& t = lists[k].tensors[i];
+      if (t.numel() == 0 || (!lists[k].written && is_own_destination(lists, k, i))) continue;
+      spans.push_back(span_of(t, k, i, lists[k].written));
+    }
+  }
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  const Span* any_end = nullptr;      // the span reaching furthest so far
+  const Span* written_end = nullptr;  // the written span reaching furthest so far
+  for (const Span& s : spans) {
+    const Span* other = s.written ? any_end : written_end;
+    if (other != nullptr && other->end > s.begin) {
+      const bool other_first = std::make_pair(other->list, other->index) < std::make_pair(s.list, s.index);
+      const Span& a = other_first ? *other : s;
+      const Span& b = other_first ? s : *other;
+      TORCH_CHECK_VALUE(false, "swa_fast.", op, ": `", lists[a.list].name, "[", a.index, "]` and `",
+                        lists[b.list].name, "[", b.index,
+                        "]` overlap in memory; a tensor written in place must not share memory with "
+                        "another tensor of the call (a source may only be its own destination, the "
+                        "same view at the same index)");
+    }
+    if (any_end == nullptr || s.end > any_end->end) any_end = &s;
+    if (s.written && (written_end == nullptr || s.end > written_end->end)) written_end = &s;
+  }
+  TORCH_CHECK(false, "swa_fast.", op, ": an overlap was found but not located");
+}
+
+// Raises (raise_overlap) when a written tensor shares a byte with another tensor of the call, except
+// a read tensor that is its own destination. Reads the gathered pointers (no tensor metadata) and
+// `copied_reads`, the spans of the read tensors the kernels see through a copy (whose pointers in
+// the groups, fresh memory, overlap nothing). The written spans are sorted list by list and merged:
+// usually each list is one flat buffer's views, already in order, so this is one pass, then for
+// each read tensor one comparison with the written spans' bounds (it lives in another allocation)
+// or a binary search.
+template <size_t K>
+void check_no_overlap(const char* op, const std::array<ListArg, K>& lists, const std::vector<DtypeGroup<K>>& groups,
+                      const std::vector<Span>& copied_reads) {
+  size_t n = 0;
+  for (const auto& group : groups) n += group.numels.size();
+  std::unique_ptr<Span[]> spans(new Span[n * K]);
+  Span* const written = spans.get();
+  size_t n_written = 0;
+  const auto by_begin = [](const Span& a, const Span& b) { return a.begin < b.begin; };
+  for (size_t k = 0; k < K; ++k) {
+    if (!lists[k].written) continue;
+    const size_t run = n_written;
+    for (const auto& group : groups) {
+      const int64_t item = c10::elementSize(group.dtypes[k]);
+      for (size_t j = 0; j < group.numels.size(); ++j) {
+        const auto begin = reinterpret_cast<uintptr_t>(group.ptrs[j][k]);
+        written[n_written++] = {begin, begin + static_cast<uintptr_t>(group.numels[j] * item), 0, 0, true};
+      }
+    }
+    if (!std::is_sorted(written + run, written + n_written, by_begin)) {
+      std::sort(written + run, written + n_written, by_begin);
+    }
+    std::inplace_merge(written, written + run, written + n_written, by_begin);
+  }
+  if (n_written == 0) return;
+  for (size_t j = 1; j < n_written; ++j) {
+    if (written[j].begin < written[j - 1].end) raise_overlap(op, lists);
+  }
+  // Disjoint and sorted: the ends grow too.
+  const uintptr_t low = written[0].begin, high = written[n_written - 1].end;
+  const auto hits_written = [&](uintptr_t begin, uintptr_t end) {
+    if (end <= low || begin >= high) return false;
+    const Span* after = std::lower_bound(written, written + n_written, end,
+                                         [](const Span& w, uintptr_t e) { return w.begin < e; });
+    return after != written && std::prev(after)->end > begin;
+  };
+  for (const auto& group : groups) {
+    for (size_t j = 0; j < group.numels.size(); ++j) {
+      for (size_t k = 0; k < K; ++k) {
+        if (lists[k].written) continue;
+        const void* p = group.ptrs[j][k];
+        bool own_destination = false;
+        for (size_t w = 0; w < K; ++w) {
+          own_destination |= lists[w].written && group.ptrs[j][w] == p && group.dtypes[w] == group.dtypes[k];
+        }
+        const auto begin = reinterpret_cast<uintptr_t>(p);
+        const auto end = begin + static_cast<uintptr_t>(group.numels[j] * c10::elementSize(group.dtypes[k]));
+        if (!own_destination && hits_written(begin, end)) raise_overlap(op, lists);
+      }
+    }
+  }
+  for (const Span& s : copied_reads) {
+    if (hits_written(s.begin, s.end)) raise_overlap(op, lists);
+  }
+}
+
 inline bool same_sizes(at::IntArrayRef a, at::IntArrayRef b) {
   // An inline loop: these are 1 to 4 numbers, and a call to memcmp per tensor showed in profiles.
   if (a.size() != b.size()) return false;
@@ -79,7 +223,10 @@ inline void prefetch_metadata(const at::Tensor& t) {
 // for a list of 1,000 small tensors on the CPU, reading each tensor's metadata costs about as much
 // as the arithmetic, so it is read once. A bad argument raises a ValueError naming the op, the list, the index, what was
 // expected and what came; everything is checked before a kernel runs, so a bad call writes nothing.
-// Empty tensors are checked and then left out.
+// Empty tensors are checked and then left out. A written tensor must not share memory with any other
+// tensor of the call, except a read tensor at its own index that is the same view (avg updated
+// from itself). A lazily negated read tensor (Tensor.is_neg()) is read through a resolved copy; a
+// negated one cannot be written in place.
 template <size_t K>
 Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
   const ListArg& first = lists[0];
@@ -93,6 +240,7 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
   out.device = first.tensors[0].device();
   size_t last = 0;  // the group of the previous tensor: usually that of the next one too
   const size_t n = first.tensors.size();
+  std::vector<Span> copied_reads;  // of the read tensors that the kernels see through a copy
   for (size_t i = 0; i < n; ++i) {
     // The metadata of a list of tensors is scattered over the heap, and waiting for it is most of
     // this loop's time: ask for a later tensor's while this one is checked.
@@ -105,6 +253,8 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
       const ListArg& l = lists[k];
       const at::Tensor& t = l.tensors[i];
       TORCH_CHECK_VALUE(t.defined(), "swa_fast.", op, ": `", l.name, "[", i, "]` is undefined");
+      TORCH_CHECK_VALUE(t.layout() == at::kStrided, "swa_fast.", op, ": `", l.name, "[", i, "]` has layout ",
+                        layout_name(t.layout()), "; expected a strided (dense) tensor");
       dtypes[k] = t.scalar_type();
       TORCH_CHECK_VALUE(is_supported_float(dtypes[k]), "swa_fast.", op, ": `", l.name, "[", i, "]` has dtype ",
                         dtype_name(dtypes[k]), "; expected float32, float64, float16 or bfloat16");
@@ -116,6 +266,9 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
       TORCH_CHECK_VALUE(!l.written || t.is_contiguous(), "swa_fast.", op, ": `", l.name, "[", i,
                         "]` is written in place and must be contiguous (got strides ", t.strides(),
                         " for shape ", t.sizes(), ")");
+      TORCH_CHECK_VALUE(!l.written || !t.is_neg(), "swa_fast.", op, ": `", l.name, "[", i,
+                        "]` is written in place and must not be a negated view (is_neg()); write into "
+                        "the tensor it views");
       TORCH_CHECK_VALUE(!l.same_dtype || dtypes[k] == dtypes[0], "swa_fast.", op, ": `", l.name, "[", i,
                         "]` has dtype ", dtype_name(dtypes[k]), " but `", first.name, "[", i, "]` has dtype ",
                         dtype_name(dtypes[0]), "; both sides must have the same dtype");
@@ -133,25 +286,34 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
       const at::Tensor& t = lists[k].tensors[i];
       if (lists[k].written) {
         ptrs[k] = t.data_ptr();
-      } else {  // only read: the kernels see a contiguous copy of a strided tensor
-        const at::Tensor& c = t.is_contiguous() ? t : out.contiguous_copies.emplace_back(t.contiguous());
+      } else if (t.is_contiguous() && !t.is_neg()) {
+        ptrs[k] = const_cast<void*>(t.const_data_ptr());
+      } else {  // only read: the kernels see a contiguous copy of a strided or negated tensor
+        copied_reads.push_back(span_of(t, k, i, false));
+        const at::Tensor& c = out.contiguous_copies.emplace_back(t.resolve_neg().contiguous());
         ptrs[k] = const_cast<void*>(c.const_data_ptr());
       }
     }
     group.numels.push_back(numel);
   }
+  check_no_overlap(op, lists, out.groups, copied_reads);
   return out;
 }
 
-// The weight: a 0-dim floating tensor on the destination's device or on the CPU.
-inline void check_weight(const char* op, const at::Tensor& weight, at::Device device) {
+// The weight: a 0-dim floating tensor on the destination's device or on the CPU. Returned as the
+// kernels read it: a CPU weight as it is (read once on the host), a device weight as float32 or
+// float64 (converted on the device, so the host does not wait).
+inline at::Tensor checked_weight(const char* op, const at::Tensor& weight, at::Device device) {
   TORCH_CHECK_VALUE(weight.dim() == 0, "swa_fast.", op, ": `weight` must be a 0-dim tensor, got shape ",
                     weight.sizes());
-  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, "swa_fast.",
-                    op, ": `weight` must be float32 or float64, got ", dtype_name(weight.scalar_type()));
+  TORCH_CHECK_VALUE(at::isFloatingType(weight.scalar_type()), "swa_fast.", op,
+                    ": `weight` must be a floating-point tensor, got ", dtype_name(weight.scalar_type()));
   TORCH_CHECK_VALUE(weight.device() == device || weight.device().is_cpu(), "swa_fast.", op,
                     ": `weight` is on ", weight.device(), " but the tensors are on ", device,
                     "; pass it on ", device, " (or on the CPU)");
+  const bool readable = weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble;
+  if (weight.device().is_cpu() || (readable && !weight.is_neg())) return weight;
+  return weight.to(at::kFloat).resolve_neg();
 }
 
 }  // namespace swa_fast

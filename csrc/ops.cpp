@@ -81,15 +81,40 @@ class BorrowedTensors {
   std::vector<at::Tensor> tensors_;
 };
 
-// The weight: a tensor, or a Python number written into this thread's CPU float64 scalar, so that
-// a float weight (an SWA weight 1/(n+1) is a new one every call) costs no allocation and no
+// type(obj).__name__, as checks.py names a type.
+std::string type_name(PyObject* obj) {
+  PyObject* name = PyObject_GetAttrString(reinterpret_cast<PyObject*>(Py_TYPE(obj)), "__name__");
+  const char* utf8 = name != nullptr ? PyUnicode_AsUTF8(name) : nullptr;
+  std::string out = utf8 != nullptr ? utf8 : Py_TYPE(obj)->tp_name;
+  Py_XDECREF(name);
+  PyErr_Clear();
+  return out;
+}
+
+// isinstance(obj, numbers.Real): what checks.py accepts (numpy's real scalars are registered there,
+// its complex ones and bool_ are not).
+bool is_real_number(PyObject* obj) {
+  static PyObject* real = [] {
+    PyObject* numbers = PyImport_ImportModule("numbers");
+    PyObject* cls = numbers != nullptr ? PyObject_GetAttrString(numbers, "Real") : nullptr;
+    Py_XDECREF(numbers);
+    return cls;  // kept for the life of the process
+  }();
+  if (real == nullptr) throw python_error();
+  const int is_real = PyObject_IsInstance(obj, real);
+  if (is_real < 0) throw python_error();
+  return is_real == 1;
+}
+
+// The weight: a tensor, or a real Python number written into this thread's CPU float64 scalar, so
+// that a float weight (an SWA weight 1/(n+1) is a new one every call) costs no allocation and no
 // torch.tensor(). Reusing it is safe: the kernels read a CPU weight by value before the
 // call returns. (Never freed: a thread's exit must not depend on torch's allocator still being up.)
 at::Tensor unpack_weight(PyObject* obj, const char* op) {
   if (THPVariable_Check(obj)) return THPVariable_Unpack(obj);
-  TORCH_CHECK_VALUE(PyFloat_Check(obj) || PyLong_Check(obj), "swa_fast.", op,
-                    ": `weight` must be a float or a 0-dim tensor, got ", Py_TYPE(obj)->tp_name);
-  const double value = PyFloat_AsDouble(obj);
+  TORCH_CHECK_VALUE(PyFloat_Check(obj) || PyLong_Check(obj) || is_real_number(obj), "swa_fast.", op,
+                    ": `weight` must be a real number or a 0-dim floating-point tensor, got ", type_name(obj));
+  const double value = PyFloat_AsDouble(obj);  // through __float__ for numbers that are not floats
   if (value == -1.0 && PyErr_Occurred()) throw python_error();
   thread_local at::Tensor* scalar = new at::Tensor(at::empty({}, at::TensorOptions().dtype(at::kDouble)));
   *scalar->mutable_data_ptr<double>() = value;

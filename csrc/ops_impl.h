@@ -13,12 +13,12 @@ template <class Run>
 void lerp_impl(at::TensorList avg, at::TensorList src, const at::Tensor& weight) {
   const auto call = gather<2>("lerp_", {{{"avg", avg, true}, {"src", src, false}}});
   if (avg.empty()) return;
-  check_weight("lerp_", weight, call.device);
+  const at::Tensor w = checked_weight("lerp_", weight, call.device);
   for (const auto& group : call.groups) {
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[1], [&](auto s) {
         using F = Lerp<decltype(d), decltype(s)>;
-        Run::run(group, call.device, F{Weight<typename F::A>::from(weight, call.device)});
+        Run::run(group, call.device, F{Weight<typename F::A>::from(w, call.device)});
       });
     });
   }
@@ -29,12 +29,12 @@ void moments_impl(at::TensorList mean, at::TensorList sq, at::TensorList src, co
   const auto call =
       gather<3>("moments_", {{{"mean", mean, true}, {"sq", sq, true, /*same_dtype=*/true}, {"src", src, false}}});
   if (mean.empty()) return;
-  check_weight("moments_", weight, call.device);
+  const at::Tensor w = checked_weight("moments_", weight, call.device);
   for (const auto& group : call.groups) {
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[2], [&](auto s) {
         using F = Moments<decltype(d), decltype(s)>;
-        Run::run(group, call.device, F{Weight<typename F::A>::from(weight, call.device)});
+        Run::run(group, call.device, F{Weight<typename F::A>::from(w, call.device)});
       });
     });
   }

@@ -6,33 +6,108 @@ same message, before anything is written.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_lists(
-    op: str, lists: Sequence[tuple[str, Sequence[Tensor], bool]], same_dtype: bool = False
-) -> None:
-    """`lists` holds (name, tensors, written) triples; written lists must be contiguous."""
-    first_name, first, _ = lists[0]
-    for name, tensors, _ in lists:
-        if len(tensors) != len(first):
+class ListArg(NamedTuple):
+    """One list argument of an op, as csrc/multi_tensor.h's ListArg."""
+
+    name: str
+    tensors: Sequence[Tensor]
+    written: bool  # written in place: must be contiguous, and share no memory
+    same_dtype: bool = False  # must have the first list's dtype at every index
+
+
+class _Span(NamedTuple):
+    begin: int
+    end: int
+    list: int
+    index: int
+    written: bool
+
+
+def _span(t: Tensor, k: int, i: int, written: bool) -> _Span:
+    """From the first element of the non-empty tensor `t` to one past the last byte its elements
+    touch."""
+    elements = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    begin = t.data_ptr()
+    return _Span(begin, begin + elements * t.element_size(), k, i, written)
+
+
+def _is_own_destination(t: Tensor, written_here: list[Tensor]) -> bool:
+    """Whether the read tensor `t` is the same view as a tensor written at its index: the one
+    sharing of memory allowed (an average updated from itself)."""
+    return (
+        t.is_contiguous()
+        and not t.is_neg()
+        and any(w.data_ptr() == t.data_ptr() and w.dtype == t.dtype for w in written_here)
+    )
+
+
+def check_no_overlap(op: str, lists: Sequence[ListArg]) -> None:
+    """A tensor written in place shares no byte with another tensor of the call, except a read
+    tensor at its own index that is the same view. The first offending pair in the order of their
+    starts is named, as csrc/multi_tensor.h's raise_overlap does. One sort: no pairwise loop."""
+    spans = []
+    for k, arg in enumerate(lists):
+        for i, t in enumerate(arg.tensors):
+            if t.numel() == 0:
+                continue
+            if not arg.written and _is_own_destination(t, [w.tensors[i] for w in lists if w.written]):
+                continue
+            spans.append(_span(t, k, i, arg.written))
+    any_end = written_end = None  # the spans reaching furthest so far: of all, of the written ones
+    for s in sorted(spans, key=lambda s: s.begin):
+        other = any_end if s.written else written_end
+        if other is not None and other.end > s.begin:
+            a, b = sorted((other, s), key=lambda x: (x.list, x.index))
             raise ValueError(
-                f"swa_fast.{op}: `{name}` has {len(tensors)} tensors but `{first_name}` has {len(first)}; "
-                "the lists must have equal lengths"
+                f"swa_fast.{op}: `{lists[a.list].name}[{a.index}]` and `{lists[b.list].name}[{b.index}]` "
+                "overlap in memory; a tensor written in place must not share memory with another tensor "
+                "of the call (a source may only be its own destination, the same view at the same index)"
             )
-    if not first:
+        if any_end is None or s.end > any_end.end:
+            any_end = s
+        if s.written and (written_end is None or s.end > written_end.end):
+            written_end = s
+
+
+def check_lists(op: str, lists: Sequence[ListArg]) -> None:
+    """Checks in csrc/multi_tensor.h's order: list lengths, then index by index, list by list."""
+    first = lists[0]
+    for arg in lists:
+        if len(arg.tensors) != len(first.tensors):
+            raise ValueError(
+                f"swa_fast.{op}: `{arg.name}` has {len(arg.tensors)} tensors but `{first.name}` has "
+                f"{len(first.tensors)}; the lists must have equal lengths"
+            )
+    if not first.tensors:
         return
-    device = first[0].device
-    for i, ref in enumerate(first):
-        for name, tensors, written in lists:
+    device = first.tensors[0].device
+    # Traced code (torch.compile) and fake tensors have no memory to compare or sign bits to read:
+    # the op's own body checks those on the real tensors.
+    has_memory = (
+        not torch.compiler.is_compiling()
+        and device.type != "meta"
+        and not isinstance(first.tensors[0], FakeTensor)
+    )
+    for i, ref in enumerate(first.tensors):
+        for name, tensors, written, same_dtype in lists:
             t = tensors[i]
             if not isinstance(t, Tensor):
                 raise ValueError(f"swa_fast.{op}: `{name}[{i}]` is a {type(t).__name__}, expected a Tensor")
+            if t.layout != torch.strided:
+                raise ValueError(
+                    f"swa_fast.{op}: `{name}[{i}]` has layout {t.layout}; expected a strided (dense) tensor"
+                )
             if t.dtype not in FLOAT_DTYPES:
                 raise ValueError(
                     f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype}; "
@@ -40,12 +115,12 @@ def check_lists(
                 )
             if t.device != device:
                 raise ValueError(
-                    f"swa_fast.{op}: `{name}[{i}]` is on {t.device} but `{first_name}[0]` is on {device}; "
+                    f"swa_fast.{op}: `{name}[{i}]` is on {t.device} but `{first.name}[0]` is on {device}; "
                     "all tensors of one call must be on one device"
                 )
             if t.shape != ref.shape:
                 raise ValueError(
-                    f"swa_fast.{op}: `{name}[{i}]` has shape {list(t.shape)} but `{first_name}[{i}]` "
+                    f"swa_fast.{op}: `{name}[{i}]` has shape {list(t.shape)} but `{first.name}[{i}]` "
                     f"has shape {list(ref.shape)}"
                 )
             if written and not t.is_contiguous():
@@ -53,22 +128,34 @@ def check_lists(
                     f"swa_fast.{op}: `{name}[{i}]` is written in place and must be contiguous "
                     f"(got strides {list(t.stride())} for shape {list(t.shape)})"
                 )
+            if written and has_memory and t.is_neg():
+                raise ValueError(
+                    f"swa_fast.{op}: `{name}[{i}]` is written in place and must not be a negated view "
+                    "(is_neg()); write into the tensor it views"
+                )
             if same_dtype and t.dtype != ref.dtype:
                 raise ValueError(
-                    f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype} but `{first_name}[{i}]` has dtype "
+                    f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype} but `{first.name}[{i}]` has dtype "
                     f"{ref.dtype}; both sides must have the same dtype"
                 )
+    if has_memory:
+        check_no_overlap(op, lists)
 
 
 def check_weight(op: str, weight: Tensor | float, device: torch.device) -> None:
+    """Any real number (numpy's included), or a 0-dim floating tensor of any floating dtype on
+    `device` or on the CPU."""
     if not isinstance(weight, Tensor):
-        if not isinstance(weight, (int, float)):
-            raise ValueError(f"swa_fast.{op}: `weight` must be a float or a 0-dim tensor, got {type(weight)}")
+        if not isinstance(weight, numbers.Real):
+            raise ValueError(
+                f"swa_fast.{op}: `weight` must be a real number or a 0-dim floating-point tensor, "
+                f"got {type(weight).__name__}"
+            )
         return
     if weight.dim() != 0:
         raise ValueError(f"swa_fast.{op}: `weight` must be a 0-dim tensor, got shape {list(weight.shape)}")
-    if weight.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"swa_fast.{op}: `weight` must be float32 or float64, got {weight.dtype}")
+    if not weight.is_floating_point():
+        raise ValueError(f"swa_fast.{op}: `weight` must be a floating-point tensor, got {weight.dtype}")
     if weight.device != device and weight.device.type != "cpu":
         raise ValueError(
             f"swa_fast.{op}: `weight` is on {weight.device} but the tensors are on {device}; "
@@ -77,21 +164,22 @@ def check_weight(op: str, weight: Tensor | float, device: torch.device) -> None:
 
 
 def check_lerp(avg, src, weight) -> None:
-    check_lists("lerp_", [("avg", avg, True), ("src", src, False)])
+    check_lists("lerp_", [ListArg("avg", avg, True), ListArg("src", src, False)])
     if avg:
         check_weight("lerp_", weight, avg[0].device)
 
 
 def check_moments(mean, sq, src, weight) -> None:
-    check_lists("moments_", [("mean", mean, True), ("sq", sq, True)], same_dtype=True)
-    check_lists("moments_", [("mean", mean, True), ("src", src, False)])
+    check_lists(
+        "moments_", [ListArg("mean", mean, True), ListArg("sq", sq, True, True), ListArg("src", src, False)]
+    )
     if mean:
         check_weight("moments_", weight, mean[0].device)
 
 
 def check_copy(dst, src) -> None:
-    check_lists("copy_", [("dst", dst, True), ("src", src, False)])
+    check_lists("copy_", [ListArg("dst", dst, True), ListArg("src", src, False)])
 
 
 def check_swap(a, b) -> None:
-    check_lists("swap_", [("a", a, True), ("b", b, True)], same_dtype=True)
+    check_lists("swap_", [ListArg("a", a, True), ListArg("b", b, True, True)])

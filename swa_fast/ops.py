@@ -113,42 +113,75 @@ def choose_backend(device: torch.device | str, backend: str | None = None) -> st
 
 
 def _as_weight(weight: Tensor | float) -> Tensor:
-    # A float becomes a CPU scalar, which the kernels read on the host: no device allocation.
-    # (The extension's eager entry points take the float itself, and do this faster.)
+    # A number becomes a CPU scalar, which the kernels read on the host: no device allocation.
+    # (The extension's eager entry points take the number itself, and do this faster.)
     return weight if isinstance(weight, Tensor) else torch.tensor(float(weight), dtype=torch.float64)
 
 
-def _host_weight(weight: Tensor | float) -> Tensor | float:
-    # torch._foreach_* take CPU scalars as Python numbers; reading a CPU tensor does not sync.
-    return weight.item() if isinstance(weight, Tensor) and weight.device.type == "cpu" else weight
-
-
 # --- torch._foreach_* fallbacks -------------------------------------------------------------------
+# The same contract as the kernels: arithmetic in each destination's accumulation dtype (fp32,
+# fp64 for fp64), the weight rounded to it first, one rounding into the destination.
 
 
-def _same_dtype_as(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[Tensor]:
-    return [s if s.dtype == d.dtype else s.to(d.dtype) for d, s in zip(dst, src)]
+def _in_acc(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """tensors[i] in like[i]'s accumulation dtype: itself where it already is, else a copy (which
+    also resolves a lazily negated view)."""
+    out = []
+    for t, d in zip(tensors, like):
+        acc = reference.acc_dtype(d.dtype)
+        out.append(t if t.dtype == acc and not t.is_neg() else t.resolve_neg().to(acc))
+    return out
+
+
+def _by_dtype(dst: list[Tensor], end: list[Tensor]) -> list[tuple[torch.dtype, list[Tensor], list[Tensor]]]:
+    """(dtype, dst part, end part) for each dtype of `end`: the lists themselves when there is one."""
+    dtypes = {e.dtype for e in end}
+    if len(dtypes) == 1:
+        return [(dtypes.pop(), dst, end)]
+    return [
+        (dtype, [d for d, e in zip(dst, end) if e.dtype == dtype], [e for e in end if e.dtype == dtype])
+        for dtype in dtypes
+    ]
+
+
+def _lerp_into(dst: list[Tensor], end: list[Tensor], weight: Tensor | float) -> None:
+    """dst[i] = lerp(dst[i], end[i], weight), end in dst's accumulation dtype: weight 0 keeps dst and
+    weight 1 writes end, whatever either holds."""
+    if isinstance(weight, Tensor) and weight.device.type != "cpu":
+        # A device weight decides on the device: no host synchronisation.
+        weights = {dtype: weight.to(dtype) for dtype in {e.dtype for e in end}}
+        for d, e in zip(dst, end):
+            w, start = weights[e.dtype], d.to(e.dtype)
+            d.copy_(torch.where(w == 0, start, torch.where(w == 1, e, torch.lerp(start, e, w))))
+        return
+    value = weight.item() if isinstance(weight, Tensor) else float(weight)
+    for acc, dst_part, end_part in _by_dtype(dst, end):
+        # The weight as the kernels see it: rounded to the accumulation dtype first (a subnormal
+        # float64 weight is 0 in float32).
+        w = value if acc == torch.float64 else torch.tensor(value, dtype=acc).item()
+        if w == 1:
+            torch._foreach_copy_(dst_part, end_part)
+        elif w != 0:
+            start = _in_acc(dst_part, dst_part)  # temporaries where dst is bf16/fp16
+            torch._foreach_lerp_(start, end_part, w)
+            rounded = [(d, s) for d, s in zip(dst_part, start) if s is not d]
+            if rounded:
+                torch._foreach_copy_([d for d, _ in rounded], [s for _, s in rounded])
 
 
 def _foreach_lerp(avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
-    weight = _host_weight(weight)
-    src = _same_dtype_as(avg, src)
-    if isinstance(weight, Tensor):  # a device scalar: the List overload broadcasts a 0-dim weight
-        # weight 0 must keep avg even where src is not finite: feed avg itself then (no sync)
-        src = [torch.where(weight == 0, a, s) for a, s in zip(avg, src)]
-        torch._foreach_lerp_(avg, src, [weight] * len(avg))
-    elif weight != 0:
-        torch._foreach_lerp_(avg, src, weight)
+    _lerp_into(avg, _in_acc(src, avg), weight)
 
 
 def _foreach_moments(mean: list[Tensor], sq: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
-    src = _same_dtype_as(mean, src)
-    _foreach_lerp(mean, src, weight)
-    _foreach_lerp(sq, torch._foreach_mul(src, src), weight)
+    x = _in_acc(src, mean)
+    squares = torch._foreach_mul(x, x)  # in fp32: 300^2 overflows fp16; before x may change with mean
+    _lerp_into(mean, x, weight)
+    _lerp_into(sq, squares, weight)
 
 
 def _foreach_copy(dst: list[Tensor], src: list[Tensor]) -> None:
-    torch._foreach_copy_(dst, src)
+    torch._foreach_copy_(dst, [s.resolve_neg() for s in src])
 
 
 def _foreach_swap(a: list[Tensor], b: list[Tensor]) -> None:

@@ -2,7 +2,7 @@
 benchmarks. One Python iteration and a few PyTorch ops per tensor, arithmetic in fp32 (fp64 when
 the destination is fp64), exactly the math of the ops' docstrings (swa_fast/ops.py). The interpolation is
 torch.lerp's (exact at weights 0 and 1), except that weight 0 keeps the destination even where the
-source is not finite."""
+source is not finite and weight 1 writes the source even where the destination is not."""
 
 from __future__ import annotations
 
@@ -16,16 +16,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _weight(weight: Tensor | float, like: Tensor) -> Tensor | float:
+def _weight(weight: Tensor | float, like: Tensor) -> Tensor:
+    """The weight as a 0-dim tensor in like's accumulation dtype, on its device."""
     if isinstance(weight, Tensor):
         return weight.to(device=like.device, dtype=acc_dtype(like.dtype))
-    return weight
+    return torch.tensor(float(weight), dtype=acc_dtype(like.dtype), device=like.device)
 
 
-def _lerp(start: Tensor, end: Tensor, weight: Tensor | float) -> Tensor:
-    return torch.where(
-        torch.as_tensor(weight, device=start.device) == 0, start, torch.lerp(start, end, weight)
-    )
+def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
+    return torch.where(weight == 0, start, torch.where(weight == 1, end, torch.lerp(start, end, weight)))
 
 
 @torch.no_grad()
@@ -44,8 +43,10 @@ def moments_(
     for m, q, s in zip(mean, sq, src):
         acc = acc_dtype(m.dtype)
         x, w = s.to(acc), _weight(weight, m)
-        m.copy_(_lerp(m.to(acc), x, w))
-        q.copy_(_lerp(q.to(acc), x * x, w))
+        # Both computed before either is written: src may be mean or sq itself.
+        new_mean, new_sq = _lerp(m.to(acc), x, w), _lerp(q.to(acc), x * x, w)
+        m.copy_(new_mean)
+        q.copy_(new_sq)
 
 
 @torch.no_grad()

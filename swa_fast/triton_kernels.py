@@ -67,9 +67,9 @@ if triton is not None:
     @triton.jit
     def _lerp(start, end, w):
         # PyTorch's lerp: exact at both ends, accurate on either side of 0.5; weight 0 keeps start
-        # even where end is not finite.
+        # even where end is not finite, weight 1 gives end even where start is not.
         mixed = tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
-        return tl.where(w == 0, start, mixed)
+        return tl.where(w == 0, start, tl.where(w == 1, end, mixed))
 
     @triton.jit
     def _rounded(x, DST: tl.constexpr):
@@ -196,13 +196,16 @@ def _launch(kernel, lists: Sequence[Sequence[Tensor]], dtype_lists: tuple[int, i
 
 
 def _device_weight(weight: Tensor | float, device: torch.device) -> Tensor:
+    """The weight as the kernels load it: float32 or float64, on `device`."""
     if isinstance(weight, Tensor):
-        return weight.to(device, non_blocking=True)
-    return torch.full((), weight, dtype=torch.float64, device=device)
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        return weight.to(device, dtype, non_blocking=True).resolve_neg()
+    return torch.full((), float(weight), dtype=torch.float64, device=device)
 
 
 def _contiguous(src: Sequence[Tensor]) -> list[Tensor]:
-    return [s.contiguous() for s in src]
+    # The kernels read memory as it is: a lazily negated view is resolved first.
+    return [s.resolve_neg().contiguous() for s in src]
 
 
 def launcher(spec: OpSpec) -> Callable[..., None]:

@@ -189,3 +189,9 @@ def run_and_check(op: str, backend: str, shapes, dst_dtype, src_dtype, seed: int
 @pytest.fixture(params=cpu_backends())
 def backend(request):
     return request.param
+
+
+@pytest.fixture(params=ops.usable_backends("cpu", reference=True))
+def any_backend(request):
+    """Every backend that can run CPU tensors here, the reference included."""
+    return request.param

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import FLOATS, OPS, run_and_check
+from conftest import FLOATS, OPS, clone_lists, make_case, run_and_check
 
 # 0, 1, odd, around each backend's chunk (CPU 65536, Triton 4096, CUDA 16384), and 1e6+.
 SIZES = [0, 1, 7, 4095, 4097, 16385, 65535, 65536, 65537]
@@ -206,3 +206,132 @@ def test_float_weights_from_several_threads_at_once(backend):
         for _ in range(50):
             expected.lerp_(torch.ones(20_000), w)
         assert all(torch.allclose(a, expected, rtol=1e-6, atol=0) for a in results[k]), w
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_weight_one_writes_the_source_even_over_non_finite_destinations(op, any_backend, as_tensor, dtype):
+    """An average that holds inf or NaN (a diverged run, a model initialised on the meta device)
+    becomes the source at weight 1, as torch's AveragedModel does on its first update."""
+    import swa_fast
+
+    nan, inf = float("nan"), float("inf")
+    src = torch.tensor([1.5, -2.0, 3.0, 0.25], dtype=dtype)
+    dst = [torch.tensor([nan, inf, -inf, nan], dtype=dtype)]
+    sq = [torch.tensor([inf, nan, 1.0, -inf], dtype=dtype)]
+    weight = torch.tensor(1.0) if as_tensor else 1.0
+    getattr(swa_fast, op)(dst, *([sq] if op == "moments_" else []), [src], weight, backend=any_backend)
+    assert torch.equal(dst[0], src)
+    if op == "moments_":
+        assert torch.equal(sq[0], src * src)
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_"])
+def test_weight_zero_keeps_non_finite_destinations_on_every_backend(op, any_backend):
+    import swa_fast
+
+    src = torch.tensor([float("inf"), float("nan"), 2.0])
+    dst = [torch.tensor([float("nan"), 1.0, float("inf")])]
+    sq = [torch.tensor([1.0, float("-inf"), float("nan")])]
+    before = [dst[0].clone(), sq[0].clone()]
+    getattr(swa_fast, op)(dst, *([sq] if op == "moments_" else []), [src], 0.0, backend=any_backend)
+    assert torch.equal(dst[0].view(torch.int32), before[0].view(torch.int32))
+    assert torch.equal(sq[0].view(torch.int32), before[1].view(torch.int32))
+
+
+def test_low_precision_destinations_are_rounded_once(any_backend):
+    """fp32 arithmetic, then one rounding into bf16: casting the source to bf16 first (1.5625)
+    would give 0.21484375 here instead of the correctly rounded 0.2158203125."""
+    import swa_fast
+
+    src = torch.tensor([1.5558264255523682])  # an fp32 value
+    avg = [torch.tensor([-1.125], dtype=torch.bfloat16)]
+    swa_fast.lerp_(avg, [src], 0.5, backend=any_backend)
+    exact = (-1.125 + src.double()) / 2
+    assert torch.equal(avg[0], exact.to(torch.bfloat16)), avg[0].item()
+    assert avg[0].item() == 0.2158203125
+
+
+def test_squares_of_low_precision_moments_are_taken_in_fp32(any_backend):
+    """300^2 overflows fp16, but the updated second moment 0.01 * 300^2 = 900 does not."""
+    import swa_fast
+
+    mean, sq = [torch.zeros(2, dtype=torch.float16)], [torch.zeros(2, dtype=torch.float16)]
+    for src in (torch.full((2,), 300.0), torch.full((2,), 300.0, dtype=torch.float16)):
+        mean[0].zero_(), sq[0].zero_()
+        swa_fast.moments_(mean, sq, [src], 0.01, backend=any_backend)
+        assert torch.equal(sq[0], torch.full((2,), 900.0, dtype=torch.float16)), sq[0]
+        assert torch.equal(mean[0], torch.full((2,), 3.0, dtype=torch.float16)), mean[0]
+
+
+def _real_weights():
+    from fractions import Fraction
+
+    import numpy as np
+
+    return [
+        np.float32(0.25),
+        np.float64(0.25),
+        np.float16(0.25),
+        Fraction(1, 4),
+        torch.tensor(0.25, dtype=torch.bfloat16),
+        torch.tensor(0.25, dtype=torch.float16),
+        torch.tensor(0.25, dtype=torch.float64),
+    ]
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_"])
+@pytest.mark.parametrize(
+    "weight", _real_weights(), ids=lambda w: f"{type(w).__name__}{getattr(w, 'dtype', '')}"
+)
+def test_any_real_weight_is_accepted(op, any_backend, weight):
+    """Weights torch.lerp accepts: numpy scalars, other real numbers, 0-dim tensors of any floating
+    dtype; each acts as the float it stands for."""
+    import swa_fast
+
+    lists, _ = make_case(op, [(5, 3), (7,)], torch.float32, torch.float32)
+    expected = clone_lists(lists)
+    getattr(swa_fast, op)(*expected, 0.25, backend=any_backend)
+    getattr(swa_fast, op)(*lists, weight, backend=any_backend)
+    for got, want in zip(lists, expected):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("weight", [1, True, 0, False])
+def test_integer_and_bool_weights_are_exact_ends(any_backend, weight):
+    import swa_fast
+
+    avg, src = [torch.tensor([float("nan"), 2.0])], [torch.tensor([3.0, 5.0])]
+    swa_fast.lerp_(avg, src, weight, backend=any_backend)
+    want = src[0] if weight else torch.tensor([float("nan"), 2.0])
+    torch.testing.assert_close(avg[0], want, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_"])
+def test_negated_views_are_read_as_their_values(op, any_backend):
+    """x._neg_view() shares x's memory with a lazy sign bit: it must be read as -x."""
+    import swa_fast
+
+    lists, extra = make_case(op, [(4, 3), (6,)], torch.float32, torch.float32)
+    values = [torch.randn(4, 3), torch.randn(6)]
+    lists[-1] = [v._neg_view() for v in values]
+    assert all(s.is_neg() for s in lists[-1])
+    expected = clone_lists(lists[:-1]) + [[-v for v in values]]
+    getattr(swa_fast, op)(*expected, *extra, backend="reference")
+    getattr(swa_fast, op)(*lists, *extra, backend=any_backend)
+    for k in range(len(lists) - 1):
+        for got, want in zip(lists[k], expected[k]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_", "copy_"])
+def test_a_source_may_be_its_own_destination(op, any_backend):
+    import swa_fast
+
+    lists, extra = make_case(op, [(4, 3), (6,)], torch.float32, torch.float32)
+    lists[-1] = list(lists[0])  # the same tensors: read, then written in place
+    before = clone_lists(lists)
+    getattr(swa_fast, op)(*lists, *extra, backend=any_backend)
+    for got, want in zip(lists[0], before[0]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
