@@ -65,7 +65,8 @@ C10_HOST_DEVICE inline A load_as(const void* p, int64_t i) {
   return static_cast<A>(static_cast<const T*>(p)[i]);
 }
 
-// PyTorch's lerp: exact at both ends and accurate on either side of 0.5. Weight 1 gives end as it
+// PyTorch's lerp (the same formula on the same side of |weight| = 0.5, so that non-finite values
+// give what torch.lerp gives): exact at both ends and accurate on either side of 0.5. Weight 1 gives end as it
 // is, even where start is inf or NaN (the formula would give NaN there), so the first SWA update,
 // weight 1/(0+1), is a copy whatever the average held. Weight 0 writes nothing at all (`skip()`,
 // checked by the runners once per work item), so start stays as it was even where end is inf or
@@ -78,7 +79,7 @@ struct LerpWeight {
     w = weight;
     one_minus_w = A(1) - weight;
     // loop-invariant: the compiler hoists the branches out of the loop
-    upper = weight >= A(0.5);
+    upper = !(weight < A(0.5) && weight > A(-0.5));  // as torch.lerp: |weight| >= 0.5
     one = weight == A(1);
   }
   C10_HOST_DEVICE bool zero() const { return w == A(0); }

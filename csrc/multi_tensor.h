@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <iterator>
 #include <memory>
 #include <string>
@@ -84,11 +85,18 @@ struct Span {
   bool written;
 };
 
+// Where a tensor's first element lies, read from its storage: these paths are rare, and a second
+// caller of const_data_ptr() keeps the compiler from inlining it into gather's loop.
+inline uintptr_t first_byte(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.storage().data()) + t.storage_offset() * t.element_size();
+}
+
 // From the first element of the non-empty tensor `t` to one past the last byte its elements touch.
-inline Span span_of(const at::Tensor& t, size_t list, size_t index, bool written) {
+// (Out of line: it runs only for strided sources and on the error path.)
+C10_NOINLINE inline Span span_of(const at::Tensor& t, size_t list, size_t index, bool written) {
   int64_t elements = 1;
   for (int64_t d = 0; d < t.dim(); ++d) elements += (t.size(d) - 1) * t.stride(d);
-  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const uintptr_t begin = first_byte(t);
   return {begin, begin + static_cast<uintptr_t>(elements * t.element_size()), static_cast<uint32_t>(list),
           static_cast<uint32_t>(index), written};
 }
@@ -101,7 +109,7 @@ bool is_own_destination(const std::array<ListArg, K>& lists, size_t k, size_t i)
   if (!t.is_contiguous() || t.is_neg()) return false;
   for (const ListArg& w : lists) {
     const at::Tensor& d = w.tensors[i];
-    if (w.written && d.const_data_ptr() == t.const_data_ptr() && d.scalar_type() == t.scalar_type()) return true;
+    if (w.written && first_byte(d) == first_byte(t) && d.scalar_type() == t.scalar_type()) return true;
   }
   return false;
 }
@@ -241,6 +249,11 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
   size_t last = 0;  // the group of the previous tensor: usually that of the next one too
   const size_t n = first.tensors.size();
   std::vector<Span> copied_reads;  // of the read tensors that the kernels see through a copy
+  // Each written list's bytes, and whether its tensors come in increasing, disjoint order (the
+  // views of one flat buffer do): then the overlap check needs no sorting (check_no_overlap).
+  std::array<uintptr_t, K> low, high, last_end;
+  low.fill(UINTPTR_MAX), high.fill(0), last_end.fill(0);
+  bool written_in_order = true;
   for (size_t i = 0; i < n; ++i) {
     // The metadata of a list of tensors is scattered over the heap, and waiting for it is most of
     // this loop's time: ask for a later tensor's while this one is checked.
@@ -286,17 +299,46 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
       const at::Tensor& t = lists[k].tensors[i];
       if (lists[k].written) {
         ptrs[k] = t.data_ptr();
-      } else if (t.is_contiguous() && !t.is_neg()) {
-        ptrs[k] = const_cast<void*>(t.const_data_ptr());
+        const auto begin = reinterpret_cast<uintptr_t>(ptrs[k]);
+        const auto end = begin + static_cast<uintptr_t>(numel * c10::elementSize(dtypes[k]));
+        written_in_order &= begin >= last_end[k];
+        last_end[k] = end;
+        low[k] = std::min(low[k], begin);
+        high[k] = std::max(high[k], end);
       } else {  // only read: the kernels see a contiguous copy of a strided or negated tensor
-        copied_reads.push_back(span_of(t, k, i, false));
-        const at::Tensor& c = out.contiguous_copies.emplace_back(t.resolve_neg().contiguous());
+        const bool plain = t.is_contiguous() && !t.is_neg();
+        if (!plain) copied_reads.push_back(span_of(t, k, i, false));
+        const at::Tensor& c = plain ? t : out.contiguous_copies.emplace_back(t.resolve_neg().contiguous());
         ptrs[k] = const_cast<void*>(c.const_data_ptr());
       }
     }
     group.numels.push_back(numel);
   }
-  check_no_overlap(op, lists, out.groups, copied_reads);
+  // The usual call: each written list in order and in its own range, every read tensor outside
+  // all of them. Anything else goes through the full check.
+  bool plainly_apart = written_in_order;
+  for (size_t a = 0; a < K && plainly_apart; ++a) {
+    for (size_t b = a + 1; b < K && plainly_apart; ++b) {
+      if (lists[a].written && lists[b].written) plainly_apart = high[a] <= low[b] || high[b] <= low[a];
+    }
+  }
+  const auto outside_written = [&](uintptr_t begin, uintptr_t end) {
+    for (size_t w = 0; w < K; ++w) {
+      if (lists[w].written && end > low[w] && begin < high[w]) return false;
+    }
+    return true;
+  };
+  for (const auto& group : out.groups) {
+    for (size_t j = 0; j < group.numels.size() && plainly_apart; ++j) {
+      for (size_t k = 0; k < K; ++k) {
+        if (lists[k].written) continue;
+        const auto begin = reinterpret_cast<uintptr_t>(group.ptrs[j][k]);
+        plainly_apart &= outside_written(begin, begin + group.numels[j] * c10::elementSize(group.dtypes[k]));
+      }
+    }
+  }
+  for (const Span& s : copied_reads) plainly_apart = plainly_apart && outside_written(s.begin, s.end);
+  if (!plainly_apart) check_no_overlap(op, lists, out.groups, copied_reads);
   return out;
 }
 

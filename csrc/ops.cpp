@@ -94,13 +94,16 @@ std::string type_name(PyObject* obj) {
 // isinstance(obj, numbers.Real): what checks.py accepts (numpy's real scalars are registered there,
 // its complex ones and bool_ are not).
 bool is_real_number(PyObject* obj) {
-  static PyObject* real = [] {
+  // Set under the GIL, not as a guarded static: an import may let another thread in, which would
+  // then wait on the guard while holding the GIL.
+  static PyObject* real = nullptr;  // kept for the life of the process
+  if (real == nullptr) {
     PyObject* numbers = PyImport_ImportModule("numbers");
-    PyObject* cls = numbers != nullptr ? PyObject_GetAttrString(numbers, "Real") : nullptr;
-    Py_XDECREF(numbers);
-    return cls;  // kept for the life of the process
-  }();
-  if (real == nullptr) throw python_error();
+    if (numbers == nullptr) throw python_error();
+    real = PyObject_GetAttrString(numbers, "Real");
+    Py_DECREF(numbers);
+    if (real == nullptr) throw python_error();
+  }
   const int is_real = PyObject_IsInstance(obj, real);
   if (is_real < 0) throw python_error();
   return is_real == 1;

@@ -7,8 +7,13 @@ weights, fake kernels of the compiled ops.
     swap_(a, b)                      a <-> b
 
 Every op takes lists of tensors and updates them in place; each side may have its own dtype and
-the arithmetic is done in fp32 (fp64 for fp64 destinations). `weight` is a 0-dim float32/float64
-tensor on the destination's device (no host synchronisation, CUDA-graph capturable) or a float.
+the arithmetic is done in fp32 (fp64 for fp64 destinations), with one rounding into the
+destination. `weight` is any real number (numpy scalars included) or a 0-dim floating tensor on the
+destination's device (no host synchronisation, CUDA-graph capturable) or on the CPU. A tensor
+written in place must be contiguous and share no memory with another tensor of the call, except a
+source that is its own destination (the same view at the same index); sources may be strided or
+lazily negated views. Every backend follows this contract and raises the same ValueError before
+writing anything when a call breaks it.
 """
 
 from __future__ import annotations
@@ -325,7 +330,8 @@ def lerp_(
 ) -> None:
     """avg[i] += weight * (src[i] - avg[i]) for every i, in place: SWA with weight 1/(n+1)
     (Izmailov et al. 2018), EMA with weight 1 - decay. Computed as torch.lerp (exact at weights 0
-    and 1); weight 0 leaves avg untouched even where src is inf or NaN."""
+    and 1); weight 0 leaves avg untouched even where src is inf or NaN, weight 1 writes src even
+    where avg is."""
     _run_lerp([avg, src], (weight,), backend)
 
 
@@ -338,7 +344,8 @@ def moments_(
     backend: str | None = None,
 ) -> None:
     """SWAG's running moments in one pass (Maddox et al. 2019):
-    mean += w (src - mean), sq += w (src^2 - sq)."""
+    mean += w (src - mean), sq += w (src^2 - sq), src^2 taken in the arithmetic dtype. Weights 0
+    and 1 behave as in lerp_ (1 writes src and src^2)."""
     _run_moments([mean, sq, src], (weight,), backend)
 
 

@@ -23,6 +23,11 @@ def _weight(weight: Tensor | float, like: Tensor) -> Tensor:
     return torch.tensor(float(weight), dtype=acc_dtype(like.dtype), device=like.device)
 
 
+def _read(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # torch's fp16 -> fp32 copy ignores a lazily negated view's sign bit: resolve it first.
+    return t.resolve_neg().to(dtype)
+
+
 def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
     return torch.where(weight == 0, start, torch.where(weight == 1, end, torch.lerp(start, end, weight)))
 
@@ -32,7 +37,7 @@ def lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) 
     """avg += weight * (src - avg)   (SWA with weight 1/(n+1), EMA with 1 - decay)"""
     for a, s in zip(avg, src):
         acc = acc_dtype(a.dtype)
-        a.copy_(_lerp(a.to(acc), s.to(acc), _weight(weight, a)))
+        a.copy_(_lerp(a.to(acc), _read(s, acc), _weight(weight, a)))
 
 
 @torch.no_grad()
@@ -42,7 +47,7 @@ def moments_(
     """mean += w (src - mean);  sq += w (src^2 - sq)   (SWAG, Maddox et al. 2019)"""
     for m, q, s in zip(mean, sq, src):
         acc = acc_dtype(m.dtype)
-        x, w = s.to(acc), _weight(weight, m)
+        x, w = _read(s, acc), _weight(weight, m)
         # Both computed before either is written: src may be mean or sq itself.
         new_mean, new_sq = _lerp(m.to(acc), x, w), _lerp(q.to(acc), x * x, w)
         m.copy_(new_mean)
@@ -53,7 +58,7 @@ def moments_(
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     """dst = src, cast to dst's dtype"""
     for d, s in zip(dst, src):
-        d.copy_(s)
+        d.copy_(s.resolve_neg())
 
 
 @torch.no_grad()

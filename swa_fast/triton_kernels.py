@@ -65,10 +65,22 @@ if triton is not None:
         return tl.load(ptrs + t * K + k).to(tl.pointer_type(DTYPE))
 
     @triton.jit
+    def _widened(ptr, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr):
+        """Elements of the DTYPE tensor at ptr, exactly in ACC.
+
+        bf16 is widened with integer ops on its bits: Triton's interpreter flushes bf16 subnormals
+        to zero in its cast, and this gives the same values compiled and interpreted."""
+        if DTYPE == tl.bfloat16:
+            bits = tl.load(ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + offs, mask=mask)
+            return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(ACC)
+        else:
+            return tl.load(ptr + offs, mask=mask).to(ACC)
+
+    @triton.jit
     def _lerp(start, end, w):
         # PyTorch's lerp: exact at both ends, accurate on either side of 0.5; weight 0 keeps start
         # even where end is not finite, weight 1 gives end even where start is not.
-        mixed = tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
+        mixed = tl.where(tl.abs(w) < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
         return tl.where(w == 0, start, tl.where(w == 1, end, mixed))
 
     @triton.jit
@@ -92,8 +104,8 @@ if triton is not None:
                      DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         avg = _ptr(ptrs, t, 0, 2, DST)
-        a = tl.load(avg + offs, mask=mask).to(ACC)
-        s = tl.load(_ptr(ptrs, t, 1, 2, SRC) + offs, mask=mask).to(ACC)
+        a = _widened(avg, offs, mask, DST, ACC)
+        s = _widened(_ptr(ptrs, t, 1, 2, SRC), offs, mask, SRC, ACC)
         w = tl.load(w_ptr).to(ACC)
         tl.store(avg + offs, _rounded(_lerp(a, s, w), DST), mask=mask)
 
@@ -103,9 +115,9 @@ if triton is not None:
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
         mean = _ptr(ptrs, t, 0, 3, DST)
         sq = _ptr(ptrs, t, 1, 3, DST)
-        x = tl.load(_ptr(ptrs, t, 2, 3, SRC) + offs, mask=mask).to(ACC)
-        m = tl.load(mean + offs, mask=mask).to(ACC)
-        q = tl.load(sq + offs, mask=mask).to(ACC)
+        x = _widened(_ptr(ptrs, t, 2, 3, SRC), offs, mask, SRC, ACC)
+        m = _widened(mean, offs, mask, DST, ACC)
+        q = _widened(sq, offs, mask, DST, ACC)
         w = tl.load(w_ptr).to(ACC)
         tl.store(mean + offs, _rounded(_lerp(m, x, w), DST), mask=mask)
         tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
@@ -114,7 +126,7 @@ if triton is not None:
     def _copy_kernel(ptrs, block_tensor, block_start, numels,
                      DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
-        s = tl.load(_ptr(ptrs, t, 1, 2, SRC) + offs, mask=mask).to(ACC)
+        s = _widened(_ptr(ptrs, t, 1, 2, SRC), offs, mask, SRC, ACC)
         tl.store(_ptr(ptrs, t, 0, 2, DST) + offs, _rounded(s, DST), mask=mask)
 
     @triton.jit

@@ -335,3 +335,40 @@ def test_a_source_may_be_its_own_destination(op, any_backend):
     getattr(swa_fast, op)(*lists, *extra, backend=any_backend)
     for got, want in zip(lists[0], before[0]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [-0.5, -2.0, 0.75, 1.5])
+def test_non_finite_values_give_what_torch_lerp_gives(any_backend, weight):
+    """Each side of |weight| = 0.5 uses torch.lerp's formula, so inf and NaN come out where they
+    come out of torch.lerp, negative weights included."""
+    import swa_fast
+
+    inf = float("inf")
+    start = torch.tensor([2.0, inf, -inf, 1.0, inf])
+    end = torch.tensor([inf, 1.0, 3.0, -inf, inf])
+    avg = [start.clone()]
+    swa_fast.lerp_(avg, [end], weight, backend=any_backend)
+    torch.testing.assert_close(avg[0], torch.lerp(start, end, weight), equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_disjoint_views_of_one_buffer_in_any_order(op, any_backend):
+    """Views of one buffer that share no element are independent tensors, whatever their order in
+    the list (the overlap check sorts them)."""
+    import swa_fast
+
+    lists, extra = make_case(op, [(3, 2), (5,), (4,)], torch.float32, torch.float32)
+    buffers = [torch.empty(15) for _ in lists]
+    views = []
+    for buffer, lst in zip(buffers, lists):
+        parts = [buffer[9:15].view(3, 2), buffer[0:5], buffer[5:9]]  # out of address order
+        for part, t in zip(parts, lst):
+            part.copy_(t)
+        views.append(parts)
+    before = clone_lists(views)
+    getattr(swa_fast, op)(*views, *extra, backend=any_backend)
+    expected = clone_lists(before)
+    getattr(swa_fast, op)(*expected, *extra, backend="reference")
+    for got, want in zip(views, expected):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)

@@ -41,3 +41,13 @@ def test_bf16_rounding_is_to_nearest_even():
     nan = [torch.zeros(1, dtype=torch.bfloat16)]
     LAUNCHERS["copy_"](nan, [torch.tensor([float("nan")])])
     assert nan[0].isnan().all()
+
+
+@pytest.mark.parametrize("op", ["copy_", "lerp_"])
+def test_bf16_subnormals_widen_exactly(op):
+    """bf16 subnormals (fp32's range, so common after an underflow) are read as PyTorch reads them,
+    not flushed to zero as the interpreter's cast would."""
+    src = torch.tensor([9.1835e-41, -3e-39, 1.0, float("-inf")]).bfloat16()
+    dst = [torch.zeros(4)]
+    LAUNCHERS[op](dst, [src], *([1.0] if op == "lerp_" else []))
+    assert torch.equal(dst[0], src.float())
