@@ -120,7 +120,7 @@ def test_predict_is_the_mean_over_samples_and_restores_the_model():
 def test_a_one_shot_bn_loader_raises_and_restores_the_model():
     model = mlp(4, 6, 3, batch_norm=True)
     swag = swa_fast.SWAG(model, max_rank=3)
-    for s in range(3):
+    for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape) * 0.1)
