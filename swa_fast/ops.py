@@ -231,47 +231,16 @@ class OpSpec:
         return f"({', '.join(lists + ['Tensor weight'] * self.weighted)}) -> ()"
 
 
-OP_TABLE: dict[str, OpSpec] = {
-    spec.name: spec
-    for spec in (
-        OpSpec(
-            "lerp_",
-            lists=("avg", "src"),
-            written=1,
-            weighted=True,
-            check=checks.check_lerp,
-            reference=reference.lerp_,
-            foreach=_foreach_lerp,
-        ),
-        OpSpec(
-            "moments_",
-            lists=("mean", "sq", "src"),
-            written=2,
-            weighted=True,
-            check=checks.check_moments,
-            reference=reference.moments_,
-            foreach=_foreach_moments,
-        ),
-        OpSpec(
-            "copy_",
-            lists=("dst", "src"),
-            written=1,
-            weighted=False,
-            check=checks.check_copy,
-            reference=reference.copy_,
-            foreach=_foreach_copy,
-        ),
-        OpSpec(
-            "swap_",
-            lists=("a", "b"),
-            written=2,
-            weighted=False,
-            check=checks.check_swap,
-            reference=reference.swap_,
-            foreach=_foreach_swap,
-        ),
-    )
-}
+# One row per op, in OpSpec's field order.
+# fmt: off
+OP_TABLE: dict[str, OpSpec] = {row[0]: OpSpec(*row) for row in (
+    # name     lists                  written, weighted, check, reference, foreach
+    ("lerp_",    ("avg", "src"),        1, True,  checks.check_lerp,    reference.lerp_,    _foreach_lerp),
+    ("moments_", ("mean", "sq", "src"), 2, True,  checks.check_moments, reference.moments_, _foreach_moments),
+    ("copy_",    ("dst", "src"),        1, False, checks.check_copy,    reference.copy_,    _foreach_copy),
+    ("swap_",    ("a", "b"),            2, False, checks.check_swap,    reference.swap_,    _foreach_swap),
+)}
+# fmt: on
 
 for _spec in OP_TABLE.values():
     triton_kernels.register_op(_spec)
