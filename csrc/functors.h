@@ -83,9 +83,17 @@ struct LerpWeight {
     one = weight == A(1);
   }
   C10_HOST_DEVICE bool zero() const { return w == A(0); }
-  C10_HOST_DEVICE A operator()(A start, A end) const {
+  // kMayBeOne = false drops the weight-1 select: the CPU runner takes that loop whenever the weight
+  // is not 1, since the select in the loop halves the speed of moments_ (the compiler does not
+  // hoist it there).
+  template <bool kMayBeOne = true>
+  C10_HOST_DEVICE A mix(A start, A end) const {
     const A mixed = upper ? end - (end - start) * one_minus_w : start + w * (end - start);
-    return one ? end : mixed;  // a select, not a branch: the loop stays vectorised
+    if constexpr (kMayBeOne) {
+      return one ? end : mixed;  // a select, not a branch: the loop stays vectorised
+    } else {
+      return mixed;
+    }
   }
 };
 
@@ -105,11 +113,13 @@ struct Lerp {
   LerpWeight<A> lerp;
   C10_HOST_DEVICE void resolve() { lerp.set(weight.get()); }
   C10_HOST_DEVICE bool skip() const { return lerp.zero(); }
+  C10_HOST_DEVICE bool weight_one() const { return lerp.one; }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, D>(p[0], i), load_as<A, S>(p[1], i)};
   }
+  template <bool kMayBeOne = true>
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
-    static_cast<D*>(p[0])[i] = static_cast<D>(lerp(r.avg, r.src));
+    static_cast<D*>(p[0])[i] = static_cast<D>(lerp.template mix<kMayBeOne>(r.avg, r.src));
   }
 };
 
@@ -125,12 +135,14 @@ struct Moments {
   LerpWeight<A> lerp;
   C10_HOST_DEVICE void resolve() { lerp.set(weight.get()); }
   C10_HOST_DEVICE bool skip() const { return lerp.zero(); }
+  C10_HOST_DEVICE bool weight_one() const { return lerp.one; }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, D>(p[0], i), load_as<A, D>(p[1], i), load_as<A, S>(p[2], i)};
   }
+  template <bool kMayBeOne = true>
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
-    static_cast<D*>(p[0])[i] = static_cast<D>(lerp(r.mean, r.src));
-    static_cast<D*>(p[1])[i] = static_cast<D>(lerp(r.sq, r.src * r.src));
+    static_cast<D*>(p[0])[i] = static_cast<D>(lerp.template mix<kMayBeOne>(r.mean, r.src));
+    static_cast<D*>(p[1])[i] = static_cast<D>(lerp.template mix<kMayBeOne>(r.sq, r.src * r.src));
   }
 };
 
@@ -144,9 +156,11 @@ struct Copy {
   };
   C10_HOST_DEVICE void resolve() {}
   C10_HOST_DEVICE bool skip() const { return false; }
+  C10_HOST_DEVICE bool weight_one() const { return false; }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, S>(p[1], i)};
   }
+  template <bool = true>
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
     static_cast<D*>(p[0])[i] = static_cast<D>(r.src);
   }
@@ -161,9 +175,11 @@ struct Swap {
   };
   C10_HOST_DEVICE void resolve() {}
   C10_HOST_DEVICE bool skip() const { return false; }
+  C10_HOST_DEVICE bool weight_one() const { return false; }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {static_cast<const T*>(p[0])[i], static_cast<const T*>(p[1])[i]};
   }
+  template <bool = true>
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
     static_cast<T*>(p[0])[i] = r.b;
     static_cast<T*>(p[1])[i] = r.a;

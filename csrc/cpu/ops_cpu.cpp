@@ -41,7 +41,11 @@ template <typename F>
 SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t end) {
   f.resolve();
   if (f.skip()) return;
-  for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
+  if (f.weight_one()) {  // the source as it is, through the select that ignores the destination
+    for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
+  } else {
+    for (int64_t i = begin; i < end; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i));
+  }
 }
 
 // A copy between tensors of one dtype moves bytes as they are: kBytes per element (0: not one).
