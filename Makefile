@@ -12,7 +12,8 @@ EXPECT_CUDA := $(shell (command -v nvcc || ls /usr/local/cuda*/bin/nvcc) >/dev/n
 $(BIN)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch ninja setuptools wheel pytest numpy expecttest ruff matplotlib pytest-benchmark scikit-learn tqdm hypothesis
+	$(BIN)/pip install -q torch ninja setuptools wheel pytest numpy expecttest ruff matplotlib pytest-benchmark scikit-learn tqdm hypothesis \
+		timm diffusers ema-pytorch torch-ema lightning
 	touch $@
 
 $(BIN)/.built: $(BIN)/.deps $(SOURCES)
