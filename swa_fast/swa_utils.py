@@ -11,9 +11,10 @@ CPU count is read directly): no per-parameter Python arithmetic.
 The default SWA average and the functions from this module's `get_swa_multi_avg_fn` /
 `get_ema_multi_avg_fn` take that path; a user's own `avg_fn` / `multi_avg_fn` run as in torch.
 
-`SWALR`, `get_swa_avg_fn` and `get_ema_avg_fn` are torch's own (a scheduler, and per-parameter
-functions by design). `update_bn` is swa_fast.bn's: torch's behaviour, plus a `forward_fn` for
-batches that are not a tensor.
+`get_swa_avg_fn` / `get_ema_avg_fn` give torch's per-tensor functions (the same math, usable
+wherever torch's are), which this module's `AveragedModel` recognises as `avg_fn=` and runs fused
+(what Lightning's EMA callback passes). `SWALR` is torch's own scheduler. `update_bn` is
+swa_fast.bn's: torch's behaviour, plus a `forward_fn` for batches that are not a tensor.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from copy import deepcopy
 import torch
 from torch import Tensor
 from torch.nn import Module
-from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn
+from torch.optim.swa_utils import SWALR
 
 from . import checks, ops
 from .bn import update_bn
@@ -78,6 +79,32 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[PARAM_LIST, PARAM_LI
     return ema_update
 
 
+def get_swa_avg_fn() -> Callable[[Tensor, Tensor, Tensor | int], Tensor]:
+    """torch's per-tensor equal-weight average, avg + (param - avg) / (n + 1). Given as `avg_fn=`
+    to this module's `AveragedModel`, the whole model is updated by one fused op per group."""
+
+    @torch.no_grad()
+    def swa_update(averaged: Tensor, current: Tensor, num_averaged: Tensor | int) -> Tensor:
+        return averaged + (current - averaged) / (num_averaged + 1)
+
+    swa_update.swa_fast_kind = ("swa", None)
+    return swa_update
+
+
+def get_ema_avg_fn(decay: float = 0.999) -> Callable[[Tensor, Tensor, Tensor | int], Tensor]:
+    """torch's per-tensor exponential moving average, decay * ema + (1 - decay) * param, `decay` as
+    `get_ema_multi_avg_fn` takes it. Given as `avg_fn=` to this module's `AveragedModel`, the whole
+    model is updated by one fused op per group."""
+    decay = real_number(decay, "get_ema_avg_fn: decay", 0.0, 1.0)
+
+    @torch.no_grad()
+    def ema_update(ema: Tensor, current: Tensor, _num_averaged: Tensor | int) -> Tensor:
+        return decay * ema + (1 - decay) * current
+
+    ema_update.swa_fast_kind = ("ema", decay)
+    return ema_update
+
+
 def _save_own_bytes(module: Module, state: dict, prefix: str, _metadata: dict) -> None:
     """A state_dict post-hook of the submodules of an AveragedModel's copy. Its averaged tensors are
     views of flat buffers, and torch.save writes a view's whole storage: `avg.module[1].state_dict()`
@@ -120,8 +147,9 @@ class AveragedModel(Module):
     Args:
         model: the model to average (deep-copied into `module`).
         device: where the averaged copy lives (default: where the model is).
-        avg_fn: a per-tensor `avg_fn(averaged, current, n_averaged) -> new average`, run as in
-            torch (no fused path).
+        avg_fn: a per-tensor `avg_fn(averaged, current, n_averaged) -> new average`; this
+            module's `get_swa_avg_fn()` / `get_ema_avg_fn(decay)` take the fused path, a user's own
+            runs as in torch, tensor by tensor.
         multi_avg_fn: a per-list `multi_avg_fn(averaged, current, n_averaged)`; this module's
             `get_swa_multi_avg_fn()` / `get_ema_multi_avg_fn(decay)` take the fused path, a user's
             own runs as in torch. Neither given: the equal-weight (SWA) average, fused.
@@ -180,8 +208,9 @@ class AveragedModel(Module):
     def update_parameters(self, model: Module) -> None:
         """Update the average with `model`'s current weights (the first call copies them)."""
         current = module_tensors(model, self.use_buffers)
-        kind = getattr(self.multi_avg_fn, "swa_fast_kind", None)
-        if self.avg_fn is not None or (self.multi_avg_fn is not None and kind is None):
+        given = self.avg_fn if self.avg_fn is not None else self.multi_avg_fn
+        kind = getattr(given, "swa_fast_kind", None)
+        if given is not None and kind is None:
             self._update_like_torch(current)
         else:
             self._update_fused(current, kind or ("swa", None))

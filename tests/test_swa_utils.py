@@ -100,11 +100,38 @@ def test_swa_multi_avg_fn_matches_torch():
 
 
 def test_users_own_avg_fn_runs_as_in_torch():
+    calls = []
+
     def halfway(avg, cur, n):
+        calls.append(avg.shape)
         return (avg + cur) / 2
 
     _, fast, ref = run_both({"avg_fn": halfway})
     assert_same_state(fast, ref, rtol=0, atol=0)
+    # tensor by tensor, once per parameter per averaging update in each of the two models
+    assert len(calls) == 2 * 5 * len(list(fast.module.parameters()))
+    assert fast._flat_average is None  # no flat buffers: the user's function owns the arithmetic
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+@pytest.mark.parametrize("factory", ["get_swa_avg_fn", "get_ema_avg_fn"])
+def test_our_avg_fn_factories_take_the_fused_path_with_torchs_numbers(factory, use_buffers):
+    """What Lightning's EMA callback passes (`avg_fn=get_ema_avg_fn(decay)`): the per-tensor math
+    of torch's own function, run as one fused op over flat buffers."""
+    args = (0.8,) if factory == "get_ema_avg_fn" else ()
+    ours = getattr(fast_swa, factory)(*args)
+    model, fast, ref = run_both(
+        {"avg_fn": ours, "use_buffers": use_buffers},
+        {"avg_fn": getattr(torch_swa, factory)(*args), "use_buffers": use_buffers},
+    )
+    assert_same_state(fast, ref)
+    averaged = list(fast.module.parameters()) + (list(fast.module.buffers()) if use_buffers else [])
+    floating = [t for t in averaged if t.is_floating_point()]
+    storage = floating[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in floating)  # views of one flat buffer
+    # and the function itself is torch's per-tensor math, usable in torch's AveragedModel
+    a, c = torch.randn(5), torch.randn(5)
+    torch.testing.assert_close(ours(a, c, 3), getattr(torch_swa, factory)(*args)(a, c, 3), rtol=0, atol=0)
 
 
 def test_users_own_multi_avg_fn_runs_as_in_torch():
@@ -289,9 +316,11 @@ def test_ema_decays_torch_accepts_give_torchs_average(decay):
 @pytest.mark.parametrize(
     "decay", [-0.1, 1.5, float("nan"), "0.9", None, 0.9j, torch.tensor([0.9, 0.9]), torch.tensor(0.9j)]
 )
-def test_bad_ema_decays_raise_at_construction(decay):
-    with pytest.raises(ValueError, match=r"decay must be a finite real number in \[0.0, 1.0\], got"):
-        fast_swa.get_ema_multi_avg_fn(decay)
+@pytest.mark.parametrize("factory", ["get_ema_multi_avg_fn", "get_ema_avg_fn"])
+def test_bad_ema_decays_raise_at_construction(decay, factory):
+    expected = rf"{factory}: decay must be a finite real number in \[0.0, 1.0\], got"
+    with pytest.raises(ValueError, match=expected):
+        getattr(fast_swa, factory)(decay)
 
 
 def test_channels_last_model_averages_as_torch():
