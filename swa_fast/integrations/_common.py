@@ -1,5 +1,5 @@
-"""Pieces the integrations share: the walk in state_dict order, the flat shadow copies and their
-fused update, and the decay rule diffusers and torch-ema have in common.
+"""Pieces the integrations share: the walk in state_dict order, and the flat shadow copies with
+their fused update and their moves.
 
 The originals keep their averages as separate tensors (a deep copy's parameters, a list of
 `shadow_params`) and update them per tensor or with `torch._foreach_*`. Here those tensors stay
@@ -10,13 +10,14 @@ is a view of one flat buffer per (device, dtype): the update is one `swa_fast.le
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
 from .. import checks, ops
-from ..flat import FlatBuffer
+from ..flat import FlatBuffer, FlatGroup
 from ..model_tensors import _each_once
 
 
@@ -37,12 +38,6 @@ def state_tensors(module: Module) -> list[Tensor]:
 
     visit(module)
     return _each_once(found)
-
-
-def capped_decay(decay: float, t: int) -> float:
-    """min(decay, (1 + t) / (10 + t)): the decay of diffusers' EMAModel without warmup and of
-    torch-ema with `use_num_updates`, for their t-th step, in their Python float arithmetic."""
-    return min(decay, (1 + t) / (10 + t))
 
 
 def check_count(owner: str, what: str, expected: int, got: int) -> None:
@@ -68,21 +63,74 @@ class FlatShadow:
             t.data = view
         self.ptrs = [view.data_ptr() for view in self.buffer.views]
 
+    def to_(
+        self,
+        tensors: Sequence[Tensor],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        non_blocking: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        """Move the buffers (one copy each, none where nothing changes; the dtype applies to
+        floating buffers) or pin them, and re-point `tensors`, the ones given at construction."""
+        old = self.buffer
+        groups = []
+        for g in old.groups:
+            if pin_memory:
+                moved = g.buffer if g.buffer.is_pinned() else g.buffer.pin_memory()
+            else:
+                cast = dtype if g.dtype.is_floating_point else None
+                moved = g.buffer.to(device=device, dtype=cast, non_blocking=non_blocking)
+            groups.append(FlatGroup(moved.device, moved.dtype, moved, g.indices))
+        self.buffer = FlatBuffer.__new__(FlatBuffer)
+        self.buffer.__setstate__({**old.__getstate__(), "groups": groups})  # views over the moved buffers
+        for t, view in zip(tensors, self.buffer.views):
+            t.data = view
+        self.ptrs = [view.data_ptr() for view in self.buffer.views]
+
     def holds(self, tensors: Sequence[Tensor]) -> bool:
         """Whether `tensors` still live in the buffers (a `.to()`, a `load_state_dict(assign=True)`
         or `p.data = ...` gives them new storage)."""
         return len(tensors) == len(self.ptrs) and list(map(Tensor.data_ptr, tensors)) == self.ptrs
 
-    def lerp_(self, sources: Sequence[Tensor], weight: float, other_device: bool = False) -> None:
-        """avg += weight * (source - avg) for every stored tensor, one fused op per buffer. With
+    def lerp_(
+        self,
+        sources: Sequence[Tensor],
+        weight: float,
+        other_device: bool = False,
+        part: list[int] | None = None,
+    ) -> None:
+        """avg += weight * (source - avg) for the stored tensors (those at positions `part` only,
+        when given), one fused op per buffer; `sources` pair with every stored tensor. With
         `other_device`, sources that live elsewhere are copied over first (the originals' `device=`)."""
-        calls = []
-        for group, views, src in self.buffer.pairs(sources):
-            if other_device:
-                src = [s if s.device == group.device else s.to(group.device) for s in src]
-            calls.append((views, src))
-        if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
-            for views, src in calls:
+        if part is None:
+            pairs = [(g.device, views, src) for g, views, src in self.buffer.pairs(sources)]
+        else:
+            pairs = [(device, views, pick(at, sources)) for device, views, at in self._part(part) if views]
+        if other_device:
+            pairs = [(d, views, [s if s.device == d else s.to(d) for s in src]) for d, views, src in pairs]
+        if len(pairs) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
+            for _, views, src in pairs:
                 checks.check_lerp(views, src, weight)
-        for views, src in calls:
+        for _, views, src in pairs:
             ops.lerp_(views, src, weight)
+
+    def _part(self, part: list[int]) -> list[tuple[torch.device, list[Tensor], list[int]]]:
+        """Per buffer, its device, its views at positions `part` and those positions; kept for the
+        next call (which tensors a model freezes changes rarely)."""
+        key = tuple(part)
+        if getattr(self, "_part_key", None) != key:
+            chosen = set(part)
+            self._part_plan = []
+            for g in self.buffer.groups:
+                at = [i for i in g.indices if i in chosen]
+                self._part_plan.append((g.device, [self.buffer.views[i] for i in at], at))
+            self._part_key = key
+        return self._part_plan
+
+
+def pick(positions: list[int], tensors: Sequence[Tensor]) -> list[Tensor]:
+    """[tensors[i] for i in positions], without a Python loop."""
+    if not positions:
+        return []
+    return [tensors[positions[0]]] if len(positions) == 1 else list(itemgetter(*positions)(tensors))

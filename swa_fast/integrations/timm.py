@@ -13,27 +13,18 @@ run gives timm's bits. See docs/integrations.md for what differs.
 
 from __future__ import annotations
 
-from operator import itemgetter
-
 import torch
 from timm.utils import model_ema as _timm
 from torch import Tensor
 from torch.nn import Module
 
-from .. import ops
 from ..flat import copy_lists
-from ._common import FlatShadow, check_count, state_tensors
+from ._common import FlatShadow, check_count, pick, state_tensors
 
 __all__ = ["ModelEmaV2", "ModelEmaV3"]
 
 # timm's chunk of stochastically rounded elements (the default of its _lerp_stochastic_round_bf16_)
 _SR_CHUNK_NUMEL = 2**22
-
-
-def _pick(indices: list[int], tensors: list[Tensor]) -> list[Tensor]:
-    if not indices:
-        return []
-    return [tensors[indices[0]]] if len(indices) == 1 else list(itemgetter(*indices)(tensors))
 
 
 class _FlatModule:
@@ -52,7 +43,7 @@ class _FlatModule:
         self._floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
         self._integer = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
         self._source_dtypes = [t.dtype for t in self._sources(model)]
-        self._flat = FlatShadow(_pick(self._floating, averaged))
+        self._flat = FlatShadow(pick(self._floating, averaged))
         self._other_device = self.device is not None and any(
             t.device != torch.device(self.device) for t in self._sources(model)
         )
@@ -68,11 +59,11 @@ class _FlatModule:
         if not self._integer:
             floating_avg, floating_src = averaged, sources
         else:
-            floating_avg, floating_src = _pick(self._floating, averaged), _pick(self._floating, sources)
+            floating_avg, floating_src = pick(self._floating, averaged), pick(self._floating, sources)
         if not self._flat.holds(floating_avg):
             self._flat = FlatShadow(floating_avg)
             self.__dict__.pop("_sr_scratch", None)
-        return floating_avg, floating_src, _pick(self._integer, averaged), _pick(self._integer, sources)
+        return floating_avg, floating_src, pick(self._integer, averaged), pick(self._integer, sources)
 
     @torch.no_grad()
     def set(self, model: Module) -> None:
@@ -138,23 +129,18 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
             torch._foreach_copy_(ours, theirs)
 
     def _rounded_update(self, sources: list[Tensor], weight: float) -> None:
-        """bfloat16 groups: timm's stochastic rounding, on the flat buffer; other groups: lerp_."""
+        """bfloat16 buffers: timm's stochastic rounding, on the flat buffer; the others: lerp_."""
         buffer = self._flat.buffer
         scratch = self.__dict__.get("_sr_scratch")
         if scratch is None:  # the temporaries, once (timm allocates them on every update)
             scratch = _RoundingScratch(buffer, self._source_dtypes, self._floating, self.foreach)
             self._sr_scratch = scratch
-        for g, (group, views, src) in enumerate(buffer.pairs(sources)):
-            if group.dtype != torch.bfloat16:
-                _lerp_group(views, src, weight, group.device, self._other_device)
-                continue
-            scratch.update(g, group.buffer, src, weight, self._sr_generator)
-
-
-def _lerp_group(views: list[Tensor], src: list[Tensor], weight: float, device, other_device: bool) -> None:
-    if other_device:
-        src = [s if s.device == device else s.to(device) for s in src]
-    ops.lerp_(views, src, weight)
+        rest = [i for g in buffer.groups if g.dtype != torch.bfloat16 for i in g.indices]
+        if rest:
+            self._flat.lerp_(sources, weight, self._other_device, part=rest)
+        for g, (group, _, src) in enumerate(buffer.pairs(sources)):
+            if group.dtype == torch.bfloat16:
+                scratch.update(g, group.buffer, src, weight, self._sr_generator)
 
 
 class _RoundingScratch:
