@@ -1,11 +1,12 @@
 """swa_fast: fused, in-place weight averaging for PyTorch."""
 
-from . import distributed, optim, schedules, swa_utils
+from . import distributed, optim, posthoc, schedules, swa_utils
 from .averaging import EMA, SWA
 from .bn import update_bn
 from .fge import FGE
 from .flat import FlatBuffer
 from .ops import BACKENDS, backend_status, choose_backend, copy_, lerp_, moments_, swap_
+from .posthoc import PostHocEMA
 from .schedules import SWALR, FGECyclicLR
 from .swag import SWAG
 
@@ -18,6 +19,7 @@ __all__ = [
     "SWALR",
     "FGECyclicLR",
     "FlatBuffer",
+    "PostHocEMA",
     "backend_status",
     "choose_backend",
     "distributed",
@@ -25,6 +27,7 @@ __all__ = [
     "lerp_",
     "moments_",
     "optim",
+    "posthoc",
     "schedules",
     "swa_utils",
     "swap_",

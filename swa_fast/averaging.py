@@ -163,6 +163,43 @@ class Averager:
         if self.holds_average:
             self._placement.update(self, tensors)
 
+    def attach(
+        self, optimizer: torch.optim.Optimizer, model: Module | None = None, every: int = 1
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Update from the optimizer, so the training loop needs no call: a step post-hook calls
+        `self.update(model)` after every `every`-th `optimizer.step()` (counted from here; a step
+        that GradScaler skips runs no hook). `model` defaults to the model this manager was made
+        from, held weakly as the manager holds it (an unpickled manager, which has none yet, needs
+        `model=`). Returns the hook's handle: `handle.remove()` detaches it."""
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}.attach: every must be an int >= 1, got {every!r}"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}.attach: expected a torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}"
+            )
+        if model is None and self.tracked.model is None:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}.attach: this manager holds no model (unpickled, or its "
+                "model was freed): pass model="
+            )
+        if model is not None:  # the model this manager averages (or one like it), else raise now
+            self.average.check_shapes(self.tracked.split(self.tracked.tensors(model))[0])
+        steps = 0
+
+        def after_step(_optimizer, _args, _kwargs) -> None:
+            nonlocal steps
+            steps += 1
+            if steps % every == 0:
+                target = model if model is not None else self.tracked.model
+                if target is None:
+                    raise RuntimeError(f"swa_fast.{type(self).__name__}: the attached model was freed")
+                self.update(target)
+
+        return optimizer.register_step_post_hook(after_step)
+
     def update_from(self, tensors: list[Tensor]) -> None:
         """Update the average with `tensors` laid out as the model's (in the order of
         `tracked.tensors(model)`: say an FGE snapshot's stored tensors), wherever they are."""

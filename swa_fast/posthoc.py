@@ -1,0 +1,732 @@
+"""Post-hoc EMA (Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
+EDM2, CVPR 2024): power-function EMAs of several lengths tracked at once, saved as snapshots during
+training, from which an EMA of any length is reconstructed after training.
+
+    ema = swa_fast.PostHocEMA(model, sigma_rels=(0.05, 0.10), snapshot_every=1000, snapshot_dir="phema")
+    ...
+    ema.update(model)                         # every K averages in one fused multi_lerp_ per group
+    ...
+    ema.flush()                               # the snapshots still being written, written
+    swa_fast.posthoc.synthesize("phema", model, sigma_rel=0.07)    # any length, after training
+
+A power-function EMA at progress T (updates, or images/tokens when the caller counts them) gives
+the model at progress t the weight p(t) = (gamma + 1) t^gamma / T^(gamma + 1) on [0, T]; its width
+relative to T is sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))). The update that
+keeps it is avg += (1 - beta) (model - avg) with beta = (1 - delta / t) ** (gamma + 1), t the
+progress after this update and delta the progress since the last one: updates at progress
+t_1 < ... < t_n give the model of the i-th one the weight (t_i^(g+1) - t_(i-1)^(g+1)) / T^(g+1),
+the continuous profile integrated over its stretch, however far apart the updates are.
+
+A snapshot holds every tracked average, so each is the integral of its profile against the
+trajectory; a profile that is a linear combination of the snapshots' profiles is reconstructed
+exactly by the same combination of the snapshots. `synthesize` finds the combination closest to
+the requested profile in L2 (EDM2's least squares, over the closed-form inner products of power
+functions), then streams the snapshots through an fp32 accumulator into the model.
+
+The power-function weights live here rather than in weighting.py: they need the progress since the
+last update, which none of weighting.py's rules take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import queue
+import re
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from . import checks, distributed, ops
+from .averaging import Averager
+from .flat import _shaped_parts, copy_into_strided, copy_lists
+from .model_tensors import ModelCopy, TrackedModel
+from .weighting import real_number
+
+# --- the power-function EMA -------------------------------------------------------------------------
+
+# sigma_rel(gamma) rises from 0 at gamma = -1 to its peak at gamma = (sqrt(5) - 3) / 2, where
+# u = gamma + 1 solves u^2 + u = 1, and falls towards 0 as gamma grows: EDM2 takes the falling side
+# (the largest root of the cubic), so every sigma_rel below the peak has one gamma there.
+_GAMMA_AT_PEAK = (math.sqrt(5.0) - 3.0) / 2.0
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """The relative standard deviation of the power-function profile t^gamma on [0, T], over T."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+SIGMA_REL_MAX = gamma_to_sigma_rel(_GAMMA_AT_PEAK)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of the power-function EMA of relative width `sigma_rel`, in (0, SIGMA_REL_MAX):
+    the largest real root of (gamma + 2)^2 (gamma + 3) sigma_rel^2 = gamma + 1, by bisection on the
+    side where sigma_rel falls with gamma (monotone there), to the last bit of a float64."""
+    sigma_rel = real_number(sigma_rel, "posthoc: sigma_rel", 0.0, SIGMA_REL_MAX, above_low=True)
+    if sigma_rel == SIGMA_REL_MAX:
+        return _GAMMA_AT_PEAK
+    low, high = _GAMMA_AT_PEAK, 1.0
+    while gamma_to_sigma_rel(high) > sigma_rel:  # sigma_rel ~ 1 / gamma for large gamma
+        low, high = high, 2 * high
+    while True:
+        middle = (low + high) / 2
+        if middle in (low, high):
+            return (
+                high
+                if abs(gamma_to_sigma_rel(high) - sigma_rel) <= abs(gamma_to_sigma_rel(low) - sigma_rel)
+                else low
+            )
+        if gamma_to_sigma_rel(middle) > sigma_rel:
+            low = middle
+        else:
+            high = middle
+
+
+def update_weight(gamma: float, previous: float, progress: float) -> float:
+    """1 - beta of the update that moves a power-function EMA from progress `previous` to
+    `progress`: beta = (previous / progress) ** (gamma + 1), 0 at the first update (a copy).
+    Written with expm1/log1p so that a small weight keeps its digits late in training."""
+    if previous == 0:
+        return 1.0
+    return -math.expm1((gamma + 1) * math.log1p(-(progress - previous) / progress))
+
+
+def profile_weights(gamma: float, progress: Sequence[float]) -> list[float]:
+    """The weight each update's model has in the average after updates at increasing `progress`
+    t_1 < ... < t_n: (t_i^(g+1) - t_(i-1)^(g+1)) / t_n^(g+1), with t_0 = 0 (they sum to 1)."""
+    end = progress[-1]
+    scaled = [0.0] + [(t / end) ** (gamma + 1) for t in progress]
+    return [b - a for a, b in zip(scaled, scaled[1:])]
+
+
+def profile_inner(t_a: Tensor, gamma_a: Tensor, t_b: Tensor, gamma_b: Tensor) -> Tensor:
+    """<p_a, p_b> = the integral over t of p_a(t) p_b(t) for power-function profiles
+    p(t) = (g + 1) t^g / T^(g + 1) on [0, T], elementwise over broadcast float64 tensors. With
+    T_a <= T_b the integral runs over [0, T_a] and comes to
+    (g_a + 1)(g_b + 1) / (g_a + g_b + 1) * (T_a / T_b)^g_b / T_b; the other case by symmetry."""
+    a_first = t_a <= t_b
+    t_short, t_long = torch.where(a_first, t_a, t_b), torch.where(a_first, t_b, t_a)
+    g_long = torch.where(a_first, gamma_b, gamma_a)
+    scale = (gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1)
+    return scale * (t_short / t_long) ** g_long / t_long
+
+
+@dataclass
+class Reconstruction:
+    """How a requested profile is made from the snapshots: `coefficients[i]` multiplies the i-th
+    of `sources` (step, profile index), and `profile_error` is the L2 distance between the
+    combined profile and the requested one, over the latter's L2 norm."""
+
+    coefficients: list[float]
+    sources: list[tuple[int, int]]
+    profile_error: float
+
+
+def solve_coefficients(
+    progress: Sequence[float], gammas: Sequence[float], target_progress: float, target_gamma: float
+) -> tuple[Tensor, float]:
+    """EDM2's least squares: the coefficients x minimising || sum_i x_i p_i - p_r || for the
+    profiles p_i (`progress[i]`, `gammas[i]`) and the requested p_r, in float64. Solved as the
+    minimum-norm least-squares solution of the Gram system A x = b (SVD with a cut-off), which stays
+    finite when two snapshots' profiles (nearly) coincide and keeps the coefficients, and so the
+    rounding they multiply, small. Returns (x, relative profile error)."""
+    t = torch.tensor(list(progress), dtype=torch.float64)
+    g = torch.tensor(list(gammas), dtype=torch.float64)
+    t_r = torch.tensor([float(target_progress)], dtype=torch.float64)
+    g_r = torch.tensor([float(target_gamma)], dtype=torch.float64)
+    gram = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
+    b = profile_inner(t[:, None], g[:, None], t_r[None, :], g_r[None, :])
+    x = torch.linalg.lstsq(gram, b, driver="gelsd").solution[:, 0]
+    target = profile_inner(t_r, g_r, t_r, g_r)[0]
+    residual = (x @ gram @ x - 2 * x @ b[:, 0] + target).clamp_min(0.0)
+    return x, math.sqrt(float(residual / target))
+
+
+# --- snapshots on disk ------------------------------------------------------------------------------
+
+SNAPSHOT_FORMAT = "swa_fast.PostHocEMA snapshot"
+_SNAPSHOT_NAME = re.compile(r"^snapshot-(\d+)\.pt$")
+
+
+def snapshot_path(directory: str | os.PathLike, step: int) -> Path:
+    return Path(directory) / f"snapshot-{step:010d}.pt"
+
+
+def list_snapshots(directory: str | os.PathLike) -> dict[int, Path]:
+    """step -> file of every whole snapshot in `directory` (a snapshot is written under a temporary
+    name and renamed when complete, so a file with a snapshot's name is a whole one)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"swa_fast.posthoc: expected a directory of snapshots, got {str(directory)!r}")
+    found = {}
+    for path in directory.iterdir():
+        match = _SNAPSHOT_NAME.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def load_snapshot(path: Path, mmap: bool = True) -> dict:
+    """A snapshot file's contents (tensors memory-mapped: read when used), checked to be one."""
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # noqa: BLE001 (any unreadable file is the same error to the caller)
+        raise ValueError(f"swa_fast.posthoc: {str(path)!r} is not a readable snapshot ({error})") from error
+    keys = ("format", "step", "progress", "sigma_rels", "gammas", "names", "groups", "flats", "integers")
+    if (
+        not isinstance(snapshot, dict)
+        or snapshot.get("format") != SNAPSHOT_FORMAT
+        or any(k not in snapshot for k in keys)
+    ):
+        raise ValueError(
+            f"swa_fast.posthoc: {str(path)!r} is not a PostHocEMA snapshot (expected a dict with "
+            f"format {SNAPSHOT_FORMAT!r} and keys {list(keys)})"
+        )
+    return snapshot
+
+
+def _write_atomically(path: Path, payload: dict) -> None:
+    """torch.save to a temporary name beside `path`, flushed to disk, then renamed over `path`: a
+    reader (or a crash) sees the whole file or none of it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, on file systems that allow it
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def _stop_writer(jobs: queue.Queue, thread: threading.Thread) -> None:
+    jobs.put(None)
+    thread.join()
+
+
+class SnapshotWriter:
+    """A background thread that writes snapshots, one at a time, in order. A job waits for its
+    host copy to land (CUDA events) before it is serialised; `free` is set once the host buffer may
+    be written again. The first error is kept and raised by `check()`; at interpreter exit (or when
+    the writer is collected) the pending jobs are written first."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.free = threading.Event()
+        self.free.set()
+        self.error: BaseException | None = None
+        self.failed_path: Path | None = None
+        self._thread = threading.Thread(target=self._run, name="swa_fast snapshot writer", daemon=True)
+        self._thread.start()
+        weakref.finalize(self, _stop_writer, self.jobs, self._thread)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            path, payload, copied = job
+            try:
+                for event in copied:
+                    event.synchronize()
+                if self.error is None:
+                    _write_atomically(path, payload)
+            except BaseException as error:  # noqa: BLE001 (kept, raised in the training thread)
+                self.error, self.failed_path = error, path
+            finally:
+                self.free.set()
+                self.jobs.task_done()
+
+    def submit(self, path: Path, payload: dict, copied: list) -> None:
+        self.free.clear()
+        self.jobs.put((path, payload, copied))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(
+                f"swa_fast.PostHocEMA: writing the snapshot {str(self.failed_path)!r} failed: "
+                f"{self.error!r}; no later snapshot was written"
+            ) from self.error
+
+    def flush(self) -> None:
+        self.jobs.join()
+        self.check()
+
+
+class _HostSnapshot:
+    """Host memory that a snapshot is copied into (pinned for a GPU average) and the payload that is
+    saved from it: per tracked profile one flat tensor per group of the average, and named views of
+    them (torch.save keeps the views' shared storage: each byte is written once)."""
+
+    def __init__(self, manager: PostHocEMA, dtype: torch.dtype | None) -> None:
+        average = manager.average
+        self.pin = torch.cuda.is_available() and any(g.device.type == "cuda" for g in average.groups)
+        self.flats = [
+            [
+                torch.empty(g.buffer.numel(), dtype=dtype or g.dtype, pin_memory=self.pin)
+                for g in average.groups
+            ]
+            for _ in manager._profiles
+        ]
+        self.integers = [torch.empty_like(t, device="cpu", pin_memory=self.pin) for t in manager._integers]
+        names = manager.tracked.floating_names
+        floating_shapes = [v.shape for v in average.views]
+        averages = []
+        for flats in self.flats:
+            named: list[Tensor] = [torch.empty(0)] * len(names)
+            for g, flat in zip(average.groups, flats):
+                for i, view in zip(g.indices, average.views_of(g, flat)):
+                    named[i] = view
+            averages.append(dict(zip(names, named)))
+        self.payload = {
+            "format": SNAPSHOT_FORMAT,
+            "sigma_rels": list(manager.sigma_rels),
+            "gammas": list(manager.gammas),
+            "use_buffers": manager.use_buffers,
+            "names": names,
+            "shapes": [list(s) for s in floating_shapes],
+            "groups": [list(g.indices) for g in average.groups],
+            "averages": averages,  # per profile: name -> tensor, for readers of the file
+            "flats": self.flats,  # the same bytes per group, for synthesis (one op per group)
+            "integers": dict(zip(manager.tracked.integer_names, self.integers)),
+        }
+
+    def copy_from(self, sources: list[Tensor], integers: list[Tensor], backend: str | None) -> list:
+        """Copy `sources` (the profiles' flat buffers, in `flats` order) and the integer buffers here;
+        from a GPU on a side stream of each device (returns the events to wait for), on the CPU by one
+        fused copy."""
+        dests = [flat for flats in self.flats for flat in flats]
+        if not any(s.is_cuda for s in sources + integers):
+            copy_lists(dests, sources, backend=backend)
+            copy_lists(self.integers, integers)
+            return []
+        events = []
+        for device in sorted({s.device for s in sources + integers if s.is_cuda}, key=str):
+            stream = _snapshot_stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for dst, src in zip(dests + self.integers, sources + integers):
+                    if src.device == device:
+                        dst.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            events.append(event)
+        for dst, src in zip(dests + self.integers, sources + integers):
+            if not src.is_cuda:
+                dst.copy_(src)
+        return events
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _snapshot_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
+# --- the manager ------------------------------------------------------------------------------------
+
+
+class PostHocEMA(Averager):
+    """Power-function EMAs of every `sigma_rels` (EDM2), updated together by one fused
+    `swa_fast.multi_lerp_` per flat group, with snapshots from which any other sigma_rel is
+    reconstructed after training (`synthesize`).
+
+    Each update weighs the model by 1 - (1 - delta / t) ** (gamma + 1), t being the progress after
+    it and delta the progress since the last update: by default one unit per update (so updating
+    every k optimizer steps gives the same profile, in steps, as updating every step), or the
+    caller's own count of images or tokens passed as `update(model, progress=...)`.
+
+    Snapshots (every `snapshot_every` updates, into `snapshot_dir`) hold every tracked average, its
+    sigma_rel and gamma, the update count (`step`) and the progress. The averages are copied to host
+    memory (pinned, on a side stream, from a GPU; by one fused copy on the CPU) and written by a
+    background thread, each file under a temporary name renamed when whole. An error of the writer
+    is raised by the next `update`, `snapshot`, `flush` or `synthesize`. Under DDP rank 0 writes
+    them (every rank holds the same averages).
+
+    Args:
+        model: the model to average.
+        sigma_rels: the profiles to track, each a real number in (0, SIGMA_REL_MAX ~ 0.3003), distinct
+            (EDM2 tracks 0.05 and 0.10).
+        snapshot_every: write a snapshot every this many updates (None: never).
+        snapshot_dir: where (created if missing); needed with `snapshot_every`. One training run per
+            directory: a resumed run (`load_state_dict`) continues the series there.
+        snapshot_dtype: the snapshots' dtype (default fp16 as EDM2; None: the average's own).
+        **options: the `Averager`'s dtype, use_buffers, rank0_only, device, side_stream and backend
+            (check_finite is refused: it would skip the update's weights but not its progress).
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        *,
+        snapshot_every: int | None = None,
+        snapshot_dir: str | os.PathLike | None = None,
+        snapshot_dtype: torch.dtype | None = torch.float16,
+        **options,
+    ) -> None:
+        if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:
+            raise ValueError(
+                f"swa_fast.PostHocEMA: sigma_rels must be a non-empty sequence of real numbers in "
+                f"(0, {SIGMA_REL_MAX:.4f}), got {sigma_rels!r}"
+            )
+        sigma_rels = tuple(
+            real_number(s, "PostHocEMA: each of sigma_rels", 0.0, SIGMA_REL_MAX, above_low=True)
+            for s in sigma_rels
+        )
+        if len(set(sigma_rels)) != len(sigma_rels):
+            raise ValueError(f"swa_fast.PostHocEMA: sigma_rels must be distinct, got {sigma_rels}")
+        if snapshot_every is not None and (
+            isinstance(snapshot_every, bool)
+            or not isinstance(snapshot_every, numbers.Integral)
+            or snapshot_every < 1
+        ):
+            raise ValueError(
+                f"swa_fast.PostHocEMA: snapshot_every must be an int >= 1 or None, got {snapshot_every!r}"
+            )
+        if (snapshot_every is None) != (snapshot_dir is None):
+            raise ValueError(
+                "swa_fast.PostHocEMA: snapshot_every and snapshot_dir go together (got snapshot_every="
+                f"{snapshot_every!r}, snapshot_dir={snapshot_dir!r})"
+            )
+        if snapshot_dtype is not None and snapshot_dtype not in checks.FLOAT_DTYPES:
+            raise ValueError(
+                "swa_fast.PostHocEMA: snapshot_dtype must be torch.float32, float64, float16, bfloat16 or "
+                f"None (the average's own), got {snapshot_dtype}"
+            )
+        if options.get("check_finite"):
+            raise ValueError("swa_fast.PostHocEMA: check_finite is not supported (SWA and EMA have it)")
+        super().__init__(model, **options)
+        if self.tracked.sharded and snapshot_every is not None:
+            raise ValueError(
+                "swa_fast.PostHocEMA: snapshots of a sharded (FSDP2) model are not supported: each rank "
+                "holds only its shards"
+            )
+        self.sigma_rels = sigma_rels
+        self.gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
+        self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
+        self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
+        self.snapshot_dtype = snapshot_dtype
+        if self.snapshot_dir is not None:
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        # Profile 0 is the Averager's own copy; the others are laid out alike (same groups), and
+        # share its integer buffers, so that any of them loads into the model as a ModelCopy.
+        self._profiles = [self._copy]
+        pinned = (
+            self.holds_average and bool(self.average.groups) and self.average.groups[0].buffer.is_pinned()
+        )
+        for _ in sigma_rels[1:]:
+            copy = ModelCopy(self.tracked, self._copy.stored(), pin_memory=pinned, backend=self.backend)
+            copy.integers = self._copy.integers
+            self._profiles.append(copy)
+        # Per flat group, the K averages' views: what each update hands to multi_lerp_.
+        self._group_views = [
+            [p.flat.group_views(g) for p in self._profiles] for g in range(len(self.average.groups))
+        ]
+        self.progress = 0.0  # t after the last update
+        self.progress_given: bool | None = None  # whether update() is given progress (fixed by the first)
+        self._weights: list[float] = []
+        self._applying: int | None = None  # the profile average_applied is applying
+        self._writer: SnapshotWriter | None = None
+        self._host: _HostSnapshot | None = None
+        self._copied: list = []  # CUDA events of the last snapshot's host copy
+
+    # --- updates --------------------------------------------------------------------------------------
+
+    def _advance(self, progress: float | None) -> None:
+        """Check `progress` and work out this update's K weights (before anything is written)."""
+        if self._writer is not None:
+            self._writer.check()
+        given = progress is not None
+        if self.progress_given is not None and given != self.progress_given:
+            raise ValueError(
+                "swa_fast.PostHocEMA.update: pass progress= on every update or on none; "
+                + ("the earlier ones had it" if self.progress_given else "the earlier ones did not")
+            )
+        if given:
+            progress = real_number(progress, "PostHocEMA.update: progress", self.progress, above_low=True)
+        else:
+            progress = self.progress + 1
+        self._weights = [update_weight(g, self.progress, progress) for g in self.gammas]
+        self.progress = progress
+        self.progress_given = given
+        # A snapshot's copy from the GPU reads the averages: the update waits for it there.
+        for event in self._copied:
+            torch.cuda.current_stream(event.device).wait_event(event)
+        self._copied = []
+
+    def update(self, model: Module, progress: float | None = None) -> None:
+        """Update every tracked average with the model's current weights; write a snapshot when one
+        is due. `progress`: the training progress so far (images, tokens: any count that grows), on
+        every call or never; without it each update counts one."""
+        self._advance(progress)
+        super().update(model)
+        self._snapshot_if_due()
+
+    def update_from(self, tensors: list[Tensor], progress: float | None = None) -> None:
+        """`update` from tensors laid out as the model's (see Averager.update_from)."""
+        self._advance(progress)
+        super().update_from(tensors)
+        self._snapshot_if_due()
+
+    def _update_weight(self) -> list[float]:
+        return self._weights
+
+    def _update_group(self, group: int, avg: list[Tensor], src: list[Tensor], weight) -> None:
+        ops.multi_lerp_(self._group_views[group], src, weight, backend=self.backend)
+
+    # --- snapshots -----------------------------------------------------------------------------------
+
+    def _snapshot_if_due(self) -> None:
+        if self.snapshot_every is not None and self.calls % self.snapshot_every == 0:
+            self.snapshot()
+
+    def snapshot(self) -> Path | None:
+        """Write a snapshot of every tracked average now (in the background), named by the update
+        count; its path, or None where this process writes none (ranks other than 0)."""
+        if self.snapshot_dir is None:
+            raise ValueError("swa_fast.PostHocEMA.snapshot: this one was made without snapshot_dir")
+        if not self.holds_average or distributed.rank_in(self.tracked.model) != 0:
+            return None
+        if self._writer is None:
+            self._writer = SnapshotWriter()
+        self._writer.check()
+        self.wait()  # an update in flight lands in the averages first
+        if self._host is None:
+            self._host = _HostSnapshot(self, self.snapshot_dtype)
+        self._writer.free.wait()  # the last snapshot is out of the host buffer
+        self._writer.check()
+        sources = [g.buffer for p in self._profiles for g in p.flat.groups]
+        self._copied = self._host.copy_from(sources, self._integers, self.backend)
+        path = snapshot_path(self.snapshot_dir, self.calls)
+        payload = {**self._host.payload, "step": self.calls, "progress": self.progress}
+        self._writer.submit(path, payload, list(self._copied))
+        return path
+
+    def flush(self) -> None:
+        """Wait until every snapshot taken so far is on disk; raise the writer's error, if any."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def synthesize(self, model: Module, sigma_rel: float, step: int | None = None) -> Reconstruction:
+        """`swa_fast.posthoc.synthesize` over this manager's snapshots (written ones first)."""
+        if self.snapshot_dir is None:
+            raise ValueError("swa_fast.PostHocEMA.synthesize: this one was made without snapshot_dir")
+        self.flush()
+        return synthesize(self.snapshot_dir, model, sigma_rel, step)
+
+    # --- reading a tracked average --------------------------------------------------------------------
+
+    def _profile_index(self, sigma_rel: float | None, what: str) -> int:
+        if sigma_rel is None:
+            if self._applying is not None:
+                return self._applying
+            if len(self.sigma_rels) == 1:
+                return 0
+            raise ValueError(
+                f"swa_fast.PostHocEMA.{what}: pass sigma_rel=, one of the tracked {self.sigma_rels}"
+            )
+        value = real_number(sigma_rel, f"PostHocEMA.{what}: sigma_rel")
+        for k, tracked in enumerate(self.sigma_rels):
+            if math.isclose(value, tracked, rel_tol=1e-9):
+                return k
+        raise ValueError(
+            f"swa_fast.PostHocEMA.{what}: sigma_rel {value} is not tracked (tracked: {self.sigma_rels}); "
+            "other profiles come from the snapshots: synthesize()"
+        )
+
+    @contextlib.contextmanager
+    def _profile_as_average(self, k: int) -> Iterator[None]:
+        """Averager's readers read `_copy` / `average`: show them profile k for the call."""
+        kept = self._copy, self.average
+        self._copy, self.average = self._profiles[k], self._profiles[k].flat
+        try:
+            yield
+        finally:
+            self._copy, self.average = kept
+
+    def copy_to(self, model: Module, sigma_rel: float | None = None) -> None:
+        """Write the tracked average of `sigma_rel` into the model (see Averager.copy_to)."""
+        with self._profile_as_average(self._profile_index(sigma_rel, "copy_to")):
+            super().copy_to(model)
+
+    def swap(self, model: Module, sigma_rel: float | None = None) -> None:
+        """Exchange the model's weights and the tracked average of `sigma_rel` (see Averager.swap)."""
+        with self._profile_as_average(self._profile_index(sigma_rel, "swap")):
+            super().swap(model)
+
+    @contextlib.contextmanager
+    def average_applied(self, model: Module, sigma_rel: float | None = None) -> Iterator[Module]:
+        """The tracked average of `sigma_rel` in the model within the block (see
+        Averager.average_applied)."""
+        self._applying = self._profile_index(sigma_rel, "average_applied")
+        try:
+            with super().average_applied(model) as applied:
+                self._applying = None
+                yield applied
+        finally:
+            self._applying = None
+
+    # --- saving and resuming --------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        self.flush()
+        state = super().__getstate__()
+        state.update(_writer=None, _host=None, _copied=[])
+        return state
+
+    def _extra_state(self) -> dict:
+        return {
+            "sigma_rels": list(self.sigma_rels),
+            "progress": self.progress,
+            "progress_given": self.progress_given,
+            "averages": [p.named() for p in self._profiles],
+        }
+
+    def _check_extra_state(self, state: dict) -> float:
+        saved = state.get("sigma_rels")
+        if saved is None or [float(s) for s in saved] != list(self.sigma_rels):
+            raise ValueError(
+                f"swa_fast.PostHocEMA: expected a PostHocEMA state_dict with sigma_rels "
+                f"{list(self.sigma_rels)}, got one with {saved}"
+            )
+        averages = state.get("averages")
+        if not isinstance(averages, (list, tuple)) or len(averages) != len(self._profiles):
+            raise ValueError(
+                f"swa_fast.PostHocEMA: the state_dict's 'averages' must list {len(self._profiles)} averages"
+            )
+        for named in averages:
+            self.tracked.local_state(named)
+        if "progress_given" not in state or state["progress_given"] not in (None, True, False):
+            raise ValueError(
+                "swa_fast.PostHocEMA: 'progress_given' must be None or a bool, got "
+                f"{state.get('progress_given')!r}"
+            )
+        progress = real_number(state.get("progress"), "PostHocEMA.load_state_dict: progress", 0.0)
+        return progress, state["progress_given"], averages
+
+    def _load_extra_state(self, checked: tuple) -> None:
+        self.progress, self.progress_given, averages = checked
+        for profile, named in zip(self._profiles[1:], averages[1:]):  # the first is `average`
+            profile.load_named(named)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict of the same model and sigma_rels; resuming continues bit for bit (and
+        the snapshot series where it left off)."""
+        self.flush()
+        super().load_state_dict(state)
+
+
+# --- synthesis --------------------------------------------------------------------------------------
+
+
+def _layout(snapshot: dict) -> tuple:
+    """What must be the same in every snapshot of one series: the model's tensors and their groups."""
+    return (snapshot["names"], snapshot["shapes"], snapshot["groups"], snapshot.get("use_buffers"))
+
+
+@torch.no_grad()
+def synthesize(
+    snapshot_dir: str | os.PathLike,
+    model: Module,
+    sigma_rel: float,
+    step: int | None = None,
+    *,
+    backend: str | None = None,
+) -> Reconstruction:
+    """Write into `model` the power-function EMA of relative width `sigma_rel` at the snapshot of
+    `step` (default: the last), reconstructed from the snapshots in `snapshot_dir` up to it by
+    EDM2's least squares (see `solve_coefficients`). The snapshots are read one at a time (memory
+    mapped) into an fp32 accumulator: the model, one snapshot and the accumulator are all it holds.
+    Values reach the model through its tensors' own strides, cast to their dtypes; integer buffers
+    (with use_buffers) come from the snapshot of `step`. Returns how the profile was made and its
+    relative L2 error (0 up to rounding for a tracked sigma_rel)."""
+    gamma = sigma_rel_to_gamma(sigma_rel)
+    snapshots = list_snapshots(snapshot_dir)
+    if not snapshots:
+        raise ValueError(f"swa_fast.posthoc.synthesize: no snapshots in {str(snapshot_dir)!r}")
+    if step is None:
+        step = max(snapshots)
+    elif step not in snapshots:
+        steps = list(snapshots)
+        raise ValueError(
+            f"swa_fast.posthoc.synthesize: no snapshot at step {step!r} in {str(snapshot_dir)!r}; there "
+            f"are {len(steps)}, at steps {steps[0]} to {steps[-1]} ({steps[:5]}{' ...' * (len(steps) > 5)})"
+        )
+    used = {s: path for s, path in snapshots.items() if s <= step}
+    # First pass, headers only (the tensors are memory mapped, not read): the profiles to combine.
+    layout, first = None, None
+    sources, progress, gammas = [], [], []
+    for s, path in used.items():
+        snapshot = load_snapshot(path)
+        if snapshot["step"] != s:
+            raise ValueError(f"swa_fast.posthoc: {str(path)!r} holds the snapshot of step {snapshot['step']}")
+        if layout is None:
+            layout, first = _layout(snapshot), path
+        elif _layout(snapshot) != layout:
+            raise ValueError(
+                f"swa_fast.posthoc: {str(path)!r} is a snapshot of another model than {str(first)!r} "
+                "(its tensors differ): one training run per snapshot directory"
+            )
+        for k, g in enumerate(snapshot["gammas"]):
+            sources.append((s, k))
+            progress.append(float(snapshot["progress"]))
+            gammas.append(float(g))
+    target_progress = progress[-1]
+    coefficients, error = solve_coefficients(progress, gammas, target_progress, gamma)
+    names, shapes, groups, use_buffers = layout
+    tracked = TrackedModel(model, bool(use_buffers), "synthesize")
+    floating, integer = tracked.split(tracked.tensors(model))
+    if tracked.floating_names != names or [list(t.shape) for t in floating] != shapes:
+        mine = dict(zip(tracked.floating_names, (list(t.shape) for t in floating)))
+        theirs = dict(zip(names, shapes))
+        differ = next((n for n in list(theirs) + list(mine) if mine.get(n) != theirs.get(n)), None)
+        raise ValueError(
+            f"swa_fast.posthoc.synthesize: the snapshots are of another model: '{differ}' has shape "
+            f"{theirs.get(differ)} there and {mine.get(differ)} here (None: missing)"
+        )
+    lengths = [sum(math.prod(shapes[i]) for i in group) for group in groups]
+    accumulators = [torch.zeros(n, dtype=torch.float32) for n in lengths]
+    position = 0
+    for path in used.values():  # second pass: one snapshot in memory at a time
+        snapshot = load_snapshot(path)
+        flats = snapshot["flats"]
+        if len(flats) != len(snapshot["gammas"]) or any(
+            [f.numel() for f in group_flats] != lengths for group_flats in flats
+        ):
+            raise ValueError(f"swa_fast.posthoc: {str(path)!r} is damaged: its averages have the wrong sizes")
+        for group_flats in flats:
+            weight = float(coefficients[position])
+            position += 1
+            for accumulator, flat in zip(accumulators, group_flats):
+                accumulator.add_(flat, alpha=weight)
+        last = snapshot
+    tracked.before_write()
+    for group, accumulator in zip(groups, accumulators):
+        copy_into_strided(
+            [floating[i] for i in group],
+            _shaped_parts(accumulator, [floating[i].shape for i in group]),
+            backend,
+        )
+    saved_integers = last["integers"]
+    if sorted(saved_integers) != sorted(tracked.integer_names):
+        raise ValueError("swa_fast.posthoc.synthesize: the snapshots' integer buffers are not the model's")
+    copy_lists(integer, [saved_integers[n] for n in tracked.integer_names])
+    return Reconstruction(coefficients.tolist(), sources, error)

@@ -1,0 +1,582 @@
+"""PostHocEMA (EDM2's power-function EMAs, snapshots and post-hoc synthesis) and `attach` for every
+manager: against EDM2's closed form in float64, against ema-pytorch's PostHocEMA, through a writer
+killed mid-write, and the error contract."""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import swa_fast
+from swa_fast import posthoc
+from swa_fast.posthoc import PostHocEMA, list_snapshots, synthesize
+
+torch.set_default_dtype(torch.float32)
+
+
+def vector_model(n: int = 6, dtype=torch.float64) -> nn.Module:
+    """A model of one parameter vector, which the tests set to a trajectory's points."""
+    model = nn.Module()
+    model.w = nn.Parameter(torch.zeros(n, dtype=dtype))
+    return model
+
+
+def set_to(model: nn.Module, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        model.w.copy_(value)
+
+
+def gamma_by_numpy(sigma_rel: float) -> float:
+    """EDM2's own recipe, independent of ours: the largest real root of the cubic."""
+    t = sigma_rel**-2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+def random_walk(steps: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A trajectory like a training run's: drift plus accumulated noise, float64, (steps, n)."""
+    g = torch.Generator().manual_seed(seed)
+    drift = torch.linspace(0, 1, steps, dtype=torch.float64)[:, None] * torch.randn(
+        n, generator=g, dtype=torch.float64
+    )
+    return drift + 0.05 * torch.randn(steps, n, generator=g, dtype=torch.float64).cumsum(0)
+
+
+# --- the math ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.07, 0.10, 0.2, 0.29])
+def test_gamma_is_the_largest_root_of_the_cubic(sigma_rel):
+    gamma = posthoc.sigma_rel_to_gamma(sigma_rel)
+    assert gamma == pytest.approx(gamma_by_numpy(sigma_rel), rel=1e-12)
+    assert posthoc.gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-14)
+
+
+def test_profile_inner_products_against_quadrature():
+    # <p_a, p_b> by a fine midpoint rule on [0, min(T_a, T_b)] against the closed form.
+    for t_a, g_a, t_b, g_b in (
+        (300.0, 6.9, 1000.0, 17.0),
+        (1000.0, 6.9, 400.0, 2.5),
+        (500.0, 3.0, 500.0, 3.0),
+    ):
+        n = 400_000
+        t = (torch.arange(n, dtype=torch.float64) + 0.5) * min(t_a, t_b) / n
+        p_a = (g_a + 1) * t**g_a / t_a ** (g_a + 1)
+        p_b = (g_b + 1) * t**g_b / t_b ** (g_b + 1)
+        numeric = float((p_a * p_b).sum() * min(t_a, t_b) / n)
+        closed = posthoc.profile_inner(*(torch.tensor(v, dtype=torch.float64) for v in (t_a, g_a, t_b, g_b)))
+        assert float(closed) == pytest.approx(numeric, rel=1e-6)
+
+
+# --- the tracked averages -----------------------------------------------------------------------------
+
+
+def test_tracked_averages_match_edm2_closed_form():
+    # Irregular progress (batches of different sizes, passed as progress=): the average after
+    # updates at t_1 < ... < t_n weighs the i-th model by (t_i^(g+1) - t_(i-1)^(g+1)) / t_n^(g+1).
+    steps, n = 300, 5
+    trajectory = random_walk(steps, n)
+    g = torch.Generator().manual_seed(1)
+    progress = torch.randint(1, 64, (steps,), generator=g).cumsum(0).tolist()
+    sigma_rels = (0.05, 0.10, 0.2)
+    model = vector_model(n)
+    ema = PostHocEMA(model, sigma_rels, dtype=torch.float64)
+    for x, t in zip(trajectory, progress):
+        set_to(model, x)
+        ema.update(model, progress=t)
+    times = torch.tensor([0.0] + progress, dtype=torch.float64)
+    for sigma_rel in sigma_rels:
+        gamma = gamma_by_numpy(sigma_rel)
+        weights = torch.diff((times / times[-1]) ** (gamma + 1))
+        expected = weights @ trajectory
+        model_copy = vector_model(n)
+        ema.copy_to(model_copy, sigma_rel=sigma_rel)
+        torch.testing.assert_close(model_copy.w.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def effective_sigma_rel(first: float, second: float, steps: int) -> float:
+    """The relative width of the weights an average gave to the steps 1..steps, from the averages
+    of x = step and x = step^2 (the trajectory the two coordinates follow)."""
+    return math.sqrt(max(second - first**2, 0.0)) / steps
+
+
+def test_every_k_steps_gives_the_requested_profile_unlike_ema_pytorch():
+    from ema_pytorch import PostHocEMA as TheirPostHocEMA
+
+    steps, every, sigma_rel = 2000, 10, 0.10
+    model = vector_model(2)
+    ours_every_step = PostHocEMA(model, (sigma_rel,), dtype=torch.float64)
+    ours_every_k = PostHocEMA(model, (sigma_rel,), dtype=torch.float64)
+    theirs = TheirPostHocEMA(
+        model, sigma_rels=(sigma_rel, 0.2), update_every=every, checkpoint_every_num_steps="manual"
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the hook's clock; it changes nothing
+    ours_every_k.attach(optimizer, every=every)
+    for step in range(1, steps + 1):
+        set_to(model, torch.tensor([step, step**2], dtype=torch.float64))
+        optimizer.step()
+        ours_every_step.update(model)
+        theirs.update()
+    measured = {}
+    for name, ema in (("every step", ours_every_step), ("every k", ours_every_k)):
+        ema.copy_to(model)
+        measured[name] = effective_sigma_rel(*model.w.tolist(), steps)
+    their_average = theirs.ema_models[0].ema_model.w.detach()
+    measured["ema_pytorch every k"] = effective_sigma_rel(*their_average.tolist(), steps)
+    # The discretisation: measured 0.0999999 every step and 0.099992 every 10 of 2000 steps (each
+    # update's weight is its stretch of the continuous profile); ema-pytorch's update_every=10 0.297.
+    assert measured["every step"] == pytest.approx(sigma_rel, rel=0.001)
+    assert measured["every k"] == pytest.approx(sigma_rel, rel=0.001)
+    assert measured["ema_pytorch every k"] > 1.5 * sigma_rel
+
+
+# --- snapshots and synthesis --------------------------------------------------------------------------
+
+
+def run_with_snapshots(directory, trajectory, sigma_rels, every, snapshot_dtype, extra=(), **options):
+    """A PostHocEMA over `trajectory` writing snapshots every `every` updates, and one EMA tracked
+    directly for each of `extra` (the reference for a synthesized profile)."""
+    model = vector_model(trajectory.shape[1])
+    ema = PostHocEMA(
+        model,
+        sigma_rels,
+        snapshot_every=every,
+        snapshot_dir=directory,
+        snapshot_dtype=snapshot_dtype,
+        **options,
+    )
+    direct = PostHocEMA(model, extra, **options) if extra else None
+    for x in trajectory:
+        set_to(model, x)
+        ema.update(model)
+        if direct is not None:
+            direct.update(model)
+    ema.flush()
+    return model, ema, direct
+
+
+def test_a_tracked_profile_is_reproduced_from_the_snapshots(tmp_path):
+    trajectory = random_walk(400, 7)
+    model, ema, _ = run_with_snapshots(
+        tmp_path, trajectory, (0.05, 0.10), 40, torch.float64, dtype=torch.float64
+    )
+    assert sorted(list_snapshots(tmp_path)) == list(range(40, 401, 40))
+    for sigma_rel in (0.05, 0.10):
+        for step in (200, 400):
+            reconstruction = synthesize(tmp_path, model, sigma_rel, step=step)
+            assert reconstruction.profile_error < 1e-6
+            direct = vector_model(7)
+            tracked = PostHocEMA(direct, (sigma_rel,), dtype=torch.float64)
+            for x in trajectory[:step]:
+                set_to(direct, x)
+                tracked.update(direct)
+            tracked.copy_to(direct)
+            # Accumulated in fp32: rounding of that size (measured 1.1e-7 on values up to 2.5).
+            torch.testing.assert_close(model.w, direct.w, rtol=0, atol=1e-6 * trajectory.abs().max())
+
+
+def test_a_profile_between_the_tracked_ones_matches_the_direct_ema(tmp_path):
+    trajectory = random_walk(1000, 64)
+    model, ema, direct = run_with_snapshots(
+        tmp_path, trajectory, (0.05, 0.10), 50, torch.float16, extra=(0.07,)
+    )
+    reconstruction = ema.synthesize(model, 0.07)
+    reference = vector_model(64)
+    direct.copy_to(reference)
+    # Measured: profile error 0.0025; the weights' error 0.0014 of how far the average is from the
+    # last model (0.00023 of the weights' norm). Asserted with margin.
+    assert reconstruction.profile_error < 0.01
+    scale = (reference.w - trajectory[-1]).norm()
+    error = (model.w - reference.w).norm() / scale
+    assert error < 0.007, float(error)
+    assert len(reconstruction.coefficients) == 2 * 20
+
+
+def test_snapshot_holds_every_profile_and_its_metadata(tmp_path):
+    trajectory = random_walk(20, 3)
+    progress = [8 * (i + 1) for i in range(20)]
+    model = vector_model(3)
+    ema = PostHocEMA(
+        model, (0.05, 0.15), snapshot_every=10, snapshot_dir=tmp_path, snapshot_dtype=torch.float32
+    )
+    for x, t in zip(trajectory, progress):
+        set_to(model, x)
+        ema.update(model, progress=t)
+    ema.flush()
+    saved = torch.load(tmp_path / "snapshot-0000000020.pt", weights_only=True)
+    assert saved["step"] == 20 and saved["progress"] == 160.0
+    assert saved["sigma_rels"] == [0.05, 0.15]
+    assert saved["gammas"] == pytest.approx([gamma_by_numpy(0.05), gamma_by_numpy(0.15)], rel=1e-12)
+    for k, sigma_rel in enumerate((0.05, 0.15)):
+        ema.copy_to(model, sigma_rel=sigma_rel)
+        assert saved["averages"][k]["w"].dtype == torch.float32
+        assert torch.equal(saved["averages"][k]["w"], model.w.detach().float())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_synthesis_writes_through_strides_and_buffers(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    ema = PostHocEMA(
+        model, snapshot_every=5, snapshot_dir=tmp_path, snapshot_dtype=torch.float32, use_buffers=True
+    )
+    for _ in range(10):
+        model(torch.randn(2, 3, 6, 6))  # BatchNorm statistics and num_batches_tracked move
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+    ema.flush()
+    target = copy.deepcopy(model)
+    ema.synthesize(target, 0.10)
+    tracked = copy.deepcopy(model)
+    ema.copy_to(tracked, sigma_rel=0.10)
+    assert target[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, a), b in zip(target.state_dict().items(), tracked.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert int(target[1].num_batches_tracked) == 10
+
+
+# --- crash safety -----------------------------------------------------------------------------------
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from swa_fast.posthoc import PostHocEMA
+
+    directory, state_file, last = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    start = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    g = torch.Generator().manual_seed(0)
+    base, direction = torch.randn(2, 1024, 1024, generator=g)
+    model = torch.nn.Linear(1024, 1024, bias=False)
+    ema = PostHocEMA(
+        model, (0.05, 0.10), snapshot_every=1, snapshot_dir=directory, snapshot_dtype=torch.float32
+    )
+    if start:
+        ema.load_state_dict(torch.load(state_file, weights_only=True))
+    for step in range(start + 1, last + 1):
+        with torch.no_grad():
+            model.weight.copy_(base + 0.01 * step * direction)
+        ema.update(model)
+        if step == 3 and not start:
+            ema.flush()
+            torch.save(ema.state_dict(), state_file)
+            print("saved", flush=True)
+    ema.flush()
+    print("done", flush=True)
+    """
+)
+
+
+def writer_script(tmp_path: Path) -> Path:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    return script
+
+
+def test_a_killed_writer_leaves_only_whole_snapshots_and_resume_continues(tmp_path):
+    script = writer_script(tmp_path)
+    directory, state_file = tmp_path / "snapshots", tmp_path / "state.pt"
+    for _attempt in range(5):  # kill while a snapshot is half written (a temporary file is there)
+        for p in directory.glob("*") if directory.exists() else []:
+            p.unlink()
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(directory), str(state_file), "1000"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout.readline().strip() == "saved"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(p.name.endswith(".tmp") for p in directory.iterdir()):
+            time.sleep(0.0005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if [p for p in directory.iterdir() if p.name.endswith(".tmp")]:
+            break
+    left_partial = [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    assert left_partial, "no attempt was killed mid-write"
+    snapshots = list_snapshots(directory)
+    last = max(snapshots)
+    assert sorted(snapshots) == list(range(1, last + 1))
+    for path in snapshots.values():
+        assert posthoc.load_snapshot(path, mmap=False)["step"] >= 1  # every one loads whole
+    # Resume from the state saved at step 3 and continue past the crash.
+    end = last + 3
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(directory), str(state_file), str(end), "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    uninterrupted = tmp_path / "uninterrupted"
+    straight = subprocess.run(
+        [sys.executable, str(script), str(uninterrupted), str(tmp_path / "other.pt"), str(end)],
+        capture_output=True,
+        text=True,
+    )
+    assert straight.returncode == 0, straight.stderr
+    assert sorted(list_snapshots(directory)) == list(range(1, end + 1))
+    for step in (1, last, end):
+        a = torch.load(directory / f"snapshot-{step:010d}.pt", weights_only=True)
+        b = torch.load(uninterrupted / f"snapshot-{step:010d}.pt", weights_only=True)
+        assert a["progress"] == b["progress"]
+        for x, y in zip(a["averages"], b["averages"]):
+            assert torch.equal(x["weight"], y["weight"]), step
+    model = torch.nn.Linear(1024, 1024, bias=False)
+    assert synthesize(directory, model, 0.07).profile_error < 0.05
+
+
+# --- resuming, pickling, reading ---------------------------------------------------------------------
+
+
+def test_state_dict_resumes_bit_exactly(tmp_path):
+    trajectory = random_walk(60, 9).float()
+    model = vector_model(9, torch.float32)
+    straight = PostHocEMA(model, (0.05, 0.1, 0.2))
+    first = PostHocEMA(model, (0.05, 0.1, 0.2))
+    progress = torch.randint(1, 100, (60,), generator=torch.Generator().manual_seed(3)).cumsum(0).tolist()
+    for i, (x, t) in enumerate(zip(trajectory, progress)):
+        set_to(model, x)
+        straight.update(model, progress=t)
+        if i < 30:
+            first.update(model, progress=t)
+        if i == 29:
+            torch.save(first.state_dict(), tmp_path / "state.pt")
+            resumed = PostHocEMA(vector_model(9, torch.float32), (0.05, 0.1, 0.2))
+            resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+        if i >= 30:
+            resumed.update(model, progress=t)
+    for sigma_rel in (0.05, 0.1, 0.2):
+        a, b = vector_model(9, torch.float32), vector_model(9, torch.float32)
+        straight.copy_to(a, sigma_rel=sigma_rel)
+        resumed.copy_to(b, sigma_rel=sigma_rel)
+        assert torch.equal(a.w, b.w)
+    assert resumed.progress == straight.progress and resumed.calls == straight.calls == 60
+
+
+def test_pickled_manager_keeps_averages_and_drops_the_writer(tmp_path):
+    model = vector_model(4)
+    ema = PostHocEMA(model, snapshot_every=2, snapshot_dir=tmp_path)
+    for x in random_walk(5, 4):
+        set_to(model, x)
+        ema.update(model)
+    clone = copy.deepcopy(ema)
+    assert clone._writer is None
+    set_to(model, torch.ones(4, dtype=torch.float64))
+    ema.update(model)
+    clone.update(model)
+    a, b = vector_model(4), vector_model(4)
+    ema.copy_to(a, sigma_rel=0.05)
+    clone.copy_to(b, sigma_rel=0.05)
+    assert torch.equal(a.w, b.w)
+    clone.flush()
+    assert sorted(list_snapshots(tmp_path)) == [2, 4, 6]
+
+
+def test_average_applied_and_swap_pick_the_profile():
+    model = vector_model(3)
+    ema = PostHocEMA(model, (0.05, 0.2), dtype=torch.float64)
+    for x in random_walk(30, 3):
+        set_to(model, x)
+        ema.update(model)
+    live = model.w.detach().clone()
+    expected = {}
+    for sigma_rel in (0.05, 0.2):
+        target = vector_model(3)
+        ema.copy_to(target, sigma_rel=sigma_rel)
+        expected[sigma_rel] = target.w.detach().clone()
+    assert not torch.equal(expected[0.05], expected[0.2])
+    for sigma_rel in (0.05, 0.2):
+        with ema.average_applied(model, sigma_rel=sigma_rel):
+            assert torch.equal(model.w, expected[sigma_rel])
+        assert torch.equal(model.w, live)
+    ema.swap(model, sigma_rel=0.2)
+    assert torch.equal(model.w, expected[0.2])
+    ema.swap(model, sigma_rel=0.2)
+    assert torch.equal(model.w, live)
+
+
+# --- attach ---------------------------------------------------------------------------------------------
+
+
+def train_steps(model, optimizer, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(4, 5, generator=g)).square().mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: swa_fast.SWA(m),
+        lambda m: swa_fast.EMA(m, decay=0.9),
+        lambda m: swa_fast.SWAG(m, max_rank=3),
+        lambda m: PostHocEMA(m, (0.05, 0.1)),
+    ],
+    ids=["SWA", "EMA", "SWAG", "PostHocEMA"],
+)
+def test_attach_updates_from_the_optimizer_step(make):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    twin = copy.deepcopy(model)
+    hooked, manual = make(model), make(twin)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    handle = hooked.attach(optimizer, every=3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 13):
+        x = torch.randn(4, 5, generator=g)
+        for m, opt in ((model, optimizer), (twin, twin_optimizer)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+        if step % 3 == 0:
+            manual.update(twin)
+    assert hooked.calls == manual.calls == 4
+    for key in ("weight", "bias"):
+        assert torch.equal(hooked.state_dict()["average"][key], manual.state_dict()["average"][key])
+    handle.remove()
+    train_steps(model, optimizer, 3)
+    assert hooked.calls == 4
+
+
+def test_attach_with_an_explicit_model_and_after_unpickling(tmp_path):
+    model = nn.Linear(5, 3)
+    ema = swa_fast.EMA(model, decay=0.5)
+    torch.save(ema, tmp_path / "ema.pt")
+    restored = torch.load(tmp_path / "ema.pt", weights_only=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="pass model="):
+        restored.attach(optimizer)
+    restored.attach(optimizer, model=model)
+    train_steps(model, optimizer, 2)
+    assert restored.calls == 2
+
+
+def test_attach_refuses_bad_arguments():
+    model = nn.Linear(5, 3)
+    ema = swa_fast.EMA(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for every in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            ema.attach(optimizer, every=every)
+    with pytest.raises(ValueError, match="expected a torch.optim.Optimizer"):
+        ema.attach(model)
+    with pytest.raises(ValueError, match="'weight' has shape"):
+        ema.attach(optimizer, model=nn.Linear(5, 4))
+    with pytest.raises(ValueError, match="not the one"):
+        ema.attach(optimizer, model=nn.Sequential(nn.Linear(5, 3)))
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sigma_rels", [(), (0.0,), (-0.1,), (0.31,), (0.05, 0.05), ("a",), 0.05, "0.05", (float("nan"),)]
+)
+def test_bad_sigma_rels_are_refused(sigma_rels):
+    with pytest.raises(ValueError, match="sigma_rel"):
+        PostHocEMA(vector_model(), sigma_rels)
+
+
+def test_bad_settings_are_refused(tmp_path):
+    model = vector_model()
+    with pytest.raises(ValueError, match="snapshot_every must be an int >= 1"):
+        PostHocEMA(model, snapshot_every=0, snapshot_dir=tmp_path)
+    with pytest.raises(ValueError, match="go together"):
+        PostHocEMA(model, snapshot_every=5)
+    with pytest.raises(ValueError, match="snapshot_dtype"):
+        PostHocEMA(model, snapshot_every=5, snapshot_dir=tmp_path, snapshot_dtype=torch.int32)
+    with pytest.raises(ValueError, match="check_finite"):
+        PostHocEMA(model, check_finite=True)
+    ema = PostHocEMA(model)
+    with pytest.raises(ValueError, match="pass sigma_rel="):
+        ema.copy_to(model)
+    with pytest.raises(ValueError, match="not tracked"):
+        ema.copy_to(model, sigma_rel=0.07)
+    with pytest.raises(ValueError, match="without snapshot_dir"):
+        ema.snapshot()
+
+
+def test_bad_progress_is_refused_before_anything_changes():
+    model = vector_model(3)
+    ema = PostHocEMA(model, dtype=torch.float64)
+    set_to(model, torch.ones(3, dtype=torch.float64))
+    ema.update(model, progress=10)
+    before = ema.state_dict()["averages"][1]["w"].clone()
+    set_to(model, torch.zeros(3, dtype=torch.float64))
+    for bad in (10, 5, float("inf"), "12", None):
+        with pytest.raises(ValueError, match="progress"):
+            ema.update(model, progress=bad)
+    assert torch.equal(ema.state_dict()["averages"][1]["w"], before) and ema.calls == 1 and ema.progress == 10
+    plain = PostHocEMA(model)
+    plain.update(model)
+    with pytest.raises(ValueError, match="on every update or on none"):
+        plain.update(model, progress=5)
+
+
+def test_corrupt_snapshot_dirs_are_refused(tmp_path):
+    model = vector_model(4)
+    with pytest.raises(ValueError, match="expected a directory"):
+        synthesize(tmp_path / "missing", model, 0.1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no snapshots"):
+        synthesize(empty, model, 0.1)
+    good = tmp_path / "good"
+    run_with_snapshots(good, random_walk(20, 4), (0.05, 0.1), 5, torch.float16)
+    with pytest.raises(ValueError, match="no snapshot at step 7"):
+        synthesize(good, model, 0.1, step=7)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        synthesize(good, model, 0.5)
+    with pytest.raises(ValueError, match="another model"):
+        synthesize(good, vector_model(5), 0.1)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for path in good.iterdir():
+        (truncated / path.name).write_bytes(path.read_bytes())
+    damaged = truncated / "snapshot-0000000010.pt"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    with pytest.raises(ValueError, match="snapshot-0000000010.pt' is not a readable snapshot"):
+        synthesize(truncated, model, 0.1)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    torch.save({"weights": torch.zeros(3)}, foreign / "snapshot-0000000001.pt")
+    with pytest.raises(ValueError, match="is not a PostHocEMA snapshot"):
+        synthesize(foreign, model, 0.1)
+    mixed = tmp_path / "mixed"
+    run_with_snapshots(mixed, random_walk(10, 4), (0.05, 0.1), 5, torch.float16)
+    other = tmp_path / "other"
+    run_with_snapshots(other, random_walk(15, 5), (0.05, 0.1), 15, torch.float16)
+    (mixed / "snapshot-0000000015.pt").write_bytes((other / "snapshot-0000000015.pt").read_bytes())
+    with pytest.raises(ValueError, match="another model"):
+        synthesize(mixed, model, 0.1)
+
+
+def test_a_writer_error_surfaces_on_the_next_call(tmp_path):
+    directory = tmp_path / "snapshots"
+    model = vector_model(4)
+    ema = PostHocEMA(model, snapshot_every=1, snapshot_dir=directory)
+    ema.update(model)
+    ema.flush()
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()  # the next write cannot create its file
+    ema.update(model)
+    ema._writer.jobs.join()  # let it fail (flush would raise here already)
+    with pytest.raises(RuntimeError, match="writing the snapshot .*snapshot-0000000002.pt' failed"):
+        ema.update(model)
+    with pytest.raises(RuntimeError, match="failed"):
+        ema.flush()
