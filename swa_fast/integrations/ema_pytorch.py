@@ -31,10 +31,8 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from .. import ops
-from ..flat import write_through_strides
-from ..model_tensors import module_tensors
 from ..weighting import real_number
+from ._fused_lists import Pairs, group_pairs, tensors_key
 
 __all__ = ["EMA"]
 
@@ -47,77 +45,12 @@ def _positive_int(value: object, what: str, low: int = 1) -> int:
     return value
 
 
-class _Pairs:
-    """Target and source tensors of one device, updated by one call: a fused swa_fast op, or
-    torch's foreach ops for complex tensors (which the swa_fast ops do not take)."""
-
-    def __init__(self, targets: list[Tensor], sources: list[Tensor], move: bool, fused: bool) -> None:
-        self.targets, self.sources = targets, sources
-        self.device = targets[0].device
-        self.move = move  # sources on another device (allow_different_devices): moved per call
-        self.fused = fused
-        # The ops write contiguous tensors; a strided target (channels_last) goes through stand-ins.
-        self.strided = fused and any(not t.is_contiguous() for t in targets)
-
-    def _sources(self) -> list[Tensor]:
-        return [s.to(self.device) for s in self.sources] if self.move else self.sources
-
-    def lerp(self, weight: float) -> None:
-        sources = self._sources()
-        if not self.fused:
-            torch._foreach_lerp_(self.targets, sources, weight)
-        elif self.strided:
-            write_through_strides(self.targets, lambda stand_ins: ops.lerp_(stand_ins, sources, weight), True)
-        else:
-            ops.lerp_(self.targets, sources, weight)
-
-    def copy(self) -> None:
-        sources = self._sources()
-        if not self.fused:
-            torch._foreach_copy_(self.targets, sources)
-        elif self.strided:
-            write_through_strides(self.targets, lambda stand_ins: ops.copy_(stand_ins, sources))
-        else:
-            ops.copy_(self.targets, sources)
-
-
-def _group(pairs: list[tuple[Tensor, Tensor]], allow_different_devices: bool) -> list[_Pairs]:
-    """Pairs (target, source) in calls: one per target device, complex ones apart."""
-    by_call: dict[tuple[torch.device, bool], tuple[list[Tensor], list[Tensor], list[bool]]] = {}
-    for target, source in pairs:
-        fused = not (target.is_complex() or source.is_complex())
-        targets, sources, moved = by_call.setdefault((target.device, fused), ([], [], []))
-        targets.append(target)
-        sources.append(source)
-        moved.append(source.device != target.device)
-    calls = []
-    for (device, fused), (targets, sources, moved) in by_call.items():
-        if any(moved) and not allow_different_devices:
-            other = next(s.device for s, m in zip(sources, moved) if m)
-            raise ValueError(
-                f"swa_fast.{_OWNER}: the EMA model's tensors are on {device}, the "
-                f"model's on {other}; expected one device, or allow_different_devices=True"
-            )
-        calls.append(_Pairs(targets, sources, any(moved), fused))
-    return calls
-
-
 class _Plan:
     """What one update of `target` from `source` does, worked out once per pair of models: the
     lerp and copy calls, and the tensors (by id) it was worked out for."""
 
-    def __init__(self, key: tuple, lerp: list[_Pairs], copy: list[_Pairs]) -> None:
+    def __init__(self, key: tuple, lerp: list[Pairs], copy: list[Pairs]) -> None:
         self.key, self.lerp, self.copy = key, lerp, copy
-
-
-def _tensors_key(target: Module, source: Module) -> tuple:
-    """What identifies the tensors of two models: a `.to()` replaces buffers (new ids) and may move
-    parameters in place (same ids, another device)."""
-    key = []
-    for model in (target, source):
-        tensors = module_tensors(model, True)
-        key += [tuple(map(id, tensors)), tensors[0].device if tensors else None]
-    return tuple(key)
 
 
 class EMA(Module):
@@ -292,7 +225,7 @@ class EMA(Module):
         update_moving_average (ignored names left, no-EMA names copied, the rest averaged), else
         those of the copy helpers (everything kept, copied). Worked out again only when a model's
         tensors changed."""
-        key = _tensors_key(target, source)
+        key = tensors_key(target, source)
         slot = (id(target), id(source), selective)
         plan = self._plans.get(slot)
         if plan is not None and plan.key == key:
@@ -308,8 +241,8 @@ class EMA(Module):
                     copy.append((tgt, src))
                 else:
                     lerp.append((tgt, src))
-        different = self.allow_different_devices
-        plan = self._plans[slot] = _Plan(key, _group(lerp, different), _group(copy, different))
+        calls = [group_pairs(pairs, self.allow_different_devices, _OWNER) for pairs in (lerp, copy)]
+        plan = self._plans[slot] = _Plan(key, *calls)
         return plan
 
     @torch.no_grad()
