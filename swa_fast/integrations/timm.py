@@ -107,12 +107,12 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
         return _each_parameter(model) if self.exclude_buffers else state_tensors(model)
 
     def apply_update_(self, model: Module, decay: float) -> None:
-        self._apply(model, decay)
+        self._blend(model, decay)
 
     def apply_update_no_buffers_(self, model: Module, decay: float) -> None:
-        self._apply(model, decay)
+        self._blend(model, decay)
 
-    def _apply(self, model: Module, decay: float) -> None:
+    def _blend(self, model: Module, decay: float) -> None:
         weight = 1.0 - decay
         floating_avg, floating_src, integer_avg, integer_src = self._split(model)
         if self.exclude_buffers:  # before anything is written: the buffers must pair up too
