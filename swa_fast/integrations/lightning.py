@@ -1,0 +1,181 @@
+"""Drop-ins for Lightning's weight-averaging callbacks: change the import, keep the code.
+
+    from swa_fast.integrations.lightning import StochasticWeightAveraging, WeightAveraging, EMAWeightAveraging
+    # was: from lightning.pytorch.callbacks import ...
+
+Each class subclasses Lightning's own, so everything Lightning and its users rely on stays: the
+arguments, `should_update`, the attributes (`_average_model`, `n_averaged`, `_swa_scheduler`,
+...), the static helpers (`update_parameters`, `transfer_weights`, `avg_fn`), the SWALR scheduler
+the SWA callback installs, the BatchNorm epoch, the checkpoint keys (`state_dict`,
+`current_model_state`, `averaging_state`, and the callback state under the same class name).
+Checkpoints written with ours resume Lightning's callbacks and back.
+
+What changes is the update:
+- `WeightAveraging` / `EMAWeightAveraging` build `swa_fast.swa_utils.AveragedModel`: one fused op
+  per flat buffer. `EMAWeightAveraging` passes swa_fast's `get_ema_avg_fn(decay)` (Lightning
+  passes torch's, which runs per tensor), which that AveragedModel runs fused. Swapping the
+  average in for validation copies the model aside and back instead of swapping tensor by tensor,
+  so an average kept in another dtype (`dtype=torch.float32` for a bf16 model) loses nothing.
+- `StochasticWeightAveraging` averages the parameters of its LightningModule copy with one fused
+  op per device (Lightning's loops over the parameters and reads the count on the host for each);
+  a user's own `avg_fn` still runs as Lightning runs it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from itertools import chain
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMAWeightAveraging
+from lightning.pytorch.callbacks import StochasticWeightAveraging as _LightningStochasticWeightAveraging
+from lightning.pytorch.callbacks import WeightAveraging as _LightningWeightAveraging
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.nn import Module
+
+from ..flat import FlatBuffer, copy_into_strided
+from ..swa_utils import AveragedModel, get_ema_avg_fn
+from ..weighting import ema_weight, swa_weight
+from ._fused_lists import group_pairs, tensors_key
+
+__all__ = ["EMAWeightAveraging", "StochasticWeightAveraging", "WeightAveraging"]
+
+
+@torch.no_grad()
+def _copy_tensors(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """targets[i] = sources[i] (cast; through the targets' strides): the floating tensors of one
+    device in one fused copy, the others (integer buffers, another device) as torch copies."""
+    fused = [(t, s) for t, s in zip(targets, sources) if t.is_floating_point() and s.device == t.device]
+    rest = [(t, s) for t, s in zip(targets, sources) if not (t.is_floating_point() and s.device == t.device)]
+    if fused:
+        copy_into_strided(*map(list, zip(*fused)))
+    for target, source in rest:
+        target.copy_(source)
+
+
+class WeightAveraging(_LightningWeightAveraging):
+    """Lightning's `WeightAveraging` callback on `swa_fast.swa_utils.AveragedModel`.
+
+    Args:
+        device: where the average lives (default: the model's device).
+        use_buffers: average the buffers too (Lightning's default True).
+        kwargs: passed to `swa_fast.swa_utils.AveragedModel`: `avg_fn` / `multi_avg_fn` (swa_fast's
+            factories run fused, a user's own per tensor as in torch), `dtype` (an fp32 average of
+            a bf16 model). Neither function: the equal-weight (SWA) average, fused.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        device = self._device or pl_module.device
+        if is_overridden("configure_model", pl_module):
+            rank_zero_warn(
+                "You're using the WeightAveraging callback with a model that overrides the configure_model "
+                "callback. WeightAveraging doesn't support sharding model layers, so you may run out of "
+                "memory."
+            )
+            pl_module.configure_model()
+        self._average_model = AveragedModel(
+            model=pl_module, device=device, use_buffers=self._use_buffers, **self._kwargs
+        )
+        self._stashed: FlatBuffer | None = None
+
+    def _swap_models(self, pl_module) -> None:
+        """Called at the start and at the end of validation: the first call copies the model aside
+        and the average into it, the second copies the model back. The average itself is not
+        written (Lightning swaps it with the model twice), so an average of another dtype than
+        the model keeps all its bits."""
+        current = list(chain(pl_module.parameters(), pl_module.buffers()))
+        if getattr(self, "_stashed", None) is None:
+            average = chain(self._average_model.module.parameters(), self._average_model.module.buffers())
+            self._stashed = FlatBuffer(current)
+            _copy_tensors(current, list(average))
+        else:
+            _copy_tensors(current, self._stashed.views)
+            self._stashed = None
+
+    def _copy_average_to_current(self, pl_module) -> None:
+        average = chain(self._average_model.module.parameters(), self._average_model.module.buffers())
+        _copy_tensors(list(chain(pl_module.parameters(), pl_module.buffers())), list(average))
+
+
+class EMAWeightAveraging(WeightAveraging, _LightningEMAWeightAveraging):
+    """Lightning's `EMAWeightAveraging` callback on `swa_fast.swa_utils.AveragedModel`, fused.
+
+    Args:
+        device: where the average lives (default: the model's device).
+        use_buffers: average the buffers too.
+        decay: the EMA decay.
+        update_every_n_steps: update on optimizer steps divisible by this.
+        update_starting_at_step: the first step that updates (default: the first).
+        update_starting_at_epoch: update at the end of this epoch and later ones too.
+        kwargs: passed to `swa_fast.swa_utils.AveragedModel` (say `dtype=torch.float32`).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str | int | None = None,
+        use_buffers: bool = True,
+        decay: float = 0.999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        update_starting_at_epoch: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _LightningEMAWeightAveraging.__init__(
+            self, device, use_buffers, decay, update_every_n_steps, update_starting_at_step,
+            update_starting_at_epoch, **kwargs,
+        )  # fmt: skip
+        # The same keyword as Lightning's (torch's function there), swa_fast's function here: the
+        # AveragedModel updates the whole model with one fused op per group for it.
+        self._kwargs["avg_fn"] = get_ema_avg_fn(decay)
+
+
+# The plan of the fused SWA update per averaged LightningModule: `update_parameters` is a static
+# method, so what it works out is kept beside the module it updates, for as long as that lives.
+_SWA_PLANS: weakref.WeakKeyDictionary[Module, tuple[tuple, list]] = weakref.WeakKeyDictionary()
+_LIGHTNING_AVG_FN = _LightningStochasticWeightAveraging.avg_fn
+
+
+def _fused_kind(avg_fn) -> tuple[str, float | None] | None:
+    """("swa", None) or ("ema", decay) for an average swa_fast runs fused, else None."""
+    if avg_fn is _LIGHTNING_AVG_FN:
+        return ("swa", None)
+    return getattr(avg_fn, "swa_fast_kind", None)
+
+
+class StochasticWeightAveraging(_LightningStochasticWeightAveraging):
+    """Lightning's `StochasticWeightAveraging` callback, its average updated by fused swa_fast ops.
+
+    Args:
+        swa_lrs: the SWA learning rate, one for all parameter groups or a list of one per group.
+        swa_epoch_start: the first SWA epoch (an int from 1), or a fraction of max_epochs.
+        annealing_epochs: epochs of the SWALR annealing.
+        annealing_strategy: "cos" or "linear".
+        avg_fn: Lightning's (the default) and swa_fast.swa_utils' `get_swa_avg_fn()` /
+            `get_ema_avg_fn(decay)` run fused; a user's own runs per parameter, as in Lightning.
+        device: where the averaged copy lives (Lightning's default: the CPU); None: the model's.
+    """
+
+    @staticmethod
+    def update_parameters(average_model, model, n_averaged: Tensor, avg_fn) -> None:
+        """Lightning's SWA update of `average_model`'s parameters from `model`'s, as one fused op
+        per device: weight 1 / (n + 1), worked out where `n_averaged` lives (the first update, at
+        n = 0, copies the parameters exactly, as Lightning's does)."""
+        kind = _fused_kind(avg_fn)
+        if kind is None:
+            _LightningStochasticWeightAveraging.update_parameters(average_model, model, n_averaged, avg_fn)
+            return
+        key = tensors_key(average_model, model)
+        kept = _SWA_PLANS.get(average_model)
+        if kept is None or kept[0] != key:
+            pairs = list(zip(average_model.parameters(), model.parameters()))
+            kept = _SWA_PLANS[average_model] = (key, group_pairs(pairs, True, "StochasticWeightAveraging"))
+        weight = swa_weight(n_averaged) if kind[0] == "swa" else ema_weight(kind[1], n_averaged)
+        with torch.no_grad():
+            for call in kept[1]:
+                call.lerp(weight)
+        n_averaged += 1
