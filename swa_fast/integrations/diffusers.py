@@ -126,9 +126,7 @@ class EMAModel(_DiffusersEMAModel):
             len(parameters),
         )
         flat = self._current_flat()
-        self.optimization_step += 1
-        decay = self.get_decay(self.optimization_step)
-        self.cur_decay_value = decay
+        decay = self.get_decay(self.optimization_step + 1)  # counted below, once nothing raised
         floating = parameters if not self._integer else pick(self._floating, parameters)
         trained = list(map(_requires_grad, floating))
         if all(trained):
@@ -139,6 +137,8 @@ class EMAModel(_DiffusersEMAModel):
             copy_lists(pick(frozen, flat.buffer.views), pick(frozen, floating))
         if self._integer:
             torch._foreach_copy_(pick(self._integer, self.shadow_params), pick(self._integer, parameters))
+        self.optimization_step += 1
+        self.cur_decay_value = decay
 
     def to(self, device=None, dtype=None, non_blocking: bool = False) -> None:
         """Move the shadow parameters (floating ones to `dtype` too), one copy per flat buffer."""
