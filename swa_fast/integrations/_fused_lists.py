@@ -11,7 +11,7 @@ from torch.nn import Module
 
 from .. import ops
 from ..flat import write_through_strides
-from ..model_tensors import module_tensors
+from ..model_tensors import _walk
 
 _CPU = torch.device("cpu")
 
@@ -75,13 +75,14 @@ def group_pairs(pairs: list[tuple[Tensor, Tensor]], allow_different_devices: boo
     return calls
 
 
-def tensors_key(*models: Module) -> tuple:
-    """What identifies the tensors of models: a `.to()` replaces buffers (new ids) and may move
-    parameters in place (same ids, another device)."""
+def tensors_key(*models: Module) -> list:
+    """What identifies the tensors of models: the ids of their parameters and buffers in a walk of
+    the modules' own dicts (a `.to()` replaces buffers; a shared tensor is listed twice, which
+    changes nothing), and each model's first device (a `.to()` moves parameters in place)."""
     key = []
     for model in models:
-        tensors = module_tensors(model, True)
-        key += [tuple(map(id, tensors)), tensors[0].device if tensors else None]
-    return tuple(key)
+        walked = _walk(model, True, True)
+        key += [list(map(id, walked)), walked[0].device if walked else None]
+    return key
 
 

@@ -49,7 +49,7 @@ class _Plan:
     """What one update of `target` from `source` does, worked out once per pair of models: the
     lerp and copy calls, and the tensors (by id) it was worked out for."""
 
-    def __init__(self, key: tuple, lerp: list[Pairs], copy: list[Pairs]) -> None:
+    def __init__(self, key: list, lerp: list[Pairs], copy: list[Pairs]) -> None:
         self.key, self.lerp, self.copy = key, lerp, copy
 
 

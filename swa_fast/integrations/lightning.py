@@ -136,7 +136,7 @@ class EMAWeightAveraging(WeightAveraging, _LightningEMAWeightAveraging):
 
 # The plan of the fused SWA update per averaged LightningModule: `update_parameters` is a static
 # method, so what it works out is kept beside the module it updates, for as long as that lives.
-_SWA_PLANS: weakref.WeakKeyDictionary[Module, tuple[tuple, list]] = weakref.WeakKeyDictionary()
+_SWA_PLANS: weakref.WeakKeyDictionary[Module, tuple[list, list]] = weakref.WeakKeyDictionary()
 _LIGHTNING_AVG_FN = _LightningStochasticWeightAveraging.avg_fn
 
 
