@@ -70,10 +70,12 @@ class ExponentialMovingAverage(torch_ema.ExponentialMovingAverage):
         flat = self._current_flat()
         decay = self.decay
         if self.num_updates is not None:
-            self.num_updates += 1
-            decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
+            n = self.num_updates + 1  # counted below, once nothing raised
+            decay = min(decay, (1 + n) / (10 + n))
         with torch.no_grad():
             flat.lerp_(parameters, 1.0 - decay)
+        if self.num_updates is not None:
+            self.num_updates += 1
 
     def to(self, device=None, dtype=None) -> None:
         """Move the shadow parameters (one copy per flat buffer) and any stored ones."""
