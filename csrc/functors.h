@@ -10,10 +10,36 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <tuple>
+#include <utility>
 
 #include "multi_tensor.h"
 
 namespace swa_fast {
+
+// The element type of each list of a functor, in list order. With the functor's kReadLists and
+// written_lists() (bit k: list k; a list it does not write in this call, such as an average at
+// weight 0, is left out), the CUDA runner's vector path loads and stores whole vectors of each
+// list and hands the functor registers in place of memory.
+template <typename... T>
+struct ListTypes {
+  template <int k>
+  using type = std::tuple_element_t<k, std::tuple<T...>>;
+  static constexpr C10_HOST_DEVICE int bytes(int k) {
+    int out = 0, at = 0;
+    ((out = at++ == k ? static_cast<int>(sizeof(T)) : out), ...);
+    return out;
+  }
+  static constexpr C10_HOST_DEVICE int min_bytes() {
+    int out = 1 << 30;
+    ((out = static_cast<int>(sizeof(T)) < out ? static_cast<int>(sizeof(T)) : out), ...);
+    return out;
+  }
+};
+
+// ListTypes of K lists of D, then S.
+template <typename D, typename S, size_t... k>
+ListTypes<std::enable_if_t<(k < sizeof...(k)), D>..., S> repeated_list_types(std::index_sequence<k...>);
 
 // The scalar weight: read from the host once per call, or from device memory once per CUDA block,
 // so the host never waits for the device.
@@ -105,6 +131,9 @@ struct LerpWeight {
 template <typename D, typename S>
 struct Lerp {
   static constexpr int kLists = 2;
+  using Lists = ListTypes<D, S>;
+  static constexpr unsigned kReadLists = 0b11;
+  C10_HOST_DEVICE unsigned written_lists() const { return 0b01; }
   using A = acc_t<D>;
   struct Regs {
     A avg, src;
@@ -127,6 +156,9 @@ struct Lerp {
 template <typename D, typename S>
 struct Moments {
   static constexpr int kLists = 3;
+  using Lists = ListTypes<D, D, S>;
+  static constexpr unsigned kReadLists = 0b111;
+  C10_HOST_DEVICE unsigned written_lists() const { return 0b011; }
   using A = acc_t<D>;
   struct Regs {
     A mean, sq, src;
@@ -146,10 +178,61 @@ struct Moments {
   }
 };
 
+// avg_k += w_k * (src - avg_k) for k < K, reading src once (post-hoc EMA's K averages of one model).
+// p[0..K-1] are the averages (one dtype D), p[K] the source. An average whose weight is 0 is not
+// written at all, as lerp_ at weight 0 (the condition is loop-invariant, so it is hoisted).
+template <int K, typename D, typename S>
+struct MultiLerp {
+  static constexpr int kLists = K + 1;
+  using Lists = decltype(repeated_list_types<D, S>(std::make_index_sequence<K>{}));
+  static constexpr unsigned kReadLists = (1u << (K + 1)) - 1;
+  using A = acc_t<D>;
+  struct Regs {
+    A avg[K];
+    A src;
+  };
+  Weight<A> weight[K];
+  LerpWeight<A> lerp[K];
+  C10_HOST_DEVICE void resolve() {
+    for (int k = 0; k < K; ++k) lerp[k].set(weight[k].get());
+  }
+  C10_HOST_DEVICE bool skip() const {
+    bool all_zero = true;
+    for (int k = 0; k < K; ++k) all_zero &= lerp[k].zero();
+    return all_zero;
+  }
+  C10_HOST_DEVICE unsigned written_lists() const {
+    unsigned out = 0;
+    for (int k = 0; k < K; ++k) out |= lerp[k].zero() ? 0u : 1u << k;
+    return out;
+  }
+  C10_HOST_DEVICE bool weight_one() const {
+    bool any_one = false;
+    for (int k = 0; k < K; ++k) any_one |= lerp[k].one;
+    return any_one;
+  }
+  C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
+    Regs r;
+    for (int k = 0; k < K; ++k) r.avg[k] = load_as<A, D>(p[k], i);
+    r.src = load_as<A, S>(p[K], i);
+    return r;
+  }
+  template <bool kMayBeOne = true>
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+    for (int k = 0; k < K; ++k) {
+      if (lerp[k].zero()) continue;
+      static_cast<D*>(p[k])[i] = static_cast<D>(lerp[k].template mix<kMayBeOne>(r.avg[k], r.src));
+    }
+  }
+};
+
 // dst = src, cast to dst's dtype (through fp64 when either side is fp64)
 template <typename D, typename S>
 struct Copy {
   static constexpr int kLists = 2;
+  using Lists = ListTypes<D, S>;
+  static constexpr unsigned kReadLists = 0b10;  // dst is only written
+  C10_HOST_DEVICE unsigned written_lists() const { return 0b01; }
   using A = std::conditional_t<std::is_same_v<D, double> || std::is_same_v<S, double>, double, float>;
   struct Regs {
     A src;
@@ -170,6 +253,9 @@ struct Copy {
 template <typename T>
 struct Swap {
   static constexpr int kLists = 2;
+  using Lists = ListTypes<T, T>;
+  static constexpr unsigned kReadLists = 0b11;
+  C10_HOST_DEVICE unsigned written_lists() const { return 0b11; }
   struct Regs {
     T a, b;
   };

@@ -21,6 +21,8 @@
 TORCH_LIBRARY(swa_fast, m) {
   m.def("lerp_(Tensor(a!)[] avg, Tensor[] src, Tensor weight) -> ()");
   m.def("moments_(Tensor(a!)[] mean, Tensor(b!)[] sq, Tensor[] src, Tensor weight) -> ()");
+  // avgs: K lists of averages concatenated (avgs[k * len(src) + i]), K = len(weights), 1 to 4
+  m.def("multi_lerp_(Tensor(a!)[] avgs, Tensor[] src, Tensor weights) -> ()");
   m.def("copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
   m.def("swap_(Tensor(a!)[] a, Tensor(b!)[] b) -> ()");
 }
@@ -124,6 +126,39 @@ at::Tensor unpack_weight(PyObject* obj, const char* op) {
   return *scalar;
 }
 
+// The weights of multi_lerp_: a tensor, or a sequence of real numbers written into this thread's
+// CPU float64 vector (as unpack_weight, and safe to reuse for the same reason).
+at::Tensor unpack_weights(PyObject* obj) {
+  if (THPVariable_Check(obj)) return THPVariable_Unpack(obj);
+  PyObject* seq = PyUnicode_Check(obj) || PyBytes_Check(obj) ? nullptr : PySequence_Fast(obj, "");
+  if (seq == nullptr) {
+    PyErr_Clear();
+    TORCH_CHECK_VALUE(false, "swa_fast.multi_lerp_: `weights` must be a sequence of real numbers or a 1-D ",
+                      "floating-point tensor, got ", type_name(obj));
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  thread_local at::Tensor* values = new at::Tensor(at::empty({0}, at::TensorOptions().dtype(at::kDouble)));
+  if (values->numel() != n) *values = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
+  double* out = values->mutable_data_ptr<double>();
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* item = items[k];
+    const bool real = PyFloat_Check(item) || PyLong_Check(item) || is_real_number(item);
+    if (!real) {
+      const std::string type = type_name(item);
+      Py_DECREF(seq);
+      TORCH_CHECK_VALUE(false, "swa_fast.multi_lerp_: `weights[", k, "]` must be a real number, got ", type);
+    }
+    out[k] = PyFloat_AsDouble(item);
+    if (out[k] == -1.0 && PyErr_Occurred()) {
+      Py_DECREF(seq);
+      throw python_error();
+    }
+  }
+  Py_DECREF(seq);
+  return *values;
+}
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -168,6 +203,22 @@ PyObject* py_moments(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// avgs: the K lists concatenated (swa_fast.multi_lerp_ concatenates nested lists).
+PyObject* py_multi_lerp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!expect_args("multi_lerp_", nargs, 3)) return nullptr;
+  static auto op = op_handle<void(TL, TL, T)>("swa_fast::multi_lerp_");
+  const BorrowedTensors avgs(args[0], "multi_lerp_", "avgs"), src(args[1], "multi_lerp_", "src");
+  const at::Tensor weights = unpack_weights(args[2]);
+  {
+    pybind11::gil_scoped_release no_gil;
+    op.redispatch(avgs.device_keys(), avgs.list(), src.list(), weights);
+  }
+  avgs.bump_versions();
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // copy_ and swap_ share a signature: (written list, second list); swap_ writes both.
 template <bool kSecondWritten>
 PyObject* py_two_lists(const c10::TypedOperatorHandle<void(TL, TL)>& op, const char* name, const char* first_name,
@@ -205,6 +256,7 @@ PyCFunction fastcall(_PyCFunctionFast f) { return reinterpret_cast<PyCFunction>(
 PyMethodDef methods[] = {
     {"lerp_", fastcall(py_lerp), METH_FASTCALL, "lerp_(avg, src, weight): eager fast path of torch.ops.swa_fast.lerp_"},
     {"moments_", fastcall(py_moments), METH_FASTCALL, "moments_(mean, sq, src, weight): eager fast path"},
+    {"multi_lerp_", fastcall(py_multi_lerp), METH_FASTCALL, "multi_lerp_(avgs, src, weights): eager fast path"},
     {"copy_", fastcall(py_copy), METH_FASTCALL, "copy_(dst, src): eager fast path"},
     {"swap_", fastcall(py_swap), METH_FASTCALL, "swap_(a, b): eager fast path"},
     {"build_info", build_info, METH_NOARGS, "What this extension was built with."},

@@ -1,4 +1,4 @@
-// The four ops, written once over a device runner: `Run::run(group, functor)` applies the functor
+// The ops, written once over a device runner: `Run::run(group, functor)` applies the functor
 // to every element of the tensors of one dtype group (csrc/cpu, csrc/cuda).
 #pragma once
 
@@ -55,6 +55,133 @@ void swap_impl(at::TensorList a, at::TensorList b) {
   const auto call = gather<2>("swap_", {{{"a", a, true}, {"b", b, true, /*same_dtype=*/true}}});
   for (const auto& group : call.groups) {
     visit_float(group.dtypes[0], [&](auto t) { Run::run(group, call.device, Swap<decltype(t)>{}); });
+  }
+}
+
+// --- multi_lerp_: K averages of one source --------------------------------------------------------
+
+// Averages one pass of the kernels updates: the functor keeps K averages' registers per element.
+constexpr int64_t kMaxAveragesPerPass = 4;
+
+// The weights' dtype and shape, checked before the lists, which their count splits. Returns K.
+inline int64_t checked_weight_count(const at::Tensor& weights) {
+  TORCH_CHECK_VALUE(at::isFloatingType(weights.scalar_type()),
+                    "swa_fast.multi_lerp_: `weights` must be a floating-point tensor, got ",
+                    dtype_name(weights.scalar_type()));
+  TORCH_CHECK_VALUE(weights.dim() == 1, "swa_fast.multi_lerp_: `weights` must be a 1-D tensor (one weight per ",
+                    "average), got shape ", weights.sizes());
+  const int64_t k = weights.size(0);
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxAveragesPerPass, "swa_fast.multi_lerp_: `weights` has ", k,
+                    " elements; the op updates 1 to ", kMaxAveragesPerPass,
+                    " averages per call (swa_fast.multi_lerp_ splits more into several calls)");
+  return k;
+}
+
+// The weights as the kernels read them: on the CPU as contiguous float64 (read on the host), on the
+// device as float32 or float64 (read by the kernel: no host synchronisation).
+inline at::Tensor checked_weights(const at::Tensor& weights, at::Device device) {
+  TORCH_CHECK_VALUE(weights.device() == device || weights.device().is_cpu(), "swa_fast.multi_lerp_: `weights` is on ",
+                    weights.device(), " but the tensors are on ", device, "; pass them on ", device,
+                    " (or on the CPU)");
+  if (weights.device().is_cpu()) {
+    const bool readable = weights.scalar_type() == at::kDouble && !weights.is_neg();
+    return readable ? weights : weights.resolve_neg().to(at::kDouble);
+  }
+  const bool readable = (weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble) &&
+                        !weights.is_neg();
+  return readable ? weights : weights.to(at::kFloat).resolve_neg();
+}
+
+// Element k of checked_weights' result, as the functors read a weight.
+template <typename A>
+Weight<A> weight_element(const at::Tensor& weights, int64_t k) {
+  Weight<A> out;
+  if (weights.device().is_cpu()) {
+    out.value = static_cast<A>(weights.const_data_ptr<double>()[k * weights.stride(0)]);
+  } else {
+    out.device_ptr = static_cast<const char*>(weights.const_data_ptr()) + k * weights.stride(0) * weights.element_size();
+    out.is_double = weights.scalar_type() == at::kDouble;
+  }
+  return out;
+}
+
+// One pass over the averages indices `averages` (in p) of `group`'s tensors `members`, with the
+// source at p[n_lists - 1].
+template <class Run, int K, size_t N>
+void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Tensor& w,
+                    const std::array<int, K>& averages, const std::vector<size_t>* members) {
+  std::array<at::ScalarType, K + 1> dtypes;
+  for (int k = 0; k < K; ++k) dtypes[k] = group.dtypes[averages[k]];
+  dtypes[K] = group.dtypes[N - 1];
+  visit_float(dtypes[0], [&](auto d) {
+    visit_float(dtypes[K], [&](auto s) {
+      using F = MultiLerp<K, decltype(d), decltype(s)>;
+      F f{};
+      for (int k = 0; k < K; ++k) f.weight[k] = weight_element<typename F::A>(w, averages[k]);
+      if constexpr (K + 1 == N) {
+        if (members == nullptr) {  // the whole group as it is
+          Run::run(group, device, f);
+          return;
+        }
+      }
+      DtypeGroup<K + 1> part{dtypes, {}, {}};
+      for (size_t j : *members) {
+        auto& ptrs = part.ptrs.emplace_back();
+        for (int k = 0; k < K; ++k) ptrs[k] = group.ptrs[j][averages[k]];
+        ptrs[K] = group.ptrs[j][N - 1];
+        part.numels.push_back(group.numels[j]);
+      }
+      if (!part.numels.empty()) Run::run(part, device, f);
+    });
+  });
+}
+
+template <class Run, int K>
+void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor& weights) {
+  static const char* const names[] = {"avgs[0]", "avgs[1]", "avgs[2]", "avgs[3]"};
+  static_assert(K <= std::size(names));
+  const size_t n = avgs.size() / K;
+  std::array<ListArg, K + 1> lists;
+  for (int k = 0; k < K; ++k) lists[k] = {names[k], avgs.slice(k * n, n), true};
+  lists[K] = {"src", src, false};
+  const auto call = gather<K + 1>("multi_lerp_", lists);
+  if (n == 0) return;
+  const at::Tensor w = checked_weights(weights, call.device);
+  for (const auto& group : call.groups) {
+    bool one_dtype = true;
+    for (int k = 1; k < K; ++k) one_dtype &= group.dtypes[k] == group.dtypes[0];
+    if (one_dtype) {  // the usual call: all K averages in one pass
+      std::array<int, K> all;
+      for (int k = 0; k < K; ++k) all[k] = k;
+      run_multi_lerp<Run, K>(group, call.device, w, all, nullptr);
+      continue;
+    }
+    // Averages of different dtypes at one index: one pass per average. A source that is its own
+    // destination is read by every pass, so the tensors where it is go last.
+    std::vector<size_t> apart, own;
+    for (size_t j = 0; j < group.numels.size(); ++j) {
+      bool is_own = false;
+      for (int k = 0; k < K; ++k) is_own |= group.ptrs[j][k] == group.ptrs[j][K];
+      (is_own ? own : apart).push_back(j);
+    }
+    for (const auto* members : {&apart, &own}) {
+      for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call.device, w, {k}, members);
+    }
+  }
+}
+
+// avgs: the K lists of averages concatenated (avgs[k * len(src) + i]), K = len(weights).
+template <class Run>
+void multi_lerp_impl(at::TensorList avgs, at::TensorList src, const at::Tensor& weights) {
+  const int64_t k = checked_weight_count(weights);
+  TORCH_CHECK_VALUE(avgs.size() % k == 0, "swa_fast.multi_lerp_: `avgs` has ", avgs.size(),
+                    " tensors, which is not a multiple of the ", k,
+                    " weights; expected one list of averages per weight, concatenated");
+  switch (k) {
+    case 1: return multi_lerp_passes<Run, 1>(avgs, src, weights);
+    case 2: return multi_lerp_passes<Run, 2>(avgs, src, weights);
+    case 3: return multi_lerp_passes<Run, 3>(avgs, src, weights);
+    default: return multi_lerp_passes<Run, 4>(avgs, src, weights);
   }
 }
 

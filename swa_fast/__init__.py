@@ -5,7 +5,7 @@ from .averaging import EMA, SWA
 from .bn import update_bn
 from .fge import FGE
 from .flat import FlatBuffer
-from .ops import BACKENDS, backend_status, choose_backend, copy_, lerp_, moments_, swap_
+from .ops import BACKENDS, backend_status, choose_backend, copy_, lerp_, moments_, multi_lerp_, swap_
 from .posthoc import PostHocEMA
 from .schedules import SWALR, FGECyclicLR
 from .swag import SWAG
@@ -26,6 +26,7 @@ __all__ = [
     "copy_",
     "lerp_",
     "moments_",
+    "multi_lerp_",
     "optim",
     "posthoc",
     "schedules",

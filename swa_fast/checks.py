@@ -15,6 +15,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CPU = torch.device("cpu")
 
 
 class ListArg(NamedTuple):
@@ -175,6 +176,70 @@ def check_moments(mean, sq, src, weight) -> None:
     )
     if mean:
         check_weight("moments_", weight, mean[0].device)
+
+
+# Averages one call of the compiled op updates (csrc/ops_impl.h); swa_fast.multi_lerp_ splits more.
+MAX_AVERAGES_PER_PASS = 4
+
+
+def check_weights(weights: Tensor | Sequence, max_count: int | None = MAX_AVERAGES_PER_PASS) -> int:
+    """multi_lerp_'s weights: a sequence of real numbers, or a 1-D floating tensor (its device is
+    checked with the lists). Returns their count K, 1 to `max_count` (None: no upper bound)."""
+    op = "multi_lerp_"
+    if isinstance(weights, Tensor):
+        if not weights.is_floating_point():
+            raise ValueError(f"swa_fast.{op}: `weights` must be a floating-point tensor, got {weights.dtype}")
+        if weights.dim() != 1:
+            raise ValueError(
+                f"swa_fast.{op}: `weights` must be a 1-D tensor (one weight per average), "
+                f"got shape {list(weights.shape)}"
+            )
+        count = weights.shape[0]
+    else:
+        try:  # any iterable but a string, as the compiled entry point takes it
+            values = None if isinstance(weights, (str, bytes)) else list(weights)
+        except TypeError:
+            values = None
+        if values is None:
+            raise ValueError(
+                f"swa_fast.{op}: `weights` must be a sequence of real numbers or a 1-D floating-point "
+                f"tensor, got {type(weights).__name__}"
+            )
+        for k, w in enumerate(values):
+            if not isinstance(w, numbers.Real):
+                raise ValueError(
+                    f"swa_fast.{op}: `weights[{k}]` must be a real number, got {type(w).__name__}"
+                )
+        count = len(values)
+    if count < 1 or (max_count is not None and count > max_count):
+        raise ValueError(
+            f"swa_fast.{op}: `weights` has {count} elements; the op updates 1 to {MAX_AVERAGES_PER_PASS} "
+            "averages per call (swa_fast.multi_lerp_ splits more into several calls)"
+        )
+    return count
+
+
+def average_lists(avgs: Sequence[Tensor], count: int) -> list[ListArg]:
+    """The `count` lists of averages concatenated in `avgs`, as ListArgs named avgs[k]."""
+    if len(avgs) % count:
+        raise ValueError(
+            f"swa_fast.multi_lerp_: `avgs` has {len(avgs)} tensors, which is not a multiple of the {count} "
+            "weights; expected one list of averages per weight, concatenated"
+        )
+    n = len(avgs) // count
+    return [ListArg(f"avgs[{k}]", avgs[k * n : (k + 1) * n], True) for k in range(count)]
+
+
+def check_multi_lerp(avgs, src, weights, max_count: int | None = MAX_AVERAGES_PER_PASS) -> None:
+    """avgs: the K lists of averages concatenated (avgs[k * len(src) + i]), K = len(weights)."""
+    lists = average_lists(avgs, check_weights(weights, max_count))
+    check_lists("multi_lerp_", [*lists, ListArg("src", src, False)])
+    device = avgs[0].device if avgs else None
+    if isinstance(weights, Tensor) and device is not None and weights.device not in (device, _CPU):
+        raise ValueError(
+            f"swa_fast.multi_lerp_: `weights` is on {weights.device} but the tensors are on {device}; "
+            f"pass them on {device} (or on the CPU)"
+        )
 
 
 def check_copy(dst, src) -> None:

@@ -3,6 +3,7 @@ weights, fake kernels of the compiled ops.
 
     lerp_(avg, src, weight)          avg += weight * (src - avg)
     moments_(mean, sq, src, weight)  mean += w (src - mean); sq += w (src^2 - sq)
+    multi_lerp_(avgs, src, weights)  avgs[k] += weights[k] * (src - avgs[k]), K averages in one pass
     copy_(dst, src)                  dst = src (cast)
     swap_(a, b)                      a <-> b
 
@@ -18,6 +19,8 @@ writing anything when a call breaks it.
 
 from __future__ import annotations
 
+import itertools
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -117,10 +120,15 @@ def choose_backend(device: torch.device | str, backend: str | None = None) -> st
     return _CHOICES[key]
 
 
-def _as_weight(weight: Tensor | float) -> Tensor:
-    # A number becomes a CPU scalar, which the kernels read on the host: no device allocation.
-    # (The extension's eager entry points take the number itself, and do this faster.)
-    return weight if isinstance(weight, Tensor) else torch.tensor(float(weight), dtype=torch.float64)
+def _as_weight(weight: Tensor | float | Sequence[float]) -> Tensor:
+    # A number becomes a CPU scalar, which the kernels read on the host: no device allocation;
+    # multi_lerp_'s numbers a CPU vector. (The extension's eager entry points take the numbers
+    # themselves, and do this faster.)
+    if isinstance(weight, Tensor):
+        return weight
+    if isinstance(weight, numbers.Real):
+        return torch.tensor(float(weight), dtype=torch.float64)
+    return torch.tensor([float(w) for w in weight], dtype=torch.float64)
 
 
 # --- torch._foreach_* fallbacks -------------------------------------------------------------------
@@ -185,6 +193,15 @@ def _foreach_moments(mean: list[Tensor], sq: list[Tensor], src: list[Tensor], we
     _lerp_into(sq, squares, weight)
 
 
+def _foreach_multi_lerp(avgs: list[Tensor], src: list[Tensor], weights: Tensor | Sequence[float]) -> None:
+    lists = _average_lists(avgs, src, weights)[:-1]
+    # Every average reads src: one that is an average itself (its own destination) is read from a copy.
+    written = {a.data_ptr() for a in avgs}
+    src = [s.clone() if s.data_ptr() in written else s for s in src]
+    for k, avg in enumerate(lists):
+        _lerp_into(avg, _in_acc(src, avg), weights[k])
+
+
 def _foreach_copy(dst: list[Tensor], src: list[Tensor]) -> None:
     torch._foreach_copy_(dst, [s.resolve_neg() for s in src])
 
@@ -211,6 +228,10 @@ class OpSpec:
     check: Callable[..., None]  # checks.py: rejects what the C++ checks reject, with their messages
     reference: Callable[..., None]  # reference.py: per-tensor PyTorch, the tests' oracle
     foreach: Callable[..., None]  # the torch._foreach_* fallback
+    weight_name: str = "weight"  # the weight argument's name: multi_lerp_ takes a 1-D `weights`
+    # (lists..., weight) -> the kernels' lists, when they are not the op's own (multi_lerp_'s `avgs`
+    # holds K lists concatenated); the kernels see one dtype per list
+    kernel_lists: Callable[..., list[Sequence[Tensor]]] | None = None
     triton: Callable[..., None] = field(init=False, repr=False)  # check, then the Triton kernel
 
     def __post_init__(self) -> None:
@@ -228,15 +249,24 @@ class OpSpec:
             f"Tensor({chr(ord('a') + k)}!)[] {name}" if k < self.written else f"Tensor[] {name}"
             for k, name in enumerate(self.lists)
         ]
-        return f"({', '.join(lists + ['Tensor weight'] * self.weighted)}) -> ()"
+        return f"({', '.join(lists + [f'Tensor {self.weight_name}'] * self.weighted)}) -> ()"
+
+
+def _average_lists(avgs: Sequence[Tensor], src: Sequence[Tensor], weights) -> list[Sequence[Tensor]]:
+    """multi_lerp_'s K lists of averages (concatenated in `avgs`), then `src`."""
+    count = len(weights)
+    n = len(avgs) // count
+    return [avgs[k * n : (k + 1) * n] for k in range(count)] + [src]
 
 
 # One row per op, in OpSpec's field order.
 # fmt: off
 OP_TABLE: dict[str, OpSpec] = {row[0]: OpSpec(*row) for row in (
-    # name     lists                  written, weighted, check, reference, foreach
+    # name     lists                  written, weighted, check, reference, foreach; weight_name, kernel_lists
     ("lerp_",    ("avg", "src"),        1, True,  checks.check_lerp,    reference.lerp_,    _foreach_lerp),
     ("moments_", ("mean", "sq", "src"), 2, True,  checks.check_moments, reference.moments_, _foreach_moments),
+    ("multi_lerp_", ("avgs", "src"),    1, True,  checks.check_multi_lerp, reference.multi_lerp_,
+     _foreach_multi_lerp, "weights", _average_lists),
     ("copy_",    ("dst", "src"),        1, False, checks.check_copy,    reference.copy_,    _foreach_copy),
     ("swap_",    ("a", "b"),            2, False, checks.check_swap,    reference.swap_,    _foreach_swap),
 )}
@@ -290,6 +320,7 @@ def _runner(spec: OpSpec) -> Callable[[list[Sequence[Tensor]], tuple, str | None
 
 _run_lerp = _runner(OP_TABLE["lerp_"])
 _run_moments = _runner(OP_TABLE["moments_"])
+_run_multi_lerp = _runner(OP_TABLE["multi_lerp_"])
 _run_copy = _runner(OP_TABLE["copy_"])
 _run_swap = _runner(OP_TABLE["swap_"])
 
@@ -316,6 +347,86 @@ def moments_(
     mean += w (src - mean), sq += w (src^2 - sq), src^2 taken in the arithmetic dtype. Weights 0
     and 1 behave as in lerp_ (1 writes src and src^2)."""
     _run_moments([mean, sq, src], (weight,), backend)
+
+
+def _weight_values(weights) -> Tensor | list:
+    """multi_lerp_'s weights as a tensor or a list (a generator or a numpy array read once)."""
+    if isinstance(weights, Tensor):
+        return weights
+    if isinstance(weights, (str, bytes)):
+        return weights  # refused by the op's check, with its message
+    try:
+        return list(weights)
+    except TypeError:
+        return weights  # not iterable: refused likewise
+
+
+def _concatenated(avgs, count: int | None) -> list[Tensor] | tuple[Tensor, ...]:
+    """The K lists of averages as one list, k-major (as the op takes them); a list already
+    concatenated passes as it is."""
+    avgs = _as_list(avgs)
+    if not avgs or isinstance(avgs[0], Tensor):
+        return avgs
+    lists = [_as_list(lst) for lst in avgs]
+    if count is not None and len(lists) != count:
+        raise ValueError(
+            f"swa_fast.multi_lerp_: `avgs` has {len(lists)} lists but `weights` has {count} elements; "
+            "expected one list of averages per weight"
+        )
+    for k, lst in enumerate(lists):
+        if len(lst) != len(lists[0]):
+            raise ValueError(
+                f"swa_fast.multi_lerp_: `avgs[{k}]` has {len(lst)} tensors but `avgs[0]` has "
+                f"{len(lists[0])}; the lists must have equal lengths"
+            )
+    return list(itertools.chain.from_iterable(lists))
+
+
+def multi_lerp_(
+    avgs: Sequence[Sequence[Tensor]],
+    src: Sequence[Tensor],
+    weights: Tensor | Sequence[float],
+    *,
+    backend: str | None = None,
+) -> None:
+    """avgs[k][i] += weights[k] * (src[i] - avgs[k][i]) for every average k and every i, in one pass
+    that reads each source element once: K EMAs of one model (post-hoc EMA, Karras et al. 2024)
+    for the memory traffic of K + 1 tensors read and K written, instead of 2K read and K written.
+
+    Each k is exactly lerp_(avgs[k], src, weights[k]): fp32 arithmetic (fp64 for fp64 averages),
+    one rounding, weight 0 leaves that average untouched, weight 1 writes src. Each average may have
+    its own dtype per tensor; the averages at one index are updated in one pass when they share a
+    dtype, else one pass each.
+
+    Args:
+        avgs: K lists of averages, each as long as `src` (or the K lists concatenated,
+            avgs[k * len(src) + i], as torch.ops.swa_fast.multi_lerp_ takes them).
+        src: the tensors averaged.
+        weights: K real numbers, or a 1-D floating tensor of K elements on the CPU (read on the
+            host) or on the tensors' device (read by the kernels: no host synchronisation, CUDA-graph
+            capturable). The compiled op updates up to 4 averages per pass; more are split into
+            passes of at most 4 (each reading src again), after checking the whole call.
+        backend: as for lerp_.
+    """
+    weights = _weight_values(weights)
+    if isinstance(weights, Tensor):
+        count = weights.shape[0] if weights.dim() == 1 else None
+    else:
+        count = len(weights) if isinstance(weights, list) else None
+    src = _as_list(src)
+    flat = _concatenated(avgs, count)
+    if count is None or count <= checks.MAX_AVERAGES_PER_PASS:
+        _run_multi_lerp([flat, src], (weights,), backend)
+        return
+    # More averages than one pass holds: the whole call is checked first, so that a bad one writes
+    # nothing; a source that is one of the averages is read from a copy by the later passes.
+    checks.check_multi_lerp(flat, src, weights, max_count=None)
+    written = {a.data_ptr() for a in flat}
+    src = [s.clone() if s.data_ptr() in written else s for s in src]
+    n = len(src)
+    for first in range(0, count, checks.MAX_AVERAGES_PER_PASS):
+        last = min(first + checks.MAX_AVERAGES_PER_PASS, count)
+        _run_multi_lerp([flat[first * n : last * n], src], (weights[first:last],), backend)
 
 
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None = None) -> None:

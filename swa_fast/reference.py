@@ -55,6 +55,22 @@ def moments_(
 
 
 @torch.no_grad()
+def multi_lerp_(avgs: Sequence[Tensor], src: Sequence[Tensor], weights: Tensor | Sequence[float]) -> None:
+    """avgs[k * len(src) + i] += weights[k] * (src[i] - avgs[k * len(src) + i])   (K = len(weights)
+    averages of one source, concatenated in `avgs`)"""
+    n = len(src)
+    for i, s in enumerate(src):
+        # All K computed before any is written: src may be one of the averages itself.
+        new = []
+        for k in range(len(weights)):
+            a = avgs[k * n + i]
+            acc = acc_dtype(a.dtype)
+            new.append(_lerp(a.to(acc), _read(s, acc), _weight(weights[k], a)))
+        for k, value in enumerate(new):
+            avgs[k * n + i].copy_(value)
+
+
+@torch.no_grad()
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     """dst = src, cast to dst's dtype"""
     for d, s in zip(dst, src):

@@ -1,4 +1,4 @@
-"""Triton kernels of the four ops, one launch per list (per dtype group of a mixed list).
+"""Triton kernels of the ops, one launch per list (per dtype group of a mixed list).
 
 Each launch reads a pointer table: the data pointers of every tensor as int64, cast back to typed
 pointers inside the kernel, and a block map (program -> tensor, first element). The tables of a
@@ -54,15 +54,30 @@ if triton is not None:
     }
 
     @triton.jit
-    def _locate(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+    def _locate_block(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+        """(tensor, offsets, mask, whether the block is full). A block starts at a multiple of BLOCK
+        (the hint lets the compiler vectorise); a full block needs no mask, and a masked access
+        whose mask the compiler cannot prove constant over a vector is split into single elements."""
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
-        offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-        return t, offs, offs < tl.load(numels + t)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
+        offs = start + tl.arange(0, BLOCK)
+        n = tl.load(numels + t)
+        return t, offs, offs < n, start + BLOCK <= n
 
     @triton.jit
-    def _ptr(ptrs, t, k: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr):
-        return tl.load(ptrs + t * K + k).to(tl.pointer_type(DTYPE))
+    def _locate(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+        t, offs, mask, _ = _locate_block(block_tensor, block_start, numels, BLOCK)
+        return t, offs, mask
+
+    @triton.jit
+    def _ptr(ptrs, t, k: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
+        """The k-th of K pointers of tensor t. ALIGNED: the launch found every pointer 16-byte
+        aligned, and says so to the compiler, which then loads and stores 128 bits at a time."""
+        address = tl.load(ptrs + t * K + k)
+        if ALIGNED:
+            address = tl.multiple_of(address, 16)
+        return address.to(tl.pointer_type(DTYPE))
 
     @triton.jit
     def _widened(ptr, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr):
@@ -97,25 +112,23 @@ if triton is not None:
         else:
             return x.to(DST)
 
-    # One signature line per kernel: the launch table's tensors, then the dtypes.
-    # fmt: off
+    # An op's block, given its mask (None: a full block). Its kernel runs it unmasked on full blocks
+    # and masked on a tensor's last one.
     @triton.jit
-    def _lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-        t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
-        avg = _ptr(ptrs, t, 0, 2, DST)
+    def _lerp_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+        avg = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
         a = _widened(avg, offs, mask, DST, ACC)
-        s = _widened(_ptr(ptrs, t, 1, 2, SRC), offs, mask, SRC, ACC)
+        s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
         w = tl.load(w_ptr).to(ACC)
         tl.store(avg + offs, _rounded(_lerp(a, s, w), DST), mask=mask)
 
     @triton.jit
-    def _moments_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
-                        DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-        t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
-        mean = _ptr(ptrs, t, 0, 3, DST)
-        sq = _ptr(ptrs, t, 1, 3, DST)
-        x = _widened(_ptr(ptrs, t, 2, 3, SRC), offs, mask, SRC, ACC)
+    def _moments_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                       ALIGNED: tl.constexpr):
+        mean = _ptr(ptrs, t, 0, 3, DST, ALIGNED)
+        sq = _ptr(ptrs, t, 1, 3, DST, ALIGNED)
+        x = _widened(_ptr(ptrs, t, 2, 3, SRC, ALIGNED), offs, mask, SRC, ACC)
         m = _widened(mean, offs, mask, DST, ACC)
         q = _widened(sq, offs, mask, DST, ACC)
         w = tl.load(w_ptr).to(ACC)
@@ -123,22 +136,82 @@ if triton is not None:
         tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
 
     @triton.jit
-    def _copy_kernel(ptrs, block_tensor, block_start, numels,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-        t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
-        s = _widened(_ptr(ptrs, t, 1, 2, SRC), offs, mask, SRC, ACC)
-        tl.store(_ptr(ptrs, t, 0, 2, DST) + offs, _rounded(s, DST), mask=mask)
+    def _copy_block(ptrs, t, offs, mask, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+        s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
+        tl.store(_ptr(ptrs, t, 0, 2, DST, ALIGNED) + offs, _rounded(s, DST), mask=mask)
 
     @triton.jit
-    def _swap_kernel(ptrs, block_tensor, block_start, numels,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-        t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
-        a = _ptr(ptrs, t, 0, 2, DST)
-        b = _ptr(ptrs, t, 1, 2, SRC)
+    def _swap_block(ptrs, t, offs, mask, DST: tl.constexpr, SRC: tl.constexpr, ALIGNED: tl.constexpr):
+        a = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
+        b = _ptr(ptrs, t, 1, 2, SRC, ALIGNED)
         x = tl.load(a + offs, mask=mask)
         y = tl.load(b + offs, mask=mask)
         tl.store(a + offs, y, mask=mask)
         tl.store(b + offs, x, mask=mask)
+
+    # Signatures: the launch table's tensors, then the dtypes and variants.
+    # fmt: off
+    @triton.jit
+    def _lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
+                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+        t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
+        if full:
+            _lerp_block(ptrs, t, offs, None, w_ptr, DST, SRC, ACC, ALIGNED)
+        else:
+            _lerp_block(ptrs, t, offs, mask, w_ptr, DST, SRC, ACC, ALIGNED)
+
+    @triton.jit
+    def _moments_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
+                        DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                        ALIGNED: tl.constexpr):
+        t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
+        if full:
+            _moments_block(ptrs, t, offs, None, w_ptr, DST, SRC, ACC, ALIGNED)
+        else:
+            _moments_block(ptrs, t, offs, mask, w_ptr, DST, SRC, ACC, ALIGNED)
+
+    @triton.jit
+    def _multi_lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
+                           DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                           DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False):
+        # DTYPES: each list's dtype, the K averages' then the source's.
+        K: tl.constexpr = len(DTYPES) - 1
+        t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
+        # The source read once, exactly (fp64 stays fp64), then rounded once per average's dtype.
+        SRC_WIDE: tl.constexpr = tl.float64 if SRC == tl.float64 else tl.float32
+        s = _widened(_ptr(ptrs, t, K, K + 1, SRC, ALIGNED), offs, mask, SRC, SRC_WIDE)
+        for k in tl.static_range(K):
+            D: tl.constexpr = DTYPES[k]
+            A: tl.constexpr = tl.float64 if D == tl.float64 else tl.float32
+            avg = _ptr(ptrs, t, k, K + 1, D, ALIGNED)
+            w = tl.load(w_ptr + k).to(A)
+            # Weight 0 writes nothing to that average, as the compiled kernels. (Broadcast first:
+            # the interpreter cannot `and` a scalar with a block.)
+            store = mask & ((tl.zeros([BLOCK], A) + w) != 0)
+            a = _widened(avg, offs, store, D, A)
+            tl.store(avg + offs, _rounded(_lerp(a, s.to(A), w), D), mask=store)
+
+    @triton.jit
+    def _copy_kernel(ptrs, block_tensor, block_start, numels,
+                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+        t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
+        if full:
+            _copy_block(ptrs, t, offs, None, DST, SRC, ACC, ALIGNED)
+        else:
+            _copy_block(ptrs, t, offs, mask, DST, SRC, ACC, ALIGNED)
+
+    @triton.jit
+    def _swap_kernel(ptrs, block_tensor, block_start, numels,
+                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+        t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
+        if full:
+            _swap_block(ptrs, t, offs, None, DST, SRC, ALIGNED)
+        else:
+            _swap_block(ptrs, t, offs, mask, DST, SRC, ALIGNED)
 
     # fmt: on
 
@@ -146,6 +219,7 @@ if triton is not None:
     KERNELS = {
         "lerp_": _lerp_kernel,
         "moments_": _moments_kernel,
+        "multi_lerp_": _multi_lerp_kernel,
         "copy_": _copy_kernel,
         "swap_": _swap_kernel,
     }
@@ -153,14 +227,16 @@ else:
     KERNELS = {}
 
 
-_LAUNCH_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = OrderedDict()
+_LAUNCH_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, Tensor, bool]] = OrderedDict()
 _LAUNCH_TABLES_KEPT = 32
 
 
 def _launch_table(
     lists: Sequence[Sequence[Tensor]], indices: list[int]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(pointer table, block -> tensor, block -> first element, numels) on the tensors' device."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+    """(pointer table, block -> tensor, block -> first element, numels) on the tensors' device, and
+    whether every pointer is 16-byte aligned (then so is every block's first element: BLOCK is a
+    multiple of 16)."""
     key = tuple((tuple(lst[i].data_ptr() for lst in lists), lists[0][i].numel()) for i in indices)
     key = (lists[0][indices[0]].device, key)
     table = _LAUNCH_TABLES.get(key)
@@ -176,8 +252,9 @@ def _launch_table(
         block_tensor += [j] * len(starts)
         block_start += starts
     device = lists[0][indices[0]].device
-    table = tuple(
-        torch.tensor(v, dtype=torch.int64).to(device) for v in (ptrs, block_tensor, block_start, numels)
+    table = (
+        *(torch.tensor(v, dtype=torch.int64).to(device) for v in (ptrs, block_tensor, block_start, numels)),
+        all(p % 16 == 0 for p in ptrs),
     )
     _LAUNCH_TABLES[key] = table
     if len(_LAUNCH_TABLES) > _LAUNCH_TABLES_KEPT:
@@ -185,15 +262,21 @@ def _launch_table(
     return table
 
 
-def _launch(kernel, lists: Sequence[Sequence[Tensor]], dtype_lists: tuple[int, int], *scalar_args) -> None:
-    """One launch per (destination dtype, source dtype) group of non-empty tensors."""
+def _launch(
+    kernel, lists: Sequence[Sequence[Tensor]], dtype_lists: tuple[int, int], *scalar_args, dtypes_arg=False
+) -> None:
+    """One launch per group of non-empty tensors with the same dtype in each list. The kernel is
+    given the dtypes of lists dtype_lists (destination, source) and, with `dtypes_arg`, of every
+    list (DTYPES)."""
     d, s = dtype_lists
-    groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+    groups: dict[tuple[torch.dtype, ...], list[int]] = {}
     for i, t in enumerate(lists[0]):
         if t.numel():
-            groups.setdefault((lists[d][i].dtype, lists[s][i].dtype), []).append(i)
-    for (dst_dtype, src_dtype), indices in groups.items():
-        ptrs, block_tensor, block_start, numels = _launch_table(lists, indices)
+            groups.setdefault(tuple(lst[i].dtype for lst in lists), []).append(i)
+    for dtypes, indices in groups.items():
+        dst_dtype, src_dtype = dtypes[d], dtypes[s]
+        extra = {"DTYPES": tuple(_TL_DTYPES[dtype] for dtype in dtypes)} if dtypes_arg else {}
+        ptrs, block_tensor, block_start, numels, aligned = _launch_table(lists, indices)
         kernel[(block_tensor.numel(),)](
             ptrs,
             block_tensor,
@@ -204,14 +287,19 @@ def _launch(kernel, lists: Sequence[Sequence[Tensor]], dtype_lists: tuple[int, i
             SRC=_TL_DTYPES[src_dtype],
             ACC=_TL_DTYPES[reference.acc_dtype(dst_dtype)],
             BLOCK=BLOCK,
+            ALIGNED=aligned,
+            **extra,
         )
 
 
-def _device_weight(weight: Tensor | float, device: torch.device) -> Tensor:
-    """The weight as the kernels load it: float32 or float64, on `device`."""
+def _device_weight(weight: Tensor | float | Sequence[float], device: torch.device) -> Tensor:
+    """The weight as the kernels load it: float32 or float64, on `device` (multi_lerp_'s weights:
+    a contiguous vector)."""
     if isinstance(weight, Tensor):
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        return weight.to(device, dtype, non_blocking=True).resolve_neg()
+        return weight.to(device, dtype, non_blocking=True).resolve_neg().contiguous()
+    if isinstance(weight, Sequence):
+        return torch.tensor([float(w) for w in weight], dtype=torch.float64, device=device)
     return torch.full((), float(weight), dtype=torch.float64, device=device)
 
 
@@ -224,19 +312,23 @@ def launcher(spec: OpSpec) -> Callable[..., None]:
     """The op's Triton launcher, called as the op is: its check, then its kernel over the lists.
 
     The lists the op writes are updated in place; those it only reads are made contiguous first.
-    Launches are grouped by the dtypes of the first list and the last one (destination, source).
-    Tests call launchers directly (on CPU tensors under TRITON_INTERPRET=1)."""
-    n_lists, written, check = len(spec.lists), spec.written, spec.check
+    Launches are grouped by the dtypes of every list; the kernel is given those of the first list and
+    the last one (destination, source), and all of them when the op's row splits its lists
+    (kernel_lists: multi_lerp_'s K averages). Tests call launchers directly (on CPU tensors under
+    TRITON_INTERPRET=1)."""
+    n_lists, written, check, split = len(spec.lists), spec.written, spec.check, spec.kernel_lists
     kernel = KERNELS.get(spec.name)
 
     def launch(*args) -> None:
         check(*args)
         if kernel is None:
             raise RuntimeError(f"swa_fast.{spec.name}: {TRITON_ERROR or 'no Triton kernel for this op'}")
-        lists = [*args[:written], *map(_contiguous, args[written:n_lists])]
+        lists = list(args[:n_lists]) if split is None else split(*args)
+        n_written = len(lists) - (n_lists - written)  # the lists read follow the written ones
+        lists = [*lists[:n_written], *map(_contiguous, lists[n_written:])]
         if lists[0]:
             weight = [_device_weight(w, lists[0][0].device) for w in args[n_lists:]]
-            _launch(kernel, lists, (0, n_lists - 1), *weight)
+            _launch(kernel, lists, (0, len(lists) - 1), *weight, dtypes_arg=split is not None)
 
     launch.__name__ = launch.__qualname__ = f"launch_{spec.name}"
     return launch

@@ -140,6 +140,8 @@ def make_case(op: str, shapes, dst_dtype, src_dtype, seed: int = 0, device="cpu"
     if op == "moments_":
         sq = [t * t for t in rand(dst_dtype)]
         return [rand(dst_dtype), sq, rand(src_dtype)], (0.3,)
+    if op == "multi_lerp_":  # two averages, concatenated as the op takes them
+        return [rand(dst_dtype) + rand(dst_dtype), rand(src_dtype)], ((0.3, 0.7),)
     if op == "copy_":
         return [rand(dst_dtype), rand(src_dtype)], ()
     return [rand(dst_dtype), rand(dst_dtype)], ()  # swap_

@@ -7,6 +7,7 @@ import torch
 from conftest import OPS, WEIGHTED, clone_lists, make_case
 
 import swa_fast
+from swa_fast import ops
 
 
 def case(op):
@@ -88,6 +89,10 @@ def test_moments_sq_dtype_differs_from_mean(any_backend):
     assert_rejected("moments_", any_backend, lists, extra, "sq[1]", "BFloat16".lower()[:4])
 
 
+# The ops taking one 0-dim weight (not multi_lerp_'s vector of weights).
+ONE_WEIGHT = [op for op in OPS if WEIGHTED[op] and ops.OP_TABLE[op].weight_name == "weight"]
+
+
 @pytest.mark.parametrize(
     "weight,pattern",
     [
@@ -97,8 +102,9 @@ def test_moments_sq_dtype_differs_from_mean(any_backend):
         ("0.5", "must be a real number or a 0-dim floating-point tensor, got str"),
     ],
 )
-@pytest.mark.parametrize("op", [op for op in OPS if WEIGHTED[op]])
+@pytest.mark.parametrize("op", ONE_WEIGHT)
 def test_bad_weight(op, any_backend, weight, pattern):
+    """A 0-dim weight's errors (multi_lerp_'s vector of weights: tests/test_multi_lerp.py)."""
     lists, _ = case(op)
     assert_rejected(op, any_backend, lists, (weight,), "weight", pattern)
 

@@ -358,10 +358,13 @@ def test_disjoint_views_of_one_buffer_in_any_order(op, any_backend):
     import swa_fast
 
     lists, extra = make_case(op, [(3, 2), (5,), (4,)], torch.float32, torch.float32)
-    buffers = [torch.empty(15) for _ in lists]
+    buffers = [torch.empty(5 * len(lst)) for lst in lists]  # multi_lerp_'s avgs: two lists of three
     views = []
     for buffer, lst in zip(buffers, lists):
-        parts = [buffer[9:15].view(3, 2), buffer[0:5], buffer[5:9]]  # out of address order
+        parts = []
+        for start in range(0, len(buffer), 15):
+            part = buffer[start : start + 15]
+            parts += [part[9:15].view(3, 2), part[0:5], part[5:9]]  # out of address order
         for part, t in zip(parts, lst):
             part.copy_(t)
         views.append(parts)
