@@ -1,0 +1,128 @@
+"""The integrations: each original library's EMA update against swa_fast.integrations' drop-in, on
+the same model in the same run (the original first, so `x_vs_naive` is the speed-up over it).
+
+    python benchmarks/integrations.py --min-run-time 0.2      # alone; benchmarks/run.py runs it too
+
+Each library has a function here, listed in LIBRARIES, taking (model, device) and giving
+name -> one update: the original's, then ours, with the library's default settings where they
+decide the update (timm: foreach; diffusers: foreach=False, its default, and foreach=True).
+A library that is not installed is left out, with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.shapes import SHAPE_SETS, numel  # noqa: E402
+from benchmarks.timing import copy_bandwidth, time_methods  # noqa: E402
+from benchmarks.workloads import ShapeModel  # noqa: E402
+
+DECAY = 0.9998
+STEP = 1000  # past every warmup: the decay a long run spends its time at
+
+
+def timm_updates(model, device):
+    from timm.utils import ModelEmaV3 as TimmModelEmaV3
+
+    from swa_fast.integrations.timm import ModelEmaV3
+
+    theirs, ours = TimmModelEmaV3(model, decay=DECAY), ModelEmaV3(model, decay=DECAY)
+    return {
+        "timm ModelEmaV3": lambda: theirs.update(model, step=STEP),
+        "swa_fast ModelEmaV3": lambda: ours.update(model, step=STEP),
+    }
+
+
+def diffusers_updates(model, device):
+    from diffusers.training_utils import EMAModel as DiffusersEMAModel
+
+    from swa_fast.integrations.diffusers import EMAModel
+
+    theirs = DiffusersEMAModel(model.parameters(), decay=DECAY)
+    theirs_foreach = DiffusersEMAModel(model.parameters(), decay=DECAY, foreach=True)
+    ours = EMAModel(model.parameters(), decay=DECAY)
+    return {
+        "diffusers EMAModel": lambda: theirs.step(model.parameters()),
+        "diffusers EMAModel foreach": lambda: theirs_foreach.step(model.parameters()),
+        "swa_fast EMAModel": lambda: ours.step(model.parameters()),
+    }
+
+
+def torch_ema_updates(model, device):
+    import torch_ema
+
+    from swa_fast.integrations.torch_ema import ExponentialMovingAverage
+
+    theirs = torch_ema.ExponentialMovingAverage(model.parameters(), decay=DECAY)
+    ours = ExponentialMovingAverage(model.parameters(), decay=DECAY)
+    return {
+        "torch_ema ExponentialMovingAverage": lambda: theirs.update(),
+        "swa_fast ExponentialMovingAverage": lambda: ours.update(),
+    }
+
+
+LIBRARIES = {"timm": timm_updates, "diffusers": diffusers_updates, "torch_ema": torch_ema_updates}
+
+
+def bench_integrations(sets, device, min_run_time, bandwidth, dtype=torch.float32, libraries=None):
+    """Rows for every library of LIBRARIES (or `libraries`) on each shape set, fp32 model and
+    average: the original's update, then ours, timed in turns."""
+    rows = []
+    for name in sets:
+        shapes = SHAPE_SETS[name]()
+        model = ShapeModel(shapes, dtype, device)
+        n = numel(shapes)
+        moved = n * 3 * torch.finfo(dtype).bits // 8  # read the average and the model, write the average
+        for library in libraries or LIBRARIES:
+            try:
+                candidates = LIBRARIES[library](model, device)
+            except ImportError as e:
+                print(f"{library} is not installed ({e}): its rows are left out")
+                continue
+            dtype_name = f"{dtype}".replace("torch.", "")
+            labels = {
+                "workload": f"{library} {name}",
+                "params": dtype_name,
+                "tensors": len(shapes),
+                "elements": n,
+            }
+            rows += time_methods(candidates, labels, moved, device, min_run_time, bandwidth)
+            del candidates  # each original keeps its own copy of the model: one library at a time
+    return rows
+
+
+def speedups(rows) -> list[str]:
+    """One line per workload: each method's time and its speed-up over the original (the first)."""
+    lines, by_workload = [], {}
+    for r in rows:
+        by_workload.setdefault((r["workload"], r["params"]), []).append(r)
+    for (workload, params), group in by_workload.items():
+        base = group[0]["median_ms"]
+        parts = [f"{r['method']} {r['median_ms']:.3g} ms ({base / r['median_ms']:.2f}x)" for r in group]
+        lines.append(f"{workload} [{params}]: " + "; ".join(parts))
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sets", nargs="*", choices=list(SHAPE_SETS), default=["gpt2-small", "tiny-1000"])
+    p.add_argument("--libraries", nargs="*", choices=list(LIBRARIES))
+    p.add_argument("--min-run-time", type=float, default=0.5)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device, args.min_run_time)
+    rows = bench_integrations(args.sets, device, args.min_run_time, bandwidth, libraries=args.libraries)
+    print(f"on {device} ({torch.get_num_threads()} threads), copy bandwidth {bandwidth / 1e9:.2f} GB/s")
+    print("\n".join(speedups(rows)))
+
+
+if __name__ == "__main__":
+    main()
