@@ -63,15 +63,17 @@ class Case:
     description: str
 
 
+def weights_values():
+    return st.one_of(
+        st.sampled_from([0.0, 1.0, 0.5, 0.25, 1e-45, 5e-324, -0.5, 2.0, 1 - 2**-30, 1e-8]),
+        st.floats(-2.0, 3.0, allow_nan=False),
+    )
+
+
 @st.composite
 def weights(draw):
     """(weight as passed, its real value)."""
-    value = draw(
-        st.one_of(
-            st.sampled_from([0.0, 1.0, 0.5, 0.25, 1e-45, 5e-324, -0.5, 2.0, 1 - 2**-30, 1e-8]),
-            st.floats(-2.0, 3.0, allow_nan=False),
-        )
-    )
+    value = draw(weights_values())
     kind = draw(st.sampled_from(["float", "numpy32", "numpy64", "fraction", "exact", "tensor"]))
     if kind == "numpy32":
         weight = np.float32(value)
@@ -99,18 +101,36 @@ def random_values(shape, seed: int, specials: float) -> torch.Tensor:
 
 
 @st.composite
+def multi_lerp_weights(draw, count: int):
+    """(multi_lerp_'s weights as passed: numbers or a 1-D tensor, their real values)."""
+    if draw(st.booleans()):
+        values = [draw(weights_values()) for _ in range(count)]
+        vector = torch.tensor(values, dtype=draw(st.sampled_from(FLOATS)))
+        return vector, vector.tolist()
+    drawn = [draw(weights()) for _ in range(count)]
+    # 0-dim tensors are not numbers: as numbers, a vector of weights is a sequence of real numbers
+    drawn = [(w.item(), v) if isinstance(w, torch.Tensor) else (w, v) for w, v in drawn]
+    return [w for w, _ in drawn], [v for _, v in drawn]
+
+
+@st.composite
 def cases(draw, op: str):
     spec = ops.OP_TABLE[op]
     n = draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**31 - 1))
     specials = draw(st.sampled_from([0.0, 0.1, 0.5]))
     shapes = [draw(st.sampled_from(SHAPES)) for _ in range(n)]
-    lists: list[list[torch.Tensor]] = [[] for _ in spec.lists]
+    # The lists as the kernels see them: multi_lerp_'s K lists of averages (more than the 4 of one
+    # pass too), concatenated into its `avgs` at the end.
+    averages = draw(st.integers(1, 6)) if spec.kernel_lists is not None else None
+    names = ("avgs",) * averages + ("src",) if averages else spec.lists
+    n_written = averages or spec.written
+    lists: list[list[torch.Tensor]] = [[] for _ in names]
     for i, shape in enumerate(shapes):
         dst_dtype = draw(st.sampled_from(FLOATS))
-        for k, name in enumerate(spec.lists):
-            written = k < spec.written
-            same_dtype = written and k > 0  # moments_' sq, swap_'s b: the first list's dtype
+        for k, name in enumerate(names):
+            written = k < n_written
+            same_dtype = written and k > 0 and not averages  # moments_' sq, swap_'s b: the first list's dtype
             dtype = dst_dtype if k == 0 or same_dtype else draw(st.sampled_from(FLOATS))
             layout = draw(st.sampled_from(DESTINATION_LAYOUTS if written else SOURCE_LAYOUTS))
             values = random_values(shape, seed + 7 * i + k, specials)
@@ -118,24 +138,24 @@ def cases(draw, op: str):
                 values = values * values  # a second moment
             lists[k].append(make_tensor(values, dtype, layout))
     breaks = any(
-        not t.is_contiguous() or t.is_neg() for k in range(spec.written) for t in lists[k]
+        not t.is_contiguous() or t.is_neg() for k in range(n_written) for t in lists[k]
     )  # written tensors must be contiguous and not negated views
     sharing = draw(st.sampled_from(["none", "none", "own destination", "twice", "partial"]))
     nonempty = [i for i in range(n) if lists[0][i].numel() >= 2]
-    if sharing == "own destination" and spec.written < len(spec.lists):
-        # A source that is its destination (mean or sq for moments_): allowed.
+    if sharing == "own destination" and n_written < len(names):
+        # A source that is its destination (mean or sq for moments_, an average): allowed.
         i = draw(st.integers(0, n - 1))
-        lists[-1][i] = lists[draw(st.integers(0, spec.written - 1))][i]
+        lists[-1][i] = lists[draw(st.integers(0, n_written - 1))][i]
     elif sharing == "twice":
         # One more index whose written tensor is the first list's tensor at index 0 again.
-        for k in range(len(spec.lists)):
+        for k in range(len(names)):
             fresh = random_values(shapes[0], seed - 1 - k, specials).to(lists[k][0].dtype)
             lists[k].append(lists[0][0] if k == 0 else fresh)
         breaks |= lists[0][0].numel() > 0
     elif sharing == "partial" and nonempty:
         # A tensor (any list, any index) made to start one element into a written one.
         i = draw(st.sampled_from(nonempty))
-        k = draw(st.integers(0, len(spec.lists) - 1))
+        k = draw(st.integers(0, len(names) - 1))
         j = draw(
             st.sampled_from([j for j in range(n) if lists[k][j].numel() > 0 and (k, j) != (0, i)] or [None])
         )
@@ -146,7 +166,11 @@ def cases(draw, op: str):
             lists[0][i] = base[: dst.numel()].view(dst.shape)
             lists[k][j] = base[1 : 1 + other.numel()].view(other.shape)
             breaks = True
-    weight, weight_value = draw(weights()) if spec.weighted else (None, 0.0)
+    if averages:
+        weight, weight_value = draw(multi_lerp_weights(averages))
+        lists = [[t for lst in lists[:averages] for t in lst], lists[-1]]
+    else:
+        weight, weight_value = draw(weights()) if spec.weighted else (None, 0.0)
     return Case(lists, weight, weight_value, breaks, f"{sharing}, weight {weight!r}")
 
 
@@ -204,8 +228,16 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, error, where: str) -> 
     assert (same_sign & (got64.eq(want) | overflow))[infinite].all(), f"{where}: {got} vs {want}"
 
 
-def check_against_oracle(op: str, before: list[list[torch.Tensor]], after, weight: float, where: str):
+def check_against_oracle(op: str, before: list[list[torch.Tensor]], after, weight, where: str):
     """before: float64 copies of the arguments' values; after: the tensors after the call."""
+    if op == "multi_lerp_":  # each average k as lerp_ with weight[k]
+        n = len(after[-1])
+        for j, dst in enumerate(after[0]):
+            k, i = divmod(j, n)
+            src = before[-1][i].to(acc_dtype(dst.dtype)).double()
+            value, error = expected_lerp(before[0][j], src, src, weight[k], dst.dtype)
+            assert_matches(dst, value, error, f"{where}, avgs[{k}][{i}]")
+        return
     for i, dst in enumerate(after[0]):
         if op == "copy_":
             assert_matches(dst, before[1][i].to(dst.dtype).double(), None, where)
