@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
 import torch
-from conftest import random_batch, train_step
+from conftest import cnn_with_bn, random_batch, train_step
 
 IMAGE_SIDE = 6
 
@@ -39,3 +40,16 @@ def assert_same(theirs: list[torch.Tensor], ours: list[torch.Tensor], exact: boo
         else:
             rtol, atol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-6, 2**-9)}[a.dtype]
             torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=f"{what} tensor {i}")
+
+
+def assert_refuses_other_models(update, shadow: list[torch.Tensor], too_few: str) -> None:
+    """`update(parameters)` of an EMA of a conftest.cnn_with_bn(IMAGE_SIDE) raises a ValueError
+    matching `too_few` when given four of its six parameters, and one naming a shape when given a
+    model whose shapes differ; `shadow` (the average) stays as it was."""
+    model = cnn_with_bn(IMAGE_SIDE)
+    before = [s.clone() for s in shadow]
+    with pytest.raises(ValueError, match=too_few):
+        update(list(model.parameters())[:4])
+    with pytest.raises(ValueError, match="shape"):
+        update(cnn_with_bn(IMAGE_SIDE + 1).parameters())
+    assert_same(before, shadow, True)
