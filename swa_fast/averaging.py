@@ -145,7 +145,13 @@ class Averager:
 
     def _groups(self, tensors: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
         """(average views, model tensors) per flat group."""
-        floating, _ = self.tracked.split(tensors)
+        return self._pairs(self.tracked.split(tensors)[0])
+
+    def _pairs(self, floating: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """(average views, floating model tensors) per flat group; with one group (the usual case),
+        the lists as they are, with no copy."""
+        if len(self.average.groups) == 1:
+            return [(self.average.views, floating)]
         return [(views, src) for _, views, src in self.average.pairs(floating)]
 
     # --- updates ------------------------------------------------------------------------------------
@@ -225,9 +231,10 @@ class Averager:
         weight = self._update_weight() if weight is None else weight
         if weight is None:
             return
-        groups = self._groups(tensors)
+        floating, integers = self.tracked.split(tensors)
+        groups = self._pairs(floating)
         if len(groups) > 1:  # one group's op checks it before writing; several: all first
-            self.average.check_shapes(self.tracked.split(tensors)[0])
+            self.average.check_shapes(floating)
         finite = None
         if self.check_finite:
             # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN
@@ -242,12 +249,12 @@ class Averager:
             try:
                 self._update_group(k, avg, src, w)
             except ValueError:  # raised before writing: name the tensor if its shape is the cause
-                self.average.check_shapes(self.tracked.split(tensors)[0])
+                self.average.check_shapes(floating)
                 raise
-        integers = self.tracked.split(tensors)[1]
-        if finite is not None:
-            integers = [torch.where(finite, live, kept) for kept, live in zip(self._integers, integers)]
-        copy_lists(self._integers, integers)  # one call for every num_batches_tracked
+        if integers:
+            if finite is not None:
+                integers = [torch.where(finite, live, kept) for kept, live in zip(self._integers, integers)]
+            copy_lists(self._integers, integers)  # one call for every num_batches_tracked
         self.counts.add(finite)
         self.updates += 1
 

@@ -14,7 +14,10 @@ FSDP2, every rank must build its manager from the same model, which is checked a
 
 from __future__ import annotations
 
+import operator
 import weakref
+from collections.abc import Callable
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -76,6 +79,114 @@ def _each_once(tensors: list[Tensor]) -> list[Tensor]:
     return tensors if keep is None else [tensors[i] for i in keep]
 
 
+class _Registrations:
+    """How many modules, parameters and buffers were registered anywhere since import (torch's
+    global registration hooks count them): a `ModuleWalk` made at one count knows that no module
+    gained or swapped one through `setattr`, `register_*` or `add_module` while it is unchanged."""
+
+    count = 0
+
+    @classmethod
+    def seen(cls, *_args) -> None:
+        cls.count += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_Registrations.seen)
+torch.nn.modules.module.register_module_parameter_registration_hook(_Registrations.seen)
+torch.nn.modules.module.register_module_buffer_registration_hook(_Registrations.seen)
+
+_values_of_each = dict.values  # (a module's dicts are dicts; an OrderedDict is one too)
+
+
+class ModuleWalk:
+    """`module_tensors(module, buffers)` (or `module_buffers(module)` with `parameters=False`) for
+    every update, without walking the modules each time. The walk's modules are remembered, and
+    their tensors are read from those modules' own dicts on every call, so a tensor replaced in
+    place of another, however it was replaced (`Module.to` swaps buffers without any hook), is seen
+    at once. The list of modules is walked again when it may be stale: after any registration
+    (torch's global hooks) or when a module's children differ from the walk's (a `del`).
+
+    Only the dicts that held something at the walk are read (most modules hold no buffers), so a
+    tensor written straight into an empty `_parameters` / `_buffers` dict without `register_*`
+    (which only FSDP does, whose models are walked in full by `TrackedModel`) is not seen. The
+    module is held weakly; its dicts strongly, until it is freed."""
+
+    def __init__(self, module: Module, parameters: bool = True, buffers: bool = False) -> None:
+        self.kinds = [kind for kind, asked in (("_parameters", parameters), ("_buffers", buffers)) if asked]
+        me = weakref.ref(self)
+
+        def forget(_ref: weakref.ref) -> None:  # the model is gone: hold none of its tensors
+            if (walk := me()) is not None:
+                walk._dicts = walk._parents = walk._children = []
+                walk._parts = [([], None) for _ in walk.kinds]
+
+        self._module = weakref.ref(module, forget)
+        self.walks = 0  # times the modules were walked: what was derived from a walk is stale once it grows
+        self._walk(module)
+
+    def _walk(self, module: Module) -> None:
+        order, stack, seen = [], [module], set()
+        while stack:  # depth first, each module once, children in registration order
+            m = stack.pop()
+            if id(m) not in seen:
+                seen.add(id(m))
+                order.append(m)
+                stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        self._registrations = _Registrations.count
+        self._parents = [m._modules for m in order if m._modules]
+        self._children = list(chain.from_iterable(map(_values_of_each, self._parents)))
+        self._parts = []  # per kind: its non-empty dicts, and what to keep of their values
+        for kind in self.kinds:
+            dicts = [d for d in (getattr(m, kind) for m in order) if d]
+            self._parts.append((dicts, _keeper(list(chain.from_iterable(map(_values_of_each, dicts))))))
+        self._dicts = [d for dicts, _ in self._parts for d in dicts]
+        self._pick = _keeper(list(chain.from_iterable(map(_values_of_each, self._dicts))))
+        self.walks += 1
+
+    def _check(self) -> None:
+        """Walk again if the walk may be stale."""
+        if _Registrations.count != self._registrations or self._children != list(
+            chain.from_iterable(map(_values_of_each, self._parents))
+        ):
+            self._walk(self._module())
+
+    def tensors(self) -> list[Tensor]:
+        """The module's tensors now (its parameters, then its buffers, as asked), each once."""
+        self._check()
+        walked = list(chain.from_iterable(map(_values_of_each, self._dicts)))
+        return walked if self._pick is None else self._pick(walked)
+
+    def parts(self) -> list[list[Tensor]]:
+        """The module's parameters and its buffers now (as asked), each list's tensors once."""
+        self._check()
+        out = []
+        for dicts, keep in self._parts:
+            walked = list(chain.from_iterable(map(_values_of_each, dicts)))
+            out.append(walked if keep is None else keep(walked))
+        return out
+
+
+def _keeper(walked: list) -> Callable[[list], list] | None:
+    """What `pick` keeps of a list laid out as `walked`: each tensor once (shared ones at their
+    first place), no None (an unset bias); None when that is all of it."""
+    first = _first_places([id(t) for t in walked])
+    keep = [i for i in (range(len(walked)) if first is None else first) if walked[i] is not None]
+    return None if len(keep) == len(walked) else pick(keep)
+
+
+def pick(keep: list[int]) -> Callable[[list], list]:
+    """A function giving `[items[i] for i in keep]` of a list `items`, in C where it can."""
+    if len(keep) < 2:
+        return lambda items: [items[i] for i in keep]
+    get = operator.itemgetter(*keep)
+    return lambda items: list(get(items))
+
+
+def _same_objects(a: list, b: list) -> bool:
+    """Whether the lists hold the very same objects (identity: a tensor's == compares values)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
 def module_names(module: Module, buffers: bool) -> list[str]:
     """Names of `module_tensors(module, buffers)`, in its order."""
     names = [name for name, _ in module.named_parameters()]
@@ -102,10 +213,10 @@ class TrackedModel:
     def __init__(self, model: Module, buffers: bool, owner: str, options: list | None = None) -> None:
         wrapper, model = model, unwrap(model)[0]
         distributed.reshard(model)  # track the sharded FSDP2 parameters, not gathered ones
+        self.buffers = buffers
         tensors = self._attach(model, _walk(model, True, buffers))
         self.layouts = [distributed.shards_of(t) for t in tensors]  # DTensor layout, or None
         self.sharded = any(s is not None for s in self.layouts)
-        self.buffers = buffers
         self.owner = owner
         self.names = module_names(model, buffers)
         self.shapes = [t.shape for t in tensors]  # global shapes, for DTensors
@@ -124,36 +235,33 @@ class TrackedModel:
 
     def _attach(self, model: Module, walked: list[Tensor]) -> list[Tensor]:
         """Track `model` (unwrapped), whose walk gave `walked`; give its tensors, each once."""
-        # What a walk of this model gives while it is unchanged, and which of it to keep (shared
-        # tensors once): the check that `tensors()` makes on every update.
-        self._walked_ids = list(map(id, walked))
-        self._keep = _first_places(self._walked_ids)
-        tensors = walked if self._keep is None else [walked[i] for i in self._keep]
-        self._ids = [id(t) for t in tensors]
-        # The tensors themselves, weakly (a manager must not keep a dropped model's memory alive).
-        # Should one die, the model no longer holds it, and a new tensor may be given its id,
-        # which the id checks in `tensors()` would take for the old one: `_lost` says so instead.
-        self._lost = lost = [False]
+        tensors = _each_once(walked)
+        # Every update checks that the model still holds these very tensors (an identity check:
+        # a replaced one is refused even when it got the old one's id). They are held until the
+        # model is freed, not after: a manager must not keep a dropped model's memory alive.
+        self._tracked = tensors
+        self._walk = ModuleWalk(model, True, self.buffers)
+        me = weakref.ref(self)
 
-        def died(_ref: weakref.ref, lost: list = lost) -> None:
-            lost[0] = True
+        def freed(_ref: weakref.ref) -> None:
+            if (tracked := me()) is not None:
+                tracked._tracked = []
 
-        self._refs = [weakref.ref(t, died) for t in tensors]
-        self._model = weakref.ref(model)
+        self._model = weakref.ref(model, freed)
         self._sharded_model = self._model  # the model whose shards `tensors()` gave last
         return tensors
 
     # Pickling (a manager saved whole with torch.save, or deep-copied) keeps what was tracked, not
     # the model, which is only referenced weakly: an unpickled one tracks the first model it is
     # given with the same names (as after the tracked model was freed, see `tensors()`).
-    _MODEL_REFERENCES = ("_walked_ids", "_keep", "_ids", "_lost", "_refs", "_model", "_sharded_model")
+    _MODEL_REFERENCES = ("_tracked", "_walk", "_model", "_sharded_model")
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._MODEL_REFERENCES}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._walked_ids, self._keep, self._ids, self._lost, self._refs = [], None, [], [True], []
+        self._tracked, self._walk = [], None
         self._model = self._sharded_model = _no_model
 
     def tensors(self, model: Module) -> list[Tensor]:
@@ -162,20 +270,17 @@ class TrackedModel:
         for evaluation) must have the same names and the same DTensor layouts. Once the tracked
         model is gone (freed, or this was unpickled), the next model given is tracked instead."""
         model = unwrap(model)[0]
-        walked = _walk(model, True, self.buffers)
-        mine = model is self._model()
-        if mine and list(map(id, walked)) == self._walked_ids and not self._lost[0]:  # the usual case
-            tensors = walked if self._keep is None else [walked[i] for i in self._keep]
-        elif mine:
-            tensors = _each_once(walked)
-            if list(map(id, tensors)) != self._ids or self._lost[0]:
+        if model is self._model():
+            tensors = self._walk.tensors()
+            if not _same_objects(tensors, self._tracked):
                 # After a forward without backward the FSDP2 root holds gathered parameters.
                 if distributed.reshard(model):
-                    tensors = module_tensors(model, self.buffers)
-                if list(map(id, tensors)) != self._ids or self._lost[0]:
-                    raise ValueError(self._describe_change(module_names(model, self.buffers), tensors))
+                    tensors = self._walk.tensors()
+                if not _same_objects(tensors, self._tracked):
+                    found = module_tensors(model, self.buffers)  # (a walk's list may hold a None)
+                    raise ValueError(self._describe_change(module_names(model, self.buffers), found))
         else:
-            tensors = _each_once(walked)
+            tensors = module_tensors(model, self.buffers)
             if (names := module_names(model, self.buffers)) != self.names:
                 raise ValueError(self._describe_change(names, None))
             if self.sharded and distributed.reshard(model):
@@ -258,7 +363,7 @@ class TrackedModel:
             if expected != got:
                 what = f"expected '{expected}', found '{got}'"
                 break
-            if tensors is not None and self._refs[i]() is not tensors[i]:
+            if tensors is not None and self._tracked[i] is not tensors[i]:
                 what = f"'{expected}' was replaced"
                 break
         else:

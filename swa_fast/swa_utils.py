@@ -19,6 +19,7 @@ swa_fast.bn's: torch's behaviour, plus a `forward_fn` for batches that are not a
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from copy import deepcopy
 
@@ -30,7 +31,7 @@ from torch.optim.swa_utils import SWALR
 from . import checks, ops
 from .bn import update_bn
 from .flat import FlatBuffer
-from .model_tensors import module_buffers, module_tensors
+from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
 from .weighting import ema_weight, real_number, swa_weight
 
 __all__ = [
@@ -128,17 +129,47 @@ def _save_own_bytes(module: Module, state: dict, prefix: str, _metadata: dict) -
                 state[name] = view.clone()
 
 
-class _FlatAverage:
-    """The averaged tensors as views of flat buffers, and the data pointers that prove the module
-    still uses them (a `.to()`, a `load_state_dict(assign=True)` or `p.data = ...` replaces them)."""
+def _flatten(tensors: list[Tensor]) -> FlatBuffer:
+    """Move the floating `tensors` (the averaged copy's) into flat buffers, one per (device,
+    dtype): each keeps its Python object and now views its buffer."""
+    floating = [t for t in tensors if t.is_floating_point()]
+    flat = FlatBuffer(floating)
+    for t, view in zip(floating, flat.views):
+        t.data = view
+    return flat
 
-    def __init__(self, tensors: list[Tensor]) -> None:
-        self.floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
-        self.other = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
-        self.buffer = FlatBuffer([tensors[i] for i in self.floating])
-        for i, view in zip(self.floating, self.buffer.views):
-            tensors[i].data = view
-        self.ptrs = [t.data_ptr() for t in tensors]
+
+class _Prepared:
+    """What `update_parameters` reads on every call with one model: walks over the model and the
+    averaged copy that read their tensors live (a replaced tensor, a `.to()` or `p.data = ...` of
+    either is seen at the next call), and the split of the averaged tensors into floating ones, one
+    fused op per device, and integer ones, redone whenever the averaged copy's walk is."""
+
+    def __init__(self, model: Module, averaged: Module, use_buffers: bool) -> None:
+        self.model = weakref.ref(model)
+        self.use_buffers = use_buffers
+        self.theirs = ModuleWalk(model, True, True)
+        self.ours = ModuleWalk(averaged, True, True)
+        self.split(self.tensors()[1])
+
+    def tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """The model's and the averaged copy's averaged tensors, then the model's and the copy's
+        buffers that are copied (none with use_buffers)."""
+        if self.use_buffers:
+            return self.theirs.tensors(), self.ours.tensors(), [], []
+        (theirs, their_buffers), (ours, our_buffers) = self.theirs.parts(), self.ours.parts()
+        return theirs, ours, their_buffers, our_buffers
+
+    def split(self, averaged: list[Tensor]) -> None:
+        self.walks = self.ours.walks
+        floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        integers = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
+        self.floating = pick(floating) if integers else None
+        self.integers = pick(integers) if integers else None
+        by_device: dict[torch.device, list[int]] = {}
+        for j, i in enumerate(floating):
+            by_device.setdefault(averaged[i].device, []).append(j)
+        self.by_device = [pick(js) for js in by_device.values()] if len(by_device) > 1 else None
 
 
 class AveragedModel(Module):
@@ -184,7 +215,8 @@ class AveragedModel(Module):
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
         self._moved = device is not None
-        self._flat_average: _FlatAverage | None = None
+        self._flat: FlatBuffer | None = None  # the averaged copy's floating tensors, at the first update
+        self._prepared: _Prepared | None = None
         # Not on this module or `module`: their state holds every averaged tensor, so it covers
         # every flat buffer, and a whole-model state_dict() pays only each submodule's early return.
         for module in self.module.modules():
@@ -197,56 +229,68 @@ class AveragedModel(Module):
     def _averaged_tensors(self) -> list[Tensor]:
         return module_tensors(self.module, self.use_buffers)
 
-    def _current_flat_average(self) -> _FlatAverage:
-        tensors = self._averaged_tensors()
-        flat = self._flat_average
-        if flat is None or flat.ptrs != [t.data_ptr() for t in tensors]:
-            flat = self._flat_average = _FlatAverage(tensors)
-        return flat
+    def _prepare(self, model: Module) -> _Prepared:
+        if self._flat is None:  # the first update (or the first since unpickling)
+            self._flat = _flatten(self._averaged_tensors())
+        self._prepared = _Prepared(model, self.module, self.use_buffers)
+        return self._prepared
 
-    @torch.no_grad()
     def update_parameters(self, model: Module) -> None:
         """Update the average with `model`'s current weights (the first call copies them)."""
-        current = module_tensors(model, self.use_buffers)
         given = self.avg_fn if self.avg_fn is not None else self.multi_avg_fn
         kind = getattr(given, "swa_fast_kind", None)
         if given is not None and kind is None:
-            self._update_like_torch(current)
+            with torch.no_grad():
+                self._update_like_torch(module_tensors(model, self.use_buffers))
+            theirs, ours = module_buffers(model), module_buffers(self.module)
         else:
-            self._update_fused(current, kind or ("swa", None))
+            prepared = self._prepared
+            if prepared is None or prepared.model() is not model:
+                prepared = self._prepare(model)
+            current, averaged, theirs, ours = prepared.tensors()
+            self._update_fused(prepared, current, averaged, kind or ("swa", None))
         if not self.use_buffers:  # as torch does: buffers are not averaged, they follow the model
-            ours, theirs = module_buffers(self.module), module_buffers(model)
-            n = min(len(ours), len(theirs))  # (torch zips them)
-            if n:
-                torch._foreach_copy_(ours[:n], theirs[:n])
-        self.n_averaged += 1
+            if len(ours) != len(theirs):  # (torch zips them)
+                ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
+            if ours:
+                torch._foreach_copy_(ours, theirs)
+        # (in place, as `+=` is, but without its setattr, which registers the buffer anew)
+        self.n_averaged.add_(1)
 
-    def _update_fused(self, current: list[Tensor], kind: tuple[str, float | None]) -> None:
-        flat = self._current_flat_average()
-        if len(current) != len(flat.ptrs):
+    def _update_fused(
+        self, prepared: _Prepared, current: list[Tensor], averaged: list[Tensor], kind: tuple
+    ) -> None:
+        if len(current) != len(averaged):
             raise ValueError(
                 f"swa_fast.AveragedModel.update_parameters: the model has {len(current)} "
                 f"{'parameters and buffers' if self.use_buffers else 'parameters'}, the averaged copy "
-                f"has {len(flat.ptrs)}; pass the model this AveragedModel was made from"
+                f"has {len(averaged)}; pass the model this AveragedModel was made from"
             )
+        if prepared.walks != prepared.ours.walks:  # the averaged copy changed
+            prepared.split(averaged)
         # 1 on the first call: an exact copy. Worked out where n_averaged lives (no host sync).
-        weight = swa_weight(self.n_averaged) if kind[0] == "swa" else ema_weight(kind[1], self.n_averaged)
+        n_averaged = self.n_averaged
+        weight = swa_weight(n_averaged) if kind[0] == "swa" else ema_weight(kind[1], n_averaged)
+        avg, src = averaged, current
+        if prepared.floating is not None:
+            avg, src = prepared.floating(averaged), prepared.floating(current)
+        groups = [(avg, src)]
+        if prepared.by_device is not None:
+            groups = [(p(avg), p(src)) for p in prepared.by_device]
         calls = []
-        floating = [current[i] for i in flat.floating] if flat.other else current
-        for group, views, src in flat.buffer.pairs(floating):
-            if self._moved or src[0].device != group.device:  # torch's `device=`: the model lives elsewhere
-                src = [s if s.device == group.device else s.to(group.device) for s in src]
-            elsewhere = isinstance(weight, Tensor) and weight.device not in (group.device, _CPU)
-            w = weight.to(group.device) if elsewhere else weight
-            calls.append((views, src, w))
+        for avg, src in groups:
+            device = avg[0].device if avg else _CPU
+            if self._moved or (src and src[0].device != device):  # `device=`: the model lives elsewhere
+                src = [s if s.device == device else s.detach().to(device) for s in src]
+            elsewhere = isinstance(weight, Tensor) and weight.device not in (device, _CPU)
+            calls.append((avg, src, weight.to(device) if elsewhere else weight))
         if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
             for avg, src, w in calls:
                 checks.check_lerp(avg, src, w)
         for avg, src, w in calls:
             ops.lerp_(avg, src, w)
-        if flat.other:
-            averaged = self._averaged_tensors()
-            self._update_integers([averaged[i] for i in flat.other], [current[i] for i in flat.other], kind)
+        if prepared.integers is not None:
+            self._update_integers(prepared.integers(averaged), prepared.integers(current), kind)
 
     def _update_integers(self, averaged: list[Tensor], current: list[Tensor], kind) -> None:
         """Integer buffers (num_batches_tracked with use_buffers=True), with torch's arithmetic:
@@ -286,5 +330,5 @@ class AveragedModel(Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_flat_average"] = None  # rebuilt on the next update
+        state["_flat"] = state["_prepared"] = None  # rebuilt on the next update
         return state

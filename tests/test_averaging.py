@@ -173,6 +173,55 @@ def test_replaced_parameter_is_detected_even_when_it_takes_the_old_ones_id():
             swa.update(model)
 
 
+def hook_free_changes():
+    """Changes to a model that torch's registration hooks do not see, with the error each gives:
+    the walk remembered between updates must see them all the same."""
+
+    def buffers_moved(model):
+        model.to(torch.float64)  # Module._apply writes new buffers straight into the dicts
+
+    def layer_deleted(model):
+        del model[2]  # __delattr__: no hook
+
+    def parameter_unset(model):
+        model[2].weight = None  # no hook for a None
+
+    def written_into_the_dict(model):
+        model[2]._parameters["weight"] = torch.nn.Parameter(model[2].weight.detach().clone())
+
+    return [
+        pytest.param(buffers_moved, "'1.running_mean' was replaced", id="buffers moved"),
+        pytest.param(layer_deleted, "expected '2.weight', found '1.running_mean'", id="layer deleted"),
+        pytest.param(parameter_unset, "expected '2.weight', found '2.bias'", id="parameter unset"),
+        pytest.param(written_into_the_dict, "'2.weight' was replaced", id="written into the dict"),
+    ]
+
+
+@pytest.mark.parametrize("change, message", hook_free_changes())
+def test_changes_no_registration_hook_sees_are_detected(change, message):
+    model = mlp(6, 5, 2, batch_norm=True)
+    swa = swa_fast.SWA(model, use_buffers=True)
+    for s in range(2):  # the walk is remembered from here on
+        perturb_(model, s, INPUTS)
+        swa.update(model)
+    before = copy.deepcopy(swa.state_dict())
+    change(model)
+    with pytest.raises(ValueError, match=message):
+        swa.update(model)
+    for name, t in swa.state_dict()["average"].items():
+        assert torch.equal(t, before["average"][name]), name
+
+
+def test_remembered_walk_follows_parameters_registered_anew():
+    """Registration (setattr, add_module) walks the model again: a tied weight counts once."""
+    model = mlp(6, 6, 6, 2)
+    swa = swa_fast.SWA(model)
+    swa.update(model)
+    model[1].weight = model[0].weight  # tied after the walk: nn.Module lists it once
+    with pytest.raises(ValueError, match="expected '1.weight', found '1.bias'"):
+        swa.update(model)
+
+
 def test_resized_parameter_raises_before_writing():
     model = torch.nn.Linear(4, 3)
     swa = swa_fast.SWA(model)

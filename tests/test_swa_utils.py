@@ -110,7 +110,7 @@ def test_users_own_avg_fn_runs_as_in_torch():
     assert_same_state(fast, ref, rtol=0, atol=0)
     # tensor by tensor, once per parameter per averaging update in each of the two models
     assert len(calls) == 2 * 5 * len(list(fast.module.parameters()))
-    assert fast._flat_average is None  # no flat buffers: the user's function owns the arithmetic
+    assert fast._flat is None  # no flat buffers: the user's function owns the arithmetic
 
 
 @pytest.mark.parametrize("use_buffers", [False, True])
@@ -197,6 +197,22 @@ def test_moved_averaged_model_keeps_averaging_correctly():
         fast.update_parameters(model)
         ref.update_parameters(model)
     assert_same_state(fast, ref)  # fp32-level differences from the first 3 updates remain
+
+
+def test_tensors_replaced_without_hooks_are_seen_as_by_torch():
+    """Between updates the walks over the model and the averaged copy are remembered; what torch's
+    registration hooks do not see (p.data = ..., Module.to's new buffers, a tensor written into a
+    module's dict) is read live all the same."""
+    model, fast, ref = run_both(updates=3)
+    for averaged in (fast, ref):
+        averaged.module[0].weight.data = averaged.module[0].weight.data.clone()  # moved off the flat buffer
+        averaged.module[4]._parameters["bias"] = torch.nn.Parameter(averaged.module[4].bias.detach() + 1)
+    model[1]._buffers["running_mean"] = model[1].running_mean.clone()  # the model's too
+    for step in range(3, 6):
+        perturb_(model, step, IMAGES)
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+    assert_same_state(fast, ref)
 
 
 def test_mismatched_model_raises_and_leaves_average_untouched():
