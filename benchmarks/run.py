@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.integrations import bench_integrations  # noqa: E402
+from benchmarks.posthoc import bench_posthoc  # noqa: E402
 from benchmarks.report import metadata, plot, plot_sweep, print_table, write_json  # noqa: E402
 from benchmarks.shapes import SHAPE_SETS  # noqa: E402
 from benchmarks.targets import check_targets, print_targets  # noqa: E402
@@ -78,6 +80,8 @@ def main(argv=None):
     sweep = bench_sweep(sweep_sizes(args.full, device), device, min_run_time, bandwidth)
     extras = bench_moments_and_snapshots(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
     extras += bench_tiny_model(device, min_run_time, bandwidth)
+    extras += bench_integrations(sets, device, min_run_time, bandwidth)  # each library's EMA against ours
+    extras += bench_posthoc(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
     print()
     print_table(sweep + extras)
     targets = check_targets(rows + sweep, device)

@@ -35,6 +35,7 @@ import numbers
 import os
 import queue
 import re
+import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -194,12 +195,28 @@ def load_snapshot(path: Path, mmap: bool = True) -> dict:
     return snapshot
 
 
+def named_averages(snapshot: dict) -> list[dict[str, Tensor]]:
+    """A loaded snapshot's averages, per tracked profile (in `snapshot["sigma_rels"]` order), as
+    name -> tensor (views of its flat tensors) in the model's order."""
+    shapes = [torch.Size(s) for s in snapshot["shapes"]]
+    out = []
+    for flats in snapshot["flats"]:
+        tensors: list[Tensor] = [torch.empty(0)] * len(shapes)
+        for indices, flat in zip(snapshot["groups"], flats):
+            for i, view in zip(indices, _shaped_parts(flat, [shapes[i] for i in indices])):
+                tensors[i] = view
+        out.append(dict(zip(snapshot["names"], tensors)))
+    return out
+
+
 def _write_atomically(path: Path, payload: dict) -> None:
     """torch.save to a temporary name beside `path`, flushed to disk, then renamed over `path`: a
     reader (or a crash) sees the whole file or none of it."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A name of its own (two writers of one step must not rename each other's half files).
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = Path(temporary)
     try:
-        with open(temporary, "wb") as f:
+        with os.fdopen(handle, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
@@ -269,8 +286,9 @@ class SnapshotWriter:
 
 class _HostSnapshot:
     """Host memory that a snapshot is copied into (pinned for a GPU average) and the payload that is
-    saved from it: per tracked profile one flat tensor per group of the average, and named views of
-    them (torch.save keeps the views' shared storage: each byte is written once)."""
+    saved from it: per tracked profile one flat tensor per group of the average, the names and
+    shapes that `named_averages` cuts them back into (a few objects to pickle, however many tensors
+    the model has: the writer thread holds the GIL less)."""
 
     def __init__(self, manager: PostHocEMA, dtype: torch.dtype | None) -> None:
         average = manager.average
@@ -283,25 +301,15 @@ class _HostSnapshot:
             for _ in manager._profiles
         ]
         self.integers = [torch.empty_like(t, device="cpu", pin_memory=self.pin) for t in manager._integers]
-        names = manager.tracked.floating_names
-        floating_shapes = [v.shape for v in average.views]
-        averages = []
-        for flats in self.flats:
-            named: list[Tensor] = [torch.empty(0)] * len(names)
-            for g, flat in zip(average.groups, flats):
-                for i, view in zip(g.indices, average.views_of(g, flat)):
-                    named[i] = view
-            averages.append(dict(zip(names, named)))
         self.payload = {
             "format": SNAPSHOT_FORMAT,
             "sigma_rels": list(manager.sigma_rels),
             "gammas": list(manager.gammas),
             "use_buffers": manager.use_buffers,
-            "names": names,
-            "shapes": [list(s) for s in floating_shapes],
+            "names": manager.tracked.floating_names,
+            "shapes": [list(v.shape) for v in average.views],
             "groups": [list(g.indices) for g in average.groups],
-            "averages": averages,  # per profile: name -> tensor, for readers of the file
-            "flats": self.flats,  # the same bytes per group, for synthesis (one op per group)
+            "flats": self.flats,  # per profile, per group
             "integers": dict(zip(manager.tracked.integer_names, self.integers)),
         }
 

@@ -219,8 +219,9 @@ def test_snapshot_holds_every_profile_and_its_metadata(tmp_path):
     assert saved["gammas"] == pytest.approx([gamma_by_numpy(0.05), gamma_by_numpy(0.15)], rel=1e-12)
     for k, sigma_rel in enumerate((0.05, 0.15)):
         ema.copy_to(model, sigma_rel=sigma_rel)
-        assert saved["averages"][k]["w"].dtype == torch.float32
-        assert torch.equal(saved["averages"][k]["w"], model.w.detach().float())
+        named = posthoc.named_averages(saved)[k]
+        assert list(named) == ["w"] and named["w"].dtype == torch.float32
+        assert torch.equal(named["w"], model.w.detach().float())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -330,7 +331,7 @@ def test_a_killed_writer_leaves_only_whole_snapshots_and_resume_continues(tmp_pa
         a = torch.load(directory / f"snapshot-{step:010d}.pt", weights_only=True)
         b = torch.load(uninterrupted / f"snapshot-{step:010d}.pt", weights_only=True)
         assert a["progress"] == b["progress"]
-        for x, y in zip(a["averages"], b["averages"]):
+        for x, y in zip(posthoc.named_averages(a), posthoc.named_averages(b)):
             assert torch.equal(x["weight"], y["weight"]), step
     model = torch.nn.Linear(1024, 1024, bias=False)
     assert synthesize(directory, model, 0.07).profile_error < 0.05

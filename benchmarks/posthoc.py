@@ -1,0 +1,132 @@
+"""Post-hoc EMA: swa_fast.PostHocEMA's update against ema-pytorch's PostHocEMA update (both tracking
+sigma_rel 0.05 and 0.10, fp32) on the same model in the same run, and what a snapshot costs the
+training step: an update with a snapshot due (the host copy, then the write handed to the
+background thread) against one without, and the background write itself, for fp16 and bf16
+snapshots.
+
+    python benchmarks/posthoc.py --min-run-time 0.2        # alone; benchmarks/run.py runs it too
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import swa_fast  # noqa: E402
+from benchmarks.shapes import SHAPE_SETS, numel  # noqa: E402
+from benchmarks.timing import time_methods  # noqa: E402
+from benchmarks.workloads import ShapeModel  # noqa: E402
+
+SIGMA_RELS = (0.05, 0.10)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_posthoc_update(shapes, name, device, min_run_time, bandwidth):
+    """One update of both tracked averages: ours (one multi_lerp_ per group) and ema-pytorch's
+    (a KarrasEMA per sigma_rel, each a Python loop of lerp_ over the tensors)."""
+    model = ShapeModel(shapes, torch.float32, device)
+    ours = swa_fast.PostHocEMA(model, SIGMA_RELS)
+    candidates = {}
+    try:
+        from ema_pytorch import PostHocEMA as TheirPostHocEMA
+    except ImportError:
+        print("ema-pytorch is not installed: its PostHocEMA row is left out")
+    else:
+        theirs = TheirPostHocEMA(
+            model, sigma_rels=SIGMA_RELS, update_every=1, checkpoint_every_num_steps="manual"
+        )
+        candidates["ema_pytorch PostHocEMA.update"] = theirs.update
+    candidates["swa_fast PostHocEMA.update"] = lambda: ours.update(model)
+    for update in candidates.values():  # the first update of each only copies
+        update()
+    n = numel(shapes)
+    labels = {
+        "workload": f"{name} post-hoc EMA, K=2",
+        "params": "float32",
+        "tensors": len(shapes),
+        "elements": n,
+    }
+    moved = n * (2 * len(SIGMA_RELS) * 4 + 4)  # read and write each average, read the model once
+    return time_methods(candidates, labels, moved, device, min_run_time, bandwidth)
+
+
+def bench_snapshot_cost(shapes, name, device, dtypes=(torch.float16, torch.bfloat16), repeats=5):
+    """The training thread's time for an update with a snapshot due and for one without (each
+    after the previous write finished), and the background write of one snapshot, per snapshot
+    dtype."""
+    model = ShapeModel(shapes, torch.float32, device)
+    rows = []
+    for dtype in dtypes:
+        kind = str(dtype).replace("torch.", "")
+        times = {
+            "update, no snapshot due": [],
+            f"update + {kind} snapshot due": [],
+            f"{kind} snapshot write": [],
+        }
+        due, write = list(times)[1:]
+        with tempfile.TemporaryDirectory(prefix="swa_fast_posthoc_bench_") as directory:
+            ema = swa_fast.PostHocEMA(
+                model, SIGMA_RELS, snapshot_every=2, snapshot_dir=directory, snapshot_dtype=dtype
+            )
+            ema.update(model)  # a copy: not timed
+            for _ in range(repeats + 1):  # the first round warms the host buffer and the writer up
+                for key in (due, "update, no snapshot due"):  # every second update is due a snapshot
+                    ema.flush()
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    ema.update(model)
+                    _synchronize(device)
+                    times[key].append(time.perf_counter() - start)
+                    if key == due:
+                        ema.flush()  # the background write, timed from when the update returned
+                        times[write].append(time.perf_counter() - start - times[key][-1])
+                for path in Path(directory).glob("snapshot-*.pt"):
+                    path.unlink()
+        n = numel(shapes)
+        labels = {"workload": f"{name} post-hoc EMA snapshot", "params": "float32", "tensors": len(shapes)}
+        rows += [
+            {**labels, "elements": n, "method": key, "median_ms": statistics.median(samples[1:]) * 1e3}
+            for key, samples in times.items()
+        ]
+    return rows
+
+
+def bench_posthoc(shapes, name, device, min_run_time, bandwidth):
+    return bench_posthoc_update(shapes, name, device, min_run_time, bandwidth) + bench_snapshot_cost(
+        shapes, name, device
+    )
+
+
+def main(argv=None):
+    from benchmarks.report import print_table
+    from benchmarks.timing import copy_bandwidth
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--set", default="gpt2-small", choices=list(SHAPE_SETS))
+    p.add_argument("--min-run-time", type=float, default=0.5)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device, args.min_run_time)
+    print(
+        f"post-hoc EMA on {device} ({torch.get_num_threads()} threads); "
+        f"copy bandwidth {bandwidth / 1e9:.2f} GB/s"
+    )
+    print_table(bench_posthoc(SHAPE_SETS[args.set](), args.set, device, args.min_run_time, bandwidth))
+
+
+if __name__ == "__main__":
+    main()
