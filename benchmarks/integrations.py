@@ -5,7 +5,9 @@ the same model in the same run (the original first, so `x_vs_naive` is the speed
 
 Each library has a function here, listed in LIBRARIES, taking (model, device) and giving
 name -> one update: the original's, then ours, with the library's default settings where they
-decide the update (timm: foreach; diffusers: foreach=False, its default, and foreach=True).
+decide the update (timm: foreach; diffusers: foreach=False, its default, and foreach=True;
+ema-pytorch: its loop and use_foreach=True; Lightning: the SWA callback's update_parameters and
+the update of the AveragedModel that EMAWeightAveraging builds).
 A library that is not installed is left out, with a note.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from copy import deepcopy
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -68,7 +72,69 @@ def torch_ema_updates(model, device):
     }
 
 
-LIBRARIES = {"timm": timm_updates, "diffusers": diffusers_updates, "torch_ema": torch_ema_updates}
+def ema_pytorch_updates(model, device):
+    from ema_pytorch import EMA as TheirEMA
+
+    from swa_fast.integrations.ema_pytorch import EMA
+
+    settings = dict(beta=DECAY, update_after_step=0, update_every=1)  # every update averages
+    emas = {
+        "ema_pytorch EMA": TheirEMA(model, **settings),
+        "ema_pytorch EMA use_foreach": TheirEMA(model, use_foreach=True, **settings),
+        "swa_fast EMA": EMA(model, **settings),
+    }
+    for ema in emas.values():
+        ema.update()  # the first update copies the model
+    return {name: ema.update for name, ema in emas.items()}
+
+
+def _lightning_module(model, device):
+    """A LightningModule holding `model` (its tensors shared, not copied), as the callbacks take."""
+    from lightning.pytorch import LightningModule
+
+    module = LightningModule()
+    module.model = model
+    return module.to(device)
+
+
+def lightning_swa_updates(model, device):
+    """The SWA callback's static update, the average kept on the model's device (Lightning's
+    default `device="cpu"` would time the copies to the CPU on a GPU)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging as Theirs
+
+    from swa_fast.integrations.lightning import StochasticWeightAveraging as Ours
+
+    module, updates = _lightning_module(model, device), {}
+    for label, callback in (("Lightning", Theirs), ("swa_fast", Ours)):
+        average, n_averaged = deepcopy(module), torch.tensor(0, device=device)
+        update = partial(callback.update_parameters, average, module, n_averaged, callback.avg_fn)
+        update()  # the first update copies the model
+        updates[f"{label} StochasticWeightAveraging"] = update
+    return updates
+
+
+def lightning_ema_updates(model, device):
+    """The update of the AveragedModel that EMAWeightAveraging's setup builds."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging as Theirs
+
+    from swa_fast.integrations.lightning import EMAWeightAveraging as Ours
+
+    module, updates = _lightning_module(model, device), {}
+    for label, callback in (("Lightning", Theirs(decay=DECAY)), ("swa_fast", Ours(decay=DECAY))):
+        callback.setup(None, module, "fit")
+        callback._average_model.update_parameters(module)  # the first update copies the model
+        updates[f"{label} EMAWeightAveraging"] = partial(callback._average_model.update_parameters, module)
+    return updates
+
+
+LIBRARIES = {
+    "timm": timm_updates,
+    "diffusers": diffusers_updates,
+    "torch_ema": torch_ema_updates,
+    "ema_pytorch": ema_pytorch_updates,
+    "lightning_swa": lightning_swa_updates,
+    "lightning_ema": lightning_ema_updates,
+}
 
 
 def bench_integrations(sets, device, min_run_time, bandwidth, dtype=torch.float32, libraries=None):
