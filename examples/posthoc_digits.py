@@ -105,34 +105,35 @@ def step_weights(
     return total
 
 
-def plot_profiles(profiles: dict[str, torch.Tensor], path: Path, title: str) -> None:
+def save_figure(draw, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """One axes drawn by `draw(ax)`, labelled, saved to `path`."""
     plt = digits.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, weights in profiles.items():
-        ax.plot(range(1, len(weights) + 1), weights.numpy(), label=label, lw=1.5)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("weight in the average")
+    draw(ax)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_profiles(profiles: dict[str, torch.Tensor], path: Path, title: str) -> None:
+    def draw(ax) -> None:
+        for label, weights in profiles.items():
+            ax.plot(range(1, len(weights) + 1), weights.numpy(), label=label, lw=1.5)
+
+    save_figure(draw, "training step", "weight in the average", title, path)
 
 
 def plot_grid(grid: list[dict], best: float, path: Path, title: str) -> None:
-    plt = digits.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    sigma = [row["sigma_rel"] for row in grid]
-    ax.plot(sigma, [row["val_nll"] for row in grid], "o-", label="validation NLL")
-    ax.plot(sigma, [row["test_nll"] for row in grid], "s--", label="test NLL", alpha=0.7)
-    ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"chosen sigma_rel {best:g}")
-    ax.set_xlabel("sigma_rel (synthesized after training)")
-    ax.set_ylabel("negative log-likelihood")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    def draw(ax) -> None:
+        sigma = [row["sigma_rel"] for row in grid]
+        ax.plot(sigma, [row["val_nll"] for row in grid], "o-", label="validation NLL")
+        ax.plot(sigma, [row["test_nll"] for row in grid], "s--", label="test NLL", alpha=0.7)
+        ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"chosen sigma_rel {best:g}")
+
+    save_figure(draw, "sigma_rel (synthesized after training)", "negative log-likelihood", title, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

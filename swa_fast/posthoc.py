@@ -48,7 +48,7 @@ from torch.nn import Module
 
 from . import checks, distributed, ops
 from .averaging import Averager
-from .flat import _shaped_parts, copy_into_strided, copy_lists
+from .flat import _shaped_parts, copy_into_strided, copy_lists, flat_numel
 from .model_tensors import ModelCopy, TrackedModel
 from .weighting import real_number
 
@@ -432,7 +432,9 @@ class PostHocEMA(Averager):
         self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self.snapshot_dtype = snapshot_dtype
-        if self.snapshot_dir is not None:
+        # Under DDP every rank holds the same averages: rank 0 writes them.
+        self._writes_snapshots = self.holds_average and distributed.rank_in(model) == 0
+        if self.snapshot_dir is not None and self._writes_snapshots:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         # Profile 0 is the Averager's own copy; the others are laid out alike (same groups), and
         # share its integer buffers, so that any of them loads into the model as a ModelCopy.
@@ -511,7 +513,7 @@ class PostHocEMA(Averager):
         count; its path, or None where this process writes none (ranks other than 0)."""
         if self.snapshot_dir is None:
             raise ValueError("swa_fast.PostHocEMA.snapshot: this one was made without snapshot_dir")
-        if not self.holds_average or distributed.rank_in(self.tracked.model) != 0:
+        if not self._writes_snapshots:
             return None
         if self._writer is None:
             self._writer = SnapshotWriter()
@@ -710,7 +712,7 @@ def synthesize(
             f"swa_fast.posthoc.synthesize: the snapshots are of another model: '{differ}' has shape "
             f"{theirs.get(differ)} there and {mine.get(differ)} here (None: missing)"
         )
-    lengths = [sum(math.prod(shapes[i]) for i in group) for group in groups]
+    lengths = [flat_numel([torch.Size(shapes[i]) for i in group]) for group in groups]  # padded as saved
     accumulators = [torch.zeros(n, dtype=torch.float32) for n in lengths]
     position = 0
     for path in used.values():  # second pass: one snapshot in memory at a time
