@@ -183,3 +183,23 @@ def test_fp32_average_of_bf16_model_survives_validation_swaps():
     for name, value in callback._average_model.state_dict().items():
         assert value.dtype == average[name].dtype and torch.equal(value, average[name]), name
     assert callback._average_model.module.net[0].weight.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_updates_without_host_syncs():
+    """Lightning's SWA update compares n_averaged == 0 on the host for each parameter; ours, and
+    the AveragedModel update of EMAWeightAveraging, run without a host synchronisation."""
+    module = TinyModule().cuda()
+    average, n_averaged = copy.deepcopy(module), torch.tensor(0, device="cuda")
+    swa = ours.StochasticWeightAveraging
+    callback = ours.EMAWeightAveraging(decay=0.9)
+    callback.setup(None, module, "fit")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            swa.update_parameters(average, module, n_averaged, swa.avg_fn)
+            callback._average_model.update_parameters(module)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(n_averaged) == 3 and int(callback._average_model.n_averaged) == 3
