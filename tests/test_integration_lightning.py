@@ -161,6 +161,25 @@ def test_swa_update_parameters_fused_like_lightnings():
             _assert_close_states(mine, theirs)
 
 
+def test_swa_update_parameters_runs_a_users_avg_fn_as_lightning():
+    """An avg_fn of the user's own is Lightning's per-parameter update, step for step: equal bits."""
+    model = cnn_with_bn(IMAGE[-1])
+    theirs, mine = copy.deepcopy(model), copy.deepcopy(model)
+    n_theirs, n_mine = torch.tensor(0), torch.tensor(0)
+
+    def halfway(averaged, current, _n):
+        return averaged + 0.5 * (current - averaged)
+
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+        lightning_callbacks.StochasticWeightAveraging.update_parameters(theirs, model, n_theirs, halfway)
+        ours.StochasticWeightAveraging.update_parameters(mine, model, n_mine, halfway)
+        assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), theirs.parameters()))
+    assert int(n_mine) == int(n_theirs) == 3
+
+
 def test_fp32_average_of_bf16_model_survives_validation_swaps():
     """dtype=float32 through the callback's kwargs: the swap for validation puts the (rounded)
     average into the bf16 model and restores the model exactly, leaving the fp32 average as it was."""
