@@ -143,41 +143,35 @@ def test_weight_averaging_callback_matches_lightning(tmp_path):
     _assert_close_states(our_model, lightning_model)
 
 
-def test_swa_update_parameters_fused_like_lightnings():
-    """The static helper, given Lightning's avg_fn or swa_fast's functions, against Lightning's."""
-    model = cnn_with_bn(IMAGE[-1])
-    for avg_fn in (lightning_callbacks.StochasticWeightAveraging.avg_fn, get_ema_avg_fn(0.7)):
-        theirs, mine = copy.deepcopy(model), copy.deepcopy(model)
-        n_theirs, n_mine = torch.tensor(0), torch.tensor(0)
-        for step in range(4):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
-            lightning_callbacks.StochasticWeightAveraging.update_parameters(theirs, model, n_theirs, avg_fn)
-            ours.StochasticWeightAveraging.update_parameters(mine, model, n_mine, avg_fn)
-            assert int(n_mine) == int(n_theirs) == step + 1
-            if step == 0:  # the first update copies
-                assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), model.parameters()))
-            _assert_close_states(mine, theirs)
+def _halfway(averaged, current, _n_averaged):
+    return averaged + 0.5 * (current - averaged)
 
 
-def test_swa_update_parameters_runs_a_users_avg_fn_as_lightning():
-    """An avg_fn of the user's own is Lightning's per-parameter update, step for step: equal bits."""
+@pytest.mark.parametrize(
+    "avg_fn, exact",
+    [
+        (lightning_callbacks.StochasticWeightAveraging.avg_fn, False),
+        (get_ema_avg_fn(0.7), False),
+        (_halfway, True),
+    ],
+    ids=["lightnings_avg_fn", "swa_fast_ema_avg_fn", "users_own"],
+)
+def test_swa_update_parameters_like_lightnings(avg_fn, exact):
+    """The static helper against Lightning's: Lightning's avg_fn and swa_fast's functions run fused
+    (equal to fp32 rounding), a user's own runs per parameter as in Lightning (equal bits)."""
     model = cnn_with_bn(IMAGE[-1])
     theirs, mine = copy.deepcopy(model), copy.deepcopy(model)
     n_theirs, n_mine = torch.tensor(0), torch.tensor(0)
-
-    def halfway(averaged, current, _n):
-        return averaged + 0.5 * (current - averaged)
-
-    for step in range(3):
+    for step in range(4):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
-        lightning_callbacks.StochasticWeightAveraging.update_parameters(theirs, model, n_theirs, halfway)
-        ours.StochasticWeightAveraging.update_parameters(mine, model, n_mine, halfway)
-        assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), theirs.parameters()))
-    assert int(n_mine) == int(n_theirs) == 3
+        lightning_callbacks.StochasticWeightAveraging.update_parameters(theirs, model, n_theirs, avg_fn)
+        ours.StochasticWeightAveraging.update_parameters(mine, model, n_mine, avg_fn)
+        assert int(n_mine) == int(n_theirs) == step + 1
+        if step == 0 or exact:  # the first update copies
+            assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), theirs.parameters()))
+        _assert_close_states(mine, theirs)
 
 
 def test_fp32_average_of_bf16_model_survives_validation_swaps():
