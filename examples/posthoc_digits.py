@@ -121,7 +121,8 @@ def save_figure(draw, xlabel: str, ylabel: str, title: str, path: Path) -> None:
 def plot_profiles(profiles: dict[str, torch.Tensor], path: Path, title: str) -> None:
     def draw(ax) -> None:
         for label, weights in profiles.items():
-            ax.plot(range(1, len(weights) + 1), weights.numpy(), label=label, lw=1.5)
+            style = {"ls": "--", "color": "k", "lw": 1} if label.startswith("requested") else {"lw": 1.5}
+            ax.plot(range(1, len(weights) + 1), weights.numpy(), label=label, **style)
 
     save_figure(draw, "training step", "weight in the average", title, path)
 
@@ -221,10 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for s in TRACKED
     }
-    profiles[f"synthesized sigma_rel {best['sigma_rel']:g}"] = step_weights(
-        reconstructions[best["sigma_rel"]], snapshots, max(snapshots)
+    chosen = best["sigma_rel"]
+    profiles[f"synthesized sigma_rel {chosen:g}"] = step_weights(
+        reconstructions[chosen], snapshots, max(snapshots)
     )
-    title = f"{data.describe()}; {steps} steps, snapshots every {args.snapshot_every}"
+    profiles[f"requested sigma_rel {chosen:g} (exact)"] = torch.tensor(
+        posthoc.profile_weights(posthoc.sigma_rel_to_gamma(chosen), range(1, max(snapshots) + 1)),
+        dtype=torch.float64,
+    )
+    noise = f", {args.label_noise:.0%} of the training labels flipped" if args.label_noise else ""
+    title = f"{data.name}: {steps} steps, a snapshot every {args.snapshot_every}{noise}"
     files = {
         "table": args.out / "posthoc_results.md",
         "json": args.out / "posthoc_results.json",

@@ -241,8 +241,9 @@ def _stop_writer(jobs: queue.Queue, thread: threading.Thread) -> None:
 class SnapshotWriter:
     """A background thread that writes snapshots, one at a time, in order. A job waits for its
     host copy to land (CUDA events) before it is serialised; `free` is set once the host buffer may
-    be written again. The first error is kept and raised by `check()`; at interpreter exit (or when
-    the writer is collected) the pending jobs are written first."""
+    be written again. The first error is kept and raised by `check()`. Its owner stops it with
+    `_stop_writer` (a weakref.finalize of the manager: when the manager is collected, and at
+    interpreter exit, after the pending jobs are written)."""
 
     def __init__(self) -> None:
         self.jobs: queue.Queue = queue.Queue()
@@ -250,9 +251,8 @@ class SnapshotWriter:
         self.free.set()
         self.error: BaseException | None = None
         self.failed_path: Path | None = None
-        self._thread = threading.Thread(target=self._run, name="swa_fast snapshot writer", daemon=True)
-        self._thread.start()
-        weakref.finalize(self, _stop_writer, self.jobs, self._thread)
+        self.thread = threading.Thread(target=self._run, name="swa_fast snapshot writer", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -517,6 +517,7 @@ class PostHocEMA(Averager):
             return None
         if self._writer is None:
             self._writer = SnapshotWriter()
+            weakref.finalize(self, _stop_writer, self._writer.jobs, self._writer.thread)
         self._writer.check()
         self.wait()  # an update in flight lands in the averages first
         if self._host is None:

@@ -5,6 +5,7 @@ killed mid-write, and the error contract."""
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import signal
 import subprocess
@@ -181,7 +182,7 @@ def test_a_tracked_profile_is_reproduced_from_the_snapshots(tmp_path):
                 set_to(direct, x)
                 tracked.update(direct)
             tracked.copy_to(direct)
-            # Accumulated in fp32: rounding of that size (measured 1.1e-7 on values up to 2.5).
+            # Accumulated in fp32: rounding of that size (measured 1.1e-7 on values up to 3.4).
             torch.testing.assert_close(model.w, direct.w, rtol=0, atol=1e-6 * trajectory.abs().max())
 
 
@@ -246,6 +247,51 @@ def test_synthesis_writes_through_strides_and_buffers(tmp_path):
     for (name, a), b in zip(target.state_dict().items(), tracked.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert int(target[1].num_batches_tracked) == 10
+
+
+def test_a_collected_manager_writes_what_is_pending_and_stops_its_writer(tmp_path):
+    model = vector_model(4)
+    ema = PostHocEMA(model, snapshot_every=1, snapshot_dir=tmp_path)
+    ema.update(model)
+    ema.update(model)
+    thread = ema._writer.thread
+    del ema
+    gc.collect()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert sorted(list_snapshots(tmp_path)) == [1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize(
+    "options", [{}, {"side_stream": True}, {"device": "cpu"}], ids=["same", "side", "host"]
+)
+def test_snapshots_from_a_gpu_hold_the_averages_of_their_step(tmp_path, options):
+    # The side-stream copy must read the averages before the next updates change them.
+    torch.manual_seed(0)
+    model = nn.Linear(256, 128).cuda()
+    ema = PostHocEMA(model, snapshot_every=3, snapshot_dir=tmp_path, snapshot_dtype=torch.float32, **options)
+    reference = PostHocEMA(model, **options)
+    expected = {}
+    for step in range(1, 13):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        reference.update(model)
+        if step % 3 == 0:
+            copies = [copy.deepcopy(model) for _ in (0.05, 0.10)]
+            for target, sigma_rel in zip(copies, (0.05, 0.10)):
+                reference.copy_to(target, sigma_rel=sigma_rel)
+            expected[step] = [target.weight.detach().cpu() for target in copies]
+    ema.flush()
+    for step, weights in expected.items():
+        saved = posthoc.named_averages(torch.load(tmp_path / f"snapshot-{step:010d}.pt", weights_only=True))
+        for named, weight in zip(saved, weights):
+            assert torch.equal(named["weight"], weight), step
+    target = copy.deepcopy(model)
+    ema.synthesize(target, 0.10)
+    torch.testing.assert_close(target.weight.detach().cpu(), expected[12][1], rtol=1e-5, atol=1e-5)
 
 
 # --- crash safety -----------------------------------------------------------------------------------
