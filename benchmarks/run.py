@@ -44,6 +44,7 @@ from benchmarks.workloads import (  # noqa: E402
     bench_set,
     bench_sweep,
     bench_tiny_model,
+    print_one_update,
 )
 
 
@@ -84,7 +85,8 @@ def main(argv=None):
     extras += bench_posthoc(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
     print()
     print_table(sweep + extras)
-    targets = check_targets(rows + sweep, device)
+    print_one_update(extras)
+    targets = check_targets(rows + sweep + extras, device)
     print_targets(targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ def check_targets(rows, device):
         return figure
 
     if device.type == "cpu":
+        checks += one_update_targets(rows)
         check("fraction of copy bandwidth", "gpt2-small", "float32", lambda r: r["of_copy_bw"], 0.85)
         check("x vs AveragedModel", "gpt2-small", "float32", lambda r: r.get("x_vs_AveragedModel"), 6)
         check("x vs foreach_lerp", "gpt2-small", "float32", versus("foreach_lerp"), 1.0)
@@ -44,6 +45,33 @@ def check_targets(rows, device):
             if workload.startswith("sweep") and row(workload, "float32", best)["elements"] >= 10**8:
                 check("fraction of copy bandwidth", workload, "float32", lambda r: r["of_copy_bw"], 0.85)
     return checks
+
+
+# What an API may add to the bare op (a multiple of its time) in the "one update" section, on the
+# CPU with one thread: the drop-in with our functions and the managers alike.
+ONE_UPDATE_APIS = (
+    "swa_fast AveragedModel multi_avg_fn",
+    "swa_fast AveragedModel avg_fn",
+    "swa_fast.SWA.update",
+    "swa_fast.EMA.update",
+)
+ONE_UPDATE_LIMITS = {
+    "one update: tiny MLP with BatchNorm": 2.0,
+    "one update: 500 modules, 1,000 tensors": 2.0,
+    "one update: 12 encoder layers, d=64": 1.5,
+}
+
+
+def one_update_targets(rows):
+    """(target, measured multiple of the bare op, met) for each API of ONE_UPDATE_APIS on each model
+    of ONE_UPDATE_LIMITS that ran."""
+    out = []
+    for r in rows:
+        limit = ONE_UPDATE_LIMITS.get(r["workload"])
+        if limit is not None and r["method"] in ONE_UPDATE_APIS and "x_bare_op" in r:
+            target = f"{r['workload']}: {r['method']} <= {limit}x the bare op"
+            out.append((target, round(r["x_bare_op"], 2), r["x_bare_op"] <= limit))
+    return out
 
 
 def print_targets(checks):

@@ -83,31 +83,80 @@ def bench_sweep(sizes, device, min_run_time, bandwidth):
     return rows
 
 
-def bench_tiny_model(device, min_run_time, bandwidth):
-    """The fixed cost of one update through each API: a small MLP with BatchNorm (6 parameters,
-    2,890 weights), where the arithmetic is negligible and what is left is per-call overhead."""
+def one_update_models():
+    """The models of the "one update" section, by workload name: small enough that what an API adds
+    to the op shows (the arithmetic of the first is negligible)."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(), torch.nn.Linear(64, 10)]
-    model = torch.nn.Sequential(*layers).to(device)
+    encoder_layer = torch.nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True)
+    return {
+        "one update: tiny MLP with BatchNorm": lambda: torch.nn.Sequential(*layers),
+        # biases, norms: a many-layer model's small tensors, each module holding two
+        "one update: 500 modules, 1,000 tensors": lambda: torch.nn.ModuleList(
+            torch.nn.LayerNorm(64 + (i * 37) % 448) for i in range(500)
+        ),
+        "one update: 12 encoder layers, d=64": lambda: torch.nn.TransformerEncoder(
+            encoder_layer, 12, enable_nested_tensor=False
+        ),
+    }
+
+
+BARE_OP = "swa_fast.lerp_"
+
+
+def bench_tiny_model(device, min_run_time, bandwidth):
+    """The fixed cost of one update through each API, on the models of `one_update_models`, one
+    thread (what an API adds is host work; the op's threads would only shrink the op): the bare
+    fused op on the model's parameters, torch's foreach, torch's AveragedModel, our drop-in with
+    `multi_avg_fn` and with the `avg_fn` factory (what Lightning passes), and the managers. Each
+    row's `x_bare_op` is its time over the bare op's, from the same run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = []
+        for name, build in one_update_models().items():
+            rows += _one_update(name, build().to(device), device, min_run_time, bandwidth)
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_update(name, model, device, min_run_time, bandwidth):
     params = [p.detach() for p in model.parameters()]
     avg = [p.clone() for p in params]
-    weight = torch.tensor(0.1, device=device)
-    theirs = AveragedModel(model)
-    ours = fast_swa.AveragedModel(model)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    multi = fast_swa.AveragedModel(model, multi_avg_fn=fast_swa.get_ema_multi_avg_fn(0.999))
+    single = fast_swa.AveragedModel(model, avg_fn=fast_swa.get_ema_avg_fn(0.999))
     swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.999)
     candidates = {
+        BARE_OP: lambda: swa_fast.lerp_(avg, params, 0.1),
+        "foreach_lerp": lambda: torch._foreach_lerp_(avg, params, 0.1),
         "AveragedModel": lambda: theirs.update_parameters(model),
-        "swa_fast AveragedModel": lambda: ours.update_parameters(model),
+        "swa_fast AveragedModel multi_avg_fn": lambda: multi.update_parameters(model),
+        "swa_fast AveragedModel avg_fn": lambda: single.update_parameters(model),
         "swa_fast.SWA.update": lambda: swa.update(model),
         "swa_fast.EMA.update": lambda: ema.update(model),
-        "foreach_lerp": lambda: torch._foreach_lerp_(avg, params, 0.1),
-        "swa_fast.lerp_": lambda: swa_fast.lerp_(avg, params, weight),
     }
     for update in candidates.values():  # the first call of each only copies
         update()
     n = sum(p.numel() for p in params)
-    labels = {"workload": "tiny MLP, one update", "params": "float32", "tensors": len(params), "elements": n}
-    return time_methods(candidates, labels, 12 * n, device, min_run_time, bandwidth)
+    labels = {"workload": name, "params": "float32", "tensors": len(params), "elements": n}
+    rows = time_methods(candidates, labels, 12 * n, device, min_run_time, bandwidth)
+    bare = next(r["median_ms"] for r in rows if r["method"] == BARE_OP)
+    for r in rows:
+        r["x_bare_op"] = r["median_ms"] / bare
+    return rows
+
+
+def print_one_update(rows):
+    """Per model of the "one update" section: each API's time per call and its ratio to the bare op."""
+    rows = [r for r in rows if "x_bare_op" in r]
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        mine = [r for r in rows if r["workload"] == workload]
+        print(f"\n{workload} ({mine[0]['tensors']} tensors, {mine[0]['elements']:,} elements, 1 thread)")
+        for r in mine:
+            per_call = f"{r['median_ms'] * 1e3:10.1f} us per call"
+            print(f"  {r['method']:<38} {per_call}  {r['x_bare_op']:6.2f}x the bare op")
 
 
 def bench_moments_and_snapshots(shapes, name, device, min_run_time, bandwidth):

@@ -104,12 +104,12 @@ class ModuleWalk:
     their tensors are read from those modules' own dicts on every call, so a tensor replaced in
     place of another, however it was replaced (`Module.to` swaps buffers without any hook), is seen
     at once. The list of modules is walked again when it may be stale: after any registration
-    (torch's global hooks) or when a module's children differ from the walk's (a `del`).
+    (torch's global hooks: a module set or added) or when the modules' children are fewer (a `del`).
 
     Only the dicts that held something at the walk are read (most modules hold no buffers), so a
-    tensor written straight into an empty `_parameters` / `_buffers` dict without `register_*`
-    (which only FSDP does, whose models are walked in full by `TrackedModel`) is not seen. The
-    module is held weakly; its dicts strongly, until it is freed."""
+    tensor written straight into an empty `_parameters` / `_buffers` dict, or a module into a
+    `_modules` dict, without `register_*` / `add_module` (what FSDP does with parameters only)
+    is not seen. The module is held weakly; its dicts strongly, until it is freed."""
 
     def __init__(self, module: Module, parameters: bool = True, buffers: bool = False) -> None:
         self.kinds = [kind for kind, asked in (("_parameters", parameters), ("_buffers", buffers)) if asked]
@@ -117,7 +117,7 @@ class ModuleWalk:
 
         def forget(_ref: weakref.ref) -> None:  # the model is gone: hold none of its tensors
             if (walk := me()) is not None:
-                walk._dicts = walk._parents = walk._children = []
+                walk._dicts = walk._parents = []
                 walk._parts = [([], None) for _ in walk.kinds]
 
         self._module = weakref.ref(module, forget)
@@ -134,7 +134,7 @@ class ModuleWalk:
                 stack.extend(c for c in reversed(m._modules.values()) if c is not None)
         self._registrations = _Registrations.count
         self._parents = [m._modules for m in order if m._modules]
-        self._children = list(chain.from_iterable(map(_values_of_each, self._parents)))
+        self._children = sum(map(len, self._parents))
         self._parts = []  # per kind: its non-empty dicts, and what to keep of their values
         for kind in self.kinds:
             dicts = [d for d in (getattr(m, kind) for m in order) if d]
@@ -145,9 +145,7 @@ class ModuleWalk:
 
     def _check(self) -> None:
         """Walk again if the walk may be stale."""
-        if _Registrations.count != self._registrations or self._children != list(
-            chain.from_iterable(map(_values_of_each, self._parents))
-        ):
+        if _Registrations.count != self._registrations or sum(map(len, self._parents)) != self._children:
             self._walk(self._module())
 
     def tensors(self) -> list[Tensor]:

@@ -20,9 +20,13 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
     # Peak extra memory: torch's per-parameter loop makes temporaries, the fused op none.
     peak = {r["method"]: r["peak_extra_MB"] for r in result["rows"] if r["workload"] == "tiny-1000"}
     assert peak["swa_fast:cpu"] < 0.001 < peak["AveragedModel"] or "swa_fast:cpu" not in peak
-    overhead = {r["method"] for r in result["rows"] if r["workload"] == "tiny MLP, one update"}
-    assert {"AveragedModel", "swa_fast.SWA.update", "swa_fast.EMA.update"} <= overhead
+    apis = {"swa_fast.lerp_", "AveragedModel", "swa_fast AveragedModel avg_fn", "swa_fast.EMA.update"}
     targets = {t[0]: t for t in result["targets"]}
+    for workload in ("tiny MLP with BatchNorm", "500 modules, 1,000 tensors", "12 encoder layers, d=64"):
+        one_update = {r["method"]: r for r in result["rows"] if r["workload"] == f"one update: {workload}"}
+        assert apis <= set(one_update) and one_update["swa_fast.lerp_"]["x_bare_op"] == 1
+        assert f"one update: {workload}: swa_fast.SWA.update <=" in " ".join(targets)
+        assert f"one update: {workload} (" in out  # the per-call times and ratios, printed
     assert "tiny-1000 float32: x vs AveragedModel >= 100" in targets
     assert "targets, from ratios measured in this run:" in out
     assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
