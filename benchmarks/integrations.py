@@ -138,8 +138,8 @@ LIBRARIES = {
 
 
 def bench_integrations(sets, device, min_run_time, bandwidth, dtype=torch.float32, libraries=None):
-    """Rows for every library of LIBRARIES (or `libraries`) on each shape set, fp32 model and
-    average: the original's update, then ours, timed in turns."""
+    """Rows for every library of LIBRARIES (or `libraries`) on each shape set, a model in `dtype`
+    (its average in the same dtype): the original's update, then ours, timed in turns."""
     rows = []
     for name in sets:
         shapes = SHAPE_SETS[name]()
@@ -182,10 +182,12 @@ def main(argv=None):
     p.add_argument("--sets", nargs="*", choices=list(SHAPE_SETS), default=["gpt2-small", "tiny-1000"])
     p.add_argument("--libraries", nargs="*", choices=list(LIBRARIES))
     p.add_argument("--min-run-time", type=float, default=0.5)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's dtype")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device, args.min_run_time)
-    rows = bench_integrations(args.sets, device, args.min_run_time, bandwidth, libraries=args.libraries)
+    dtype = getattr(torch, args.dtype)
+    rows = bench_integrations(args.sets, device, args.min_run_time, bandwidth, dtype, args.libraries)
     print(f"on {device} ({torch.get_num_threads()} threads), copy bandwidth {bandwidth / 1e9:.2f} GB/s")
     print("\n".join(speedups(rows)))
 
