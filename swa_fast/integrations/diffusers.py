@@ -132,8 +132,14 @@ class EMAModel(_DiffusersEMAModel):
         if all(trained):
             flat.lerp_(floating, 1 - decay)
         else:  # frozen parameters are copied, as diffusers does
-            frozen = [i for i, grad in enumerate(trained) if not grad]
-            flat.lerp_(floating, 1 - decay, part=[i for i, grad in enumerate(trained) if grad])
+            if self.__dict__.get("_trained") != trained:  # which are frozen changes rarely
+                self._trained = trained
+                self._split_frozen = (
+                    [i for i, grad in enumerate(trained) if grad],
+                    [i for i, grad in enumerate(trained) if not grad],
+                )
+            blended, frozen = self._split_frozen
+            flat.lerp_(floating, 1 - decay, part=blended)
             copy_lists(pick(frozen, flat.buffer.views), pick(frozen, floating))
         if self._integer:
             torch._foreach_copy_(pick(self._integer, self.shadow_params), pick(self._integer, parameters))

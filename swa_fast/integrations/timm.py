@@ -135,12 +135,11 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
         if scratch is None:  # the temporaries, once (timm allocates them on every update)
             scratch = _RoundingScratch(buffer, self._source_dtypes, self._floating, self.foreach)
             self._sr_scratch = scratch
-        rest = [i for g in buffer.groups if g.dtype != torch.bfloat16 for i in g.indices]
-        if rest:
-            self._flat.lerp_(sources, weight, self._other_device, part=rest)
+        if scratch.rest:
+            self._flat.lerp_(sources, weight, self._other_device, part=scratch.rest)
         for g, (group, _, src) in enumerate(buffer.pairs(sources)):
             if group.dtype == torch.bfloat16:
-                scratch.update(g, group.buffer, src, weight, self._sr_generator)
+                scratch.update(g, src, weight, self._sr_generator)
 
 
 class _RoundingScratch:
@@ -150,6 +149,8 @@ class _RoundingScratch:
 
     def __init__(self, buffer, source_dtypes: list[torch.dtype], floating: list[int], foreach: bool) -> None:
         self.chunks: dict[int, list[tuple[int, int, int, int, torch.dtype]]] = {}
+        # the positions of the tensors in other buffers (an fp32 norm of a bf16 model): lerp_ there
+        self.rest = [i for g in buffer.groups if g.dtype != torch.bfloat16 for i in g.indices]
         longest = 0
         for g, group in enumerate(buffer.groups):
             if group.dtype != torch.bfloat16:
@@ -170,28 +171,40 @@ class _RoundingScratch:
         self.mixed = torch.empty(longest, dtype=torch.float32, device=device)
         self.noise = torch.empty(longest, dtype=torch.int32, device=device)
         self.models: dict[torch.dtype, Tensor] = {}
-        self.model_views: dict[tuple[int, int], tuple[Tensor, list[Tensor]]] = {}
+        # per chunk: the model's tensors packed as timm's torch.cat, the mixed values packed alike,
+        # and the average's views (not packed: the flat buffer pads between views)
+        self.chunk_views: dict[tuple[int, int], tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]] = {}
         for g, chunks in self.chunks.items():
             views = buffer.group_views(g)
             for c, (first, last, begin, end, dtype) in enumerate(chunks):
                 model = self.models.setdefault(dtype, torch.empty(longest, dtype=dtype, device=device))
                 flat = model[: end - begin]
-                parts = flat.split([v.numel() for v in views[first:last]])
-                self.model_views[(g, c)] = (flat, [p.view(v.shape) for p, v in zip(parts, views[first:last])])
+                self.chunk_views[(g, c)] = (
+                    flat,
+                    _packed_views(flat, views[first:last]),
+                    _packed_views(self.mixed[: end - begin], views[first:last]),
+                    views[first:last],
+                )
 
-    def update(self, g: int, flat: Tensor, sources: list[Tensor], weight: float, generator) -> None:
+    def update(self, g: int, sources: list[Tensor], weight: float, generator) -> None:
         for c, (first, last, begin, end, _) in enumerate(self.chunks[g]):
             n = end - begin
             mixed, noise = self.mixed[:n], self.noise[:n]
-            model_flat, model_views = self.model_views[(g, c)]
+            model_flat, model_views, mixed_views, average_views = self.chunk_views[(g, c)]
             copy_lists(model_views, sources[first:last])  # timm: torch.cat of the model's tensors
-            mixed.copy_(flat[begin:end])
+            copy_lists(mixed_views, average_views)
             mixed.mul_(1.0 - weight).add_(model_flat, alpha=weight)
             bits = mixed.view(torch.int32)
             torch.randint(0, 1 << 16, (n,), dtype=torch.int32, generator=generator, out=noise)
             bits.add_(noise)
             bits.bitwise_and_(-(1 << 16))
-            flat[begin:end].copy_(mixed)
+            copy_lists(average_views, mixed_views)  # exact: the low 16 bits are zero
+
+
+def _packed_views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Consecutive views of `flat` with the shapes of `like`."""
+    parts = flat.split([v.numel() for v in like])
+    return [p.view(v.shape) for p, v in zip(parts, like)]
 
 
 def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
