@@ -249,6 +249,33 @@ def test_synthesis_writes_through_strides_and_buffers(tmp_path):
     assert int(target[1].num_batches_tracked) == 10
 
 
+def test_two_dtype_groups_update_snapshot_and_synthesize(tmp_path):
+    # A bf16 layer and an fp32 one with dtype=None: two flat groups, each one multi_lerp_, each
+    # saved in its own dtype (snapshot_dtype=None); update_from gives what update gives.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5).to(torch.bfloat16), nn.LayerNorm(5))
+    ema = PostHocEMA(model, dtype=None, snapshot_every=4, snapshot_dir=tmp_path, snapshot_dtype=None)
+    twin = PostHocEMA(model, dtype=None)
+    assert [g.dtype for g in ema.average.groups] == [torch.bfloat16, torch.float32]
+    for _ in range(8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        twin.update_from([t.detach().clone() for t in model.parameters()])
+    ema.flush()
+    saved = torch.load(tmp_path / "snapshot-0000000008.pt", weights_only=True)
+    assert [f.dtype for f in saved["flats"][0]] == [torch.bfloat16, torch.float32]
+    for sigma_rel in (0.05, 0.10):
+        a, b, c = (copy.deepcopy(model) for _ in range(3))
+        ema.copy_to(a, sigma_rel=sigma_rel)
+        twin.copy_to(b, sigma_rel=sigma_rel)
+        ema.synthesize(c, sigma_rel)
+        for x, y, z in zip(a.parameters(), b.parameters(), c.parameters()):
+            assert torch.equal(x, y)
+            torch.testing.assert_close(z, x)  # a tracked profile, to the rounding of each dtype
+
+
 def test_a_collected_manager_writes_what_is_pending_and_stops_its_writer(tmp_path):
     model = vector_model(4)
     ema = PostHocEMA(model, snapshot_every=1, snapshot_dir=tmp_path)
