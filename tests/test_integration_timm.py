@@ -188,3 +188,19 @@ def test_importing_swa_fast_imports_none_of_the_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tied_weights_are_averaged_once_per_update():
+    """The documented difference: timm's state_dict lists a tied weight twice and lerps it twice."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    theirs, ours = timm_ema.ModelEmaV3(model, decay=0.5), ModelEmaV3(model, decay=0.5)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    theirs.update(model)
+    ours.update(model)
+    assert ours.module[1].weight is ours.module[0].weight
+    torch.testing.assert_close(ours.module[0].weight, start + 0.5)
+    torch.testing.assert_close(theirs.module[0].weight, start + 0.75)
