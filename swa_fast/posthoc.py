@@ -48,7 +48,7 @@ from torch.nn import Module
 
 from . import checks, distributed, ops
 from .averaging import Averager
-from .flat import _shaped_parts, copy_into_strided, copy_lists, flat_numel
+from .flat import _shaped_parts, copy_into_strided, copy_lists
 from .model_tensors import ModelCopy, TrackedModel
 from .weighting import real_number
 
@@ -649,8 +649,10 @@ class PostHocEMA(Averager):
 
 
 def _layout(snapshot: dict) -> tuple:
-    """What must be the same in every snapshot of one series: the model's tensors and their groups."""
-    return (snapshot["names"], snapshot["shapes"], snapshot["groups"], snapshot.get("use_buffers"))
+    """What must be the same in every snapshot of one series: the model's tensors, their groups and
+    the groups' flat lengths (as the writer's FlatBuffer laid them out, padding included)."""
+    lengths = [f.numel() for f in snapshot["flats"][0]] if snapshot["flats"] else []
+    return (snapshot["names"], snapshot["shapes"], snapshot["groups"], snapshot.get("use_buffers"), lengths)
 
 
 @torch.no_grad()
@@ -702,7 +704,7 @@ def synthesize(
             gammas.append(float(g))
     target_progress = progress[-1]
     coefficients, error = solve_coefficients(progress, gammas, target_progress, gamma)
-    names, shapes, groups, use_buffers = layout
+    names, shapes, groups, use_buffers, lengths = layout
     tracked = TrackedModel(model, bool(use_buffers), "synthesize")
     floating, integer = tracked.split(tracked.tensors(model))
     if tracked.floating_names != names or [list(t.shape) for t in floating] != shapes:
@@ -713,7 +715,8 @@ def synthesize(
             f"swa_fast.posthoc.synthesize: the snapshots are of another model: '{differ}' has shape "
             f"{theirs.get(differ)} there and {mine.get(differ)} here (None: missing)"
         )
-    lengths = [flat_numel([torch.Size(shapes[i]) for i in group]) for group in groups]  # padded as saved
+    if any(n < sum(math.prod(shapes[i]) for i in group) for n, group in zip(lengths, groups)):
+        raise ValueError(f"swa_fast.posthoc: {str(first)!r} is damaged: its averages are too short")
     accumulators = [torch.zeros(n, dtype=torch.float32) for n in lengths]
     position = 0
     for path in used.values():  # second pass: one snapshot in memory at a time
