@@ -50,7 +50,7 @@ def real_number(
 
 def swa_weight(n_averaged: Tensor | int) -> Tensor | float:
     """1 / (n + 1): the weight that keeps the average the equal-weight mean of every model given."""
-    if isinstance(n_averaged, Tensor) and n_averaged.device.type != "cpu":  # there: no host sync
+    if isinstance(n_averaged, Tensor) and not n_averaged.is_cpu:  # there: no host sync
         return torch.reciprocal(n_averaged.to(torch.float64) + 1)
     return 1.0 / (int(n_averaged) + 1)  # reading a CPU tensor waits for nothing
 
@@ -68,6 +68,6 @@ def ema_decay(decay: float, t: int, warmup_gamma: float | None = None, warmup_po
 
 def ema_weight(decay: float, n_averaged: Tensor | int) -> Tensor | float:
     """1 - decay_t for an EMA that has averaged `n_averaged` models (no warmup): 1, a copy, first."""
-    if isinstance(n_averaged, Tensor) and n_averaged.device.type != "cpu":  # decided there
+    if isinstance(n_averaged, Tensor) and not n_averaged.is_cpu:  # decided there
         return torch.where(n_averaged == 0, 1.0, 1.0 - decay).to(torch.float64)
     return 1.0 - ema_decay(decay, int(n_averaged))
