@@ -9,7 +9,6 @@ snapshots.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -116,15 +115,9 @@ def bench_posthoc(shapes, name, device, min_run_time, bandwidth):
 
 def main(argv=None):
     from benchmarks.report import print_table
-    from benchmarks.timing import copy_bandwidth
+    from benchmarks.standalone import standalone_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--set", default="gpt2-small", choices=list(SHAPE_SETS))
-    p.add_argument("--min-run-time", type=float, default=0.5)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    bandwidth = copy_bandwidth(device, args.min_run_time)
+    args, device, bandwidth = standalone_args(__doc__, argv)
     print(
         f"post-hoc EMA on {device} ({torch.get_num_threads()} threads); "
         f"copy bandwidth {bandwidth / 1e9:.2f} GB/s"
