@@ -446,10 +446,7 @@ class PostHocEMA(Averager):
             copy = ModelCopy(self.tracked, self._copy.stored(), pin_memory=pinned, backend=self.backend)
             copy.integers = self._copy.integers
             self._profiles.append(copy)
-        # Per flat group, the K averages' views: what each update hands to multi_lerp_.
-        self._group_views = [
-            [p.flat.group_views(g) for p in self._profiles] for g in range(len(self.average.groups))
-        ]
+        self._group_views = self._views_per_group()
         self.progress = 0.0  # t after the last update
         self.progress_given: bool | None = None  # whether update() is given progress (fixed by the first)
         self._weights: list[float] = []
@@ -457,6 +454,10 @@ class PostHocEMA(Averager):
         self._writer: SnapshotWriter | None = None
         self._host: _HostSnapshot | None = None
         self._copied: list = []  # CUDA events of the last snapshot's host copy
+
+    def _views_per_group(self) -> list[list[list[Tensor]]]:
+        """Per flat group, the K averages' views: what each update hands to multi_lerp_."""
+        return [[p.flat.group_views(g) for p in self._profiles] for g in range(len(self.average.groups))]
 
     # --- updates --------------------------------------------------------------------------------------
 
@@ -601,7 +602,12 @@ class PostHocEMA(Averager):
         self.flush()
         state = super().__getstate__()
         state.update(_writer=None, _host=None, _copied=[])
+        del state["_group_views"]  # views of the flat buffers: rebuilt from them when unpickled
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._group_views = self._views_per_group()
 
     def _extra_state(self) -> dict:
         return {

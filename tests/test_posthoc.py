@@ -446,14 +446,22 @@ def test_pickled_manager_keeps_averages_and_drops_the_writer(tmp_path):
         ema.update(model)
     clone = copy.deepcopy(ema)
     assert clone._writer is None
+    torch.save(ema, tmp_path / "manager.pt")
+    loaded = torch.load(tmp_path / "manager.pt", weights_only=False)
+    other_model = vector_model(4)  # an unpickled manager tracks the next model it is given
     set_to(model, torch.ones(4, dtype=torch.float64))
+    set_to(other_model, torch.ones(4, dtype=torch.float64))
     ema.update(model)
     clone.update(model)
-    a, b = vector_model(4), vector_model(4)
-    ema.copy_to(a, sigma_rel=0.05)
-    clone.copy_to(b, sigma_rel=0.05)
-    assert torch.equal(a.w, b.w)
+    loaded.update(other_model)
+    for sigma_rel in (0.05, 0.10):  # every profile: the updates reach the rebuilt views
+        a, b, c = vector_model(4), vector_model(4), vector_model(4)
+        ema.copy_to(a, sigma_rel=sigma_rel)
+        clone.copy_to(b, sigma_rel=sigma_rel)
+        loaded.copy_to(c, sigma_rel=sigma_rel)
+        assert torch.equal(a.w, b.w) and torch.equal(a.w, c.w)
     clone.flush()
+    loaded.flush()
     assert sorted(list_snapshots(tmp_path)) == [2, 4, 6]
 
 
