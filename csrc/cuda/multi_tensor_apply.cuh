@@ -5,7 +5,13 @@
 // finds each chunk's tensor by binary search in the prefix sums. Kernel-argument tables (apex,
 // ATen) cap a launch at ~100 tensors; a device table does not. The table of a list seen before is
 // reused from a small cache, so a warmed-up update allocates nothing, copies nothing to the device
-// and can be captured in a CUDA graph.
+// and can be captured in a CUDA graph. The index math (table, chunks, each thread's elements) is
+// launch_plan.h, shared with a host emulation in the tests.
+//
+// A chunk whose tensors all start 16-byte aligned (every flat-buffer view does) moves whole
+// vectors: each thread loads 16 bytes of the narrowest list (8 bf16, 4 fp32) and as many elements of
+// the others with 128-bit accesses, which Hopper needs to reach its bandwidth; the rest of the
+// chunk, and chunks of misaligned tensors, go one element at a time.
 #pragma once
 
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -20,47 +26,114 @@
 #include <vector>
 
 #include "../multi_tensor.h"
+#include "launch_plan.h"
 
 namespace swa_fast {
 
-constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
-constexpr int64_t kChunkElems = 16 * 1024;
+using plan::kThreads;
 
-template <int K, typename F>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const int64_t* table, int64_t n_tensors,
-                                                                int64_t n_chunks, F f) {
-  const int64_t* numels = table + n_tensors * K;
-  const int64_t* chunk_prefix = numels + n_tensors;  // n_tensors + 1 entries
-  f.resolve();
-  if (f.skip()) return;  // a weight of 0: nothing to write (uniform across the grid)
-  for (int64_t chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
-    int64_t lo = 0, hi = n_tensors - 1;  // the last tensor whose first chunk is <= chunk
-    while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (chunk_prefix[mid] <= chunk) lo = mid; else hi = mid - 1;
-    }
-    void* ptrs[K];
+// kElems elements of each list of F in registers, moved as 128-bit words on the vector path and as
+// single elements on the scalar one. The functor reads and writes them through pointers, as it
+// does memory; every index is a constant once unrolled, so they stay registers
+// (tests/test_machine_code.py checks that no kernel uses local memory).
+template <typename F, int kElems>
+struct Lanes {
+  static constexpr int K = F::kLists;
+  template <int k>
+  using Elem = typename F::Lists::template type<k>;
+  template <int k>
+  using Word = std::conditional_t<kElems == 1, Elem<k>, uint4>;
+  template <int k>
+  static constexpr int kWords = static_cast<int>(kElems * sizeof(Elem<k>) / sizeof(Word<k>));
+  // Held as the words moved (a char array would make the compiler split each 128-bit access into
+  // four), with room for kElems of the widest type, fp64.
+  using Storage = std::conditional_t<kElems == 1, uint64_t, uint4>;
+  Storage bytes[K][kElems * 8 / sizeof(Storage)];
+
+  // The pointers come from a table in memory, so the compiler cannot tell that they are global and
+  // would emit generic loads and stores: the assumptions give it global ones (LDG / STG).
+  template <int k>
+  __device__ void load(const plan::Chunk<K>& c, int64_t first) {
+    if constexpr ((F::kReadLists >> k & 1u) != 0) {
+      const auto* src = reinterpret_cast<const Word<k>*>(reinterpret_cast<const Elem<k>*>(c.address[k]) + first);
+      __builtin_assume(__isGlobal(src));
 #pragma unroll
-    for (int k = 0; k < K; ++k) ptrs[k] = reinterpret_cast<void*>(table[lo * K + k]);
-    const int64_t begin = (chunk - chunk_prefix[lo]) * kChunkElems;
-    const int64_t end = min(begin + kChunkElems, numels[lo]);
-    // Each thread loads kUnroll elements before storing any: that many loads in flight per thread
-    // hide memory latency. Neighbouring threads touch neighbouring elements (coalesced).
-    for (int64_t base = begin + threadIdx.x; base < end; base += kThreads * kUnroll) {
-      typename F::Regs regs[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + u * kThreads;
-        if (i < end) regs[u] = f.load(ptrs, i);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + u * kThreads;
-        if (i < end) f.store(ptrs, i, regs[u]);
-      }
+      for (int w = 0; w < kWords<k>; ++w) reinterpret_cast<Word<k>*>(bytes[k])[w] = src[w];
     }
   }
+  template <int k>
+  __device__ void store(const plan::Chunk<K>& c, int64_t first, unsigned written) const {
+    if ((written >> k & 1u) != 0) {
+      auto* dst = reinterpret_cast<Word<k>*>(reinterpret_cast<Elem<k>*>(c.address[k]) + first);
+      __builtin_assume(__isGlobal(dst));
+#pragma unroll
+      for (int w = 0; w < kWords<k>; ++w) dst[w] = reinterpret_cast<const Word<k>*>(bytes[k])[w];
+    }
+  }
+  template <size_t... k>
+  __device__ void load_all(const plan::Chunk<K>& c, int64_t first, std::index_sequence<k...>) {
+    (load<k>(c, first), ...);
+  }
+  template <size_t... k>
+  __device__ void store_all(const plan::Chunk<K>& c, int64_t first, unsigned written, std::index_sequence<k...>) const {
+    (store<k>(c, first, written), ...);
+  }
+  // The functor's math on the kElems elements, in place.
+  __device__ void apply(const F& f) {
+    void* lanes[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) lanes[k] = bytes[k];
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) f.store(lanes, i, f.load(lanes, i));
+  }
+};
+
+// One for_each_step visit: kU steps of kElems elements. Each thread loads all its steps before
+// storing any: loads in flight hide memory latency, and the compiler cannot reorder them itself,
+// since the lists may alias.
+template <int kElems, int kU, typename F, int K>
+__device__ void move_steps(const F& f, unsigned written, const plan::Chunk<K>& c, const int64_t* first,
+                           const bool* valid) {
+  constexpr auto lists = std::make_index_sequence<K>{};
+  Lanes<F, kElems> lanes[kU];
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    if (valid[u]) lanes[u].load_all(c, first[u], lists);
+  }
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    if (valid[u]) {
+      lanes[u].apply(f);
+      lanes[u].store_all(c, first[u], written, lists);
+    }
+  }
+}
+
+// 128-bit words a vector of kVec elements of every list of F takes.
+template <typename F, int kVec, size_t... k>
+constexpr int vector_words(std::index_sequence<k...>) {
+  return (0 + ... + Lanes<F, kVec>::template kWords<k>);
+}
+
+template <int K, typename F>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const int64_t* table_data, int64_t n_tensors, F f) {
+  constexpr int kVec = plan::vector_elems(F::Lists::min_bytes());
+  constexpr int kVecU =
+      vector_words<F, kVec>(std::make_index_sequence<K>{}) <= plan::kVecUnrollWords ? plan::kVecUnroll : 1;
+  f.resolve();
+  if (f.skip()) return;  // a weight of 0: nothing to write (uniform across the grid)
+  const unsigned written = f.written_lists();
+  int elem_bytes[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) elem_bytes[k] = F::Lists::bytes(k);
+  plan::run_block<K, kVec, kVecU>(
+      plan::Table<K>{table_data, n_tensors}, elem_bytes, blockIdx.x, gridDim.x, threadIdx.x, kThreads,
+      [&](const plan::Chunk<K>& c, const int64_t* first, const bool* valid) {
+        move_steps<kVec, kVecU>(f, written, c, first, valid);
+      },
+      [&](const plan::Chunk<K>& c, const int64_t* first, const bool* valid) {
+        move_steps<1, plan::kUnroll>(f, written, c, first, valid);
+      });
 }
 
 // A few recent tables per device, keyed by their full host content.
@@ -120,22 +193,16 @@ struct CudaRun {
     if (n == 0) return;
     const c10::cuda::CUDAGuard guard(device);
 
-    std::vector<int64_t> host(n * K + n + n + 1);
-    int64_t* numels = host.data() + n * K;
-    int64_t* prefix = numels + n;
-    prefix[0] = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      for (size_t k = 0; k < K; ++k) host[j * K + k] = reinterpret_cast<int64_t>(group.ptrs[j][k]);
-      numels[j] = group.numels[j];
-      prefix[j + 1] = prefix[j] + (numels[j] + kChunkElems - 1) / kChunkElems;
-    }
-    const int64_t n_chunks = prefix[n];
+    static_assert(sizeof(group.ptrs[0]) == K * sizeof(void*), "pointer rows are K pointers");
+    const std::vector<int64_t> host =
+        plan::build_table<K>(group.ptrs[0].data(), group.numels.data(), n);
+    const int64_t n_chunks = host.back();
     const at::Tensor table = table_cache().get(host, device);
 
     const int64_t max_blocks = multiprocessor_count(device.index()) * 8;
     const int64_t blocks = std::max<int64_t>(1, std::min(n_chunks, max_blocks));
     multi_tensor_kernel<K, F><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        table.data_ptr<int64_t>(), n, n_chunks, f);
+        table.data_ptr<int64_t>(), n, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
