@@ -74,10 +74,10 @@ if triton is not None:
     def _ptr(ptrs, t, k: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
         """The k-th of K pointers of tensor t. ALIGNED: the launch found every pointer 16-byte
         aligned, and says so to the compiler, which then loads and stores 128 bits at a time."""
-        address = tl.load(ptrs + t * K + k)
-        if ALIGNED:
-            address = tl.multiple_of(address, 16)
-        return address.to(tl.pointer_type(DTYPE))
+        p = tl.load(ptrs + t * K + k).to(tl.pointer_type(DTYPE))
+        if ALIGNED:  # on the pointer: the compiler drops a hint on the integer at the cast
+            p = tl.multiple_of(p, 16)
+        return p
 
     @triton.jit
     def _widened(ptr, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr):

@@ -1,0 +1,100 @@
+"""Compiles swa_fast's Triton kernels ahead of time for real GPU targets, no GPU needed.
+
+Run by tests/test_triton_compiled.py in a process without TRITON_INTERPRET (with it, @triton.jit
+makes interpreted functions, which triton.compile does not take):
+
+    python tests/compile_triton_kernels.py VARIANTS.json RESULTS.json
+
+VARIANTS.json lists the launches the launchers make: {"op", "signature" (argument -> Triton type),
+"constexprs" (name -> value; dtypes by name, "fp32")}. Each is compiled for sm_80 and sm_90;
+RESULTS.json gets, per variant and target, the error (None when it compiled), the PTX's 128-bit
+global loads and stores, whether it uses local memory, and its registers per thread (from the
+cubin, through the cuobjdump that ships with Triton).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+TARGETS = (80, 90)
+
+
+def _tool(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _constexpr(value):
+    import triton.language as tl
+
+    if isinstance(value, list):
+        return tuple(_constexpr(v) for v in value)
+    if isinstance(value, str):
+        return tl.str_to_ty(value, None) if value.startswith("*") else getattr(tl, _TL_NAMES[value])
+    return value
+
+
+_TL_NAMES = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def registers(cubin: bytes) -> int | None:
+    """Registers per thread of the (one) kernel in `cubin`, as cuobjdump -res-usage reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(_tool("cuobjdump")), "-res-usage", f.name], capture_output=True, text=True)
+    found = re.search(r"REG:(\d+)", out.stdout)
+    return int(found.group(1)) if found else None
+
+
+def compile_one(job: tuple[dict, int]) -> dict:
+    variant, arch = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from swa_fast import triton_kernels
+
+    kernel = triton_kernels.KERNELS[variant["op"]]
+    constexprs = {k: _constexpr(v) for k, v in variant["constexprs"].items()}
+    signature = {**variant["signature"], **{k: "constexpr" for k in constexprs}}
+    # As the runtime specialises them: torch's allocations are 16-byte aligned.
+    attrs = {
+        (kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items() if v[0] == "*"
+    }
+    result = {**variant, "arch": arch, "error": None}
+    try:
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32)
+        )
+    except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
+        result["error"] = f"{type(e).__name__}: {e}"[:2000]
+        return result
+    ptx = compiled.asm["ptx"]
+    result["ld_v4"] = len(re.findall(r"\bld\.global(?:\.[a-z0-9]+)*\.v4\.", ptx))
+    result["st_v4"] = len(re.findall(r"\bst\.global(?:\.[a-z0-9]+)*\.v4\.", ptx))
+    result["ld_global"] = len(re.findall(r"\bld\.global\.", ptx))
+    result["local"] = bool(re.search(r"\.local\b", ptx))
+    result["registers"] = registers(compiled.asm["cubin"])
+    return result
+
+
+def main(variants_path: str, results_path: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+    variants = json.loads(Path(variants_path).read_text())
+    jobs = [(v, arch) for v in variants for arch in TARGETS]
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(compile_one, jobs))
+    Path(results_path).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

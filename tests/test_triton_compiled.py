@@ -1,0 +1,147 @@
+"""Every Triton kernel the ops launch, compiled for sm_80 and sm_90 as the GPU would compile it:
+the interpreter the other tests use accepts things the compiler rejects.
+
+The variants are the launchers' own: each op of ops.OP_TABLE with a Triton kernel is launched
+(launch recorded, not run) on conftest.make_case's arguments for every pair of float dtypes, with
+16-byte aligned tensors and with misaligned ones, and every distinct (signature, constexprs) seen is
+compiled by tests/compile_triton_kernels.py in a process without TRITON_INTERPRET. The PTX of the
+lerp_ kernel on aligned tensors must move 128 bits per access (fp32 and bf16 sources), and no
+kernel may use local memory. Registers per thread are printed (pytest -s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_case
+
+from swa_fast import ops, triton_kernels
+
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+POINTER_TYPES = {torch.int64: "*i64", torch.float32: "*fp32", torch.float64: "*fp64"}
+SHAPES = [(triton_kernels.BLOCK + 100,), (3,)]  # a full block and a partial one
+
+pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason=str(triton_kernels.TRITON_ERROR))
+
+
+def _name(value):
+    if isinstance(value, tuple):
+        return [_name(v) for v in value]
+    dtype_name = getattr(value, "name", None)  # a Triton dtype
+    return dtype_name if isinstance(dtype_name, str) else value
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a tensor that starts one element past a 16-byte boundary."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    return out.copy_(t)
+
+
+def launch_variants() -> list[dict]:
+    """Each distinct launch the Triton launchers make for the op cases, as compile_triton_kernels
+    takes them."""
+    ops_of = {id(k): op for op, k in triton_kernels.KERNELS.items()}
+    seen: dict[str, dict] = {}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.op = ops_of[id(kernel)]
+            self.arg_names = kernel.arg_names
+
+        def __getitem__(self, grid):
+            def record(*args, **constexprs):
+                signature = {n: POINTER_TYPES[a.dtype] for n, a in zip(self.arg_names, args)}
+                variant = {
+                    "op": self.op,
+                    "signature": signature,
+                    "constexprs": {k: _name(v) for k, v in constexprs.items()},
+                }
+                seen.setdefault(json.dumps(variant, sort_keys=True), variant)
+
+            return record
+
+    launch = triton_kernels._launch
+    try:
+        triton_kernels._launch = lambda kernel, *a, **k: launch(Recorder(kernel), *a, **k)
+        for op, spec in ops.OP_TABLE.items():
+            if op not in triton_kernels.KERNELS:
+                continue
+            for dst in FLOATS:
+                for src in FLOATS:
+                    lists, extra = make_case(op, SHAPES, dst, src)
+                    for shift in (False, True):
+                        args = [[_misaligned(t) for t in lst] for lst in lists] if shift else lists
+                        try:
+                            spec.triton(*args, *extra)
+                        except ValueError:
+                            continue  # a dtype pair the op refuses
+    finally:
+        triton_kernels._launch = launch
+    return list(seen.values())
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> list[dict]:
+    variants = launch_variants()
+    ops_launched = {v["op"] for v in variants}
+    assert ops_launched == set(triton_kernels.KERNELS) & set(ops.OP_TABLE), ops_launched
+    assert {v["constexprs"].get("ALIGNED") for v in variants} == {True, False}
+    tmp = tmp_path_factory.mktemp("triton_compiled")
+    (tmp / "variants.json").write_text(json.dumps(variants))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # nothing cached in the checkout or the home folder
+    script = Path(__file__).with_name("compile_triton_kernels.py")
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp / "variants.json"), str(tmp / "results.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads((tmp / "results.json").read_text())
+
+
+def _label(r: dict) -> str:
+    c = r["constexprs"]
+    dtypes = "/".join(map(str, c.get("DTYPES") or (c["DST"], c["SRC"])))
+    return f"{r['op']} {dtypes} aligned={c['ALIGNED']} sm_{r['arch']}"
+
+
+def test_every_variant_compiles(compiled):
+    failed = [f"{_label(r)}: {r['error']}" for r in compiled if r["error"]]
+    assert not failed, "\n".join(failed)
+    print(f"\n{len(compiled)} Triton kernels compiled (sm_80 and sm_90); registers per thread:")
+    for r in compiled:
+        wide = f"{r['ld_v4']} ld.global.v4, {r['st_v4']} st.global.v4"
+        print(f"  {_label(r):55s} {r['registers']} registers, {wide}")
+
+
+def test_no_local_memory(compiled):
+    spilled = [_label(r) for r in compiled if not r["error"] and r["local"]]
+    assert not spilled
+
+
+@pytest.mark.parametrize("src", ["fp32", "bf16"])
+def test_aligned_lerp_moves_128_bits(compiled, src):
+    lerps = [
+        r
+        for r in compiled
+        if r["op"] == "lerp_"
+        and r["constexprs"]["DST"] == "fp32"
+        and r["constexprs"]["SRC"] == src
+        and not r["error"]
+    ]
+    assert {r["arch"] for r in lerps} == {80, 90}
+    for r in lerps:
+        if r["constexprs"]["ALIGNED"]:
+            # the full blocks: both lists loaded, the average stored, 16 bytes at a time
+            assert r["ld_v4"] >= 2 and r["st_v4"] >= 1, _label(r)
+        else:
+            assert r["ld_v4"] == 0 and r["st_v4"] == 0, _label(r)  # misaligned: no wide access
