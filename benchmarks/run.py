@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.integrations import bench_integrations  # noqa: E402
+from benchmarks.multi_lerp import bench_multi_lerp  # noqa: E402
 from benchmarks.posthoc import bench_posthoc  # noqa: E402
 from benchmarks.report import metadata, plot, plot_sweep, print_table, write_json  # noqa: E402
 from benchmarks.shapes import SHAPE_SETS  # noqa: E402
@@ -82,6 +83,7 @@ def main(argv=None):
     extras = bench_moments_and_snapshots(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
     extras += bench_tiny_model(device, min_run_time, bandwidth)
     extras += bench_integrations(sets, device, min_run_time, bandwidth)  # each library's EMA against ours
+    extras += bench_multi_lerp(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
     extras += bench_posthoc(SHAPE_SETS[sets[0]](), sets[0], device, min_run_time, bandwidth)
     print()
     print_table(sweep + extras)

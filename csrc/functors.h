@@ -180,8 +180,10 @@ struct Moments {
 
 // avg_k += w_k * (src - avg_k) for k < K, reading src once (post-hoc EMA's K averages of one model).
 // p[0..K-1] are the averages (one dtype D), p[K] the source. An average whose weight is 0 is not
-// written at all, as lerp_ at weight 0 (the condition is loop-invariant, so it is hoisted).
-template <int K, typename D, typename S>
+// written at all, as lerp_ at weight 0: kZeroSkips = false drops that conditional store, which keeps
+// a CPU loop from vectorising, for runners that only see host weights (multi_lerp_impl leaves an
+// average of host weight 0 out of the pass instead).
+template <int K, typename D, typename S, bool kZeroSkips = true>
 struct MultiLerp {
   static constexpr int kLists = K + 1;
   using Lists = decltype(repeated_list_types<D, S>(std::make_index_sequence<K>{}));
@@ -193,8 +195,13 @@ struct MultiLerp {
   };
   Weight<A> weight[K];
   LerpWeight<A> lerp[K];
+  bool any_zero = false;
   C10_HOST_DEVICE void resolve() {
-    for (int k = 0; k < K; ++k) lerp[k].set(weight[k].get());
+    any_zero = false;
+    for (int k = 0; k < K; ++k) {
+      lerp[k].set(weight[k].get());
+      any_zero |= lerp[k].zero();
+    }
   }
   C10_HOST_DEVICE bool skip() const {
     bool all_zero = true;
@@ -220,7 +227,9 @@ struct MultiLerp {
   template <bool kMayBeOne = true>
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
     for (int k = 0; k < K; ++k) {
-      if (lerp[k].zero()) continue;
+      if constexpr (kZeroSkips) {
+        if (any_zero && lerp[k].zero()) continue;
+      }
       static_cast<D*>(p[k])[i] = static_cast<D>(lerp[k].template mix<kMayBeOne>(r.avg[k], r.src));
     }
   }

@@ -105,8 +105,26 @@ Weight<A> weight_element(const at::Tensor& weights, int64_t k) {
   return out;
 }
 
-// One pass over the averages indices `averages` (in p) of `group`'s tensors `members`, with the
-// source at p[n_lists - 1].
+// Whether a runner's weights are always read on the host (Run::kHostWeightsOnly: the CPU's, whose
+// tensors live there); its multi_lerp_ passes then leave out the averages of weight 0 up front.
+template <class Run>
+constexpr bool host_weights_only() {
+  if constexpr (requires { Run::kHostWeightsOnly; }) {
+    return Run::kHostWeightsOnly;
+  } else {
+    return false;
+  }
+}
+
+// Whether weight k is known on the host to be 0 in the arithmetic dtype of averages of `dtype`.
+inline bool host_zero(const at::Tensor& weights, int k, at::ScalarType dtype) {
+  if (!weights.device().is_cpu()) return false;
+  const double value = weights.const_data_ptr<double>()[k * weights.stride(0)];
+  return dtype == at::kDouble ? value == 0 : static_cast<float>(value) == 0.0f;
+}
+
+// One pass over the averages `averages` (indices into p) of `group`'s tensors `members` (null:
+// all), with the source last in p.
 template <class Run, int K, size_t N>
 void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Tensor& w,
                     const std::array<int, K>& averages, const std::vector<size_t>* members) {
@@ -115,17 +133,19 @@ void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Ten
   dtypes[K] = group.dtypes[N - 1];
   visit_float(dtypes[0], [&](auto d) {
     visit_float(dtypes[K], [&](auto s) {
-      using F = MultiLerp<K, decltype(d), decltype(s)>;
+      using F = MultiLerp<K, decltype(d), decltype(s), !host_weights_only<Run>()>;
       F f{};
       for (int k = 0; k < K; ++k) f.weight[k] = weight_element<typename F::A>(w, averages[k]);
       if constexpr (K + 1 == N) {
-        if (members == nullptr) {  // the whole group as it is
+        if (members == nullptr) {  // every average of the whole group: the group as it is
           Run::run(group, device, f);
           return;
         }
       }
       DtypeGroup<K + 1> part{dtypes, {}, {}};
-      for (size_t j : *members) {
+      const size_t n = members != nullptr ? members->size() : group.numels.size();
+      for (size_t m = 0; m < n; ++m) {
+        const size_t j = members != nullptr ? (*members)[m] : m;
         auto& ptrs = part.ptrs.emplace_back();
         for (int k = 0; k < K; ++k) ptrs[k] = group.ptrs[j][averages[k]];
         ptrs[K] = group.ptrs[j][N - 1];
@@ -134,6 +154,18 @@ void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Ten
       if (!part.numels.empty()) Run::run(part, device, f);
     });
   });
+}
+
+// One pass over the first `count` of `averages` (K, K - 1, ... 1 of them).
+template <class Run, int K, size_t N>
+void run_first(const DtypeGroup<N>& group, at::Device device, const at::Tensor& w,
+               const std::array<int, N - 1>& averages, int count) {
+  if constexpr (K >= 1) {
+    if (count < K) return run_first<Run, K - 1>(group, device, w, averages, count);
+    std::array<int, K> first;
+    std::copy_n(averages.begin(), K, first.begin());
+    run_multi_lerp<Run, K>(group, device, w, first, nullptr);
+  }
 }
 
 template <class Run, int K>
@@ -151,9 +183,14 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
     bool one_dtype = true;
     for (int k = 1; k < K; ++k) one_dtype &= group.dtypes[k] == group.dtypes[0];
     if (one_dtype) {  // the usual call: all K averages in one pass
-      std::array<int, K> all;
-      for (int k = 0; k < K; ++k) all[k] = k;
-      run_multi_lerp<Run, K>(group, call.device, w, all, nullptr);
+      // bar those of a host weight 0: they are not written, and the CPU loop with a conditional
+      // store would not vectorise
+      std::array<int, K> written;
+      int count = 0;
+      for (int k = 0; k < K; ++k) {
+        if (!host_zero(w, k, group.dtypes[0])) written[count++] = k;
+      }
+      run_first<Run, K>(group, call.device, w, written, count);
       continue;
     }
     // Averages of different dtypes at one index: one pass per average. A source that is its own

@@ -89,6 +89,7 @@ void stream_copy(char* dst, const char* src, size_t n) {
 #endif
 
 struct CpuRun {
+  static constexpr bool kHostWeightsOnly = true;  // CPU tensors take CPU weights
   template <size_t K, typename F>
   static void run(const DtypeGroup<K>& group, at::Device, F f) {
     static_assert(F::kLists == K, "functor and list count disagree");
