@@ -30,7 +30,7 @@ from torch.optim.swa_utils import SWALR
 
 from . import checks, ops
 from .bn import update_bn
-from .flat import FlatBuffer
+from .flat import FlatBuffer, padded_numel
 from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
 from .weighting import ema_weight, real_number, swa_weight
 
@@ -124,7 +124,8 @@ def _save_own_bytes(module: Module, state: dict, prefix: str, _metadata: dict) -
         views = [state[name] for name in names]
         size = views[0].element_size()
         spans = {(v.storage_offset(), v.numel()) for v in views}  # tied weights are listed twice
-        if sum(n for _, n in spans) * size < views[0].untyped_storage().nbytes():
+        # a flat buffer pads each view to ALIGN_ELEMENTS: views that cover it cover the padded lengths
+        if sum(padded_numel(n) for _, n in spans) * size < views[0].untyped_storage().nbytes():
             for name, view in zip(names, views):
                 state[name] = view.clone()
 

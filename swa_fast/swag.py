@@ -16,7 +16,7 @@ from . import distributed, ops
 from .averaging import SWA
 from .bn import update_bn
 from .ensemble import PredictsOnBatches, ensemble_predict
-from .flat import FlatBuffer, copy_into_strided, copy_lists
+from .flat import FlatBuffer, copy_into_strided, copy_lists, padded_numel
 from .weighting import real_number
 
 
@@ -171,9 +171,10 @@ class SWAG(SWA, PredictsOnBatches):
         """name -> its (max_rank, *shape) columns of the deviation matrices."""
         out: list[Tensor] = [torch.empty(0)] * len(self.average)
         for g, rows in zip(self.average.groups, self.deviations):
-            columns = rows.split([self.average.views[i].numel() for i in g.indices], dim=1)
-            for i, part in zip(g.indices, columns):
-                out[i] = part.view(self.max_rank, *self.average.views[i].shape)
+            numels = [self.average.views[i].numel() for i in g.indices]
+            columns = rows.split([padded_numel(n) for n in numels], dim=1)  # laid out as the buffer
+            for i, part, n in zip(g.indices, columns, numels):
+                out[i] = part[:, :n].view(self.max_rank, *self.average.views[i].shape)
         return dict(zip(self.tracked.floating_names, out))
 
     def _extra_state(self) -> dict:

@@ -27,6 +27,12 @@ def flat(tensors):
     return torch.cat([t.detach().double().flatten() for t in tensors])
 
 
+def deviation_rows(swag, k):
+    """Group k's deviation rows as its views lay them out, without the flat buffer's padding."""
+    group = swag.average.groups[k]
+    return torch.stack([flat(swag.average.views_of(group, row)) for row in swag.deviations[k]])
+
+
 def test_moments_and_deviation_ring_match_the_closed_form():
     model = torch.nn.Linear(5, 3)
     swag = swa_fast.SWAG(model, max_rank=4)
@@ -39,7 +45,7 @@ def test_moments_and_deviation_ring_match_the_closed_form():
     # Row (i mod 4) holds model i minus the running mean after update i; the ring kept i = 3..6.
     running = torch.cumsum(seen, 0) / torch.arange(1, 8, dtype=torch.float64)[:, None]
     for i in range(3, 7):
-        row = swag.deviations[0][i % 4].double()
+        row = deviation_rows(swag, 0)[i % 4]
         torch.testing.assert_close(row, seen[i] - running[i], rtol=1e-5, atol=1e-5)
 
 
@@ -53,7 +59,7 @@ def test_bf16_model_keeps_fp32_moments():
 
 def expected_covariance(swag, scale):
     diag = torch.diag(flat(swag.variance()))
-    rows = swag.deviations[0][: swag.rank].double()
+    rows = deviation_rows(swag, 0)[: swag.rank]
     return scale * (diag + rows.t() @ rows / (swag.rank - 1))
 
 
@@ -206,17 +212,18 @@ def test_two_dtype_groups_sample_with_the_low_rank_covariance_across_groups():
     assert [g.dtype for g in swag.average.groups] == [torch.bfloat16, torch.float32]
     collect(model, swag, 6)
     bf16, fp32 = swag.average.groups
-    rows = [swag.deviations[k][: swag.rank].double() for k in range(2)]
+    rows = [deviation_rows(swag, k)[: swag.rank] for k in range(2)]
     scale = 0.5
     across = scale * rows[0].t() @ rows[1] / (swag.rank - 1)  # the bf16 x fp32 block
     g = torch.Generator().manual_seed(1234)
     n = 15000
-    samples = torch.empty(n, bf16.buffer.numel() + fp32.buffer.numel(), dtype=torch.float64)
+    n_bf16, n_fp32 = (sum(swag.average.views[i].numel() for i in g.indices) for g in (bf16, fp32))
+    samples = torch.empty(n, n_bf16 + n_fp32, dtype=torch.float64)
     params = list(model.parameters())
     for s in range(n):
         swag.sample(model, scale=scale, generator=g)
         samples[s] = flat([params[i] for i in bf16.indices] + [params[i] for i in fp32.indices])
-    empirical = torch.cov(samples.t())[: bf16.buffer.numel(), bf16.buffer.numel() :]
+    empirical = torch.cov(samples.t())[:n_bf16, n_bf16:]
     assert torch.linalg.matrix_norm(across) > 0.1  # not a vanishing block
     assert torch.linalg.matrix_norm(empirical - across) < 0.05 * torch.linalg.matrix_norm(across)
     probs = swag.predict(model, torch.randn(5, 2), n_samples=2, generator=g)  # the low-rank part too
