@@ -198,8 +198,12 @@ def _foreach_multi_lerp(avgs: list[Tensor], src: list[Tensor], weights: Tensor |
     # Every average reads src: one that is an average itself (its own destination) is read from a copy.
     written = {a.data_ptr() for a in avgs}
     src = [s.clone() if s.data_ptr() in written else s for s in src]
+    in_acc = {}  # src in the averages' accumulation dtypes: cast once, whatever K
     for k, avg in enumerate(lists):
-        _lerp_into(avg, _in_acc(src, avg), weights[k])
+        key = tuple(reference.acc_dtype(a.dtype) for a in avg)
+        if key not in in_acc:
+            in_acc[key] = _in_acc(src, avg)
+        _lerp_into(avg, in_acc[key], weights[k])
 
 
 def _foreach_copy(dst: list[Tensor], src: list[Tensor]) -> None:
