@@ -202,3 +202,33 @@ def test_compile_fullgraph_two_averages(backend):
         torch.testing.assert_close(a, p)
     for a, p in zip(avgs[1], params):
         torch.testing.assert_close(a, p * 0.875)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_device_weights_without_host_sync_and_in_a_cuda_graph(backend):
+    """Weights on the device are read by the kernel: no host synchronisation after the warm-up, and
+    a captured update replays with the weights' new values."""
+    if swa_fast.backend_status("cuda")[backend] is not None:
+        pytest.skip(swa_fast.backend_status("cuda")[backend])
+    avgs = [[torch.zeros(3000, device="cuda"), torch.zeros(7, device="cuda")] for _ in range(3)]
+    src = [torch.randn(3000, device="cuda"), torch.randn(7, device="cuda")]
+    weights = torch.ones(3, device="cuda")
+    swa_fast.multi_lerp_(avgs, src, weights, backend=backend)  # warm-up outside the graph
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        swa_fast.multi_lerp_(avgs, src, weights, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for lst in avgs:
+        for a in lst:
+            a.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        swa_fast.multi_lerp_(avgs, src, weights, backend=backend)
+    weights.copy_(torch.tensor([0.5, 0.0, 1.0]))
+    graph.replay()
+    torch.cuda.synchronize()
+    for k, factor in enumerate((0.5, 0.0, 1.0)):
+        for a, s in zip(avgs[k], src):
+            torch.testing.assert_close(a, factor * s)
