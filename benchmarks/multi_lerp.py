@@ -8,7 +8,6 @@ from an fp32 source, 18 from bf16) instead of 24 (or 20): 1.2x (1.11x) less traf
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -77,15 +76,9 @@ def bench_multi_lerp(
 
 def main(argv=None):
     from benchmarks.report import print_table
-    from benchmarks.timing import copy_bandwidth
+    from benchmarks.standalone import standalone_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--set", default="gpt2-small", choices=list(SHAPE_SETS))
-    p.add_argument("--min-run-time", type=float, default=0.5)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    bandwidth = copy_bandwidth(device, args.min_run_time)
+    args, device, bandwidth = standalone_args(__doc__, argv)
     rows = bench_multi_lerp(SHAPE_SETS[args.set](), args.set, device, args.min_run_time, bandwidth)
     print_table(rows)
     for r in rows:
