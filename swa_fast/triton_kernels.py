@@ -33,6 +33,10 @@ except ImportError as e:  # pragma: no cover - triton ships with CUDA builds of 
     TRITON_ERROR = f"triton is not importable ({e})"
 
 BLOCK = 4096
+# BLOCK / (32 * NUM_WARPS) = 8 elements a thread and list: two 128-bit words of fp32. With Triton's
+# default of 4 warps a thread held 32, which took 128-210 registers and spilled the fp64 kernels
+# (tests/test_triton_compiled.py reads the compiled kernels' resources).
+NUM_WARPS = 16
 
 
 # Read once, as Triton does: whether @triton.jit makes interpreted kernels is decided when the
@@ -183,15 +187,20 @@ if triton is not None:
         SRC_WIDE: tl.constexpr = tl.float64 if SRC == tl.float64 else tl.float32
         s = _widened(_ptr(ptrs, t, K, K + 1, SRC, ALIGNED), offs, mask, SRC, SRC_WIDE)
         for k in tl.static_range(K):
-            D: tl.constexpr = DTYPES[k]
-            A: tl.constexpr = tl.float64 if D == tl.float64 else tl.float32
-            avg = _ptr(ptrs, t, k, K + 1, D, ALIGNED)
-            w = tl.load(w_ptr + k).to(A)
-            # Weight 0 writes nothing to that average, as the compiled kernels. (Broadcast first:
-            # the interpreter cannot `and` a scalar with a block.)
-            store = mask & ((tl.zeros([BLOCK], A) + w) != 0)
-            a = _widened(avg, offs, store, D, A)
-            tl.store(avg + offs, _rounded(_lerp(a, s.to(A), w), D), mask=store)
+            # a function per average: the compiler refuses a constexpr assigned in each iteration
+            _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k, K, DTYPES[k], BLOCK, ALIGNED)
+
+    @triton.jit
+    def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+                            BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+        A: tl.constexpr = tl.float64 if D == tl.float64 else tl.float32
+        avg = _ptr(ptrs, t, k, K + 1, D, ALIGNED)
+        w = tl.load(w_ptr + k).to(A)
+        # Weight 0 writes nothing to that average, as the compiled kernels. (Broadcast first:
+        # the interpreter cannot `and` a scalar with a block.)
+        store = mask & ((tl.zeros([BLOCK], A) + w) != 0)
+        a = _widened(avg, offs, store, D, A)
+        tl.store(avg + offs, _rounded(_lerp(a, s.to(A), w), D), mask=store)
 
     @triton.jit
     def _copy_kernel(ptrs, block_tensor, block_start, numels,
@@ -288,6 +297,7 @@ def _launch(
             ACC=_TL_DTYPES[reference.acc_dtype(dst_dtype)],
             BLOCK=BLOCK,
             ALIGNED=aligned,
+            num_warps=NUM_WARPS,
             **extra,
         )
 

@@ -45,14 +45,16 @@ def _constexpr(value):
 _TL_NAMES = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def registers(cubin: bytes) -> int | None:
-    """Registers per thread of the (one) kernel in `cubin`, as cuobjdump -res-usage reports them."""
+def resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers per thread, stack bytes, local-memory bytes: spills) of the (one) kernel in
+    `cubin`, as cuobjdump -res-usage reports them."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([str(_tool("cuobjdump")), "-res-usage", f.name], capture_output=True, text=True)
-    found = re.search(r"REG:(\d+)", out.stdout)
-    return int(found.group(1)) if found else None
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out.stdout)
+    assert found, out.stdout + out.stderr
+    return int(found.group(1)), int(found.group(2)), int(found.group(3))
 
 
 def compile_one(job: tuple[dict, int]) -> dict:
@@ -73,7 +75,9 @@ def compile_one(job: tuple[dict, int]) -> dict:
     result = {**variant, "arch": arch, "error": None}
     try:
         compiled = triton.compile(
-            ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32)
+            ASTSource(kernel, signature, constexprs, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options=variant.get("options") or None,
         )
     except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
         result["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -82,8 +86,9 @@ def compile_one(job: tuple[dict, int]) -> dict:
     result["ld_v4"] = len(re.findall(r"\bld\.global(?:\.[a-z0-9]+)*\.v4\.", ptx))
     result["st_v4"] = len(re.findall(r"\bst\.global(?:\.[a-z0-9]+)*\.v4\.", ptx))
     result["ld_global"] = len(re.findall(r"\bld\.global\.", ptx))
-    result["local"] = bool(re.search(r"\.local\b", ptx))
-    result["registers"] = registers(compiled.asm["cubin"])
+    result["registers"], stack, local = resources(compiled.asm["cubin"])
+    # local memory asked for in the PTX, or spilled to by ptxas
+    result["local"] = bool(re.search(r"\.local\b", ptx)) or stack > 0 or local > 0
     return result
 
 

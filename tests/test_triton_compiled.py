@@ -26,6 +26,7 @@ from swa_fast import ops, triton_kernels
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 POINTER_TYPES = {torch.int64: "*i64", torch.float32: "*fp32", torch.float64: "*fp64"}
 SHAPES = [(triton_kernels.BLOCK + 100,), (3,)]  # a full block and a partial one
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")  # launch keywords that are not kernel arguments
 
 pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason=str(triton_kernels.TRITON_ERROR))
 
@@ -56,11 +57,13 @@ def launch_variants() -> list[dict]:
 
         def __getitem__(self, grid):
             def record(*args, **constexprs):
+                options = {k: constexprs.pop(k) for k in LAUNCH_OPTIONS if k in constexprs}
                 signature = {n: POINTER_TYPES[a.dtype] for n, a in zip(self.arg_names, args)}
                 variant = {
                     "op": self.op,
                     "signature": signature,
                     "constexprs": {k: _name(v) for k, v in constexprs.items()},
+                    "options": options,
                 }
                 seen.setdefault(json.dumps(variant, sort_keys=True), variant)
 
