@@ -31,9 +31,9 @@ from .wrappers import unwrap
 def module_tensors(module: Module, buffers: bool) -> list[Tensor]:
     """`list(module.parameters())`, then `.buffers()` when asked: the same tensors in the same order,
     each once, read straight from the modules' dicts (faster than nn.Module's walk and much faster
-    than its generators: docs/benchmarks.md). Every update walks the model to see that it still
-    holds the same tensors, and for a model of a hundred modules that walk could cost more than
-    the update itself."""
+    than its generators: docs/benchmarks.md). An update reads the model through a `ModuleWalk`
+    instead, which does not walk the modules again until they change: for a model of a hundred
+    modules the walk alone could cost more than the update itself."""
     return _each_once(_walk(module, True, buffers))
 
 

@@ -140,17 +140,74 @@ def _flatten(tensors: list[Tensor]) -> FlatBuffer:
     return flat
 
 
-class _Prepared:
-    """What `update_parameters` reads on every call with one model: walks over the model and the
-    averaged copy that read their tensors live (a replaced tensor, a `.to()` or `p.data = ...` of
-    either is seen at the next call), and the split of the averaged tensors into floating ones, one
-    fused op per device, and integer ones, redone whenever the averaged copy's walk is."""
+class _CountingDict(dict):
+    """The dicts of the averaged copy's modules (`_parameters`, `_buffers`, `_modules`): each
+    change to any of them is counted. The copy is ours, so `update_parameters` reads its tensors
+    from lists made once and makes them anew only when the count moved (a `.to()`'s new buffers, a
+    `load_state_dict(assign=True)`, a `del`, a module set): nothing to walk or compare per call.
+    The model's dicts are the user's and stay as they are (read by a `ModuleWalk`)."""
 
-    def __init__(self, model: Module, averaged: Module, use_buffers: bool) -> None:
+    __slots__ = ()
+    changes = 0
+
+
+def _counted(method: Callable) -> Callable:
+    def change(self, *args, **kwargs):
+        _CountingDict.changes += 1
+        return method(self, *args, **kwargs)
+
+    return change
+
+
+for _name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
+    setattr(_CountingDict, _name, _counted(getattr(dict, _name)))
+
+
+class _OwnCopy:
+    """The averaged copy's tensors as a `ModuleWalk` over it gives them, from lists made when its
+    dicts last changed (they are `_CountingDict`s from the first read on). `owner` is the
+    AveragedModel's own `_modules` dict, counted too, so a new `module` is seen."""
+
+    def __init__(self, owner: dict) -> None:
+        self.owner = owner
+        self.walks = 0
+        self._read()
+
+    def _read(self) -> None:
+        module = self.owner["module"]
+        for m in module.modules():
+            for kind in ("_parameters", "_buffers", "_modules"):
+                if type(m.__dict__[kind]) is not _CountingDict:
+                    m.__dict__[kind] = _CountingDict(m.__dict__[kind])
+        self.changes = _CountingDict.changes
+        self._tensors = module_tensors(module, True)
+        self._parts = [module_tensors(module, False), module_buffers(module)]
+        self.walks += 1
+
+    def tensors(self) -> list[Tensor]:
+        if _CountingDict.changes != self.changes:
+            self._read()
+        return self._tensors
+
+    def parts(self) -> list[list[Tensor]]:
+        if _CountingDict.changes != self.changes:
+            self._read()
+        return self._parts
+
+
+class _Prepared:
+    """What `update_parameters` reads on every call with one model: a walk over the model that
+    reads its tensors live (a replaced tensor, a `.to()` is seen at the next call), the averaged
+    copy's tensors (`_OwnCopy`), and the split of the latter into floating ones, one fused op per
+    device, and integer ones, redone whenever the copy changed. Lists given out are not to be
+    changed. `p.data = ...` on either side keeps the tensor object, which the op writes or reads
+    wherever it now lives."""
+
+    def __init__(self, model: Module, owner: dict, use_buffers: bool) -> None:
         self.model = weakref.ref(model)
         self.use_buffers = use_buffers
         self.theirs = ModuleWalk(model, True, True)
-        self.ours = ModuleWalk(averaged, True, True)
+        self.ours = _OwnCopy(owner)
         self.split(self.tensors()[1])
 
     def tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
@@ -233,7 +290,9 @@ class AveragedModel(Module):
     def _prepare(self, model: Module) -> _Prepared:
         if self._flat is None:  # the first update (or the first since unpickling)
             self._flat = _flatten(self._averaged_tensors())
-        self._prepared = _Prepared(model, self.module, self.use_buffers)
+        if type(self._modules) is not _CountingDict:
+            self.__dict__["_modules"] = _CountingDict(self._modules)
+        self._prepared = _Prepared(model, self._modules, self.use_buffers)
         return self._prepared
 
     def update_parameters(self, model: Module) -> None:
@@ -255,8 +314,9 @@ class AveragedModel(Module):
                 ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
             if ours:
                 torch._foreach_copy_(ours, theirs)
-        # (in place, as `+=` is, but without its setattr, which registers the buffer anew)
-        self.n_averaged.add_(1)
+        # (in place, as `+=` is, but without its setattr, which registers the buffer anew; read
+        # from the dict: Module.__getattr__ is a Python call)
+        self._buffers["n_averaged"].add_(1)
 
     def _update_fused(
         self, prepared: _Prepared, current: list[Tensor], averaged: list[Tensor], kind: tuple
@@ -270,19 +330,31 @@ class AveragedModel(Module):
         if prepared.walks != prepared.ours.walks:  # the averaged copy changed
             prepared.split(averaged)
         # 1 on the first call: an exact copy. Worked out where n_averaged lives (no host sync).
-        n_averaged = self.n_averaged
+        n_averaged = self._buffers["n_averaged"]
         weight = swa_weight(n_averaged) if kind[0] == "swa" else ema_weight(kind[1], n_averaged)
         avg, src = averaged, current
         if prepared.floating is not None:
             avg, src = prepared.floating(averaged), prepared.floating(current)
-        groups = [(avg, src)]
-        if prepared.by_device is not None:
-            groups = [(p(avg), p(src)) for p in prepared.by_device]
+        if prepared.by_device is None and not self._moved:
+            try:  # the usual case: one op, whose checks (before it writes) say if the devices differ
+                ops.lerp_(avg, src, weight)
+            except ValueError:
+                self._lerp_groups([(avg, src)], weight)
+        elif prepared.by_device is None:  # torch's `device=`: the model's tensors are taken there
+            self._lerp_groups([(avg, src)], weight)
+        else:
+            self._lerp_groups([(p(avg), p(src)) for p in prepared.by_device], weight)
+        if prepared.integers is not None:
+            self._update_integers(prepared.integers(averaged), prepared.integers(current), kind)
+
+    def _lerp_groups(self, groups: list[tuple[list[Tensor], list[Tensor]]], weight: Tensor | float) -> None:
+        """One op per (averaged, model) pair of lists, each list of the averaged side on one device:
+        the model's tensors and the weight taken there first (torch's `device=`, or a model that
+        lives elsewhere). Every op is checked before any writes."""
         calls = []
         for avg, src in groups:
             device = avg[0].device if avg else _CPU
-            if self._moved or (src and src[0].device != device):  # `device=`: the model lives elsewhere
-                src = [s if s.device == device else s.detach().to(device) for s in src]
+            src = [s if s.device == device else s.detach().to(device) for s in src]
             elsewhere = isinstance(weight, Tensor) and weight.device not in (device, _CPU)
             calls.append((avg, src, weight.to(device) if elsewhere else weight))
         if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
@@ -290,8 +362,6 @@ class AveragedModel(Module):
                 checks.check_lerp(avg, src, w)
         for avg, src, w in calls:
             ops.lerp_(avg, src, w)
-        if prepared.integers is not None:
-            self._update_integers(prepared.integers(averaged), prepared.integers(current), kind)
 
     def _update_integers(self, averaged: list[Tensor], current: list[Tensor], kind) -> None:
         """Integer buffers (num_batches_tracked with use_buffers=True), with torch's arithmetic:
