@@ -178,6 +178,15 @@ struct Moments {
   }
 };
 
+// Loops over a functor's K lists, unrolled in device code so that its register arrays stay in
+// registers (indexed at run time they would live in local memory); the host compiler unrolls them
+// itself and would warn about the pragma.
+#if defined(__CUDA_ARCH__)
+#define SWA_FAST_UNROLL_ON_DEVICE _Pragma("unroll")
+#else
+#define SWA_FAST_UNROLL_ON_DEVICE
+#endif
+
 // avg_k += w_k * (src - avg_k) for k < K, reading src once (post-hoc EMA's K averages of one model).
 // p[0..K-1] are the averages (one dtype D), p[K] the source. An average whose weight is 0 is not
 // written at all, as lerp_ at weight 0: kZeroSkips = false drops that conditional store, which keeps
@@ -198,6 +207,7 @@ struct MultiLerp {
   bool any_zero = false;
   C10_HOST_DEVICE void resolve() {
     any_zero = false;
+    SWA_FAST_UNROLL_ON_DEVICE
     for (int k = 0; k < K; ++k) {
       lerp[k].set(weight[k].get());
       any_zero |= lerp[k].zero();
@@ -205,27 +215,32 @@ struct MultiLerp {
   }
   C10_HOST_DEVICE bool skip() const {
     bool all_zero = true;
+    SWA_FAST_UNROLL_ON_DEVICE
     for (int k = 0; k < K; ++k) all_zero &= lerp[k].zero();
     return all_zero;
   }
   C10_HOST_DEVICE unsigned written_lists() const {
     unsigned out = 0;
+    SWA_FAST_UNROLL_ON_DEVICE
     for (int k = 0; k < K; ++k) out |= lerp[k].zero() ? 0u : 1u << k;
     return out;
   }
   C10_HOST_DEVICE bool weight_one() const {
     bool any_one = false;
+    SWA_FAST_UNROLL_ON_DEVICE
     for (int k = 0; k < K; ++k) any_one |= lerp[k].one;
     return any_one;
   }
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     Regs r;
+    SWA_FAST_UNROLL_ON_DEVICE
     for (int k = 0; k < K; ++k) r.avg[k] = load_as<A, D>(p[k], i);
     r.src = load_as<A, S>(p[K], i);
     return r;
   }
   template <bool kMayBeOne = true>
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+    SWA_FAST_UNROLL_ON_DEVICE
     for (int k = 0; k < K; ++k) {
       if constexpr (kZeroSkips) {
         if (any_zero && lerp[k].zero()) continue;
