@@ -130,6 +130,24 @@ def test_every_fp16_value_widens_exactly(backend):
     assert out[0][nan].isnan().all()
 
 
+def test_fp32_narrows_to_fp16_as_torch_rounds(backend):
+    """fp32 -> fp16 on a sweep of every 499th fp32 bit pattern of both signs and the edges of fp16's
+    range (the largest finite value, the carry into infinity, the smallest subnormal and the halfway
+    cases below it, NaN): the bits PyTorch's conversion gives, NaN kept NaN."""
+    import swa_fast
+
+    edges = [0x477FE000, 0x477FEFFF, 0x477FF000, 0x38800000, 0x387FFFFF, 0x33000000, 0x33000001,
+             0x32FFFFFF, 0x33400000, 0x7F800000, 0x7F800001, 0x7FC00000]
+    bits = torch.cat([torch.arange(0, 2**31, 499, dtype=torch.int64), torch.tensor(edges)])
+    x = torch.cat([bits, bits - 2**31]).to(torch.int32).view(torch.float32)  # (bits - 2**31: the sign set)
+    out = [torch.empty(x.shape, dtype=torch.float16)]
+    swa_fast.copy_(out, [x], backend=backend)
+    want = x.to(torch.float16)
+    nan = x.isnan()
+    assert torch.equal(out[0][~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert out[0][nan].isnan().all()
+
+
 @pytest.mark.parametrize("op", ["lerp_", "moments_"])
 def test_weight_one_copies_exactly(op, backend):
     """Weight 1 (the first SWA update, 1/(0+1)) gives the source bit for bit, as torch.lerp does,
