@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ is not a p
 import digits  # noqa: E402  (examples/digits.py: its data, model and scoring pieces)
 
 import swa_fast  # noqa: E402
-from swa_fast import posthoc  # noqa: E402
+from swa_fast.posthoc_profiles import Reconstruction, profile_weights, sigma_rel_to_gamma  # noqa: E402
+from swa_fast.posthoc_snapshots import list_snapshots, load_snapshot  # noqa: E402
 
 TRACKED = (0.05, 0.10)
 DEFAULT_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20)
@@ -92,7 +93,7 @@ def evaluate(model, x, y) -> dict[str, float]:
 
 
 def step_weights(
-    reconstruction: posthoc.Reconstruction, snapshots: dict[int, dict], steps: int
+    reconstruction: Reconstruction, snapshots: dict[int, dict], steps: int
 ) -> torch.Tensor:
     """The weight each training step has in a synthesized average: its snapshots' per-step
     weights (one update per step: progress = step), combined with the solved coefficients."""
@@ -100,7 +101,7 @@ def step_weights(
     for c, (step, k) in zip(reconstruction.coefficients, reconstruction.sources):
         gamma = snapshots[step]["gammas"][k]
         total[:step] += c * torch.tensor(
-            posthoc.profile_weights(gamma, range(1, step + 1)), dtype=torch.float64
+            profile_weights(gamma, range(1, step + 1)), dtype=torch.float64
         )
     return total
 
@@ -214,11 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     snapshots = {
-        s: posthoc.load_snapshot(p) for s, p in posthoc.list_snapshots(args.out / "snapshots").items()
+        s: load_snapshot(p) for s, p in list_snapshots(args.out / "snapshots").items()
     }
     profiles = {
         f"tracked sigma_rel {s:g}": torch.tensor(
-            posthoc.profile_weights(posthoc.sigma_rel_to_gamma(s), range(1, steps + 1)), dtype=torch.float64
+            profile_weights(sigma_rel_to_gamma(s), range(1, steps + 1)), dtype=torch.float64
         )
         for s in TRACKED
     }
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         reconstructions[chosen], snapshots, max(snapshots)
     )
     profiles[f"requested sigma_rel {chosen:g} (exact)"] = torch.tensor(
-        posthoc.profile_weights(posthoc.sigma_rel_to_gamma(chosen), range(1, max(snapshots) + 1)),
+        profile_weights(sigma_rel_to_gamma(chosen), range(1, max(snapshots) + 1)),
         dtype=torch.float64,
     )
     noise = f", {args.label_noise:.0%} of the training labels flipped" if args.label_noise else ""

@@ -23,8 +23,9 @@ exactly by the same combination of the snapshots. `synthesize` finds the combina
 the requested profile in L2 (EDM2's least squares, over the closed-form inner products of power
 functions), then streams the snapshots through an fp32 accumulator into the model.
 
-The power-function weights live here rather than in weighting.py: they need the progress since the
-last update, which none of weighting.py's rules take.
+The profiles' math is in posthoc_profiles.py (the power-function weights live there rather than in
+weighting.py: they need the progress since the last update, which none of weighting.py's rules
+take), the snapshot files and their writer in posthoc_snapshots.py.
 """
 
 from __future__ import annotations
@@ -33,13 +34,8 @@ import contextlib
 import math
 import numbers
 import os
-import queue
-import re
-import tempfile
-import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,303 +46,22 @@ from . import checks, distributed, ops
 from .averaging import Averager
 from .flat import _shaped_parts, copy_into_strided, copy_lists
 from .model_tensors import ModelCopy, TrackedModel
+from .posthoc_profiles import (
+    SIGMA_REL_MAX,
+    Reconstruction,
+    sigma_rel_to_gamma,
+    solve_coefficients,
+    update_weight,
+)
+from .posthoc_snapshots import (
+    HostSnapshot,
+    SnapshotWriter,
+    list_snapshots,
+    load_snapshot,
+    snapshot_path,
+    stop_writer,
+)
 from .weighting import real_number
-
-# --- the power-function EMA -------------------------------------------------------------------------
-
-# sigma_rel(gamma) rises from 0 at gamma = -1 to its peak at gamma = (sqrt(5) - 3) / 2, where
-# u = gamma + 1 solves u^2 + u = 1, and falls towards 0 as gamma grows: EDM2 takes the falling side
-# (the largest root of the cubic), so every sigma_rel below the peak has one gamma there.
-_GAMMA_AT_PEAK = (math.sqrt(5.0) - 3.0) / 2.0
-
-
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """The relative standard deviation of the power-function profile t^gamma on [0, T], over T."""
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
-SIGMA_REL_MAX = gamma_to_sigma_rel(_GAMMA_AT_PEAK)
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """The exponent gamma of the power-function EMA of relative width `sigma_rel`, in (0, SIGMA_REL_MAX):
-    the largest real root of (gamma + 2)^2 (gamma + 3) sigma_rel^2 = gamma + 1, by bisection on the
-    side where sigma_rel falls with gamma (monotone there), to the last bit of a float64."""
-    sigma_rel = real_number(sigma_rel, "posthoc: sigma_rel", 0.0, SIGMA_REL_MAX, above_low=True)
-    if sigma_rel == SIGMA_REL_MAX:
-        return _GAMMA_AT_PEAK
-    low, high = _GAMMA_AT_PEAK, 1.0
-    while gamma_to_sigma_rel(high) > sigma_rel:  # sigma_rel ~ 1 / gamma for large gamma
-        low, high = high, 2 * high
-    while True:
-        middle = (low + high) / 2
-        if middle in (low, high):
-            return (
-                high
-                if abs(gamma_to_sigma_rel(high) - sigma_rel) <= abs(gamma_to_sigma_rel(low) - sigma_rel)
-                else low
-            )
-        if gamma_to_sigma_rel(middle) > sigma_rel:
-            low = middle
-        else:
-            high = middle
-
-
-def update_weight(gamma: float, previous: float, progress: float) -> float:
-    """1 - beta of the update that moves a power-function EMA from progress `previous` to
-    `progress`: beta = (previous / progress) ** (gamma + 1), 0 at the first update (a copy).
-    Written with expm1/log1p so that a small weight keeps its digits late in training."""
-    if previous == 0:
-        return 1.0
-    return -math.expm1((gamma + 1) * math.log1p(-(progress - previous) / progress))
-
-
-def profile_weights(gamma: float, progress: Sequence[float]) -> list[float]:
-    """The weight each update's model has in the average after updates at increasing `progress`
-    t_1 < ... < t_n: (t_i^(g+1) - t_(i-1)^(g+1)) / t_n^(g+1), with t_0 = 0 (they sum to 1)."""
-    end = progress[-1]
-    scaled = [0.0] + [(t / end) ** (gamma + 1) for t in progress]
-    return [b - a for a, b in zip(scaled, scaled[1:])]
-
-
-def profile_inner(t_a: Tensor, gamma_a: Tensor, t_b: Tensor, gamma_b: Tensor) -> Tensor:
-    """<p_a, p_b> = the integral over t of p_a(t) p_b(t) for power-function profiles
-    p(t) = (g + 1) t^g / T^(g + 1) on [0, T], elementwise over broadcast float64 tensors. With
-    T_a <= T_b the integral runs over [0, T_a] and comes to
-    (g_a + 1)(g_b + 1) / (g_a + g_b + 1) * (T_a / T_b)^g_b / T_b; the other case by symmetry."""
-    a_first = t_a <= t_b
-    t_short, t_long = torch.where(a_first, t_a, t_b), torch.where(a_first, t_b, t_a)
-    g_long = torch.where(a_first, gamma_b, gamma_a)
-    scale = (gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1)
-    return scale * (t_short / t_long) ** g_long / t_long
-
-
-@dataclass
-class Reconstruction:
-    """How a requested profile is made from the snapshots: `coefficients[i]` multiplies the i-th
-    of `sources` (step, profile index), and `profile_error` is the L2 distance between the
-    combined profile and the requested one, over the latter's L2 norm."""
-
-    coefficients: list[float]
-    sources: list[tuple[int, int]]
-    profile_error: float
-
-
-def solve_coefficients(
-    progress: Sequence[float], gammas: Sequence[float], target_progress: float, target_gamma: float
-) -> tuple[Tensor, float]:
-    """EDM2's least squares: the coefficients x minimising || sum_i x_i p_i - p_r || for the
-    profiles p_i (`progress[i]`, `gammas[i]`) and the requested p_r, in float64. Solved as the
-    minimum-norm least-squares solution of the Gram system A x = b (SVD with a cut-off), which stays
-    finite when two snapshots' profiles (nearly) coincide and keeps the coefficients, and so the
-    rounding they multiply, small. Returns (x, relative profile error)."""
-    t = torch.tensor(list(progress), dtype=torch.float64)
-    g = torch.tensor(list(gammas), dtype=torch.float64)
-    t_r = torch.tensor([float(target_progress)], dtype=torch.float64)
-    g_r = torch.tensor([float(target_gamma)], dtype=torch.float64)
-    gram = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = profile_inner(t[:, None], g[:, None], t_r[None, :], g_r[None, :])
-    x = torch.linalg.lstsq(gram, b, driver="gelsd").solution[:, 0]
-    target = profile_inner(t_r, g_r, t_r, g_r)[0]
-    residual = (x @ gram @ x - 2 * x @ b[:, 0] + target).clamp_min(0.0)
-    return x, math.sqrt(float(residual / target))
-
-
-# --- snapshots on disk ------------------------------------------------------------------------------
-
-SNAPSHOT_FORMAT = "swa_fast.PostHocEMA snapshot"
-_SNAPSHOT_NAME = re.compile(r"^snapshot-(\d+)\.pt$")
-
-
-def snapshot_path(directory: str | os.PathLike, step: int) -> Path:
-    return Path(directory) / f"snapshot-{step:010d}.pt"
-
-
-def list_snapshots(directory: str | os.PathLike) -> dict[int, Path]:
-    """step -> file of every whole snapshot in `directory` (a snapshot is written under a temporary
-    name and renamed when complete, so a file with a snapshot's name is a whole one)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"swa_fast.posthoc: expected a directory of snapshots, got {str(directory)!r}")
-    found = {}
-    for path in directory.iterdir():
-        match = _SNAPSHOT_NAME.match(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
-
-
-def load_snapshot(path: Path, mmap: bool = True) -> dict:
-    """A snapshot file's contents (tensors memory-mapped: read when used), checked to be one."""
-    try:
-        snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # noqa: BLE001 (any unreadable file is the same error to the caller)
-        raise ValueError(f"swa_fast.posthoc: {str(path)!r} is not a readable snapshot ({error})") from error
-    keys = ("format", "step", "progress", "sigma_rels", "gammas", "names", "groups", "flats", "integers")
-    if (
-        not isinstance(snapshot, dict)
-        or snapshot.get("format") != SNAPSHOT_FORMAT
-        or any(k not in snapshot for k in keys)
-    ):
-        raise ValueError(
-            f"swa_fast.posthoc: {str(path)!r} is not a PostHocEMA snapshot (expected a dict with "
-            f"format {SNAPSHOT_FORMAT!r} and keys {list(keys)})"
-        )
-    return snapshot
-
-
-def named_averages(snapshot: dict) -> list[dict[str, Tensor]]:
-    """A loaded snapshot's averages, per tracked profile (in `snapshot["sigma_rels"]` order), as
-    name -> tensor (views of its flat tensors) in the model's order."""
-    shapes = [torch.Size(s) for s in snapshot["shapes"]]
-    out = []
-    for flats in snapshot["flats"]:
-        tensors: list[Tensor] = [torch.empty(0)] * len(shapes)
-        for indices, flat in zip(snapshot["groups"], flats):
-            for i, view in zip(indices, _shaped_parts(flat, [shapes[i] for i in indices])):
-                tensors[i] = view
-        out.append(dict(zip(snapshot["names"], tensors)))
-    return out
-
-
-def _write_atomically(path: Path, payload: dict) -> None:
-    """torch.save to a temporary name beside `path`, flushed to disk, then renamed over `path`: a
-    reader (or a crash) sees the whole file or none of it."""
-    # A name of its own (two writers of one step must not rename each other's half files).
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    temporary = Path(temporary)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-    with contextlib.suppress(OSError):  # the rename itself, on file systems that allow it
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-def _stop_writer(jobs: queue.Queue, thread: threading.Thread) -> None:
-    jobs.put(None)
-    thread.join()
-
-
-class SnapshotWriter:
-    """A background thread that writes snapshots, one at a time, in order. A job waits for its
-    host copy to land (CUDA events) before it is serialised; `free` is set once the host buffer may
-    be written again. The first error is kept and raised by `check()`. Its owner stops it with
-    `_stop_writer` (a weakref.finalize of the manager: when the manager is collected, and at
-    interpreter exit, after the pending jobs are written)."""
-
-    def __init__(self) -> None:
-        self.jobs: queue.Queue = queue.Queue()
-        self.free = threading.Event()
-        self.free.set()
-        self.error: BaseException | None = None
-        self.failed_path: Path | None = None
-        self.thread = threading.Thread(target=self._run, name="swa_fast snapshot writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            path, payload, copied = job
-            try:
-                for event in copied:
-                    event.synchronize()
-                if self.error is None:
-                    _write_atomically(path, payload)
-            except BaseException as error:  # noqa: BLE001 (kept, raised in the training thread)
-                self.error, self.failed_path = error, path
-            finally:
-                self.free.set()
-                self.jobs.task_done()
-
-    def submit(self, path: Path, payload: dict, copied: list) -> None:
-        self.free.clear()
-        self.jobs.put((path, payload, copied))
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(
-                f"swa_fast.PostHocEMA: writing the snapshot {str(self.failed_path)!r} failed: "
-                f"{self.error!r}; no later snapshot was written"
-            ) from self.error
-
-    def flush(self) -> None:
-        self.jobs.join()
-        self.check()
-
-
-class _HostSnapshot:
-    """Host memory that a snapshot is copied into (pinned for a GPU average) and the payload that is
-    saved from it: per tracked profile one flat tensor per group of the average, the names and
-    shapes that `named_averages` cuts them back into (a few objects to pickle, however many tensors
-    the model has: the writer thread holds the GIL less)."""
-
-    def __init__(self, manager: PostHocEMA, dtype: torch.dtype | None) -> None:
-        average = manager.average
-        self.pin = torch.cuda.is_available() and any(g.device.type == "cuda" for g in average.groups)
-        self.flats = [
-            [
-                torch.empty(g.buffer.numel(), dtype=dtype or g.dtype, pin_memory=self.pin)
-                for g in average.groups
-            ]
-            for _ in manager._profiles
-        ]
-        self.integers = [torch.empty_like(t, device="cpu", pin_memory=self.pin) for t in manager._integers]
-        self.payload = {
-            "format": SNAPSHOT_FORMAT,
-            "sigma_rels": list(manager.sigma_rels),
-            "gammas": list(manager.gammas),
-            "use_buffers": manager.use_buffers,
-            "names": manager.tracked.floating_names,
-            "shapes": [list(v.shape) for v in average.views],
-            "groups": [list(g.indices) for g in average.groups],
-            "flats": self.flats,  # per profile, per group
-            "integers": dict(zip(manager.tracked.integer_names, self.integers)),
-        }
-
-    def copy_from(self, sources: list[Tensor], integers: list[Tensor], backend: str | None) -> list:
-        """Copy `sources` (the profiles' flat buffers, in `flats` order) and the integer buffers here;
-        from a GPU on a side stream of each device (returns the events to wait for), on the CPU by one
-        fused copy."""
-        dests = [flat for flats in self.flats for flat in flats]
-        if not any(s.is_cuda for s in sources + integers):
-            copy_lists(dests, sources, backend=backend)
-            copy_lists(self.integers, integers)
-            return []
-        events = []
-        for device in sorted({s.device for s in sources + integers if s.is_cuda}, key=str):
-            stream = _snapshot_stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for dst, src in zip(dests + self.integers, sources + integers):
-                    if src.device == device:
-                        dst.copy_(src, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-            events.append(event)
-        for dst, src in zip(dests + self.integers, sources + integers):
-            if not src.is_cuda:
-                dst.copy_(src)
-        return events
-
-
-_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _snapshot_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _STREAMS:
-        _STREAMS[device] = torch.cuda.Stream(device)
-    return _STREAMS[device]
-
 
 # --- the manager ------------------------------------------------------------------------------------
 
@@ -452,7 +167,7 @@ class PostHocEMA(Averager):
         self._weights: list[float] = []
         self._applying: int | None = None  # the profile average_applied is applying
         self._writer: SnapshotWriter | None = None
-        self._host: _HostSnapshot | None = None
+        self._host: HostSnapshot | None = None
         self._copied: list = []  # CUDA events of the last snapshot's host copy
 
     def _views_per_group(self) -> list[list[list[Tensor]]]:
@@ -518,11 +233,11 @@ class PostHocEMA(Averager):
             return None
         if self._writer is None:
             self._writer = SnapshotWriter()
-            weakref.finalize(self, _stop_writer, self._writer.jobs, self._writer.thread)
+            weakref.finalize(self, stop_writer, self._writer.jobs, self._writer.thread)
         self._writer.check()
         self.wait()  # an update in flight lands in the averages first
         if self._host is None:
-            self._host = _HostSnapshot(self, self.snapshot_dtype)
+            self._host = HostSnapshot(self, self.snapshot_dtype)
         self._writer.free.wait()  # the last snapshot is out of the host buffer
         self._writer.check()
         sources = [g.buffer for p in self._profiles for g in p.flat.groups]

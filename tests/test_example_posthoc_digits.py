@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from swa_fast.posthoc_profiles import Reconstruction, profile_weights, sigma_rel_to_gamma
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "posthoc_digits.py"
 
 
@@ -46,12 +48,10 @@ def test_posthoc_digits_end_to_end(example, tmp_path):
 
 def test_step_weights_of_a_tracked_profile_are_its_own(example):
     # Reproducing a tracked profile exactly: the per-step weights are that profile's.
-    from swa_fast import posthoc
-
-    gamma = posthoc.sigma_rel_to_gamma(0.05)
+    gamma = sigma_rel_to_gamma(0.05)
     snapshots = {10: {"gammas": [gamma]}, 20: {"gammas": [gamma]}}
-    reconstruction = posthoc.Reconstruction([0.0, 1.0], [(10, 0), (20, 0)], 0.0)
+    reconstruction = Reconstruction([0.0, 1.0], [(10, 0), (20, 0)], 0.0)
     weights = example.step_weights(reconstruction, snapshots, 20)
-    expected = posthoc.profile_weights(gamma, range(1, 21))
+    expected = profile_weights(gamma, range(1, 21))
     assert weights.tolist() == pytest.approx(expected, rel=1e-12)
     assert float(weights.sum()) == pytest.approx(1.0, rel=1e-12)

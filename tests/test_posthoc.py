@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 import swa_fast
-from swa_fast import posthoc
-from swa_fast.posthoc import PostHocEMA, list_snapshots, synthesize
+from swa_fast.posthoc import PostHocEMA, synthesize
+from swa_fast.posthoc_profiles import gamma_to_sigma_rel, profile_inner, sigma_rel_to_gamma
+from swa_fast.posthoc_snapshots import list_snapshots, load_snapshot, named_averages
 
 torch.set_default_dtype(torch.float32)
 
@@ -58,9 +59,9 @@ def random_walk(steps: int, n: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.07, 0.10, 0.2, 0.29])
 def test_gamma_is_the_largest_root_of_the_cubic(sigma_rel):
-    gamma = posthoc.sigma_rel_to_gamma(sigma_rel)
+    gamma = sigma_rel_to_gamma(sigma_rel)
     assert gamma == pytest.approx(gamma_by_numpy(sigma_rel), rel=1e-12)
-    assert posthoc.gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-14)
+    assert gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-14)
 
 
 def test_profile_inner_products_against_quadrature():
@@ -75,7 +76,7 @@ def test_profile_inner_products_against_quadrature():
         p_a = (g_a + 1) * t**g_a / t_a ** (g_a + 1)
         p_b = (g_b + 1) * t**g_b / t_b ** (g_b + 1)
         numeric = float((p_a * p_b).sum() * min(t_a, t_b) / n)
-        closed = posthoc.profile_inner(*(torch.tensor(v, dtype=torch.float64) for v in (t_a, g_a, t_b, g_b)))
+        closed = profile_inner(*(torch.tensor(v, dtype=torch.float64) for v in (t_a, g_a, t_b, g_b)))
         assert float(closed) == pytest.approx(numeric, rel=1e-6)
 
 
@@ -220,7 +221,7 @@ def test_snapshot_holds_every_profile_and_its_metadata(tmp_path):
     assert saved["gammas"] == pytest.approx([gamma_by_numpy(0.05), gamma_by_numpy(0.15)], rel=1e-12)
     for k, sigma_rel in enumerate((0.05, 0.15)):
         ema.copy_to(model, sigma_rel=sigma_rel)
-        named = posthoc.named_averages(saved)[k]
+        named = named_averages(saved)[k]
         assert list(named) == ["w"] and named["w"].dtype == torch.float32
         assert torch.equal(named["w"], model.w.detach().float())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -313,7 +314,7 @@ def test_snapshots_from_a_gpu_hold_the_averages_of_their_step(tmp_path, options)
             expected[step] = [target.weight.detach().cpu() for target in copies]
     ema.flush()
     for step, weights in expected.items():
-        saved = posthoc.named_averages(torch.load(tmp_path / f"snapshot-{step:010d}.pt", weights_only=True))
+        saved = named_averages(torch.load(tmp_path / f"snapshot-{step:010d}.pt", weights_only=True))
         for named, weight in zip(saved, weights):
             assert torch.equal(named["weight"], weight), step
     target = copy.deepcopy(model)
@@ -383,7 +384,7 @@ def test_a_killed_writer_leaves_only_whole_snapshots_and_resume_continues(tmp_pa
     last = max(snapshots)
     assert sorted(snapshots) == list(range(1, last + 1))
     for path in snapshots.values():
-        assert posthoc.load_snapshot(path, mmap=False)["step"] >= 1  # every one loads whole
+        assert load_snapshot(path, mmap=False)["step"] >= 1  # every one loads whole
     # Resume from the state saved at step 3 and continue past the crash.
     end = last + 3
     resumed = subprocess.run(
@@ -404,7 +405,7 @@ def test_a_killed_writer_leaves_only_whole_snapshots_and_resume_continues(tmp_pa
         a = torch.load(directory / f"snapshot-{step:010d}.pt", weights_only=True)
         b = torch.load(uninterrupted / f"snapshot-{step:010d}.pt", weights_only=True)
         assert a["progress"] == b["progress"]
-        for x, y in zip(posthoc.named_averages(a), posthoc.named_averages(b)):
+        for x, y in zip(named_averages(a), named_averages(b)):
             assert torch.equal(x["weight"], y["weight"]), step
     model = torch.nn.Linear(1024, 1024, bias=False)
     assert synthesize(directory, model, 0.07).profile_error < 0.05
