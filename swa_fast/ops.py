@@ -93,7 +93,10 @@ def usable_backends(
     return names + ["reference"] if reference else names
 
 
-_CHOICES: dict[tuple[str, str | None], str] = {}
+_CHOICES: dict[tuple[torch.device, str | None], str] = {}
+# Read once, at import: os.environ costs most of a microsecond per lookup, more than the eager op's
+# own fixed cost. Set it before swa_fast is imported (or pass `backend=`).
+ENV_BACKEND = os.environ.get("SWA_FAST_BACKEND") or None
 
 
 def _choose(device_type: str, forced: str | None) -> str:
@@ -110,13 +113,13 @@ def _choose(device_type: str, forced: str | None) -> str:
 
 
 def choose_backend(device: torch.device | str, backend: str | None = None) -> str:
-    """The backend for tensors on `device`: `backend` if given, else $SWA_FAST_BACKEND, else the
-    fastest available (cuda > triton > foreach on CUDA; cpu > foreach on the CPU). A forced backend
-    that cannot run raises a RuntimeError with the reason."""
-    forced = backend or os.environ.get("SWA_FAST_BACKEND") or None
-    key = (device.type if isinstance(device, torch.device) else torch.device(device).type, forced)
+    """The backend for tensors on `device`: `backend` if given, else $SWA_FAST_BACKEND as it was
+    when swa_fast was imported, else the fastest available (cuda > triton > foreach on CUDA; cpu >
+    foreach on the CPU). A forced backend that cannot run raises a RuntimeError with the reason."""
+    # Remembered per device (not per device type: a tensor's device.type costs more than a lookup)
+    key = (device if isinstance(device, torch.device) else torch.device(device), backend)
     if key not in _CHOICES:  # only successful choices are remembered: a failing one raises each time
-        _CHOICES[key] = _choose(key[0], forced)
+        _CHOICES[key] = _choose(key[0].type, backend or ENV_BACKEND)
     return _CHOICES[key]
 
 
@@ -287,10 +290,14 @@ for _spec in OP_TABLE.values():
 # Compiled backends check in C++ (no Python loop over tensors); the Python backends check here.
 
 
+_SEQUENCES = (list, tuple)
+_COMPILED = frozenset(("cpu", "cuda"))  # the extension's backends
+
+
 def _as_list(tensors: Sequence[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
     # Lists and tuples pass as they are (copying 1,000 items costs microseconds); anything else,
     # such as model.parameters(), is gathered once.
-    return tensors if type(tensors) in (list, tuple) else list(tensors)
+    return tensors if type(tensors) in _SEQUENCES else list(tensors)
 
 
 def _runner(spec: OpSpec) -> Callable[[list[Sequence[Tensor]], tuple, str | None], None]:
@@ -302,10 +309,21 @@ def _runner(spec: OpSpec) -> Callable[[list[Sequence[Tensor]], tuple, str | None
     check = spec.check
     python_impls = {"foreach": spec.foreach, "reference": spec.reference}
 
+    is_compiling = torch.compiler.is_compiling
+
+    # Every microsecond here is paid by each update of every manager: no os.environ, no
+    # device.type (a new string each time), no list copies of what is already a list or a tuple.
     def run(lists: list[Sequence[Tensor]], weight: tuple, backend: str | None) -> None:
-        lists = [_as_list(tensors) for tensors in lists]
-        name = choose_backend(lists[0][0].device, backend) if lists[0] else "reference"
-        if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        for tensors in lists:
+            if type(tensors) not in _SEQUENCES:
+                lists = [_as_list(t) for t in lists]
+                break
+        if lists[0]:
+            device = lists[0][0].device
+            name = _CHOICES.get((device, backend)) or choose_backend(device, backend)
+        else:
+            name = "reference"
+        if name in _COMPILED and not is_compiling():
             eager(*lists, *weight)  # below autograd, so it needs no no_grad() either
             return
         with torch.no_grad():

@@ -2,6 +2,10 @@
 backend, and writes nothing: the bad tensor sits last so that a backend writing as it goes would
 already have changed the first ones."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import OPS, WEIGHTED, clone_lists, make_case
@@ -117,13 +121,27 @@ def test_unknown_or_unavailable_backend():
         swa_fast.lerp_(*lists, *extra, backend="cuda")
 
 
-def test_env_var_forces_backend(monkeypatch):
-    lists, extra = case("lerp_")
-    monkeypatch.setenv("SWA_FAST_BACKEND", "cuda")
+ENV_BACKEND_RUN = """
+import pytest, torch, swa_fast
+a, b = [torch.zeros(3)], [torch.ones(3)]
+if swa_fast.ops.ENV_BACKEND == "cuda":
     with pytest.raises(RuntimeError, match="'cuda' is unavailable"):
-        swa_fast.lerp_(*lists, *extra)
-    monkeypatch.setenv("SWA_FAST_BACKEND", "reference")
+        swa_fast.lerp_(a, b, 0.5)
+    assert a[0].eq(0).all()
+else:
     assert swa_fast.choose_backend("cpu") == "reference"
+    assert swa_fast.choose_backend("cpu", "foreach") == "foreach"  # an argument still wins
+    swa_fast.lerp_(a, b, 0.5)
+    assert a[0].eq(0.5).all()
+"""
+
+
+@pytest.mark.parametrize("forced", ["cuda", "reference"])
+def test_env_var_forces_backend(forced):
+    """SWA_FAST_BACKEND is read when swa_fast is imported (a new process sets it)."""
+    env = {**os.environ, "SWA_FAST_BACKEND": forced}
+    done = subprocess.run([sys.executable, "-c", ENV_BACKEND_RUN], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_empty_lists(any_backend):
