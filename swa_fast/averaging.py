@@ -244,7 +244,8 @@ class Averager:
             weight = torch.where(finite, torch.as_tensor(weight, dtype=torch.float64), 0.0)
         for k, (avg, src) in enumerate(groups):
             w = weight
-            if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
+            # (a float weight, the usual case, is told apart first: isinstance of Tensor is slow)
+            if type(w) is not float and w.device not in (avg[0].device, _CPU):  # a multi-device model
                 w = w.to(avg[0].device, non_blocking=True)
             try:
                 self._update_group(k, avg, src, w)

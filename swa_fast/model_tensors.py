@@ -95,8 +95,6 @@ torch.nn.modules.module.register_module_module_registration_hook(_Registrations.
 torch.nn.modules.module.register_module_parameter_registration_hook(_Registrations.seen)
 torch.nn.modules.module.register_module_buffer_registration_hook(_Registrations.seen)
 
-_values_of_each = dict.values  # (a module's dicts are dicts; an OrderedDict is one too)
-
 
 class ModuleWalk:
     """`module_tensors(module, buffers)` (or `module_buffers(module)` with `parameters=False`) for
@@ -117,7 +115,7 @@ class ModuleWalk:
 
         def forget(_ref: weakref.ref) -> None:  # the model is gone: hold none of its tensors
             if (walk := me()) is not None:
-                walk._dicts = walk._parents = []
+                walk._values = walk._parents = []
                 walk._parts = [([], None) for _ in walk.kinds]
 
         self._module = weakref.ref(module, forget)
@@ -135,12 +133,14 @@ class ModuleWalk:
         self._registrations = _Registrations.count
         self._parents = [m._modules for m in order if m._modules]
         self._children = sum(map(len, self._parents))
-        self._parts = []  # per kind: its non-empty dicts, and what to keep of their values
+        # Per kind: the values of its non-empty dicts (live views: what the dicts hold when read),
+        # and what to keep of them.
+        self._parts = []
         for kind in self.kinds:
-            dicts = [d for d in (getattr(m, kind) for m in order) if d]
-            self._parts.append((dicts, _keeper(list(chain.from_iterable(map(_values_of_each, dicts))))))
-        self._dicts = [d for dicts, _ in self._parts for d in dicts]
-        self._pick = _keeper(list(chain.from_iterable(map(_values_of_each, self._dicts))))
+            values = [d.values() for d in (getattr(m, kind) for m in order) if d]
+            self._parts.append((values, _keeper(list(chain.from_iterable(values)))))
+        self._values = [v for values, _ in self._parts for v in values]
+        self._pick = _keeper(list(chain.from_iterable(self._values)))
         self.walks += 1
 
     def _check(self) -> None:
@@ -151,15 +151,15 @@ class ModuleWalk:
     def tensors(self) -> list[Tensor]:
         """The module's tensors now (its parameters, then its buffers, as asked), each once."""
         self._check()
-        walked = list(chain.from_iterable(map(_values_of_each, self._dicts)))
+        walked = list(chain.from_iterable(self._values))
         return walked if self._pick is None else self._pick(walked)
 
     def parts(self) -> list[list[Tensor]]:
         """The module's parameters and its buffers now (as asked), each list's tensors once."""
         self._check()
         out = []
-        for dicts, keep in self._parts:
-            walked = list(chain.from_iterable(map(_values_of_each, dicts)))
+        for values, keep in self._parts:
+            walked = list(chain.from_iterable(values))
             out.append(walked if keep is None else keep(walked))
         return out
 
@@ -267,7 +267,8 @@ class TrackedModel:
         model it was made from must still hold the very same tensors; another model (say a deepcopy
         for evaluation) must have the same names and the same DTensor layouts. Once the tracked
         model is gone (freed, or this was unpickled), the next model given is tracked instead."""
-        model = unwrap(model)[0]
+        if model is not self._model():  # (the model itself, the usual case, needs no unwrapping)
+            model = unwrap(model)[0]
         if model is self._model():
             tensors = self._walk.tensors()
             if not _same_objects(tensors, self._tracked):

@@ -171,6 +171,25 @@ def test_state_dicts_are_interchangeable_with_torch():
     assert_same_state(from_torch, ref)
 
 
+def test_the_next_update_reads_the_count_as_the_user_left_it():
+    """The count is read and bumped through a host view of the n_averaged buffer: a count loaded,
+    written in place or set anew is what the next update's weight comes from."""
+    model, fast, ref = run_both(updates=3)
+    changes = [
+        lambda m: m.load_state_dict({**m.state_dict(), "n_averaged": torch.tensor(7)}),
+        lambda m: m.n_averaged.fill_(2),
+        lambda m: setattr(m, "n_averaged", torch.tensor(4)),  # a new buffer
+    ]
+    for step, change in enumerate(changes, start=10):
+        change(fast)
+        change(ref)
+        perturb_(model, step, IMAGES)
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+        assert_same_state(fast, ref)
+    assert fast.n_averaged.item() == 5
+
+
 def test_pickle_deepcopy_and_save_round_trip():
     model, fast, _ = run_both()
     for clone in (pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast)):
