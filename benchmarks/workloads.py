@@ -128,6 +128,8 @@ def _one_update(name, model, device, min_run_time, bandwidth):
     multi = fast_swa.AveragedModel(model, multi_avg_fn=fast_swa.get_ema_multi_avg_fn(0.999))
     single = fast_swa.AveragedModel(model, avg_fn=fast_swa.get_ema_avg_fn(0.999))
     swa, ema = swa_fast.SWA(model), swa_fast.EMA(model, decay=0.999)
+    buffers = list(model.buffers())
+    buffer_copies = [b.clone() for b in buffers]
     candidates = {
         BARE_OP: lambda: swa_fast.lerp_(avg, params, 0.1),
         "foreach_lerp": lambda: torch._foreach_lerp_(avg, params, 0.1),
@@ -137,6 +139,11 @@ def _one_update(name, model, device, min_run_time, bandwidth):
         "swa_fast.SWA.update": lambda: swa.update(model),
         "swa_fast.EMA.update": lambda: ema.update(model),
     }
+    if buffers:  # what the drop-ins must also do, as torch's: copy the model's buffers (bare, for scale)
+        candidates[BARE_OP + " + buffer copy"] = lambda: (
+            swa_fast.lerp_(avg, params, 0.1),
+            torch._foreach_copy_(buffer_copies, buffers),
+        )
     for update in candidates.values():  # the first call of each only copies
         update()
     n = sum(p.numel() for p in params)

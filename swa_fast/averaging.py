@@ -63,7 +63,14 @@ class Averager:
             `optimizer.step()` and, with `use_buffers`, the model's next forward wait for it on the
             GPU. Anything else that changes the weights in place in between must call `wait()`.
         backend: force an op backend (see `swa_fast.choose_backend`).
+        capturable: (SWA and EMA) keep the counts and the schedule on the model's device and work
+            each weight out there, so that `update` reads no host state and takes no host branch:
+            it can be recorded in a CUDA graph and replayed, and traced whole by torch.compile (no
+            graph break, no recompilation per call). A few 0-dim device ops per update; beside the
+            model only (no side_stream, no device=).
     """
+
+    _CAPTURABLE = False  # whether the subclass has a capturable update (`_device_weight`)
 
     def __init__(
         self,
@@ -76,7 +83,13 @@ class Averager:
         device: torch.device | str | None = None,
         side_stream: bool = False,
         backend: str | None = None,
+        capturable: bool = False,
     ) -> None:
+        if capturable and not self._CAPTURABLE:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}: capturable=True is for SWA and EMA; this manager's "
+                "update decides on the host"
+            )
         if dtype is not None and dtype not in checks.FLOAT_DTYPES:
             raise ValueError(
                 f"swa_fast.{type(self).__name__}: dtype must be torch.float32, float64, float16, bfloat16 "
@@ -126,11 +139,46 @@ class Averager:
             self._placement = SideStream(model, model_device, join_forward=use_buffers)
         else:
             self._placement = SameDevice()
-        self.counts = UpdateCounts(device or model_device, device_decides=check_finite)
+        if capturable and not isinstance(self._placement, SameDevice):
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}: capturable=True updates the average beside the model, "
+                "on the current stream: drop side_stream= and device="
+            )
+        self.counts = UpdateCounts(device or model_device, device_decides=check_finite or capturable)
         # torch's max-abs norm has no value for an empty tensor: check_finite leaves those out.
         self._has_empty = any(t.numel() == 0 for t in self.tracked.split(tensors)[0])
-        self.calls = 0  # update() calls, counted on the host
-        self.updates = 0  # updates applied to the average, counted on the host
+        self._calls = 0  # update() calls, counted on the host
+        self._updates = 0  # updates applied to the average, counted on the host
+        # capturable: the calls counted on the device instead (the updates are n_averaged + n_skipped)
+        self._device_calls = (
+            torch.zeros((), dtype=torch.long, device=device or model_device) if capturable else None
+        )
+
+    @property
+    def capturable(self) -> bool:
+        return self._device_calls is not None
+
+    @property
+    def calls(self) -> int:
+        """`update` calls so far (read from the device when capturable)."""
+        return self._calls if self._device_calls is None else int(self._device_calls)
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self._calls = value
+        if self._device_calls is not None:
+            self._device_calls.fill_(value)
+
+    @property
+    def updates(self) -> int:
+        """Updates applied to the average so far (EMA's `update_every` leaves calls out)."""
+        if self._device_calls is None:
+            return self._updates
+        return int(self.counts.n_averaged + self.counts.n_skipped)
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self._updates = value
 
     @property
     def n_averaged(self) -> Tensor:
@@ -160,14 +208,26 @@ class Averager:
         """The weight of this call's update; None to skip the call."""
         raise NotImplementedError
 
+    def _device_weight(self) -> tuple[Tensor, Tensor | None]:
+        """Capturable: the weight of this call's update as a device tensor, worked out from the
+        device counts, and a device boolean saying whether the call averages at all (None: it
+        does)."""
+        raise NotImplementedError
+
     def update(self, model: Module) -> None:
         """Update the average with the model's current weights. (No `torch.no_grad()` around it:
         the ops write below autograd, and entering it would cost a sizeable part of a small
         model's update.)"""
         tensors = self.tracked.tensors(model)
-        self.calls += 1
+        self._count_call()
         if self.holds_average:
             self._placement.update(self, tensors)
+
+    def _count_call(self) -> None:
+        if self._device_calls is None:
+            self._calls += 1
+        else:  # capturable: in place on the device, so a replayed graph counts too
+            self._device_calls.add_(1)
 
     def attach(
         self, optimizer: torch.optim.Optimizer, model: Module | None = None, every: int = 1
@@ -215,7 +275,7 @@ class Averager:
                 f"as the model's, got {len(tensors)}"
             )
         self.wait()
-        self.calls += 1
+        self._count_call()
         if not self.holds_average:
             return
         # Each tensor to where its average (or kept integer buffer) is; an upload runs in order on
@@ -228,7 +288,11 @@ class Averager:
     def _apply_update(self, tensors: list[Tensor], weight: Tensor | float | None = None) -> None:
         """Update the average with `tensors` (the model's, or copies of them) with this call's
         weight, or `weight` when it was worked out already."""
-        weight = self._update_weight() if weight is None else weight
+        due = None  # capturable: a device boolean, whether this call is one that averages
+        if weight is None and self._device_calls is None:
+            weight = self._update_weight()
+        elif weight is None:
+            weight, due = self._device_weight()
         if weight is None:
             return
         floating, integers = self.tracked.split(tensors)
@@ -242,10 +306,11 @@ class Averager:
             finite = self._all_finite([src for _, src in groups])
             # (a float weight stays a CPU scalar: copying it to the GPU would wait for the stream)
             weight = torch.where(finite, torch.as_tensor(weight, dtype=torch.float64), 0.0)
+        if due is not None:  # weight 0 on a call off the schedule: the average stays as it was
+            weight = torch.where(due, weight, 0.0)
         for k, (avg, src) in enumerate(groups):
             w = weight
-            # (a float weight, the usual case, is told apart first: isinstance of Tensor is slow)
-            if type(w) is not float and w.device not in (avg[0].device, _CPU):  # a multi-device model
+            if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
                 w = w.to(avg[0].device, non_blocking=True)
             try:
                 self._update_group(k, avg, src, w)
@@ -253,11 +318,13 @@ class Averager:
                 self.average.check_shapes(floating)
                 raise
         if integers:
-            if finite is not None:
-                integers = [torch.where(finite, live, kept) for kept, live in zip(self._integers, integers)]
+            counted = finite if due is None else due if finite is None else finite & due
+            if counted is not None:
+                integers = [torch.where(counted, live, kept) for kept, live in zip(self._integers, integers)]
             copy_lists(self._integers, integers)  # one call for every num_batches_tracked
-        self.counts.add(finite)
-        self.updates += 1
+        self.counts.add(finite, due)
+        if self._device_calls is None:  # (capturable: no host state changes)
+            self._updates += 1
 
     def _update_group(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
         """Update one flat group's average views with its model tensors."""
@@ -415,17 +482,22 @@ class SWA(Averager):
     passed to `update`, each update weighted 1/(n+1).
 
     The weight is a host number, new at every update (with `check_finite`, a device tensor), so a
-    CUDA graph that captured an `update` would replay a stale weight: capture the ops
-    (`swa_fast.lerp_` with a device weight) instead.
+    CUDA graph that captured an `update` would replay a stale weight: pass `capturable=True` to
+    record `update` in a graph (or to compile it).
 
     Args:
         model: the model to average.
         **options: the `Averager`'s (dtype, use_buffers, check_finite, rank0_only, device,
-            side_stream, backend).
+            side_stream, backend, capturable).
     """
+
+    _CAPTURABLE = True
 
     def _update_weight(self) -> Tensor | float:
         return swa_weight(self.counts.current())  # 1 first: an exact copy
+
+    def _device_weight(self) -> tuple[Tensor, None]:
+        return swa_weight(self.counts.current(), capturable=True), None
 
 
 class EMA(Averager):
@@ -441,8 +513,10 @@ class EMA(Averager):
         update_after_step: the first `update_after_step + 1` calls to `update` copy the model.
         update_every: after that, only every `update_every`-th call averages.
         **options: the `Averager`'s (dtype, use_buffers, check_finite, rank0_only, device,
-            side_stream, backend).
+            side_stream, backend, capturable).
     """
+
+    _CAPTURABLE = True
 
     def __init__(
         self,
@@ -476,10 +550,15 @@ class EMA(Averager):
     def _update_weight(self) -> float | None:
         # A host-side schedule of host-side counts: a Python float weight, read by the kernels on
         # the host, costs no device synchronisation.
-        t = self.calls - self.update_after_step - 1
+        t = self._calls - self.update_after_step - 1
         if t > 0 and t % self.update_every:
             return None
-        return 1.0 - self.decay_at(self.calls)
+        return 1.0 - self.decay_at(self._calls)
+
+    def _device_weight(self) -> tuple[Tensor, Tensor | None]:
+        t = self._device_calls - (self.update_after_step + 1)  # the same schedule, on the device
+        due = None if self.update_every == 1 else (t <= 0) | (t % self.update_every == 0)
+        return 1.0 - ema_decay(self.decay, t, self.warmup_gamma, self.warmup_power), due
 
     def _extra_state(self) -> dict:
         return {"decay": self.decay}

@@ -33,14 +33,20 @@ class UpdateCounts:
         """The count to compute a weight from without a host sync: the host's, else the device's."""
         return self._n_averaged if self.host is None else self.host
 
-    def add(self, finite: Tensor | None = None) -> None:
-        """Count one update; `finite` (a device boolean) says whether it counted, when the device
-        decides."""
-        if finite is None:
+    def add(self, finite: Tensor | None = None, due: Tensor | None = None) -> None:
+        """Count one update. When the device decides: `finite` (a device boolean) says whether it
+        was averaged or skipped for inf/NaN, and `due` whether the call was one that averages at
+        all (a capturable EMA's schedule); None: it was."""
+        if self.host is not None:
             self.host += 1
+            return
+        counted = finite if due is None else due if finite is None else finite & due
+        if counted is None:
+            self._n_averaged += 1
         else:
-            self._n_averaged += finite
-            self.n_skipped += ~finite
+            self._n_averaged += counted
+        if finite is not None:
+            self.n_skipped += ~finite if due is None else ~finite & due
 
     def set(self, n_averaged: Tensor | int, n_skipped: Tensor | int = 0) -> None:
         """Overwrite both counts (a loaded state, or averages built elsewhere)."""

@@ -267,9 +267,17 @@ class TrackedModel:
         model it was made from must still hold the very same tensors; another model (say a deepcopy
         for evaluation) must have the same names and the same DTensor layouts. Once the tracked
         model is gone (freed, or this was unpickled), the next model given is tracked instead."""
-        if model is not self._model():  # (the model itself, the usual case, needs no unwrapping)
+        if torch.compiler.is_compiling() and not self.sharded:
+            # Traced by torch.compile, which cannot read the walk's dict views: nn.Module's own
+            # walk, which it follows (and guards, so this check costs nothing once compiled).
+            inner = unwrap(model)[0]
+            tensors = list(inner.parameters()) + (list(inner.buffers()) if self.buffers else [])
+            if _same_objects(tensors, self._tracked):
+                return tensors
+        tracked = self._model()
+        if model is not tracked:  # (the model itself, the usual case, needs no unwrapping)
             model = unwrap(model)[0]
-        if model is self._model():
+        if model is tracked:
             tensors = self._walk.tensors()
             if not _same_objects(tensors, self._tracked):
                 # After a forward without backward the FSDP2 root holds gathered parameters.

@@ -45,6 +45,8 @@ class SWAG(SWA, PredictsOnBatches):
             refused: a skipped update would still write its non-finite deviation row).
     """
 
+    _CAPTURABLE = False  # a deviation row per update, chosen on the host
+
     def __init__(
         self,
         model: Module,

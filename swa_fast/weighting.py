@@ -48,17 +48,27 @@ def real_number(
     return number
 
 
-def swa_weight(n_averaged: Tensor | int) -> Tensor | float:
-    """1 / (n + 1): the weight that keeps the average the equal-weight mean of every model given."""
-    if isinstance(n_averaged, Tensor) and not n_averaged.is_cpu:  # there: no host sync
+def swa_weight(n_averaged: Tensor | int, capturable: bool = False) -> Tensor | float:
+    """1 / (n + 1): the weight that keeps the average the equal-weight mean of every model given.
+    `capturable`: a tensor count gives a tensor even on the CPU (no host read: a CUDA graph or
+    torch.compile traces it)."""
+    if isinstance(n_averaged, Tensor) and (capturable or not n_averaged.is_cpu):  # there: no host sync
         return torch.reciprocal(n_averaged.to(torch.float64) + 1)
     return 1.0 / (int(n_averaged) + 1)  # reading a CPU tensor waits for nothing
 
 
-def ema_decay(decay: float, t: int, warmup_gamma: float | None = None, warmup_power: float = 2 / 3) -> float:
+def ema_decay(
+    decay: float, t: int | Tensor, warmup_gamma: float | None = None, warmup_power: float = 2 / 3
+) -> float | Tensor:
     """decay_t of the t-th averaging update (from 0): 0 at t <= 0 (the first update copies the
     model), then `decay`, or with `warmup_gamma` timm's warmup (ModelEmaV3.get_decay), under which
-    early averages follow the model closely."""
+    early averages follow the model closely. A tensor `t` gives a float64 tensor worked out where it
+    is (a capturable update), with the same float64 arithmetic."""
+    if isinstance(t, Tensor):
+        if warmup_gamma is None:
+            return (t > 0).to(torch.float64) * decay
+        warm = 1 - (1 + t.to(torch.float64) / warmup_gamma) ** -warmup_power
+        return torch.where(t <= 0, 0.0, torch.clamp(warm, max=decay))
     if t <= 0:
         return 0.0
     if warmup_gamma is None:

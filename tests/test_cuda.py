@@ -25,6 +25,41 @@ def cuda_backend(request):
     return request.param
 
 
+@pytest.mark.parametrize(
+    "cls, options",
+    [
+        (swa_fast.SWA, {"use_buffers": True, "check_finite": True}),
+        (swa_fast.EMA, {"decay": 0.9, "warmup_gamma": 2.0, "update_after_step": 1, "update_every": 2}),
+    ],
+)
+def test_capturable_manager_update_replays_in_a_cuda_graph(cls, options):
+    """capturable=True: one update recorded in a CUDA graph, replayed step after step, gives what a
+    host-scheduled manager's updates give (the counts, the schedule and the weight on the GPU)."""
+    model = cnn_with_bn(8).cuda()
+    twin = cnn_with_bn(8).cuda()
+    captured, host = cls(model, capturable=True, **options), cls(twin, **options)
+    captured.update(model)  # warm-up outside the graph (the first update: a copy)
+    host.update(twin)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.update(model)
+    for step in range(6):
+        g = torch.Generator(device="cuda").manual_seed(step)
+        with torch.no_grad():
+            for m in (model, twin):
+                g.manual_seed(step)
+                for t in [*m.parameters(), m[1].running_mean, m[1].running_var]:
+                    t.add_(torch.randn(t.shape, device="cuda", generator=g))
+                m[1].num_batches_tracked.add_(1)
+        graph.replay()
+        host.update(twin)
+        torch.cuda.synchronize()
+        got, want = captured.state_dict(), host.state_dict()
+        for name, value in want["average"].items():
+            assert torch.equal(got["average"][name], value), (step, name)
+        assert (int(got["n_averaged"]), got["calls"]) == (int(want["n_averaged"]), want["calls"])
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dst_dtype", FLOATS)
 @pytest.mark.parametrize("src_dtype", FLOATS)
