@@ -130,6 +130,7 @@ class Averager:
         )
         self.average = self._copy.flat
         self._integers = self._copy.integers
+        self._lerp = [ops.BoundOp("lerp_", g.device, backend) for g in self.average.groups]
         self._placement: SameDevice | SideStream | OtherDevice
         if moved and self.holds_average:
             if side_stream:
@@ -328,7 +329,7 @@ class Averager:
 
     def _update_group(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
         """Update one flat group's average views with its model tensors."""
-        ops.lerp_(avg, src, weight, backend=self.backend)
+        self._lerp[group](avg, src, weight)
 
     def wait(self) -> None:
         """Make what follows see every update made so far: on the GPU for a side-stream update (no

@@ -242,6 +242,7 @@ class _Prepared:
         for j, i in enumerate(floating):
             by_device.setdefault(averaged[i].device, []).append(j)
         self.by_device = [pick(js) for js in by_device.values()] if len(by_device) > 1 else None
+        self.lerp = ops.BoundOp("lerp_", averaged[0].device if averaged else _CPU)
 
 
 class AveragedModel(Module):
@@ -356,7 +357,7 @@ class AveragedModel(Module):
             avg, src = prepared.floating(averaged), prepared.floating(current)
         if prepared.by_device is None and not self._moved:
             try:  # the usual case: one op, whose checks (before it writes) say if the devices differ
-                ops.lerp_(avg, src, weight)
+                prepared.lerp(avg, src, weight)
             except ValueError:
                 self._lerp_groups([(avg, src)], weight)
         elif prepared.by_device is None:  # torch's `device=`: the model's tensors are taken there

@@ -1,10 +1,13 @@
 """Each op on each CPU backend (compiled C++, Triton interpreted, foreach) against reference.py."""
 
 import itertools
+import pickle
 
 import pytest
 import torch
 from conftest import FLOATS, OPS, clone_lists, make_case, run_and_check
+
+import swa_fast
 
 # 0, 1, odd, around each backend's chunk (CPU 65536, Triton 4096, CUDA 16384), and 1e6+.
 SIZES = [0, 1, 7, 4095, 4097, 16385, 65535, 65536, 65537]
@@ -393,3 +396,30 @@ def test_disjoint_views_of_one_buffer_in_any_order(op, any_backend):
     for got, want in zip(views, expected):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", sorted(swa_fast.ops._BINDABLE))
+def test_a_bound_op_is_the_public_op_and_pickles_as_its_arguments(op, backend):
+    """ops.BoundOp (what the managers call on every update): the same values as the public op on
+    the same backend, a pickled one works, and bad input raises the public op's error, before
+    writing."""
+    bound = pickle.loads(pickle.dumps(swa_fast.ops.BoundOp(op, "cpu", backend)))
+    lists, extra = make_case(op, [(3, 5), (17,)], torch.float32, torch.bfloat16)
+    expected = clone_lists(lists)
+    getattr(swa_fast, op)(*expected, *extra, backend=backend)
+    bound(*lists, *extra)
+    for got_list, want_list in zip(lists, expected):
+        for got, want in zip(got_list, want_list):
+            assert torch.equal(got, want)
+    lists[1][1] = lists[1][1][:-1]  # a shorter tensor, last
+    before = clone_lists(lists)
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        bound(*lists, *extra)
+    for got_list, want_list in zip(lists, before):
+        assert all(torch.equal(g, w) for g, w in zip(got_list, want_list))
+
+
+def test_a_bound_op_on_an_unavailable_backend_raises_at_the_call_as_the_public_op():
+    bound = swa_fast.ops.BoundOp("lerp_", "cpu", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable for cpu tensors"):
+        bound([torch.zeros(2)], [torch.ones(2)], 0.5)
