@@ -52,6 +52,8 @@ def swa_weight(n_averaged: Tensor | int, capturable: bool = False) -> Tensor | f
     """1 / (n + 1): the weight that keeps the average the equal-weight mean of every model given.
     `capturable`: a tensor count gives a tensor even on the CPU (no host read: a CUDA graph or
     torch.compile traces it)."""
+    if type(n_averaged) is int:  # a host count, the usual case (isinstance of Tensor is slow)
+        return 1.0 / (n_averaged + 1)
     if isinstance(n_averaged, Tensor) and (capturable or not n_averaged.is_cpu):  # there: no host sync
         return torch.reciprocal(n_averaged.to(torch.float64) + 1)
     return 1.0 / (int(n_averaged) + 1)  # reading a CPU tensor waits for nothing
@@ -64,7 +66,7 @@ def ema_decay(
     model), then `decay`, or with `warmup_gamma` timm's warmup (ModelEmaV3.get_decay), under which
     early averages follow the model closely. A tensor `t` gives a float64 tensor worked out where it
     is (a capturable update), with the same float64 arithmetic."""
-    if isinstance(t, Tensor):
+    if type(t) is not int and isinstance(t, Tensor):  # (an int first: isinstance of Tensor is slow)
         if warmup_gamma is None:
             return (t > 0).to(torch.float64) * decay
         warm = 1 - (1 + t.to(torch.float64) / warmup_gamma) ** -warmup_power
