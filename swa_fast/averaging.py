@@ -154,6 +154,11 @@ class Averager:
         self._device_calls = (
             torch.zeros((), dtype=torch.long, device=device or model_device) if capturable else None
         )
+        # The usual case, which `_apply_update` takes the short way: one flat group, no integer
+        # buffers, host counts, no check_finite.
+        self._plain = len(self.average.groups) == 1 and not self.tracked.integer and not (
+            check_finite or capturable
+        )
 
     @property
     def capturable(self) -> bool:
@@ -289,6 +294,18 @@ class Averager:
     def _apply_update(self, tensors: list[Tensor], weight: Tensor | float | None = None) -> None:
         """Update the average with `tensors` (the model's, or copies of them) with this call's
         weight, or `weight` when it was worked out already."""
+        if self._plain and weight is None:  # kept short: each step here costs a small model's update
+            weight = self._update_weight()
+            if weight is None:
+                return
+            try:
+                self._update_group(0, self.average.views, tensors, weight)
+            except ValueError:  # raised before writing: name the tensor if its shape is the cause
+                self.average.check_shapes(tensors)
+                raise
+            self.counts.add()
+            self._updates += 1
+            return
         due = None  # capturable: a device boolean, whether this call is one that averages
         if weight is None and self._device_calls is None:
             weight = self._update_weight()
