@@ -80,6 +80,6 @@ def ema_decay(
 
 def ema_weight(decay: float, n_averaged: Tensor | int) -> Tensor | float:
     """1 - decay_t for an EMA that has averaged `n_averaged` models (no warmup): 1, a copy, first."""
-    if isinstance(n_averaged, Tensor) and not n_averaged.is_cpu:  # decided there
-        return torch.where(n_averaged == 0, 1.0, 1.0 - decay).to(torch.float64)
+    if type(n_averaged) is not int and isinstance(n_averaged, Tensor) and not n_averaged.is_cpu:
+        return torch.where(n_averaged == 0, 1.0, 1.0 - decay).to(torch.float64)  # decided there
     return 1.0 - ema_decay(decay, int(n_averaged))

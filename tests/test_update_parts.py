@@ -27,6 +27,18 @@ def test_ema_decay_copies_first_then_decays_with_timms_warmup():
     assert ema_weight(0.9, 0) == 1.0 and ema_weight(0.9, torch.tensor(5)) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("warmup", [None, (2.0, 2 / 3), (10.0, 1.0)])
+def test_the_weights_from_a_count_tensor_are_the_host_ones_bit_for_bit(warmup):
+    """A capturable update works its weights out on the device: the same rules in the same float64
+    arithmetic, so its average is the host-scheduled one's exactly."""
+    gamma, power = warmup or (None, 2 / 3)
+    for t in range(-3, 60):
+        on_device = ema_decay(0.999, torch.tensor(t), gamma, power)
+        assert on_device.dtype == torch.float64 and on_device.item() == ema_decay(0.999, t, gamma, power), t
+    for n in range(60):
+        assert swa_weight(torch.tensor(n), capturable=True).item() == swa_weight(n)
+
+
 def test_counts_stay_on_the_host_until_read_unless_the_device_decides():
     counts = UpdateCounts(torch.device("cpu"), device_decides=False)
     counts.add()
