@@ -292,6 +292,7 @@ for _spec in OP_TABLE.values():
 
 _SEQUENCES = (list, tuple)
 _COMPILED = frozenset(("cpu", "cuda"))  # the extension's backends
+_is_compiling = torch.compiler.is_compiling  # (bound once: the attribute lookups cost per call)
 
 
 def _as_list(tensors: Sequence[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
@@ -309,8 +310,6 @@ def _runner(spec: OpSpec) -> Callable[[list[Sequence[Tensor]], tuple, str | None
     check = spec.check
     python_impls = {"foreach": spec.foreach, "reference": spec.reference}
 
-    is_compiling = torch.compiler.is_compiling
-
     # Every microsecond here is paid by each update of every manager: no os.environ, no
     # device.type (a new string each time), no list copies of what is already a list or a tuple.
     def run(lists: list[Sequence[Tensor]], weight: tuple, backend: str | None) -> None:
@@ -323,7 +322,7 @@ def _runner(spec: OpSpec) -> Callable[[list[Sequence[Tensor]], tuple, str | None
             name = _CHOICES.get((device, backend)) or choose_backend(device, backend)
         else:
             name = "reference"
-        if name in _COMPILED and not is_compiling():
+        if name in _COMPILED and not _is_compiling():
             eager(*lists, *weight)  # below autograd, so it needs no no_grad() either
             return
         with torch.no_grad():
@@ -462,16 +461,15 @@ def swap_(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str | None = Non
 
 
 _BINDABLE = {"lerp_": lerp_, "moments_": moments_, "copy_": copy_, "swap_": swap_}
-_is_compiling = torch.compiler.is_compiling
 
 
 class BoundOp:
     """`op` (lerp_, moments_, copy_ or swap_) for a caller that runs it on every update with lists
     of one device it already holds (a manager's flat buffers): the backend is chosen once, here,
     and each call goes straight to the extension's entry point, as the public function does after
-    choosing it per call (about a microsecond less per call). Same contract, same checks before
-    writing. Under torch.compile, or on a backend outside the extension, a call is the public
-    function's. Takes lists or tuples. Pickles as its arguments."""
+    choosing it per call (0.6 us less per call: a third of a small model's op). Same contract, same
+    checks before writing. Under torch.compile, or on a backend outside the extension, a call is
+    the public function's. Takes lists or tuples. Pickles as its arguments."""
 
     __slots__ = ("op", "device", "backend", "_eager", "_public")
 

@@ -52,10 +52,9 @@ def swa_weight(n_averaged: Tensor | int, capturable: bool = False) -> Tensor | f
     """1 / (n + 1): the weight that keeps the average the equal-weight mean of every model given.
     `capturable`: a tensor count gives a tensor even on the CPU (no host read: a CUDA graph or
     torch.compile traces it)."""
-    if type(n_averaged) is int:  # a host count, the usual case (isinstance of Tensor is slow)
-        return 1.0 / (n_averaged + 1)
-    if isinstance(n_averaged, Tensor) and (capturable or not n_averaged.is_cpu):  # there: no host sync
-        return torch.reciprocal(n_averaged.to(torch.float64) + 1)
+    is_tensor = type(n_averaged) is not int and isinstance(n_averaged, Tensor)  # (an int first: fast)
+    if is_tensor and (capturable or not n_averaged.is_cpu):
+        return torch.reciprocal(n_averaged.to(torch.float64) + 1)  # there: no host sync
     return 1.0 / (int(n_averaged) + 1)  # reading a CPU tensor waits for nothing
 
 
