@@ -10,6 +10,7 @@ is in fp32 (fp64 for fp64 destinations); bf16/fp16 values are upcast right after
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -116,8 +117,8 @@ if triton is not None:
         else:
             return x.to(DST)
 
-    # An op's block, given its mask (None: a full block). Its kernel runs it unmasked on full blocks
-    # and masked on a tensor's last one.
+    # An op's block, given its mask (None: a full block), all with one signature: _blockwise_kernel
+    # runs it unmasked on full blocks and masked on a tensor's last one.
     @triton.jit
     def _lerp_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
                     ALIGNED: tl.constexpr):
@@ -140,13 +141,14 @@ if triton is not None:
         tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
 
     @triton.jit
-    def _copy_block(ptrs, t, offs, mask, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+    def _copy_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
                     ALIGNED: tl.constexpr):
         s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
         tl.store(_ptr(ptrs, t, 0, 2, DST, ALIGNED) + offs, _rounded(s, DST), mask=mask)
 
     @triton.jit
-    def _swap_block(ptrs, t, offs, mask, DST: tl.constexpr, SRC: tl.constexpr, ALIGNED: tl.constexpr):
+    def _swap_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                    ALIGNED: tl.constexpr):
         a = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
         b = _ptr(ptrs, t, 1, 2, SRC, ALIGNED)
         x = tl.load(a + offs, mask=mask)
@@ -157,24 +159,15 @@ if triton is not None:
     # Signatures: the launch table's tensors, then the dtypes and variants.
     # fmt: off
     @triton.jit
-    def _lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                     ALIGNED: tl.constexpr):
+    def _blockwise_kernel(ptrs, block_tensor, block_start, numels, w_ptr, OP: tl.constexpr,
+                          DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                          ALIGNED: tl.constexpr):
+        # OP: an op's block function (_lerp_block, ...); w_ptr is unused by those without a weight.
         t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
         if full:
-            _lerp_block(ptrs, t, offs, None, w_ptr, DST, SRC, ACC, ALIGNED)
+            OP(ptrs, t, offs, None, w_ptr, DST, SRC, ACC, ALIGNED)
         else:
-            _lerp_block(ptrs, t, offs, mask, w_ptr, DST, SRC, ACC, ALIGNED)
-
-    @triton.jit
-    def _moments_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
-                        DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                        ALIGNED: tl.constexpr):
-        t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
-        if full:
-            _moments_block(ptrs, t, offs, None, w_ptr, DST, SRC, ACC, ALIGNED)
-        else:
-            _moments_block(ptrs, t, offs, mask, w_ptr, DST, SRC, ACC, ALIGNED)
+            OP(ptrs, t, offs, mask, w_ptr, DST, SRC, ACC, ALIGNED)
 
     @triton.jit
     def _multi_lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
@@ -202,35 +195,28 @@ if triton is not None:
         a = _widened(avg, offs, store, D, A)
         tl.store(avg + offs, _rounded(_lerp(a, s.to(A), w), D), mask=store)
 
-    @triton.jit
-    def _copy_kernel(ptrs, block_tensor, block_start, numels,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                     ALIGNED: tl.constexpr):
-        t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
-        if full:
-            _copy_block(ptrs, t, offs, None, DST, SRC, ACC, ALIGNED)
-        else:
-            _copy_block(ptrs, t, offs, mask, DST, SRC, ACC, ALIGNED)
-
-    @triton.jit
-    def _swap_kernel(ptrs, block_tensor, block_start, numels,
-                     DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                     ALIGNED: tl.constexpr):
-        t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
-        if full:
-            _swap_block(ptrs, t, offs, None, DST, SRC, ALIGNED)
-        else:
-            _swap_block(ptrs, t, offs, mask, DST, SRC, ALIGNED)
-
     # fmt: on
+
+    class Blockwise:
+        """_blockwise_kernel bound to one op's block function: launched as a kernel is,
+        `Blockwise(block)[grid](...)`."""
+
+        kernel = _blockwise_kernel
+        arg_names = _blockwise_kernel.arg_names
+
+        def __init__(self, block) -> None:
+            self.block = block
+
+        def __getitem__(self, grid):
+            return functools.partial(_blockwise_kernel[grid], OP=self.block)
 
     # Each op of ops.OP_TABLE by name.
     KERNELS = {
-        "lerp_": _lerp_kernel,
-        "moments_": _moments_kernel,
+        "lerp_": Blockwise(_lerp_block),
+        "moments_": Blockwise(_moments_block),
         "multi_lerp_": _multi_lerp_kernel,
-        "copy_": _copy_kernel,
-        "swap_": _swap_kernel,
+        "copy_": Blockwise(_copy_block),
+        "swap_": Blockwise(_swap_block),
     }
 else:
     KERNELS = {}
@@ -291,7 +277,7 @@ def _launch(
             block_tensor,
             block_start,
             numels,
-            *scalar_args,
+            *(scalar_args or (numels,)),  # copy_ and swap_ have no weight: any pointer fills w_ptr
             DST=_TL_DTYPES[dst_dtype],
             SRC=_TL_DTYPES[src_dtype],
             ACC=_TL_DTYPES[reference.acc_dtype(dst_dtype)],

@@ -67,6 +67,8 @@ def compile_one(job: tuple[dict, int]) -> dict:
 
     kernel = triton_kernels.KERNELS[variant["op"]]
     constexprs = {k: _constexpr(v) for k, v in variant["constexprs"].items()}
+    if isinstance(kernel, triton_kernels.Blockwise):  # the shared kernel, given the op's block
+        kernel, constexprs["OP"] = kernel.kernel, kernel.block
     signature = {**variant["signature"], **{k: "constexpr" for k in constexprs}}
     # As the runtime specialises them: torch's allocations are 16-byte aligned.
     attrs = {
