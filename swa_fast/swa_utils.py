@@ -30,6 +30,7 @@ from torch.optim.swa_utils import SWALR
 
 from . import checks, ops
 from .bn import update_bn
+from .buffer_copy import BufferCopy
 from .flat import FlatBuffer, padded_numel
 from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
 from .weighting import ema_weight, real_number, swa_weight
@@ -47,6 +48,7 @@ __all__ = [
 PARAM_LIST = list[Tensor] | tuple[Tensor, ...]
 _CPU = torch.device("cpu")
 _SWA = ("swa", None)  # the kind of the default average
+_is_compiling = torch.compiler.is_compiling
 
 
 def get_swa_multi_avg_fn() -> Callable[[PARAM_LIST, PARAM_LIST, Tensor | int], None]:
@@ -211,15 +213,18 @@ class _Prepared:
         self.ours = _OwnCopy(owner)
         self.split(self.tensors()[1])
         self._count: Tensor | None = None
+        self._count_ptr = 0
         self._count_view = None
 
     def host_count(self, n_averaged: Tensor):
         """A numpy view of `n_averaged` when it is a CPU tensor (torch's default, even for a GPU
         model), else None. Reading it and adding 1 through the view cost a tenth of a microsecond,
         `n_averaged.add_(1)` 1.5 us (a dispatch); it is the buffer's own memory, so the buffer,
-        its state_dict and a checkpoint see the count at once."""
-        if n_averaged is not self._count:  # a new buffer: `.to()`, load_state_dict(assign=True)
-            self._count = n_averaged
+        its state_dict and a checkpoint see the count at once. The view keeps that memory alive,
+        so a data_ptr that still matches is still it."""
+        # a new buffer (`.to()`, load_state_dict(assign=True)) or new memory (`.data = ...`)
+        if n_averaged is not self._count or n_averaged.data_ptr() != self._count_ptr:
+            self._count, self._count_ptr = n_averaged, n_averaged.data_ptr()
             plain = type(n_averaged) is Tensor and n_averaged.is_cpu and n_averaged.dim() == 0
             self._count_view = n_averaged.numpy() if plain and n_averaged.dtype == torch.long else None
         return self._count_view
@@ -242,7 +247,9 @@ class _Prepared:
         for j, i in enumerate(floating):
             by_device.setdefault(averaged[i].device, []).append(j)
         self.by_device = [pick(js) for js in by_device.values()] if len(by_device) > 1 else None
-        self.lerp = ops.BoundOp("lerp_", averaged[0].device if averaged else _CPU)
+        device = averaged[0].device if averaged else _CPU
+        self.lerp = ops.BoundOp("lerp_", device)
+        self.copy_buffers = BufferCopy(device)
 
 
 class AveragedModel(Module):
@@ -320,7 +327,7 @@ class AveragedModel(Module):
             with torch.no_grad():
                 self._update_like_torch(module_tensors(model, self.use_buffers))
             theirs, ours = module_buffers(model), module_buffers(self.module)
-            count = None
+            count = prepared = None
         else:
             prepared = self._prepared
             if prepared is None or prepared.model() is not model:
@@ -330,19 +337,22 @@ class AveragedModel(Module):
             # 1 on the first call: an exact copy. Worked out where n_averaged lives (no host sync).
             n = n_averaged if count is None else count.item()
             weight = swa_weight(n) if kind[0] == "swa" else ema_weight(kind[1], n)
-            self._update_fused(prepared, current, averaged, weight, kind)
+            eager = not _is_compiling()  # asked once: then the ops' entry points are called straight
+            self._update_fused(prepared, current, averaged, weight, kind, eager)
         if not self.use_buffers:  # as torch does: buffers are not averaged, they follow the model
             if len(ours) != len(theirs):  # (torch zips them)
                 ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
-            if ours:
+            if ours and prepared is None:
                 torch._foreach_copy_(ours, theirs)
+            elif ours:
+                prepared.copy_buffers(ours, theirs, eager)
         if count is not None:
             count[()] = n + 1  # in the buffer's memory (not `count += 1`: a numpy ufunc, 1.4 us)
         else:  # in place, as `+=` is, but without its setattr, which registers the buffer anew
             n_averaged.add_(1)
 
     def _update_fused(
-        self, prepared: _Prepared, current: list[Tensor], averaged: list[Tensor], weight, kind: tuple
+        self, prepared: _Prepared, current: list[Tensor], averaged: list[Tensor], weight, kind: tuple, eager: bool
     ) -> None:
         if len(current) != len(averaged):
             raise ValueError(
@@ -356,8 +366,9 @@ class AveragedModel(Module):
         if prepared.floating is not None:
             avg, src = prepared.floating(averaged), prepared.floating(current)
         if prepared.by_device is None and not self._moved:
+            lerp = prepared.lerp.eager if eager and prepared.lerp.eager is not None else prepared.lerp
             try:  # the usual case: one op, whose checks (before it writes) say if the devices differ
-                prepared.lerp(avg, src, weight)
+                lerp(avg, src, weight)
             except ValueError:
                 self._lerp_groups([(avg, src)], weight)
         elif prepared.by_device is None:  # torch's `device=`: the model's tensors are taken there

@@ -234,6 +234,46 @@ def test_tensors_replaced_without_hooks_are_seen_as_by_torch():
     assert_same_state(fast, ref)
 
 
+def test_buffers_changed_between_updates_are_copied_as_by_torch():
+    """The model's buffers are copied at every update (use_buffers=False) by one op for the
+    floating ones and numpy views for num_batches_tracked: whatever happened to either side's
+    buffers, or to n_averaged, since the last update, the next one leaves what torch's leaves."""
+    model, fast, ref = run_both(updates=2)
+    changes = [
+        lambda m: None,  # only the model's BatchNorm buffers, changed in place by perturb_
+        lambda m: setattr(model[1].num_batches_tracked, "data", torch.tensor(100)),
+        lambda m: setattr(m.module[1].num_batches_tracked, "data", torch.tensor(-1)),
+        lambda m: setattr(m.n_averaged, "data", torch.tensor(7)),
+        lambda m: m.module[1]._buffers.__setitem__("running_var", torch.ones(8)[::2]),  # strided
+        lambda m: model[1]._buffers.__setitem__("running_mean", model[1].running_mean.clone()),  # a `.to()`
+    ]
+    for step, change in enumerate(changes, start=10):
+        for averaged in (fast, ref):
+            change(averaged)
+        perturb_(model, step, IMAGES)
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+        assert_same_state(fast, ref)
+        ours, theirs = fast.state_dict(), ref.state_dict()
+        for name in ("module.1.running_mean", "module.1.running_var", "module.1.num_batches_tracked", "n_averaged"):
+            assert torch.equal(ours[name], theirs[name]), (step, name)
+    assert fast.n_averaged.item() == 7 + 3
+
+
+def test_an_update_under_torch_compile_gives_torchs_average():
+    model, fast, ref = run_both(
+        {"multi_avg_fn": fast_swa.get_ema_multi_avg_fn(0.9)},
+        {"multi_avg_fn": torch_swa.get_ema_multi_avg_fn(0.9)},
+        updates=1,
+    )
+    update = torch.compile(fast.update_parameters)
+    for step in range(3):
+        perturb_(model, step, IMAGES)
+        update(model)
+        ref.update_parameters(model)
+        assert_same_state(fast, ref, rtol=0, atol=0)
+
+
 def test_mismatched_model_raises_and_leaves_average_untouched():
     model, fast, _ = run_both(updates=2)
     before = copy.deepcopy(fast.state_dict())
