@@ -250,6 +250,8 @@ class _Prepared:
         device = averaged[0].device if averaged else _CPU
         self.lerp = ops.BoundOp("lerp_", device)
         self.copy_buffers = BufferCopy(device)
+        # the usual layout: every averaged tensor floating, on one device, run by the extension
+        self.plain = not integers and self.by_device is None and self.lerp.eager is not None
 
 
 class AveragedModel(Module):
@@ -338,7 +340,15 @@ class AveragedModel(Module):
             n = n_averaged if count is None else count.item()
             weight = swa_weight(n) if kind[0] == "swa" else ema_weight(kind[1], n)
             eager = not _is_compiling()  # asked once: then the ops' entry points are called straight
-            self._update_fused(prepared, current, averaged, weight, kind, eager)
+            if prepared.walks != prepared.ours.walks:  # the averaged copy changed
+                prepared.split(averaged)
+            if eager and prepared.plain and not self._moved:
+                try:  # the usual case: one op, whose checks (before it writes) say if anything is amiss
+                    prepared.lerp.eager(averaged, current, weight)
+                except ValueError:  # then the general path says why, or takes the devices apart
+                    self._update_fused(prepared, current, averaged, weight, kind, eager)
+            else:
+                self._update_fused(prepared, current, averaged, weight, kind, eager)
         if not self.use_buffers:  # as torch does: buffers are not averaged, they follow the model
             if len(ours) != len(theirs):  # (torch zips them)
                 ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
@@ -360,8 +370,6 @@ class AveragedModel(Module):
                 f"{'parameters and buffers' if self.use_buffers else 'parameters'}, the averaged copy "
                 f"has {len(averaged)}; pass the model this AveragedModel was made from"
             )
-        if prepared.walks != prepared.ours.walks:  # the averaged copy changed
-            prepared.split(averaged)
         avg, src = averaged, current
         if prepared.floating is not None:
             avg, src = prepared.floating(averaged), prepared.floating(current)
