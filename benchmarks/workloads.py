@@ -89,6 +89,7 @@ def one_update_models():
     torch.manual_seed(0)
     layers = [torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(), torch.nn.Linear(64, 10)]
     encoder_layer = torch.nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True)
+    conv_bn = [(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16)) for _ in range(20)]
     return {
         "one update: tiny MLP with BatchNorm": lambda: torch.nn.Sequential(*layers),
         # biases, norms: a many-layer model's small tensors, each module holding two
@@ -98,6 +99,9 @@ def one_update_models():
         "one update: 12 encoder layers, d=64": lambda: torch.nn.TransformerEncoder(
             encoder_layer, 12, enable_nested_tensor=False
         ),
+        # a CNN's buffers: 60 (two floating, one num_batches_tracked per BatchNorm), copied at each
+        # update by the drop-ins as by torch's (no target: it shows what the copies cost)
+        "one update: 20 conv + BatchNorm layers": lambda: torch.nn.Sequential(*(m for pair in conv_bn for m in pair)),
     }
 
 
