@@ -4,6 +4,7 @@ turns their times into a row of figures each."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -28,6 +29,38 @@ def median_seconds(fn, device: torch.device, min_run_time: float) -> float:
     from torch.utils.benchmark import Timer
 
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def fastest_blocks(candidates, device: torch.device, min_run_time: float, blocks: int = 15) -> dict:
+    """method -> (fastest, median) seconds per call over `blocks` blocks of calls, the candidates
+    taking turns block by block, the garbage collector off (as timeit has it). For fixed costs of a
+    few microseconds, where the VM's noise only ever adds time and moves a median by a third from
+    run to run, the fastest block is the cost itself. Each candidate's block is as many calls as
+    take it about `min_run_time / blocks`; on a GPU a block ends with a synchronisation, so a
+    call's device work counts where it is longer than its host work."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def seconds_per_call(fn, calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / calls
+
+    calls = {}
+    for method, fn in candidates.items():  # each candidate's calls per block, from ten calls
+        calls[method] = max(1, int(min_run_time / blocks / seconds_per_call(fn, 10)))
+    samples = {method: [] for method in candidates}
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(blocks):
+            for method, fn in candidates.items():
+                samples[method].append(seconds_per_call(fn, calls[method]))
+    finally:
+        if collecting:
+            gc.enable()
+    return {method: (min(times), sorted(times)[len(times) // 2]) for method, times in samples.items()}
 
 
 def copy_bandwidth(device: torch.device, min_run_time: float) -> float:
@@ -76,9 +109,14 @@ def time_methods(candidates, labels, moved, device, min_run_time, bandwidth):
     for _ in range(ROUNDS):
         for method, fn in candidates.items():
             samples[method].append(median_seconds(fn, device, min_run_time / ROUNDS))
+    medians = {method: sorted(times)[len(times) // 2] for method, times in samples.items()}
+    return figures(candidates, medians, labels, moved, device, bandwidth)
+
+
+def figures(candidates, seconds, labels, moved, device, bandwidth):
+    """A row of figures per method from its time per call (`seconds`), as `time_methods` gives."""
     rows = []
-    for method, times in samples.items():
-        t = sorted(times)[len(times) // 2]
+    for method, t in seconds.items():
         rows.append(
             {
                 **labels,

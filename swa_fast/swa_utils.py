@@ -362,7 +362,13 @@ class AveragedModel(Module):
             n_averaged.add_(1)
 
     def _update_fused(
-        self, prepared: _Prepared, current: list[Tensor], averaged: list[Tensor], weight, kind: tuple, eager: bool
+        self,
+        prepared: _Prepared,
+        current: list[Tensor],
+        averaged: list[Tensor],
+        weight: Tensor | float,
+        kind: tuple,
+        eager: bool,
     ) -> None:
         if len(current) != len(averaged):
             raise ValueError(
