@@ -346,9 +346,9 @@ class AveragedModel(Module):
                 try:  # the usual case: one op, whose checks (before it writes) say if anything is amiss
                     prepared.lerp.eager(averaged, current, weight)
                 except ValueError:  # then the general path says why, or takes the devices apart
-                    self._update_fused(prepared, current, averaged, weight, kind, eager)
+                    self._update_fused(prepared, current, averaged, weight, kind, n, eager)
             else:
-                self._update_fused(prepared, current, averaged, weight, kind, eager)
+                self._update_fused(prepared, current, averaged, weight, kind, n, eager)
         if not self.use_buffers:  # as torch does: buffers are not averaged, they follow the model
             if len(ours) != len(theirs):  # (torch zips them)
                 ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
@@ -368,6 +368,7 @@ class AveragedModel(Module):
         averaged: list[Tensor],
         weight: Tensor | float,
         kind: tuple,
+        n: Tensor | int,
         eager: bool,
     ) -> None:
         if len(current) != len(averaged):
@@ -390,7 +391,7 @@ class AveragedModel(Module):
         else:
             self._lerp_groups([(p(avg), p(src)) for p in prepared.by_device], weight)
         if prepared.integers is not None:
-            self._update_integers(prepared.integers(averaged), prepared.integers(current), kind)
+            self._update_integers(prepared.integers(averaged), prepared.integers(current), kind, n)
 
     def _lerp_groups(self, groups: list[tuple[list[Tensor], list[Tensor]]], weight: Tensor | float) -> None:
         """One op per (averaged, model) pair of lists, each list of the averaged side on one device:
@@ -408,21 +409,29 @@ class AveragedModel(Module):
         for avg, src, w in calls:
             ops.lerp_(avg, src, w)
 
-    def _update_integers(self, averaged: list[Tensor], current: list[Tensor], kind) -> None:
+    def _update_integers(self, averaged: list[Tensor], current: list[Tensor], kind, n: Tensor | int) -> None:
         """Integer buffers (num_batches_tracked with use_buffers=True), with torch's arithmetic:
         a copy on the first update, then the average truncated back to the integer dtype. Alike
         buffers (a model's num_batches_tracked are all 0-dim int64) are stacked, so that each step
-        is one op for all of them rather than one per BatchNorm layer."""
+        is one op for all of them rather than one per BatchNorm layer. `n`: the count as read on
+        the host, or the n_averaged buffer where it was not (then decided on its device: moving a
+        CPU count to a GPU would wait for the GPU)."""
         alike: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for a, c in zip(averaged, current):
             group = alike.setdefault((a.device, a.dtype, a.shape, c.device), ([], []))
             group[0].append(a)
             group[1].append(c)
+        on_host = type(n) is int
         for (device, *_), (a_list, c_list) in alike.items():
-            a, c = torch.stack(a_list), torch.stack(c_list).to(device)
-            n = self.n_averaged.to(device)
-            blended = a + (c - a) / (n + 1) if kind[0] == "swa" else a * kind[1] + c * (1 - kind[1])
-            torch._foreach_copy_(a_list, torch.where(n == 0, c, blended).unbind())
+            c = torch.stack(c_list).to(device)
+            if on_host and n == 0:  # the first update: a copy, exact at any count
+                torch._foreach_copy_(a_list, c.unbind())
+                continue
+            a, count = torch.stack(a_list), n if on_host else n.to(device)
+            blended = a + (c - a) / (count + 1) if kind[0] == "swa" else a * kind[1] + c * (1 - kind[1])
+            if not on_host:
+                blended = torch.where(count == 0, c, blended)
+            torch._foreach_copy_(a_list, blended.unbind())
 
     def _update_like_torch(self, current: list[Tensor]) -> None:
         """A user's own avg_fn / multi_avg_fn: torch's update, step for step."""

@@ -92,6 +92,18 @@ def test_many_batchnorm_counters_match_torch(kind):
     assert_same_state(fast, ref)
 
 
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_the_first_update_copies_integer_buffers_exactly_at_any_count(kind):
+    """As torch's first update (a copy): a count past float32's integers (2^24) is not rounded."""
+    model = cnn_with_bn(8)
+    model[1].num_batches_tracked.fill_(2**24 + 1)
+    fn = {"swa": None, "ema": fast_swa.get_ema_multi_avg_fn(0.9)}[kind]
+    fast = fast_swa.AveragedModel(model, use_buffers=True, multi_avg_fn=fn)
+    fast.module[1].num_batches_tracked.fill_(0)
+    fast.update_parameters(model)
+    assert fast.module[1].num_batches_tracked.item() == 2**24 + 1
+
+
 def test_swa_multi_avg_fn_matches_torch():
     _, fast, ref = run_both(
         {"multi_avg_fn": fast_swa.get_swa_multi_avg_fn()}, {"multi_avg_fn": torch_swa.get_swa_multi_avg_fn()}
