@@ -429,8 +429,8 @@ class AveragedModel(Module):
                 continue
             a, count = torch.stack(a_list), n if on_host else n.to(device)
             blended = a + (c - a) / (count + 1) if kind[0] == "swa" else a * kind[1] + c * (1 - kind[1])
-            if not on_host:
-                blended = torch.where(count == 0, c, blended)
+            if not on_host:  # (truncated first, as the copy would: c itself is kept exactly)
+                blended = torch.where(count == 0, c, blended.to(c.dtype))
             torch._foreach_copy_(a_list, blended.unbind())
 
     def _update_like_torch(self, current: list[Tensor]) -> None:

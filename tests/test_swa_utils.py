@@ -93,15 +93,20 @@ def test_many_batchnorm_counters_match_torch(kind):
 
 
 @pytest.mark.parametrize("kind", ["swa", "ema"])
-def test_the_first_update_copies_integer_buffers_exactly_at_any_count(kind):
-    """As torch's first update (a copy): a count past float32's integers (2^24) is not rounded."""
+@pytest.mark.parametrize("count_on_host", [True, False])
+def test_the_first_update_copies_integer_buffers_exactly_at_any_count(kind, count_on_host):
+    """As torch's first update (a copy): a count past float32's integers (2^24) is not rounded,
+    whether n_averaged is read on the host or stays a tensor (an int32 one has no host view)."""
     model = cnn_with_bn(8)
     model[1].num_batches_tracked.fill_(2**24 + 1)
     fn = {"swa": None, "ema": fast_swa.get_ema_multi_avg_fn(0.9)}[kind]
     fast = fast_swa.AveragedModel(model, use_buffers=True, multi_avg_fn=fn)
+    if not count_on_host:
+        fast.n_averaged = torch.tensor(0, dtype=torch.int32)
     fast.module[1].num_batches_tracked.fill_(0)
     fast.update_parameters(model)
     assert fast.module[1].num_batches_tracked.item() == 2**24 + 1
+    assert (fast._prepared._count_view is not None) == count_on_host
 
 
 def test_swa_multi_avg_fn_matches_torch():
