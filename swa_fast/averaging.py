@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from . import checks, distributed, ops
-from .counts import UpdateCounts
+from .counts import UpdateCounts, counted
 from .flat import copy_lists, write_through_strides
 from .model_tensors import ModelCopy, TrackedModel
 from .placement import OtherDevice, SameDevice, SideStream
@@ -336,9 +336,9 @@ class Averager:
                 self.average.check_shapes(floating)
                 raise
         if integers:
-            counted = finite if due is None else due if finite is None else finite & due
-            if counted is not None:
-                integers = [torch.where(counted, live, kept) for kept, live in zip(self._integers, integers)]
+            averaged = counted(finite, due)
+            if averaged is not None:
+                integers = [torch.where(averaged, live, kept) for kept, live in zip(self._integers, integers)]
             copy_lists(self._integers, integers)  # one call for every num_batches_tracked
         self.counts.add(finite, due)
         if self._device_calls is None:  # (capturable: no host state changes)

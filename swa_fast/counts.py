@@ -6,6 +6,12 @@ import torch
 from torch import Tensor
 
 
+def counted(finite: Tensor | None, due: Tensor | None) -> Tensor | None:
+    """Whether an update counts, when the device decides: averaged without inf/NaN (`finite`) and
+    on the schedule (`due`, a capturable EMA's `update_every`); None where neither was asked."""
+    return finite if due is None else due if finite is None else finite & due
+
+
 class UpdateCounts:
     """`n_averaged` (updates in the average) and `n_skipped` (non-finite updates left out), as 0-dim
     long tensors on the average's device.
@@ -40,11 +46,8 @@ class UpdateCounts:
         if self.host is not None:
             self.host += 1
             return
-        counted = finite if due is None else due if finite is None else finite & due
-        if counted is None:
-            self._n_averaged += 1
-        else:
-            self._n_averaged += counted
+        averaged = counted(finite, due)
+        self._n_averaged += 1 if averaged is None else averaged
         if finite is not None:
             self.n_skipped += ~finite if due is None else ~finite & due
 
