@@ -156,8 +156,8 @@ class Averager:
         )
         # The usual case, which `_apply_update` takes the short way: one flat group, no integer
         # buffers, host counts, no check_finite.
-        self._plain = len(self.average.groups) == 1 and not self.tracked.integer and not (
-            check_finite or capturable
+        self._plain = (
+            len(self.average.groups) == 1 and not self.tracked.integer and not (check_finite or capturable)
         )
 
     @property

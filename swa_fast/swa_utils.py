@@ -30,7 +30,7 @@ from torch.optim.swa_utils import SWALR
 
 from . import checks, ops
 from .bn import update_bn
-from .buffer_copy import BufferCopy
+from .buffer_copy import BufferCopy, numpy_view
 from .flat import FlatBuffer, padded_numel
 from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
 from .weighting import ema_weight, real_number, swa_weight
@@ -217,16 +217,14 @@ class _Prepared:
         self._count_view = None
 
     def host_count(self, n_averaged: Tensor):
-        """A numpy view of `n_averaged` when it is a CPU tensor (torch's default, even for a GPU
-        model), else None. Reading it and adding 1 through the view cost a tenth of a microsecond,
-        `n_averaged.add_(1)` 1.5 us (a dispatch); it is the buffer's own memory, so the buffer,
-        its state_dict and a checkpoint see the count at once. The view keeps that memory alive,
-        so a data_ptr that still matches is still it."""
+        """A numpy view of `n_averaged` (`buffer_copy.numpy_view`) when it is a CPU long tensor
+        (torch's default, even for a GPU model), else None. Reading it and adding 1 through the
+        view cost a tenth of a microsecond, `n_averaged.add_(1)` 1.5 us; it is the buffer's own
+        memory, so the buffer, its state_dict and a checkpoint see the count at once."""
         # a new buffer (`.to()`, load_state_dict(assign=True)) or new memory (`.data = ...`)
         if n_averaged is not self._count or n_averaged.data_ptr() != self._count_ptr:
             self._count, self._count_ptr = n_averaged, n_averaged.data_ptr()
-            plain = type(n_averaged) is Tensor and n_averaged.is_cpu and n_averaged.dim() == 0
-            self._count_view = n_averaged.numpy() if plain and n_averaged.dtype == torch.long else None
+            self._count_view = numpy_view(n_averaged) if n_averaged.dtype == torch.long else None
         return self._count_view
 
     def tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
