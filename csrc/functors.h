@@ -302,6 +302,26 @@ struct Copy {
   }
 };
 
+// dst = src, bit for bit: integer and bool tensors of one dtype, as unsigned integers of their width
+template <typename T>
+struct Move {
+  static constexpr int kLists = 2;
+  using Lists = ListTypes<T, T>;
+  static constexpr unsigned kReadLists = 0b10;  // dst is only written
+  C10_HOST_DEVICE unsigned written_lists() const { return 0b01; }
+  struct Regs {
+    T src;
+  };
+  C10_HOST_DEVICE void resolve() {}
+  C10_HOST_DEVICE bool skip() const { return false; }
+  C10_HOST_DEVICE bool weight_one() const { return false; }
+  C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const { return {static_cast<const T*>(p[1])[i]}; }
+  template <bool = true>
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+    static_cast<T*>(p[0])[i] = r.src;
+  }
+};
+
 // a <-> b, same dtype
 template <typename T>
 struct Swap {

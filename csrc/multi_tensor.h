@@ -23,8 +23,30 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The integer and bool dtypes that copy_ moves as they are (checks.py: INTEGER_DTYPES).
+inline bool is_supported_integer(at::ScalarType t) {
+  switch (t) {
+    case at::kBool: case at::kByte: case at::kChar: case at::kShort: case at::kInt: case at::kLong:
+    case at::kUInt16: case at::kUInt32: case at::kUInt64: return true;
+    default: return false;
+  }
+}
+
 // The dtype as Python spells it ("torch.bfloat16"), so every backend's messages read alike.
 inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+// Calls f(T{}) with T the unsigned integer type of `bytes` bytes: an integer or bool tensor's
+// elements moved as they are.
+template <typename F>
+decltype(auto) visit_bits(int64_t bytes, F&& f) {
+  switch (bytes) {
+    case 1: return f(uint8_t{});
+    case 2: return f(uint16_t{});
+    case 4: return f(uint32_t{});
+    case 8: return f(uint64_t{});
+    default: TORCH_CHECK_VALUE(false, "swa_fast: unsupported element size ", bytes);
+  }
+}
 
 // Calls f(T{}) with T the C++ type of `t`.
 template <typename F>
@@ -59,6 +81,8 @@ struct ListArg {
   at::TensorList tensors;
   bool written;         // written in place: must be contiguous
   bool same_dtype = false;  // must have the first list's dtype at every index
+  // may also hold integer and bool tensors (copy_), each with the first list's dtype at its index
+  bool integers = false;
 };
 
 // The tensors of a call that share one dtype per list: their K data pointers and element counts.
@@ -269,8 +293,10 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
       TORCH_CHECK_VALUE(t.layout() == at::kStrided, "swa_fast.", op, ": `", l.name, "[", i, "]` has layout ",
                         layout_name(t.layout()), "; expected a strided (dense) tensor");
       dtypes[k] = t.scalar_type();
-      TORCH_CHECK_VALUE(is_supported_float(dtypes[k]), "swa_fast.", op, ": `", l.name, "[", i, "]` has dtype ",
-                        dtype_name(dtypes[k]), "; expected float32, float64, float16 or bfloat16");
+      TORCH_CHECK_VALUE(is_supported_float(dtypes[k]) || (l.integers && is_supported_integer(dtypes[k])),
+                        "swa_fast.", op, ": `", l.name, "[", i, "]` has dtype ", dtype_name(dtypes[k]),
+                        l.integers ? "; expected float32, float64, float16, bfloat16, or an integer or bool dtype"
+                                   : "; expected float32, float64, float16 or bfloat16");
       TORCH_CHECK_VALUE(t.device() == out.device, "swa_fast.", op, ": `", l.name, "[", i, "]` is on ",
                         t.device(), " but `", first.name, "[0]` is on ", out.device,
                         "; all tensors of one call must be on one device");
@@ -285,6 +311,11 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
       TORCH_CHECK_VALUE(!l.same_dtype || dtypes[k] == dtypes[0], "swa_fast.", op, ": `", l.name, "[", i,
                         "]` has dtype ", dtype_name(dtypes[k]), " but `", first.name, "[", i, "]` has dtype ",
                         dtype_name(dtypes[0]), "; both sides must have the same dtype");
+      TORCH_CHECK_VALUE(!l.integers || dtypes[k] == dtypes[0] ||
+                            (is_supported_float(dtypes[k]) && is_supported_float(dtypes[0])),
+                        "swa_fast.", op, ": `", l.name, "[", i, "]` has dtype ", dtype_name(dtypes[k]), " but `",
+                        first.name, "[", i, "]` has dtype ", dtype_name(dtypes[0]),
+                        "; an integer or bool tensor is copied only to and from its own dtype");
     }
     const int64_t numel = ref.numel();
     if (numel == 0) continue;

@@ -42,8 +42,13 @@ void moments_impl(at::TensorList mean, at::TensorList sq, at::TensorList src, co
 
 template <class Run>
 void copy_impl(at::TensorList dst, at::TensorList src) {
-  const auto call = gather<2>("copy_", {{{"dst", dst, true}, {"src", src, false}}});
+  const auto call = gather<2>("copy_", {{{"dst", dst, true, false, /*integers=*/true},
+                                         {"src", src, false, false, /*integers=*/true}}});
   for (const auto& group : call.groups) {
+    if (!is_supported_float(group.dtypes[0])) {  // integers, bool: one dtype, its bits as they are
+      visit_bits(c10::elementSize(group.dtypes[0]), [&](auto t) { Run::run(group, call.device, Move<decltype(t)>{}); });
+      continue;
+    }
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[1], [&](auto s) { Run::run(group, call.device, Copy<decltype(d), decltype(s)>{}); });
     });

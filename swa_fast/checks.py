@@ -15,6 +15,12 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# What copy_ also moves, bit for bit, between tensors of one dtype (csrc/multi_tensor.h:
+# is_supported_integer)
+INTEGER_DTYPES = (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+    torch.uint64,
+)
 _CPU = torch.device("cpu")
 
 
@@ -25,6 +31,8 @@ class ListArg(NamedTuple):
     tensors: Sequence[Tensor]
     written: bool  # written in place: must be contiguous, and share no memory
     same_dtype: bool = False  # must have the first list's dtype at every index
+    # may also hold integer and bool tensors (copy_), each with the first list's dtype at its index
+    integers: bool = False
 
 
 class _Span(NamedTuple):
@@ -101,7 +109,7 @@ def check_lists(op: str, lists: Sequence[ListArg]) -> None:
         and not isinstance(first.tensors[0], FakeTensor)
     )
     for i, ref in enumerate(first.tensors):
-        for name, tensors, written, same_dtype in lists:
+        for name, tensors, written, same_dtype, integers in lists:
             t = tensors[i]
             if not isinstance(t, Tensor):
                 raise ValueError(f"swa_fast.{op}: `{name}[{i}]` is a {type(t).__name__}, expected a Tensor")
@@ -109,11 +117,11 @@ def check_lists(op: str, lists: Sequence[ListArg]) -> None:
                 raise ValueError(
                     f"swa_fast.{op}: `{name}[{i}]` has layout {t.layout}; expected a strided (dense) tensor"
                 )
-            if t.dtype not in FLOAT_DTYPES:
-                raise ValueError(
-                    f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype}; "
-                    "expected float32, float64, float16 or bfloat16"
+            if t.dtype not in FLOAT_DTYPES and not (integers and t.dtype in INTEGER_DTYPES):
+                expected = "float32, float64, float16, bfloat16, or an integer or bool dtype" if integers else (
+                    "float32, float64, float16 or bfloat16"
                 )
+                raise ValueError(f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype}; expected {expected}")
             if t.device != device:
                 raise ValueError(
                     f"swa_fast.{op}: `{name}[{i}]` is on {t.device} but `{first.name}[0]` is on {device}; "
@@ -138,6 +146,11 @@ def check_lists(op: str, lists: Sequence[ListArg]) -> None:
                 raise ValueError(
                     f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype} but `{first.name}[{i}]` has dtype "
                     f"{ref.dtype}; both sides must have the same dtype"
+                )
+            if integers and t.dtype != ref.dtype and not (t.dtype in FLOAT_DTYPES and ref.dtype in FLOAT_DTYPES):
+                raise ValueError(
+                    f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype} but `{first.name}[{i}]` has dtype "
+                    f"{ref.dtype}; an integer or bool tensor is copied only to and from its own dtype"
                 )
     if has_memory:
         check_no_overlap(op, lists)
@@ -243,7 +256,7 @@ def check_multi_lerp(avgs, src, weights, max_count: int | None = MAX_AVERAGES_PE
 
 
 def check_copy(dst, src) -> None:
-    check_lists("copy_", [ListArg("dst", dst, True), ListArg("src", src, False)])
+    check_lists("copy_", [ListArg("dst", dst, True, integers=True), ListArg("src", src, False, integers=True)])
 
 
 def check_swap(a, b) -> None:

@@ -13,6 +13,10 @@ from torch import Tensor
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in for a destination of `dtype`: fp32, fp64 for fp64; copy_'s
+    integer and bool tensors are moved in their own."""
+    if not dtype.is_floating_point:
+        return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -56,6 +56,16 @@ if triton is not None:
         torch.float64: tl.float64,
         torch.float16: tl.float16,
         torch.bfloat16: tl.bfloat16,
+        # copy_'s integer and bool tensors, moved as they are (a bool is a byte)
+        torch.bool: tl.uint8,
+        torch.uint8: tl.uint8,
+        torch.int8: tl.int8,
+        torch.int16: tl.int16,
+        torch.int32: tl.int32,
+        torch.int64: tl.int64,
+        torch.uint16: tl.uint16,
+        torch.uint32: tl.uint32,
+        torch.uint64: tl.uint64,
     }
 
     @triton.jit

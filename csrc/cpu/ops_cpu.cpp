@@ -57,6 +57,10 @@ template <typename T>
 struct PlainCopy<Copy<T, T>> {
   static constexpr int64_t kBytes = sizeof(T);
 };
+template <typename T>
+struct PlainCopy<Move<T>> {
+  static constexpr int64_t kBytes = sizeof(T);
+};
 
 // A copy of more than this many bytes does not fit in the caches: its destination is better
 // written with non-temporal stores, which skip reading each line before overwriting it (a third
