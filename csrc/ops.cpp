@@ -245,6 +245,34 @@ PyObject* py_swap(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return py_two_lists<true>(op, "swap_", "a", "b", args, nargs);
 }
 
+// The drop-in AveragedModel's update in one call from Python: lerp_(avg, src, weight), then
+// copy_(dst, copy_src) (the model's buffers), each its own op through the dispatcher, the GIL
+// released once. lerp_'s errors are raised (it wrote nothing); copy_'s ValueError only tells the
+// caller, by returning False, that the lerp_ is done and the copy is its to make another way.
+PyObject* py_lerp_then_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!expect_args("lerp_then_copy_", nargs, 5)) return nullptr;
+  static auto lerp = op_handle<void(TL, TL, T)>("swa_fast::lerp_");
+  static auto copy = op_handle<void(TL, TL)>("swa_fast::copy_");
+  const BorrowedTensors avg(args[0], "lerp_", "avg"), src(args[1], "lerp_", "src");
+  const at::Tensor weight = unpack_weight(args[2], "lerp_");
+  const BorrowedTensors dst(args[3], "copy_", "dst"), copy_src(args[4], "copy_", "src");
+  bool copied = true;
+  {
+    pybind11::gil_scoped_release no_gil;
+    lerp.redispatch(avg.device_keys(), avg.list(), src.list(), weight);
+    try {
+      copy.redispatch(dst.device_keys(), dst.list(), copy_src.list());
+    } catch (const c10::ValueError&) {
+      copied = false;
+    }
+  }
+  avg.bump_versions();
+  if (copied) dst.bump_versions();
+  return PyBool_FromLong(copied);
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* build_info(PyObject*, PyObject*) {
   return Py_BuildValue("{s:O,s:s,s:s,s:s}", "cuda", SWA_FAST_WITH_CUDA ? Py_True : Py_False, "cuda_archs",
                        SWA_FAST_BUILD_CUDA_ARCHS, "cuda_version", SWA_FAST_BUILD_CUDA_VERSION, "torch_version",
@@ -259,6 +287,8 @@ PyMethodDef methods[] = {
     {"multi_lerp_", fastcall(py_multi_lerp), METH_FASTCALL, "multi_lerp_(avgs, src, weights): eager fast path"},
     {"copy_", fastcall(py_copy), METH_FASTCALL, "copy_(dst, src): eager fast path"},
     {"swap_", fastcall(py_swap), METH_FASTCALL, "swap_(a, b): eager fast path"},
+    {"lerp_then_copy_", fastcall(py_lerp_then_copy), METH_FASTCALL,
+     "lerp_then_copy_(avg, src, weight, dst, copy_src): lerp_, then copy_; False when copy_ refused its lists"},
     {"build_info", build_info, METH_NOARGS, "What this extension was built with."},
     {nullptr, nullptr, 0, nullptr},
 };

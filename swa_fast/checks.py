@@ -118,9 +118,9 @@ def check_lists(op: str, lists: Sequence[ListArg]) -> None:
                     f"swa_fast.{op}: `{name}[{i}]` has layout {t.layout}; expected a strided (dense) tensor"
                 )
             if t.dtype not in FLOAT_DTYPES and not (integers and t.dtype in INTEGER_DTYPES):
-                expected = "float32, float64, float16, bfloat16, or an integer or bool dtype" if integers else (
-                    "float32, float64, float16 or bfloat16"
-                )
+                expected = "float32, float64, float16 or bfloat16"
+                if integers:
+                    expected = "float32, float64, float16, bfloat16, or an integer or bool dtype"
                 raise ValueError(f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype}; expected {expected}")
             if t.device != device:
                 raise ValueError(
@@ -147,7 +147,8 @@ def check_lists(op: str, lists: Sequence[ListArg]) -> None:
                     f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype} but `{first.name}[{i}]` has dtype "
                     f"{ref.dtype}; both sides must have the same dtype"
                 )
-            if integers and t.dtype != ref.dtype and not (t.dtype in FLOAT_DTYPES and ref.dtype in FLOAT_DTYPES):
+            both_floating = t.dtype in FLOAT_DTYPES and ref.dtype in FLOAT_DTYPES
+            if integers and t.dtype != ref.dtype and not both_floating:
                 raise ValueError(
                     f"swa_fast.{op}: `{name}[{i}]` has dtype {t.dtype} but `{first.name}[{i}]` has dtype "
                     f"{ref.dtype}; an integer or bool tensor is copied only to and from its own dtype"
@@ -256,7 +257,9 @@ def check_multi_lerp(avgs, src, weights, max_count: int | None = MAX_AVERAGES_PE
 
 
 def check_copy(dst, src) -> None:
-    check_lists("copy_", [ListArg("dst", dst, True, integers=True), ListArg("src", src, False, integers=True)])
+    check_lists(
+        "copy_", [ListArg("dst", dst, True, integers=True), ListArg("src", src, False, integers=True)]
+    )
 
 
 def check_swap(a, b) -> None:

@@ -154,14 +154,17 @@ class ModuleWalk:
         walked = list(chain.from_iterable(self._values))
         return walked if self._pick is None else self._pick(walked)
 
-    def parts(self) -> list[list[Tensor]]:
-        """The module's parameters and its buffers now (as asked), each list's tensors once."""
-        self._check()
-        out = []
-        for values, keep in self._parts:
-            walked = list(chain.from_iterable(values))
-            out.append(walked if keep is None else keep(walked))
-        return out
+    def parts(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The module's parameters and its buffers now, each list's tensors once (a walk of both;
+        written out for two: a loop over the kinds costs a tenth of a microsecond, on every update)."""
+        if _Registrations.count != self._registrations or sum(map(len, self._parents)) != self._children:
+            self._walk(self._module())
+        (params, keep_params), (buffers, keep_buffers) = self._parts
+        params, buffers = list(chain.from_iterable(params)), list(chain.from_iterable(buffers))
+        return (
+            params if keep_params is None else keep_params(params),
+            buffers if keep_buffers is None else keep_buffers(buffers),
+        )
 
 
 def _keeper(walked: list) -> Callable[[list], list] | None:

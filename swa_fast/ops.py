@@ -460,6 +460,12 @@ def swap_(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str | None = Non
     _run_swap([a, b], (), backend)
 
 
+# The drop-in AveragedModel's eager update in one call to the extension (None without it):
+# `eager_lerp_then_copy(avg, src, weight, dst, copy_src)` runs lerp_, then copy_ (the model's
+# buffers), each checked before it writes, for a tenth of a microsecond less than two calls. A
+# lerp_ refused raises; a copy_ refused returns False (the lerp_ done), True when both ran.
+eager_lerp_then_copy = getattr(_C, "lerp_then_copy_", None)
+
 _BINDABLE = {"lerp_": lerp_, "moments_": moments_, "copy_": copy_, "swap_": swap_}
 
 

@@ -30,7 +30,8 @@ from torch.optim.swa_utils import SWALR
 
 from . import checks, ops
 from .bn import update_bn
-from .buffer_copy import BufferCopy, numpy_view
+from .buffer_copy import BufferCopy
+from .counts import numpy_view
 from .flat import FlatBuffer, padded_numel
 from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
 from .weighting import ema_weight, real_number, swa_weight
@@ -217,7 +218,7 @@ class _Prepared:
         self._count_view = None
 
     def host_count(self, n_averaged: Tensor):
-        """A numpy view of `n_averaged` (`buffer_copy.numpy_view`) when it is a CPU long tensor
+        """A numpy view of `n_averaged` (`counts.numpy_view`) when it is a CPU long tensor
         (torch's default, even for a GPU model), else None. Reading it and adding 1 through the
         view cost a tenth of a microsecond, `n_averaged.add_(1)` 1.5 us; it is the buffer's own
         memory, so the buffer, its state_dict and a checkpoint see the count at once."""
@@ -249,6 +250,7 @@ class _Prepared:
         self.lerp = ops.BoundOp("lerp_", device)
         self.copy_buffers = BufferCopy(device)
         # the usual layout: every averaged tensor floating, on one device, run by the extension
+        # (which then also copies the buffers in the same call: ops.eager_lerp_then_copy)
         self.plain = not integers and self.by_device is None and self.lerp.eager is not None
 
 
@@ -321,39 +323,38 @@ class AveragedModel(Module):
         """Update the average with `model`'s current weights (the first call copies them)."""
         given = self.avg_fn if self.avg_fn is not None else self.multi_avg_fn
         kind = _SWA if given is None else getattr(given, "swa_fast_kind", None)
+        if kind is None:
+            self._update_like_torch(model)
+            return
+        prepared = self._prepared
+        if prepared is None or prepared.model() is not model:
+            prepared = self._prepare(model)
+        current, averaged, theirs, ours = prepared.tensors()
         # (n_averaged read from the dict: Module.__getattr__ is a Python call)
         n_averaged = self._buffers["n_averaged"]
-        if kind is None:
-            with torch.no_grad():
-                self._update_like_torch(module_tensors(model, self.use_buffers))
-            theirs, ours = module_buffers(model), module_buffers(self.module)
-            count = prepared = None
-        else:
-            prepared = self._prepared
-            if prepared is None or prepared.model() is not model:
-                prepared = self._prepare(model)
-            current, averaged, theirs, ours = prepared.tensors()
-            count = prepared.host_count(n_averaged)
-            # 1 on the first call: an exact copy. Worked out where n_averaged lives (no host sync).
-            n = n_averaged if count is None else count.item()
-            weight = swa_weight(n) if kind[0] == "swa" else ema_weight(kind[1], n)
-            eager = not _is_compiling()  # asked once: then the ops' entry points are called straight
-            if prepared.walks != prepared.ours.walks:  # the averaged copy changed
-                prepared.split(averaged)
-            if eager and prepared.plain and not self._moved:
-                try:  # the usual case: one op, whose checks (before it writes) say if anything is amiss
+        count = prepared.host_count(n_averaged)
+        # 1 on the first call: an exact copy. Worked out where n_averaged lives (no host sync).
+        n = n_averaged if count is None else count.item()
+        weight = swa_weight(n) if kind[0] == "swa" else ema_weight(kind[1], n)
+        eager = not _is_compiling()  # asked once: then the ops' entry points are called straight
+        if prepared.walks != prepared.ours.walks:  # the averaged copy changed
+            prepared.split(averaged)
+        # As torch does: the buffers are not averaged, they follow the model (none with use_buffers)
+        if len(ours) != len(theirs):  # (torch zips them)
+            ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
+        copied = False
+        if eager and prepared.plain and not self._moved:
+            try:  # the usual case: one call, whose ops' checks (before they write) say if anything is amiss
+                if prepared.copy_buffers.by_op:
+                    copied = ops.eager_lerp_then_copy(averaged, current, weight, ours, theirs)
+                else:
                     prepared.lerp.eager(averaged, current, weight)
-                except ValueError:  # then the general path says why, or takes the devices apart
-                    self._update_fused(prepared, current, averaged, weight, kind, n, eager)
-            else:
+            except ValueError:  # the lerp_ refused: the general path says why, or takes the devices apart
                 self._update_fused(prepared, current, averaged, weight, kind, n, eager)
-        if not self.use_buffers:  # as torch does: buffers are not averaged, they follow the model
-            if len(ours) != len(theirs):  # (torch zips them)
-                ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
-            if ours and prepared is None:
-                torch._foreach_copy_(ours, theirs)
-            elif ours:
-                prepared.copy_buffers(ours, theirs, eager)
+        else:
+            self._update_fused(prepared, current, averaged, weight, kind, n, eager)
+        if ours and not copied:
+            prepared.copy_buffers(ours, theirs, eager)
         if count is not None:
             count[()] = n + 1  # in the buffer's memory (not `count += 1`: a numpy ufunc, 1.4 us)
         else:  # in place, as `+=` is, but without its setattr, which registers the buffer anew
@@ -431,15 +432,15 @@ class AveragedModel(Module):
                 blended = torch.where(count == 0, c, blended.to(c.dtype))
             torch._foreach_copy_(a_list, blended.unbind())
 
-    def _update_like_torch(self, current: list[Tensor]) -> None:
+    @torch.no_grad()
+    def _update_like_torch(self, model: Module) -> None:
         """A user's own avg_fn / multi_avg_fn: torch's update, step for step."""
         averaged = [p.detach() for p in self._averaged_tensors()]
-        current = [c.detach().to(a.device) for a, c in zip(averaged, current)]
+        current = [c.detach().to(a.device) for a, c in zip(averaged, module_tensors(model, self.use_buffers))]
         if self.n_averaged == 0:
             for a, c in zip(averaged, current):
                 a.copy_(c)
-            return
-        if self.multi_avg_fn is not None:
+        elif self.multi_avg_fn is not None:
             groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
             for a, c in zip(averaged, current):
                 group = groups.setdefault((a.device, a.dtype), ([], []))
@@ -450,6 +451,12 @@ class AveragedModel(Module):
         else:
             for a, c in zip(averaged, current):
                 a.copy_(self.avg_fn(a, c, self.n_averaged.to(a.device)))
+        if not self.use_buffers:  # as torch does: buffers are not averaged, they follow the model
+            ours, theirs = module_buffers(self.module), module_buffers(model)
+            if ours and theirs:
+                n = min(len(ours), len(theirs))  # (torch zips them)
+                torch._foreach_copy_(ours[:n], theirs[:n])
+        self.n_averaged.add_(1)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -117,6 +117,30 @@ def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def integer_copy_case(dtype: torch.dtype, device="cpu", seed: int = 0) -> tuple[list, list]:
+    """(dst, src) for copy_ of integer or bool tensors of `dtype`: random bits (every bit pattern is a
+    value: the extremes, the sign bit), a 0-dim tensor (num_batches_tracked), sizes around the
+    backends' chunks, a source that starts one element in (not 16-byte aligned)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def values(n: int) -> torch.Tensor:
+        if dtype == torch.bool:
+            return torch.randint(0, 2, (n,), generator=g) == 1
+        return torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g).view(dtype)
+
+    sizes = [1, 7, 4097, 16385, 65537]
+    src = [values(1).reshape(())] + [values(n) for n in sizes[:-1]] + [values(sizes[-1] + 1)[1:]]
+    dst = [values(s.numel()).reshape(s.shape) for s in src]
+    return [d.to(device) for d in dst], [s.to(device) for s in src]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one dtype hold the same bytes (torch.equal lacks the uint32/uint64 kernels)."""
+    return a.dtype == b.dtype and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    )
+
+
 def cpu_backends() -> list[str]:
     """Every backend that can run CPU tensors here, bar the reference (the oracle)."""
     return ops.usable_backends("cpu")

@@ -10,8 +10,8 @@ CPU = torch.device("cpu")
 
 
 def buffers(seed):
-    """A model's buffers of every kind BufferCopy sorts: floating (two dtypes), 0-dim integer and
-    bool scalars, and a 1-D integer buffer."""
+    """A model's buffers of every kind: floating (two dtypes), 0-dim integer and bool scalars, and
+    a 1-D integer buffer."""
     g = torch.Generator().manual_seed(seed)
     return [
         torch.randn(5, generator=g),
@@ -27,13 +27,13 @@ def assert_copied(dst, src):
         assert torch.equal(d, s.to(d.dtype)), i
 
 
-def test_each_kind_goes_its_way_and_every_value_is_copied():
+def test_every_kind_is_copied_by_the_op():
     dst, copy = buffers(0), BufferCopy(CPU)
     for step in range(1, 4):
         src = buffers(step)
         copy(dst, src, eager=step % 2 == 0)
         assert_copied(dst, src)
-    assert copy._fused_src is not None and len(copy._scalars) == 2 and copy._rest is not None
+    assert copy.by_op  # the op took every pair
 
 
 def test_the_copy_reads_the_source_tensors_it_is_given_each_call():
@@ -54,19 +54,9 @@ def test_the_copy_reads_the_source_tensors_it_is_given_each_call():
         assert_copied(dst, src)
 
 
-def test_a_new_destination_list_is_laid_out_anew():
-    copy = BufferCopy(CPU)
-    first, second = buffers(0), [b.clone() for b in buffers(5)][::-1]
-    src = buffers(1)
-    copy(first, src)
-    copy(second, src[::-1])
-    assert_copied(second, src[::-1])
-    assert_copied(first, src)
-
-
 def test_what_the_op_refuses_is_copied_by_torch_from_then_on():
-    """Destinations that share memory, a strided one: the op refuses or is not asked; torch's
-    copy writes them, index by index, as `Tensor.copy_` would."""
+    """Destinations that share memory, a strided one, an integer of another dtype: the op
+    refuses; torch's copy writes them, index by index, as `Tensor.copy_` would."""
     storage = torch.zeros(8)
     dst = [storage[:5], torch.tensor(0), storage[3:]]  # overlapping
     src = [torch.arange(5.0), torch.tensor(3), torch.arange(10.0, 15.0)]
@@ -77,10 +67,13 @@ def test_what_the_op_refuses_is_copied_by_torch_from_then_on():
         expected[:5] = src[0]
         expected[3:] = src[2]
         assert torch.equal(storage, expected) and dst[1].item() == 3
-    assert copy._fused_src is None  # refused once: torch's from then on
+    assert not copy.by_op  # refused once: torch's from then on
     strided = [torch.zeros(10)[::2]]
     BufferCopy(CPU)(strided, [torch.arange(5.0)])
     assert torch.equal(strided[0], torch.arange(5.0))
+    count = [torch.tensor(0)]
+    BufferCopy(CPU)(count, [torch.tensor(2**31 - 1, dtype=torch.int32)])  # torch casts int32 to int64
+    assert count[0].dtype == torch.int64 and count[0].item() == 2**31 - 1
 
 
 def test_shapes_that_torch_broadcasts_are_broadcast_and_mismatches_raise_torchs_error():

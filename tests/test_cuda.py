@@ -8,14 +8,17 @@ from conftest import (
     OPS,
     cnn_with_bn,
     cuda_backends,
+    integer_copy_case,
     make_case,
     random_batch,
     run_and_check,
+    same_bits,
     state_copy,
     train_step,
 )
 
 import swa_fast
+from swa_fast.checks import INTEGER_DTYPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
@@ -88,6 +91,15 @@ def kernel_launches(fn) -> int:
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA and "kernel" in e.name.lower()
     )
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_copy_moves_integers_and_bools_bit_for_bit_cuda(cuda_backend, dtype):
+    dst, src = integer_copy_case(dtype, "cuda")
+    floats = [torch.zeros(5, dtype=torch.bfloat16, device="cuda")], [torch.randn(5, device="cuda")]
+    swa_fast.copy_(dst + floats[0], src + floats[1], backend=cuda_backend)
+    assert all(same_bits(d.cpu(), s.cpu()) for d, s in zip(dst, src))
+    assert torch.equal(floats[0][0], floats[1][0].bfloat16())
 
 
 @pytest.mark.parametrize("op", OPS)

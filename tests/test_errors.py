@@ -69,8 +69,31 @@ def test_device_mismatch(op, any_backend):
 def test_non_floating_dtype(op, any_backend, dtype):
     lists, extra = case(op)
     lists = replaced(lists, len(lists) - 1, 2, torch.zeros(2, 2, dtype=dtype))
+    # copy_ takes integer and bool tensors, copied only from their own dtype
+    expected = (
+        "copied only to and from its own dtype"
+        if op == "copy_" and not dtype.is_complex
+        else "expected float32"
+    )
+    assert_rejected(op, any_backend, lists, extra, "[2]", str(dtype).replace("torch.", ""), expected)
+
+
+@pytest.mark.parametrize(
+    "dst_dtype, src_dtype",
+    [(torch.int64, torch.int32), (torch.bool, torch.uint8), (torch.int64, torch.float32)],
+)
+def test_copy_of_integers_needs_their_own_dtype(any_backend, dst_dtype, src_dtype):
+    dst = [torch.zeros(3, dtype=torch.int16), torch.zeros(4, dtype=dst_dtype)]
+    src = [torch.ones(3, dtype=torch.int16), torch.ones(4, dtype=src_dtype)]
     assert_rejected(
-        op, any_backend, lists, extra, "[2]", str(dtype).replace("torch.", ""), "expected float32"
+        "copy_",
+        any_backend,
+        [dst, src],
+        (),
+        "`src[1]`",
+        str(src_dtype),
+        f"`dst[1]` has dtype {dst_dtype}",
+        "own dtype",
     )
 
 

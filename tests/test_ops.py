@@ -5,9 +5,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import FLOATS, OPS, clone_lists, make_case, run_and_check
+from conftest import FLOATS, OPS, clone_lists, integer_copy_case, make_case, run_and_check, same_bits
 
 import swa_fast
+from swa_fast.checks import INTEGER_DTYPES
 
 # 0, 1, odd, around each backend's chunk (CPU 65536, Triton 4096, CUDA 16384), and 1e6+.
 SIZES = [0, 1, 7, 4095, 4097, 16385, 65535, 65536, 65537]
@@ -139,8 +140,20 @@ def test_fp32_narrows_to_fp16_as_torch_rounds(backend):
     cases below it, NaN): the bits PyTorch's conversion gives, NaN kept NaN."""
     import swa_fast
 
-    edges = [0x477FE000, 0x477FEFFF, 0x477FF000, 0x38800000, 0x387FFFFF, 0x33000000, 0x33000001,
-             0x32FFFFFF, 0x33400000, 0x7F800000, 0x7F800001, 0x7FC00000]
+    edges = [
+        0x477FE000,
+        0x477FEFFF,
+        0x477FF000,
+        0x38800000,
+        0x387FFFFF,
+        0x33000000,
+        0x33000001,
+        0x32FFFFFF,
+        0x33400000,
+        0x7F800000,
+        0x7F800001,
+        0x7FC00000,
+    ]
     bits = torch.cat([torch.arange(0, 2**31, 499, dtype=torch.int64), torch.tensor(edges)])
     x = torch.cat([bits, bits - 2**31]).to(torch.int32).view(torch.float32)  # (bits - 2**31: the sign set)
     out = [torch.empty(x.shape, dtype=torch.float16)]
@@ -181,23 +194,35 @@ def test_weight_zero_keeps_the_destination_even_for_non_finite_sources(op, backe
     assert torch.equal(dst[0], before[0]) and torch.equal(sq[0], before[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_copy_moves_integers_and_bools_bit_for_bit(any_backend, dtype):
+    """A model's buffers hold integers (BatchNorm's num_batches_tracked) beside its floats: copy_
+    takes both in one call, the integers bit for bit in their own dtype."""
+    dst, src = integer_copy_case(dtype)
+    floats = [torch.zeros(5, dtype=torch.bfloat16)], [torch.randn(5)]
+    swa_fast.copy_(dst + floats[0], src + floats[1], backend=any_backend)
+    assert all(same_bits(d, s) for d, s in zip(dst, src))
+    assert torch.equal(floats[0][0], floats[1][0].bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64])
 def test_copy_beyond_the_caches(dtype):
     """copy_ of more than 32 MB between tensors of one dtype streams its stores past the caches
     (csrc/cpu): every byte must still land, at any alignment, and a cast copy of that size too."""
     import swa_fast
 
     n = (40 << 20) // torch.tensor([], dtype=dtype).element_size()
-    base = torch.randn(n + 3, dtype=torch.float64).to(dtype)
+    base = torch.randn(n + 3, dtype=torch.float64).mul(1e6).to(dtype)
     src = [base[1 : n // 2 + 1], base[n // 2 + 1 : n + 2].view(-1, 1)]  # misaligned starts
     out = torch.zeros(n + 5, dtype=dtype)
     dst = [out[3 : n // 2 + 3], out[n // 2 + 3 : n + 4].view(-1, 1)]
     swa_fast.copy_(dst, src, backend="cpu")
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
     assert out[:3].eq(0).all() and out[n + 4 :].eq(0).all()  # nothing written outside
-    wide = [torch.zeros(s.shape, dtype=torch.float32) for s in src]
-    swa_fast.copy_(wide, src, backend="cpu")
-    assert all(torch.equal(w, s.float()) for w, s in zip(wide, src))
+    if dtype.is_floating_point:
+        wide = [torch.zeros(s.shape, dtype=torch.float32) for s in src]
+        swa_fast.copy_(wide, src, backend="cpu")
+        assert all(torch.equal(w, s.float()) for w, s in zip(wide, src))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "foreach"])  # (Triton's CPU interpreter is not thread-safe)
@@ -423,3 +448,26 @@ def test_a_bound_op_on_an_unavailable_backend_raises_at_the_call_as_the_public_o
     bound = swa_fast.ops.BoundOp("lerp_", "cpu", "cuda")
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable for cpu tensors"):
         bound([torch.zeros(2)], [torch.ones(2)], 0.5)
+
+
+@pytest.mark.skipif(swa_fast.ops.eager_lerp_then_copy is None, reason="needs the compiled extension")
+def test_eager_lerp_then_copy_is_lerp_then_copy_and_says_when_the_copy_was_refused():
+    """The drop-in's update in one call: lerp_ then copy_. A lerp_ refused raises before anything is
+    written; a copy_ refused returns False with the lerp_ done and the copy's lists untouched."""
+    run = swa_fast.ops.eager_lerp_then_copy
+    avg, src = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.full((2,), 3.0)]
+    dst, buffers = [torch.zeros(4), torch.tensor(0)], [torch.arange(4.0), torch.tensor(9)]
+    assert run(avg, src, 0.5, dst, buffers) is True
+    assert torch.equal(avg[0], torch.full((3,), 0.5)) and torch.equal(avg[1], torch.full((2,), 2.0))
+    assert torch.equal(dst[0], buffers[0]) and dst[1].item() == 9
+
+    wrong = [torch.zeros(4), torch.tensor(1, dtype=torch.int32)]  # an integer of another dtype
+    assert run(avg, src, 0.5, dst, wrong) is False
+    assert (
+        torch.equal(avg[0], torch.full((3,), 0.75)) and torch.equal(dst[0], buffers[0]) and dst[1].item() == 9
+    )
+
+    before = [t.clone() for t in avg + dst]
+    with pytest.raises(ValueError, match=r"lerp_: `src\[1\]` has shape \[5\]"):
+        run(avg, [src[0], torch.ones(5)], 0.5, dst, [torch.ones(4), torch.tensor(2)])
+    assert all(torch.equal(t, b) for t, b in zip(avg + dst, before))

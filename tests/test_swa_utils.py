@@ -252,15 +252,17 @@ def test_tensors_replaced_without_hooks_are_seen_as_by_torch():
 
 
 def test_buffers_changed_between_updates_are_copied_as_by_torch():
-    """The model's buffers are copied at every update (use_buffers=False) by one op for the
-    floating ones and numpy views for num_batches_tracked: whatever happened to either side's
-    buffers, or to n_averaged, since the last update, the next one leaves what torch's leaves."""
+    """The model's buffers are copied at every update (use_buffers=False) by one op, in the same
+    call to the extension as the average, or by torch's copy where the op refuses them (a strided
+    destination, an integer of another dtype): whatever happened to either side's buffers, or to
+    n_averaged, since the last update, the next one leaves what torch's leaves."""
     model, fast, ref = run_both(updates=2)
     changes = [
         lambda m: None,  # only the model's BatchNorm buffers, changed in place by perturb_
         lambda m: setattr(model[1].num_batches_tracked, "data", torch.tensor(100)),
         lambda m: setattr(m.module[1].num_batches_tracked, "data", torch.tensor(-1)),
         lambda m: setattr(m.n_averaged, "data", torch.tensor(7)),
+        lambda m: model[1]._buffers.__setitem__("num_batches_tracked", torch.tensor(5, dtype=torch.int32)),
         lambda m: m.module[1]._buffers.__setitem__("running_var", torch.ones(8)[::2]),  # strided
         lambda m: model[1]._buffers.__setitem__("running_mean", model[1].running_mean.clone()),  # a `.to()`
     ]
@@ -275,7 +277,7 @@ def test_buffers_changed_between_updates_are_copied_as_by_torch():
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             assert torch.equal(ours[f"module.1.{name}"], theirs[f"module.1.{name}"]), (step, name)
         assert torch.equal(ours["n_averaged"], theirs["n_averaged"])
-    assert fast.n_averaged.item() == 7 + 3
+    assert fast.n_averaged.item() == 7 + 4
 
 
 def test_an_update_under_torch_compile_gives_torchs_average():
