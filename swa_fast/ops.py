@@ -4,7 +4,7 @@ weights, fake kernels of the compiled ops.
     lerp_(avg, src, weight)          avg += weight * (src - avg)
     moments_(mean, sq, src, weight)  mean += w (src - mean); sq += w (src^2 - sq)
     multi_lerp_(avgs, src, weights)  avgs[k] += weights[k] * (src - avgs[k]), K averages in one pass
-    copy_(dst, src)                  dst = src (cast)
+    copy_(dst, src)                  dst = src (cast; integer and bool tensors bit for bit, own dtype)
     swap_(a, b)                      a <-> b
 
 Every op takes lists of tensors and updates them in place; each side may have its own dtype and
@@ -451,7 +451,9 @@ def multi_lerp_(
 
 
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None = None) -> None:
-    """dst[i] = src[i], cast to dst[i]'s dtype: load or save a snapshot in one pass."""
+    """dst[i] = src[i], cast to dst[i]'s dtype: load or save a snapshot in one pass. Integer and
+    bool tensors (a model's `num_batches_tracked`) are copied too, bit for bit, each from a tensor
+    of its own dtype."""
     _run_copy([dst, src], (), backend)
 
 

@@ -212,7 +212,7 @@ class _Prepared:
         self.use_buffers = use_buffers
         self.theirs = ModuleWalk(model, True, True)
         self.ours = _OwnCopy(owner)
-        self.split(self.tensors()[1])
+        self.split(self.ours.tensors() if use_buffers else self.ours.parts()[0])
         self._count: Tensor | None = None
         self._count_ptr = 0
         self._count_view = None
@@ -227,14 +227,6 @@ class _Prepared:
             self._count, self._count_ptr = n_averaged, n_averaged.data_ptr()
             self._count_view = numpy_view(n_averaged) if n_averaged.dtype == torch.long else None
         return self._count_view
-
-    def tensors(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """The model's and the averaged copy's averaged tensors, then the model's and the copy's
-        buffers that are copied (none with use_buffers)."""
-        if self.use_buffers:
-            return self.theirs.tensors(), self.ours.tensors(), [], []
-        (theirs, their_buffers), (ours, our_buffers) = self.theirs.parts(), self.ours.parts()
-        return theirs, ours, their_buffers, our_buffers
 
     def split(self, averaged: list[Tensor]) -> None:
         self.walks = self.ours.walks
@@ -329,7 +321,11 @@ class AveragedModel(Module):
         prepared = self._prepared
         if prepared is None or prepared.model() is not model:
             prepared = self._prepare(model)
-        current, averaged, theirs, ours = prepared.tensors()
+        # The model's and the averaged copy's averaged tensors, then their buffers that are copied
+        if prepared.use_buffers:
+            current, averaged, theirs, ours = prepared.theirs.tensors(), prepared.ours.tensors(), [], []
+        else:
+            (current, theirs), (averaged, ours) = prepared.theirs.parts(), prepared.ours.parts()
         # (n_averaged read from the dict: Module.__getattr__ is a Python call)
         n_averaged = self._buffers["n_averaged"]
         count = prepared.host_count(n_averaged)
