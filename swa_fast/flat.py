@@ -20,13 +20,19 @@ from . import ops
 def copy_lists(
     dst: Sequence[Tensor], src: Sequence[Tensor], non_blocking: bool = False, backend: str | None = None
 ) -> None:
-    """dst[i] = src[i]: one fused swa_fast.copy_ when both sides are floating and on one device,
-    else torch's per-tensor copies (across devices; with `non_blocking`, asynchronous where pinned
-    memory allows: the caller waits before the host reads `dst`)."""
+    """dst[i] = src[i]: one fused swa_fast.copy_ when both sides are floating and on one device, or
+    integer lists (a model's `num_batches_tracked`) that the op takes as they are (each pair of one
+    dtype, on one device, the destination contiguous); else torch's per-tensor copies (across
+    devices; with `non_blocking`, asynchronous where pinned memory allows: the caller waits before
+    the host reads `dst`)."""
     if not dst:
         return
     device = dst[0].device
-    if dst[0].is_floating_point() and all(t.device == device for t in src):
+    if not all(t.device == device for t in src):
+        torch._foreach_copy_(dst, src, non_blocking=non_blocking)
+    elif dst[0].is_floating_point() or all(
+        d.dtype == s.dtype and d.device == device and d.is_contiguous() for d, s in zip(dst, src)
+    ):
         ops.copy_(dst, src, backend=backend)
     else:
         torch._foreach_copy_(dst, src, non_blocking=non_blocking)

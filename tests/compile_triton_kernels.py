@@ -38,11 +38,13 @@ def _constexpr(value):
     if isinstance(value, list):
         return tuple(_constexpr(v) for v in value)
     if isinstance(value, str):
-        return tl.str_to_ty(value, None) if value.startswith("*") else getattr(tl, _TL_NAMES[value])
+        return (
+            tl.str_to_ty(value, None) if value.startswith("*") else getattr(tl, _TL_NAMES.get(value, value))
+        )
     return value
 
 
-_TL_NAMES = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}
+_TL_NAMES = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}  # others: their own
 
 
 def resources(cubin: bytes) -> tuple[int, int, int]:

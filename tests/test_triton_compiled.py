@@ -26,6 +26,8 @@ from swa_fast import ops, triton_kernels
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 POINTER_TYPES = {torch.int64: "*i64", torch.float32: "*fp32", torch.float64: "*fp64"}
 SHAPES = [(triton_kernels.BLOCK + 100,), (3,)]  # a full block and a partial one
+# copy_'s integer dtypes compiled here: 8, 4 and 1 bytes (bool is moved as uint8)
+COPIED_INTEGERS = (torch.int64, torch.int32, torch.bool)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")  # launch keywords that are not kernel arguments
 
 pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason=str(triton_kernels.TRITON_ERROR))
@@ -84,6 +86,12 @@ def launch_variants() -> list[dict]:
                             spec.triton(*args, *extra)
                         except ValueError:
                             continue  # a dtype pair the op refuses
+        for dtype in COPIED_INTEGERS:  # copy_'s integer and bool tensors, in their own dtype
+            lists = [[torch.zeros(s, dtype=dtype) for s in SHAPES] for _ in range(2)]
+            for shift in (False, True):
+                ops.OP_TABLE["copy_"].triton(
+                    *([[_misaligned(t) for t in lst] for lst in lists] if shift else lists)
+                )
     finally:
         triton_kernels._launch = launch
     return list(seen.values())
