@@ -199,16 +199,26 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
       continue;
     }
     // Averages of different dtypes at one index: one pass per average. A source that is its own
-    // destination is read by every pass, so the tensors where it is go last.
-    std::vector<size_t> apart, own;
+    // destination (average k's) is read by every pass, and its pass can change it (lerp of inf
+    // with itself is NaN): at those tensors the other averages' passes run first, average k's last.
+    std::vector<size_t> apart;
+    std::array<std::vector<size_t>, K> reading, own;  // per k: tensors whose source is another
+                                                      // average, tensors whose source is average k
     for (size_t j = 0; j < group.numels.size(); ++j) {
-      bool is_own = false;
-      for (int k = 0; k < K; ++k) is_own |= group.ptrs[j][k] == group.ptrs[j][K];
-      (is_own ? own : apart).push_back(j);
+      int own_k = -1;  // (two averages cannot share memory: at most one)
+      for (int k = 0; k < K; ++k) own_k = group.ptrs[j][k] == group.ptrs[j][K] ? k : own_k;
+      if (own_k < 0) {
+        apart.push_back(j);
+        continue;
+      }
+      own[own_k].push_back(j);
+      for (int k = 0; k < K; ++k) {
+        if (k != own_k) reading[k].push_back(j);
+      }
     }
-    for (const auto* members : {&apart, &own}) {
-      for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call.device, w, {k}, members);
-    }
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call.device, w, {k}, &apart);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call.device, w, {k}, &reading[k]);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call.device, w, {k}, &own[k]);
   }
 }
 

@@ -80,6 +80,23 @@ def test_averages_of_different_dtypes_at_one_index(any_backend):
     assert_same(avgs, want)
 
 
+@pytest.mark.parametrize("own", [0, 1])
+def test_a_source_that_is_an_average_changed_by_its_own_pass_is_read_as_it_was(any_backend, own):
+    """With averages of different dtypes (one pass each), average `own` is the source itself, and
+    its pass changes it where it is inf (lerp of inf with itself is NaN): every other average still
+    reads the source as it was before the call."""
+    src = rand(SHAPES, torch.float32, seed=5)
+    src[0][1, 2], src[1][3] = float("inf"), float("-inf")
+    others = [rand(SHAPES, torch.float64, seed=6), rand(SHAPES, torch.bfloat16, seed=7)]
+    avgs = others[:own] + [list(src)] + others[own:]
+    weights = [0.5, 0.25, 1.0]
+    want = expected_lerps(avgs, [s.clone() for s in src], weights, any_backend)
+    swa_fast.multi_lerp_(avgs, src, weights, backend=any_backend)
+    for g_list, w_list in zip(avgs, want):
+        for g, w in zip(g_list, w_list):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "weights",
     [
