@@ -28,11 +28,11 @@ def copy_lists(
     if not dst:
         return
     device = dst[0].device
-    if not all(t.device == device for t in src):
-        torch._foreach_copy_(dst, src, non_blocking=non_blocking)
-    elif dst[0].is_floating_point() or all(
-        d.dtype == s.dtype and d.device == device and d.is_contiguous() for d, s in zip(dst, src)
-    ):
+    fused = all(t.device == device for t in src) and (
+        dst[0].is_floating_point()
+        or all(d.dtype == s.dtype and d.device == device and d.is_contiguous() for d, s in zip(dst, src))
+    )
+    if fused:
         ops.copy_(dst, src, backend=backend)
     else:
         torch._foreach_copy_(dst, src, non_blocking=non_blocking)
