@@ -26,7 +26,8 @@ from torch.nn import Module
 
 from . import checks, distributed, ops
 from .counts import UpdateCounts, counted
-from .flat import copy_lists, write_through_strides
+from .engine import UpdatePlan
+from .flat import write_through_strides
 from .model_tensors import ModelCopy, TrackedModel
 from .placement import OtherDevice, SameDevice, SideStream
 from .weighting import ema_decay, real_number, swa_weight
@@ -38,7 +39,7 @@ class Averager:
     """The update logic of SWA, EMA and SWAG: flat copies of the model's floating parameters (and
     buffers with `use_buffers=True`; integer buffers are copied), updated in place by one fused op
     per (device, dtype) group. Subclasses give each update its weight (`_update_weight`) and may
-    replace the per-group op (`_update_group`).
+    set another fused op (`_OP`, over `_plan_targets()`) and extend `_run_update`.
 
     Wrapped models (DDP, torch.compile) are unwrapped, so names and tensors are the inner model's.
     Every rank of a DDP / FSDP2 model must create its manager from the same model with the same
@@ -71,6 +72,8 @@ class Averager:
     """
 
     _CAPTURABLE = False  # whether the subclass has a capturable update (`_device_weight`)
+    _OP = "lerp_"  # the fused op of an update: SWAG's moments_, PostHocEMA's multi_lerp_
+    _ADDS_COPIES = False  # whether `_plan_targets` reads copies the subclass makes after __init__
 
     def __init__(
         self,
@@ -146,19 +149,15 @@ class Averager:
                 "on the current stream: drop side_stream= and device="
             )
         self.counts = UpdateCounts(device or model_device, device_decides=check_finite or capturable)
-        # torch's max-abs norm has no value for an empty tensor: check_finite leaves those out.
-        self._has_empty = any(t.numel() == 0 for t in self.tracked.split(tensors)[0])
         self._calls = 0  # update() calls, counted on the host
         self._updates = 0  # updates applied to the average, counted on the host
         # capturable: the calls counted on the device instead (the updates are n_averaged + n_skipped)
         self._device_calls = (
             torch.zeros((), dtype=torch.long, device=device or model_device) if capturable else None
         )
-        # The usual case, which `_apply_update` takes the short way: one flat group, no integer
-        # buffers, host counts, no check_finite.
-        self._plain = (
-            len(self.average.groups) == 1 and not self.tracked.integer and not (check_finite or capturable)
-        )
+        # The engine's plan of every update; a subclass that adds copies (SWAG, PostHocEMA) makes it
+        # once they exist.
+        self._plan = None if self._ADDS_COPIES else self._new_plan()
 
     @property
     def capturable(self) -> bool:
@@ -196,17 +195,6 @@ class Averager:
     def n_skipped(self) -> Tensor:
         """Updates left out for holding inf or NaN (`check_finite`): a 0-dim device tensor."""
         return self.counts.n_skipped
-
-    def _groups(self, tensors: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """(average views, model tensors) per flat group."""
-        return self._pairs(self.tracked.split(tensors)[0])
-
-    def _pairs(self, floating: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """(average views, floating model tensors) per flat group; with one group (the usual case),
-        the lists as they are, with no copy."""
-        if len(self.average.groups) == 1:
-            return [(self.average.views, floating)]
-        return [(views, src) for _, views, src in self.average.pairs(floating)]
 
     # --- updates ------------------------------------------------------------------------------------
 
@@ -287,83 +275,80 @@ class Averager:
         # Each tensor to where its average (or kept integer buffer) is; an upload runs in order on
         # the GPU's stream, a download must land before the CPU reads it.
         places = [kept.device for kept in self._copy.stored()]
-        self._apply_update(
+        self.apply(
             [t if t.device == d else t.to(d, non_blocking=d.type == "cuda") for t, d in zip(tensors, places)]
         )
 
-    def _apply_update(self, tensors: list[Tensor], weight: Tensor | float | None = None) -> None:
-        """Update the average with `tensors` (the model's, or copies of them) with this call's
-        weight, or `weight` when it was worked out already."""
-        if self._plain and weight is None:  # kept short: each step here costs a small model's update
-            weight = self._update_weight()
+    def apply(self, tensors: list[Tensor], weight: Tensor | float | None = None) -> None:
+        """Update the average now with `tensors` (the model's, or copies of them laid out alike)
+        with this call's weight, or `weight` when it was worked out already (what a placement
+        that applies the update later passes)."""
+        due = None  # capturable: a device boolean, whether this call is one that averages
+        if weight is None:
+            weight, due = (
+                (self._update_weight(), None) if self._device_calls is None else self._device_weight()
+            )
             if weight is None:
                 return
-            try:
-                self._update_group(0, self.average.views, tensors, weight)
-            except ValueError:  # raised before writing: name the tensor if its shape is the cause
-                self.average.check_shapes(tensors)
-                raise
-            self.counts.add()
-            self._updates += 1
-            return
-        due = None  # capturable: a device boolean, whether this call is one that averages
-        if weight is None and self._device_calls is None:
-            weight = self._update_weight()
-        elif weight is None:
-            weight, due = self._device_weight()
-        if weight is None:
-            return
-        floating, integers = self.tracked.split(tensors)
-        groups = self._pairs(floating)
-        if len(groups) > 1:  # one group's op checks it before writing; several: all first
-            self.average.check_shapes(floating)
         finite = None
         if self.check_finite:
             # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN
             # sources), so a non-finite update is skipped on the device, without a sync.
-            finite = self._all_finite([src for _, src in groups])
+            finite = self._all_finite(self.tracked.split(tensors)[0])
             # (a float weight stays a CPU scalar: copying it to the GPU would wait for the stream)
             weight = torch.where(finite, torch.as_tensor(weight, dtype=torch.float64), 0.0)
         if due is not None:  # weight 0 on a call off the schedule: the average stays as it was
             weight = torch.where(due, weight, 0.0)
-        for k, (avg, src) in enumerate(groups):
-            w = weight
-            if isinstance(w, Tensor) and w.device not in (avg[0].device, _CPU):  # a multi-device model
-                w = w.to(avg[0].device, non_blocking=True)
-            try:
-                self._update_group(k, avg, src, w)
-            except ValueError:  # raised before writing: name the tensor if its shape is the cause
-                self.average.check_shapes(floating)
-                raise
-        if integers:
-            averaged = counted(finite, due)
-            if averaged is not None:
-                integers = [torch.where(averaged, live, kept) for kept, live in zip(self._integers, integers)]
-            copy_lists(self._integers, integers)  # one call for every num_batches_tracked
+        self._run_update(tensors, weight, counted(finite, due))
         self.counts.add(finite, due)
         if self._device_calls is None:  # (capturable: no host state changes)
             self._updates += 1
 
-    def _update_group(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
-        """Update one flat group's average views with its model tensors."""
-        self._lerp[group](avg, src, weight)
+    def next_weight(self) -> Tensor | float | None:
+        """The weight of this call's update (None: the call does not average), for a placement
+        that applies the update later."""
+        return self._update_weight()
+
+    def _plan_targets(self) -> list[list[Tensor]]:
+        """The update op's target lists, laid out as the model's tensors (integer positions hold
+        the kept integer buffers, which the engine copies)."""
+        return [self._copy.stored()]
+
+    def _new_plan(self) -> UpdatePlan:
+        """The engine's plan of every update: the op over `_plan_targets()`, each paired with the
+        model's tensor at its place (laid out, and living, as the stored copy is: the sources are
+        the model's or, for an average kept elsewhere, a staging copy beside it)."""
+        return UpdatePlan(
+            self._OP,
+            self._plan_targets(),
+            self._copy.stored(),
+            owner=type(self).__name__,
+            names=self.names,
+            keep_sources=False,  # the model is tracked, and held weakly, by self.tracked
+            backend=self.backend,
+        )
+
+    def _run_update(self, tensors: list[Tensor], weight, counted_on_device: Tensor | None) -> None:
+        """Run the update op over every group."""
+        self._plan.run(tensors, weight, counted=counted_on_device)
 
     def wait(self) -> None:
         """Make what follows see every update made so far: on the GPU for a side-stream update (no
         host sync), on the host for an average kept on another device (applies it)."""
         self._placement.wait(self)
 
-    def _all_finite(self, sources: list[list[Tensor]]) -> Tensor:
-        """One device boolean: every element of every source is finite (max-abs norms propagate
-        inf and NaN, and cannot overflow)."""
+    def _all_finite(self, floating: list[Tensor]) -> Tensor:
+        """One device boolean: every element of the floating tensors is finite (max-abs norms
+        propagate inf and NaN, and cannot overflow)."""
         device = self.counts.n_skipped.device
-        if self._has_empty:
-            sources = [[t for t in src if t.numel()] for src in sources]
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in floating:
+            if t.numel():  # torch's max-abs norm has no value for an empty tensor
+                by_device.setdefault(t.device, []).append(t)
         with torch.no_grad():  # the model's parameters require grad: record no graph
             maxima = [
                 n.to(device, torch.float32)
-                for src in sources
-                if src
+                for src in by_device.values()
                 for n in torch._foreach_norm(src, float("inf"))
             ]
             if not maxima:  # nothing to average: every update counts
@@ -390,7 +375,7 @@ class Averager:
         tensors = self.tracked.tensors(model)
         self.average.check_shapes(self.tracked.split(tensors)[0])  # every group, before any is written
         self.tracked.before_write()
-        for avg, live in self._groups(tensors):
+        for _, avg, live in self.average.pairs(self.tracked.split(tensors)[0]):
             swap = functools.partial(ops.swap_, avg, backend=self.backend)
             write_through_strides(live, swap, keep_values=True)
 
@@ -431,7 +416,11 @@ class Averager:
                 "stream and hooks belong to this process); save its state_dict() instead"
             )
         self.wait()  # an update in flight lands first
-        return self.__dict__.copy()
+        return {**self.__dict__, "_plan": None}  # (made anew when unpickled)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._plan = self._new_plan()
 
     def state_dict(self) -> dict:
         """The average as views of its flat buffers (no copy; DCP loads into them in place) and the

@@ -29,7 +29,7 @@ class SameDevice:
     """The average beside the model's tensors (or on their devices, group by group)."""
 
     def update(self, manager: Averager, tensors: list[Tensor]) -> None:
-        manager._apply_update(tensors)
+        manager.apply(tensors)
 
     def wait(self, manager: Averager) -> None:
         pass
@@ -61,7 +61,7 @@ class SideStream:
         # The weight is computed on the side stream too, so nothing it reads is freed under it.
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
-            manager._apply_update(tensors)
+            manager.apply(tensors)
             self._done = torch.cuda.Event()
             self._done.record(self.stream)
 
@@ -85,7 +85,7 @@ class OtherDevice:
 
     def update(self, manager: Averager, tensors: list[Tensor]) -> None:
         self.wait(manager)  # the previous update's copy: it has long landed
-        self._pending = manager._update_weight()
+        self._pending = manager.next_weight()
         if self._pending is not None:
             self.staging.save(tensors)
 
@@ -94,4 +94,4 @@ class OtherDevice:
         if self._pending is not None:
             self.staging.wait()
             weight, self._pending = self._pending, None
-            manager._apply_update(self.staging.stored(), weight)
+            manager.apply(self.staging.stored(), weight)

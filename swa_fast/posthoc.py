@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import checks, distributed, ops
+from . import checks, distributed
 from .averaging import Averager
 from .flat import _shaped_parts, copy_into_strided, copy_lists
 from .model_tensors import ModelCopy, TrackedModel
@@ -161,7 +161,7 @@ class PostHocEMA(Averager):
             copy = ModelCopy(self.tracked, self._copy.stored(), pin_memory=pinned, backend=self.backend)
             copy.integers = self._copy.integers
             self._profiles.append(copy)
-        self._group_views = self._views_per_group()
+        self._plan = self._new_plan()  # over the K profiles
         self.progress = 0.0  # t after the last update
         self.progress_given: bool | None = None  # whether update() is given progress (fixed by the first)
         self._weights: list[float] = []
@@ -169,10 +169,6 @@ class PostHocEMA(Averager):
         self._writer: SnapshotWriter | None = None
         self._host: HostSnapshot | None = None
         self._copied: list = []  # CUDA events of the last snapshot's host copy
-
-    def _views_per_group(self) -> list[list[list[Tensor]]]:
-        """Per flat group, the K averages' views: what each update hands to multi_lerp_."""
-        return [[p.flat.group_views(g) for p in self._profiles] for g in range(len(self.average.groups))]
 
     # --- updates --------------------------------------------------------------------------------------
 
@@ -215,8 +211,12 @@ class PostHocEMA(Averager):
     def _update_weight(self) -> list[float]:
         return self._weights
 
-    def _update_group(self, group: int, avg: list[Tensor], src: list[Tensor], weight) -> None:
-        ops.multi_lerp_(self._group_views[group], src, weight, backend=self.backend)
+    _OP = "multi_lerp_"
+    _ADDS_COPIES = True
+
+    def _plan_targets(self) -> list[list[Tensor]]:
+        """multi_lerp_'s K lists: every profile's stored tensors (they share the integer buffers)."""
+        return [p.stored() for p in self._profiles]
 
     # --- snapshots -----------------------------------------------------------------------------------
 
@@ -317,12 +317,7 @@ class PostHocEMA(Averager):
         self.flush()
         state = super().__getstate__()
         state.update(_writer=None, _host=None, _copied=[])
-        del state["_group_views"]  # views of the flat buffers: rebuilt from them when unpickled
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._group_views = self._views_per_group()
 
     def _extra_state(self) -> dict:
         return {

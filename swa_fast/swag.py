@@ -66,19 +66,32 @@ class SWAG(SWA, PredictsOnBatches):
         self.sq = FlatBuffer(self.average.views)  # the first update overwrites it exactly
         # One (max_rank, group length) matrix per flat group, written a row per update.
         self.deviations = [g.buffer.new_zeros(max_rank, g.buffer.numel()) for g in self.average.groups]
+        self._plan = self._new_plan()  # over the mean and sq
 
     @property
     def rank(self) -> int:
         """Deviation rows collected so far (at most max_rank)."""
         return min(self.updates, self.max_rank)
 
-    def _update_group(self, group: int, avg: list[Tensor], src: list[Tensor], weight: Tensor | float) -> None:
-        g = self.average.groups[group]
-        ops.moments_(avg, self.sq.group_views(group), src, weight, backend=self.backend)
-        if self.max_rank:
-            row = self.deviations[group][self.updates % self.max_rank]  # this update is not counted yet
-            ops.copy_(self.average.views_of(g, row), src, backend=self.backend)
-            row.sub_(g.buffer)  # the deviation from the updated mean, as in the paper
+    _OP = "moments_"
+    _ADDS_COPIES = True
+
+    def _plan_targets(self) -> list[list[Tensor]]:
+        """moments_'s [mean, sq], laid out as the model's tensors (the second list's integer
+        positions are never read: integer buffers are copied into the first's)."""
+        sq = list(self._copy.stored())
+        for i, view in zip(self.tracked.floating, self.sq.views):
+            sq[i] = view
+        return [self._copy.stored(), sq]
+
+    def _run_update(self, tensors: list[Tensor], weight, counted_on_device: Tensor | None) -> None:
+        super()._run_update(tensors, weight, counted_on_device)
+        if self.max_rank:  # each group's deviation row of this update (not counted yet)
+            slot = self.updates % self.max_rank
+            floating = self.tracked.split(tensors)[0]
+            for (g, _, src), rows in zip(self.average.pairs(floating), self.deviations):
+                ops.copy_(self.average.views_of(g, rows[slot]), src, backend=self.backend)
+                rows[slot].sub_(g.buffer)  # the deviation from the updated mean, as in the paper
 
     def variance(self) -> list[Tensor]:
         """The diagonal variance sq - mean^2 (clamped at 1e-30), a tensor per averaged tensor."""

@@ -1,0 +1,253 @@
+"""The engine: averages updated from their sources, by one fused op per device.
+
+Every averaging path of swa_fast (the managers, the `AveragedModel` drop-in, `optim.SWA`, the
+integrations) does the same work: pair each average with its source, group the pairs by device,
+copy integer and bool pairs exactly, check every group before anything is written, and run one
+fused op per group. `UpdatePlan` does that work once for a list of averages and the sources laid
+out like them; an update then reuses it while the sources are the same tensors (`fits`, the one
+answer to "same tensors?": identity, on lists read live, by a `ModuleWalk` for a module's).
+
+A plan keeps tensor objects, not their memory: the ops read each tensor's storage, shape and
+strides at every call and check them before writing. So a tensor given new storage in place
+(`p.data = ...`, `Module.to`) is read where it now lives, and a change the plan did not foresee
+(a tensor now strided, or on another device) is refused by the op, which writes nothing; the
+caller then builds a new plan (`run` does it once, on its own).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .flat import copy_lists, write_through_strides
+
+_CPU = torch.device("cpu")
+_is_compiling = torch.compiler.is_compiling
+
+# How a pair is updated: by the plan's fused op, copied exactly (integer and bool tensors: a
+# model's num_batches_tracked), or by torch (complex tensors, which the fused ops do not take).
+FUSED, EXACT, TORCH = "fused", "exact", "torch"
+_TORCH_OPS = {"lerp_": torch._foreach_lerp_, "copy_": torch._foreach_copy_}
+
+
+def same_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    """Whether the lists hold the very same tensor objects, in order (identity: `==` compares
+    values). The staleness test of every plan and tracked model."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _picker(positions: list[int], length: int):
+    """A function giving `[items[i] for i in positions]`, in C; None when that is all of them."""
+    if positions == list(range(length)):
+        return None
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda items: [items[only]]
+    get = operator.itemgetter(*positions)
+    return lambda items: list(get(items))
+
+
+@dataclass
+class _Group:
+    """The pairs of one call: their positions, the targets' device and how they are updated."""
+
+    device: torch.device
+    kind: str
+    positions: list[int]
+    take: object  # list -> the group's part of a list laid out like the sources (None: all of it)
+    targets: list[list[Tensor]]  # the op's target lists, cut to the group
+    move: bool  # some sources live on another device: moved there per call
+    strided: bool  # some targets are strided: written through contiguous stand-ins
+    op: object  # the bound op (FUSED), torch's foreach op (TORCH) or None (EXACT)
+
+    def part(self, items: Sequence[Tensor]) -> list[Tensor]:
+        if self.take is None:
+            return list(items)
+        if _is_compiling():  # (torch.compile does not trace an itemgetter)
+            return [items[i] for i in self.positions]
+        return self.take(items)
+
+
+class UpdatePlan:
+    """How `targets` are updated from sources laid out like them, worked out once.
+
+    Args:
+        op: the fused op: "lerp_" (an average), "moments_" (first and second moments: targets
+            are [mean, sq]), "multi_lerp_" (K averages: targets are the K lists) or "copy_".
+        targets: the op's target lists, each as long as `sources` (EXACT pairs use the first).
+        sources: the sources now (their devices and kinds shape the plan; `run` takes them anew).
+        owner: who is updating, for error messages.
+        names: the tensors' names, for error messages (default: their positions).
+        move_sources: a source on another device than its target is moved there at each call
+            (torch's `AveragedModel(device=...)`); otherwise the plan refuses it.
+        keep_sources: hold `sources` for `fits`; a manager that tracks its model otherwise (and
+            must not keep a freed model's memory alive) passes False.
+        backend: force an op backend (see `swa_fast.choose_backend`).
+    """
+
+    def __init__(
+        self,
+        op: str,
+        targets: Sequence[Sequence[Tensor]],
+        sources: Sequence[Tensor],
+        *,
+        owner: str,
+        names: Sequence[str] | None = None,
+        move_sources: bool = False,
+        keep_sources: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        self.op, self.owner, self.backend = op, owner, backend
+        self.move_sources = move_sources
+        self.targets = [list(t) for t in targets]
+        self.names = list(names) if names is not None else None
+        for lst in self.targets:
+            self._check_length(len(lst), len(sources), "averages")
+        self.length = len(sources)
+        self.sources = list(sources) if keep_sources else None
+        self._set_groups(sources)
+
+    def _set_groups(self, sources: Sequence[Tensor]) -> None:
+        self.groups = self._group(list(sources))
+        # The usual update: one fused call over the lists as they are.
+        only = self.groups[0] if len(self.groups) == 1 else None
+        plain = only is not None and only.kind == FUSED and only.take is None
+        self._single = only if plain and not (only.move or only.strided) else None
+
+    # --- building -----------------------------------------------------------------------------------
+
+    def _check_length(self, expected: int, got: int, what: str) -> None:
+        if expected != got:
+            raise ValueError(
+                f"swa_fast.{self.owner}: expected {expected} tensors laid out as the {what}, got {got}"
+            )
+
+    def _kind(self, target: Tensor, source: Tensor) -> str:
+        if target.is_complex() or source.is_complex():
+            if self.op not in _TORCH_OPS:
+                raise ValueError(
+                    f"swa_fast.{self.owner}: {self.op} takes real floating tensors, got a complex one"
+                )
+            return TORCH
+        return FUSED if target.is_floating_point() else EXACT
+
+    def _group(self, sources: list[Tensor]) -> list[_Group]:
+        by_call: dict[tuple[torch.device, str], list[int]] = {}
+        for i, (target, source) in enumerate(zip(self.targets[0], sources)):
+            by_call.setdefault((target.device, self._kind(target, source)), []).append(i)
+        groups = []
+        for (device, kind), positions in by_call.items():
+            take = _picker(positions, len(sources))
+            cut = [lst if take is None else take(lst) for lst in self.targets]
+            moved = [s for s in (sources if take is None else take(sources)) if s.device != device]
+            if moved and not self.move_sources:
+                raise ValueError(
+                    f"swa_fast.{self.owner}: the averages are on {device}, the model's tensors on "
+                    f"{moved[0].device}; expected one device"
+                )
+            strided = kind != EXACT and any(not t.is_contiguous() for lst in cut for t in lst)
+            groups.append(
+                _Group(device, kind, positions, take, cut, bool(moved), strided, self._op(kind, device))
+            )
+        return groups
+
+    def _op(self, kind: str, device: torch.device):
+        if kind == TORCH:
+            return _TORCH_OPS[self.op]
+        if kind == EXACT:
+            return None
+        if self.op == "multi_lerp_":  # K nested lists: the public function splits K > 4 into passes
+            return lambda *args: ops.multi_lerp_(args[:-2], args[-2], args[-1], backend=self.backend)
+        return ops.BoundOp(self.op, device, self.backend)
+
+    # --- using it -------------------------------------------------------------------------------------
+
+    def fits(self, sources: Sequence[Tensor]) -> bool:
+        """Whether `sources` are the tensors the plan was made with (the staleness key)."""
+        return self.sources is not None and same_tensors(sources, self.sources)
+
+    def run(self, sources: Sequence[Tensor], *scalars, counted: Tensor | None = None) -> None:
+        """Update every target from `sources` (laid out as at construction) with the op's scalars
+        (lerp_'s and moments_'s weight, multi_lerp_'s weights; none for copy_). Exact pairs are
+        copied, only where `counted` (a device boolean, when the device decides whether an update
+        counts) is true. Every group is checked before any is written."""
+        single = self._single
+        if single is not None:
+            try:
+                single.op(*single.targets, sources, *scalars)
+                return
+            except ValueError:  # refused before writing: say why, or plan anew from the tensors now
+                self.check_shapes(sources)
+                self._set_groups(sources)
+        self._run_groups(sources, scalars, counted)
+
+    def check_shapes(self, sources: Sequence[Tensor]) -> None:
+        """Raise, naming the first tensor whose shape differs from its average's, unless `sources`
+        fit the targets (a comparison of shapes, no device work)."""
+        self._check_length(self.length, len(sources), "averages")
+        for i, (target, source) in enumerate(zip(self.targets[0], sources)):
+            if target.shape != source.shape:
+                name = self.names[i] if self.names is not None else f"tensor {i}"
+                raise ValueError(
+                    f"swa_fast: '{name}' has shape {list(source.shape)}, but the copy of it kept here has "
+                    f"shape {list(target.shape)} (another model, or a resized tensor?)"
+                )
+
+    def _run_groups(self, sources: Sequence[Tensor], scalars: tuple, counted: Tensor | None) -> None:
+        calls = [self._prepare(g, sources, scalars) for g in self.groups]
+        if len(calls) > 1:  # each op checks its own group; check them all first
+            self.check_shapes(sources)
+            for group, args in calls:
+                if group.kind == FUSED:
+                    self._check(args)
+        try:
+            for group, args in calls:
+                self._call(group, args, counted)
+        except ValueError:  # the one group's op refused (before writing): name the tensor if it can
+            self.check_shapes(sources)
+            raise
+
+    def _prepare(self, group: _Group, sources: Sequence[Tensor], scalars: tuple) -> tuple[_Group, list]:
+        src = group.part(sources)
+        if group.move:
+            src = [s if s.device == group.device else s.detach().to(group.device) for s in src]
+        placed = [_on(s, group.device) for s in scalars]
+        return group, [*group.targets, src, *placed]
+
+    def _check(self, args: list) -> None:
+        if self.op == "multi_lerp_":
+            *avgs, src, weights = args
+            ops.OP_TABLE[self.op].check([t for lst in avgs for t in lst], src, weights, max_count=None)
+        else:
+            ops.OP_TABLE[self.op].check(*args)
+
+    def _call(self, group: _Group, args: list, counted: Tensor | None) -> None:
+        if group.kind == EXACT:
+            target, src = args[0], args[len(self.targets)]
+            if counted is not None:  # (an update the device left out keeps them as they were)
+                src = [torch.where(counted, s, t) for t, s in zip(target, src)]
+            copy_lists(target, src, backend=self.backend)
+        elif group.kind == TORCH:
+            group.op(args[0], *args[len(self.targets) :])
+        elif group.strided:  # the ops write contiguous tensors: the strided ones through stand-ins
+            *targets, src = args[: len(self.targets) + 1]
+            rest = args[len(self.targets) + 1 :]
+            if len(targets) != 1:
+                raise ValueError(f"swa_fast.{self.owner}: {self.op}'s averages must be contiguous")
+            keep = self.op != "copy_"
+            write_through_strides(targets[0], lambda stand_ins: group.op(stand_ins, src, *rest), keep)
+        else:
+            group.op(*args)
+
+
+def _on(value, device: torch.device):
+    """A scalar argument where the group's op can read it: a tensor on another device than the
+    group's (or the CPU, which every op reads on the host) is moved there."""
+    if isinstance(value, Tensor) and value.device not in (device, _CPU):
+        return value.to(device, non_blocking=True)
+    return value
