@@ -26,19 +26,21 @@ from torch.nn import Module
 
 from . import ops
 from .bn import update_bn
+from .engine import UpdatePlan
 from .flat import FlatBuffer, write_through_strides
 from .weighting import swa_weight
 
 
 @dataclass
 class _GroupAverages:
-    """A param group's averages: `flat.views[i]` is the average of `params[i]`. `params` is the
-    group's list as it was then and `listed` the list object itself, which an append (say, an
-    unfrozen layer) changes in place."""
+    """A param group's averages: `flat.views[i]` is the average of `params[i]`, updated through
+    `plan`. `params` is the group's list as it was then and `listed` the list object itself, which
+    an append (say, an unfrozen layer) changes in place."""
 
     listed: list
     params: list[Tensor]
     flat: FlatBuffer
+    plan: UpdatePlan
 
     def current(self, group: dict) -> bool:
         """Whether the group still holds these parameters: two checks per group, for the update path."""
@@ -93,20 +95,21 @@ class SWA(torch.optim.Optimizer):
             group["n_avg"] = 0
             group["step_counter"] = 0
 
-    def _averages(self, group: dict) -> FlatBuffer:
+    def _averages(self, group: dict) -> _GroupAverages:
         """The group's averages, rebuilt when its parameters changed: each parameter keeps its own
         average (torchcontrib keys them per parameter), and one new to the group starts from zeros,
         as torchcontrib's does, so its first update gives it p / (n_avg + 1)."""
         kept = self._flat.get(id(group))
         if kept is not None and kept.current(group):
-            return kept.flat
+            return kept
         params = list(group["params"])
         starts = [self._average_of(p) for p in params]
         flat = FlatBuffer([p.new_zeros(p.shape) if a is None else a for p, a in zip(params, starts)])
         for p, view in zip(params, flat.views):
             self.state[p]["swa_buffer"] = view
-        self._flat[id(group)] = _GroupAverages(group["params"], params, flat)
-        return flat
+        plan = UpdatePlan("lerp_", [flat.views], params, owner="optim.SWA", keep_sources=False)
+        kept = self._flat[id(group)] = _GroupAverages(group["params"], params, flat, plan)
+        return kept
 
     def _average_of(self, p: Tensor) -> Tensor | None:
         """`p`'s average, if it has one (self.state is a defaultdict: a lookup would add `p`)."""
@@ -115,10 +118,9 @@ class SWA(torch.optim.Optimizer):
     @torch.no_grad()
     def update_swa_group(self, group: dict) -> None:
         """Update the group's averages with its current parameters: avg += (p - avg) / (n_avg + 1)."""
-        flat = self._averages(group)
+        averages = self._averages(group)
         weight = swa_weight(group["n_avg"])  # a host number: the first update is an exact copy
-        for _, views, params in flat.pairs(group["params"]):
-            ops.lerp_(views, params, weight)
+        averages.plan.run(group["params"], weight)  # every dtype checked before any is written
         group["n_avg"] += 1
 
     def update_swa(self) -> None:

@@ -204,3 +204,20 @@ def test_state_dict_between_an_append_and_its_first_update_resumes_as_torchcontr
         reference.update_group(0, opt.param_groups[0]["params"])
     for p in opt.param_groups[0]["params"]:
         torch.testing.assert_close(opt.state[p]["swa_buffer"], reference.buffers[p], rtol=1e-6, atol=1e-7)
+
+
+def test_a_mismatch_in_one_dtype_writes_no_average_of_another():
+    """A group of fp32 and bf16 parameters whose bf16 parameter changed shape raises before any
+    average is written, the fp32 ones included (each dtype used to be updated by its own call)."""
+    wide, narrow = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3).bfloat16())
+    opt = SWA(torch.optim.SGD([wide, narrow], lr=0.1))
+    opt.update_swa()
+    with torch.no_grad():
+        wide.add_(1.0)
+    narrow.data = torch.randn(5).bfloat16()
+    before = [opt.state[p]["swa_buffer"].clone() for p in (wide, narrow)]
+    with pytest.raises(ValueError, match=r"shape \[5\]"):
+        opt.update_swa()
+    for p, kept in zip((wide, narrow), before):
+        assert torch.equal(opt.state[p]["swa_buffer"], kept)
+    assert opt.param_groups[0]["n_avg"] == 1
