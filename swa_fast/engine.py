@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import ops
 from .flat import copy_lists, write_through_strides
+from .model_tensors import same_tensors
 
 _CPU = torch.device("cpu")
 _is_compiling = torch.compiler.is_compiling
@@ -33,12 +34,6 @@ _is_compiling = torch.compiler.is_compiling
 # model's num_batches_tracked), or by torch (complex tensors, which the fused ops do not take).
 FUSED, EXACT, TORCH = "fused", "exact", "torch"
 _TORCH_OPS = {"lerp_": torch._foreach_lerp_, "copy_": torch._foreach_copy_}
-
-
-def same_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
-    """Whether the lists hold the very same tensor objects, in order (identity: `==` compares
-    values). The staleness test of every plan and tracked model."""
-    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _picker(positions: list[int], length: int):
@@ -85,6 +80,8 @@ class UpdatePlan:
         names: the tensors' names, for error messages (default: their positions).
         move_sources: a source on another device than its target is moved there at each call
             (torch's `AveragedModel(device=...)`); otherwise the plan refuses it.
+        move_option: the user's option that allows sources elsewhere, named in the error when
+            they are and `move_sources` is False.
         keep_sources: hold `sources` for `fits`; a manager that tracks its model otherwise (and
             must not keep a freed model's memory alive) passes False.
         backend: force an op backend (see `swa_fast.choose_backend`).
@@ -99,11 +96,12 @@ class UpdatePlan:
         owner: str,
         names: Sequence[str] | None = None,
         move_sources: bool = False,
+        move_option: str | None = None,
         keep_sources: bool = True,
         backend: str | None = None,
     ) -> None:
         self.op, self.owner, self.backend = op, owner, backend
-        self.move_sources = move_sources
+        self.move_sources, self.move_option = move_sources, move_option
         self.targets = [list(t) for t in targets]
         self.names = list(names) if names is not None else None
         for lst in self.targets:
@@ -149,6 +147,7 @@ class UpdatePlan:
                 raise ValueError(
                     f"swa_fast.{self.owner}: the averages are on {device}, the model's tensors on "
                     f"{moved[0].device}; expected one device"
+                    + (f", or {self.move_option}" if self.move_option else "")
                 )
             strided = kind != EXACT and any(not t.is_contiguous() for lst in cut for t in lst)
             groups.append(

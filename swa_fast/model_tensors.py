@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import chain
 
 import torch
@@ -182,9 +182,32 @@ def pick(keep: list[int]) -> Callable[[list], list]:
     return lambda items: list(get(items))
 
 
-def _same_objects(a: list, b: list) -> bool:
-    """Whether the lists hold the very same objects (identity: a tensor's == compares values)."""
+def same_tensors(a: Sequence, b: Sequence) -> bool:
+    """Whether the lists hold the very same objects, in order (identity: a tensor's == compares
+    values): the one answer to "same tensors?" of every tracked model and plan."""
     return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+class ModulesWatch:
+    """Whether modules still hold the tensors they held at the last look: their parameters and
+    buffers, read live by a `ModuleWalk` each (no walk of the modules unless they changed), and
+    compared by identity with what the last call saw. For a caller that keeps a plan of those
+    tensors (an integration's EMA copy and model) and makes a new one when they changed."""
+
+    def __init__(self, *modules: Module) -> None:
+        self._walks = [ModuleWalk(m, True, True) for m in modules]
+        self.seen = self._now()
+
+    def _now(self) -> list[Tensor]:
+        return [t for walk in self._walks for t in walk.tensors()]
+
+    def changed(self) -> bool:
+        """Whether any tensor is another object than at the last call (or construction)."""
+        now = self._now()
+        if same_tensors(now, self.seen):
+            return False
+        self.seen = now
+        return True
 
 
 def module_names(module: Module, buffers: bool) -> list[str]:
@@ -274,18 +297,18 @@ class TrackedModel:
             # walk, which it follows (and guards, so this check costs nothing once compiled).
             inner = unwrap(model)[0]
             tensors = list(inner.parameters()) + (list(inner.buffers()) if self.buffers else [])
-            if _same_objects(tensors, self._tracked):
+            if same_tensors(tensors, self._tracked):
                 return tensors
         tracked = self._model()
         if model is not tracked:  # (the model itself, the usual case, needs no unwrapping)
             model = unwrap(model)[0]
         if model is tracked:
             tensors = self._walk.tensors()
-            if not _same_objects(tensors, self._tracked):
+            if not same_tensors(tensors, self._tracked):
                 # After a forward without backward the FSDP2 root holds gathered parameters.
                 if distributed.reshard(model):
                     tensors = self._walk.tensors()
-                if not _same_objects(tensors, self._tracked):
+                if not same_tensors(tensors, self._tracked):
                     found = module_tensors(model, self.buffers)  # (a walk's list may hold a None)
                     raise ValueError(self._describe_change(module_names(model, self.buffers), found))
         else:

@@ -237,3 +237,20 @@ def test_cuda_updates_without_host_syncs_and_like_the_original():
             torch.cuda.set_sync_debug_mode("default")
         for name, value in original.state_dict().items():
             torch.testing.assert_close(ours.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_refused_update_copies_no_tensor_without_ema():
+    """An update the average refuses (a parameter changed shape) writes nothing: the names without
+    EMA, which are copied, were copied before the check that raised."""
+    model = cnn_with_bn(IMAGE[1])
+    ema = EMA(model, beta=0.9, update_after_step=0, param_or_buffer_names_no_ema={"1.weight"})
+    ema.update()
+    ema.update()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    model[4].weight.data = torch.zeros(2, 2)
+    before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"shape"):
+        ema.update_moving_average(ema.ema_model, model)
+    for name, value in ema.ema_model.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from ..engine import UpdatePlan
+from ..model_tensors import ModulesWatch
 from ..weighting import real_number
-from ._fused_lists import Pairs, group_pairs, tensors_key
 
 __all__ = ["EMA"]
 
@@ -47,10 +48,10 @@ def _positive_int(value: object, what: str, low: int = 1) -> int:
 
 class _Plan:
     """What one update of `target` from `source` does, worked out once per pair of models: the
-    lerp and copy calls, and the tensors (by id) it was worked out for."""
+    engine's lerp and copy plans, kept while the models hold the same tensors (`watch`)."""
 
-    def __init__(self, key: list, lerp: list[Pairs], copy: list[Pairs]) -> None:
-        self.key, self.lerp, self.copy = key, lerp, copy
+    def __init__(self, watch: ModulesWatch, lerp: UpdatePlan, copy: UpdatePlan) -> None:
+        self.watch, self.lerp, self.copy = watch, lerp, copy
 
 
 class EMA(Module):
@@ -225,10 +226,9 @@ class EMA(Module):
         update_moving_average (ignored names left, no-EMA names copied, the rest averaged), else
         those of the copy helpers (everything kept, copied). Worked out again only when a model's
         tensors changed."""
-        key = tensors_key(target, source)
         slot = (id(target), id(source), selective)
         plan = self._plans.get(slot)
-        if plan is not None and plan.key == key:
+        if plan is not None and not plan.watch.changed():
             return plan
         lerp, copy = [], []
         for iterate in (self.get_params_iter, self.get_buffers_iter):
@@ -241,19 +241,29 @@ class EMA(Module):
                     copy.append((tgt, src))
                 else:
                     lerp.append((tgt, src))
-        calls = [group_pairs(pairs, self.allow_different_devices, _OWNER) for pairs in (lerp, copy)]
-        plan = self._plans[slot] = _Plan(key, *calls)
+        plans = [
+            UpdatePlan(
+                op,
+                [[t for t, _ in pairs]],
+                [s for _, s in pairs],
+                owner=_OWNER,
+                move_sources=self.allow_different_devices,
+                move_option="allow_different_devices=True",
+            )
+            for op, pairs in (("lerp_", lerp), ("copy_", copy))
+        ]
+        plan = self._plans[slot] = _Plan(ModulesWatch(target, source), *plans)
         return plan
 
     @torch.no_grad()
     def copy_params_from_model_to_ema(self) -> None:
-        for call in self._plan(self.ema_model, self.model, False).copy:
-            call.copy()
+        copy = self._plan(self.ema_model, self.model, False).copy
+        copy.run(copy.sources)
 
     @torch.no_grad()
     def copy_params_from_ema_to_model(self) -> None:
-        for call in self._plan(self.model, self.ema_model, False).copy:
-            call.copy()
+        copy = self._plan(self.model, self.ema_model, False).copy
+        copy.run(copy.sources)
 
     def update_model_with_ema(self, decay: float | None = None) -> None:
         """Move the model to the EMA weights: a copy at decay 0, else keep `decay` of the model."""
@@ -307,14 +317,15 @@ class EMA(Module):
             if ma_device != current_device:
                 ma_model.to(current_device)
         decay = self.get_current_decay() if current_decay is None else current_decay
-        plan = self._plan(ma_model, current_model, True)
-        for call in plan.copy:
-            call.copy()
         weight = 1.0 - decay
         if not math.isfinite(weight):
             raise ValueError(f"swa_fast.{_OWNER}: expected a finite decay, got {decay!r}")
-        for call in plan.lerp:
-            call.lerp(weight)
+        plan = self._plan(ma_model, current_model, True)
+        # Everything checked before anything is written: the copies' shapes, then the average
+        # (whose op checks every group first); the copies last.
+        plan.copy.check_shapes(plan.copy.sources)
+        plan.lerp.run(plan.lerp.sources, weight)
+        plan.copy.run(plan.copy.sources)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -330,7 +341,6 @@ def _read_counts_back(module: EMA, _incompatible_keys) -> None:
     """After a state_dict was loaded (an original's or ours), the host counts follow its buffers."""
     module._host_step = int(module.step.item())
     module._host_initted = bool(module.initted.item())
-
 
 
 def _inplace(op, target: Tensor, source: Tensor, *args, auto_move_device=False, coerce_dtype=False) -> Tensor:

@@ -36,10 +36,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
 
+from ..engine import UpdatePlan
 from ..flat import FlatBuffer, copy_into_strided
+from ..model_tensors import ModulesWatch
 from ..swa_utils import AveragedModel, get_ema_avg_fn
 from ..weighting import ema_weight, swa_weight
-from ._fused_lists import group_pairs, tensors_key
 
 __all__ = ["EMAWeightAveraging", "StochasticWeightAveraging", "WeightAveraging"]
 
@@ -136,7 +137,9 @@ class EMAWeightAveraging(WeightAveraging, _LightningEMAWeightAveraging):
 
 # The plan of the fused SWA update per averaged LightningModule: `update_parameters` is a static
 # method, so what it works out is kept beside the module it updates, for as long as that lives.
-_SWA_PLANS: weakref.WeakKeyDictionary[Module, tuple[list, list]] = weakref.WeakKeyDictionary()
+_SWA_PLANS: weakref.WeakKeyDictionary[Module, tuple[Module, ModulesWatch, UpdatePlan]] = (
+    weakref.WeakKeyDictionary()
+)
 _LIGHTNING_AVG_FN = _LightningStochasticWeightAveraging.avg_fn
 
 
@@ -169,13 +172,15 @@ class StochasticWeightAveraging(_LightningStochasticWeightAveraging):
         if kind is None:
             _LightningStochasticWeightAveraging.update_parameters(average_model, model, n_averaged, avg_fn)
             return
-        key = tensors_key(average_model, model)
         kept = _SWA_PLANS.get(average_model)
-        if kept is None or kept[0] != key:
-            pairs = list(zip(average_model.parameters(), model.parameters()))
-            kept = _SWA_PLANS[average_model] = (key, group_pairs(pairs, True, "StochasticWeightAveraging"))
+        if kept is None or kept[0] is not model or kept[1].changed():
+            averaged, current = list(average_model.parameters()), list(model.parameters())
+            plan = UpdatePlan(
+                "lerp_", [averaged], current, owner="StochasticWeightAveraging", move_sources=True
+            )
+            kept = _SWA_PLANS[average_model] = (model, ModulesWatch(average_model, model), plan)
+        plan = kept[2]
         weight = swa_weight(n_averaged) if kind[0] == "swa" else ema_weight(kind[1], n_averaged)
         with torch.no_grad():
-            for call in kept[1]:
-                call.lerp(weight)
+            plan.run(plan.sources, weight)
         n_averaged += 1
