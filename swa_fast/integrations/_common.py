@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from .. import checks, ops
+from ..engine import UpdatePlan
 from ..flat import FlatBuffer, FlatGroup
 from ..model_tensors import _each_once
 
@@ -57,11 +57,19 @@ class FlatShadow:
         pin_memory: pin the CPU buffers (asynchronous copies to and from a GPU).
     """
 
-    def __init__(self, tensors: Sequence[Tensor], dtype: torch.dtype | None = None, pin_memory: bool = False):
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        dtype: torch.dtype | None = None,
+        pin_memory: bool = False,
+        owner: str = "integrations",
+    ):
+        self.owner = owner
         self.buffer = FlatBuffer(tensors, dtype=dtype, pin_memory=pin_memory)
         for t, view in zip(tensors, self.buffer.views):
             t.data = view
         self.ptrs = [view.data_ptr() for view in self.buffer.views]
+        self._plans: dict[tuple, UpdatePlan] = {}  # per part updated: the engine's plan
 
     def to_(
         self,
@@ -87,6 +95,7 @@ class FlatShadow:
         for t, view in zip(tensors, self.buffer.views):
             t.data = view
         self.ptrs = [view.data_ptr() for view in self.buffer.views]
+        self._plans = {}
 
     def holds(self, tensors: Sequence[Tensor]) -> bool:
         """Whether `tensors` still live in the buffers (a `.to()`, a `load_state_dict(assign=True)`
@@ -101,32 +110,20 @@ class FlatShadow:
         part: list[int] | None = None,
     ) -> None:
         """avg += weight * (source - avg) for the stored tensors (those at positions `part` only,
-        when given), one fused op per buffer; `sources` pair with every stored tensor. With
-        `other_device`, sources that live elsewhere are copied over first (the originals' `device=`)."""
-        if part is None:
-            pairs = [(g.device, views, src) for g, views, src in self.buffer.pairs(sources)]
-        else:
-            pairs = [(device, views, pick(at, sources)) for device, views, at in self._part(part) if views]
-        if other_device:
-            pairs = [(d, views, [s if s.device == d else s.to(d) for s in src]) for d, views, src in pairs]
-        if len(pairs) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
-            for _, views, src in pairs:
-                checks.check_lerp(views, src, weight)
-        for _, views, src in pairs:
-            ops.lerp_(views, src, weight)
-
-    def _part(self, part: list[int]) -> list[tuple[torch.device, list[Tensor], list[int]]]:
-        """Per buffer, its device, its views at positions `part` and those positions; kept for the
-        next call (which tensors a model freezes changes rarely)."""
-        key = tuple(part)
-        if getattr(self, "_part_key", None) != key:
-            chosen = set(part)
-            self._part_plan = []
-            for g in self.buffer.groups:
-                at = [i for i in g.indices if i in chosen]
-                self._part_plan.append((g.device, [self.buffer.views[i] for i in at], at))
-            self._part_key = key
-        return self._part_plan
+        when given), one fused op per device through the engine; `sources` pair with every stored
+        tensor. With `other_device`, sources that live elsewhere are copied over first (the
+        originals' `device=`). The plan of each `part` is kept: it pairs by position, as the
+        originals' zip does, and its op checks the tensors at every call."""
+        views = self.buffer.views
+        if part is not None:
+            views, sources = pick(part, views), pick(part, sources)
+        key = (None if part is None else tuple(part), other_device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = UpdatePlan(
+                "lerp_", [views], sources, owner=self.owner, move_sources=other_device, keep_sources=False
+            )
+        plan.run(sources, weight)
 
 
 def pick(positions: list[int], tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -100,7 +100,12 @@ class EMAModel(_DiffusersEMAModel):
         shadow = self.shadow_params
         self._floating = [i for i, s in enumerate(shadow) if s.is_floating_point()]
         self._integer = [i for i, s in enumerate(shadow) if not s.is_floating_point()]
-        self._flat = FlatShadow(pick(self._floating, shadow), dtype=self.dtype, pin_memory=pin_memory)
+        self._flat = FlatShadow(
+            pick(self._floating, shadow),
+            dtype=self.dtype,
+            pin_memory=pin_memory,
+            owner="integrations.diffusers.EMAModel",
+        )
         self._shadow_list = shadow
 
     def _floating_shadow(self) -> list[Tensor]:

@@ -43,7 +43,7 @@ class _FlatModule:
         self._floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
         self._integer = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
         self._source_dtypes = [t.dtype for t in self._sources(model)]
-        self._flat = FlatShadow(pick(self._floating, averaged))
+        self._flat = FlatShadow(pick(self._floating, averaged), owner="integrations.timm")
         self._other_device = self.device is not None and any(
             t.device != torch.device(self.device) for t in self._sources(model)
         )
@@ -61,7 +61,7 @@ class _FlatModule:
         else:
             floating_avg, floating_src = pick(self._floating, averaged), pick(self._floating, sources)
         if not self._flat.holds(floating_avg):
-            self._flat = FlatShadow(floating_avg)
+            self._flat = FlatShadow(floating_avg, owner="integrations.timm")
             self.__dict__.pop("_sr_scratch", None)
         return floating_avg, floating_src, pick(self._integer, averaged), pick(self._integer, sources)
 

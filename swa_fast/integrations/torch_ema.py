@@ -55,7 +55,9 @@ class ExponentialMovingAverage(torch_ema.ExponentialMovingAverage):
         for i, s in enumerate(self.shadow_params):
             if not s.is_floating_point():  # torch-ema's update fails on these too, later
                 raise ValueError(f"{_OWNER}: averages floating tensors, parameter {i} is {s.dtype}")
-        self._flat = FlatShadow(self.shadow_params, dtype=self.dtype)
+        self._flat = FlatShadow(
+            self.shadow_params, dtype=self.dtype, owner="integrations.torch_ema.ExponentialMovingAverage"
+        )
         self._shadow_list = self.shadow_params
 
     def _current_flat(self) -> FlatShadow:
