@@ -187,8 +187,11 @@ class UpdatePlan:
 
     def check_shapes(self, sources: Sequence[Tensor]) -> None:
         """Raise, naming the first tensor whose shape differs from its average's, unless `sources`
-        fit the targets (a comparison of shapes, no device work)."""
+        fit the targets (a comparison of shapes, no device work). Without names, only their
+        number: the ops' own checks then say which index differs."""
         self._check_length(self.length, len(sources), "averages")
+        if self.names is None:
+            return
         for i, (target, source) in enumerate(zip(self.targets[0], sources)):
             if target.shape != source.shape:
                 name = self.names[i] if self.names is not None else f"tensor {i}"

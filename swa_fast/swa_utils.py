@@ -28,10 +28,11 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim.swa_utils import SWALR
 
-from . import checks, ops
+from . import ops
 from .bn import update_bn
 from .buffer_copy import BufferCopy
 from .counts import numpy_view
+from .engine import UpdatePlan
 from .flat import FlatBuffer, padded_numel
 from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
 from .weighting import ema_weight, real_number, swa_weight
@@ -234,16 +235,14 @@ class _Prepared:
         integers = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
         self.floating = pick(floating) if integers else None
         self.integers = pick(integers) if integers else None
-        by_device: dict[torch.device, list[int]] = {}
-        for j, i in enumerate(floating):
-            by_device.setdefault(averaged[i].device, []).append(j)
-        self.by_device = [pick(js) for js in by_device.values()] if len(by_device) > 1 else None
+        devices = {averaged[i].device for i in floating}
+        self.plan: UpdatePlan | None = None  # the engine's plan of the floating tensors, at the next update
         device = averaged[0].device if averaged else _CPU
         self.lerp = ops.BoundOp("lerp_", device)
         self.copy_buffers = BufferCopy(device)
         # the usual layout: every averaged tensor floating, on one device, run by the extension
         # (which then also copies the buffers in the same call: ops.eager_lerp_then_copy)
-        self.plain = not integers and self.by_device is None and self.lerp.eager is not None
+        self.plain = not integers and len(devices) < 2 and self.lerp.eager is not None
 
 
 class AveragedModel(Module):
@@ -346,9 +345,9 @@ class AveragedModel(Module):
                 else:
                     prepared.lerp.eager(averaged, current, weight)
             except ValueError:  # the lerp_ refused: the general path says why, or takes the devices apart
-                self._update_fused(prepared, current, averaged, weight, kind, n, eager)
+                self._update_fused(prepared, current, averaged, weight, kind, n)
         else:
-            self._update_fused(prepared, current, averaged, weight, kind, n, eager)
+            self._update_fused(prepared, current, averaged, weight, kind, n)
         if ours and not copied:
             prepared.copy_buffers(ours, theirs, eager)
         if count is not None:
@@ -357,14 +356,7 @@ class AveragedModel(Module):
             n_averaged.add_(1)
 
     def _update_fused(
-        self,
-        prepared: _Prepared,
-        current: list[Tensor],
-        averaged: list[Tensor],
-        weight: Tensor | float,
-        kind: tuple,
-        n: Tensor | int,
-        eager: bool,
+        self, prepared: _Prepared, current: list[Tensor], averaged: list[Tensor], weight, kind: tuple, n
     ) -> None:
         if len(current) != len(averaged):
             raise ValueError(
@@ -375,34 +367,13 @@ class AveragedModel(Module):
         avg, src = averaged, current
         if prepared.floating is not None:
             avg, src = prepared.floating(averaged), prepared.floating(current)
-        if prepared.by_device is None and not self._moved:
-            lerp = prepared.lerp.eager if eager and prepared.lerp.eager is not None else prepared.lerp
-            try:  # the usual case: one op, whose checks (before it writes) say if the devices differ
-                lerp(avg, src, weight)
-            except ValueError:
-                self._lerp_groups([(avg, src)], weight)
-        elif prepared.by_device is None:  # torch's `device=`: the model's tensors are taken there
-            self._lerp_groups([(avg, src)], weight)
-        else:
-            self._lerp_groups([(p(avg), p(src)) for p in prepared.by_device], weight)
+        if prepared.plan is None:  # as torch does, the model's tensors are taken where the averages are
+            prepared.plan = UpdatePlan(
+                "lerp_", [avg], src, owner="AveragedModel", move_sources=True, keep_sources=False
+            )
+        prepared.plan.run(src, weight)
         if prepared.integers is not None:
             self._update_integers(prepared.integers(averaged), prepared.integers(current), kind, n)
-
-    def _lerp_groups(self, groups: list[tuple[list[Tensor], list[Tensor]]], weight: Tensor | float) -> None:
-        """One op per (averaged, model) pair of lists, each list of the averaged side on one device:
-        the model's tensors and the weight taken there first (torch's `device=`, or a model that
-        lives elsewhere). Every op is checked before any writes."""
-        calls = []
-        for avg, src in groups:
-            device = avg[0].device if avg else _CPU
-            src = [s if s.device == device else s.detach().to(device) for s in src]
-            elsewhere = isinstance(weight, Tensor) and weight.device not in (device, _CPU)
-            calls.append((avg, src, weight.to(device) if elsewhere else weight))
-        if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
-            for avg, src, w in calls:
-                checks.check_lerp(avg, src, w)
-        for avg, src, w in calls:
-            ops.lerp_(avg, src, w)
 
     def _update_integers(self, averaged: list[Tensor], current: list[Tensor], kind, n: Tensor | int) -> None:
         """Integer buffers (num_batches_tracked with use_buffers=True), with torch's arithmetic:
