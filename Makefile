@@ -20,8 +20,13 @@ $(BIN)/.built: $(BIN)/.deps $(SOURCES)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: $(BIN)/.built
+# ruff's rules, the complexity limit among them, are in pyproject.toml. Lint needs no build, so
+# `make test` runs it first: a lint error shows before the extension compiles.
+lint: $(BIN)/.deps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint $(BIN)/.built
 	SWA_FAST_EXPECT_CUDA=$(EXPECT_CUDA) $(BIN)/python -m pytest tests -q
 
 bench: $(BIN)/.built
