@@ -9,19 +9,28 @@ EXPECT_CUDA := $(shell (command -v nvcc || ls /usr/local/cuda*/bin/nvcc) >/dev/n
 
 .PHONY: test bench lint info gpu-check clean
 
-$(BIN)/.deps: pyproject.toml Makefile
+# What .venv needs is listed once, in pyproject.toml: the build's requirements, swa_fast's
+# dependencies and these extras (scripts/requirements.py reads them; tomllib is Python 3.11's).
+EXTRAS := test bench
+
+$(BIN)/.deps: pyproject.toml scripts/requirements.py Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch ninja setuptools wheel pytest numpy expecttest ruff matplotlib pytest-benchmark scikit-learn tqdm hypothesis \
-		timm diffusers ema-pytorch torch-ema lightning
+	$(BIN)/pip install -q --upgrade pip 'tomli; python_version < "3.11"'
+	$(BIN)/python scripts/requirements.py $(EXTRAS) > $(VENV)/requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements.txt
 	touch $@
 
 $(BIN)/.built: $(BIN)/.deps $(SOURCES)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: $(BIN)/.built
+# ruff's rules, the complexity limit among them, are in pyproject.toml. Lint needs no build, so
+# `make test` runs it first: a lint error shows before the extension compiles.
+lint: $(BIN)/.deps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint $(BIN)/.built
 	SWA_FAST_EXPECT_CUDA=$(EXPECT_CUDA) $(BIN)/python -m pytest tests -q
 
 bench: $(BIN)/.built

@@ -8,50 +8,79 @@ from __future__ import annotations
 def check_targets(rows, device):
     """The targets, each as (target, measured figure, met), from ratios measured in this run. Only
     the workloads that ran are checked."""
-    best = "swa_fast:cuda" if device.type == "cuda" else "swa_fast:cpu"
-    found = {(r["workload"], r["params"], r["method"]): r for r in rows}
+    targets = _Targets(rows, device)
+    _multi_lerp_targets(targets, rows)
+    if device.type == "cpu":
+        targets.checks += one_update_targets(rows)
+        _cpu_targets(targets)
+    else:
+        _gpu_targets(targets, rows)
+    return targets.checks
 
-    def row(workload, params, method):
-        return found.get((workload, params, method))
 
-    checks = []
+class _Targets:
+    """The checks of one run so far: each compares a figure of swa_fast's row of a workload (its
+    method on this device) to a minimum."""
 
-    def check(target, workload, params, figure, minimum):
-        ours = row(workload, params, best)
+    def __init__(self, rows, device):
+        self.best = "swa_fast:cuda" if device.type == "cuda" else "swa_fast:cpu"
+        self.found = {(r["workload"], r["params"], r["method"]): r for r in rows}
+        self.checks = []
+
+    def row(self, workload, params, method):
+        return self.found.get((workload, params, method))
+
+    def check(self, target, workload, params, figure, minimum):
+        """Adds the check of `figure` (of our row) >= `minimum`, unless the row or its figure is
+        missing from this run."""
+        ours = self.row(workload, params, self.best)
         if ours is None:
             return
         value = figure(ours)
         if value is not None:
-            checks.append((f"{workload} {params}: {target} >= {minimum}", round(value, 2), value >= minimum))
+            self.checks.append(
+                (f"{workload} {params}: {target} >= {minimum}", round(value, 2), value >= minimum)
+            )
 
-    def versus(method):
+    def versus(self, method):
+        """The figure: how many times `method`'s time on the same workload ours is."""
+
         def figure(ours):
-            other = row(ours["workload"], ours["params"], method)
+            other = self.row(ours["workload"], ours["params"], method)
             return other["median_ms"] / ours["median_ms"] if other else None
 
         return figure
 
+
+def _multi_lerp_targets(targets, rows):
     # multi_lerp_ K=2 over two lerp_ passes: 20 instead of 24 bytes per element from an fp32 source
     # (1.2x in theory), 18 instead of 20 from bf16 (1.11x)
     for workload in dict.fromkeys(r["workload"] for r in rows if r["workload"].endswith("multi_lerp_ K=2")):
-        check("x vs two lerp_ passes", workload, "float32", lambda r: r.get("x_vs_two_lerps"), 1.1)
-        check("x vs two lerp_ passes", workload, "bfloat16", lambda r: r.get("x_vs_two_lerps"), 1.0)
-    if device.type == "cpu":
-        checks += one_update_targets(rows)
-        check("fraction of copy bandwidth", "gpt2-small", "float32", lambda r: r["of_copy_bw"], 0.85)
-        check("x vs AveragedModel", "gpt2-small", "float32", lambda r: r.get("x_vs_AveragedModel"), 6)
-        check("x vs foreach_lerp", "gpt2-small", "float32", versus("foreach_lerp"), 1.0)
-        check("x vs AveragedModel", "tiny-1000", "float32", lambda r: r.get("x_vs_AveragedModel"), 100)
-        check("x vs foreach_lerp", "tiny-1000", "float32", versus("foreach_lerp"), 5)
-        check("fraction of copy bandwidth", "gpt2-small", "bfloat16", lambda r: r["of_copy_bw"], 0.8)
-    else:
-        for workload in dict.fromkeys(r["workload"] for r in rows):
-            check("x vs foreach_lerp", workload, "float32", versus("foreach_lerp"), 1.0)
-            # a bf16 model into an fp32 average: torch has to cast first
-            check("x vs cast+foreach_lerp", workload, "bfloat16", versus("cast+foreach_lerp"), 1.3)
-            if workload.startswith("sweep") and row(workload, "float32", best)["elements"] >= 10**8:
-                check("fraction of copy bandwidth", workload, "float32", lambda r: r["of_copy_bw"], 0.9)
-    return checks
+        targets.check("x vs two lerp_ passes", workload, "float32", lambda r: r.get("x_vs_two_lerps"), 1.1)
+        targets.check("x vs two lerp_ passes", workload, "bfloat16", lambda r: r.get("x_vs_two_lerps"), 1.0)
+
+
+def _cpu_targets(targets):
+    check, versus = targets.check, targets.versus
+    check("fraction of copy bandwidth", "gpt2-small", "float32", lambda r: r["of_copy_bw"], 0.85)
+    check("x vs AveragedModel", "gpt2-small", "float32", lambda r: r.get("x_vs_AveragedModel"), 6)
+    check("x vs foreach_lerp", "gpt2-small", "float32", versus("foreach_lerp"), 1.0)
+    check("x vs AveragedModel", "tiny-1000", "float32", lambda r: r.get("x_vs_AveragedModel"), 100)
+    check("x vs foreach_lerp", "tiny-1000", "float32", versus("foreach_lerp"), 5)
+    check("fraction of copy bandwidth", "gpt2-small", "bfloat16", lambda r: r["of_copy_bw"], 0.8)
+
+
+def _gpu_targets(targets, rows):
+    check, versus = targets.check, targets.versus
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        check("x vs foreach_lerp", workload, "float32", versus("foreach_lerp"), 1.0)
+        # a bf16 model into an fp32 average: torch has to cast first
+        check("x vs cast+foreach_lerp", workload, "bfloat16", versus("cast+foreach_lerp"), 1.3)
+        if (
+            workload.startswith("sweep")
+            and targets.row(workload, "float32", targets.best)["elements"] >= 10**8
+        ):
+            check("fraction of copy bandwidth", workload, "float32", lambda r: r["of_copy_bw"], 0.9)
 
 
 # What an API may add to the bare op (a multiple of its time) in the "one update" section, on the

@@ -10,6 +10,7 @@ combined into those of one pass over all of it, so every rank ends with the same
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -56,6 +57,21 @@ def update_bn(
     with default statistics.
     """
     model, ddp = unwrap(model)
+    groups = _sync_groups(model, ddp, sync, group)
+    norms = [module for module in model.modules() if isinstance(module, _BatchNorm)]
+    if not norms:
+        return
+    batches = _nonempty(loader) if require_batches else loader
+    with _plain_averages(model, norms):
+        for batch in batches:
+            _feed(model, batch, device, forward_fn)
+    if groups is not None:
+        _combine_across_ranks([m for m in norms if m.track_running_stats], groups)
+
+
+def _sync_groups(model: Module, ddp: Module | None, sync: bool | None, group: Any) -> list | None:
+    """The process groups whose ranks' statistics are combined (update_bn's `sync`), or None when
+    they are not. Raises before anything is reset when they should be and cannot."""
     groups = None if ddp is None else [ddp.process_group]
     if sync is None:
         if groups is None:  # an FSDP2 model: its mesh's groups (none for a plain model)
@@ -63,40 +79,48 @@ def update_bn(
                 model, [distributed.shards_of(t) for t in module_tensors(model, False)]
             )
         sync = bool(groups)
-    if sync:
-        if distributed.dist is None or not distributed.dist.is_initialized():
-            raise ValueError(
-                "swa_fast.update_bn: sync=True needs torch.distributed, which is not initialised"
-            )
-        groups = [group] if group is not None else (groups or [None])
-    norms = [module for module in model.modules() if isinstance(module, _BatchNorm)]
-    if not norms:
-        return
-    batches = _nonempty(loader) if require_batches else loader
-    momenta = {}
+    if not sync:
+        return None
+    if distributed.dist is None or not distributed.dist.is_initialized():
+        raise ValueError("swa_fast.update_bn: sync=True needs torch.distributed, which is not initialised")
+    return [group] if group is not None else (groups or [None])
+
+
+@contextlib.contextmanager
+def _plain_averages(model: Module, norms: list[_BatchNorm]) -> Iterator[None]:
+    """Inside, `norms` start from reset statistics and average the batches fed with equal weights
+    (momentum None, train mode); their momenta and the model's mode are restored after, even on an
+    error."""
     for module in norms:
         module.reset_running_stats()
-        momenta[module] = module.momentum
+    momenta = [module.momentum for module in norms]
     was_training = model.training
     model.train()
-    for module in momenta:
+    for module in norms:
         module.momentum = None
     try:
-        for batch in batches:
-            if forward_fn is not None:
-                forward_fn(model, batch)
-                continue
-            if isinstance(batch, (list, tuple)):
-                batch = batch[0]
-            if device is not None:
-                batch = batch.to(device)
-            model(batch)
+        yield
     finally:
-        for module, momentum in momenta.items():
+        for module, momentum in zip(norms, momenta):
             module.momentum = momentum
         model.train(was_training)
-    if sync:
-        _combine_across_ranks([m for m in momenta if m.track_running_stats], groups)
+
+
+def _feed(
+    model: Module,
+    batch: Any,
+    device: torch.device | str | None,
+    forward_fn: Callable[[Module, Any], Any] | None,
+) -> None:
+    """One batch through `model`, as update_bn's docstring says."""
+    if forward_fn is not None:
+        forward_fn(model, batch)
+        return
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    if device is not None:
+        batch = batch.to(device)
+    model(batch)
 
 
 def _nonempty(loader: Iterable[Any]) -> Iterator[Any]:

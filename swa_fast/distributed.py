@@ -91,7 +91,7 @@ def check_layouts(
 def local_tensors(tensors: Sequence[Tensor], layouts: Sequence[Shards | None]) -> list[Tensor]:
     """Each DTensor's local shard (which shares its storage: writes reach the parameter), other
     tensors as they are. `_local_tensor` rather than `to_local()`: the latter is an autograd
-    Function call per tensor, which would put microseconds per parameter on the update path."""
+    Function call per tensor, a cost on the update path that grows with the number of parameters."""
     return [t if s is None else t._local_tensor for t, s in zip(tensors, layouts)]
 
 

@@ -24,37 +24,52 @@ def digits():
 
 
 def check_outputs(report: dict, out: Path, name: str, seeds: int) -> None:
-    for key in ("table", "json", "accuracy_plot", "vs_sgd_plot", "line_plot"):
-        path = Path(report["files"][key])
-        assert path.parent == out and path.name.startswith(name) and path.stat().st_size > 0, key
-    for key in ("accuracy_plot", "vs_sgd_plot", "line_plot"):
-        assert Path(report["files"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_files(report, out, name)
     saved = json.loads((out / f"{name}_results.json").read_text())
     assert set(saved["summary"]) == set(METHODS)
     table = (out / f"{name}_results.md").read_text()
     for label in ("SGD", "SWA", "FGE", "SWAG", "EMA"):
         assert f"| {label}" in table
-    for method in METHODS:
-        runs = saved["runs"][method]
-        assert len(runs) == seeds
-        for run in runs:
-            assert 0.0 <= run["acc"] <= 1.0
-            assert math.isfinite(run["nll"]) and run["nll"] >= 0.0
-            assert run["train_s"] > 0 and run["averaging_s"] >= 0 and run["predict_s"] > 0
-    for method in ("swa", "fge", "swag", "ema"):  # the averaging calls were timed
-        assert all(r["averaging_s"] > 0 for r in saved["runs"][method])
-    assert all(r["snapshots"] >= 1 for r in saved["runs"]["fge"])
-    # The last iterate of each run is scored too; on the SGD run it is SGD's model.
-    for sgd, ema in zip(saved["runs"]["sgd"], saved["runs"]["ema"]):
-        assert sgd["last_iterate_acc"] == sgd["acc"] == ema["last_iterate_acc"]
-        assert sgd["last_iterate_nll"] == sgd["nll"]
-    for swa, swag in zip(saved["runs"]["swa"], saved["runs"]["swag"]):
-        assert 0.0 <= swa["last_iterate_acc"] <= 1.0 and swa["last_iterate_nll"] == swag["last_iterate_nll"]
+    check_runs(saved["runs"], seeds)
+    check_last_iterates(saved["runs"])
     for method in METHODS:  # paired differences with SGD, seed by seed
         row = saved["summary"][method]
         assert math.isfinite(row["acc_vs_sgd"]) and math.isfinite(row["nll_vs_sgd"])
     assert saved["summary"]["sgd"]["acc_vs_sgd"] == 0.0
-    for line in saved["line"].values():
+    check_lines(saved["line"])
+
+
+def check_files(report: dict, out: Path, name: str) -> None:
+    for key in ("table", "json", "accuracy_plot", "vs_sgd_plot", "line_plot"):
+        path = Path(report["files"][key])
+        assert path.parent == out and path.name.startswith(name) and path.stat().st_size > 0, key
+    for key in ("accuracy_plot", "vs_sgd_plot", "line_plot"):
+        assert Path(report["files"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def check_runs(runs: dict, seeds: int) -> None:
+    for method in METHODS:
+        assert len(runs[method]) == seeds
+        for run in runs[method]:
+            assert 0.0 <= run["acc"] <= 1.0
+            assert math.isfinite(run["nll"]) and run["nll"] >= 0.0
+            assert run["train_s"] > 0 and run["averaging_s"] >= 0 and run["predict_s"] > 0
+    for method in ("swa", "fge", "swag", "ema"):  # the averaging calls were timed
+        assert all(r["averaging_s"] > 0 for r in runs[method])
+    assert all(r["snapshots"] >= 1 for r in runs["fge"])
+
+
+def check_last_iterates(runs: dict) -> None:
+    """The last iterate of each run is scored too; on the SGD run it is SGD's model."""
+    for sgd, ema in zip(runs["sgd"], runs["ema"]):
+        assert sgd["last_iterate_acc"] == sgd["acc"] == ema["last_iterate_acc"]
+        assert sgd["last_iterate_nll"] == sgd["nll"]
+    for swa, swag in zip(runs["swa"], runs["swag"]):
+        assert 0.0 <= swa["last_iterate_acc"] <= 1.0 and swa["last_iterate_nll"] == swag["last_iterate_nll"]
+
+
+def check_lines(lines: dict) -> None:
+    for line in lines.values():
         assert len(line["t"]) == len(line["train_loss"]) == len(line["test_error"])
         assert all(math.isfinite(v) for v in line["train_loss"])
         assert all(0.0 <= v <= 1.0 for v in line["test_error"])

@@ -184,77 +184,109 @@ def assert_same(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None
 
 
 def run(kind: str, model: torch.nn.Module, options: dict, operations: list) -> None:
-    manager = make(kind, model, options)
-    promise = Promise(kind, model, options)
+    trial = Trial(kind, model, options)
     for op, *args in operations:
-        if op == "step":
-            step_(model, args[0], non_finite=args[1] and options["check_finite"])
-        elif op == "update":
-            manager.update(model)
-            promise.update(model)
-            promise.attached = True
-        elif op == "copy_to":
-            target = copy.deepcopy(model)
-            untracked = {k: v.clone() for k, v in target.state_dict().items() if k not in promise.names}
-            manager.copy_to(target)
-            promise.assert_holds_the_average(promise.tracked(target))
-            for k, v in untracked.items():
-                assert torch.equal(target.state_dict()[k], v), k
-            del target  # the only reference: a manager tracking nothing yet lets it go
-        elif op == "swap" and all(t.isfinite().all() for t in model.parameters()):
-            # (a NaN swapped into the average stays there: not the subject here)
-            live = {n: t.detach().clone() for n, t in promise.tracked(model).items()}
-            if any(live[n].dtype != promise.stored_dtype[n] for n in promise.floating):
-                before, kept = snapshot(model), copy.deepcopy(manager.state_dict()["average"])
-                with pytest.raises(ValueError, match="same dtype"):
-                    manager.swap(model)
-                assert_same(model, before)
-                for n, v in manager.state_dict()["average"].items():
-                    assert_identical(v, kept[n], n)
-            else:
-                manager.swap(model)
-                promise.assert_holds_the_average(
-                    {**promise.tracked(model), **{n: promise.integers[n] for n in promise.integer}}
-                )
-                for n in promise.floating:  # the average holds the live weights, exactly
-                    assert_identical(manager.state_dict()["average"][n], live[n], n)
-                    promise.average[n] = live[n].double().clone()
-            promise.attached = True
-        elif op == "average_applied":
-            before = snapshot(model)
-            with manager.average_applied(model):
-                inside = promise.tracked(model)
-                promise.assert_holds_the_average(
-                    {**inside, **{n: promise.integers[n] for n in promise.integer}}
-                )
-                step_(model, args[0], non_finite=False)  # what update_bn or a user may change
-            assert_same(model, before)
-            promise.attached = True
-        elif op == "resume":
-            state = copy.deepcopy(manager.state_dict())
-            manager = make(kind, model, options)
-            manager.load_state_dict(state)
-            promise.attached = True
-        elif op == "pickle":
-            saved = io.BytesIO()
-            torch.save(manager, saved)
-            saved.seek(0)
-            manager = torch.load(saved, weights_only=False)
-            promise.attached = False  # it tracks the next model it is given
-        elif op == "replace" and promise.attached:
-            names = [n for n, _ in model.named_parameters()]
-            name = names[args[0] % len(names)]
-            module_name, _, attribute = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            original = getattr(module, attribute)
-            kept = copy.deepcopy(manager.state_dict())
-            setattr(module, attribute, torch.nn.Parameter(original.detach().clone()))
-            with pytest.raises(ValueError, match=f"'{name}' was replaced"):
-                manager.update(model)
-            setattr(module, attribute, original)
-            for n, v in manager.state_dict()["average"].items():
-                assert_identical(v, kept["average"][n], n)
-        state = manager.state_dict()
+        getattr(trial, op)(*args)
+        trial.assert_state_kept()
+
+
+class Trial:
+    """A manager and the Promise of what it holds, given the operations of OPERATIONS alike (one
+    method each, by name) and compared after every one."""
+
+    def __init__(self, kind: str, model: torch.nn.Module, options: dict) -> None:
+        self.kind, self.model, self.options = kind, model, options
+        self.manager = make(kind, model, options)
+        self.promise = Promise(kind, model, options)
+
+    def step(self, seed: int, non_finite: bool) -> None:
+        step_(self.model, seed, non_finite=non_finite and self.options["check_finite"])
+
+    def update(self) -> None:
+        self.manager.update(self.model)
+        self.promise.update(self.model)
+        self.promise.attached = True
+
+    def copy_to(self) -> None:
+        promise = self.promise
+        target = copy.deepcopy(self.model)
+        untracked = {k: v.clone() for k, v in target.state_dict().items() if k not in promise.names}
+        self.manager.copy_to(target)
+        promise.assert_holds_the_average(promise.tracked(target))
+        for k, v in untracked.items():
+            assert torch.equal(target.state_dict()[k], v), k
+        del target  # the only reference: a manager tracking nothing yet lets it go
+
+    def swap(self) -> None:
+        if not all(t.isfinite().all() for t in self.model.parameters()):
+            return  # a NaN swapped into the average stays there: not the subject here
+        promise = self.promise
+        live = {n: t.detach().clone() for n, t in promise.tracked(self.model).items()}
+        if any(live[n].dtype != promise.stored_dtype[n] for n in promise.floating):
+            self._swap_refused()
+        else:
+            self._swap_exchanged(live)
+        promise.attached = True
+
+    def _swap_refused(self) -> None:
+        before, kept = snapshot(self.model), copy.deepcopy(self.manager.state_dict()["average"])
+        with pytest.raises(ValueError, match="same dtype"):
+            self.manager.swap(self.model)
+        assert_same(self.model, before)
+        for n, v in self.manager.state_dict()["average"].items():
+            assert_identical(v, kept[n], n)
+
+    def _swap_exchanged(self, live: dict[str, torch.Tensor]) -> None:
+        promise = self.promise
+        self.manager.swap(self.model)
+        promise.assert_holds_the_average({**promise.tracked(self.model), **self._integers()})
+        for n in promise.floating:  # the average holds the live weights, exactly
+            assert_identical(self.manager.state_dict()["average"][n], live[n], n)
+            promise.average[n] = live[n].double().clone()
+
+    def average_applied(self, seed: int) -> None:
+        before = snapshot(self.model)
+        with self.manager.average_applied(self.model):
+            self.promise.assert_holds_the_average({**self.promise.tracked(self.model), **self._integers()})
+            step_(self.model, seed, non_finite=False)  # what update_bn or a user may change
+        assert_same(self.model, before)
+        self.promise.attached = True
+
+    def resume(self) -> None:
+        state = copy.deepcopy(self.manager.state_dict())
+        self.manager = make(self.kind, self.model, self.options)
+        self.manager.load_state_dict(state)
+        self.promise.attached = True
+
+    def pickle(self) -> None:
+        saved = io.BytesIO()
+        torch.save(self.manager, saved)
+        saved.seek(0)
+        self.manager = torch.load(saved, weights_only=False)
+        self.promise.attached = False  # it tracks the next model it is given
+
+    def replace(self, index: int) -> None:
+        if not self.promise.attached:
+            return
+        names = [n for n, _ in self.model.named_parameters()]
+        name = names[index % len(names)]
+        module_name, _, attribute = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        original = getattr(module, attribute)
+        kept = copy.deepcopy(self.manager.state_dict())
+        setattr(module, attribute, torch.nn.Parameter(original.detach().clone()))
+        with pytest.raises(ValueError, match=f"'{name}' was replaced"):
+            self.manager.update(self.model)
+        setattr(module, attribute, original)
+        for n, v in self.manager.state_dict()["average"].items():
+            assert_identical(v, kept["average"][n], n)
+
+    def _integers(self) -> dict[str, torch.Tensor]:
+        """The integer buffers as the manager keeps them: what a model given the average holds."""
+        return {n: self.promise.integers[n] for n in self.promise.integer}
+
+    def assert_state_kept(self) -> None:
+        state, promise = self.manager.state_dict(), self.promise
         promise.assert_holds_the_average(state["average"])
         assert state["calls"] == promise.calls and state["updates"] == promise.updates
         assert int(state["n_averaged"]) == promise.n_averaged

@@ -11,6 +11,8 @@ kernel may use local memory. Registers per thread are printed (pytest -s).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -49,52 +51,74 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 def launch_variants() -> list[dict]:
     """Each distinct launch the Triton launchers make for the op cases, as compile_triton_kernels
     takes them."""
-    ops_of = {id(k): op for op, k in triton_kernels.KERNELS.items()}
     seen: dict[str, dict] = {}
+    with recording_launches(seen):
+        launch_float_cases()
+        launch_integer_copies()
+    return list(seen.values())
 
-    class Recorder:
-        def __init__(self, kernel):
-            self.op = ops_of[id(kernel)]
-            self.arg_names = kernel.arg_names
 
-        def __getitem__(self, grid):
-            def record(*args, **constexprs):
-                options = {k: constexprs.pop(k) for k in LAUNCH_OPTIONS if k in constexprs}
-                signature = {n: POINTER_TYPES[a.dtype] for n, a in zip(self.arg_names, args)}
-                variant = {
-                    "op": self.op,
-                    "signature": signature,
-                    "constexprs": {k: _name(v) for k, v in constexprs.items()},
-                    "options": options,
-                }
-                seen.setdefault(json.dumps(variant, sort_keys=True), variant)
-
-            return record
-
+@contextlib.contextmanager
+def recording_launches(seen: dict[str, dict]):
+    """Inside, the launchers' kernels are recorded into `seen` (by their JSON), not run."""
+    ops_of = {id(k): op for op, k in triton_kernels.KERNELS.items()}
     launch = triton_kernels._launch
     try:
-        triton_kernels._launch = lambda kernel, *a, **k: launch(Recorder(kernel), *a, **k)
-        for op, spec in ops.OP_TABLE.items():
-            if op not in triton_kernels.KERNELS:
-                continue
-            for dst in FLOATS:
-                for src in FLOATS:
-                    lists, extra = make_case(op, SHAPES, dst, src)
-                    for shift in (False, True):
-                        args = [[_misaligned(t) for t in lst] for lst in lists] if shift else lists
-                        try:
-                            spec.triton(*args, *extra)
-                        except ValueError:
-                            continue  # a dtype pair the op refuses
-        for dtype in COPIED_INTEGERS:  # copy_'s integer and bool tensors, in their own dtype
-            lists = [[torch.zeros(s, dtype=dtype) for s in SHAPES] for _ in range(2)]
-            for shift in (False, True):
-                ops.OP_TABLE["copy_"].triton(
-                    *([[_misaligned(t) for t in lst] for lst in lists] if shift else lists)
-                )
+        triton_kernels._launch = lambda kernel, *a, **k: launch(
+            Recorder(ops_of[id(kernel)], kernel.arg_names, seen), *a, **k
+        )
+        yield
     finally:
         triton_kernels._launch = launch
-    return list(seen.values())
+
+
+class Recorder:
+    """Stands for a kernel: `recorder[grid](*args, **constexprs)` records the variant it would
+    compile."""
+
+    def __init__(self, op: str, arg_names: list[str], seen: dict[str, dict]) -> None:
+        self.op, self.arg_names, self.seen = op, arg_names, seen
+
+    def __getitem__(self, grid):
+        return self.record
+
+    def record(self, *args, **constexprs) -> None:
+        options = {k: constexprs.pop(k) for k in LAUNCH_OPTIONS if k in constexprs}
+        signature = {n: POINTER_TYPES[a.dtype] for n, a in zip(self.arg_names, args)}
+        variant = {
+            "op": self.op,
+            "signature": signature,
+            "constexprs": {k: _name(v) for k, v in constexprs.items()},
+            "options": options,
+        }
+        self.seen.setdefault(json.dumps(variant, sort_keys=True), variant)
+
+
+def launch_float_cases() -> None:
+    """Each op with a Triton kernel on make_case's tensors, every pair of float dtypes, aligned and
+    not."""
+    for op, spec in ops.OP_TABLE.items():
+        if op not in triton_kernels.KERNELS:
+            continue
+        for dst, src in itertools.product(FLOATS, FLOATS):
+            lists, extra = make_case(op, SHAPES, dst, src)
+            for shift in (False, True):
+                try:
+                    spec.triton(*placed(lists, shift), *extra)
+                except ValueError:
+                    continue  # a dtype pair the op refuses
+
+
+def launch_integer_copies() -> None:
+    """copy_'s integer and bool tensors, in their own dtype, aligned and not."""
+    for dtype in COPIED_INTEGERS:
+        lists = [[torch.zeros(s, dtype=dtype) for s in SHAPES] for _ in range(2)]
+        for shift in (False, True):
+            ops.OP_TABLE["copy_"].triton(*placed(lists, shift))
+
+
+def placed(lists: list[list[torch.Tensor]], misaligned: bool) -> list[list[torch.Tensor]]:
+    return [[_misaligned(t) for t in lst] for lst in lists] if misaligned else lists
 
 
 @pytest.fixture(scope="module")
