@@ -302,28 +302,37 @@ class TrackedModel:
         tracked = self._model()
         if model is not tracked:  # (the model itself, the usual case, needs no unwrapping)
             model = unwrap(model)[0]
-        if model is tracked:
-            tensors = self._walk.tensors()
-            if not same_tensors(tensors, self._tracked):
-                # After a forward without backward the FSDP2 root holds gathered parameters.
-                if distributed.reshard(model):
-                    tensors = self._walk.tensors()
-                if not same_tensors(tensors, self._tracked):
-                    found = module_tensors(model, self.buffers)  # (a walk's list may hold a None)
-                    raise ValueError(self._describe_change(module_names(model, self.buffers), found))
-        else:
-            tensors = module_tensors(model, self.buffers)
-            if (names := module_names(model, self.buffers)) != self.names:
-                raise ValueError(self._describe_change(names, None))
-            if self.sharded and distributed.reshard(model):
-                tensors = module_tensors(model, self.buffers)
-            distributed.check_layouts(self.names, tensors, self.layouts, self.owner)
-            if self._model() is None:  # freed, or never here (unpickled): track this one from now on
-                self._attach(model, _walk(model, True, self.buffers))
+        tensors = self._tracked_tensors(model) if model is tracked else self._other_tensors(model)
         if not self.sharded:
             return tensors
         self._sharded_model = weakref.ref(model)
         return distributed.local_tensors(tensors, self.layouts)
+
+    def _tracked_tensors(self, model: Module) -> list[Tensor]:
+        """The tracked model's tensors, read through the walk; raise unless they are the very ones
+        tracked."""
+        tensors = self._walk.tensors()
+        if not same_tensors(tensors, self._tracked):
+            # After a forward without backward the FSDP2 root holds gathered parameters.
+            if distributed.reshard(model):
+                tensors = self._walk.tensors()
+            if not same_tensors(tensors, self._tracked):
+                found = module_tensors(model, self.buffers)  # (a walk's list may hold a None)
+                raise ValueError(self._describe_change(module_names(model, self.buffers), found))
+        return tensors
+
+    def _other_tensors(self, model: Module) -> list[Tensor]:
+        """Another model's tensors (a deepcopy, or the next model once the tracked one is gone):
+        the same names and layouts, else raise."""
+        tensors = module_tensors(model, self.buffers)
+        if (names := module_names(model, self.buffers)) != self.names:
+            raise ValueError(self._describe_change(names, None))
+        if self.sharded and distributed.reshard(model):
+            tensors = module_tensors(model, self.buffers)
+        distributed.check_layouts(self.names, tensors, self.layouts, self.owner)
+        if self._model() is None:  # freed, or never here (unpickled): track this one from now on
+            self._attach(model, _walk(model, True, self.buffers))
+        return tensors
 
     def before_write(self) -> None:
         """Call before writing into the shards that `tensors()` gave. After a forward pass FSDP2

@@ -229,6 +229,19 @@ class _Prepared:
             self._count_view = numpy_view(n_averaged) if n_averaged.dtype == torch.long else None
         return self._count_view
 
+    def lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """The model's and the averaged copy's averaged tensors, then their buffers that are copied
+        (as torch does: not averaged, they follow the model; none with use_buffers)."""
+        if self.use_buffers:
+            current, averaged, theirs, ours = self.theirs.tensors(), self.ours.tensors(), [], []
+        else:
+            (current, theirs), (averaged, ours) = self.theirs.parts(), self.ours.parts()
+        if self.walks != self.ours.walks:  # the averaged copy changed
+            self.split(averaged)
+        if len(ours) != len(theirs):  # (torch zips them)
+            ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
+        return current, averaged, theirs, ours
+
     def split(self, averaged: list[Tensor]) -> None:
         self.walks = self.ours.walks
         floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
@@ -320,11 +333,7 @@ class AveragedModel(Module):
         prepared = self._prepared
         if prepared is None or prepared.model() is not model:
             prepared = self._prepare(model)
-        # The model's and the averaged copy's averaged tensors, then their buffers that are copied
-        if prepared.use_buffers:
-            current, averaged, theirs, ours = prepared.theirs.tensors(), prepared.ours.tensors(), [], []
-        else:
-            (current, theirs), (averaged, ours) = prepared.theirs.parts(), prepared.ours.parts()
+        current, averaged, theirs, ours = prepared.lists()
         # (n_averaged read from the dict: Module.__getattr__ is a Python call)
         n_averaged = self._buffers["n_averaged"]
         count = prepared.host_count(n_averaged)
@@ -332,11 +341,6 @@ class AveragedModel(Module):
         n = n_averaged if count is None else count.item()
         weight = swa_weight(n) if kind[0] == "swa" else ema_weight(kind[1], n)
         eager = not _is_compiling()  # asked once: then the ops' entry points are called straight
-        if prepared.walks != prepared.ours.walks:  # the averaged copy changed
-            prepared.split(averaged)
-        # As torch does: the buffers are not averaged, they follow the model (none with use_buffers)
-        if len(ours) != len(theirs):  # (torch zips them)
-            ours, theirs = ours[: len(theirs)], theirs[: len(ours)]
         copied = False
         if eager and prepared.plain and not self._moved:
             try:  # the usual case: one call, whose ops' checks (before they write) say if anything is amiss
