@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ is not a p
 import digits  # noqa: E402  (examples/digits.py: its data, model and scoring pieces)
 
 import swa_fast  # noqa: E402
-from swa_fast.posthoc_profiles import Reconstruction, profile_weights, sigma_rel_to_gamma  # noqa: E402
-from swa_fast.posthoc_snapshots import list_snapshots, load_snapshot  # noqa: E402
+from swa_fast.posthoc.profiles import Reconstruction, profile_weights, sigma_rel_to_gamma  # noqa: E402
+from swa_fast.posthoc.snapshots import list_snapshots, load_snapshot  # noqa: E402
 
 TRACKED = (0.05, 0.10)
 DEFAULT_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from swa_fast.posthoc_profiles import Reconstruction, profile_weights, sigma_rel_to_gamma
+from swa_fast.posthoc.profiles import Reconstruction, profile_weights, sigma_rel_to_gamma
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "posthoc_digits.py"
 

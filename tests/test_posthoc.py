@@ -21,8 +21,8 @@ from torch import nn
 
 import swa_fast
 from swa_fast.posthoc import PostHocEMA, synthesize
-from swa_fast.posthoc_profiles import gamma_to_sigma_rel, profile_inner, sigma_rel_to_gamma
-from swa_fast.posthoc_snapshots import list_snapshots, load_snapshot, named_averages
+from swa_fast.posthoc.profiles import gamma_to_sigma_rel, profile_inner, sigma_rel_to_gamma
+from swa_fast.posthoc.snapshots import list_snapshots, load_snapshot, named_averages
 
 torch.set_default_dtype(torch.float32)
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .flat import _shaped_parts, copy_lists
+from ..flat import _shaped_parts, copy_lists
 
-if TYPE_CHECKING:  # (posthoc imports this module)
-    from . import posthoc
+if TYPE_CHECKING:  # (manager imports this module)
+    from .manager import PostHocEMA
 
 SNAPSHOT_FORMAT = "swa_fast.PostHocEMA snapshot"
 _SNAPSHOT_NAME = re.compile(r"^snapshot-(\d+)\.pt$")
@@ -157,7 +157,7 @@ class HostSnapshot:
     shapes that `named_averages` cuts them back into (a few objects to pickle, however many tensors
     the model has: the writer thread holds the GIL less)."""
 
-    def __init__(self, manager: posthoc.PostHocEMA, dtype: torch.dtype | None) -> None:
+    def __init__(self, manager: PostHocEMA, dtype: torch.dtype | None) -> None:
         average = manager.average
         self.pin = torch.cuda.is_available() and any(g.device.type == "cuda" for g in average.groups)
         self.flats = [

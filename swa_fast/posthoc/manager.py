@@ -23,9 +23,9 @@ exactly by the same combination of the snapshots. `synthesize` finds the combina
 the requested profile in L2 (EDM2's least squares, over the closed-form inner products of power
 functions), then streams the snapshots through an fp32 accumulator into the model.
 
-The profiles' math is in posthoc_profiles.py (the power-function weights live there rather than in
+The profiles' math is in profiles.py (the power-function weights live there rather than in
 weighting.py: they need the progress since the last update, which none of weighting.py's rules
-take), the snapshot files and their writer in posthoc_snapshots.py.
+take), the snapshot files and their writer in snapshots.py.
 """
 
 from __future__ import annotations
@@ -42,18 +42,19 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import checks, distributed, ops
-from .averaging import Averager
-from .flat import _shaped_parts, copy_into_strided, copy_lists
-from .model_tensors import ModelCopy, TrackedModel
-from .posthoc_profiles import (
+from .. import checks, distributed, ops
+from ..averaging import Averager
+from ..flat import _shaped_parts, copy_into_strided, copy_lists
+from ..model_tensors import ModelCopy, TrackedModel
+from ..weighting import real_number
+from .profiles import (
     SIGMA_REL_MAX,
     Reconstruction,
     sigma_rel_to_gamma,
     solve_coefficients,
     update_weight,
 )
-from .posthoc_snapshots import (
+from .snapshots import (
     HostSnapshot,
     SnapshotWriter,
     list_snapshots,
@@ -61,7 +62,6 @@ from .posthoc_snapshots import (
     snapshot_path,
     stop_writer,
 )
-from .weighting import real_number
 
 # --- the manager ------------------------------------------------------------------------------------
 
