@@ -16,18 +16,20 @@ from .profiles import (
     solve_coefficients,
     update_weight,
 )
-from .snapshots import list_snapshots, load_snapshot, named_averages, snapshot_path
+from .snapshots import Snapshot, list_snapshots, load_snapshot, named_averages, save_snapshot, snapshot_path
 
 __all__ = [
     "SIGMA_REL_MAX",
     "PostHocEMA",
     "Reconstruction",
+    "Snapshot",
     "gamma_to_sigma_rel",
     "list_snapshots",
     "load_snapshot",
     "named_averages",
     "profile_inner",
     "profile_weights",
+    "save_snapshot",
     "sigma_rel_to_gamma",
     "snapshot_path",
     "solve_coefficients",

@@ -56,6 +56,7 @@ from .profiles import (
 )
 from .snapshots import (
     HostSnapshot,
+    Snapshot,
     SnapshotWriter,
     list_snapshots,
     load_snapshot,
@@ -243,8 +244,7 @@ class PostHocEMA(Averager):
         sources = [g.buffer for p in self._profiles for g in p.flat.groups]
         self._copied = self._host.copy_from(sources, self._integers, self.backend)
         path = snapshot_path(self.snapshot_dir, self.calls)
-        payload = {**self._host.payload, "step": self.calls, "progress": self.progress}
-        self._writer.submit(path, payload, list(self._copied))
+        self._writer.submit(path, self._host.snapshot_at(self.calls, self.progress), list(self._copied))
         return path
 
     def flush(self) -> None:
@@ -369,11 +369,10 @@ class PostHocEMA(Averager):
 # --- synthesis --------------------------------------------------------------------------------------
 
 
-def _layout(snapshot: dict) -> tuple:
+def _layout(snapshot: Snapshot) -> tuple:
     """What must be the same in every snapshot of one series: the model's tensors, their groups and
-    the groups' flat lengths (as the writer's FlatBuffer laid them out, padding included)."""
-    lengths = [f.numel() for f in snapshot["flats"][0]] if snapshot["flats"] else []
-    return (snapshot["names"], snapshot["shapes"], snapshot["groups"], snapshot.get("use_buffers"), lengths)
+    the groups' flat lengths."""
+    return (snapshot.names, snapshot.shapes, snapshot.groups, snapshot.use_buffers, snapshot.flat_lengths())
 
 
 @torch.no_grad()
@@ -410,8 +409,8 @@ def synthesize(
     sources, progress, gammas = [], [], []
     for s, path in used.items():
         snapshot = load_snapshot(path)
-        if snapshot["step"] != s:
-            raise ValueError(f"swa_fast.posthoc: {str(path)!r} holds the snapshot of step {snapshot['step']}")
+        if snapshot.step != s:
+            raise ValueError(f"swa_fast.posthoc: {str(path)!r} holds the snapshot of step {snapshot.step}")
         if layout is None:
             layout, first = _layout(snapshot), path
         elif _layout(snapshot) != layout:
@@ -419,9 +418,9 @@ def synthesize(
                 f"swa_fast.posthoc: {str(path)!r} is a snapshot of another model than {str(first)!r} "
                 "(its tensors differ): one training run per snapshot directory"
             )
-        for k, g in enumerate(snapshot["gammas"]):
+        for k, g in enumerate(snapshot.gammas):
             sources.append((s, k))
-            progress.append(float(snapshot["progress"]))
+            progress.append(float(snapshot.progress))
             gammas.append(float(g))
     target_progress = progress[-1]
     coefficients, error = solve_coefficients(progress, gammas, target_progress, gamma)
@@ -442,8 +441,8 @@ def synthesize(
     position = 0
     for path in used.values():  # second pass: one snapshot in memory at a time
         snapshot = load_snapshot(path)
-        flats = snapshot["flats"]
-        if len(flats) != len(snapshot["gammas"]) or any(
+        flats = snapshot.flats
+        if len(flats) != len(snapshot.gammas) or any(
             [f.numel() for f in group_flats] != lengths for group_flats in flats
         ):
             raise ValueError(f"swa_fast.posthoc: {str(path)!r} is damaged: its averages have the wrong sizes")
@@ -460,7 +459,7 @@ def synthesize(
             _shaped_parts(accumulator, [floating[i].shape for i in group]),
             backend,
         )
-    saved_integers = last["integers"]
+    saved_integers = last.integers
     if sorted(saved_integers) != sorted(tracked.integer_names):
         raise ValueError("swa_fast.posthoc.synthesize: the snapshots' integer buffers are not the model's")
     copy_lists(integer, [saved_integers[n] for n in tracked.integer_names])
