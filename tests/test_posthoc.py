@@ -656,6 +656,23 @@ def test_corrupt_snapshot_dirs_are_refused(tmp_path):
         synthesize(mixed, model, 0.1)
 
 
+def test_snapshots_of_other_integer_buffers_are_refused_before_anything_is_written(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = PostHocEMA(model, snapshot_every=2, snapshot_dir=tmp_path, use_buffers=True)
+    for _ in range(4):
+        model(torch.randn(5, 3))
+        ema.update(model)
+    ema.flush()
+    other = copy.deepcopy(model)
+    other[1].num_batches_tracked = None  # the same floating tensors, no integer buffer
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"integer buffers are not the model's: they hold \['1.num_batches"):
+        synthesize(tmp_path, other, 0.1)
+    for name, value in other.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_a_snapshot_whose_parts_do_not_fit_is_refused(tmp_path):
     run_with_snapshots(tmp_path, random_walk(10, 4), (0.05, 0.1), 10, torch.float32)
     whole = load_snapshot(snapshot_path(tmp_path, 10), mmap=False)
