@@ -92,7 +92,7 @@ def bench_snapshot_cost(shapes, name, device, dtypes=(torch.float16, torch.bfloa
                     if key == due:
                         ema.flush()  # the background write, timed from when the update returned
                         times[write].append(time.perf_counter() - start - times[key][-1])
-                for path in Path(directory).glob("snapshot-*.pt"):
+                for path in swa_fast.posthoc.list_snapshots(directory).values():
                     path.unlink()
         n = numel(shapes)
         labels = {"workload": f"{name} post-hoc EMA snapshot", "params": "float32", "tensors": len(shapes)}

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ is not a p
 import digits  # noqa: E402  (examples/digits.py: its data, model and scoring pieces)
 
 import swa_fast  # noqa: E402
-from swa_fast.posthoc_profiles import Reconstruction, profile_weights, sigma_rel_to_gamma  # noqa: E402
-from swa_fast.posthoc_snapshots import list_snapshots, load_snapshot  # noqa: E402
+from swa_fast.posthoc.profiles import Reconstruction, profile_weights, sigma_rel_to_gamma  # noqa: E402
+from swa_fast.posthoc.snapshots import list_snapshots, load_snapshot  # noqa: E402
 
 TRACKED = (0.05, 0.10)
 DEFAULT_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20)
@@ -92,17 +92,14 @@ def evaluate(model, x, y) -> dict[str, float]:
     return digits.scores(digits.predict(model, digits.Batches(x, y, 512)), y)
 
 
-def step_weights(
-    reconstruction: Reconstruction, snapshots: dict[int, dict], steps: int
-) -> torch.Tensor:
+def step_weights(reconstruction: Reconstruction, gammas: dict[int, list[float]], steps: int) -> torch.Tensor:
     """The weight each training step has in a synthesized average: its snapshots' per-step
-    weights (one update per step: progress = step), combined with the solved coefficients."""
+    weights (one update per step: progress = step), combined with the solved coefficients.
+    `gammas`: step -> the gammas of the snapshot of that step."""
     total = torch.zeros(steps, dtype=torch.float64)
     for c, (step, k) in zip(reconstruction.coefficients, reconstruction.sources):
-        gamma = snapshots[step]["gammas"][k]
-        total[:step] += c * torch.tensor(
-            profile_weights(gamma, range(1, step + 1)), dtype=torch.float64
-        )
+        gamma = gammas[step][k]
+        total[:step] += c * torch.tensor(profile_weights(gamma, range(1, step + 1)), dtype=torch.float64)
     return total
 
 
@@ -163,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for old in (args.out / "snapshots").glob("snapshot-*.pt"):  # one run per snapshot directory
+    (args.out / "snapshots").mkdir(parents=True, exist_ok=True)
+    for old in list_snapshots(args.out / "snapshots").values():  # one run per snapshot directory
         old.unlink()
     data = digits.load_digits_data(args.subsample)
     data, (x_val, y_val) = split_validation(data, args.validation)
@@ -214,9 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_acc": best["test_acc"],
     }
 
-    snapshots = {
-        s: load_snapshot(p) for s, p in list_snapshots(args.out / "snapshots").items()
-    }
+    snapshot_gammas = {s: load_snapshot(p).gammas for s, p in list_snapshots(args.out / "snapshots").items()}
     profiles = {
         f"tracked sigma_rel {s:g}": torch.tensor(
             profile_weights(sigma_rel_to_gamma(s), range(1, steps + 1)), dtype=torch.float64
@@ -225,10 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     chosen = best["sigma_rel"]
     profiles[f"synthesized sigma_rel {chosen:g}"] = step_weights(
-        reconstructions[chosen], snapshots, max(snapshots)
+        reconstructions[chosen], snapshot_gammas, max(snapshot_gammas)
     )
     profiles[f"requested sigma_rel {chosen:g} (exact)"] = torch.tensor(
-        profile_weights(sigma_rel_to_gamma(chosen), range(1, max(snapshots) + 1)),
+        profile_weights(sigma_rel_to_gamma(chosen), range(1, max(snapshot_gammas) + 1)),
         dtype=torch.float64,
     )
     noise = f", {args.label_noise:.0%} of the training labels flipped" if args.label_noise else ""
@@ -247,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": data.describe(),
         "validation_images": len(y_val),
         "steps": steps,
-        "snapshots": len(snapshots),
+        "snapshots": len(snapshot_gammas),
         "chosen_sigma_rel": best["sigma_rel"],
         "rows": rows,
         "grid": grid,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from swa_fast.posthoc_profiles import Reconstruction, profile_weights, sigma_rel_to_gamma
+from swa_fast.posthoc.profiles import Reconstruction, profile_weights, sigma_rel_to_gamma
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "posthoc_digits.py"
 
@@ -49,9 +49,9 @@ def test_posthoc_digits_end_to_end(example, tmp_path):
 def test_step_weights_of_a_tracked_profile_are_its_own(example):
     # Reproducing a tracked profile exactly: the per-step weights are that profile's.
     gamma = sigma_rel_to_gamma(0.05)
-    snapshots = {10: {"gammas": [gamma]}, 20: {"gammas": [gamma]}}
+    gammas = {10: [gamma], 20: [gamma]}
     reconstruction = Reconstruction([0.0, 1.0], [(10, 0), (20, 0)], 0.0)
-    weights = example.step_weights(reconstruction, snapshots, 20)
+    weights = example.step_weights(reconstruction, gammas, 20)
     expected = profile_weights(gamma, range(1, 21))
     assert weights.tolist() == pytest.approx(expected, rel=1e-12)
     assert float(weights.sum()) == pytest.approx(1.0, rel=1e-12)

@@ -5,8 +5,10 @@ killed mid-write, and the error contract."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +22,15 @@ import torch
 from torch import nn
 
 import swa_fast
-from swa_fast.posthoc import PostHocEMA, synthesize
-from swa_fast.posthoc_profiles import gamma_to_sigma_rel, profile_inner, sigma_rel_to_gamma
-from swa_fast.posthoc_snapshots import list_snapshots, load_snapshot, named_averages
+from swa_fast.posthoc import PostHocEMA, snapshots, synthesize
+from swa_fast.posthoc.profiles import gamma_to_sigma_rel, profile_inner, sigma_rel_to_gamma
+from swa_fast.posthoc.snapshots import (
+    list_snapshots,
+    load_snapshot,
+    named_averages,
+    save_snapshot,
+    snapshot_path,
+)
 
 torch.set_default_dtype(torch.float32)
 
@@ -215,10 +223,10 @@ def test_snapshot_holds_every_profile_and_its_metadata(tmp_path):
         set_to(model, x)
         ema.update(model, progress=t)
     ema.flush()
-    saved = torch.load(tmp_path / "snapshot-0000000020.pt", weights_only=True)
-    assert saved["step"] == 20 and saved["progress"] == 160.0
-    assert saved["sigma_rels"] == [0.05, 0.15]
-    assert saved["gammas"] == pytest.approx([gamma_by_numpy(0.05), gamma_by_numpy(0.15)], rel=1e-12)
+    saved = load_snapshot(snapshot_path(tmp_path, 20))
+    assert saved.step == 20 and saved.progress == 160.0
+    assert saved.sigma_rels == [0.05, 0.15]
+    assert saved.gammas == pytest.approx([gamma_by_numpy(0.05), gamma_by_numpy(0.15)], rel=1e-12)
     for k, sigma_rel in enumerate((0.05, 0.15)):
         ema.copy_to(model, sigma_rel=sigma_rel)
         named = named_averages(saved)[k]
@@ -265,8 +273,8 @@ def test_two_dtype_groups_update_snapshot_and_synthesize(tmp_path):
         ema.update(model)
         twin.update_from([t.detach().clone() for t in model.parameters()])
     ema.flush()
-    saved = torch.load(tmp_path / "snapshot-0000000008.pt", weights_only=True)
-    assert [f.dtype for f in saved["flats"][0]] == [torch.bfloat16, torch.float32]
+    saved = load_snapshot(snapshot_path(tmp_path, 8))
+    assert [f.dtype for f in saved.flats[0]] == [torch.bfloat16, torch.float32]
     for sigma_rel in (0.05, 0.10):
         a, b, c = (copy.deepcopy(model) for _ in range(3))
         ema.copy_to(a, sigma_rel=sigma_rel)
@@ -314,7 +322,7 @@ def test_snapshots_from_a_gpu_hold_the_averages_of_their_step(tmp_path, options)
             expected[step] = [target.weight.detach().cpu() for target in copies]
     ema.flush()
     for step, weights in expected.items():
-        saved = named_averages(torch.load(tmp_path / f"snapshot-{step:010d}.pt", weights_only=True))
+        saved = named_averages(load_snapshot(snapshot_path(tmp_path, step)))
         for named, weight in zip(saved, weights):
             assert torch.equal(named["weight"], weight), step
     target = copy.deepcopy(model)
@@ -384,7 +392,7 @@ def test_a_killed_writer_leaves_only_whole_snapshots_and_resume_continues(tmp_pa
     last = max(snapshots)
     assert sorted(snapshots) == list(range(1, last + 1))
     for path in snapshots.values():
-        assert load_snapshot(path, mmap=False)["step"] >= 1  # every one loads whole
+        assert load_snapshot(path, mmap=False).step >= 1  # every one loads whole
     # Resume from the state saved at step 3 and continue past the crash.
     end = last + 3
     resumed = subprocess.run(
@@ -402,9 +410,9 @@ def test_a_killed_writer_leaves_only_whole_snapshots_and_resume_continues(tmp_pa
     assert straight.returncode == 0, straight.stderr
     assert sorted(list_snapshots(directory)) == list(range(1, end + 1))
     for step in (1, last, end):
-        a = torch.load(directory / f"snapshot-{step:010d}.pt", weights_only=True)
-        b = torch.load(uninterrupted / f"snapshot-{step:010d}.pt", weights_only=True)
-        assert a["progress"] == b["progress"]
+        a = load_snapshot(snapshot_path(directory, step))
+        b = load_snapshot(snapshot_path(uninterrupted, step))
+        assert a.progress == b.progress
         for x, y in zip(named_averages(a), named_averages(b)):
             assert torch.equal(x["weight"], y["weight"]), step
     model = torch.nn.Linear(1024, 1024, bias=False)
@@ -630,22 +638,119 @@ def test_corrupt_snapshot_dirs_are_refused(tmp_path):
     truncated.mkdir()
     for path in good.iterdir():
         (truncated / path.name).write_bytes(path.read_bytes())
-    damaged = truncated / "snapshot-0000000010.pt"
+    damaged = snapshot_path(truncated, 10)
     damaged.write_bytes(damaged.read_bytes()[:200])
-    with pytest.raises(ValueError, match="snapshot-0000000010.pt' is not a readable snapshot"):
+    with pytest.raises(ValueError, match=re.escape(f"{str(damaged)!r} is not a readable snapshot")):
         synthesize(truncated, model, 0.1)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    torch.save({"weights": torch.zeros(3)}, foreign / "snapshot-0000000001.pt")
+    torch.save({"weights": torch.zeros(3)}, snapshot_path(foreign, 1))
     with pytest.raises(ValueError, match="is not a PostHocEMA snapshot"):
         synthesize(foreign, model, 0.1)
     mixed = tmp_path / "mixed"
     run_with_snapshots(mixed, random_walk(10, 4), (0.05, 0.1), 5, torch.float16)
     other = tmp_path / "other"
     run_with_snapshots(other, random_walk(15, 5), (0.05, 0.1), 15, torch.float16)
-    (mixed / "snapshot-0000000015.pt").write_bytes((other / "snapshot-0000000015.pt").read_bytes())
+    snapshot_path(mixed, 15).write_bytes(snapshot_path(other, 15).read_bytes())
     with pytest.raises(ValueError, match="another model"):
         synthesize(mixed, model, 0.1)
+
+
+def test_snapshots_of_other_integer_buffers_are_refused_before_anything_is_written(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = PostHocEMA(model, snapshot_every=2, snapshot_dir=tmp_path, use_buffers=True)
+    for _ in range(4):
+        model(torch.randn(5, 3))
+        ema.update(model)
+    ema.flush()
+    other = copy.deepcopy(model)
+    other[1].num_batches_tracked = None  # the same floating tensors, no integer buffer
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"integer buffers are not the model's: they hold \['1.num_batches"):
+        synthesize(tmp_path, other, 0.1)
+    for name, value in other.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_snapshot_whose_parts_do_not_fit_is_refused(tmp_path):
+    run_with_snapshots(tmp_path, random_walk(10, 4), (0.05, 0.1), 10, torch.float32)
+    whole = load_snapshot(snapshot_path(tmp_path, 10), mmap=False)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    cases = {
+        "1 averages": dataclasses.replace(whole, flats=whole.flats[:1]),
+        "groups positions []": dataclasses.replace(whole, groups=[[]]),
+        "do not hold their groups": dataclasses.replace(whole, flats=[[f[:2]] for (f,) in whole.flats]),
+        "wrong sizes": dataclasses.replace(whole, flats=[whole.flats[0], [whole.flats[1][0][:2]]]),
+    }
+    for problem, snapshot in cases.items():
+        save_snapshot(snapshot_path(damaged, 10), snapshot)
+        with pytest.raises(ValueError, match=f"is damaged: .*{re.escape(problem)}"):
+            load_snapshot(snapshot_path(damaged, 10))
+        with pytest.raises(ValueError, match="is damaged"):
+            synthesize(damaged, vector_model(4), 0.1)
+
+
+# --- the format version -----------------------------------------------------------------------------
+
+
+def test_a_snapshot_of_an_unknown_version_is_refused(tmp_path, monkeypatch):
+    newer = snapshots.SNAPSHOT_VERSION + 1
+    with monkeypatch.context() as patch:  # what a later swa_fast, with another layout, writes
+        patch.setattr(snapshots, "SNAPSHOT_VERSION", newer)
+        run_with_snapshots(tmp_path, random_walk(10, 4), (0.05, 0.1), 5, torch.float32)
+    refused = re.escape(
+        f"{str(snapshot_path(tmp_path, 5))!r} is a snapshot of format version {newer}; this swa_fast "
+        f"reads version {snapshots.SNAPSHOT_VERSION}"
+    )
+    with pytest.raises(ValueError, match=refused):
+        load_snapshot(snapshot_path(tmp_path, 5))
+    model = vector_model(4)
+    with pytest.raises(ValueError, match=refused):
+        synthesize(tmp_path, model, 0.1)
+    assert not model.w.any()  # refused before anything was written
+
+
+def save_unversioned(path: Path, snapshot) -> None:
+    """`snapshot` in the layout PostHocEMA wrote before snapshot files carried a format version,
+    written here key by key so that this test keeps that layout whatever the writer does now."""
+    torch.save(
+        {
+            "format": "swa_fast.PostHocEMA snapshot",
+            "sigma_rels": snapshot.sigma_rels,
+            "gammas": snapshot.gammas,
+            "use_buffers": snapshot.use_buffers,
+            "names": snapshot.names,
+            "shapes": snapshot.shapes,
+            "groups": snapshot.groups,
+            "flats": snapshot.flats,
+            "integers": snapshot.integers,
+            "step": snapshot.step,
+            "progress": snapshot.progress,
+        },
+        path,
+    )
+
+
+def test_an_unversioned_snapshot_still_reads_as_version_1(tmp_path):
+    written, unversioned = tmp_path / "written", tmp_path / "unversioned"
+    run_with_snapshots(written, random_walk(40, 5), (0.05, 0.1), 10, torch.float32)
+    unversioned.mkdir()
+    for step, path in list_snapshots(written).items():
+        save_unversioned(snapshot_path(unversioned, step), load_snapshot(path, mmap=False))
+    assert sorted(list_snapshots(unversioned)) == [10, 20, 30, 40]
+    for step in (10, 40):
+        new = load_snapshot(snapshot_path(written, step))
+        old = load_snapshot(snapshot_path(unversioned, step))
+        for field in ("step", "progress", "sigma_rels", "gammas", "use_buffers", "names", "shapes", "groups"):
+            assert getattr(old, field) == getattr(new, field), field
+        for a, b in zip(named_averages(old), named_averages(new)):
+            assert torch.equal(a["w"], b["w"])
+    from_new, from_old = vector_model(5), vector_model(5)
+    synthesize(written, from_new, 0.07)
+    synthesize(unversioned, from_old, 0.07)
+    assert from_old.w.any() and torch.equal(from_old.w, from_new.w)
 
 
 def test_a_writer_error_surfaces_on_the_next_call(tmp_path):
@@ -659,7 +764,8 @@ def test_a_writer_error_surfaces_on_the_next_call(tmp_path):
     directory.rmdir()  # the next write cannot create its file
     ema.update(model)
     ema._writer.jobs.join()  # let it fail (flush would raise here already)
-    with pytest.raises(RuntimeError, match="writing the snapshot .*snapshot-0000000002.pt' failed"):
+    failed = re.escape(f"writing the snapshot {str(snapshot_path(directory, 2))!r} failed")
+    with pytest.raises(RuntimeError, match=failed):
         ema.update(model)
     with pytest.raises(RuntimeError, match="failed"):
         ema.flush()

@@ -1,7 +1,7 @@
 """The power-function EMA profiles of post-hoc EMA (EDM2, Karras et al. 2024): sigma_rel <-> gamma,
 the update weight that keeps a profile however far apart the updates are, the weight each update
 gets, the closed-form inner products of two profiles and the least-squares reconstruction of one
-profile from others (see posthoc.py for the derivation)."""
+profile from others (see manager.py for the derivation)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .weighting import real_number
+from ..weighting import real_number
 
 # sigma_rel(gamma) rises from 0 at gamma = -1 to its peak at gamma = (sqrt(5) - 3) / 2, where
 # u = gamma + 1 solves u^2 + u = 1, and falls towards 0 as gamma grows: EDM2 takes the falling side

@@ -23,9 +23,9 @@ exactly by the same combination of the snapshots. `synthesize` finds the combina
 the requested profile in L2 (EDM2's least squares, over the closed-form inner products of power
 functions), then streams the snapshots through an fp32 accumulator into the model.
 
-The profiles' math is in posthoc_profiles.py (the power-function weights live there rather than in
+The profiles' math is in profiles.py (the power-function weights live there rather than in
 weighting.py: they need the progress since the last update, which none of weighting.py's rules
-take), the snapshot files and their writer in posthoc_snapshots.py.
+take), the snapshot files and their writer in snapshots.py.
 """
 
 from __future__ import annotations
@@ -35,33 +35,35 @@ import math
 import numbers
 import os
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import checks, distributed
-from .averaging import Averager
-from .flat import _shaped_parts, copy_into_strided, copy_lists
-from .model_tensors import ModelCopy, TrackedModel
-from .posthoc_profiles import (
+from .. import checks, distributed
+from ..averaging import Averager
+from ..flat import _shaped_parts, copy_into_strided, copy_lists
+from ..model_tensors import ModelCopy, TrackedModel
+from ..weighting import real_number
+from .profiles import (
     SIGMA_REL_MAX,
     Reconstruction,
     sigma_rel_to_gamma,
     solve_coefficients,
     update_weight,
 )
-from .posthoc_snapshots import (
+from .snapshots import (
     HostSnapshot,
+    Snapshot,
     SnapshotWriter,
     list_snapshots,
     load_snapshot,
     snapshot_path,
     stop_writer,
 )
-from .weighting import real_number
 
 # --- the manager ------------------------------------------------------------------------------------
 
@@ -243,8 +245,7 @@ class PostHocEMA(Averager):
         sources = [g.buffer for p in self._profiles for g in p.flat.groups]
         self._copied = self._host.copy_from(sources, self._integers, self.backend)
         path = snapshot_path(self.snapshot_dir, self.calls)
-        payload = {**self._host.payload, "step": self.calls, "progress": self.progress}
-        self._writer.submit(path, payload, list(self._copied))
+        self._writer.submit(path, self._host.snapshot_at(self.calls, self.progress), list(self._copied))
         return path
 
     def flush(self) -> None:
@@ -364,13 +365,6 @@ class PostHocEMA(Averager):
 # --- synthesis --------------------------------------------------------------------------------------
 
 
-def _layout(snapshot: dict) -> tuple:
-    """What must be the same in every snapshot of one series: the model's tensors, their groups and
-    the groups' flat lengths (as the writer's FlatBuffer laid them out, padding included)."""
-    lengths = [f.numel() for f in snapshot["flats"][0]] if snapshot["flats"] else []
-    return (snapshot["names"], snapshot["shapes"], snapshot["groups"], snapshot.get("use_buffers"), lengths)
-
-
 @torch.no_grad()
 def synthesize(
     snapshot_dir: str | os.PathLike,
@@ -386,8 +380,20 @@ def synthesize(
     mapped) into an fp32 accumulator: the model, one snapshot and the accumulator are all it holds.
     Values reach the model through its tensors' own strides, cast to their dtypes; integer buffers
     (with use_buffers) come from the snapshot of `step`. Returns how the profile was made and its
-    relative L2 error (0 up to rounding for a tracked sigma_rel)."""
+    relative L2 error (0 up to rounding for a tracked sigma_rel). Everything is checked before the
+    model is written."""
     gamma = sigma_rel_to_gamma(sigma_rel)
+    paths = _snapshots_up_to(snapshot_dir, step)
+    series = _read_series(paths)
+    coefficients, error = solve_coefficients(series.progress, series.gammas, series.progress[-1], gamma)
+    target = _SynthesisTarget(model, series.last)
+    accumulators = _combine(paths.values(), coefficients, series.last.flat_lengths())
+    target.write(accumulators, backend)
+    return Reconstruction(coefficients.tolist(), series.sources, error)
+
+
+def _snapshots_up_to(snapshot_dir: str | os.PathLike, step: int | None) -> dict[int, Path]:
+    """step -> file of the snapshots that make the profile at `step` (default: the last one)."""
     snapshots = list_snapshots(snapshot_dir)
     if not snapshots:
         raise ValueError(f"swa_fast.posthoc.synthesize: no snapshots in {str(snapshot_dir)!r}")
@@ -399,64 +405,102 @@ def synthesize(
             f"swa_fast.posthoc.synthesize: no snapshot at step {step!r} in {str(snapshot_dir)!r}; there "
             f"are {len(steps)}, at steps {steps[0]} to {steps[-1]} ({steps[:5]}{' ...' * (len(steps) > 5)})"
         )
-    used = {s: path for s, path in snapshots.items() if s <= step}
-    # First pass, headers only (the tensors are memory mapped, not read): the profiles to combine.
-    layout, first = None, None
+    return {s: path for s, path in snapshots.items() if s <= step}
+
+
+@dataclass
+class _Series:
+    """What the snapshots' headers give the least squares: one source per (snapshot, profile), with
+    its progress and gamma; and the last snapshot (its layout, its integer buffers)."""
+
+    sources: list[tuple[int, int]]
+    progress: list[float]
+    gammas: list[float]
+    last: Snapshot
+
+
+def _read_series(paths: dict[int, Path]) -> _Series:
+    """Every snapshot's header (its tensors are memory mapped, not read), checked to be one series:
+    each file holds its own step, all of one model."""
     sources, progress, gammas = [], [], []
-    for s, path in used.items():
+    first = None
+    for step, path in paths.items():
         snapshot = load_snapshot(path)
-        if snapshot["step"] != s:
-            raise ValueError(f"swa_fast.posthoc: {str(path)!r} holds the snapshot of step {snapshot['step']}")
-        if layout is None:
-            layout, first = _layout(snapshot), path
-        elif _layout(snapshot) != layout:
-            raise ValueError(
-                f"swa_fast.posthoc: {str(path)!r} is a snapshot of another model than {str(first)!r} "
-                "(its tensors differ): one training run per snapshot directory"
-            )
-        for k, g in enumerate(snapshot["gammas"]):
-            sources.append((s, k))
-            progress.append(float(snapshot["progress"]))
+        if snapshot.step != step:
+            raise ValueError(f"swa_fast.posthoc: {str(path)!r} holds the snapshot of step {snapshot.step}")
+        if first is None:
+            first = (path, _layout(snapshot))
+        _check_same_model(path, snapshot, *first)
+        for k, g in enumerate(snapshot.gammas):
+            sources.append((step, k))
+            progress.append(float(snapshot.progress))
             gammas.append(float(g))
-    target_progress = progress[-1]
-    coefficients, error = solve_coefficients(progress, gammas, target_progress, gamma)
-    names, shapes, groups, use_buffers, lengths = layout
-    tracked = TrackedModel(model, bool(use_buffers), "synthesize")
-    floating, integer = tracked.split(tracked.tensors(model))
-    if tracked.floating_names != names or [list(t.shape) for t in floating] != shapes:
-        mine = dict(zip(tracked.floating_names, (list(t.shape) for t in floating)))
-        theirs = dict(zip(names, shapes))
+    return _Series(sources, progress, gammas, last=snapshot)  # (paths is never empty)
+
+
+def _layout(snapshot: Snapshot) -> tuple:
+    """What must be the same in every snapshot of one series: the model's tensors, their groups and
+    the groups' flat lengths."""
+    return (snapshot.names, snapshot.shapes, snapshot.groups, snapshot.use_buffers, snapshot.flat_lengths())
+
+
+def _check_same_model(path: Path, snapshot: Snapshot, first: Path, layout: tuple) -> None:
+    if _layout(snapshot) != layout:
+        raise ValueError(
+            f"swa_fast.posthoc: {str(path)!r} is a snapshot of another model than {str(first)!r} "
+            "(its tensors differ): one training run per snapshot directory"
+        )
+
+
+class _SynthesisTarget:
+    """The model's tensors that a synthesis writes, checked against the snapshots' (names, shapes,
+    integer buffers) before anything is written."""
+
+    def __init__(self, model: Module, snapshot: Snapshot) -> None:
+        self.tracked = TrackedModel(model, bool(snapshot.use_buffers), "synthesize")
+        self.floating, self.integer = self.tracked.split(self.tracked.tensors(model))
+        self.groups = snapshot.groups
+        self._check_floating(snapshot)
+        self._check_integers(snapshot)
+        self.integers_saved = [snapshot.integers[n] for n in self.tracked.integer_names]
+
+    def _check_floating(self, snapshot: Snapshot) -> None:
+        mine = [list(t.shape) for t in self.floating]
+        if self.tracked.floating_names == snapshot.names and mine == snapshot.shapes:
+            return
+        mine = dict(zip(self.tracked.floating_names, mine))
+        theirs = dict(zip(snapshot.names, snapshot.shapes))
         differ = next((n for n in list(theirs) + list(mine) if mine.get(n) != theirs.get(n)), None)
         raise ValueError(
             f"swa_fast.posthoc.synthesize: the snapshots are of another model: '{differ}' has shape "
             f"{theirs.get(differ)} there and {mine.get(differ)} here (None: missing)"
         )
-    if any(n < sum(math.prod(shapes[i]) for i in group) for n, group in zip(lengths, groups)):
-        raise ValueError(f"swa_fast.posthoc: {str(first)!r} is damaged: its averages are too short")
+
+    def _check_integers(self, snapshot: Snapshot) -> None:
+        if sorted(snapshot.integers) != sorted(self.tracked.integer_names):
+            raise ValueError(
+                "swa_fast.posthoc.synthesize: the snapshots' integer buffers are not the model's: they "
+                f"hold {sorted(snapshot.integers)}, the model has {sorted(self.tracked.integer_names)}"
+            )
+
+    def write(self, accumulators: list[Tensor], backend: str | None) -> None:
+        """The combined averages (one flat per group) through the model's own strides, and the
+        integer buffers of the last snapshot."""
+        self.tracked.before_write()
+        for group, accumulator in zip(self.groups, accumulators):
+            tensors = [self.floating[i] for i in group]
+            copy_into_strided(tensors, _shaped_parts(accumulator, [t.shape for t in tensors]), backend)
+        copy_lists(self.integer, self.integers_saved)
+
+
+def _combine(paths: Iterable[Path], coefficients: Tensor, lengths: list[int]) -> list[Tensor]:
+    """sum_i coefficients[i] * source i, one fp32 flat per group, reading one snapshot at a time (the
+    sources in `_read_series`'s order: by step, then by profile)."""
     accumulators = [torch.zeros(n, dtype=torch.float32) for n in lengths]
-    position = 0
-    for path in used.values():  # second pass: one snapshot in memory at a time
-        snapshot = load_snapshot(path)
-        flats = snapshot["flats"]
-        if len(flats) != len(snapshot["gammas"]) or any(
-            [f.numel() for f in group_flats] != lengths for group_flats in flats
-        ):
-            raise ValueError(f"swa_fast.posthoc: {str(path)!r} is damaged: its averages have the wrong sizes")
-        for group_flats in flats:
-            weight = float(coefficients[position])
-            position += 1
+    weights = iter(coefficients.tolist())
+    for path in paths:
+        for group_flats in load_snapshot(path).flats:
+            weight = next(weights)
             for accumulator, flat in zip(accumulators, group_flats):
                 accumulator.add_(flat, alpha=weight)
-        last = snapshot
-    tracked.before_write()
-    for group, accumulator in zip(groups, accumulators):
-        copy_into_strided(
-            [floating[i] for i in group],
-            _shaped_parts(accumulator, [floating[i].shape for i in group]),
-            backend,
-        )
-    saved_integers = last["integers"]
-    if sorted(saved_integers) != sorted(tracked.integer_names):
-        raise ValueError("swa_fast.posthoc.synthesize: the snapshots' integer buffers are not the model's")
-    copy_lists(integer, [saved_integers[n] for n in tracked.integer_names])
-    return Reconstruction(coefficients.tolist(), sources, error)
+    return accumulators
