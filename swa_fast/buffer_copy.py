@@ -13,8 +13,8 @@ from . import ops
 class BufferCopy:
     """Copies `src` into `dst`, index by index, by one `swa_fast.copy_` on `device`: floating
     buffers cast with one rounding, as `Tensor.copy_` does, integer and bool ones (BatchNorm's
-    `num_batches_tracked`) bit for bit. `torch._foreach_copy_` of the same lists costs a
-    microsecond of dispatch, then a third of one per tensor on the CPU.
+    `num_batches_tracked`) bit for bit, without `torch._foreach_copy_`'s dispatch per tensor on
+    the CPU.
 
     What the op refuses (it checks before writing) is what only torch copies: another device,
     an integer from another dtype, a shape torch broadcasts, a strided destination, buffers that

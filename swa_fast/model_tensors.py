@@ -155,8 +155,8 @@ class ModuleWalk:
         return walked if self._pick is None else self._pick(walked)
 
     def parts(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The module's parameters and its buffers now, each list's tensors once (a walk of both;
-        written out for two: a loop over the kinds costs a tenth of a microsecond, on every update)."""
+        """The module's parameters and its buffers now, each list's tensors once (a walk of both,
+        written out for two rather than looped over the kinds: it runs on every update)."""
         self._check()
         (params, keep_params), (buffers, keep_buffers) = self._parts
         params, buffers = list(chain.from_iterable(params)), list(chain.from_iterable(buffers))

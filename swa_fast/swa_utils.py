@@ -221,8 +221,8 @@ class _Prepared:
     def host_count(self, n_averaged: Tensor):
         """A numpy view of `n_averaged` (`counts.numpy_view`) when it is a CPU long tensor
         (torch's default, even for a GPU model), else None. Reading it and adding 1 through the
-        view cost a tenth of a microsecond, `n_averaged.add_(1)` 1.5 us; it is the buffer's own
-        memory, so the buffer, its state_dict and a checkpoint see the count at once."""
+        view skips a tensor op's dispatch (docs/benchmarks.md); it is the buffer's own memory, so
+        the buffer, its state_dict and a checkpoint see the count at once."""
         # a new buffer (`.to()`, load_state_dict(assign=True)) or new memory (`.data = ...`)
         if n_averaged is not self._count or n_averaged.data_ptr() != self._count_ptr:
             self._count, self._count_ptr = n_averaged, n_averaged.data_ptr()
@@ -355,7 +355,7 @@ class AveragedModel(Module):
         if ours and not copied:
             prepared.copy_buffers(ours, theirs, eager)
         if count is not None:
-            count[()] = n + 1  # in the buffer's memory (not `count += 1`: a numpy ufunc, 1.4 us)
+            count[()] = n + 1  # in the buffer's memory (not `count += 1`: a slower numpy ufunc)
         else:  # in place, as `+=` is, but without its setattr, which registers the buffer anew
             n_averaged.add_(1)
 
