@@ -8,8 +8,9 @@ from torch import Tensor
 
 def numpy_view(t: Tensor):
     """A numpy view of a plain 0-dim integer (or bool) CPU tensor's memory, else None: reading it
-    and writing it skip the dispatch of the tensor's own methods. The view keeps that memory alive, so while `t.data_ptr()` is the one the view was
-    made at, it is still `t`'s memory (a `.data = ...` moves it)."""
+    and writing it skip the dispatch of the tensor's own methods. The view keeps that memory
+    alive, so while `t.data_ptr()` is the one the view was made at, it is still `t`'s memory (a
+    `.data = ...` moves it)."""
     plain = type(t) is Tensor and not t.dim() and t.is_cpu and not t.requires_grad
     if not plain or t.is_floating_point() or t.is_complex():
         return None
