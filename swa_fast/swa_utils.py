@@ -28,12 +28,13 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim.swa_utils import SWALR
 
-from . import checks, ops
+from . import ops
 from .bn import update_bn
 from .buffer_copy import BufferCopy
 from .counts import numpy_view
 from .flat import FlatBuffer, padded_numel
 from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
+from .ops import checks
 from .weighting import ema_weight, real_number, swa_weight
 
 __all__ = [

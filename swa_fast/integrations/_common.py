@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from .. import checks, ops
+from .. import ops
 from ..flat import FlatBuffer, FlatGroup
 from ..model_tensors import _each_once
+from ..ops import checks
 
 
 def state_tensors(module: Module) -> list[Tensor]:

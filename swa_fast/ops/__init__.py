@@ -32,7 +32,7 @@ from torch import Tensor
 from . import checks, reference
 
 try:
-    from . import _C  # registers torch.ops.swa_fast.{lerp_, moments_, copy_, swap_}
+    from .. import _C  # registers torch.ops.swa_fast.{lerp_, moments_, copy_, swap_}
 
     EXTENSION_ERROR: str | None = None
     BUILD_INFO: dict = _C.build_info()

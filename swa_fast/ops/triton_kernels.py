@@ -22,7 +22,7 @@ from torch import Tensor
 from . import reference
 
 if TYPE_CHECKING:
-    from .ops import OpSpec
+    from . import OpSpec
 
 try:
     import triton
