@@ -34,7 +34,6 @@ from .buffer_copy import BufferCopy
 from .counts import numpy_view
 from .flat import FlatBuffer, padded_numel
 from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
-from .ops import checks
 from .weighting import ema_weight, real_number, swa_weight
 
 __all__ = [
@@ -401,7 +400,7 @@ class AveragedModel(Module):
             calls.append((avg, src, weight.to(device) if elsewhere else weight))
         if len(calls) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
             for avg, src, w in calls:
-                checks.check_lerp(avg, src, w)
+                ops.check("lerp_", avg, src, w)
         for avg, src, w in calls:
             ops.lerp_(avg, src, w)
 

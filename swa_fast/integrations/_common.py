@@ -19,7 +19,6 @@ from torch.nn import Module
 from .. import ops
 from ..flat import FlatBuffer, FlatGroup
 from ..model_tensors import _each_once
-from ..ops import checks
 
 
 def state_tensors(module: Module) -> list[Tensor]:
@@ -112,7 +111,7 @@ class FlatShadow:
             pairs = [(d, views, [s if s.device == d else s.to(d) for s in src]) for d, views, src in pairs]
         if len(pairs) > 1:  # each op checks its own group; check all first so a mismatch writes nothing
             for _, views, src in pairs:
-                checks.check_lerp(views, src, weight)
+                ops.check("lerp_", views, src, weight)
         for _, views, src in pairs:
             ops.lerp_(views, src, weight)
 
