@@ -4,7 +4,7 @@
     python -m swa_fast bench --full       every shape set, op and size
 
 Methods, for the SWA update avg += w (param - avg) over a real model's parameter shapes:
-  naive          swa_fast.reference: one Python iteration and a few torch ops per parameter
+  naive          swa_fast.ops.reference: one Python iteration and a few torch ops per parameter
   AveragedModel  torch.optim.swa_utils.AveragedModel.update_parameters (what users run today)
   foreach_lerp   torch._foreach_lerp_ over the same lists
   swa_fast AveragedModel  swa_fast.swa_utils.AveragedModel.update_parameters (the drop-in)

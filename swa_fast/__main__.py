@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import ops, triton_kernels
+from . import ops
+from .ops import triton_kernels
 
 
 def info() -> str:

@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import checks, distributed, ops
+from . import distributed, ops
 from .counts import UpdateCounts, counted
 from .engine import UpdatePlan
 from .flat import write_through_strides
 from .model_tensors import ModelCopy, TrackedModel
+from .ops import checks
 from .placement import OtherDevice, SameDevice, SideStream
 from .weighting import ema_decay, real_number, swa_weight
 

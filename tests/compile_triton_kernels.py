@@ -65,7 +65,7 @@ def compile_one(job: tuple[dict, int]) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from swa_fast import triton_kernels
+    from swa_fast.ops import triton_kernels
 
     kernel = triton_kernels.KERNELS[variant["op"]]
     constexprs = {k: _constexpr(v) for k, v in variant["constexprs"].items()}

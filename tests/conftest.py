@@ -13,7 +13,8 @@ import torch  # noqa: E402
 from two_ranks import on_two_ranks, pool  # noqa: E402, F401
 
 import swa_fast  # noqa: E402
-from swa_fast import ops, reference  # noqa: E402
+from swa_fast import ops  # noqa: E402
+from swa_fast.ops import reference  # noqa: E402
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)

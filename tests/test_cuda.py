@@ -18,7 +18,7 @@ from conftest import (
 )
 
 import swa_fast
-from swa_fast.checks import INTEGER_DTYPES
+from swa_fast.ops.checks import INTEGER_DTYPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 

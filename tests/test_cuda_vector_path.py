@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import swa_fast
-from swa_fast import ops, reference
+from swa_fast import ops
 from swa_fast.flat import ALIGN_ELEMENTS, FlatBuffer
+from swa_fast.ops import reference
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or "cuda" not in ops.usable_backends("cuda"),

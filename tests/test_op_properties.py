@@ -122,7 +122,7 @@ def cases(draw, op: str):
     shapes = [draw(st.sampled_from(SHAPES)) for _ in range(n)]
     # The lists as the kernels see them: multi_lerp_'s K lists of averages (more than the 4 of one
     # pass too), concatenated into its `avgs` at the end.
-    averages = draw(st.integers(1, 6)) if spec.kernel_lists is not None else None
+    averages = draw(st.integers(1, 6)) if spec.lists_per_weight else None
     names = ("avgs",) * averages + ("src",) if averages else spec.lists
     n_written = averages or spec.written
     lists: list[list[torch.Tensor]] = [[] for _ in names]

@@ -8,7 +8,7 @@ import torch
 from conftest import FLOATS, OPS, clone_lists, integer_copy_case, make_case, run_and_check, same_bits
 
 import swa_fast
-from swa_fast.checks import INTEGER_DTYPES
+from swa_fast.ops.checks import INTEGER_DTYPES
 
 # 0, 1, odd, around each backend's chunk (CPU 65536, Triton 4096, CUDA 16384), and 1e6+.
 SIZES = [0, 1, 7, 4095, 4097, 16385, 65535, 65536, 65537]

@@ -23,7 +23,8 @@ import pytest
 import torch
 from conftest import make_case
 
-from swa_fast import ops, triton_kernels
+from swa_fast import ops
+from swa_fast.ops import triton_kernels
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 POINTER_TYPES = {torch.int64: "*i64", torch.float32: "*fp32", torch.float64: "*fp64"}

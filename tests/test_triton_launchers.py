@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import assert_matches_reference, clone_lists, make_case
 
-from swa_fast import ops, triton_kernels
+from swa_fast import ops
+from swa_fast.ops import triton_kernels
 
 pytestmark = pytest.mark.skipif(
     not triton_kernels.runs_on(torch.device("cpu")), reason="Triton on CPU tensors needs TRITON_INTERPRET=1"

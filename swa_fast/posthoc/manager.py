@@ -43,10 +43,11 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from .. import checks, distributed
+from .. import distributed
 from ..averaging import Averager
 from ..flat import _shaped_parts, copy_into_strided, copy_lists
 from ..model_tensors import ModelCopy, TrackedModel
+from ..ops import checks
 from ..weighting import real_number
 from .profiles import (
     SIGMA_REL_MAX,

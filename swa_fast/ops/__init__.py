@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 
 from . import checks, reference
+from .checks import ONE_WEIGHT, WEIGHT_PER_LIST, ListParam, OneWeight, WeightPerList, read, written
 
 try:
-    from . import _C  # registers torch.ops.swa_fast.{lerp_, moments_, copy_, swap_}
+    from .. import _C  # registers torch.ops.swa_fast.{lerp_, moments_, copy_, swap_}
 
     EXTENSION_ERROR: str | None = None
     BUILD_INFO: dict = _C.build_info()
@@ -224,25 +225,59 @@ def _foreach_swap(a: list[Tensor], b: list[Tensor]) -> None:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One op, as every backend, registration and test sees it. Its compiled kernels are the
-    schema line of csrc/ops.cpp and a functor of csrc/functors.h; its Triton kernel is
-    triton_kernels.KERNELS[name]."""
+    """One op, as every backend, registration and test sees it: its row in OP_TABLE. Its compiled
+    kernels are the schema line of csrc/ops.cpp and a functor of csrc/functors.h; its Triton kernel
+    is triton_kernels.KERNELS[name]. Its check, launcher and fake kernel follow from the row."""
 
     name: str  # as in torch.ops.swa_fast and swa_fast's public functions
-    lists: tuple[str, ...]  # its tensor lists' argument names, in order
-    written: int  # how many of the lists, from the first, it writes in place
-    weighted: bool  # whether a weight follows the lists
-    check: Callable[..., None]  # checks.py: rejects what the C++ checks reject, with their messages
+    params: tuple[ListParam, ...]  # its tensor lists, in order: the written ones first
+    weight: OneWeight | WeightPerList | None  # the weight that follows the lists, if any
     reference: Callable[..., None]  # reference.py: per-tensor PyTorch, the tests' oracle
     foreach: Callable[..., None]  # the torch._foreach_* fallback
-    weight_name: str = "weight"  # the weight argument's name: multi_lerp_ takes a 1-D `weights`
-    # (lists..., weight) -> the kernels' lists, when they are not the op's own (multi_lerp_'s `avgs`
-    # holds K lists concatenated); the kernels see one dtype per list
-    kernel_lists: Callable[..., list[Sequence[Tensor]]] | None = None
     triton: Callable[..., None] = field(init=False, repr=False)  # check, then the Triton kernel
 
     def __post_init__(self) -> None:
+        written = [p.written for p in self.params]
+        if written != sorted(written, reverse=True):
+            raise ValueError(f"OpSpec {self.name}: the written lists must come first, got {self.lists}")
+        if any(p.per_weight for p in self.params) != isinstance(self.weight, WeightPerList):
+            raise ValueError(f"OpSpec {self.name}: a list per weight and a weight per list go together")
         object.__setattr__(self, "triton", triton_kernels.launcher(self))
+
+    @property
+    def lists(self) -> tuple[str, ...]:
+        """Its tensor lists' argument names, in order."""
+        return tuple(p.name for p in self.params)
+
+    @property
+    def written(self) -> int:
+        """How many of its lists, from the first, it writes in place."""
+        return sum(p.written for p in self.params)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether a weight follows the lists."""
+        return self.weight is not None
+
+    @property
+    def weight_name(self) -> str | None:
+        """The weight argument's name: `weight`, or multi_lerp_'s 1-D `weights`."""
+        return self.weight.name if self.weight is not None else None
+
+    @property
+    def lists_per_weight(self) -> bool:
+        """Whether an argument holds one list per weight (multi_lerp_'s K lists of averages)."""
+        return isinstance(self.weight, WeightPerList)
+
+    def check(self, *args, max_count: int | None = checks.MAX_AVERAGES_PER_PASS) -> None:
+        """Rejects what the C++ checks reject, with their messages, before anything is written."""
+        checks.check_call(self, args, max_count)
+
+    def kernel_lists(self, *args) -> list[Sequence[Tensor]]:
+        """The lists of a call (lists..., weight) as the kernels see them, one dtype per list: the
+        op's own, with a list per weight split apart (multi_lerp_'s K lists of averages)."""
+        count = len(args[-1]) if self.lists_per_weight else None
+        return [part for p, tensors in zip(self.params, args) for part in p.split(tensors, count)]
 
     @property
     def triton_op(self) -> str:
@@ -261,21 +296,27 @@ class OpSpec:
 
 def _average_lists(avgs: Sequence[Tensor], src: Sequence[Tensor], weights) -> list[Sequence[Tensor]]:
     """multi_lerp_'s K lists of averages (concatenated in `avgs`), then `src`."""
-    count = len(weights)
-    n = len(avgs) // count
-    return [avgs[k * n : (k + 1) * n] for k in range(count)] + [src]
+    return OP_TABLE["multi_lerp_"].kernel_lists(avgs, src, weights)
 
 
-# One row per op, in OpSpec's field order.
+# One row per op: its name, its lists (what each admits), its weight, its reference and fallback.
 # fmt: off
-OP_TABLE: dict[str, OpSpec] = {row[0]: OpSpec(*row) for row in (
-    # name     lists                  written, weighted, check, reference, foreach; weight_name, kernel_lists
-    ("lerp_",    ("avg", "src"),        1, True,  checks.check_lerp,    reference.lerp_,    _foreach_lerp),
-    ("moments_", ("mean", "sq", "src"), 2, True,  checks.check_moments, reference.moments_, _foreach_moments),
-    ("multi_lerp_", ("avgs", "src"),    1, True,  checks.check_multi_lerp, reference.multi_lerp_,
-     _foreach_multi_lerp, "weights", _average_lists),
-    ("copy_",    ("dst", "src"),        1, False, checks.check_copy,    reference.copy_,    _foreach_copy),
-    ("swap_",    ("a", "b"),            2, False, checks.check_swap,    reference.swap_,    _foreach_swap),
+OP_TABLE: dict[str, OpSpec] = {spec.name: spec for spec in (
+    OpSpec("lerp_",
+           (written("avg"), read("src")),
+           ONE_WEIGHT, reference.lerp_, _foreach_lerp),
+    OpSpec("moments_",
+           (written("mean"), written("sq", same_dtype=True), read("src")),
+           ONE_WEIGHT, reference.moments_, _foreach_moments),
+    OpSpec("multi_lerp_",
+           (written("avgs", per_weight=True), read("src")),
+           WEIGHT_PER_LIST, reference.multi_lerp_, _foreach_multi_lerp),
+    OpSpec("copy_",
+           (written("dst", integers=True), read("src", integers=True)),
+           None, reference.copy_, _foreach_copy),
+    OpSpec("swap_",
+           (written("a"), written("b", same_dtype=True)),
+           None, reference.swap_, _foreach_swap),
 )}
 # fmt: on
 
@@ -441,7 +482,7 @@ def multi_lerp_(
         return
     # More averages than one pass holds: the whole call is checked first, so that a bad one writes
     # nothing; a source that is one of the averages is read from a copy by the later passes.
-    checks.check_multi_lerp(flat, src, weights, max_count=None)
+    OP_TABLE["multi_lerp_"].check(flat, src, weights, max_count=None)
     written = {a.data_ptr() for a in flat}
     src = [s.clone() if s.data_ptr() in written else s for s in src]
     n = len(src)
@@ -460,6 +501,13 @@ def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None =
 def swap_(a: Sequence[Tensor], b: Sequence[Tensor], *, backend: str | None = None) -> None:
     """Exchange the contents of a[i] and b[i] (same dtypes): apply an average and restore."""
     _run_swap([a, b], (), backend)
+
+
+def check(op: str, *args) -> None:
+    """Raises the ValueError the op `op` (its name: "lerp_", ...) would raise for these arguments,
+    the op's lists then its weight as it takes them, and returns None if it would run: for a
+    caller that checks several calls before making any, so that a bad one writes nothing."""
+    OP_TABLE[op].check(*args)
 
 
 # The drop-in AveragedModel's eager update in one call to the extension (None without it):

@@ -2,7 +2,7 @@
 
 Each launch reads a pointer table: the data pointers of every tensor as int64, cast back to typed
 pointers inside the kernel, and a block map (program -> tensor, first element). The tables of a
-list seen before are reused from a small cache. ops.py's op table registers each op as
+list seen before are reused from a small cache. The op table (table.py) registers each op as
 `swa_fast::<op>_triton` (register_op); their bodies run the reference when the tensors are not on
 CUDA and the interpreter is off, so `opcheck` and `torch.compile` work on any machine. Arithmetic
 is in fp32 (fp64 for fp64 destinations); bf16/fp16 values are upcast right after loading.
@@ -22,7 +22,7 @@ from torch import Tensor
 from . import reference
 
 if TYPE_CHECKING:
-    from .ops import OpSpec
+    from . import OpSpec
 
 try:
     import triton
@@ -318,23 +318,24 @@ def launcher(spec: OpSpec) -> Callable[..., None]:
     """The op's Triton launcher, called as the op is: its check, then its kernel over the lists.
 
     The lists the op writes are updated in place; those it only reads are made contiguous first.
-    Launches are grouped by the dtypes of every list; the kernel is given those of the first list and
-    the last one (destination, source), and all of them when the op's row splits its lists
-    (kernel_lists: multi_lerp_'s K averages). Tests call launchers directly (on CPU tensors under
-    TRITON_INTERPRET=1)."""
-    n_lists, written, check, split = len(spec.lists), spec.written, spec.check, spec.kernel_lists
+    Launches are grouped by the dtypes of every list as the kernels see them (spec.kernel_lists:
+    multi_lerp_'s K lists of averages apart); the kernel is given those of the first list and the
+    last one (destination, source), and all of them when it takes DTYPES (_multi_lerp_kernel).
+    Tests call launchers directly (on CPU tensors under TRITON_INTERPRET=1)."""
+    n_lists, n_read, check = len(spec.params), len(spec.params) - spec.written, spec.check
     kernel = KERNELS.get(spec.name)
+    dtypes_arg = kernel is not None and "DTYPES" in kernel.arg_names
 
     def launch(*args) -> None:
         check(*args)
         if kernel is None:
             raise RuntimeError(f"swa_fast.{spec.name}: {TRITON_ERROR or 'no Triton kernel for this op'}")
-        lists = list(args[:n_lists]) if split is None else split(*args)
-        n_written = len(lists) - (n_lists - written)  # the lists read follow the written ones
+        lists = spec.kernel_lists(*args)
+        n_written = len(lists) - n_read  # the lists read follow the written ones
         lists = [*lists[:n_written], *map(_contiguous, lists[n_written:])]
         if lists[0]:
             weight = [_device_weight(w, lists[0][0].device) for w in args[n_lists:]]
-            _launch(kernel, lists, (0, len(lists) - 1), *weight, dtypes_arg=split is not None)
+            _launch(kernel, lists, (0, len(lists) - 1), *weight, dtypes_arg=dtypes_arg)
 
     launch.__name__ = launch.__qualname__ = f"launch_{spec.name}"
     return launch

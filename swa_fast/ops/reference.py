@@ -1,8 +1,9 @@
 """Naive per-parameter implementations of the ops: the oracle of the tests and the baseline of the
 benchmarks. One Python iteration and a few PyTorch ops per tensor, arithmetic in fp32 (fp64 when
-the destination is fp64), exactly the math of the ops' docstrings (swa_fast/ops.py). The interpolation is
-torch.lerp's (exact at weights 0 and 1), except that weight 0 keeps the destination even where the
-source is not finite and weight 1 writes the source even where the destination is not."""
+the destination is fp64), exactly the math of the ops' docstrings (swa_fast/ops/__init__.py). The
+interpolation is torch.lerp's (exact at weights 0 and 1), except that weight 0 keeps the destination
+even where the source is not finite and weight 1 writes the source even where the destination is
+not."""
 
 from __future__ import annotations
 
