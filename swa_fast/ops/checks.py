@@ -24,7 +24,14 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # What copy_ also moves, bit for bit, between tensors of one dtype (csrc/multi_tensor.h:
 # is_supported_integer)
 INTEGER_DTYPES = (
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
     torch.uint64,
 )
 _CPU = torch.device("cpu")
