@@ -273,6 +273,36 @@ PyObject* py_lerp_then_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   END_HANDLE_TH_ERRORS
 }
 
+// same_values(dicts, expected): whether the values of the dicts in `dicts`, dict after dict in
+// insertion order, are the very objects of the list `expected`, in order. The staleness test of a
+// walked module's tensors (model_tensors.ModuleWalk), run on every update: comparing pointers here
+// skips building the Python list of a thousand tensors it would otherwise compare.
+PyObject* same_values(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "swa_fast._C.same_values(dicts: list, expected: list)");
+    return nullptr;
+  }
+  PyObject* const expected = args[1];
+  const Py_ssize_t n = PyList_GET_SIZE(expected);
+  Py_ssize_t at = 0;
+  for (Py_ssize_t d = 0; d < PyList_GET_SIZE(args[0]); ++d) {
+    PyObject* const dict = PyList_GET_ITEM(args[0], d);
+    if (!PyDict_Check(dict)) {
+      PyErr_Format(PyExc_TypeError, "swa_fast._C.same_values: dicts[%zd] is a %s, expected a dict", d,
+                   Py_TYPE(dict)->tp_name);
+      return nullptr;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+      if (at == n || value != PyList_GET_ITEM(expected, at)) Py_RETURN_FALSE;
+      ++at;
+    }
+  }
+  if (at != n) Py_RETURN_FALSE;
+  Py_RETURN_TRUE;
+}
+
 PyObject* build_info(PyObject*, PyObject*) {
   return Py_BuildValue("{s:O,s:s,s:s,s:s}", "cuda", SWA_FAST_WITH_CUDA ? Py_True : Py_False, "cuda_archs",
                        SWA_FAST_BUILD_CUDA_ARCHS, "cuda_version", SWA_FAST_BUILD_CUDA_VERSION, "torch_version",
@@ -289,6 +319,8 @@ PyMethodDef methods[] = {
     {"swap_", fastcall(py_swap), METH_FASTCALL, "swap_(a, b): eager fast path"},
     {"lerp_then_copy_", fastcall(py_lerp_then_copy), METH_FASTCALL,
      "lerp_then_copy_(avg, src, weight, dst, copy_src): lerp_, then copy_; False when copy_ refused its lists"},
+    {"same_values", fastcall(same_values), METH_FASTCALL,
+     "same_values(dicts, expected): whether the dicts' values are the objects of `expected`, in order"},
     {"build_info", build_info, METH_NOARGS, "What this extension was built with."},
     {nullptr, nullptr, 0, nullptr},
 };

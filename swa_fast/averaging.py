@@ -14,20 +14,17 @@ memory) is a placement object (placement.py).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import numbers
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import distributed, ops
-from .counts import UpdateCounts, counted
+from . import distributed
+from .counts import CountedCalls, UpdateCounts, all_finite, counted
 from .engine import UpdatePlan
-from .flat import write_through_strides
+from .manager_reads import AverageReads
+from .manager_state import ManagerState
 from .model_tensors import ModelCopy, TrackedModel
 from .ops import checks
 from .placement import OtherDevice, SameDevice, SideStream
@@ -36,7 +33,7 @@ from .weighting import ema_decay, real_number, swa_weight
 _CPU = torch.device("cpu")
 
 
-class Averager:
+class Averager(CountedCalls, AverageReads, ManagerState):
     """The update logic of SWA, EMA and SWAG: flat copies of the model's floating parameters (and
     buffers with `use_buffers=True`; integer buffers are copied), updated in place by one fused op
     per (device, dtype) group. Subclasses give each update its weight (`_update_weight`) and may
@@ -134,7 +131,6 @@ class Averager:
         )
         self.average = self._copy.flat
         self._integers = self._copy.integers
-        self._lerp = [ops.BoundOp("lerp_", g.device, backend) for g in self.average.groups]
         self._placement: SameDevice | SideStream | OtherDevice
         if moved and self.holds_average:
             if side_stream:
@@ -160,43 +156,6 @@ class Averager:
         # once they exist.
         self._plan = None if self._ADDS_COPIES else self._new_plan()
 
-    @property
-    def capturable(self) -> bool:
-        return self._device_calls is not None
-
-    @property
-    def calls(self) -> int:
-        """`update` calls so far (read from the device when capturable)."""
-        return self._calls if self._device_calls is None else int(self._device_calls)
-
-    @calls.setter
-    def calls(self, value: int) -> None:
-        self._calls = value
-        if self._device_calls is not None:
-            self._device_calls.fill_(value)
-
-    @property
-    def updates(self) -> int:
-        """Updates applied to the average so far (EMA's `update_every` leaves calls out)."""
-        if self._device_calls is None:
-            return self._updates
-        return int(self.counts.n_averaged + self.counts.n_skipped)
-
-    @updates.setter
-    def updates(self, value: int) -> None:
-        self._updates = value
-
-    @property
-    def n_averaged(self) -> Tensor:
-        """The number of updates in the average: a 0-dim tensor on the average's device (written
-        from the host's count when read: read it here each time rather than keeping it)."""
-        return self.counts.n_averaged
-
-    @property
-    def n_skipped(self) -> Tensor:
-        """Updates left out for holding inf or NaN (`check_finite`): a 0-dim device tensor."""
-        return self.counts.n_skipped
-
     # --- updates ------------------------------------------------------------------------------------
 
     def _update_weight(self) -> Tensor | float | None:
@@ -217,12 +176,6 @@ class Averager:
         self._count_call()
         if self.holds_average:
             self._placement.update(self, tensors)
-
-    def _count_call(self) -> None:
-        if self._device_calls is None:
-            self._calls += 1
-        else:  # capturable: in place on the device, so a replayed graph counts too
-            self._device_calls.add_(1)
 
     def attach(
         self, optimizer: torch.optim.Optimizer, model: Module | None = None, every: int = 1
@@ -295,7 +248,7 @@ class Averager:
         if self.check_finite:
             # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN
             # sources), so a non-finite update is skipped on the device, without a sync.
-            finite = self._all_finite(self.tracked.split(tensors)[0])
+            finite = all_finite(self.tracked.split(tensors)[0], self.counts.n_skipped.device)
             # (a float weight stays a CPU scalar: copying it to the GPU would wait for the stream)
             weight = torch.where(finite, torch.as_tensor(weight, dtype=torch.float64), 0.0)
         if due is not None:  # weight 0 on a call off the schedule: the average stays as it was
@@ -337,152 +290,6 @@ class Averager:
         """Make what follows see every update made so far: on the GPU for a side-stream update (no
         host sync), on the host for an average kept on another device (applies it)."""
         self._placement.wait(self)
-
-    def _all_finite(self, floating: list[Tensor]) -> Tensor:
-        """One device boolean: every element of the floating tensors is finite (max-abs norms
-        propagate inf and NaN, and cannot overflow)."""
-        device = self.counts.n_skipped.device
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for t in floating:
-            if t.numel():  # torch's max-abs norm has no value for an empty tensor
-                by_device.setdefault(t.device, []).append(t)
-        with torch.no_grad():  # the model's parameters require grad: record no graph
-            maxima = [
-                n.to(device, torch.float32)
-                for src in by_device.values()
-                for n in torch._foreach_norm(src, float("inf"))
-            ]
-            if not maxima:  # nothing to average: every update counts
-                return torch.ones((), dtype=torch.bool, device=device)
-            return torch.stack(maxima).isfinite().all()
-
-    # --- using the average --------------------------------------------------------------------------
-
-    def copy_to(self, model: Module) -> None:
-        """Write the average into the model (cast to the model's dtypes), one fused copy per group."""
-        self._ready("copy_to")
-        self._copy.load(self.tracked.tensors(model))
-
-    @torch.no_grad()
-    def swap(self, model: Module) -> None:
-        """Exchange the model's weights and the average in place (same dtypes only: an fp32 average
-        of a bf16 model cannot hold the live weights exactly; use `average_applied`)."""
-        self._ready("swap")
-        if isinstance(self._placement, OtherDevice):
-            raise ValueError(
-                "swa_fast: swap exchanges the weights in place, so it needs the average on the model's "
-                "device; this one is kept on another (device=). Use average_applied(model) instead."
-            )
-        tensors = self.tracked.tensors(model)
-        self.average.check_shapes(self.tracked.split(tensors)[0])  # every group, before any is written
-        self.tracked.before_write()
-        for _, avg, live in self.average.pairs(self.tracked.split(tensors)[0]):
-            swap = functools.partial(ops.swap_, avg, backend=self.backend)
-            write_through_strides(live, swap, keep_values=True)
-
-    @contextlib.contextmanager
-    def average_applied(self, model: Module) -> Iterator[Module]:
-        """Within the block the model holds the average; on exit it is exactly as it was, buffers
-        included (also those the average leaves alone, which `update_bn` in the block changes)."""
-        self._ready("average_applied")
-        self.tracked.tensors(model)  # the model this average is of (or one like it), else raise
-        # Everything the block may change, in the model's own dtypes: the restore is exact.
-        everything = self.tracked if self.use_buffers else TrackedModel(model, True, self.tracked.owner)
-        tensors = everything.tensors(model)
-        live = ModelCopy(everything, tensors, backend=self.backend)
-        self.copy_to(model)
-        try:
-            yield model
-        finally:
-            live.load(tensors)
-
-    def _ready(self, what: str) -> None:
-        """Before reading the average: it must be here, and an update in flight must be in it."""
-        if not self.holds_average:
-            raise ValueError(
-                f"swa_fast.{type(self).__name__}.{what}: with rank0_only=True the average lives on rank 0 "
-                "only, and this process is another rank; call it on rank 0"
-            )
-        self.wait()
-
-    # --- saving and resuming ------------------------------------------------------------------------
-
-    def __getstate__(self) -> dict:
-        """Pickling (`torch.save(manager)`, `copy.deepcopy`) keeps the average, the counts and the
-        settings, not the model (only referenced weakly): the unpickled manager tracks the first
-        model it is given (`update`, `copy_to`, ...) with the same names and shapes."""
-        if isinstance(self._placement, SideStream):
-            raise TypeError(
-                f"swa_fast.{type(self).__name__}: a side_stream=True manager cannot be pickled (its CUDA "
-                "stream and hooks belong to this process); save its state_dict() instead"
-            )
-        self.wait()  # an update in flight lands first
-        return {**self.__dict__, "_plan": None}  # (made anew when unpickled)
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._plan = self._new_plan()
-
-    def state_dict(self) -> dict:
-        """The average as views of its flat buffers (no copy; DCP loads into them in place) and the
-        counts as they are now: save it before the next `update`, which changes the former only."""
-        if not self.holds_average:  # rank0_only: nothing here to save (DCP saves rank 0's state)
-            return {}
-        self.wait()
-        return {
-            "average": self._copy.named(),
-            "n_averaged": self.n_averaged,
-            "n_skipped": self.n_skipped,
-            "calls": self.calls,
-            "updates": self.updates,
-            **self._extra_state(),
-        }
-
-    def _extra_state(self) -> dict:
-        return {}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict of the same model; resuming continues bit for bit. Checks everything
-        before writing anything: a state of another model raises and names the first mismatch.
-        Under rank0_only, ranks other than 0 hold nothing and ignore it."""
-        if not self.holds_average:
-            return
-        self.wait()
-        missing = [k for k in ("average", "n_averaged", "calls") if k not in state]
-        if missing:
-            raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
-        counts = {key: self._saved_count(state, key) for key in ("n_averaged", "n_skipped", "calls")}
-        updates = self._saved_count(state, "updates" if "updates" in state else "folds")  # older saves
-        checked = self._check_extra_state(state)
-        self._copy.load_named(state["average"])  # checks every entry before writing any
-        self.counts.set(counts["n_averaged"], counts["n_skipped"])
-        self.calls = counts["calls"]
-        self.updates = counts["calls"] if updates is None else updates
-        self._load_extra_state(checked)
-
-    def _saved_count(self, state: dict, key: str) -> int | None:
-        """`state[key]`, a count (an int or a 0-dim integer tensor, >= 0) as an int, checked before
-        anything is written; None when absent (0 for n_skipped, which older saves lack)."""
-        if key not in state:
-            return 0 if key == "n_skipped" else None
-        value = state[key]
-        count = value
-        if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
-            count = value.item()  # a complex or boolean one is refused below
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
-            raise ValueError(
-                f"swa_fast.{type(self).__name__}.load_state_dict: '{key}' must be a count (an int >= 0 or "
-                f"a 0-dim integer tensor), got {value!r}"
-            )
-        return int(count)
-
-    def _check_extra_state(self, state: dict) -> Any:
-        """Raise unless the subclass's part of `state` fits (before anything is written); return
-        what `_load_extra_state` then writes (this rank's parts of it)."""
-
-    def _load_extra_state(self, checked: Any) -> None:
-        pass
 
 
 class SWA(Averager):

@@ -71,3 +71,70 @@ class UpdateCounts:
         self.n_skipped.copy_(torch.as_tensor(n_skipped))
         if self.host is not None:
             self.host = self._written = int(self._n_averaged)  # read once here
+
+
+def all_finite(floating: list[Tensor], device: torch.device) -> Tensor:
+    """One boolean on `device`: every element of the floating tensors is finite (max-abs norms
+    propagate inf and NaN, and cannot overflow), worked out without a host sync (`check_finite`)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in floating:
+        if t.numel():  # torch's max-abs norm has no value for an empty tensor
+            by_device.setdefault(t.device, []).append(t)
+    with torch.no_grad():  # the model's parameters require grad: record no graph
+        maxima = [
+            n.to(device, torch.float32)
+            for src in by_device.values()
+            for n in torch._foreach_norm(src, float("inf"))
+        ]
+        if not maxima:  # nothing to average: every update counts
+            return torch.ones((), dtype=torch.bool, device=device)
+        return torch.stack(maxima).isfinite().all()
+
+
+class CountedCalls:
+    """A manager's calls and updates, on the host or (capturable) on the device, and its
+    `UpdateCounts` as properties: a part of `averaging.Averager` (a mixin), which sets `_calls`,
+    `_updates`, `_device_calls` and `counts`."""
+
+    @property
+    def capturable(self) -> bool:
+        return self._device_calls is not None
+
+    @property
+    def calls(self) -> int:
+        """`update` calls so far (read from the device when capturable)."""
+        return self._calls if self._device_calls is None else int(self._device_calls)
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self._calls = value
+        if self._device_calls is not None:
+            self._device_calls.fill_(value)
+
+    @property
+    def updates(self) -> int:
+        """Updates applied to the average so far (EMA's `update_every` leaves calls out)."""
+        if self._device_calls is None:
+            return self._updates
+        return int(self.counts.n_averaged + self.counts.n_skipped)
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self._updates = value
+
+    @property
+    def n_averaged(self) -> Tensor:
+        """The number of updates in the average: a 0-dim tensor on the average's device (written
+        from the host's count when read: read it here each time rather than keeping it)."""
+        return self.counts.n_averaged
+
+    @property
+    def n_skipped(self) -> Tensor:
+        """Updates left out for holding inf or NaN (`check_finite`): a 0-dim device tensor."""
+        return self.counts.n_skipped
+
+    def _count_call(self) -> None:
+        if self._device_calls is None:
+            self._calls += 1
+        else:  # capturable: in place on the device, so a replayed graph counts too
+            self._device_calls.add_(1)

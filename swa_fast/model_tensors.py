@@ -25,7 +25,11 @@ from torch.nn import Module
 
 from . import distributed
 from .flat import FlatBuffer, copy_into_strided, copy_lists
+from .ops import _C
 from .wrappers import unwrap
+
+# The extension's identity test over a module's dicts (None without the extension: the list's own).
+_same_values = getattr(_C, "same_values", None)
 
 
 def module_tensors(module: Module, buffers: bool) -> list[Tensor]:
@@ -115,7 +119,7 @@ class ModuleWalk:
 
         def forget(_ref: weakref.ref) -> None:  # the model is gone: hold none of its tensors
             if (walk := me()) is not None:
-                walk._values = walk._parents = []
+                walk._values = walk._parents = walk._dicts = []
                 walk._parts = [([], None) for _ in walk.kinds]
 
         self._module = weakref.ref(module, forget)
@@ -136,12 +140,24 @@ class ModuleWalk:
         # Per kind: the values of its non-empty dicts (live views: what the dicts hold when read),
         # and what to keep of them.
         self._parts = []
+        self._dicts = []  # the non-empty dicts themselves, kind after kind (for `holds`)
         for kind in self.kinds:
-            values = [d.values() for d in (getattr(m, kind) for m in order) if d]
+            dicts = [d for d in (getattr(m, kind) for m in order) if d]
+            values = [d.values() for d in dicts]
+            self._dicts += dicts
             self._parts.append((values, _keeper(list(chain.from_iterable(values)))))
         self._values = [v for values, _ in self._parts for v in values]
         self._pick = _keeper(list(chain.from_iterable(self._values)))
         self.walks += 1
+
+    def holds(self, expected: list[Tensor]) -> bool:
+        """Whether `tensors()` would give the very objects of `expected`, in order: the identity
+        test of `same_tensors`, run over the dicts by the extension where it can (without building
+        the list), else on the list."""
+        self._check()
+        if self._pick is None and _same_values is not None:
+            return _same_values(self._dicts, expected)
+        return same_tensors(self.tensors(), expected)
 
     def _check(self) -> None:
         """Walk again if the walk may be stale."""
@@ -196,17 +212,13 @@ class ModulesWatch:
 
     def __init__(self, *modules: Module) -> None:
         self._walks = [ModuleWalk(m, True, True) for m in modules]
-        self.seen = self._now()
-
-    def _now(self) -> list[Tensor]:
-        return [t for walk in self._walks for t in walk.tensors()]
+        self._seen = [walk.tensors() for walk in self._walks]
 
     def changed(self) -> bool:
         """Whether any tensor is another object than at the last call (or construction)."""
-        now = self._now()
-        if same_tensors(now, self.seen):
+        if all(walk.holds(seen) for walk, seen in zip(self._walks, self._seen)):
             return False
-        self.seen = now
+        self._seen = [walk.tensors() for walk in self._walks]
         return True
 
 
@@ -311,6 +323,8 @@ class TrackedModel:
     def _tracked_tensors(self, model: Module) -> list[Tensor]:
         """The tracked model's tensors, read through the walk; raise unless they are the very ones
         tracked."""
+        if self._walk.holds(self._tracked):  # the usual update: the very tensors tracked
+            return self._tracked
         tensors = self._walk.tensors()
         if not same_tensors(tensors, self._tracked):
             # After a forward without backward the FSDP2 root holds gathered parameters.

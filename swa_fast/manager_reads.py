@@ -1,0 +1,70 @@
+"""Reading a manager's average: into the model, exchanged with it, or applied for a block.
+
+`AverageReads` is a part of `averaging.Averager` (a mixin of its methods, one purpose per file);
+it reads the manager's `tracked`, `_copy`, `average`, `_placement`, `use_buffers` and `backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch.nn import Module
+
+from . import ops
+from .flat import write_through_strides
+from .model_tensors import ModelCopy, TrackedModel
+from .placement import OtherDevice
+
+
+class AverageReads:
+    """The readers of an `Averager`'s average; each first waits for the updates in flight."""
+
+    def copy_to(self, model: Module) -> None:
+        """Write the average into the model (cast to the model's dtypes), one fused copy per group."""
+        self._ready("copy_to")
+        self._copy.load(self.tracked.tensors(model))
+
+    @torch.no_grad()
+    def swap(self, model: Module) -> None:
+        """Exchange the model's weights and the average in place (same dtypes only: an fp32 average
+        of a bf16 model cannot hold the live weights exactly; use `average_applied`)."""
+        self._ready("swap")
+        if isinstance(self._placement, OtherDevice):
+            raise ValueError(
+                "swa_fast: swap exchanges the weights in place, so it needs the average on the model's "
+                "device; this one is kept on another (device=). Use average_applied(model) instead."
+            )
+        tensors = self.tracked.tensors(model)
+        self.average.check_shapes(self.tracked.split(tensors)[0])  # every group, before any is written
+        self.tracked.before_write()
+        for _, avg, live in self.average.pairs(self.tracked.split(tensors)[0]):
+            swap = functools.partial(ops.swap_, avg, backend=self.backend)
+            write_through_strides(live, swap, keep_values=True)
+
+    @contextlib.contextmanager
+    def average_applied(self, model: Module) -> Iterator[Module]:
+        """Within the block the model holds the average; on exit it is exactly as it was, buffers
+        included (also those the average leaves alone, which `update_bn` in the block changes)."""
+        self._ready("average_applied")
+        self.tracked.tensors(model)  # the model this average is of (or one like it), else raise
+        # Everything the block may change, in the model's own dtypes: the restore is exact.
+        everything = self.tracked if self.use_buffers else TrackedModel(model, True, self.tracked.owner)
+        tensors = everything.tensors(model)
+        live = ModelCopy(everything, tensors, backend=self.backend)
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            live.load(tensors)
+
+    def _ready(self, what: str) -> None:
+        """Before reading the average: it must be here, and an update in flight must be in it."""
+        if not self.holds_average:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}.{what}: with rank0_only=True the average lives on rank 0 "
+                "only, and this process is another rank; call it on rank 0"
+            )
+        self.wait()

@@ -1,0 +1,101 @@
+"""The engine (engine.UpdatePlan) and the one "same tensors?" test (model_tensors.same_tensors,
+ModuleWalk.holds, ModulesWatch) that every manager, drop-in and integration updates through."""
+
+import pytest
+import torch
+
+import swa_fast
+from swa_fast.engine import UpdatePlan
+from swa_fast.model_tensors import ModulesWatch, ModuleWalk, same_tensors
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2))
+
+
+def test_a_walk_holds_exactly_the_tensors_it_gives():
+    model = bn_model()
+    walk = ModuleWalk(model, True, True)
+    tensors = walk.tensors()
+    assert walk.holds(tensors) and same_tensors(tensors, list(model.parameters()) + list(model.buffers()))
+    assert not walk.holds(tensors[:-1])
+    assert not walk.holds(tensors + [tensors[0]])
+    assert not walk.holds([tensors[1], tensors[0], *tensors[2:]])
+    assert not walk.holds([t.clone() for t in tensors])  # equal values, other objects
+    model[2]._parameters["weight"] = torch.nn.Parameter(model[2].weight.detach().clone())  # no hook runs
+    assert not walk.holds(tensors) and walk.holds(walk.tensors())
+    tensors = walk.tensors()
+    model.double()  # Module.to swaps the buffers without a hook, the parameters' storage in place
+    assert not walk.holds(tensors) and walk.holds(walk.tensors())
+
+
+def test_a_walk_with_a_shared_or_missing_tensor_holds_what_it_gives():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3))
+    model[1].weight = model[0].weight  # shared: listed once, as nn.Module does
+    walk = ModuleWalk(model, True, True)
+    assert walk.holds(list(model.parameters()))
+    assert not walk.holds([model[0].weight, model[0].weight, model[1].bias])
+
+
+def test_a_watch_sees_a_replaced_tensor_of_either_module_once():
+    average, model = bn_model(), bn_model()
+    watch = ModulesWatch(average, model)
+    assert not watch.changed()
+    model[1].running_mean = torch.zeros(6)
+    assert watch.changed()
+    assert not watch.changed()
+
+
+def test_an_update_reads_a_parameter_given_new_storage_in_place():
+    """The plan keeps tensor objects: after `p.data = ...` (same shape, other memory, strides or
+    dtype) the op reads the tensor where it now lives; a new shape is refused and writes nothing."""
+    model = torch.nn.Linear(4, 3)
+    ema = swa_fast.EMA(model, decay=0.5)
+    ema.update(model)
+    start = ema.average.views[0].clone()
+    for value in (
+        torch.full((3, 4), 7.0),
+        torch.full((4, 3), 2.0).t(),
+        torch.full((3, 4), -1.0, dtype=torch.float64),
+    ):
+        model.weight.data = value
+        before = ema.average.views[0].clone()
+        ema.update(model)
+        torch.testing.assert_close(ema.average.views[0], 0.5 * before + 0.5 * value.float())
+    assert not torch.equal(ema.average.views[0], start)
+    model.weight.data = torch.zeros(5, 4)
+    kept = [v.clone() for v in ema.average.views]
+    with pytest.raises(ValueError, match=r"'weight' has shape \[5, 4\]"):
+        ema.update(model)
+    assert all(torch.equal(v, k) for v, k in zip(ema.average.views, kept))
+
+
+def test_a_plan_checks_every_group_before_writing_any():
+    """Two devices' worth of groups stand in as two dtypes and an integer pair: a mismatch in the
+    last group leaves the first as it was."""
+    targets = [torch.zeros(3), torch.zeros(2, dtype=torch.bfloat16), torch.zeros((), dtype=torch.long)]
+    sources = [torch.ones(3), torch.ones(2, dtype=torch.bfloat16), torch.tensor(5)]
+    plan = UpdatePlan("lerp_", [targets], sources, owner="test", names=["a", "b", "count"])
+    plan.run(sources, 0.5)
+    assert torch.equal(targets[0], torch.full((3,), 0.5)) and int(targets[2]) == 5
+    bad = [torch.ones(3), torch.ones(4, dtype=torch.bfloat16), torch.tensor(6)]
+    with pytest.raises(ValueError, match=r"'b' has shape \[4\]"):
+        plan.run(bad, 0.5)
+    assert torch.equal(targets[0], torch.full((3,), 0.5)) and int(targets[2]) == 5
+
+
+def test_a_plan_copies_integer_pairs_only_where_the_update_counts():
+    targets = [torch.zeros(2), torch.tensor(1)]
+    sources = [torch.ones(2), torch.tensor(9)]
+    plan = UpdatePlan("lerp_", [targets], sources, owner="test")
+    plan.run(sources, 0.0, counted=torch.tensor(False))
+    assert int(targets[1]) == 1
+    plan.run(sources, 0.0, counted=torch.tensor(True))
+    assert int(targets[1]) == 9
+
+
+def test_a_plan_refuses_sources_elsewhere_unless_moving_them():
+    meta = [torch.empty(2, device="meta")]
+    with pytest.raises(ValueError, match="expected one device, or allow_it=True"):
+        UpdatePlan("lerp_", [[torch.zeros(2)]], meta, owner="test", move_option="allow_it=True")
