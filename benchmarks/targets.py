@@ -4,6 +4,8 @@ them without figures from another run or machine."""
 
 from __future__ import annotations
 
+from benchmarks.workloads import FLOOR
+
 
 def check_targets(rows, device):
     """The targets, each as (target, measured figure, met), from ratios measured in this run. Only
@@ -11,7 +13,7 @@ def check_targets(rows, device):
     targets = _Targets(rows, device)
     _multi_lerp_targets(targets, rows)
     if device.type == "cpu":
-        targets.checks += one_update_targets(rows)
+        targets.checks += one_update_targets(rows) + engine_targets(rows)
         _cpu_targets(targets)
     else:
         _gpu_targets(targets, rows)
@@ -108,6 +110,42 @@ def one_update_targets(rows):
             target = f"{r['workload']}: {r['method']} <= {limit}x the bare op"
             out.append((target, round(r["x_bare_op"], 2), r["x_bare_op"] <= limit))
     return out
+
+
+ENGINE_WORKLOAD = "one update: 500 Linear(100, 10)"
+
+
+def engine_targets(rows):
+    """The engine's targets on ENGINE_WORKLOAD (when it ran): one EMA.update within 1.3x of one
+    lerp_ over a single tensor of the same size, at least 8x faster than torch._foreach_lerp_ over
+    the same tensors, and the bare lerp_ at least 5x faster than it; from the fastest blocks."""
+    best = {r["method"]: r["best_ms"] for r in rows if r["workload"] == ENGINE_WORKLOAD and "best_ms" in r}
+    needed = (
+        "swa_fast.EMA.update",
+        "swa_fast.lerp_",
+        "foreach_lerp",
+        FLOOR,
+    )
+    if not all(m in best for m in needed):
+        return []
+    update, bare, foreach, floor = (best[m] for m in needed)
+    return [
+        (
+            f"{ENGINE_WORKLOAD}: swa_fast.EMA.update <= 1.3x one lerp_ of the same size",
+            round(update / floor, 2),
+            update <= 1.3 * floor,
+        ),
+        (
+            f"{ENGINE_WORKLOAD}: swa_fast.EMA.update >= 8x foreach_lerp",
+            round(foreach / update, 2),
+            foreach >= 8 * update,
+        ),
+        (
+            f"{ENGINE_WORKLOAD}: swa_fast.lerp_ >= 5x foreach_lerp",
+            round(foreach / bare, 2),
+            foreach >= 5 * bare,
+        ),
+    ]
 
 
 def print_targets(checks):

@@ -98,6 +98,10 @@ def one_update_models():
         "one update: 500 modules, 1,000 tensors": lambda: torch.nn.ModuleList(
             torch.nn.LayerNorm(64 + (i * 37) % 448) for i in range(500)
         ),
+        # the engine's target: 1,000 tiny tensors against one tensor of the same bytes (FLOOR)
+        "one update: 500 Linear(100, 10)": lambda: torch.nn.Sequential(
+            *(torch.nn.Linear(100, 10) for _ in range(500))
+        ),
         "one update: 12 encoder layers, d=64": lambda: torch.nn.TransformerEncoder(
             encoder_layer, 12, enable_nested_tensor=False
         ),
@@ -108,6 +112,7 @@ def one_update_models():
 
 
 BARE_OP = "swa_fast.lerp_"
+FLOOR = "swa_fast.lerp_ over one tensor of the same size"  # the same bytes, no per-tensor work
 
 
 def bench_tiny_model(device, min_run_time, bandwidth):
@@ -146,6 +151,9 @@ def _one_update(name, model, device, min_run_time, bandwidth):
         "swa_fast.SWA.update": lambda: swa.update(model),
         "swa_fast.EMA.update": lambda: ema.update(model),
     }
+    if len(params) >= 1000:  # the floor of an update of many small tensors
+        whole, whole_avg = torch.cat([p.reshape(-1) for p in params]), torch.cat([a.reshape(-1) for a in avg])
+        candidates[FLOOR] = lambda: swa_fast.lerp_([whole_avg], [whole], 0.1)
     if buffers:  # what the drop-ins must also do, as torch's: copy the model's buffers (bare, for scale)
         candidates[BARE_OP + " + buffer copy"] = lambda: (
             swa_fast.lerp_(avg, params, 0.1),
