@@ -99,3 +99,19 @@ def test_a_plan_refuses_sources_elsewhere_unless_moving_them():
     meta = [torch.empty(2, device="meta")]
     with pytest.raises(ValueError, match="expected one device, or allow_it=True"):
         UpdatePlan("lerp_", [[torch.zeros(2)]], meta, owner="test", move_option="allow_it=True")
+
+
+def test_the_extensions_identity_test_agrees_with_the_lists_and_refuses_what_is_not_dicts():
+    from swa_fast.ops import _C
+
+    if _C is None:
+        pytest.skip("built without the extension (SWA_FAST_NO_EXT=1): ModuleWalk.holds compares lists")
+    a, b = torch.zeros(1), torch.zeros(1)
+    assert _C.same_values([{"x": a}, {"y": b}], [a, b])
+    assert not _C.same_values([{"x": a}, {"y": b}], [b, a])
+    assert not _C.same_values([{"x": a}], [a, b]) and not _C.same_values([{"x": a}, {"y": b}], [a])
+    assert _C.same_values([], [])
+    with pytest.raises(TypeError, match=r"dicts\[0\] is a list, expected a dict"):
+        _C.same_values([[a]], [a])
+    with pytest.raises(TypeError, match="same_values"):
+        _C.same_values({"x": a}, [a])
