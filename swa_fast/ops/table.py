@@ -35,11 +35,18 @@ class OpSpec:
     triton: Callable[..., None] = field(init=False, repr=False)  # check, then the Triton kernel
 
     def __post_init__(self) -> None:
-        written = [p.written for p in self.params]
-        if written != sorted(written, reverse=True):
-            raise ValueError(f"OpSpec {self.name}: the written lists must come first, got {self.lists}")
+        # What the launcher, the fallback and the schema take for granted of a row.
+        flags = [p.written for p in self.params]
+        if flags != sorted(flags, reverse=True):
+            raise ValueError(
+                f"OpSpec {self.name}: expected the lists it writes before those it reads, got "
+                + ", ".join(f"{p.name} ({'written' if p.written else 'read'})" for p in self.params)
+            )
         if any(p.per_weight for p in self.params) != isinstance(self.weight, WeightPerList):
-            raise ValueError(f"OpSpec {self.name}: a list per weight and a weight per list go together")
+            raise ValueError(
+                f"OpSpec {self.name}: expected a list of one list per weight (per_weight=True) exactly "
+                f"when the weight is WEIGHT_PER_LIST, got lists {self.params} and weight {self.weight!r}"
+            )
         object.__setattr__(self, "foreach", fallback(self))
         object.__setattr__(self, "triton", triton_kernels.launcher(self))
 
@@ -102,7 +109,7 @@ OP_TABLE: dict[str, OpSpec] = {spec.name: spec for spec in (
            reference.lerp_),
     OpSpec("moments_",
            (written("mean"), written("sq", same_dtype=True), read("src")), ONE_WEIGHT,
-           lambda mean, sq, src: [src, torch._foreach_mul(src, src)],  # src^2 in fp32: 300^2 overflows fp16
+           lambda mean, sq, src: [src, torch._foreach_mul(src, src)],  # in fp32: 300^2 overflows fp16
            reference.moments_),
     OpSpec("multi_lerp_",
            (written("avgs", per_weight=True), read("src")), WEIGHT_PER_LIST,
