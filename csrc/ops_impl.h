@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "functors.h"
 #include "multi_tensor.h"
@@ -235,6 +236,17 @@ void multi_lerp_impl(at::TensorList avgs, at::TensorList src, const at::Tensor& 
     case 3: return multi_lerp_passes<Run, 3>(avgs, src, weights);
     default: return multi_lerp_passes<Run, 4>(avgs, src, weights);
   }
+}
+
+// Every op's body over the runner `Run`, registered for one device (csrc/cpu, csrc/cuda: inside
+// their TORCH_LIBRARY_IMPL), so that an op listed here runs on each device the build has.
+template <class Run>
+void register_ops(torch::Library& m) {
+  m.impl("lerp_", &lerp_impl<Run>);
+  m.impl("moments_", &moments_impl<Run>);
+  m.impl("multi_lerp_", &multi_lerp_impl<Run>);
+  m.impl("copy_", &copy_impl<Run>);
+  m.impl("swap_", &swap_impl<Run>);
 }
 
 }  // namespace swa_fast

@@ -22,6 +22,9 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 WRITTEN = {name: spec.written for name, spec in ops.OP_TABLE.items()}
 WEIGHTED = {name: spec.weighted for name, spec in ops.OP_TABLE.items()}
 OPS = tuple(ops.OP_TABLE)
+# The weights of make_case's calls: one weight, or one per list (two lists of averages).
+WEIGHT = 0.3
+PER_LIST_WEIGHTS = (0.3, 0.7)
 
 
 def cnn_with_bn(image_side: int, in_channels: int = 1, filters: int = 4, classes: int = 3) -> torch.nn.Module:
@@ -152,7 +155,11 @@ def cuda_backends() -> list[str]:
 
 
 def make_case(op: str, shapes, dst_dtype, src_dtype, seed: int = 0, device="cpu"):
-    """The op's tensor lists (random values, reproducible) and its extra arguments."""
+    """The op's tensor lists (random values, reproducible) and its extra arguments, from its row in
+    the op table: the lists it writes in dst_dtype, those it only reads in src_dtype, a list per
+    weight twice (two averages, concatenated as the op takes them), weights PER_LIST_WEIGHTS, a
+    single weight WEIGHT."""
+    spec = ops.OP_TABLE[op]
     g = torch.Generator().manual_seed(seed)
 
     def rand(dtype):
@@ -160,16 +167,14 @@ def make_case(op: str, shapes, dst_dtype, src_dtype, seed: int = 0, device="cpu"
             torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes
         ]
 
-    if op == "lerp_":
-        return [rand(dst_dtype), rand(src_dtype)], (0.3,)
-    if op == "moments_":
-        sq = [t * t for t in rand(dst_dtype)]
-        return [rand(dst_dtype), sq, rand(src_dtype)], (0.3,)
-    if op == "multi_lerp_":  # two averages, concatenated as the op takes them
-        return [rand(dst_dtype) + rand(dst_dtype), rand(src_dtype)], ((0.3, 0.7),)
-    if op == "copy_":
-        return [rand(dst_dtype), rand(src_dtype)], ()
-    return [rand(dst_dtype), rand(dst_dtype)], ()  # swap_
+    lists = []
+    for param in spec.params:
+        dtype = dst_dtype if param.written else src_dtype
+        copies = len(PER_LIST_WEIGHTS) if param.per_weight else 1
+        lists.append([t for _ in range(copies) for t in rand(dtype)])
+    if spec.weight is None:
+        return lists, ()
+    return lists, (PER_LIST_WEIGHTS if spec.lists_per_weight else WEIGHT,)
 
 
 def clone_lists(lists, dtype=None):

@@ -116,6 +116,22 @@ def test_moments_sq_dtype_differs_from_mean(any_backend):
     assert_rejected("moments_", any_backend, lists, extra, "sq[1]", "BFloat16".lower()[:4])
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_check_raises_what_the_op_raises(op):
+    """ops.check, which a caller uses to check several calls before making any, passes what the op
+    runs and raises the op's own message, word for word, for what it refuses."""
+    lists, extra = case(op)
+    ops.check(op, *lists, *extra)
+    bad_shape = replaced(lists, len(lists) - 1, 2, torch.zeros(5))
+    bad_dtype = replaced(lists, len(lists) - 1, 1, torch.zeros(5, dtype=torch.complex64))
+    for bad in (bad_shape, bad_dtype, [lst[:2] for lst in lists[:-1]] + [lists[-1]]):
+        with pytest.raises(ValueError) as by_op:
+            getattr(swa_fast, op)(*clone_lists(bad), *extra)
+        with pytest.raises(ValueError) as by_check:
+            ops.check(op, *bad, *extra)
+        assert str(by_check.value) == str(by_op.value)
+
+
 # The ops taking one 0-dim weight (not multi_lerp_'s vector of weights).
 ONE_WEIGHT = [op for op in OPS if WEIGHTED[op] and ops.OP_TABLE[op].weight_name == "weight"]
 

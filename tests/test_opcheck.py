@@ -6,6 +6,8 @@ from conftest import OPS, make_case
 
 import swa_fast
 from swa_fast import ops
+from swa_fast.ops import reference
+from swa_fast.ops.checks import ONE_WEIGHT, read, written
 
 COMPILED = pytest.mark.skipif(ops._C is None, reason=f"{ops.EXTENSION_ERROR}")
 
@@ -43,6 +45,17 @@ def test_table_row_matches_the_registered_schemas(op):
     if ops._C is not None:
         assert registered(op) == f"swa_fast::{op}{spec.schema}"
         assert hasattr(ops._C, op), "the extension has no eager entry point of this name"
+
+
+def test_a_row_the_backends_cannot_read_is_refused():
+    """The launcher, the fallback and the schema take the written lists first, and a list of one
+    list per weight with a weight per list: a row otherwise is refused when the table is made."""
+    with pytest.raises(ValueError, match=r"lists it writes before those it reads, got src \(read\), avg"):
+        ops.OpSpec("x_", (read("src"), written("avg")), ONE_WEIGHT, lambda src, avg: [src], reference.lerp_)
+    with pytest.raises(ValueError, match="when the weight is WEIGHT_PER_LIST, got .* ONE_WEIGHT"):
+        ops.OpSpec(
+            "x_", (written("avgs", per_weight=True), read("src")), ONE_WEIGHT, lambda *a: [], reference.lerp_
+        )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

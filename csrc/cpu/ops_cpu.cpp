@@ -136,26 +136,8 @@ struct CpuRun {
   }
 };
 
-void lerp_cpu(at::TensorList avg, at::TensorList src, const at::Tensor& weight) {
-  lerp_impl<CpuRun>(avg, src, weight);
-}
-void moments_cpu(at::TensorList mean, at::TensorList sq, at::TensorList src, const at::Tensor& weight) {
-  moments_impl<CpuRun>(mean, sq, src, weight);
-}
-void multi_lerp_cpu(at::TensorList avgs, at::TensorList src, const at::Tensor& weights) {
-  multi_lerp_impl<CpuRun>(avgs, src, weights);
-}
-void copy_cpu(at::TensorList dst, at::TensorList src) { copy_impl<CpuRun>(dst, src); }
-void swap_cpu(at::TensorList a, at::TensorList b) { swap_impl<CpuRun>(a, b); }
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(swa_fast, CPU, m) {
-  m.impl("lerp_", &lerp_cpu);
-  m.impl("moments_", &moments_cpu);
-  m.impl("multi_lerp_", &multi_lerp_cpu);
-  m.impl("copy_", &copy_cpu);
-  m.impl("swap_", &swap_cpu);
-}
+TORCH_LIBRARY_IMPL(swa_fast, CPU, m) { register_ops<CpuRun>(m); }
 
 }  // namespace swa_fast

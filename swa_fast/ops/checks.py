@@ -310,6 +310,9 @@ class OneWeight:
 
     name = "weight"
 
+    def __repr__(self) -> str:
+        return "ONE_WEIGHT"
+
     def count(self, op: str, weight, max_count: int | None) -> None:
         return None  # nothing to split the lists by
 
@@ -327,6 +330,9 @@ class WeightPerList:
     before the lists, splits that argument."""
 
     name = "weights"
+
+    def __repr__(self) -> str:
+        return "WEIGHT_PER_LIST"
 
     def count(self, op: str, weights, max_count: int | None) -> int:
         return check_weights(op, weights, max_count)

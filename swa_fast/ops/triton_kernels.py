@@ -22,7 +22,7 @@ from torch import Tensor
 from . import reference
 
 if TYPE_CHECKING:
-    from . import OpSpec
+    from .table import OpSpec
 
 try:
     import triton

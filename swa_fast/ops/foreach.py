@@ -1,0 +1,127 @@
+"""The torch._foreach_* fallback of every op, made from its row: each list the op writes is moved
+towards its target by the weight, or set to it when the op takes no weight (OpSpec.targets). It
+runs wherever PyTorch does.
+
+The same contract as the kernels: arithmetic in each destination's accumulation dtype (fp32, fp64
+for fp64), the weight rounded to it first, one rounding into the destination; every target read
+before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+if TYPE_CHECKING:
+    from .table import OpSpec
+
+
+def fallback(spec: OpSpec) -> Callable[..., None]:
+    """spec's op on torch._foreach_*, called as the op is, on arguments already checked."""
+    n_lists, n_read = len(spec.params), len(spec.params) - spec.written
+    targets_of, weight = spec.targets, spec.weight
+
+    def run(*args) -> None:
+        lists = spec.kernel_lists(*args)
+        n_written = len(lists) - n_read  # multi_lerp_ writes K lists
+        written, read = lists[:n_written], lists[n_written:]
+        if weight is None:
+            for dst, target in zip(written, _read_before_writes(targets_of(*lists), written)):
+                torch._foreach_copy_(dst, [t.resolve_neg() for t in target])
+            return
+        targets = _read_before_writes(_targets_in_acc(targets_of, written, read), written)
+        for dst, target, w in zip(written, targets, weight.each(args[n_lists], n_written)):
+            _lerp_into(dst, target, w)
+
+    run.__name__ = run.__qualname__ = f"foreach_{spec.name}"
+    return run
+
+
+def _targets_in_acc(targets_of: Callable[..., list], written: list, read: list) -> list[list[Tensor]]:
+    """Each written list's target, from the lists read in that list's accumulation dtypes (cast
+    once per distinct dtypes, whatever the number of written lists), all before anything is
+    written."""
+    if len(written) == 1:
+        return targets_of(*written, *(_in_acc(r, written[0]) for r in read))
+    computed: dict[tuple[torch.dtype, ...], list[list[Tensor]]] = {}
+    out = []
+    for j, dst in enumerate(written):
+        key = tuple(reference.acc_dtype(t.dtype) for t in dst)
+        if key not in computed:
+            computed[key] = targets_of(*written, *(_in_acc(r, dst) for r in read))
+        out.append(computed[key][j])
+    return out
+
+
+def _read_before_writes(targets: list[list[Tensor]], written: list) -> list[list[Tensor]]:
+    """targets[j], with each tensor that is a tensor of a list written before written[j] read from
+    a copy taken now, before anything is written: swap_'s `a` (the target of `b`), a source that is
+    one of multi_lerp_'s averages. (The checks allow no other sharing of memory.)"""
+    if len(written) == 1:
+        return targets
+    earlier: set[int] = set()  # the data of the lists written before this one
+    copies: dict[int, Tensor] = {}  # one copy per tensor, whatever the number of lists reading it
+    out = []
+    for dst, target in zip(written, targets):
+        if earlier:
+            target = [_copy_once(t, copies) if t.data_ptr() in earlier else t for t in target]
+        out.append(target)
+        earlier.update(t.data_ptr() for t in dst if t.numel())
+    return out
+
+
+def _copy_once(t: Tensor, copies: dict[int, Tensor]) -> Tensor:
+    if id(t) not in copies:
+        copies[id(t)] = t.clone()
+    return copies[id(t)]
+
+
+def _in_acc(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """tensors[i] in like[i]'s accumulation dtype: itself where it already is, else a copy (which
+    also resolves a lazily negated view)."""
+    out = []
+    for t, d in zip(tensors, like):
+        acc = reference.acc_dtype(d.dtype)
+        out.append(t if t.dtype == acc and not t.is_neg() else t.resolve_neg().to(acc))
+    return out
+
+
+def _by_dtype(dst: list[Tensor], end: list[Tensor]) -> list[tuple[torch.dtype, list[Tensor], list[Tensor]]]:
+    """(dtype, dst part, end part) for each dtype of `end`: the lists themselves when there is one."""
+    dtypes = {e.dtype for e in end}
+    if len(dtypes) == 1:
+        return [(dtypes.pop(), dst, end)]
+    return [
+        (dtype, [d for d, e in zip(dst, end) if e.dtype == dtype], [e for e in end if e.dtype == dtype])
+        for dtype in dtypes
+    ]
+
+
+def _lerp_into(dst: list[Tensor], end: list[Tensor], weight: Tensor | float) -> None:
+    """dst[i] = lerp(dst[i], end[i], weight), end in dst's accumulation dtype: weight 0 keeps dst and
+    weight 1 writes end, whatever either holds."""
+    if isinstance(weight, Tensor) and weight.device.type != "cpu":
+        # A device weight decides on the device: no host synchronisation.
+        weights = {dtype: weight.to(dtype) for dtype in {e.dtype for e in end}}
+        for d, e in zip(dst, end):
+            w, start = weights[e.dtype], d.to(e.dtype)
+            d.copy_(torch.where(w == 0, start, torch.where(w == 1, e, torch.lerp(start, e, w))))
+        return
+    value = weight.item() if isinstance(weight, Tensor) else float(weight)
+    for acc, dst_part, end_part in _by_dtype(dst, end):
+        # The weight as the kernels see it: rounded to the accumulation dtype first (a subnormal
+        # float64 weight is 0 in float32).
+        w = value if acc == torch.float64 else torch.tensor(value, dtype=acc).item()
+        if w == 1:
+            torch._foreach_copy_(dst_part, end_part)
+        elif w != 0:
+            start = _in_acc(dst_part, dst_part)  # temporaries where dst is bf16/fp16
+            torch._foreach_lerp_(start, end_part, w)
+            rounded = [(d, s) for d, s in zip(dst_part, start) if s is not d]
+            if rounded:
+                torch._foreach_copy_([d for d, _ in rounded], [s for _, s in rounded])
