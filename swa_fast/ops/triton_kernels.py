@@ -129,18 +129,11 @@ if triton is not None:
 
     # An op's block, given its mask (None: a full block), all with one signature: _blockwise_kernel
     # runs it unmasked on full blocks and masked on a tensor's last one.
+    # (their shared signature kept on two lines each)
+    # fmt: off
     @triton.jit
-    def _lerp_block(
-        ptrs,
-        t,
-        offs,
-        mask,
-        w_ptr,
-        DST: tl.constexpr,
-        SRC: tl.constexpr,
-        ACC: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
+    def _lerp_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                    ALIGNED: tl.constexpr):
         avg = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
         a = _widened(avg, offs, mask, DST, ACC)
         s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
@@ -148,17 +141,8 @@ if triton is not None:
         tl.store(avg + offs, _rounded(_lerp(a, s, w), DST), mask=mask)
 
     @triton.jit
-    def _moments_block(
-        ptrs,
-        t,
-        offs,
-        mask,
-        w_ptr,
-        DST: tl.constexpr,
-        SRC: tl.constexpr,
-        ACC: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
+    def _moments_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                       ALIGNED: tl.constexpr):
         mean = _ptr(ptrs, t, 0, 3, DST, ALIGNED)
         sq = _ptr(ptrs, t, 1, 3, DST, ALIGNED)
         x = _widened(_ptr(ptrs, t, 2, 3, SRC, ALIGNED), offs, mask, SRC, ACC)
@@ -169,38 +153,21 @@ if triton is not None:
         tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
 
     @triton.jit
-    def _copy_block(
-        ptrs,
-        t,
-        offs,
-        mask,
-        w_ptr,
-        DST: tl.constexpr,
-        SRC: tl.constexpr,
-        ACC: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
+    def _copy_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                    ALIGNED: tl.constexpr):
         s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
         tl.store(_ptr(ptrs, t, 0, 2, DST, ALIGNED) + offs, _rounded(s, DST), mask=mask)
 
     @triton.jit
-    def _swap_block(
-        ptrs,
-        t,
-        offs,
-        mask,
-        w_ptr,
-        DST: tl.constexpr,
-        SRC: tl.constexpr,
-        ACC: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
+    def _swap_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                    ALIGNED: tl.constexpr):
         a = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
         b = _ptr(ptrs, t, 1, 2, SRC, ALIGNED)
         x = tl.load(a + offs, mask=mask)
         y = tl.load(b + offs, mask=mask)
         tl.store(a + offs, y, mask=mask)
         tl.store(b + offs, x, mask=mask)
+    # fmt: on
 
     # Signatures: the launch table's tensors, then the dtypes and variants.
     # fmt: off
