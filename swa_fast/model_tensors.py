@@ -108,10 +108,11 @@ class ModuleWalk:
     at once. The list of modules is walked again when it may be stale: after any registration
     (torch's global hooks: a module set or added) or when the modules' children are fewer (a `del`).
 
-    Only the dicts that held something at the walk are read (most modules hold no buffers), so a
-    tensor written straight into an empty `_parameters` / `_buffers` dict, or a module into a
-    `_modules` dict, without `register_*` / `add_module` (what FSDP does with parameters only)
-    is not seen. The module is held weakly; its dicts strongly, until it is freed."""
+    `tensors()` reads only the dicts that held something at the walk (most modules hold no
+    buffers); `holds()` reads them all, so a tensor written straight into an empty `_parameters` /
+    `_buffers` dict without `register_*` is seen there (and the modules walked again). A module
+    written into a `_modules` dict without `add_module` (what FSDP does with parameters only) is
+    not seen. The module is held weakly; its dicts strongly, until it is freed."""
 
     def __init__(self, module: Module, parameters: bool = True, buffers: bool = False) -> None:
         self.kinds = [kind for kind, asked in (("_parameters", parameters), ("_buffers", buffers)) if asked]
@@ -140,24 +141,37 @@ class ModuleWalk:
         # Per kind: the values of its non-empty dicts (live views: what the dicts hold when read),
         # and what to keep of them.
         self._parts = []
-        self._dicts = []  # the non-empty dicts themselves, kind after kind (for `holds`)
+        self._dicts = []  # every module's dicts of the kinds, empty ones too (for `holds`)
         for kind in self.kinds:
-            dicts = [d for d in (getattr(m, kind) for m in order) if d]
-            values = [d.values() for d in dicts]
+            dicts = [getattr(m, kind) for m in order]
+            values = [d.values() for d in dicts if d]
             self._dicts += dicts
             self._parts.append((values, _keeper(list(chain.from_iterable(values)))))
         self._values = [v for values, _ in self._parts for v in values]
+        self._length = sum(map(len, self._values))  # entries at the walk, None and shared ones included
         self._pick = _keeper(list(chain.from_iterable(self._values)))
         self.walks += 1
 
     def holds(self, expected: list[Tensor]) -> bool:
-        """Whether `tensors()` would give the very objects of `expected`, in order: the identity
-        test of `same_tensors`, run over the dicts by the extension where it can (without building
-        the list), else on the list."""
+        """Whether the module holds the very objects of `expected`, in order (what `tensors()`
+        gives): the identity test of `same_tensors`, over every module's dicts, those empty at the
+        walk included, by the extension where it can (without building the list). When not, the
+        modules are walked again, so that `tensors()` sees what changed (an entry written straight
+        into a dict that was empty)."""
         self._check()
         if self._pick is None and _same_values is not None:
-            return _same_values(self._dicts, expected)
-        return same_tensors(self.tensors(), expected)
+            if _same_values(self._dicts, expected):
+                return True
+        else:
+            walked = list(chain.from_iterable(d.values() for d in self._dicts))
+            if len(walked) == self._length and same_tensors(self._keep(walked), expected):
+                return True
+        if (module := self._module()) is not None:
+            self._walk(module)
+        return False
+
+    def _keep(self, walked: list) -> list:
+        return walked if self._pick is None else self._pick(walked)
 
     def _check(self) -> None:
         """Walk again if the walk may be stale."""

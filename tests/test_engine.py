@@ -115,3 +115,20 @@ def test_the_extensions_identity_test_agrees_with_the_lists_and_refuses_what_is_
         _C.same_values([[a]], [a])
     with pytest.raises(TypeError, match="same_values"):
         _C.same_values({"x": a}, [a])
+
+
+def test_a_tensor_written_into_a_dict_that_was_empty_is_seen():
+    """named_parameters() shows a parameter written straight into a module's empty `_parameters`
+    (no registration hook runs): the walk's identity test sees it too, and a manager refuses."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    walk = ModuleWalk(model, True, False)
+    tensors = walk.tensors()
+    ema = swa_fast.EMA(model)
+    model[1]._parameters["scale"] = torch.nn.Parameter(torch.ones(1))
+    assert not walk.holds(tensors)
+    assert same_tensors(walk.tensors(), list(model.parameters()))
+    with pytest.raises(ValueError, match="expected '2.weight', found '1.scale'"):
+        ema.update(model)
+    del model[1]._parameters["scale"]
+    assert walk.holds(tensors)
+    ema.update(model)
