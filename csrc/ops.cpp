@@ -274,7 +274,8 @@ PyObject* py_lerp_then_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
 }
 
 // same_values(dicts, expected): whether the values of the dicts in `dicts`, dict after dict in
-// insertion order, are the very objects of the list `expected`, in order. The staleness test of a
+// insertion order, None left out (an unset bias), are the very objects of the list `expected`, in
+// order. The staleness test of a
 // walked module's tensors (model_tensors.ModuleWalk), run on every update: comparing pointers here
 // skips building the Python list of a thousand tensors it would otherwise compare.
 PyObject* same_values(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -295,6 +296,7 @@ PyObject* same_values(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_ssize_t pos = 0;
     PyObject *key, *value;
     while (PyDict_Next(dict, &pos, &key, &value)) {
+      if (value == Py_None) continue;
       if (at == n || value != PyList_GET_ITEM(expected, at)) Py_RETURN_FALSE;
       ++at;
     }

@@ -150,6 +150,8 @@ class UpdatePlan:
                     + (f", or {self.move_option}" if self.move_option else "")
                 )
             strided = kind != EXACT and any(not t.is_contiguous() for lst in cut for t in lst)
+            if strided and len(cut) > 1:
+                raise ValueError(f"swa_fast.{self.owner}: {self.op}'s targets must be contiguous")
             groups.append(
                 _Group(device, kind, positions, take, cut, bool(moved), strided, self._op(kind, device))
             )
@@ -185,12 +187,13 @@ class UpdatePlan:
                 self._set_groups(sources)
         self._run_groups(sources, scalars, counted)
 
-    def check_shapes(self, sources: Sequence[Tensor]) -> None:
+    def check_shapes(self, sources: Sequence[Tensor], every_plan: bool = False) -> None:
         """Raise, naming the first tensor whose shape differs from its average's, unless `sources`
-        fit the targets (a comparison of shapes, no device work). Without names, only their
-        number: the ops' own checks then say which index differs."""
+        fit the targets (a comparison of shapes, no device work). A plan without names checks
+        only their number (the ops' own checks then say which index differs) unless `every_plan`
+        (several groups, checked before any is written)."""
         self._check_length(self.length, len(sources), "averages")
-        if self.names is None:
+        if self.names is None and not every_plan:
             return
         for i, (target, source) in enumerate(zip(self.targets[0], sources)):
             if target.shape != source.shape:
@@ -203,7 +206,7 @@ class UpdatePlan:
     def _run_groups(self, sources: Sequence[Tensor], scalars: tuple, counted: Tensor | None) -> None:
         calls = [self._prepare(g, sources, scalars) for g in self.groups]
         if len(calls) > 1:  # each op checks its own group; check them all first
-            self.check_shapes(sources)
+            self.check_shapes(sources, every_plan=True)
             for group, args in calls:
                 if group.kind == FUSED:
                     self._check(args)
@@ -237,12 +240,9 @@ class UpdatePlan:
         elif group.kind == TORCH:
             group.op(args[0], *args[len(self.targets) :])
         elif group.strided:  # the ops write contiguous tensors: the strided ones through stand-ins
-            *targets, src = args[: len(self.targets) + 1]
-            rest = args[len(self.targets) + 1 :]
-            if len(targets) != 1:
-                raise ValueError(f"swa_fast.{self.owner}: {self.op}'s averages must be contiguous")
-            keep = self.op != "copy_"
-            write_through_strides(targets[0], lambda stand_ins: group.op(stand_ins, src, *rest), keep)
+            target, src, *rest = args  # (one target list: checked when the plan was made)
+            keep = self.op != "copy_"  # (a copy overwrites its stand-ins whole)
+            write_through_strides(target, lambda stand_ins: group.op(stand_ins, src, *rest), keep)
         else:
             group.op(*args)
 

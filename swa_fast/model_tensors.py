@@ -149,7 +149,10 @@ class ModuleWalk:
             self._parts.append((values, _keeper(list(chain.from_iterable(values)))))
         self._values = [v for values, _ in self._parts for v in values]
         self._length = sum(map(len, self._values))  # entries at the walk, None and shared ones included
-        self._pick = _keeper(list(chain.from_iterable(self._values)))
+        walked = list(chain.from_iterable(self._values))
+        self._pick = _keeper(walked)
+        # a tensor listed twice (shared by two modules): `holds` then compares the kept list
+        self._shared = _first_places([id(t) for t in walked if t is not None]) is not None
         self.walks += 1
 
     def holds(self, expected: list[Tensor]) -> bool:
@@ -159,7 +162,7 @@ class ModuleWalk:
         modules are walked again, so that `tensors()` sees what changed (an entry written straight
         into a dict that was empty)."""
         self._check()
-        if self._pick is None and _same_values is not None:
+        if not self._shared and _same_values is not None:  # (it leaves out None entries itself)
             if _same_values(self._dicts, expected):
                 return True
         else:

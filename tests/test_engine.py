@@ -36,6 +36,12 @@ def test_a_walk_with_a_shared_or_missing_tensor_holds_what_it_gives():
     walk = ModuleWalk(model, True, True)
     assert walk.holds(list(model.parameters()))
     assert not walk.holds([model[0].weight, model[0].weight, model[1].bias])
+    unshared = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3))
+    walk = ModuleWalk(unshared, True, True)  # the first bias is None: no tensor
+    tensors = list(unshared.parameters())
+    assert walk.holds(tensors) and not walk.holds([None, *tensors])
+    unshared[0].bias = torch.nn.Parameter(torch.zeros(3))
+    assert not walk.holds(tensors) and walk.holds(list(unshared.parameters()))
 
 
 def test_a_watch_sees_a_replaced_tensor_of_either_module_once():
@@ -111,6 +117,7 @@ def test_the_extensions_identity_test_agrees_with_the_lists_and_refuses_what_is_
     assert not _C.same_values([{"x": a}, {"y": b}], [b, a])
     assert not _C.same_values([{"x": a}], [a, b]) and not _C.same_values([{"x": a}, {"y": b}], [a])
     assert _C.same_values([], [])
+    assert _C.same_values([{"weight": a, "bias": None}], [a])  # an unset bias is no tensor
     with pytest.raises(TypeError, match=r"dicts\[0\] is a list, expected a dict"):
         _C.same_values([[a]], [a])
     with pytest.raises(TypeError, match="same_values"):
@@ -132,3 +139,13 @@ def test_a_tensor_written_into_a_dict_that_was_empty_is_seen():
     del model[1]._parameters["scale"]
     assert walk.holds(tensors)
     ema.update(model)
+
+
+def test_an_unnamed_plan_checks_every_group_before_writing_any():
+    """Without names too: an integer pair whose shape changed is found before the floating group
+    is written."""
+    targets = [torch.zeros(3), torch.zeros((), dtype=torch.long)]
+    plan = UpdatePlan("lerp_", [targets], [torch.ones(3), torch.tensor(4)], owner="test")
+    with pytest.raises(ValueError, match=r"'tensor 1' has shape \[2\]"):
+        plan.run([torch.ones(3), torch.tensor([4, 5])], 0.5)
+    assert torch.equal(targets[0], torch.zeros(3)) and int(targets[1]) == 0
