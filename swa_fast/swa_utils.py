@@ -221,7 +221,8 @@ class _Prepared:
     def host_count(self, n_averaged: Tensor):
         """A numpy view of `n_averaged` (`counts.numpy_view`) when it is a CPU long tensor
         (torch's default, even for a GPU model), else None. Reading it and adding 1 through the
-        view skips a tensor op's dispatch (docs/benchmarks.md); it is the buffer's own memory, so
+        view skips a tensor op's dispatch (kept: docs/benchmarks.md, "Measured costs behind design
+        choices"); it is the buffer's own memory, so
         the buffer, its state_dict and a checkpoint see the count at once."""
         # a new buffer (`.to()`, load_state_dict(assign=True)) or new memory (`.data = ...`)
         if n_averaged is not self._count or n_averaged.data_ptr() != self._count_ptr:

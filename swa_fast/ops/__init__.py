@@ -182,7 +182,9 @@ def check(op: str, *args) -> None:
 # The drop-in AveragedModel's eager update in one call to the extension (None without it):
 # `eager_lerp_then_copy(avg, src, weight, dst, copy_src)` runs lerp_, then copy_ (the model's
 # buffers), each checked before it writes, for less than two calls cost. A lerp_ refused raises;
-# a copy_ refused returns False (the lerp_ done), True when both ran.
+# a copy_ refused returns False (the lerp_ done), True when both ran. Kept: the drop-in's update on
+# a small model is its bare op plus little else (docs/benchmarks.md, "Measured costs behind design
+# choices").
 eager_lerp_then_copy = getattr(_C, "lerp_then_copy_", None)
 
 _BINDABLE = {"lerp_": lerp_, "moments_": moments_, "copy_": copy_, "swap_": swap_}
