@@ -260,7 +260,7 @@ inline void prefetch_metadata(const at::Tensor& t) {
 // from itself). A lazily negated read tensor (Tensor.is_neg()) is read through a resolved copy; a
 // negated one cannot be written in place.
 template <size_t K>
-Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
+Gathered<K> gather_checked(const char* op, const std::array<ListArg, K>& lists) {
   const ListArg& first = lists[0];
   for (const auto& l : lists) {
     TORCH_CHECK_VALUE(l.tensors.size() == first.tensors.size(), "swa_fast.", op, ": `", l.name, "` has ",
@@ -370,6 +370,123 @@ Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
   }
   for (const Span& s : copied_reads) plainly_apart = plainly_apart && outside_written(s.begin, s.end);
   if (!plainly_apart) check_no_overlap(op, lists, out.groups, copied_reads);
+  return out;
+}
+
+// --- launch plans: a checked call, reused while its tensors are unchanged ---------------------------
+
+// What the checks and the gathered pointers of a call depend on, of one of its tensors: the same
+// object (impl), of the same kind (its dispatch keys: layout, device type, negation, wrappers),
+// over the same memory (the storage's pointer and its owner: a copy-on-write share replaces the
+// owner) from the same offset, with the same dtype, device, sizes and strides (in LaunchPlan).
+struct Seen {
+  const c10::TensorImpl* impl;
+  uint64_t keys;
+  const void* data;
+  const void* owner;
+  int64_t offset;
+  c10::ScalarType dtype;
+  c10::DeviceIndex device_index;
+  int64_t dim;
+
+  bool operator==(const Seen& o) const {
+    return impl == o.impl && keys == o.keys && data == o.data && owner == o.owner && offset == o.offset &&
+           dtype == o.dtype && device_index == o.device_index && dim == o.dim;
+  }
+};
+
+// Reads `t`'s Seen, its sizes and strides appended to `shape`. Only for a tensor whose dispatch
+// keys are those of a dense tensor that a checked call took (so its storage and default sizes
+// policy are there to read).
+inline Seen seen_of(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const at::DataPtr& data = impl->unsafe_storage().unsafeGetStorageImpl()->data_ptr();
+  return {impl, impl->key_set().raw_repr(), data.get(), data.get_context(), impl->storage_offset(),
+          impl->dtype().toScalarType(), impl->device().index(), impl->dim()};
+}
+
+// A call whose tensors passed every check, and what it gathered: a later call of the same op whose
+// tensors are all unchanged (each the same object, memory, dtype, device, sizes and strides, read
+// anew) would pass them again and gather the same pointers, so it takes these instead. Calls whose
+// read tensors needed contiguous copies are not kept (their copies are made per call).
+template <size_t K>
+struct LaunchPlan {
+  const char* op = nullptr;
+  size_t n = 0;
+  std::vector<Seen> seen;        // the K lists' tensors, list after list
+  std::vector<int64_t> shapes;   // each one's sizes then strides, in the same order
+  Gathered<K> gathered;
+
+  bool holds(const char* call_op, const std::array<ListArg, K>& lists) const {
+    if (call_op != op) return false;
+    for (const ListArg& l : lists) {
+      if (l.tensors.size() != n) return false;
+    }
+    size_t j = 0;
+    const int64_t* shape = shapes.data();
+    for (size_t k = 0; k < K; ++k) {
+      for (size_t i = 0; i < n; ++i, ++j) {
+        if (i + kPrefetchAhead < n) prefetch_metadata(lists[k].tensors[i + kPrefetchAhead]);
+        const at::Tensor& t = lists[k].tensors[i];
+        const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+        // the object and its kind first: only then are its storage and sizes read as a dense tensor's
+        if (impl != seen[j].impl || impl->key_set().raw_repr() != seen[j].keys || !impl->has_storage()) return false;
+        if (!(seen_of(t) == seen[j])) return false;
+        for (const int64_t size : impl->sizes()) {
+          if (size != *shape++) return false;
+        }
+        for (const int64_t stride : impl->strides()) {
+          if (stride != *shape++) return false;
+        }
+      }
+    }
+    return true;
+  }
+
+  void keep(const char* call_op, const std::array<ListArg, K>& lists, const Gathered<K>& call) {
+    op = call_op;
+    n = lists[0].tensors.size();
+    seen.clear();
+    shapes.clear();
+    for (const ListArg& l : lists) {
+      for (const at::Tensor& t : l.tensors) {
+        seen.push_back(seen_of(t));
+        shapes.insert(shapes.end(), t.sizes().begin(), t.sizes().end());
+        shapes.insert(shapes.end(), t.strides().begin(), t.strides().end());
+      }
+    }
+    gathered = call;
+  }
+};
+
+// This thread's last few launch plans per list count (a manager's update, its buffers' copy, a
+// second manager...), replaced in turn.
+template <size_t K>
+struct LaunchPlans {
+  static constexpr size_t kKept = 4;
+  std::array<LaunchPlan<K>, kKept> plans;
+  size_t next = 0;
+
+  static LaunchPlans& of_this_thread() {
+    thread_local LaunchPlans cache;
+    return cache;
+  }
+};
+
+// Checks every tensor of a call and gathers what the kernels need (gather_checked), or takes both
+// from a launch plan of an earlier call of this thread whose tensors are all unchanged. A call of
+// empty lists keeps nothing.
+template <size_t K>
+Gathered<K> gather(const char* op, const std::array<ListArg, K>& lists) {
+  LaunchPlans<K>& cache = LaunchPlans<K>::of_this_thread();
+  for (const LaunchPlan<K>& plan : cache.plans) {
+    if (plan.n != 0 && plan.holds(op, lists)) return plan.gathered;
+  }
+  Gathered<K> out = gather_checked(op, lists);
+  if (out.contiguous_copies.empty() && !lists[0].tensors.empty()) {
+    cache.plans[cache.next].keep(op, lists, out);
+    cache.next = (cache.next + 1) % LaunchPlans<K>::kKept;
+  }
   return out;
 }
 

@@ -149,3 +149,49 @@ def test_an_unnamed_plan_checks_every_group_before_writing_any():
     with pytest.raises(ValueError, match=r"'tensor 1' has shape \[2\]"):
         plan.run([torch.ones(3), torch.tensor([4, 5])], 0.5)
     assert torch.equal(targets[0], torch.zeros(3)) and int(targets[1]) == 0
+
+
+NEEDS_EXTENSION = pytest.mark.skipif(
+    swa_fast.backend_status("cpu")["cpu"] is not None, reason="needs the extension"
+)
+
+
+def _lerp_twice_then(change, avg, src):
+    """lerp_ the lists once (a launch plan is kept), apply `change`, and lerp_ them again."""
+    swa_fast.lerp_(avg, src, 0.5, backend="cpu")
+    change()
+    swa_fast.lerp_(avg, src, 0.5, backend="cpu")
+
+
+@NEEDS_EXTENSION
+def test_a_launch_plan_is_not_reused_for_a_tensor_given_new_storage_dtype_or_strides():
+    """The extension reuses a checked call's gathered pointers while the call's tensors are
+    unchanged; after `.data = ...` of the same shape it reads the new memory, of a new dtype it
+    converts from it (the checks that refuse a changed call: the test below)."""
+    avg, src = [torch.zeros(4, 3), torch.zeros(5)], [torch.ones(4, 3), torch.ones(5)]
+    old = src[0].data
+    _lerp_twice_then(lambda: setattr(src[0], "data", torch.full((4, 3), 3.0)), avg, src)
+    assert torch.equal(avg[0], torch.full((4, 3), 1.75)) and torch.equal(old, torch.ones(4, 3))
+    _lerp_twice_then(lambda: setattr(src[1], "data", torch.full((5,), 2.0, dtype=torch.float64)), avg, src)
+    assert torch.equal(avg[1], torch.full((5,), 1.4375))
+
+
+@NEEDS_EXTENSION
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda avg, src: setattr(avg[0], "data", torch.zeros(3, 4).t()), "must be contiguous"),
+        (lambda avg, src: setattr(avg[1], "data", torch.zeros(6)), r"has shape \[6\]"),
+        (lambda avg, src: setattr(src[0], "data", avg[1].view(5, 1).expand(5, 3)[:4]), "overlap"),
+    ],
+    ids=["written tensor made strided", "written tensor resized", "source made to overlap"],
+)
+def test_a_launch_plan_is_not_reused_for_a_changed_call_that_the_checks_refuse(change, message):
+    avg, src = [torch.zeros(4, 3), torch.zeros(5)], [torch.ones(4, 3), torch.ones(5)]
+    swa_fast.lerp_(avg, src, 0.5, backend="cpu")
+    swa_fast.lerp_(avg, src, 0.5, backend="cpu")
+    change(avg, src)
+    kept = [a.clone() for a in avg]
+    with pytest.raises(ValueError, match=message):
+        swa_fast.lerp_(avg, src, 0.5, backend="cpu")
+    assert all(torch.equal(a, k) for a, k in zip(avg, kept))
