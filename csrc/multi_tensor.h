@@ -395,9 +395,9 @@ struct Seen {
   }
 };
 
-// Reads `t`'s Seen, its sizes and strides appended to `shape`. Only for a tensor whose dispatch
-// keys are those of a dense tensor that a checked call took (so its storage and default sizes
-// policy are there to read).
+// Reads `t`'s Seen (its sizes and strides are compared apart). Only for a tensor that a checked call
+// took, or whose object and dispatch keys are those of one (so its storage and default sizes policy
+// are there to read).
 inline Seen seen_of(const at::Tensor& t) {
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   const at::DataPtr& data = impl->unsafe_storage().unsafeGetStorageImpl()->data_ptr();
