@@ -146,6 +146,8 @@ class Averager(CountedCalls, AverageReads, ManagerState):
                 "on the current stream: drop side_stream= and device="
             )
         self.counts = UpdateCounts(device or model_device, device_decides=check_finite or capturable)
+        # torch's max-abs norm has no value for an empty tensor: check_finite leaves those out.
+        self._has_empty = any(t.numel() == 0 for t in self.tracked.split(tensors)[0])
         self._calls = 0  # update() calls, counted on the host
         self._updates = 0  # updates applied to the average, counted on the host
         # capturable: the calls counted on the device instead (the updates are n_averaged + n_skipped)
@@ -248,7 +250,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         if self.check_finite:
             # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN
             # sources), so a non-finite update is skipped on the device, without a sync.
-            finite = all_finite(self.tracked.split(tensors)[0], self.counts.n_skipped.device)
+            finite = all_finite(self._finite_groups(tensors), self.counts.n_skipped.device)
             # (a float weight stays a CPU scalar: copying it to the GPU would wait for the stream)
             weight = torch.where(finite, torch.as_tensor(weight, dtype=torch.float64), 0.0)
         if due is not None:  # weight 0 on a call off the schedule: the average stays as it was
@@ -257,6 +259,11 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         self.counts.add(finite, due)
         if self._device_calls is None:  # (capturable: no host state changes)
             self._updates += 1
+
+    def _finite_groups(self, tensors: list[Tensor]) -> list[list[Tensor]]:
+        """The floating tensors per flat group (one device each), the empty ones left out."""
+        groups = [src for _, _, src in self.average.pairs(self.tracked.split(tensors)[0])]
+        return [[t for t in src if t.numel()] for src in groups] if self._has_empty else groups
 
     def next_weight(self) -> Tensor | float | None:
         """The weight of this call's update (None: the call does not average), for a placement

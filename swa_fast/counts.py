@@ -73,17 +73,15 @@ class UpdateCounts:
             self.host = self._written = int(self._n_averaged)  # read once here
 
 
-def all_finite(floating: list[Tensor], device: torch.device) -> Tensor:
-    """One boolean on `device`: every element of the floating tensors is finite (max-abs norms
+def all_finite(groups: list[list[Tensor]], device: torch.device) -> Tensor:
+    """One boolean on `device`: every element of the groups' tensors (each group on one device,
+    none of them empty: torch's max-abs norm has no value for those) is finite (max-abs norms
     propagate inf and NaN, and cannot overflow), worked out without a host sync (`check_finite`)."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for t in floating:
-        if t.numel():  # torch's max-abs norm has no value for an empty tensor
-            by_device.setdefault(t.device, []).append(t)
     with torch.no_grad():  # the model's parameters require grad: record no graph
         maxima = [
             n.to(device, torch.float32)
-            for src in by_device.values()
+            for src in groups
+            if src
             for n in torch._foreach_norm(src, float("inf"))
         ]
         if not maxima:  # nothing to average: every update counts

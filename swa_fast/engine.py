@@ -4,8 +4,8 @@ Every averaging path of swa_fast (the managers, the `AveragedModel` drop-in, `op
 integrations) does the same work: pair each average with its source, group the pairs by device,
 copy integer and bool pairs exactly, check every group before anything is written, and run one
 fused op per group. `UpdatePlan` does that work once for a list of averages and the sources laid
-out like them; an update then reuses it while the sources are the same tensors (`fits`, the one
-answer to "same tensors?": identity, on lists read live, by a `ModuleWalk` for a module's).
+out like them; an update then reuses it while the sources are the same tensors, which its caller
+knows from the one "same tensors?" test (model_tensors: `ModuleWalk.holds`, `ModulesWatch`).
 
 A plan keeps tensor objects, not their memory: the ops read each tensor's storage, shape and
 strides at every call and check them before writing. So a tensor given new storage in place
@@ -16,7 +16,6 @@ caller then builds a new plan (`run` does it once, on its own).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +23,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .flat import copy_lists, write_through_strides
-from .model_tensors import same_tensors
+from .flat import check_same_shapes, copy_lists, write_through_strides
+from .model_tensors import pick
 
 _CPU = torch.device("cpu")
 _is_compiling = torch.compiler.is_compiling
@@ -34,17 +33,6 @@ _is_compiling = torch.compiler.is_compiling
 # model's num_batches_tracked), or by torch (complex tensors, which the fused ops do not take).
 FUSED, EXACT, TORCH = "fused", "exact", "torch"
 _TORCH_OPS = {"lerp_": torch._foreach_lerp_, "copy_": torch._foreach_copy_}
-
-
-def _picker(positions: list[int], length: int):
-    """A function giving `[items[i] for i in positions]`, in C; None when that is all of them."""
-    if positions == list(range(length)):
-        return None
-    if len(positions) == 1:
-        only = positions[0]
-        return lambda items: [items[only]]
-    get = operator.itemgetter(*positions)
-    return lambda items: list(get(items))
 
 
 @dataclass
@@ -82,8 +70,9 @@ class UpdatePlan:
             (torch's `AveragedModel(device=...)`); otherwise the plan refuses it.
         move_option: the user's option that allows sources elsewhere, named in the error when
             they are and `move_sources` is False.
-        keep_sources: hold `sources` for `fits`; a manager that tracks its model otherwise (and
-            must not keep a freed model's memory alive) passes False.
+        keep_sources: hold `sources` (as `self.sources`) for a caller that runs the plan with the
+            tensors it was made from; a manager that tracks its model (and must not keep a freed
+            model's memory alive) passes False.
         backend: force an op backend (see `swa_fast.choose_backend`).
     """
 
@@ -140,7 +129,7 @@ class UpdatePlan:
             by_call.setdefault((target.device, self._kind(target, source)), []).append(i)
         groups = []
         for (device, kind), positions in by_call.items():
-            take = _picker(positions, len(sources))
+            take = None if positions == list(range(len(sources))) else pick(positions)
             cut = [lst if take is None else take(lst) for lst in self.targets]
             moved = [s for s in (sources if take is None else take(sources)) if s.device != device]
             if moved and not self.move_sources:
@@ -168,10 +157,6 @@ class UpdatePlan:
 
     # --- using it -------------------------------------------------------------------------------------
 
-    def fits(self, sources: Sequence[Tensor]) -> bool:
-        """Whether `sources` are the tensors the plan was made with (the staleness key)."""
-        return self.sources is not None and same_tensors(sources, self.sources)
-
     def run(self, sources: Sequence[Tensor], *scalars, counted: Tensor | None = None) -> None:
         """Update every target from `sources` (laid out as at construction) with the op's scalars
         (lerp_'s and moments_'s weight, multi_lerp_'s weights; none for copy_). Exact pairs are
@@ -195,21 +180,24 @@ class UpdatePlan:
         self._check_length(self.length, len(sources), "averages")
         if self.names is None and not every_plan:
             return
-        for i, (target, source) in enumerate(zip(self.targets[0], sources)):
-            if target.shape != source.shape:
-                name = self.names[i] if self.names is not None else f"tensor {i}"
-                raise ValueError(
-                    f"swa_fast: '{name}' has shape {list(source.shape)}, but the copy of it kept here has "
-                    f"shape {list(target.shape)} (another model, or a resized tensor?)"
-                )
+        names = self.names if self.names is not None else [f"tensor {i}" for i in range(self.length)]
+        check_same_shapes(names, sources, self.targets[0])
+
+    def check(self, sources: Sequence[Tensor], *scalars) -> None:
+        """Raise what `run(sources, *scalars)` would raise before writing, writing nothing: for a
+        caller that runs two plans in one update (ema-pytorch's averages and copies)."""
+        self._check_all([self._prepare(g, sources, scalars) for g in self.groups], sources)
+
+    def _check_all(self, calls: list[tuple[_Group, list]], sources: Sequence[Tensor]) -> None:
+        self.check_shapes(sources, every_plan=True)
+        for group, args in calls:
+            if group.kind == FUSED:
+                self._check(args)
 
     def _run_groups(self, sources: Sequence[Tensor], scalars: tuple, counted: Tensor | None) -> None:
         calls = [self._prepare(g, sources, scalars) for g in self.groups]
         if len(calls) > 1:  # each op checks its own group; check them all first
-            self.check_shapes(sources, every_plan=True)
-            for group, args in calls:
-                if group.kind == FUSED:
-                    self._check(args)
+            self._check_all(calls, sources)
         try:
             for group, args in calls:
                 self._call(group, args, counted)

@@ -93,6 +93,17 @@ def _shaped_parts(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
     return [part[: shape.numel()].view(shape) for part, shape in zip(parts, shapes)]
 
 
+def check_same_shapes(names: Sequence[str], tensors: Sequence[Tensor], kept: Sequence[Tensor]) -> None:
+    """Raise, naming the first tensor whose shape is not its kept copy's (a comparison of shapes,
+    no device work)."""
+    for name, t, copy in zip(names, tensors, kept):
+        if t.shape != copy.shape:
+            raise ValueError(
+                f"swa_fast: '{name}' has shape {list(t.shape)}, but the copy of it kept here has shape "
+                f"{list(copy.shape)} (another model, or a resized tensor?)"
+            )
+
+
 @dataclass
 class FlatGroup:
     device: torch.device
@@ -160,12 +171,7 @@ class FlatBuffer:
         run this first then (a comparison of shapes, no device work)."""
         if len(tensors) != len(self.views):
             raise ValueError(f"swa_fast: expected {len(self.views)} tensors, got {len(tensors)}")
-        for name, t, view in zip(self.names, tensors, self.views):
-            if t.shape != view.shape:
-                raise ValueError(
-                    f"swa_fast: '{name}' has shape {list(t.shape)}, but the copy of it kept here has shape "
-                    f"{list(view.shape)} (another model, or a resized tensor?)"
-                )
+        check_same_shapes(self.names, tensors, self.views)
 
     def nbytes(self) -> int:
         return sum(g.buffer.numel() * g.buffer.element_size() for g in self.groups)

@@ -254,3 +254,20 @@ def test_a_refused_update_copies_no_tensor_without_ema():
         ema.update_moving_average(ema.ema_model, model)
     for name, value in ema.ema_model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_a_refused_copy_of_a_tensor_without_ema_averages_nothing():
+    """The other way round: a name without EMA that changed shape (copied, not averaged) is
+    refused before the averages are written."""
+    model = cnn_with_bn(IMAGE[1])
+    ema = EMA(model, beta=0.9, update_after_step=0, param_or_buffer_names_no_ema={"1.weight"})
+    ema.update()
+    ema.update()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].weight.data = torch.ones(7)
+    before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"shape \[7\]"):
+        ema.update_moving_average(ema.ema_model, model)
+    for name, value in ema.ema_model.state_dict().items():
+        assert torch.equal(value, before[name]), name

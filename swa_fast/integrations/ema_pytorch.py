@@ -321,9 +321,9 @@ class EMA(Module):
         if not math.isfinite(weight):
             raise ValueError(f"swa_fast.{_OWNER}: expected a finite decay, got {decay!r}")
         plan = self._plan(ma_model, current_model, True)
-        # Everything checked before anything is written: the copies' shapes, then the average
+        # Everything checked before anything is written: the copies' calls, then the average
         # (whose op checks every group first); the copies last.
-        plan.copy.check_shapes(plan.copy.sources)
+        plan.copy.check(plan.copy.sources)
         plan.lerp.run(plan.lerp.sources, weight)
         plan.copy.run(plan.copy.sources)
 
