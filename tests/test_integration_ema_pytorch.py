@@ -239,35 +239,38 @@ def test_cuda_updates_without_host_syncs_and_like_the_original():
             torch.testing.assert_close(ours.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_a_refused_update_copies_no_tensor_without_ema():
-    """An update the average refuses (a parameter changed shape) writes nothing: the names without
-    EMA, which are copied, were copied before the check that raised."""
+def _ema_with_a_copied_name():
+    """A model and its EMA, "1.weight" copied rather than averaged, past its first updates."""
     model = cnn_with_bn(IMAGE[1])
     ema = EMA(model, beta=0.9, update_after_step=0, param_or_buffer_names_no_ema={"1.weight"})
     ema.update()
     ema.update()
-    with torch.no_grad():
-        model[1].weight.add_(1.0)
-    model[4].weight.data = torch.zeros(2, 2)
+    return model, ema
+
+
+def _assert_refused_writing_nothing(ema, model, message):
     before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"shape"):
+    with pytest.raises(ValueError, match=message):
         ema.update_moving_average(ema.ema_model, model)
     for name, value in ema.ema_model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_a_refused_update_copies_no_tensor_without_ema():
+    """An update the average refuses (a parameter changed shape) writes nothing: the names without
+    EMA, which are copied, were copied before the check that raised."""
+    model, ema = _ema_with_a_copied_name()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    model[4].weight.data = torch.zeros(2, 2)
+    _assert_refused_writing_nothing(ema, model, r"shape")
 
 
 def test_a_refused_copy_of_a_tensor_without_ema_averages_nothing():
     """The other way round: a name without EMA that changed shape (copied, not averaged) is
     refused before the averages are written."""
-    model = cnn_with_bn(IMAGE[1])
-    ema = EMA(model, beta=0.9, update_after_step=0, param_or_buffer_names_no_ema={"1.weight"})
-    ema.update()
-    ema.update()
+    model, ema = _ema_with_a_copied_name()
     with torch.no_grad():
         model[0].weight.add_(1.0)
     model[1].weight.data = torch.ones(7)
-    before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"shape \[7\]"):
-        ema.update_moving_average(ema.ema_model, model)
-    for name, value in ema.ema_model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    _assert_refused_writing_nothing(ema, model, r"shape \[7\]")
