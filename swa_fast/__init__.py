@@ -1,6 +1,7 @@
 """swa_fast: fused, in-place weight averaging for PyTorch."""
 
 from . import distributed, ops, optim, posthoc, schedules, swa_utils
+from ._version import __version__ as __version__
 from .averaging import EMA, SWA
 from .bn import update_bn
 from .fge import FGE
@@ -27,4 +28,3 @@ __all__ = [
     "update_bn",
 ]
 __all__ += ops.__all__
-__version__ = "0.1.0"

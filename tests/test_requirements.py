@@ -44,7 +44,7 @@ def test_an_unknown_extra_is_refused_with_the_ones_there_are():
 def test_the_makefiles_list_is_pyprojects_test_and_bench_extras_with_the_build_tools():
     ours = requirements_script.tomllib.loads(requirements_script.PYPROJECT.read_text())
     got = requirements_script.requirements(ours, ["test", "bench"])
-    build_and_tests = {"setuptools>=64", "wheel", "ninja", "torch>=2.4", "pytest", "pytest-benchmark", "ruff"}
+    build_and_tests = {"setuptools>=77", "wheel", "ninja", "torch>=2.4", "pytest", "pytest-benchmark", "ruff"}
     libraries = {"timm", "diffusers", "ema-pytorch", "torch-ema", "lightning", "scikit-learn"}
     assert build_and_tests | libraries <= set(got)
     # every reference to swa_fast's own extras expanded
