@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.shapes import SHAPE_SETS
-from benchmarks.workloads import ShapeModel, methods
+from swa_fast.benchmarks.shapes import SHAPE_SETS
+from swa_fast.benchmarks.workloads import ShapeModel, methods
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WORKLOADS = [

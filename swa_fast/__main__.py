@@ -1,12 +1,10 @@
 """`python -m swa_fast info` prints what was built and what each device would use;
-`python -m swa_fast bench [...]` runs the benchmark suite of a source checkout."""
+`python -m swa_fast bench [...]` runs the benchmark suite (swa_fast.benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
-import runpy
 import sys
-from pathlib import Path
 
 import torch
 
@@ -55,20 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swa_fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what was built and which backend each device uses")
-    sub.add_parser("bench", help="run the benchmark suite (from a source checkout)", add_help=False)
+    sub.add_parser("bench", help="run the benchmark suite (swa_fast.benchmarks)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         print(info())
         return 0
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-    if not script.is_file():
-        print(
-            f"swa_fast bench: {script} not found; run it from a source checkout of swa_fast", file=sys.stderr
-        )
-        return 2
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    from .benchmarks import run  # (the benchmarks import the integrations' libraries: only here)
+
+    return run.main(rest) or 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from benchmarks import run
+from swa_fast.benchmarks import run
 
 
 def test_runner_writes_table_json_and_plot(tmp_path, capsys):

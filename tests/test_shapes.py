@@ -1,6 +1,6 @@
 """The benchmark shape sets add up to the architectures' published parameter counts."""
 
-from benchmarks.shapes import gpt2_small, numel, resnet50, tiny, vit_b16
+from swa_fast.benchmarks.shapes import gpt2_small, numel, resnet50, tiny, vit_b16
 
 
 def test_parameter_counts():

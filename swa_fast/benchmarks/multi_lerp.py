@@ -3,22 +3,16 @@ on every backend that runs here, fp32 averages from an fp32 and from a bf16 sour
 the source once: per element it moves 2 averages read and written plus one source read (20 bytes
 from an fp32 source, 18 from bf16) instead of 24 (or 20): 1.2x (1.11x) less traffic.
 
-    python benchmarks/multi_lerp.py --min-run-time 0.2    # alone; benchmarks/run.py runs it too
+    python -m swa_fast.benchmarks.multi_lerp --min-run-time 0.2   # alone; `swa_fast bench` runs it too
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import swa_fast  # noqa: E402
-from benchmarks.shapes import SHAPE_SETS, numel  # noqa: E402
-from benchmarks.timing import time_methods  # noqa: E402
+import swa_fast
+from swa_fast.benchmarks.shapes import SHAPE_SETS, numel
+from swa_fast.benchmarks.timing import time_methods
 
 WEIGHTS = (0.1, 0.01)
 TWO_PASSES = "lerp_ x2"
@@ -75,8 +69,8 @@ def bench_multi_lerp(
 
 
 def main(argv=None):
-    from benchmarks.report import print_table
-    from benchmarks.standalone import standalone_args
+    from swa_fast.benchmarks.report import print_table
+    from swa_fast.benchmarks.standalone import standalone_args
 
     args, device, bandwidth = standalone_args(__doc__, argv)
     rows = bench_multi_lerp(SHAPE_SETS[args.set](), args.set, device, args.min_run_time, bandwidth)

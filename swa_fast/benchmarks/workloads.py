@@ -10,9 +10,9 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import swa_fast
-from benchmarks.shapes import numel
-from benchmarks.timing import fastest_blocks, figures, time_methods
 from swa_fast import swa_utils as fast_swa
+from swa_fast.benchmarks.shapes import numel
+from swa_fast.benchmarks.timing import fastest_blocks, figures, time_methods
 from swa_fast.ops import reference
 
 

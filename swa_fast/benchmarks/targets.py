@@ -4,7 +4,7 @@ them without figures from another run or machine."""
 
 from __future__ import annotations
 
-from benchmarks.workloads import FLOOR
+from swa_fast.benchmarks.workloads import FLOOR
 
 
 def check_targets(rows, device):

@@ -1,6 +1,6 @@
 """Benchmark suite: one averaging update done several ways, in one process, on the same tensors.
 
-    python benchmarks/run.py              quick profile (what `make bench` runs)
+    python -m swa_fast bench              quick profile (what `make bench` runs)
     python -m swa_fast bench --full       every shape set, op and size
 
 Methods, for the SWA update avg += w (param - avg) over a real model's parameter shapes:
@@ -20,27 +20,24 @@ and two PNG plots (bandwidth per method, and against size).
 
 # The pieces, one purpose each: timing.py (how a method is timed and its figures computed),
 # workloads.py (what is timed), targets.py (the speed targets a run is checked against) and
-# report.py (table, JSON, plots). This file only wires them to the command line; it is run as a
-# script by path (`python benchmarks/run.py`, `python -m swa_fast bench`), hence the path below.
+# report.py (table, JSON, plots). This file only wires them to the command line
+# (`python -m swa_fast bench` calls `main`).
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.integrations import bench_integrations  # noqa: E402
-from benchmarks.multi_lerp import bench_multi_lerp  # noqa: E402
-from benchmarks.posthoc import bench_posthoc  # noqa: E402
-from benchmarks.report import metadata, plot, plot_sweep, print_table, write_json  # noqa: E402
-from benchmarks.shapes import SHAPE_SETS  # noqa: E402
-from benchmarks.targets import check_targets, print_targets  # noqa: E402
-from benchmarks.timing import copy_bandwidth  # noqa: E402
-from benchmarks.workloads import (  # noqa: E402
+from swa_fast.benchmarks.integrations import bench_integrations
+from swa_fast.benchmarks.multi_lerp import bench_multi_lerp
+from swa_fast.benchmarks.posthoc import bench_posthoc
+from swa_fast.benchmarks.report import metadata, plot, plot_sweep, print_table, write_json
+from swa_fast.benchmarks.shapes import SHAPE_SETS
+from swa_fast.benchmarks.targets import check_targets, print_targets
+from swa_fast.benchmarks.timing import copy_bandwidth
+from swa_fast.benchmarks.workloads import (
     bench_moments_and_snapshots,
     bench_set,
     bench_sweep,

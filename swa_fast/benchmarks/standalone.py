@@ -7,8 +7,8 @@ import argparse
 
 import torch
 
-from benchmarks.shapes import SHAPE_SETS
-from benchmarks.timing import copy_bandwidth
+from swa_fast.benchmarks.shapes import SHAPE_SETS
+from swa_fast.benchmarks.timing import copy_bandwidth
 
 
 def standalone_args(description: str, argv=None) -> tuple[argparse.Namespace, torch.device, float]:

@@ -1,7 +1,7 @@
 """The integrations: each original library's EMA update against swa_fast.integrations' drop-in, on
 the same model in the same run (the original first, so `x_vs_naive` is the speed-up over it).
 
-    python benchmarks/integrations.py --min-run-time 0.2      # alone; benchmarks/run.py runs it too
+    python -m swa_fast.benchmarks.integrations --min-run-time 0.2   # alone; `swa_fast bench` runs it too
 
 Each library has a function here, listed in LIBRARIES, taking (model, device) and giving
 name -> one update: the original's, then ours, with the library's default settings where they
@@ -14,19 +14,14 @@ A library that is not installed is left out, with a note.
 from __future__ import annotations
 
 import argparse
-import sys
 from copy import deepcopy
 from functools import partial
-from pathlib import Path
 
 import torch
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.shapes import SHAPE_SETS, numel  # noqa: E402
-from benchmarks.timing import copy_bandwidth, time_methods  # noqa: E402
-from benchmarks.workloads import ShapeModel  # noqa: E402
+from swa_fast.benchmarks.shapes import SHAPE_SETS, numel
+from swa_fast.benchmarks.timing import copy_bandwidth, time_methods
+from swa_fast.benchmarks.workloads import ShapeModel
 
 DECAY = 0.9998
 STEP = 1000  # past every warmup: the decay a long run spends its time at

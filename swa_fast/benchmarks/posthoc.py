@@ -4,26 +4,21 @@ training step: an update with a snapshot due (the host copy, then the write hand
 background thread) against one without, and the background write itself, for fp16 and bf16
 snapshots.
 
-    python benchmarks/posthoc.py --min-run-time 0.2        # alone; benchmarks/run.py runs it too
+    python -m swa_fast.benchmarks.posthoc --min-run-time 0.2   # alone; `swa_fast bench` runs it too
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import swa_fast  # noqa: E402
-from benchmarks.shapes import SHAPE_SETS, numel  # noqa: E402
-from benchmarks.timing import time_methods  # noqa: E402
-from benchmarks.workloads import ShapeModel  # noqa: E402
+import swa_fast
+from swa_fast.benchmarks.shapes import SHAPE_SETS, numel
+from swa_fast.benchmarks.timing import time_methods
+from swa_fast.benchmarks.workloads import ShapeModel
 
 SIGMA_RELS = (0.05, 0.10)
 
@@ -114,8 +109,8 @@ def bench_posthoc(shapes, name, device, min_run_time, bandwidth):
 
 
 def main(argv=None):
-    from benchmarks.report import print_table
-    from benchmarks.standalone import standalone_args
+    from swa_fast.benchmarks.report import print_table
+    from swa_fast.benchmarks.standalone import standalone_args
 
     args, device, bandwidth = standalone_args(__doc__, argv)
     print(
