@@ -305,10 +305,12 @@ PyObject* same_values(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_TRUE;
 }
 
+// What setup.py recorded (its `info`): the CUDA kernels, why (not), their architectures and from where.
 PyObject* build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:O,s:s,s:s,s:s}", "cuda", SWA_FAST_WITH_CUDA ? Py_True : Py_False, "cuda_archs",
-                       SWA_FAST_BUILD_CUDA_ARCHS, "cuda_version", SWA_FAST_BUILD_CUDA_VERSION, "torch_version",
-                       SWA_FAST_BUILD_TORCH_VERSION);
+  return Py_BuildValue("{s:O,s:s,s:s,s:s,s:s,s:s}", "cuda", SWA_FAST_WITH_CUDA ? Py_True : Py_False,
+                       "cuda_archs", SWA_FAST_BUILD_CUDA_ARCHS, "cuda_archs_from", SWA_FAST_BUILD_CUDA_ARCHS_FROM,
+                       "cuda_reason", SWA_FAST_BUILD_CUDA_REASON, "cuda_version", SWA_FAST_BUILD_CUDA_VERSION,
+                       "torch_version", SWA_FAST_BUILD_TORCH_VERSION);
 }
 
 PyCFunction fastcall(_PyCFunctionFast f) { return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f)); }

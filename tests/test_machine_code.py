@@ -1,7 +1,8 @@
 """The machine code of the built CUDA kernels, read without a GPU: the cuobjdump that ships with
-Triton disassembles the extension's cubins. lerp_ must move 128 bits per global load and store on
-its vector path (fp32 and bf16 sources), no kernel may spill to local memory, the cubins must be
-there for sm_80 and sm_90 (not only PTX), and registers per thread are printed (pytest -s)."""
+Triton disassembles the extension's cubins. For every architecture the build was asked for
+(BUILD_INFO's cuda_archs: by default every one the installed torch supports), a cubin must be there
+(not only PTX), lerp_ must move 128 bits per global load and store on its vector path (fp32 and
+bf16 sources) and no kernel may spill to local memory; registers per thread are printed (pytest -s)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ import pytest
 from swa_fast import ops
 
 EXPECT_CUDA = os.environ.get("SWA_FAST_EXPECT_CUDA") == "1"
+
+
+def built_archs(arch_list: str) -> list[int]:
+    """The sm numbers of a TORCH_CUDA_ARCH_LIST as the build recorded it ('7.5;8.0;12.0+PTX' ->
+    [75, 80, 120])."""
+    found = re.findall(r"(\d+)\.(\d+)", arch_list)
+    return sorted({int(major) * 10 + int(minor) for major, minor in found})
+
+
+# Where there are no CUDA kernels every test below skips (or fails, under SWA_FAST_EXPECT_CUDA=1)
+ARCHS = built_archs(ops.BUILD_INFO.get("cuda_archs", "")) or [80, 90]
 
 
 def _cuobjdump() -> Path | None:
@@ -41,7 +53,7 @@ def _run(*args: str) -> str:
     return subprocess.run([str(_cuobjdump()), *args], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.fixture(scope="module", params=[80, 90], ids=lambda a: f"sm_{a}")
+@pytest.fixture(scope="module", params=ARCHS, ids=lambda a: f"sm_{a}")
 def sass(request) -> dict[str, str]:
     """Kernel (mangled name) -> its SASS, for one architecture."""
     text = _run("-sass", "-arch", f"sm_{request.param}", str(_library()))
@@ -90,7 +102,13 @@ def test_registers_and_spills():
         print(f"  {int(regs):3d}  {name}")
 
 
-def test_cubins_for_sm80_and_sm90():
+def test_a_cubin_for_every_architecture_built():
     listed = _run("-lelf", str(_library()))
-    archs = set(re.findall(r"\.sm_(\d+)\.cubin", listed))
-    assert {"80", "90"} <= archs, listed
+    archs = {int(a) for a in re.findall(r"\.sm_(\d+)\.cubin", listed)}
+    assert set(ARCHS) <= archs, listed
+
+
+def test_built_archs_reads_the_recorded_list():
+    assert built_archs("7.5;8.0;8.6;9.0;10.0;12.0+PTX") == [75, 80, 86, 90, 100, 120]
+    assert built_archs("8.0 9.0+PTX") == [80, 90]
+    assert built_archs("") == []

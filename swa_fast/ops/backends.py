@@ -9,22 +9,20 @@ import warnings
 
 import torch
 
-try:
-    from .. import _C  # defines the swa_fast ops of csrc/ops.cpp in torch.ops.swa_fast
+from .extension import cuda_summary, load
 
-    EXTENSION_ERROR: str | None = None
-    BUILD_INFO: dict = _C.build_info()
-except ImportError as e:
-    _C = None
-    EXTENSION_ERROR = f"the compiled extension swa_fast._C did not load ({e})"
-    BUILD_INFO = {"cuda": False, "cuda_archs": "", "cuda_version": "", "torch_version": ""}
+_C, EXTENSION_ERROR, BUILD_INFO = load()
+if EXTENSION_ERROR is not None:
     warnings.warn(
-        f"swa_fast: {EXTENSION_ERROR}; falling back to Triton / torch._foreach_* (slower). "
-        "Reinstall with `pip install --no-build-isolation .` to build the kernels.",
+        "swa_fast: the compiled kernels (swa_fast._C) did not load, so the ops fall back to Triton / "
+        f"torch._foreach_* (slower): {EXTENSION_ERROR}",
         stacklevel=2,
     )
 
 from . import triton_kernels  # noqa: E402  (after _C: its ops join the namespace _C defines)
+
+# A backend's reason (EXTENSION_ERROR, said once by `import swa_fast` and `swa_fast info`, has the rest)
+_NOT_LOADED = "the compiled extension swa_fast._C did not load"
 
 BACKENDS = ("cuda", "triton", "cpu", "foreach", "reference")
 # Preference order per device type when no backend is forced. foreach runs everywhere, so Triton
@@ -39,18 +37,18 @@ def backend_status(device: torch.device | str) -> dict[str, str | None]:
     status: dict[str, str | None] = dict.fromkeys(BACKENDS)
     if kind != "cuda":
         status["cuda"] = f"the cuda backend runs CUDA tensors, these are on {kind}"
-    elif EXTENSION_ERROR or not BUILD_INFO["cuda"]:
-        status["cuda"] = (
-            EXTENSION_ERROR or "swa_fast was built without CUDA kernels (no toolkit at build time)"
-        )
-    if triton_kernels.TRITON_ERROR or not triton_kernels.runs_on(torch.device(device)):
+    elif EXTENSION_ERROR:
+        status["cuda"] = _NOT_LOADED
+    elif not BUILD_INFO["cuda"]:
+        status["cuda"] = f"swa_fast's CUDA kernels were {cuda_summary(BUILD_INFO)}"
+    if not triton_kernels.runs_on(torch.device(device)):  # (on the CPU, without importing Triton)
         status["triton"] = triton_kernels.TRITON_ERROR or (
             f"Triton runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), these are on {kind}"
         )
     if kind != "cpu":
         status["cpu"] = f"the cpu backend runs CPU tensors, these are on {kind}"
     elif EXTENSION_ERROR:
-        status["cpu"] = EXTENSION_ERROR
+        status["cpu"] = _NOT_LOADED
     return status
 
 

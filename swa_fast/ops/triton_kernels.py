@@ -6,15 +6,21 @@ list seen before are reused from a small cache. The op table (table.py) register
 `swa_fast::<op>_triton` (register_op); their bodies run the reference when the tensors are not on
 CUDA and the interpreter is off, so `opcheck` and `torch.compile` work on any machine. Arithmetic
 is in fp32 (fp64 for fp64 destinations); bf16/fp16 values are upcast right after loading.
+
+Triton itself is imported only when a kernel is needed (the kernels are in triton_jit.py): at the
+first launch, or when the backend choice asks whether Triton runs on a GPU. `KERNELS`, `Blockwise`
+and `triton` (None where it does not import) are read from here as before, importing it then.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
+import importlib.util
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -24,15 +30,6 @@ from . import reference
 if TYPE_CHECKING:
     from .table import OpSpec
 
-try:
-    import triton
-    import triton.language as tl
-
-    TRITON_ERROR: str | None = None
-except ImportError as e:  # pragma: no cover - triton ships with CUDA builds of torch
-    triton = None
-    TRITON_ERROR = f"triton is not importable ({e})"
-
 BLOCK = 4096
 # BLOCK / (32 * NUM_WARPS) = 8 elements a thread and list: two 128-bit words of fp32. With Triton's
 # default of 4 warps a thread held 32, which took 128-210 registers and spilled the fp64 kernels
@@ -41,198 +38,53 @@ NUM_WARPS = 16
 
 
 # Read once, as Triton does: whether @triton.jit makes interpreted kernels is decided when the
-# kernels below are defined, so setting it later changes nothing.
+# kernels are defined, so setting it after importing swa_fast changes nothing.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Why Triton cannot run: known without importing it when it is not installed; otherwise set by the
+# first import (`_jit()`), which may still fail.
+TRITON_ERROR: str | None = None if importlib.util.find_spec("triton") else "triton is not installed"
+_JIT: ModuleType | None = None
+
+
+def _jit() -> ModuleType | None:
+    """triton_jit (the kernels), imported at the first call; None where Triton does not import."""
+    global _JIT, TRITON_ERROR
+    if _JIT is None and TRITON_ERROR is None:
+        try:
+            _JIT = importlib.import_module(".triton_jit", __package__)
+        except ImportError as e:  # pragma: no cover - triton ships with CUDA builds of torch
+            TRITON_ERROR = f"triton is not importable ({e})"
+    return _JIT
+
+
+def __getattr__(name: str) -> Any:
+    # The kernels' names, as when they were defined in this module (tests and tools read them).
+    if name in ("KERNELS", "Blockwise"):
+        jit = _jit()
+        return getattr(jit, name) if jit is not None else {} if name == "KERNELS" else None
+    if name == "triton":
+        jit = _jit()
+        return jit.triton if jit is not None else None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def unavailable() -> str | None:
+    """Why the Triton kernels cannot run (None: they can), importing Triton to find out."""
+    _jit()
+    return TRITON_ERROR
+
+
+def version() -> str:
+    """Triton's version, or why it does not import (`swa_fast info`)."""
+    jit = _jit()
+    return jit.triton.__version__ if jit is not None else str(TRITON_ERROR)
 
 
 def runs_on(device: torch.device) -> bool:
-    """Whether the Triton kernels (not the reference) run for tensors on `device`."""
-    return triton is not None and (device.type == "cuda" or INTERPRETING)
-
-
-if triton is not None:
-    _TL_DTYPES = {
-        torch.float32: tl.float32,
-        torch.float64: tl.float64,
-        torch.float16: tl.float16,
-        torch.bfloat16: tl.bfloat16,
-        # copy_'s integer and bool tensors, moved as they are (a bool is a byte)
-        torch.bool: tl.uint8,
-        torch.uint8: tl.uint8,
-        torch.int8: tl.int8,
-        torch.int16: tl.int16,
-        torch.int32: tl.int32,
-        torch.int64: tl.int64,
-        torch.uint16: tl.uint16,
-        torch.uint32: tl.uint32,
-        torch.uint64: tl.uint64,
-    }
-
-    @triton.jit
-    def _locate_block(block_tensor, block_start, numels, BLOCK: tl.constexpr):
-        """(tensor, offsets, mask, whether the block is full). A block starts at a multiple of BLOCK
-        (the hint lets the compiler vectorise); a full block needs no mask, and a masked access
-        whose mask the compiler cannot prove constant over a vector is split into single elements."""
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor + pid)
-        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
-        offs = start + tl.arange(0, BLOCK)
-        n = tl.load(numels + t)
-        return t, offs, offs < n, start + BLOCK <= n
-
-    @triton.jit
-    def _locate(block_tensor, block_start, numels, BLOCK: tl.constexpr):
-        t, offs, mask, _ = _locate_block(block_tensor, block_start, numels, BLOCK)
-        return t, offs, mask
-
-    @triton.jit
-    def _ptr(ptrs, t, k: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
-        """The k-th of K pointers of tensor t. ALIGNED: the launch found every pointer 16-byte
-        aligned, and says so to the compiler, which then loads and stores 128 bits at a time."""
-        p = tl.load(ptrs + t * K + k).to(tl.pointer_type(DTYPE))
-        if ALIGNED:  # on the pointer: the compiler drops a hint on the integer at the cast
-            p = tl.multiple_of(p, 16)
-        return p
-
-    @triton.jit
-    def _widened(ptr, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr):
-        """Elements of the DTYPE tensor at ptr, exactly in ACC.
-
-        bf16 is widened with integer ops on its bits: Triton's interpreter flushes bf16 subnormals
-        to zero in its cast, and this gives the same values compiled and interpreted."""
-        if DTYPE == tl.bfloat16:
-            bits = tl.load(ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + offs, mask=mask)
-            return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(ACC)
-        else:
-            return tl.load(ptr + offs, mask=mask).to(ACC)
-
-    @triton.jit
-    def _lerp(start, end, w):
-        # PyTorch's lerp: exact at both ends, accurate on either side of 0.5; weight 0 keeps start
-        # even where end is not finite, weight 1 gives end even where start is not.
-        mixed = tl.where(tl.abs(w) < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
-        return tl.where(w == 0, start, tl.where(w == 1, end, mixed))
-
-    @triton.jit
-    def _rounded(x, DST: tl.constexpr):
-        """x (fp32, or fp64 for fp64 destinations) rounded to nearest even in DST, as PyTorch does.
-
-        bf16 is rounded with integer ops on the fp32 bits: Triton's interpreter truncates in its
-        fp32 -> bf16 cast, and this gives the same bits compiled and interpreted."""
-        if DST == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN (the carry could make it inf)
-            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return x.to(DST)
-
-    # An op's block, given its mask (None: a full block), all with one signature: _blockwise_kernel
-    # runs it unmasked on full blocks and masked on a tensor's last one.
-    # (their shared signature kept on two lines each)
-    # fmt: off
-    @triton.jit
-    def _lerp_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                    ALIGNED: tl.constexpr):
-        avg = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
-        a = _widened(avg, offs, mask, DST, ACC)
-        s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
-        w = tl.load(w_ptr).to(ACC)
-        tl.store(avg + offs, _rounded(_lerp(a, s, w), DST), mask=mask)
-
-    @triton.jit
-    def _moments_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                       ALIGNED: tl.constexpr):
-        mean = _ptr(ptrs, t, 0, 3, DST, ALIGNED)
-        sq = _ptr(ptrs, t, 1, 3, DST, ALIGNED)
-        x = _widened(_ptr(ptrs, t, 2, 3, SRC, ALIGNED), offs, mask, SRC, ACC)
-        m = _widened(mean, offs, mask, DST, ACC)
-        q = _widened(sq, offs, mask, DST, ACC)
-        w = tl.load(w_ptr).to(ACC)
-        tl.store(mean + offs, _rounded(_lerp(m, x, w), DST), mask=mask)
-        tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
-
-    @triton.jit
-    def _copy_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                    ALIGNED: tl.constexpr):
-        s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
-        tl.store(_ptr(ptrs, t, 0, 2, DST, ALIGNED) + offs, _rounded(s, DST), mask=mask)
-
-    @triton.jit
-    def _swap_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                    ALIGNED: tl.constexpr):
-        a = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
-        b = _ptr(ptrs, t, 1, 2, SRC, ALIGNED)
-        x = tl.load(a + offs, mask=mask)
-        y = tl.load(b + offs, mask=mask)
-        tl.store(a + offs, y, mask=mask)
-        tl.store(b + offs, x, mask=mask)
-    # fmt: on
-
-    # Signatures: the launch table's tensors, then the dtypes and variants.
-    # fmt: off
-    @triton.jit
-    def _blockwise_kernel(ptrs, block_tensor, block_start, numels, w_ptr, OP: tl.constexpr,
-                          DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                          ALIGNED: tl.constexpr):
-        # OP: an op's block function (_lerp_block, ...); w_ptr is unused by those without a weight.
-        t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
-        if full:
-            OP(ptrs, t, offs, None, w_ptr, DST, SRC, ACC, ALIGNED)
-        else:
-            OP(ptrs, t, offs, mask, w_ptr, DST, SRC, ACC, ALIGNED)
-
-    @triton.jit
-    def _multi_lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
-                           DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                           DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False):
-        # DTYPES: each list's dtype, the K averages' then the source's.
-        K: tl.constexpr = len(DTYPES) - 1
-        t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
-        # The source read once, exactly (fp64 stays fp64), then rounded once per average's dtype.
-        SRC_WIDE: tl.constexpr = tl.float64 if SRC == tl.float64 else tl.float32
-        s = _widened(_ptr(ptrs, t, K, K + 1, SRC, ALIGNED), offs, mask, SRC, SRC_WIDE)
-        for k in tl.static_range(K):
-            # a function per average: the compiler refuses a constexpr assigned in each iteration
-            _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k, K, DTYPES[k], BLOCK, ALIGNED)
-
-    @triton.jit
-    def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
-                            BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-        A: tl.constexpr = tl.float64 if D == tl.float64 else tl.float32
-        avg = _ptr(ptrs, t, k, K + 1, D, ALIGNED)
-        w = tl.load(w_ptr + k).to(A)
-        # Weight 0 writes nothing to that average, as the compiled kernels. (Broadcast first:
-        # the interpreter cannot `and` a scalar with a block.)
-        store = mask & ((tl.zeros([BLOCK], A) + w) != 0)
-        a = _widened(avg, offs, store, D, A)
-        tl.store(avg + offs, _rounded(_lerp(a, s.to(A), w), D), mask=store)
-
-    # fmt: on
-
-    class Blockwise:
-        """_blockwise_kernel bound to one op's block function: launched as a kernel is,
-        `Blockwise(block)[grid](...)`."""
-
-        kernel = _blockwise_kernel
-        arg_names = _blockwise_kernel.arg_names
-
-        def __init__(self, block) -> None:
-            self.block = block
-
-        def __getitem__(self, grid):
-            return functools.partial(_blockwise_kernel[grid], OP=self.block)
-
-    # Each op of ops.OP_TABLE by name.
-    KERNELS = {
-        "lerp_": Blockwise(_lerp_block),
-        "moments_": Blockwise(_moments_block),
-        "multi_lerp_": _multi_lerp_kernel,
-        "copy_": Blockwise(_copy_block),
-        "swap_": Blockwise(_swap_block),
-    }
-else:
-    KERNELS = {}
+    """Whether the Triton kernels (not the reference) run for tensors on `device`. Asked for a CPU
+    device without the interpreter, it answers without importing Triton."""
+    return (device.type == "cuda" or INTERPRETING) and unavailable() is None
 
 
 _LAUNCH_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, Tensor, bool]] = OrderedDict()
@@ -283,7 +135,8 @@ def _launch(
             groups.setdefault(tuple(lst[i].dtype for lst in lists), []).append(i)
     for dtypes, indices in groups.items():
         dst_dtype, src_dtype = dtypes[d], dtypes[s]
-        extra = {"DTYPES": tuple(_TL_DTYPES[dtype] for dtype in dtypes)} if dtypes_arg else {}
+        tl_dtypes = _JIT.TL_DTYPES
+        extra = {"DTYPES": tuple(tl_dtypes[dtype] for dtype in dtypes)} if dtypes_arg else {}
         ptrs, block_tensor, block_start, numels, aligned = _launch_table(lists, indices)
         kernel[(block_tensor.numel(),)](
             ptrs,
@@ -291,9 +144,9 @@ def _launch(
             block_start,
             numels,
             *(scalar_args or (numels,)),  # copy_ and swap_ have no weight: any pointer fills w_ptr
-            DST=_TL_DTYPES[dst_dtype],
-            SRC=_TL_DTYPES[src_dtype],
-            ACC=_TL_DTYPES[reference.acc_dtype(dst_dtype)],
+            DST=tl_dtypes[dst_dtype],
+            SRC=tl_dtypes[src_dtype],
+            ACC=tl_dtypes[reference.acc_dtype(dst_dtype)],
             BLOCK=BLOCK,
             ALIGNED=aligned,
             num_warps=NUM_WARPS,
@@ -326,13 +179,14 @@ def launcher(spec: OpSpec) -> Callable[..., None]:
     last one (destination, source), and all of them when it takes DTYPES (_multi_lerp_kernel).
     Tests call launchers directly (on CPU tensors under TRITON_INTERPRET=1)."""
     n_lists, n_read, check = len(spec.params), len(spec.params) - spec.written, spec.check
-    kernel = KERNELS.get(spec.name)
-    dtypes_arg = kernel is not None and "DTYPES" in kernel.arg_names
 
     def launch(*args) -> None:
         check(*args)
+        jit = _jit()  # Triton imported at the first launch
+        kernel = jit.KERNELS.get(spec.name) if jit is not None else None
         if kernel is None:
             raise RuntimeError(f"swa_fast.{spec.name}: {TRITON_ERROR or 'no Triton kernel for this op'}")
+        dtypes_arg = "DTYPES" in kernel.arg_names
         lists = spec.kernel_lists(*args)
         n_written = len(lists) - n_read  # the lists read follow the written ones
         lists = [*lists[:n_written], *map(_contiguous, lists[n_written:])]

@@ -1,0 +1,207 @@
+"""The Triton kernels themselves (`@triton.jit`), imported by triton_kernels.py at the first launch,
+not at `import swa_fast`: importing Triton costs most of a second, which a run without a GPU need
+not pay. Importing this module raises ImportError where Triton is not installed.
+
+Whether the kernels are interpreted (TRITON_INTERPRET=1) is decided by Triton when they are defined
+here; triton_kernels.INTERPRETING, read at `import swa_fast`, must agree, so set the variable before
+importing swa_fast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    # copy_'s integer and bool tensors, moved as they are (a bool is a byte)
+    torch.bool: tl.uint8,
+    torch.uint8: tl.uint8,
+    torch.int8: tl.int8,
+    torch.int16: tl.int16,
+    torch.int32: tl.int32,
+    torch.int64: tl.int64,
+    torch.uint16: tl.uint16,
+    torch.uint32: tl.uint32,
+    torch.uint64: tl.uint64,
+}
+
+
+@triton.jit
+def _locate_block(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+    """(tensor, offsets, mask, whether the block is full). A block starts at a multiple of BLOCK
+    (the hint lets the compiler vectorise); a full block needs no mask, and a masked access
+    whose mask the compiler cannot prove constant over a vector is split into single elements."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    n = tl.load(numels + t)
+    return t, offs, offs < n, start + BLOCK <= n
+
+
+@triton.jit
+def _locate(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+    t, offs, mask, _ = _locate_block(block_tensor, block_start, numels, BLOCK)
+    return t, offs, mask
+
+
+@triton.jit
+def _ptr(ptrs, t, k: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """The k-th of K pointers of tensor t. ALIGNED: the launch found every pointer 16-byte
+    aligned, and says so to the compiler, which then loads and stores 128 bits at a time."""
+    p = tl.load(ptrs + t * K + k).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # on the pointer: the compiler drops a hint on the integer at the cast
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _widened(ptr, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr):
+    """Elements of the DTYPE tensor at ptr, exactly in ACC.
+
+    bf16 is widened with integer ops on its bits: Triton's interpreter flushes bf16 subnormals
+    to zero in its cast, and this gives the same values compiled and interpreted."""
+    if DTYPE == tl.bfloat16:
+        bits = tl.load(ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + offs, mask=mask)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(ACC)
+    else:
+        return tl.load(ptr + offs, mask=mask).to(ACC)
+
+
+@triton.jit
+def _lerp(start, end, w):
+    # PyTorch's lerp: exact at both ends, accurate on either side of 0.5; weight 0 keeps start
+    # even where end is not finite, weight 1 gives end even where start is not.
+    mixed = tl.where(tl.abs(w) < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
+    return tl.where(w == 0, start, tl.where(w == 1, end, mixed))
+
+
+@triton.jit
+def _rounded(x, DST: tl.constexpr):
+    """x (fp32, or fp64 for fp64 destinations) rounded to nearest even in DST, as PyTorch does.
+
+    bf16 is rounded with integer ops on the fp32 bits: Triton's interpreter truncates in its
+    fp32 -> bf16 cast, and this gives the same bits compiled and interpreted."""
+    if DST == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN (the carry could make it inf)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DST)
+
+
+# An op's block, given its mask (None: a full block), all with one signature: _blockwise_kernel
+# runs it unmasked on full blocks and masked on a tensor's last one.
+# (their shared signature kept on two lines each)
+# fmt: off
+@triton.jit
+def _lerp_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    avg = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
+    a = _widened(avg, offs, mask, DST, ACC)
+    s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
+    w = tl.load(w_ptr).to(ACC)
+    tl.store(avg + offs, _rounded(_lerp(a, s, w), DST), mask=mask)
+
+@triton.jit
+def _moments_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                   ALIGNED: tl.constexpr):
+    mean = _ptr(ptrs, t, 0, 3, DST, ALIGNED)
+    sq = _ptr(ptrs, t, 1, 3, DST, ALIGNED)
+    x = _widened(_ptr(ptrs, t, 2, 3, SRC, ALIGNED), offs, mask, SRC, ACC)
+    m = _widened(mean, offs, mask, DST, ACC)
+    q = _widened(sq, offs, mask, DST, ACC)
+    w = tl.load(w_ptr).to(ACC)
+    tl.store(mean + offs, _rounded(_lerp(m, x, w), DST), mask=mask)
+    tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
+
+@triton.jit
+def _copy_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
+    tl.store(_ptr(ptrs, t, 0, 2, DST, ALIGNED) + offs, _rounded(s, DST), mask=mask)
+
+@triton.jit
+def _swap_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    a = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
+    b = _ptr(ptrs, t, 1, 2, SRC, ALIGNED)
+    x = tl.load(a + offs, mask=mask)
+    y = tl.load(b + offs, mask=mask)
+    tl.store(a + offs, y, mask=mask)
+    tl.store(b + offs, x, mask=mask)
+# fmt: on
+
+
+# Signatures: the launch table's tensors, then the dtypes and variants.
+# fmt: off
+@triton.jit
+def _blockwise_kernel(ptrs, block_tensor, block_start, numels, w_ptr, OP: tl.constexpr,
+                      DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                      ALIGNED: tl.constexpr):
+    # OP: an op's block function (_lerp_block, ...); w_ptr is unused by those without a weight.
+    t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
+    if full:
+        OP(ptrs, t, offs, None, w_ptr, DST, SRC, ACC, ALIGNED)
+    else:
+        OP(ptrs, t, offs, mask, w_ptr, DST, SRC, ACC, ALIGNED)
+
+@triton.jit
+def _multi_lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
+                       DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                       DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False):
+    # DTYPES: each list's dtype, the K averages' then the source's.
+    K: tl.constexpr = len(DTYPES) - 1
+    t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
+    # The source read once, exactly (fp64 stays fp64), then rounded once per average's dtype.
+    SRC_WIDE: tl.constexpr = tl.float64 if SRC == tl.float64 else tl.float32
+    s = _widened(_ptr(ptrs, t, K, K + 1, SRC, ALIGNED), offs, mask, SRC, SRC_WIDE)
+    for k in tl.static_range(K):
+        # a function per average: the compiler refuses a constexpr assigned in each iteration
+        _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k, K, DTYPES[k], BLOCK, ALIGNED)
+
+@triton.jit
+def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    A: tl.constexpr = tl.float64 if D == tl.float64 else tl.float32
+    avg = _ptr(ptrs, t, k, K + 1, D, ALIGNED)
+    w = tl.load(w_ptr + k).to(A)
+    # Weight 0 writes nothing to that average, as the compiled kernels. (Broadcast first:
+    # the interpreter cannot `and` a scalar with a block.)
+    store = mask & ((tl.zeros([BLOCK], A) + w) != 0)
+    a = _widened(avg, offs, store, D, A)
+    tl.store(avg + offs, _rounded(_lerp(a, s.to(A), w), D), mask=store)
+
+# fmt: on
+
+
+class Blockwise:
+    """_blockwise_kernel bound to one op's block function: launched as a kernel is,
+    `Blockwise(block)[grid](...)`."""
+
+    kernel = _blockwise_kernel
+    arg_names = _blockwise_kernel.arg_names
+
+    def __init__(self, block) -> None:
+        self.block = block
+
+    def __getitem__(self, grid):
+        return functools.partial(_blockwise_kernel[grid], OP=self.block)
+
+
+# Each op of ops.OP_TABLE by name.
+KERNELS = {
+    "lerp_": Blockwise(_lerp_block),
+    "moments_": Blockwise(_moments_block),
+    "multi_lerp_": _multi_lerp_kernel,
+    "copy_": Blockwise(_copy_block),
+    "swap_": Blockwise(_swap_block),
+}
