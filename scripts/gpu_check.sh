@@ -34,7 +34,8 @@ step() {  # step NAME LOG COMMAND...: runs it, keeps its output, records pass or
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 # A checkout that brings its extension built with CUDA kernels (the build takes minutes) keeps it.
 if ! "$PY" -c "from swa_fast import ops; assert ops.BUILD_INFO['cuda']" 2>/dev/null; then
-  # The architectures CI builds (tests/test_build.py and test_machine_code.py expect both cubins).
+  # Two architectures, to build in minutes (the default, every one torch supports, takes longer);
+  # tests/test_build.py and test_machine_code.py check the ones the build recorded.
   step "build" build.txt env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" "$PY" setup.py build_ext --inplace
 fi
 "$PY" -m swa_fast info | tee "$OUT/info.txt"

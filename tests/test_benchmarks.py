@@ -2,21 +2,39 @@
 it promises; the figures themselves are for `make bench`, not for a test."""
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
-from swa_fast.benchmarks import run
+from swa_fast.benchmarks import report, run
+from swa_fast.benchmarks.timing import COPY
 
 
 def test_runner_writes_table_json_and_plot(tmp_path, capsys):
-    run.main(["--device", "cpu", "--sets", "tiny-1000", "--min-run-time", "0.03", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    argv = ["--device", "cpu", "--sets", "tiny-1000", "--min-run-time", "0.03", "--out", str(tmp_path)]
+    status = run.main(argv)
+    captured = capsys.readouterr()
+    out = captured.out
     result = json.loads((tmp_path / "results.json").read_text())
+    # A missed target (likely with timings this short) makes the exit status 1, and only then.
+    missed = [t for t in result["targets"] if not t[2]]
+    assert status == (1 if missed else 0), (status, missed)
+    assert f"{len(missed)} MISSED" in out and all(f"MISSED {t[0]}: {t[1]}" in out for t in missed)
+    # Progress on stderr, one line per step, and none of the profiler's or the driver's own lines.
+    assert "1/" in captured.err and "done in" in captured.err
+    assert "USDT" not in captured.err and "gpuGetDeviceCount" not in captured.err, captured.err
     methods = {r["method"] for r in result["rows"]}
-    assert {"naive", "AveragedModel", "swa_fast AveragedModel", "swa_fast:foreach"} <= methods
+    assert {"naive", "AveragedModel", "swa_fast AveragedModel", "swa_fast:foreach", COPY} <= methods
     assert result["meta"]["torch"] == torch.__version__ and result["meta"]["copy_GBps"] > 0
     assert all(r["median_ms"] > 0 and r["x_vs_naive"] > 0 for r in result["rows"])
     assert "swa_fast AveragedModel" in out
+    # Every workload timed with its own copy of the same bytes, the baseline of its fractions.
+    for workload in {(r["workload"], r["params"]) for r in result["rows"] if "of_copy_bw" in r}:
+        mine = {r["method"]: r for r in result["rows"] if (r["workload"], r["params"]) == workload}
+        assert mine[COPY]["of_copy_bw"] == 1.0, workload
+        for r in mine.values():
+            assert r["of_copy_bw"] == pytest.approx(mine[COPY]["median_ms"] / r["median_ms"]), r["method"]
     # Peak extra memory: torch's per-parameter loop makes temporaries, the fused op none.
     peak = {r["method"]: r["peak_extra_MB"] for r in result["rows"] if r["workload"] == "tiny-1000"}
     assert peak["swa_fast:cpu"] < 0.001 < peak["AveragedModel"] or "swa_fast:cpu" not in peak
@@ -30,3 +48,13 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
     assert "tiny-1000 float32: x vs AveragedModel >= 100" in targets
     assert "targets, from ratios measured in this run:" in out
     assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
+
+
+def test_summary_names_each_missed_target_and_the_exit_status(capsys):
+    targets = [("a >= 1", 2.0, True), ("b >= 5", 3.5, False)]
+    assert report.print_summary(targets, Path("out"), "1m05s", allow_missed=False) == [targets[1]]
+    out = capsys.readouterr().out
+    assert "summary: 1 of 2 targets met, 1 MISSED; took 1m05s" in out
+    assert "MISSED b >= 5: 3.5" in out and "exit status 1 (--allow-missed exits 0)" in out
+    assert report.print_summary(targets[:1], Path("out"), "5s", allow_missed=False) == []
+    assert "exit status" not in capsys.readouterr().out

@@ -12,7 +12,7 @@ import torch
 
 import swa_fast
 from swa_fast.benchmarks.shapes import SHAPE_SETS, numel
-from swa_fast.benchmarks.timing import time_methods
+from swa_fast.benchmarks.timing import COPY, time_methods
 
 WEIGHTS = (0.1, 0.01)
 TWO_PASSES = "lerp_ x2"
@@ -37,9 +37,7 @@ def _candidates(avgs, src, weights, backends):
     return out
 
 
-def bench_multi_lerp(
-    shapes, name, device, min_run_time, bandwidth, src_dtypes=(torch.float32, torch.bfloat16)
-):
+def bench_multi_lerp(shapes, name, device, min_run_time, src_dtypes=(torch.float32, torch.bfloat16)):
     """Rows per source dtype, from _candidates (the first backend's two passes first: the baseline
     of x_vs_naive); each multi_lerp_ row has x_vs_two_lerps, its speed-up over its backend's two
     lerp_ passes."""
@@ -58,9 +56,9 @@ def bench_multi_lerp(
             "elements": n,
         }
         candidates = _candidates(avgs, src, weights, backends)
-        rows += time_methods(candidates, labels, moved, device, min_run_time, bandwidth)
+        rows += time_methods(candidates, labels, moved, device, min_run_time)
     for r in rows:
-        if not r["method"].startswith(TWO_PASSES):
+        if not r["method"].startswith(TWO_PASSES) and r["method"] != COPY:
             two = next(
                 o for o in rows if o["params"] == r["params"] and o["method"] == f"{TWO_PASSES} {r['method']}"
             )
@@ -72,8 +70,8 @@ def main(argv=None):
     from swa_fast.benchmarks.report import print_table
     from swa_fast.benchmarks.standalone import standalone_args
 
-    args, device, bandwidth = standalone_args(__doc__, argv)
-    rows = bench_multi_lerp(SHAPE_SETS[args.set](), args.set, device, args.min_run_time, bandwidth)
+    args, device = standalone_args(__doc__, argv)
+    rows = bench_multi_lerp(SHAPE_SETS[args.set](), args.set, device, args.min_run_time)
     print_table(rows)
     for r in rows:
         if "x_vs_two_lerps" in r:

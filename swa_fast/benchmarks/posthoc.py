@@ -28,7 +28,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_posthoc_update(shapes, name, device, min_run_time, bandwidth):
+def bench_posthoc_update(shapes, name, device, min_run_time):
     """One update of both tracked averages: ours (one multi_lerp_ per group) and ema-pytorch's
     (a KarrasEMA per sigma_rel, each a Python loop of lerp_ over the tensors)."""
     model = ShapeModel(shapes, torch.float32, device)
@@ -54,7 +54,7 @@ def bench_posthoc_update(shapes, name, device, min_run_time, bandwidth):
         "elements": n,
     }
     moved = n * (2 * len(SIGMA_RELS) * 4 + 4)  # read and write each average, read the model once
-    return time_methods(candidates, labels, moved, device, min_run_time, bandwidth)
+    return time_methods(candidates, labels, moved, device, min_run_time)
 
 
 def bench_snapshot_cost(shapes, name, device, dtypes=(torch.float16, torch.bfloat16), repeats=5):
@@ -100,10 +100,10 @@ def bench_snapshot_cost(shapes, name, device, dtypes=(torch.float16, torch.bfloa
     return rows
 
 
-def bench_posthoc(shapes, name, device, min_run_time, bandwidth):
+def bench_posthoc(shapes, name, device, min_run_time):
     # Each timed snapshot waits for a write to disk: fewer of them for short timings (the tests').
     repeats = max(1, min(5, round(min_run_time * 25)))
-    return bench_posthoc_update(shapes, name, device, min_run_time, bandwidth) + bench_snapshot_cost(
+    return bench_posthoc_update(shapes, name, device, min_run_time) + bench_snapshot_cost(
         shapes, name, device, repeats=repeats
     )
 
@@ -112,12 +112,9 @@ def main(argv=None):
     from swa_fast.benchmarks.report import print_table
     from swa_fast.benchmarks.standalone import standalone_args
 
-    args, device, bandwidth = standalone_args(__doc__, argv)
-    print(
-        f"post-hoc EMA on {device} ({torch.get_num_threads()} threads); "
-        f"copy bandwidth {bandwidth / 1e9:.2f} GB/s"
-    )
-    print_table(bench_posthoc(SHAPE_SETS[args.set](), args.set, device, args.min_run_time, bandwidth))
+    args, device = standalone_args(__doc__, argv)
+    print(f"post-hoc EMA on {device} ({torch.get_num_threads()} threads)")
+    print_table(bench_posthoc(SHAPE_SETS[args.set](), args.set, device, args.min_run_time))
 
 
 if __name__ == "__main__":

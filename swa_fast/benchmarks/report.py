@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,15 +111,15 @@ def plot(rows, path):
                     xs.append(i + j * width)
                     ys.append(r["of_copy_bw"])
         ax.bar(xs, ys, width, label=m)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="copy bandwidth")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="a copy of the same bytes")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))], workloads, fontsize=8)
-    ax.set_ylabel("fraction of copy bandwidth (higher is better)")
+    ax.set_ylabel("fraction of a copy's bandwidth (higher is better)")
     ax.set_title("One SWA update: achieved bandwidth per method")
     ax.legend(fontsize=7, ncol=3)
     save(fig, path)
 
 
-def plot_sweep(rows, bandwidth, path):
+def plot_sweep(rows, path):
     plt = pyplot_or_none(path)
     if plt is None:
         return
@@ -126,10 +127,61 @@ def plot_sweep(rows, bandwidth, path):
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         ax.plot([r["elements"] for r in mine], [r["GB/s"] for r in mine], marker="o", label=method)
-    ax.axhline(bandwidth / 1e9, color="black", linestyle="--", linewidth=0.8, label="copy bandwidth")
     ax.set_xscale("log")
     ax.set_xlabel("elements in the tensor (fp32)")
     ax.set_ylabel("GB/s moved by the update")
     ax.set_title("One tensor's SWA update: bandwidth against size")
     ax.legend(fontsize=8)
     save(fig, path)
+
+
+def duration(seconds: float) -> str:
+    """A duration as people read it: 42s, 3m05s."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
+
+
+class Progress:
+    """A progress line per step on stderr (the tables go to stdout): a bar, the step's number and
+    name, the time so far and, from the second step on, a rough estimate of the time left (the
+    steps differ in length)."""
+
+    WIDTH = 20
+
+    def __init__(self, total: int) -> None:
+        self.total, self.count, self.start = total, 0, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        left = (
+            f", about {duration(elapsed / self.count * (self.total - self.count))} left" if self.count else ""
+        )
+        filled = self.WIDTH * self.count // self.total
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.count += 1
+        print(
+            f"[{bar}] {self.count}/{self.total} {label} ({duration(elapsed)}{left})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def done(self) -> None:
+        elapsed = duration(time.perf_counter() - self.start)
+        print(
+            f"[{'#' * self.WIDTH}] {self.total}/{self.total} done in {elapsed}", file=sys.stderr, flush=True
+        )
+
+
+def print_summary(targets, out: Path, took: str, allow_missed: bool) -> list:
+    """The run in a few lines: targets met and missed (each missed one named), where the results
+    are, how long it took; returns the missed targets."""
+    missed = [t for t in targets if not t[2]]
+    met = len(targets) - len(missed)
+    print(f"\nsummary: {met} of {len(targets)} targets met, {len(missed)} MISSED; took {took}")
+    for target, value, _ in missed:
+        print(f"  MISSED {target}: {value}")
+    print(f"  results: {out / 'results.json'}, plots: {out / 'lerp_bandwidth.png'}, {out / 'lerp_sweep.png'}")
+    if missed:
+        exit_status = "0 (--allow-missed)" if allow_missed else "1 (--allow-missed exits 0)"
+        print(f"  exit status {exit_status}")
+    return missed

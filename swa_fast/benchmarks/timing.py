@@ -1,34 +1,53 @@
-"""How the benchmark measures: the median time of one call, the copy bandwidth every figure is set
-against, the extra memory one call holds, and the protocol that times several methods in turns and
-turns their times into a row of figures each."""
+"""How the benchmark measures: the median time of one call, the copy of the same bytes every figure
+is set against (timed in the same rounds as the methods), the extra memory one call holds, and the
+protocol that times several methods in turns and turns their times into a row of figures each."""
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import torch
 
+import swa_fast
+
 ROUNDS = 3
+# The row of the copy each workload's methods are set against (of_copy_bw = its time / theirs).
+COPY = "copy (same bytes)"
 
 
 def median_seconds(fn, device: torch.device, min_run_time: float) -> float:
+    """The median time of one call of `fn` over at least `min_run_time` seconds: CUDA events per
+    call on a GPU; on the CPU, blocks of calls long enough for the clock (about a millisecond)."""
     if device.type == "cuda":
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        deadline = time.perf_counter() + min_run_time
-        while len(times) < 5 or time.perf_counter() < deadline:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        return _median_cuda(fn, min_run_time)
+    start = time.perf_counter()
+    fn()  # also warms up: first-call caches are not a call's cost
+    calls = max(1, int(1e-3 / max(time.perf_counter() - start, 1e-9)))
+    times = []
+    deadline = time.perf_counter() + min_run_time
+    while len(times) < 5 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(calls):
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
-    from torch.utils.benchmark import Timer
+        times.append((time.perf_counter() - start) / calls)
+    return sorted(times)[len(times) // 2]
 
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+def _median_cuda(fn, min_run_time: float) -> float:
+    fn()  # warm: first-call caches are not a call's cost
+    torch.cuda.synchronize()
+    times = []
+    deadline = time.perf_counter() + min_run_time
+    while len(times) < 5 or time.perf_counter() < deadline:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def fastest_blocks(candidates, device: torch.device, min_run_time: float, blocks: int = 15) -> dict:
@@ -63,17 +82,38 @@ def fastest_blocks(candidates, device: torch.device, min_run_time: float, blocks
     return {method: (min(times), sorted(times)[len(times) // 2]) for method, times in samples.items()}
 
 
+def copy_candidates(moved: int, device: torch.device) -> dict:
+    """Plain passes that move `moved` bytes, as methods to time beside a workload's: a copy in place
+    (x.mul_(1), which writes the lines it has just read, as an update does), out of place
+    (swa_fast.copy_, the cheapest call there is), and a pass reading two bytes for each one written
+    (a.add_(b), an fp32 lerp_'s mix: writing costs more than reading, so a read-heavier update
+    could outrun a one-to-one copy). The fastest is the most a streaming update of those bytes can
+    reach here: its time becomes the `COPY` row's (`merge_copies`)."""
+    n = max(1, moved // 8)  # 4 bytes read and 4 written per fp32 element
+    x, src, dst = (torch.randn(n, device=device) for _ in range(3))
+    a, b = (torch.randn(max(1, moved // 12), device=device) for _ in range(2))  # 8 read, 4 written
+    return {
+        f"{COPY} in place": lambda: x.mul_(1.0),
+        f"{COPY} out of place": lambda: swa_fast.copy_([dst], [src]),
+        f"{COPY} 2 reads a write": lambda: a.add_(b),
+    }
+
+
+def merge_copies(seconds: dict, candidates: dict) -> None:
+    """Replaces the copies' times (and callables) by the fastest one's, as the `COPY` row."""
+    variants = [m for m in seconds if m.startswith(f"{COPY} ")]
+    fastest = min(variants, key=seconds.__getitem__)
+    seconds[COPY], candidates[COPY] = seconds[fastest], candidates[fastest]
+    for m in variants:
+        del seconds[m], candidates[m]
+
+
 def copy_bandwidth(device: torch.device, min_run_time: float) -> float:
-    """Read + write bytes per second of the faster of two plain copies of 256 MiB: out of place
-    (dst.copy_(src)) and in place (x.mul_(1), which writes the lines it has just read, as an
-    averaging update does). The most a streaming update can reach on this machine."""
-    n = 64 * 1024 * 1024
-    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    best = min(
-        median_seconds(lambda: dst.copy_(src), device, min_run_time),
-        median_seconds(lambda: src.mul_(1.0), device, min_run_time),
-    )
-    return 2 * n * 4 / best
+    """Read + write bytes per second of an in-place pass over 256 MiB, beyond every cache: the
+    machine's streaming bandwidth, printed at the start and kept in the JSON's metadata. (The
+    figures' own baseline is the copy of each workload's bytes, timed with it: `COPY`.)"""
+    x = torch.randn(64 * 1024 * 1024, device=device)
+    return 2 * x.nbytes / median_seconds(lambda: x.mul_(1.0), device, min_run_time)
 
 
 def peak_extra_bytes(fn, device: torch.device) -> int:
@@ -88,6 +128,10 @@ def peak_extra_bytes(fn, device: torch.device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    # Kineto, under the profiler, writes its own lines to stderr (profiler_start / profiler_stop at
+    # every profile, and "gpuGetDeviceCount failed" where a CUDA build of torch has no GPU): its
+    # log level 6 keeps them quiet. Read when the profiler starts; a user's own setting stands.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -100,21 +144,25 @@ def peak_extra_bytes(fn, device: torch.device) -> int:
     return peak
 
 
-def time_methods(candidates, labels, moved, device, min_run_time, bandwidth):
-    """Rows of figures for `candidates` (name -> callable), which take turns over ROUNDS rounds so
-    that a drift of the machine hits them all alike; ratios against the first method (the naive
-    baseline) and against torch's AveragedModel when it ran. `labels`: workload, params (dtype),
-    tensors, elements; `moved`: the bytes one call must move."""
+def time_methods(candidates, labels, moved, device, min_run_time):
+    """Rows of figures for `candidates` (name -> callable) and for a copy of the same bytes
+    (`COPY`), which take turns over ROUNDS rounds so that a drift of the machine hits them all
+    alike; ratios against the first method (the naive baseline) and against torch's AveragedModel
+    when it ran. `labels`: workload, params (dtype), tensors, elements; `moved`: the bytes one call
+    must move."""
+    candidates = {**candidates, **copy_candidates(moved, device)}
     samples = {method: [] for method in candidates}
     for _ in range(ROUNDS):
         for method, fn in candidates.items():
             samples[method].append(median_seconds(fn, device, min_run_time / ROUNDS))
     medians = {method: sorted(times)[len(times) // 2] for method, times in samples.items()}
-    return figures(candidates, medians, labels, moved, device, bandwidth)
+    merge_copies(medians, candidates)
+    return figures(candidates, medians, labels, moved, device)
 
 
-def figures(candidates, seconds, labels, moved, device, bandwidth):
-    """A row of figures per method from its time per call (`seconds`), as `time_methods` gives."""
+def figures(candidates, seconds, labels, moved, device):
+    """A row of figures per method from its time per call (`seconds`, with the `COPY` row's), as
+    `time_methods` gives: of_copy_bw is the copy's time over the method's."""
     rows = []
     for method, t in seconds.items():
         rows.append(
@@ -123,7 +171,7 @@ def figures(candidates, seconds, labels, moved, device, bandwidth):
                 "method": method,
                 "median_ms": t * 1e3,
                 "GB/s": moved / t / 1e9,
-                "of_copy_bw": moved / t / bandwidth,
+                "of_copy_bw": seconds[COPY] / t,
                 "peak_extra_MB": peak_extra_bytes(candidates[method], device) / 2**20,
             }
         )
