@@ -656,7 +656,8 @@ def plot_line(lines: dict[str, dict], path: Path, title: str) -> None:
 # --- the command --------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """The command line's options, each with its help."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -666,8 +667,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a folder with train/<class>/*.png and test/<class>/*.png (CIFAR-10, say); default: digits",
     )
     p.add_argument("--epochs", type=int, default=40, help="training budget of every method")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--out", type=Path, default=Path("digits_results"))
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run of every method per seed"
+    )
+    p.add_argument("--out", type=Path, default=Path("digits_results"), help="folder for the results")
     p.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
     )
@@ -678,19 +681,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="fraction of the training labels changed to another class (the same for every seed)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per SGD step")
     p.add_argument("--width", type=int, default=32, help="channels of the CNN's first stage")
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=0.1, help="SGD's learning rate (momentum 0.9)")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
     p.add_argument("--swa-start", type=float, default=0.75, help="fraction of the budget before SWA/FGE")
-    p.add_argument("--swa-lr", type=float, default=0.05)
+    p.add_argument("--swa-lr", type=float, default=0.05, help="SWA's held learning rate, FGE's peak")
     p.add_argument("--cycle", type=int, default=2, help="FGE cycle length in epochs")
     p.add_argument("--ema-decay", type=float, default=0.99, help="EMA decay per iteration")
-    p.add_argument("--swag-rank", type=int, default=20)
-    p.add_argument("--swag-samples", type=int, default=30)
+    p.add_argument("--swag-rank", type=int, default=20, help="SWAG's deviation rows (max_rank)")
+    p.add_argument("--swag-samples", type=int, default=30, help="models SWAG samples for its predictions")
     p.add_argument("--line-points", type=int, default=26, help="points on the line t in [-0.5, 2]")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     asked = set(args.methods.split(","))
     if not asked or asked - set(METHODS):

@@ -135,25 +135,30 @@ def plot_grid(grid: list[dict], best: float, path: Path, title: str) -> None:
     save_figure(draw, "sigma_rel (synthesized after training)", "negative log-likelihood", title, path)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """The command line's options, each with its help."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("posthoc_results"))
+    p.add_argument("--epochs", type=int, default=15, help="training budget")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
+    p.add_argument("--out", type=Path, default=Path("posthoc_results"), help="folder for snapshots, results")
     p.add_argument("--subsample", type=int, help="keep only this many images (a quick try)")
     p.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels changed")
     p.add_argument("--validation", type=float, default=0.2, help="fraction of the training images")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per SGD step")
     p.add_argument("--width", type=int, default=32, help="channels of the CNN's first stage")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.05, help="SGD's learning rate (momentum 0.9)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning rate")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
     p.add_argument("--snapshot-every", type=int, default=40, help="optimizer steps between snapshots")
     p.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_GRID), help="sigma_rels to try")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,17 +20,46 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import distributed
+from . import distributed, ops
 from .counts import CountedCalls, UpdateCounts, all_finite, counted
 from .engine import UpdatePlan
 from .manager_reads import AverageReads
 from .manager_state import ManagerState
-from .model_tensors import ModelCopy, TrackedModel
+from .model_tensors import ModelCopy, TrackedModel, check_model, module_tensors
 from .ops import checks
 from .placement import OtherDevice, SameDevice, SideStream
 from .weighting import ema_decay, real_number, swa_weight
+from .wrappers import unwrap
 
 _CPU = torch.device("cpu")
+# The managers' default average dtype: fp32 (so that a bf16/fp16 model's small updates are not
+# rounded away), or fp64 when the model has fp64 floating tensors (so that theirs are not rounded).
+AT_LEAST_FLOAT32 = "at least float32"
+
+
+def average_dtype(dtype, tensors: list[Tensor | None], owner: str) -> torch.dtype | None:
+    """The average's dtype for `dtype` as given: a floating torch.dtype, None (each tensor's own) or
+    AT_LEAST_FLOAT32, resolved against the model's `tensors`; anything else raises, saying what."""
+    if isinstance(dtype, str) and dtype == AT_LEAST_FLOAT32:
+        wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+        return torch.float64 if wide else torch.float32
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in checks.FLOAT_DTYPES):
+        return dtype
+    spelled = f"the string {dtype!r}" if isinstance(dtype, str) else repr(dtype)
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    hint = f": pass torch.{dtype}" if isinstance(named, torch.dtype) and named in checks.FLOAT_DTYPES else ""
+    raise ValueError(
+        f"swa_fast.{owner}: dtype must be torch.float32, torch.float64, torch.float16, torch.bfloat16, None "
+        f"(each tensor's own) or left out (fp32, fp64 for an fp64 model); got {spelled}{hint}"
+    )
+
+
+def check_backend(backend: str | None, devices) -> None:
+    """Refuse, when the manager is made, a forced backend that is unknown or cannot run the
+    average's tensors on `devices` (rather than at the first update)."""
+    if backend is not None:
+        for device in devices:
+            ops.choose_backend(device, backend)
 
 
 class Averager(CountedCalls, AverageReads, ManagerState):
@@ -45,8 +74,10 @@ class Averager(CountedCalls, AverageReads, ManagerState):
 
     Args:
         model: the model to average; `update` must be given this model (or a wrapper of it).
-        dtype: the average's dtype (default fp32, also for a bf16/fp16 model, so small updates are
-            not rounded away); None keeps each tensor's own dtype.
+        dtype: the average's dtype. Left out: fp32, also for a bf16/fp16 model, so small updates
+            are not rounded away, and fp64 when the model has fp64 floating tensors (every
+            average is then fp64), so theirs are not rounded either. None keeps each tensor's own
+            dtype; a torch.dtype (torch.float32, ...) is used for every tensor.
         use_buffers: average floating buffers (BatchNorm statistics) too, and copy integer ones.
         check_finite: an update in which any of the model's values is inf or NaN leaves the average
             untouched and counts in `n_skipped`, decided on the device (no host sync). Off, as in
@@ -61,7 +92,8 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         side_stream: update on a CUDA stream of its own, overlapping the next forward pass; the next
             `optimizer.step()` and, with `use_buffers`, the model's next forward wait for it on the
             GPU. Anything else that changes the weights in place in between must call `wait()`.
-        backend: force an op backend (see `swa_fast.choose_backend`).
+        backend: force an op backend (see `swa_fast.choose_backend`); one that is unknown or cannot
+            run where the average lives is refused here.
         capturable: (SWA and EMA) keep the counts and the schedule on the model's device and work
             each weight out there, so that `update` reads no host state and takes no host branch:
             it can be recorded in a CUDA graph and replayed, and traced whole by torch.compile (no
@@ -77,7 +109,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         self,
         model: Module,
         *,
-        dtype: torch.dtype | None = torch.float32,
+        dtype: torch.dtype | str | None = AT_LEAST_FLOAT32,
         use_buffers: bool = False,
         check_finite: bool = False,
         rank0_only: bool = False,
@@ -91,11 +123,8 @@ class Averager(CountedCalls, AverageReads, ManagerState):
                 f"swa_fast.{type(self).__name__}: capturable=True is for SWA and EMA; this manager's "
                 "update decides on the host"
             )
-        if dtype is not None and dtype not in checks.FLOAT_DTYPES:
-            raise ValueError(
-                f"swa_fast.{type(self).__name__}: dtype must be torch.float32, float64, float16, bfloat16 "
-                f"or None (each tensor's own), got {dtype}"
-            )
+        check_model(model, type(self).__name__)
+        dtype = average_dtype(dtype, module_tensors(unwrap(model)[0], use_buffers), type(self).__name__)
         options = [("dtype", str(dtype)), ("check_finite", check_finite), ("rank0_only", rank0_only)]
         self.tracked = TrackedModel(model, use_buffers, type(self).__name__, options)
         if rank0_only and self.tracked.sharded:
@@ -106,6 +135,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         # The other ranks keep a stand-in of the right shapes on the meta device: no memory.
         self.holds_average = not rank0_only or distributed.rank_in(model) == 0
         tensors = self.tracked.tensors(model)
+        check_backend(backend, {torch.device(device)} if device is not None else {t.device for t in tensors})
         self.names = self.tracked.names
         complex_names = [name for name, t in zip(self.names, tensors) if t.is_complex()]
         if complex_names:
@@ -334,8 +364,8 @@ class EMA(Averager):
             the model closely; None (the default) uses `decay` from the start. Both > 0.
         update_after_step: the first `update_after_step + 1` calls to `update` copy the model.
         update_every: after that, only every `update_every`-th call averages.
-        **options: the `Averager`'s (dtype, use_buffers, check_finite, rank0_only, device,
-            side_stream, backend, capturable).
+        dtype, use_buffers, check_finite, rank0_only, device, side_stream, backend, capturable:
+            as the `Averager`'s.
     """
 
     _CAPTURABLE = True
@@ -349,7 +379,14 @@ class EMA(Averager):
         warmup_power: float = 2 / 3,
         update_after_step: int = 0,
         update_every: int = 1,
-        **options,
+        dtype: torch.dtype | str | None = AT_LEAST_FLOAT32,
+        use_buffers: bool = False,
+        check_finite: bool = False,
+        rank0_only: bool = False,
+        device: torch.device | str | None = None,
+        side_stream: bool = False,
+        backend: str | None = None,
+        capturable: bool = False,
     ) -> None:
         decay = real_number(decay, "EMA: decay", 0.0, 1.0)
         if warmup_gamma is not None:
@@ -357,7 +394,17 @@ class EMA(Averager):
         warmup_power = real_number(warmup_power, "EMA: warmup_power", 0.0, above_low=True)
         if update_every < 1:
             raise ValueError(f"swa_fast.EMA: update_every must be >= 1, got {update_every}")
-        super().__init__(model, **options)
+        super().__init__(
+            model,
+            dtype=dtype,
+            use_buffers=use_buffers,
+            check_finite=check_finite,
+            rank0_only=rank0_only,
+            device=device,
+            side_stream=side_stream,
+            backend=backend,
+            capturable=capturable,
+        )
         self.decay = decay
         self.warmup_gamma = warmup_gamma
         self.warmup_power = warmup_power

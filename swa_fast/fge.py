@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from .averaging import SWA
+from .averaging import SWA, check_backend
 from .ensemble import PredictsOnBatches, ensemble_predict
 from .model_tensors import ModelCopy, TrackedModel
 from .schedules import FGECyclicLR
@@ -83,6 +83,8 @@ class FGE(PredictsOnBatches):
         self.n_taken = 0  # snapshots taken in all, dropped ones included
         # Shapes, dtypes and devices of the model's tensors: enough to rebuild snapshots on load.
         self._layout = [(t.shape, t.dtype, t.device) for t in self.tracked.tensors(model)]
+        stored_on = {torch.device(device)} if device is not None else {d for _, _, d in self._layout}
+        check_backend(backend, stored_on)  # now, not at the first snapshot
         self._hook = None
         if scheduler is not None:
             self._hook = scheduler.optimizer.register_step_post_hook(self._after_step(scheduler))

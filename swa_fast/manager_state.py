@@ -62,7 +62,11 @@ class ManagerState:
         self.wait()
         missing = [k for k in ("average", "n_averaged", "calls") if k not in state]
         if missing:
-            raise ValueError(f"swa_fast: not a {type(self).__name__} state_dict: missing {missing}")
+            name = type(self).__name__
+            raise ValueError(
+                f"swa_fast.{name}.load_state_dict: expected the state_dict of a swa_fast.{name} (from its "
+                f"state_dict()), got a dict missing {missing}"
+            )
         counts = {key: self._saved_count(state, key) for key in ("n_averaged", "n_skipped", "calls")}
         updates = self._saved_count(state, "updates" if "updates" in state else "folds")  # older saves
         checked = self._check_extra_state(state)

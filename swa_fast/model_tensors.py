@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 
 import torch
@@ -263,6 +263,7 @@ class TrackedModel:
     """
 
     def __init__(self, model: Module, buffers: bool, owner: str, options: list | None = None) -> None:
+        check_model(model, owner)
         wrapper, model = model, unwrap(model)[0]
         distributed.reshard(model)  # track the sharded FSDP2 parameters, not gathered ones
         self.buffers = buffers
@@ -330,6 +331,7 @@ class TrackedModel:
                 return tensors
         tracked = self._model()
         if model is not tracked:  # (the model itself, the usual case, needs no unwrapping)
+            check_model(model, f"{self.owner}.update")
             model = unwrap(model)[0]
         tensors = self._tracked_tensors(model) if model is tracked else self._other_tensors(model)
         if not self.sharded:
@@ -444,6 +446,23 @@ class TrackedModel:
             f"swa_fast: the model is not the one this {self.owner} was made for ({what}); "
             "going on would mix different tensors. Create a new one for the new model."
         )
+
+
+def check_model(model, owner: str) -> None:
+    """Refuse anything but an nn.Module where a manager takes the model, saying what came. Passing
+    `model.parameters()` is the habit of torch-ema and diffusers, whose classes take parameters."""
+    if isinstance(model, Module):
+        return
+    what = type(model).__name__
+    if isinstance(model, Tensor):
+        what = "a tensor"
+    elif isinstance(model, Iterable):
+        what = f"a {what} (such as model.parameters(), what torch-ema and diffusers take)"
+    raise ValueError(
+        f"swa_fast.{owner}: expected the model itself (a torch.nn.Module), got {what}; pass the module "
+        "whose parameters these are. (swa_fast.integrations.torch_ema.ExponentialMovingAverage and "
+        "swa_fast.integrations.diffusers.EMAModel take parameters, as the originals do.)"
+    )
 
 
 class ModelCopy:

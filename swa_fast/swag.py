@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from . import distributed, ops
-from .averaging import SWA
+from .averaging import AT_LEAST_FLOAT32, SWA
 from .bn import update_bn
 from .ensemble import PredictsOnBatches, ensemble_predict
 from .flat import FlatBuffer, copy_into_strided, copy_lists, padded_numel
@@ -38,11 +38,13 @@ class SWAG(SWA, PredictsOnBatches):
     Args:
         model: the model to collect.
         max_rank: K, the deviation rows kept (0: SWAG-Diagonal only).
-        dtype: the dtype of the mean, second moment and deviations (default fp32).
+        dtype: the dtype of the mean, second moment and deviations (default fp32, fp64 for an fp64
+            model: see the `Averager`).
         use_buffers: collect floating buffers too (BatchNorm statistics; `update_bn` after a
             sample recomputes them for the sampled weights anyway).
-        **options: the `Averager`'s rank0_only, device, side_stream and backend (check_finite is
-            refused: a skipped update would still write its non-finite deviation row).
+        check_finite: refused: a skipped update would still write its non-finite deviation row.
+        rank0_only, device, side_stream, backend: as the `Averager`'s (capturable is refused: each
+            update chooses its deviation row on the host).
     """
 
     _CAPTURABLE = False  # a deviation row per update, chosen on the host
@@ -52,16 +54,30 @@ class SWAG(SWA, PredictsOnBatches):
         model: Module,
         max_rank: int = 20,
         *,
-        dtype: torch.dtype | None = torch.float32,
+        dtype: torch.dtype | str | None = AT_LEAST_FLOAT32,
         use_buffers: bool = False,
-        **options,
+        check_finite: bool = False,
+        rank0_only: bool = False,
+        device: torch.device | str | None = None,
+        side_stream: bool = False,
+        backend: str | None = None,
+        capturable: bool = False,
     ) -> None:
         if max_rank < 0:
             raise ValueError(f"swa_fast.SWAG: max_rank must be >= 0, got {max_rank}")
-        if options.get("check_finite"):
+        if check_finite:
             # A skipped update would still write its (non-finite) deviation row.
             raise ValueError("swa_fast.SWAG: check_finite is not supported (SWA and EMA have it)")
-        super().__init__(model, dtype=dtype, use_buffers=use_buffers, **options)
+        super().__init__(
+            model,
+            dtype=dtype,
+            use_buffers=use_buffers,
+            rank0_only=rank0_only,
+            device=device,
+            side_stream=side_stream,
+            backend=backend,
+            capturable=capturable,  # (refused: its update decides on the host)
+        )
         self.max_rank = max_rank
         self.sq = FlatBuffer(self.average.views)  # the first update overwrites it exactly
         # One (max_rank, group length) matrix per flat group, written a row per update.

@@ -197,3 +197,10 @@ def test_label_noise_option_reaches_training(digits, tmp_path, monkeypatch):
     assert "25% of their labels flipped" in report["data"]
     with pytest.raises(SystemExit):
         digits.parse_args(["--label-noise", "1.5"])
+
+
+def test_every_option_has_help(digits):
+    parser = digits.parser()
+    missing = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not missing, missing
+    assert "(default:" in parser.format_help()  # the defaults shown beside the help

@@ -55,3 +55,10 @@ def test_step_weights_of_a_tracked_profile_are_its_own(example):
     expected = profile_weights(gamma, range(1, 21))
     assert weights.tolist() == pytest.approx(expected, rel=1e-12)
     assert float(weights.sum()) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_every_option_has_help(example):
+    parser = example.parser()
+    missing = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not missing, missing
+    assert "(default:" in parser.format_help()  # the defaults shown beside the help

@@ -96,8 +96,27 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
         exclude_buffers: average the parameters only and copy every buffer.
     """
 
-    def __init__(self, model: Module, *args, **kwargs) -> None:
-        _timm.ModelEmaV3.__init__(self, model, *args, **kwargs)
+    def __init__(
+        self,
+        model: Module,
+        decay: float = 0.9999,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+        use_warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = True,
+        stochastic_rounding_seed: int = 0,
+        foreach: bool = True,
+        exclude_buffers: bool = False,
+    ) -> None:
+        # timm's arguments, spelled out for IDEs and type checkers, handed on as they came
+        _timm.ModelEmaV3.__init__(
+            self, model, decay, min_decay, update_after_step, use_warmup, warmup_gamma, warmup_power,
+            device, dtype, stochastic_rounding, stochastic_rounding_seed, foreach, exclude_buffers,
+        )  # fmt: skip
         self._init_flat(model)
 
     def _averaged(self) -> list[Tensor]:
