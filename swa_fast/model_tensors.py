@@ -331,7 +331,7 @@ class TrackedModel:
                 return tensors
         tracked = self._model()
         if model is not tracked:  # (the model itself, the usual case, needs no unwrapping)
-            check_model(model, f"{self.owner}.update")
+            check_model(model, self.owner)
             model = unwrap(model)[0]
         tensors = self._tracked_tensors(model) if model is tracked else self._other_tensors(model)
         if not self.sharded:
