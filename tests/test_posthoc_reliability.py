@@ -301,7 +301,8 @@ def test_the_writer_never_replaces_a_snapshot_of_another_run(tmp_path):
     second.update(model)
     with pytest.raises(RuntimeError, match="of another training run"):
         second.flush()
-    second.flush()  # reported once
+    second.update(model)  # reported once: the next update goes on
+    assert second.calls == 3
     assert load_snapshot(snapshot_path(tmp_path, 2)).run == first.run_id
 
 
@@ -490,3 +491,17 @@ def test_close_snapshots_the_final_state_and_results_say_their_step(tmp_path):
     ema.update(model)  # a closed manager goes on, with a new writer
     ema.flush()
     assert max(list_snapshots(tmp_path)) == 14
+
+
+def test_flush_takes_the_final_snapshot_again_after_its_write_failed(tmp_path):
+    directory = tmp_path / "snapshots"
+    model = vector_model(4)
+    ema = PostHocEMA(model, snapshot_every=10, snapshot_dir=directory)
+    ema.update(model)
+    ema.update(model)
+    directory.rmdir()
+    with pytest.raises(RuntimeError, match="failed.*every other snapshot taken so far is on disk"):
+        ema.flush()  # its snapshot of the final state cannot be written
+    directory.mkdir()
+    ema.flush()
+    assert sorted(list_snapshots(directory)) == [2]

@@ -253,6 +253,8 @@ class PostHocEMA(Averager):
         snapshots of another training run (checked once; again after load_state_dict)."""
         if self._claimed or self.snapshot_dir is None or not self._writes_snapshots:
             return
+        if not self.snapshot_dir.is_dir():  # gone: it holds nothing (the write reports it missing)
+            return
         others = {step: run for step, run in snapshot_runs(self.snapshot_dir).items() if run != self.run_id}
         if others:
             steps = sorted(others)
@@ -374,6 +376,8 @@ class PostHocEMA(Averager):
         failures = self._writer.take_failures() if self._writer is not None else []
         if not failures:
             return
+        if any(f.step == self._snapshot_step for f in failures):
+            self._snapshot_step = None  # so that flush() takes the final state's snapshot again
         first, later = failures[0], [f.step for f in failures[1:]]
         raise RuntimeError(
             f"swa_fast.PostHocEMA: writing the snapshot {str(first.path)!r} failed: {first.error!r}"
