@@ -21,7 +21,8 @@ A snapshot holds every tracked average, so each is the integral of its profile a
 trajectory; a profile that is a linear combination of the snapshots' profiles is reconstructed
 exactly by the same combination of the snapshots. `synthesize` finds the combination closest to
 the requested profile in L2 (EDM2's least squares, over the closed-form inner products of power
-functions), then streams the snapshots through an fp32 accumulator into the model.
+functions), then streams the snapshots through a float32 accumulator (float64 for float64
+snapshots) into the model.
 
 The profiles' math is in profiles.py (the power-function weights live there rather than in
 weighting.py: they need the progress since the last update, which none of weighting.py's rules
