@@ -14,12 +14,12 @@ template <class Run>
 void lerp_impl(at::TensorList avg, at::TensorList src, const at::Tensor& weight) {
   const auto call = gather<2>("lerp_", {{{"avg", avg, true}, {"src", src, false}}});
   if (avg.empty()) return;
-  const at::Tensor w = checked_weight("lerp_", weight, call.device);
-  for (const auto& group : call.groups) {
+  const at::Tensor w = checked_weight("lerp_", weight, call->device);
+  for (const auto& group : call->groups) {
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[1], [&](auto s) {
         using F = Lerp<decltype(d), decltype(s)>;
-        Run::run(group, call.device, F{Weight<typename F::A>::from(w, call.device)});
+        Run::run(group, call->device, F{Weight<typename F::A>::from(w, call->device)});
       });
     });
   }
@@ -30,12 +30,12 @@ void moments_impl(at::TensorList mean, at::TensorList sq, at::TensorList src, co
   const auto call =
       gather<3>("moments_", {{{"mean", mean, true}, {"sq", sq, true, /*same_dtype=*/true}, {"src", src, false}}});
   if (mean.empty()) return;
-  const at::Tensor w = checked_weight("moments_", weight, call.device);
-  for (const auto& group : call.groups) {
+  const at::Tensor w = checked_weight("moments_", weight, call->device);
+  for (const auto& group : call->groups) {
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[2], [&](auto s) {
         using F = Moments<decltype(d), decltype(s)>;
-        Run::run(group, call.device, F{Weight<typename F::A>::from(w, call.device)});
+        Run::run(group, call->device, F{Weight<typename F::A>::from(w, call->device)});
       });
     });
   }
@@ -45,13 +45,13 @@ template <class Run>
 void copy_impl(at::TensorList dst, at::TensorList src) {
   const auto call = gather<2>("copy_", {{{"dst", dst, true, false, /*integers=*/true},
                                          {"src", src, false, false, /*integers=*/true}}});
-  for (const auto& group : call.groups) {
+  for (const auto& group : call->groups) {
     if (!is_supported_float(group.dtypes[0])) {  // integers, bool: one dtype, its bits as they are
-      visit_bits(c10::elementSize(group.dtypes[0]), [&](auto t) { Run::run(group, call.device, Move<decltype(t)>{}); });
+      visit_bits(c10::elementSize(group.dtypes[0]), [&](auto t) { Run::run(group, call->device, Move<decltype(t)>{}); });
       continue;
     }
     visit_float(group.dtypes[0], [&](auto d) {
-      visit_float(group.dtypes[1], [&](auto s) { Run::run(group, call.device, Copy<decltype(d), decltype(s)>{}); });
+      visit_float(group.dtypes[1], [&](auto s) { Run::run(group, call->device, Copy<decltype(d), decltype(s)>{}); });
     });
   }
 }
@@ -59,8 +59,8 @@ void copy_impl(at::TensorList dst, at::TensorList src) {
 template <class Run>
 void swap_impl(at::TensorList a, at::TensorList b) {
   const auto call = gather<2>("swap_", {{{"a", a, true}, {"b", b, true, /*same_dtype=*/true}}});
-  for (const auto& group : call.groups) {
-    visit_float(group.dtypes[0], [&](auto t) { Run::run(group, call.device, Swap<decltype(t)>{}); });
+  for (const auto& group : call->groups) {
+    visit_float(group.dtypes[0], [&](auto t) { Run::run(group, call->device, Swap<decltype(t)>{}); });
   }
 }
 
@@ -184,8 +184,8 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
   lists[K] = {"src", src, false};
   const auto call = gather<K + 1>("multi_lerp_", lists);
   if (n == 0) return;
-  const at::Tensor w = checked_weights(weights, call.device);
-  for (const auto& group : call.groups) {
+  const at::Tensor w = checked_weights(weights, call->device);
+  for (const auto& group : call->groups) {
     bool one_dtype = true;
     for (int k = 1; k < K; ++k) one_dtype &= group.dtypes[k] == group.dtypes[0];
     if (one_dtype) {  // the usual call: all K averages in one pass
@@ -196,7 +196,7 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
       for (int k = 0; k < K; ++k) {
         if (!host_zero(w, k, group.dtypes[0])) written[count++] = k;
       }
-      run_first<Run, K>(group, call.device, w, written, count);
+      run_first<Run, K>(group, call->device, w, written, count);
       continue;
     }
     // Averages of different dtypes at one index: one pass per average. A source that is its own
@@ -217,9 +217,9 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
         if (k != own_k) reading[k].push_back(j);
       }
     }
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call.device, w, {k}, &apart);
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call.device, w, {k}, &reading[k]);
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call.device, w, {k}, &own[k]);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &apart);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &reading[k]);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &own[k]);
   }
 }
 

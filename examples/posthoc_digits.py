@@ -9,7 +9,8 @@ set stays untouched until the end). One SGD run (constant learning rate by defau
 PostHocEMA (sigma_rel 0.05 and 0.10 tracked, BatchNorm statistics averaged too) from the
 optimizer's step hook (`attach`), with a snapshot every --snapshot-every steps. After training,
 every sigma_rel of a grid is synthesized from the snapshots and scored on the validation set; the
-best is scored on the test set, beside the last iterate and the two tracked averages.
+best is scored on the test set, beside the last iterate and the two tracked averages. `flush()`
+snapshots the final state, so every row stands for the last training step (the tables say which).
 
 Outputs in --out: `posthoc_results.json`, `posthoc_results.md` (the table), `posthoc_sigma_rel.png`
 (validation and test loss against sigma_rel) and `posthoc_profiles.png` (the weight each step of
@@ -83,7 +84,7 @@ def train(model, data: digits.Data, args) -> tuple[swa_fast.PostHocEMA, int, flo
             optimizer.step()  # the hook updates the averages, and writes a snapshot when one is due
             schedule.step()
     start = time.perf_counter()
-    ema.flush()
+    ema.flush()  # the last snapshots written, the final state's included
     spent[0] += time.perf_counter() - start
     return ema, steps, spent[0]
 
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = {
         "last iterate": {
+            "step": steps,
             **evaluate(model, x_val, y_val),
             **prefixed(evaluate(model, data.x_test, data.y_test)),
         }
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     for sigma_rel in TRACKED:
         ema.copy_to(candidate, sigma_rel=sigma_rel)
         rows[f"tracked {sigma_rel:g}"] = {
+            "step": ema.calls,  # the tracked averages are those of the last update
             **evaluate(candidate, x_val, y_val),
             **prefixed(evaluate(candidate, data.x_test, data.y_test)),
         }
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         grid.append(
             {
                 "sigma_rel": sigma_rel,
+                "step": reconstructions[sigma_rel].step,  # the snapshot it stands for
                 "val_nll": val["nll"],
                 "val_acc": val["acc"],
                 "test_nll": test["nll"],
@@ -210,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     synthesis_s = (time.perf_counter() - start) / len(args.grid)
     best = min(grid, key=lambda row: row["val_nll"])
     rows[f"chosen {best['sigma_rel']:g} (synthesized)"] = {
+        "step": best["step"],
         "nll": best["val_nll"],
         "acc": best["val_acc"],
         "test_nll": best["test_nll"],
@@ -272,21 +277,22 @@ def prefixed(scores: dict[str, float]) -> dict[str, float]:
 
 def markdown_table(rows: dict[str, dict], grid: list[dict]) -> str:
     lines = [
-        "| model | validation NLL | validation acc | test NLL | test acc |",
-        "| --- | --- | --- | --- | --- |",
+        "| model | step | validation NLL | validation acc | test NLL | test acc |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['nll']:.4f} | {r['acc']:.2%} | {r['test_nll']:.4f} | {r['test_acc']:.2%} |"
+            f"| {name} | {r['step']} | {r['nll']:.4f} | {r['acc']:.2%} | {r['test_nll']:.4f} | "
+            f"{r['test_acc']:.2%} |"
         )
     lines += [
         "",
-        "| sigma_rel | validation NLL | test NLL | test acc | profile error |",
-        "| --- | --- | --- | --- | --- |",
+        "| sigma_rel | step | validation NLL | test NLL | test acc | profile error |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in grid:
         lines.append(
-            f"| {row['sigma_rel']:g} | {row['val_nll']:.4f} | {row['test_nll']:.4f} | "
+            f"| {row['sigma_rel']:g} | {row['step']} | {row['val_nll']:.4f} | {row['test_nll']:.4f} | "
             f"{row['test_acc']:.2%} | {row['profile_error']:.1e} |"
         )
     return "\n".join(lines) + "\n"

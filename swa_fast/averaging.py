@@ -206,8 +206,12 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         model's update.)"""
         tensors = self.tracked.tensors(model)
         self._count_call()
-        if self.holds_average:
-            self._placement.update(self, tensors)
+        try:
+            if self.holds_average:
+                self._placement.update(self, tensors)
+        except Exception:
+            self._refused_call()
+            raise
 
     def attach(
         self, optimizer: torch.optim.Optimizer, model: Module | None = None, every: int = 1
@@ -261,9 +265,16 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         # Each tensor to where its average (or kept integer buffer) is; an upload runs in order on
         # the GPU's stream, a download must land before the CPU reads it.
         places = [kept.device for kept in self._copy.stored()]
-        self.apply(
-            [t if t.device == d else t.to(d, non_blocking=d.type == "cuda") for t, d in zip(tensors, places)]
-        )
+        try:
+            self.apply(
+                [
+                    t if t.device == d else t.to(d, non_blocking=d.type == "cuda")
+                    for t, d in zip(tensors, places)
+                ]
+            )
+        except Exception:
+            self._refused_call()
+            raise
 
     def apply(self, tensors: list[Tensor], weight: Tensor | float | None = None) -> None:
         """Update the average now with `tensors` (the model's, or copies of them laid out alike)
@@ -285,10 +296,27 @@ class Averager(CountedCalls, AverageReads, ManagerState):
             weight = torch.where(finite, torch.as_tensor(weight, dtype=torch.float64), 0.0)
         if due is not None:  # weight 0 on a call off the schedule: the average stays as it was
             weight = torch.where(due, weight, 0.0)
-        self._run_update(tensors, weight, counted(finite, due))
+        try:
+            self._run_update(tensors, weight, counted(finite, due))
+        except BaseException as error:
+            # An Exception is the op's refusal, raised before it writes: nothing to count. An
+            # interrupt (KeyboardInterrupt) is raised by Python as the op returns, when it came
+            # while the op ran: what the op wrote counts.
+            if not isinstance(error, Exception):
+                self._count_update(finite, due)
+            raise
+        self._count_update(finite, due)
+
+    def _count_update(self, finite: Tensor | None, due: Tensor | None) -> None:
         self.counts.add(finite, due)
         if self._device_calls is None:  # (capturable: no host state changes)
             self._updates += 1
+
+    def _refused_call(self) -> None:
+        """Take back the call counted by an update that was refused: an Exception from the update
+        is raised before anything is written (the engine checks every group first), so a refused
+        update changes nothing. (An interrupt leaves the call counted: see `apply`.)"""
+        self.calls -= 1
 
     def _finite_groups(self, tensors: list[Tensor]) -> list[list[Tensor]]:
         """The floating tensors per flat group (one device each), the empty ones left out."""

@@ -25,7 +25,7 @@ def example():
 
 
 def test_posthoc_digits_end_to_end(example, tmp_path):
-    argv = ["--epochs", "2", "--subsample", "300", "--width", "4", "--snapshot-every", "4"]
+    argv = ["--epochs", "2", "--subsample", "300", "--width", "4", "--snapshot-every", "5"]
     argv += ["--grid", "0.03", "0.05", "0.15", "--out", str(tmp_path)]
     report = example.main(argv)
     for key in ("table", "json", "grid_plot", "profile_plot"):
@@ -34,7 +34,9 @@ def test_posthoc_digits_end_to_end(example, tmp_path):
     for key in ("grid_plot", "profile_plot"):
         assert Path(report["files"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "posthoc_results.json").read_text())
-    assert saved["snapshots"] == saved["steps"] // 4 >= 2
+    assert saved["steps"] % 5 and saved["snapshots"] == math.ceil(saved["steps"] / 5) >= 2  # and the last
+    # Every row stands for the last step: the tracked averages' and the synthesized ones'.
+    assert {row["step"] for row in [*saved["grid"], *saved["rows"].values()]} == {saved["steps"]}
     grid = {row["sigma_rel"]: row for row in saved["grid"]}
     assert sorted(grid) == [0.03, 0.05, 0.15]
     assert saved["chosen_sigma_rel"] == min(grid, key=lambda s: grid[s]["val_nll"])

@@ -191,8 +191,8 @@ def test_a_tracked_profile_is_reproduced_from_the_snapshots(tmp_path):
                 set_to(direct, x)
                 tracked.update(direct)
             tracked.copy_to(direct)
-            # Accumulated in fp32: rounding of that size (measured 1.1e-7 on values up to 3.4).
-            torch.testing.assert_close(model.w, direct.w, rtol=0, atol=1e-6 * trajectory.abs().max())
+            # float64 snapshots accumulate in float64: measured 6.0e-15 on values up to 3.4.
+            torch.testing.assert_close(model.w, direct.w, rtol=0, atol=1e-13 * trajectory.abs().max())
 
 
 def test_a_profile_between_the_tracked_ones_matches_the_direct_ema(tmp_path):
@@ -696,13 +696,16 @@ def test_a_snapshot_whose_parts_do_not_fit_is_refused(tmp_path):
 
 
 def test_a_snapshot_of_an_unknown_version_is_refused(tmp_path, monkeypatch):
-    newer = snapshots.SNAPSHOT_VERSION + 1
+    current = snapshots.SNAPSHOT_VERSION
+    newer = current + 1
     with monkeypatch.context() as patch:  # what a later swa_fast, with another layout, writes
         patch.setattr(snapshots, "SNAPSHOT_VERSION", newer)
+        patch.setitem(snapshots._KEYS_OF, newer, snapshots._KEYS_OF[current])
         run_with_snapshots(tmp_path, random_walk(10, 4), (0.05, 0.1), 5, torch.float32)
+    readable = ", ".join(str(v) for v in range(1, current + 1))
     refused = re.escape(
         f"{str(snapshot_path(tmp_path, 5))!r} is a snapshot of format version {newer}; this swa_fast "
-        f"reads version {snapshots.SNAPSHOT_VERSION}"
+        f"reads versions {readable}"
     )
     with pytest.raises(ValueError, match=refused):
         load_snapshot(snapshot_path(tmp_path, 5))
@@ -751,21 +754,3 @@ def test_an_unversioned_snapshot_still_reads_as_version_1(tmp_path):
     synthesize(written, from_new, 0.07)
     synthesize(unversioned, from_old, 0.07)
     assert from_old.w.any() and torch.equal(from_old.w, from_new.w)
-
-
-def test_a_writer_error_surfaces_on_the_next_call(tmp_path):
-    directory = tmp_path / "snapshots"
-    model = vector_model(4)
-    ema = PostHocEMA(model, snapshot_every=1, snapshot_dir=directory)
-    ema.update(model)
-    ema.flush()
-    for path in directory.iterdir():
-        path.unlink()
-    directory.rmdir()  # the next write cannot create its file
-    ema.update(model)
-    ema._writer.jobs.join()  # let it fail (flush would raise here already)
-    failed = re.escape(f"writing the snapshot {str(snapshot_path(directory, 2))!r} failed")
-    with pytest.raises(RuntimeError, match=failed):
-        ema.update(model)
-    with pytest.raises(RuntimeError, match="failed"):
-        ema.flush()

@@ -16,7 +16,15 @@ from .profiles import (
     solve_coefficients,
     update_weight,
 )
-from .snapshots import Snapshot, list_snapshots, load_snapshot, named_averages, save_snapshot, snapshot_path
+from .snapshots import (
+    Snapshot,
+    list_snapshots,
+    load_snapshot,
+    named_averages,
+    save_snapshot,
+    snapshot_path,
+    snapshot_runs,
+)
 
 __all__ = [
     "SIGMA_REL_MAX",
@@ -32,6 +40,7 @@ __all__ = [
     "save_snapshot",
     "sigma_rel_to_gamma",
     "snapshot_path",
+    "snapshot_runs",
     "solve_coefficients",
     "synthesize",
     "update_weight",

@@ -85,28 +85,77 @@ def profile_inner(t_a: Tensor, gamma_a: Tensor, t_b: Tensor, gamma_b: Tensor) ->
 class Reconstruction:
     """How a requested profile is made from the snapshots: `coefficients[i]` multiplies the i-th
     of `sources` (step, profile index), and `profile_error` is the L2 distance between the
-    combined profile and the requested one, over the latter's L2 norm."""
+    combined profile and the requested one, over the latter's L2 norm. The result stands for the
+    training at update `step` (the last snapshot used) and `progress`."""
 
     coefficients: list[float]
     sources: list[tuple[int, int]]
     profile_error: float
+    step: int | None = None
+    progress: float | None = None
 
 
 def solve_coefficients(
-    progress: Sequence[float], gammas: Sequence[float], target_progress: float, target_gamma: float
+    progress: Sequence[float],
+    gammas: Sequence[float],
+    target_progress: float,
+    target_gamma: float,
+    labels: Sequence[str] | None = None,
 ) -> tuple[Tensor, float]:
     """EDM2's least squares: the coefficients x minimising || sum_i x_i p_i - p_r || for the
     profiles p_i (`progress[i]`, `gammas[i]`) and the requested p_r, in float64. Solved as the
     minimum-norm least-squares solution of the Gram system A x = b (SVD with a cut-off), which stays
     finite when two snapshots' profiles (nearly) coincide and keeps the coefficients, and so the
-    rounding they multiply, small. Returns (x, relative profile error)."""
+    rounding they multiply, small. Returns (x, relative profile error). A system that cannot be
+    solved (a profile whose inner products are not finite numbers: progress 0, or so small that
+    1 / progress overflows) raises a ValueError naming its sources by `labels` (default: their
+    positions), before LAPACK sees it."""
     t = torch.tensor(list(progress), dtype=torch.float64)
     g = torch.tensor(list(gammas), dtype=torch.float64)
     t_r = torch.tensor([float(target_progress)], dtype=torch.float64)
     g_r = torch.tensor([float(target_gamma)], dtype=torch.float64)
     gram = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
     b = profile_inner(t[:, None], g[:, None], t_r[None, :], g_r[None, :])
-    x = torch.linalg.lstsq(gram, b, driver="gelsd").solution[:, 0]
     target = profile_inner(t_r, g_r, t_r, g_r)[0]
+    labels = list(labels) if labels is not None else [f"source {i}" for i in range(len(t))]
+    if not bool(target.isfinite() & (target > 0)):
+        raise ValueError(
+            f"swa_fast.posthoc: the requested profile at progress {float(target_progress)!r} has no finite "
+            "norm: it needs a progress > 0, and not so small that 1 / progress overflows"
+        )
+    _check_solvable(gram, b, labels, t, g)
+    x = _least_squares(gram, b, labels)
     residual = (x @ gram @ x - 2 * x @ b[:, 0] + target).clamp_min(0.0)
     return x, math.sqrt(float(residual / target))
+
+
+def _check_solvable(gram: Tensor, b: Tensor, labels: list[str], t: Tensor, g: Tensor) -> None:
+    """Raise a ValueError naming the sources whose inner products are not finite numbers (LAPACK
+    fails, or asserts, on such a system)."""
+    bad = (~gram.isfinite().all(dim=1) | ~b.isfinite().all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        described = ", ".join(f"{labels[i]} (progress {float(t[i])!r}, gamma {float(g[i]):.6g})" for i in bad)
+        raise ValueError(
+            f"swa_fast.posthoc: the least squares cannot be solved: the profiles of {described} have "
+            "inner products that are not finite numbers (a snapshot needs a progress > 0, and not so "
+            "small that 1 / progress overflows)"
+        )
+
+
+def _least_squares(gram: Tensor, b: Tensor, labels: list[str]) -> Tensor:
+    """The minimum-norm least-squares solution of gram x = b, or a ValueError naming the sources
+    when it has no finite one."""
+    try:
+        x = torch.linalg.lstsq(gram, b, driver="gelsd").solution[:, 0]
+    except RuntimeError as error:  # the SVD did not converge
+        raise _unsolvable(labels, str(error)) from error
+    if not bool(x.isfinite().all()):
+        raise _unsolvable(labels, "its solution is not finite")
+    return x
+
+
+def _unsolvable(labels: list[str], why: str) -> ValueError:
+    return ValueError(
+        f"swa_fast.posthoc: the least squares over the profiles of {', '.join(labels)} cannot be solved "
+        f"({why}): their progress or gammas are too far apart to be combined"
+    )

@@ -15,6 +15,7 @@ import queue
 import re
 import tempfile
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,14 +56,14 @@ def list_snapshots(directory: str | os.PathLike) -> dict[int, Path]:
 # --- the format -------------------------------------------------------------------------------------
 # A snapshot file is a torch.save'd dict: "format" says what it is, "version" how its other keys are
 # laid out. `save_snapshot` writes the current version (`_file_contents`); `load_snapshot` reads every
-# version in _READABLE_VERSIONS into a `Snapshot`. A new layout is a new SNAPSHOT_VERSION, written
-# and read here.
+# version in _KEYS_OF into a `Snapshot`. A new layout is a new SNAPSHOT_VERSION, written and read here.
+#   version 1: the fields of `Snapshot` but `run` (read with run None: of an unknown run)
+#   version 2: version 1 and "run", the training run that wrote the snapshot
 
 SNAPSHOT_FORMAT = "swa_fast.PostHocEMA snapshot"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 # Snapshots written before files carried a version hold the version 1 layout without the key.
 _VERSION_OF_UNVERSIONED = 1
-_READABLE_VERSIONS = (1,)
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,14 +81,15 @@ class Snapshot:
     groups: list[list[int]]  # per flat group of the average, its tensors' positions in `names`
     flats: list[list[Tensor]]  # per profile, per group: the group's tensors in one flat tensor
     integers: dict[str, Tensor]  # the integer buffers (with use_buffers), by name
+    run: str | None = None  # the training run that wrote it (None: written before runs were recorded)
 
     def flat_lengths(self) -> list[int]:
         """Each group's flat length (as the writer's FlatBuffer laid it out, padding included)."""
         return [flat.numel() for flat in self.flats[0]] if self.flats else []
 
 
-# Version 1's keys besides "format" and "version": each a field of `Snapshot`, under its name.
-_KEYS = (
+# Each version's keys besides "format" and "version": each a field of `Snapshot`, under its name.
+_VERSION_1_KEYS = (
     "step",
     "progress",
     "sigma_rels",
@@ -99,11 +101,12 @@ _KEYS = (
     "flats",
     "integers",
 )
+_KEYS_OF = {1: _VERSION_1_KEYS, 2: (*_VERSION_1_KEYS, "run")}
 
 
 def _file_contents(snapshot: Snapshot) -> dict:
     """What the file of `snapshot` holds, in the current version."""
-    fields_by_key = {key: getattr(snapshot, key) for key in _KEYS}
+    fields_by_key = {key: getattr(snapshot, key) for key in _KEYS_OF[SNAPSHOT_VERSION]}
     return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, **fields_by_key}
 
 
@@ -111,14 +114,16 @@ def load_snapshot(path: str | os.PathLike, mmap: bool = True) -> Snapshot:
     """The snapshot in the file `path` (tensors memory-mapped unless `mmap=False`), checked to be a
     whole PostHocEMA snapshot of a version this code reads, whose parts fit together."""
     contents = _load_file(Path(path), mmap)
-    _check_format_and_version(contents, path)
-    missing = [key for key in _KEYS if key not in contents]
+    keys = _KEYS_OF[_check_format_and_version(contents, path)]
+    missing = [key for key in keys if key not in contents]
     if missing:
         raise ValueError(
             f"swa_fast.posthoc: {str(path)!r} is not a PostHocEMA snapshot (expected the keys "
-            f"{list(_KEYS)}, it lacks {missing})"
+            f"{list(keys)}, it lacks {missing})"
         )
-    snapshot = Snapshot(**{key: contents[key] for key in _KEYS})
+    snapshot = Snapshot(**{key: contents[key] for key in keys})
+    if snapshot.run is not None and not isinstance(snapshot.run, str):
+        raise _damaged(path, f"its run is {snapshot.run!r} (expected a string)")
     _check_counts(snapshot, path)
     _check_flat_lengths(snapshot, path)
     return snapshot
@@ -132,7 +137,8 @@ def _load_file(path: Path, mmap: bool) -> object:
         raise ValueError(f"swa_fast.posthoc: {str(path)!r} is not a readable snapshot ({error})") from error
 
 
-def _check_format_and_version(contents: object, path: str | os.PathLike) -> None:
+def _check_format_and_version(contents: object, path: str | os.PathLike) -> int:
+    """The file's format version, checked to be one this code reads."""
     if not isinstance(contents, dict) or contents.get("format") != SNAPSHOT_FORMAT:
         got = f"format {contents.get('format')!r}" if isinstance(contents, dict) else type(contents).__name__
         raise ValueError(
@@ -140,12 +146,13 @@ def _check_format_and_version(contents: object, path: str | os.PathLike) -> None
             f"{SNAPSHOT_FORMAT!r}, got {got})"
         )
     version = contents.get("version", _VERSION_OF_UNVERSIONED)
-    if type(version) is not int or version not in _READABLE_VERSIONS:
-        readable = " or ".join(str(v) for v in _READABLE_VERSIONS)
+    if type(version) is not int or version not in _KEYS_OF:
+        readable = ", ".join(str(v) for v in _KEYS_OF)
         raise ValueError(
             f"swa_fast.posthoc: {str(path)!r} is a snapshot of format version {version!r}; this swa_fast "
-            f"reads version {readable} (a newer snapshot needs the swa_fast that wrote it)"
+            f"reads versions {readable} (a newer snapshot needs the swa_fast that wrote it)"
         )
+    return version
 
 
 def _damaged(path: str | os.PathLike, what: str) -> ValueError:
@@ -230,24 +237,62 @@ def _write_atomically(path: Path, payload: dict) -> None:
             os.close(directory)
 
 
+def snapshot_runs(directory: str | os.PathLike) -> dict[int, str | None]:
+    """step -> the training run of every snapshot in `directory` (each file's header read, checked)."""
+    return {step: load_snapshot(path).run for step, path in list_snapshots(directory).items()}
+
+
+def describe_run(run: str | None) -> str:
+    """A run's name in a message."""
+    return "a run written before snapshots recorded their run" if run is None else f"run {run}"
+
+
+def check_replaceable(path: Path, run: str | None) -> None:
+    """Raise unless `path` is free or holds a snapshot of `run` (which a resumed run writes again):
+    a snapshot of another training run, or any other file, is never replaced."""
+    if not path.exists():
+        return
+    try:
+        theirs = load_snapshot(path).run
+    except ValueError as error:
+        raise ValueError(
+            f"swa_fast.PostHocEMA: {str(path)!r} is there already and is not replaced ({error})"
+        ) from error
+    if theirs != run:
+        raise ValueError(
+            f"swa_fast.PostHocEMA: {str(path)!r} is a snapshot of another training run "
+            f"({describe_run(theirs)}; this one is {describe_run(run)}): not replaced"
+        )
+
+
 def stop_writer(jobs: queue.Queue, thread: threading.Thread) -> None:
     jobs.put(None)
     thread.join()
 
 
+@dataclass(frozen=True)
+class WriteFailure:
+    """A snapshot that the writer could not write."""
+
+    path: Path
+    step: int
+    error: BaseException
+
+
 class SnapshotWriter:
     """A background thread that writes snapshots, one at a time, in order. A job waits for its
     host copy to land (CUDA events) before it is serialised; `free` is set once the host buffer may
-    be written again. The first error is kept and raised by `check()`. Its owner stops it with
-    `stop_writer` (a weakref.finalize of the manager: when the manager is collected, and at
-    interpreter exit, after the pending jobs are written)."""
+    be written again. A job that fails is kept (`take_failures`, for its owner to report once) and
+    the writer goes on with the next one. Its owner stops it with `stop_writer` (a weakref.finalize
+    of the manager: when the manager is collected, and at interpreter exit, after the pending jobs
+    are written)."""
 
     def __init__(self) -> None:
         self.jobs: queue.Queue = queue.Queue()
         self.free = threading.Event()
         self.free.set()
-        self.error: BaseException | None = None
-        self.failed_path: Path | None = None
+        self._failures: list[WriteFailure] = []
+        self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="swa_fast snapshot writer", daemon=True)
         self.thread.start()
 
@@ -257,10 +302,11 @@ class SnapshotWriter:
             try:
                 for event in copied:
                     event.synchronize()
-                if self.error is None:
-                    save_snapshot(path, snapshot)
-            except BaseException as error:  # noqa: BLE001 (kept, raised in the training thread)
-                self.error, self.failed_path = error, path
+                check_replaceable(path, snapshot.run)
+                save_snapshot(path, snapshot)
+            except BaseException as error:  # noqa: BLE001 (kept, reported in the training thread)
+                with self._lock:
+                    self._failures.append(WriteFailure(path, snapshot.step, error))
             finally:
                 self.free.set()
                 self.jobs.task_done()
@@ -270,34 +316,36 @@ class SnapshotWriter:
         self.free.clear()
         self.jobs.put((path, snapshot, copied))
 
-    def check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(
-                f"swa_fast.PostHocEMA: writing the snapshot {str(self.failed_path)!r} failed: "
-                f"{self.error!r}; no later snapshot was written"
-            ) from self.error
+    def take_failures(self) -> list[WriteFailure]:
+        """The writes that failed since the last call (each one given once)."""
+        if not self._failures:  # (every update asks: no lock taken when there is nothing)
+            return []
+        with self._lock:
+            failures, self._failures = self._failures, []
+        return failures
 
-    def flush(self) -> None:
+    def wait(self) -> None:
+        """Until every job submitted so far is done (written, or failed)."""
         self.jobs.join()
-        self.check()
 
 
 class HostSnapshot:
     """Host memory that a snapshot is copied into (pinned for a GPU average) and the `Snapshot` that
     is saved from it: per tracked profile one flat tensor per group of the average, the names and
     shapes that `named_averages` cuts them back into (a few objects to pickle, however many tensors
-    the model has: the writer thread holds the GIL less)."""
+    the model has: the writer thread holds the GIL less). A group can be copied in the average's
+    own dtype instead of the snapshot dtype (`copy_from`'s `wide`), into buffers made when first
+    needed."""
 
     def __init__(self, manager: PostHocEMA, dtype: torch.dtype | None) -> None:
         average = manager.average
         self.pin = torch.cuda.is_available() and any(g.device.type == "cuda" for g in average.groups)
-        self.flats = [
-            [
-                torch.empty(g.buffer.numel(), dtype=dtype or g.dtype, pin_memory=self.pin)
-                for g in average.groups
-            ]
-            for _ in manager._profiles
-        ]
+        self._own_dtypes = [g.dtype for g in average.groups]
+        self._lengths = [g.buffer.numel() for g in average.groups]
+        profiles = len(manager._profiles)
+        self._narrow = [[self._empty(g, dtype) for g in range(len(self._lengths))] for _ in range(profiles)]
+        self._wide: dict[int, list[Tensor]] = {}  # group -> its buffer per profile, in its own dtype
+        self.flats = self._narrow  # as last copied
         self.integers = [torch.empty_like(t, device="cpu", pin_memory=self.pin) for t in manager._integers]
         self._fixed = {  # what every snapshot of this manager holds alike
             "sigma_rels": list(manager.sigma_rels),
@@ -306,18 +354,35 @@ class HostSnapshot:
             "names": manager.tracked.floating_names,
             "shapes": [list(v.shape) for v in average.views],
             "groups": [list(g.indices) for g in average.groups],
-            "flats": self.flats,
             "integers": dict(zip(manager.tracked.integer_names, self.integers)),
         }
 
-    def snapshot_at(self, step: int, progress: float) -> Snapshot:
-        """The snapshot of update `step` at `progress`, made of this host memory (as last copied)."""
-        return Snapshot(step=step, progress=progress, **self._fixed)
+    def _empty(self, group: int, dtype: torch.dtype | None) -> Tensor:
+        dtype = dtype or self._own_dtypes[group]
+        return torch.empty(self._lengths[group], dtype=dtype, pin_memory=self.pin)
 
-    def copy_from(self, sources: list[Tensor], integers: list[Tensor], backend: str | None) -> list:
-        """Copy `sources` (the profiles' flat buffers, in `flats` order) and the integer buffers here;
-        from a GPU on a side stream of each device (returns the events to wait for), on the CPU by one
-        fused copy."""
+    def _flats_for(self, wide: Collection[int]) -> list[list[Tensor]]:
+        """Per profile, per group: the buffer a snapshot is copied into (the own dtype's for `wide`)."""
+        for g in wide:
+            if g not in self._wide:
+                self._wide[g] = [self._empty(g, None) for _ in self._narrow]
+        return [
+            [self._wide[g][k] if g in wide else flat for g, flat in enumerate(flats)]
+            for k, flats in enumerate(self._narrow)
+        ]
+
+    def snapshot_at(self, step: int, progress: float, run: str | None) -> Snapshot:
+        """The snapshot of update `step` at `progress` of `run`, made of this host memory (as last
+        copied)."""
+        return Snapshot(step=step, progress=progress, run=run, flats=self.flats, **self._fixed)
+
+    def copy_from(
+        self, sources: list[Tensor], integers: list[Tensor], backend: str | None, wide: Collection[int] = ()
+    ) -> list:
+        """Copy `sources` (the profiles' flat buffers, in `flats` order) and the integer buffers here,
+        the groups in `wide` in their own dtype; from a GPU on a side stream of each device (returns
+        the events to wait for), on the CPU by one fused copy."""
+        self.flats = self._flats_for(wide)
         dests = [flat for flats in self.flats for flat in flats]
         if not any(s.is_cuda for s in sources + integers):
             copy_lists(dests, sources, backend=backend)
