@@ -90,10 +90,11 @@ def copy_candidates(moved: int, device: torch.device) -> dict:
     could outrun a one-to-one copy). The fastest is the most a streaming update of those bytes can
     reach here: its time becomes the `COPY` row's (`merge_copies`)."""
     n = max(1, moved // 8)  # 4 bytes read and 4 written per fp32 element
-    x, src, dst = (torch.randn(n, device=device) for _ in range(3))
-    a, b = (torch.randn(max(1, moved // 12), device=device) for _ in range(2))  # 8 read, 4 written
+    src, dst = torch.randn(n, device=device), torch.randn(n, device=device)
+    m = max(1, moved // 12)  # 8 bytes read and 4 written per element, in the same two tensors
+    a, b = dst[:m], src[:m]
     return {
-        f"{COPY} in place": lambda: x.mul_(1.0),
+        f"{COPY} in place": lambda: src.mul_(1.0),  # (times 1: the values stay)
         f"{COPY} out of place": lambda: swa_fast.copy_([dst], [src]),
         f"{COPY} 2 reads a write": lambda: a.add_(b),
     }
