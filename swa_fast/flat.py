@@ -48,19 +48,23 @@ def write_through_strides(
     back through the tensor's own strides after `write` returned. Should `write` raise, nothing is
     copied back, so `dst` stays as the op left it (as it was: the ops check before writing). A list
     of contiguous tensors goes straight through."""
-    strided = [i for i, t in enumerate(dst) if not t.is_contiguous()]
-    if not strided:
-        write(list(dst))
-        return
-    stand_ins = list(dst)
-    for i in strided:
-        t = dst[i]
-        stand_ins[i] = (
-            t.contiguous() if keep_values else torch.empty_like(t, memory_format=torch.contiguous_format)
-        )
+    stand_ins = contiguous_stand_ins(dst, keep_values)
     write(stand_ins)
-    for i in strided:
-        dst[i].copy_(stand_ins[i])
+    for t, stand_in in zip(dst, stand_ins):
+        if stand_in is not t:
+            t.copy_(stand_in)
+
+
+def contiguous_stand_ins(tensors: Sequence[Tensor], keep_values: bool = False) -> list[Tensor]:
+    """`tensors`, each strided one replaced by a new contiguous tensor of its shape and dtype
+    (holding its values when `keep_values`): what a fused op writes in its place."""
+    return [t if t.is_contiguous() else _stand_in(t, keep_values) for t in tensors]
+
+
+def _stand_in(t: Tensor, keep_values: bool) -> Tensor:
+    if keep_values:
+        return t.contiguous()
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def copy_into_strided(dst: Sequence[Tensor], src: Sequence[Tensor], backend: str | None = None) -> None:

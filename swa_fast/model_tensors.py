@@ -106,13 +106,16 @@ class ModuleWalk:
     their tensors are read from those modules' own dicts on every call, so a tensor replaced in
     place of another, however it was replaced (`Module.to` swaps buffers without any hook), is seen
     at once. The list of modules is walked again when it may be stale: after any registration
-    (torch's global hooks: a module set or added) or when the modules' children are fewer (a `del`).
+    (torch's global hooks: a module set or added) or when the modules' children are not the very
+    modules seen at the walk (a `del`, or a module written straight into a `_modules` dict, which
+    runs no hook: `model._modules["1"] = head`), compared by identity over every module's
+    `_modules` dict, empty ones too, by the extension.
 
     `tensors()` reads only the dicts that held something at the walk (most modules hold no
     buffers); `holds()` reads them all, so a tensor written straight into an empty `_parameters` /
-    `_buffers` dict without `register_*` is seen there (and the modules walked again). A module
-    written into a `_modules` dict without `add_module` (what FSDP does with parameters only) is
-    not seen. The module is held weakly; its dicts strongly, until it is freed."""
+    `_buffers` dict without `register_*` is seen there (and the modules walked again). A module's
+    whole dict replaced by another object (`m._parameters = {...}`) is not seen. The module is held
+    weakly; its dicts strongly, until it is freed."""
 
     def __init__(self, module: Module, parameters: bool = True, buffers: bool = False) -> None:
         self.kinds = [kind for kind, asked in (("_parameters", parameters), ("_buffers", buffers)) if asked]
@@ -120,7 +123,7 @@ class ModuleWalk:
 
         def forget(_ref: weakref.ref) -> None:  # the model is gone: hold none of its tensors
             if (walk := me()) is not None:
-                walk._values = walk._parents = walk._dicts = []
+                walk._values = walk._parents = walk._children = walk._dicts = []
                 walk._parts = [([], None) for _ in walk.kinds]
 
         self._module = weakref.ref(module, forget)
@@ -136,8 +139,10 @@ class ModuleWalk:
                 order.append(m)
                 stack.extend(c for c in reversed(m._modules.values()) if c is not None)
         self._registrations = _Registrations.count
-        self._parents = [m._modules for m in order if m._modules]
-        self._children = sum(map(len, self._parents))
+        # every module's children, in order: a module written straight into a `_modules` dict (no
+        # hook runs) is seen by identity, in a leaf's empty dict too
+        self._parents = [m._modules for m in order]
+        self._children = [c for d in self._parents for c in d.values() if c is not None]
         # Per kind: the values of its non-empty dicts (live views: what the dicts hold when read),
         # and what to keep of them.
         self._parts = []
@@ -177,9 +182,17 @@ class ModuleWalk:
         return walked if self._pick is None else self._pick(walked)
 
     def _check(self) -> None:
-        """Walk again if the walk may be stale."""
-        if _Registrations.count != self._registrations or sum(map(len, self._parents)) != self._children:
-            self._walk(self._module())
+        """Walk again if the walk may be stale: a registration anywhere, or other children."""
+        if _Registrations.count != self._registrations or not self._same_children():
+            if (module := self._module()) is not None:
+                self._walk(module)
+
+    def _same_children(self) -> bool:
+        """Whether every module walked holds the very children it held at the walk, in order."""
+        if _same_values is not None:  # (it leaves out None entries, as `_children` does)
+            return _same_values(self._parents, self._children)
+        now = [c for d in self._parents for c in d.values() if c is not None]
+        return same_tensors(now, self._children)
 
     def tensors(self) -> list[Tensor]:
         """The module's tensors now (its parameters, then its buffers, as asked), each once."""

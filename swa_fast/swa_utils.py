@@ -351,6 +351,7 @@ class AveragedModel(Module):
                     prepared.lerp.eager(averaged, current, weight)
             except ValueError:  # the lerp_ refused: the general path says why, or takes the devices apart
                 self._update_fused(prepared, current, averaged, weight, kind, n)
+                prepared.plain = False  # (what it took, a strided copy say, stays: its plan from now on)
         else:
             self._update_fused(prepared, current, averaged, weight, kind, n)
         if ours and not copied:
