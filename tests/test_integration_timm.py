@@ -87,6 +87,22 @@ def test_v3_mixed_precision_model_with_stochastic_rounding():
         assert_same(_state(theirs), _state(ours), True, f"step {step}")
 
 
+@pytest.mark.parametrize("change", ["model.float()", "norm.float()"])
+def test_v3_stochastic_rounding_follows_the_models_dtypes_now(change):
+    """A bf16 model made fp32 (whole, or one layer) after the EMA was made: timm rounds the model's
+    tensors as they are now (its chunks are torch.cat of them), and so do ours: the same bits."""
+    model = cnn_with_bn(IMAGE_SIDE).to(torch.bfloat16)
+    theirs, ours = timm_ema.ModelEmaV3(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    for step in trajectory(model, 3):
+        theirs.update(model, step=step)
+        ours.update(model, step=step)
+    model.float() if change == "model.float()" else model[1].float()
+    for step in trajectory(model, 4, seed=1):
+        theirs.update(model, step=step)
+        ours.update(model, step=step)
+        assert_same(_state(theirs), _state(ours), True, f"step {step} after {change}")
+
+
 def test_v3_averages_in_place_and_integer_buffers_are_copied():
     model = cnn_with_bn(IMAGE_SIDE)
     ours = ModelEmaV3(model, decay=0.9)

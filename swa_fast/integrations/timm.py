@@ -13,6 +13,8 @@ run gives timm's bits. See docs/integrations.md for what differs.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from timm.utils import model_ema as _timm
 from torch import Tensor
@@ -42,7 +44,6 @@ class _FlatModule:
         averaged = self._averaged()
         self._floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
         self._integer = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
-        self._source_dtypes = [t.dtype for t in self._sources(model)]
         self._flat = FlatShadow(pick(self._floating, averaged), owner="integrations.timm")
         self._other_device = self.device is not None and any(
             t.device != torch.device(self.device) for t in self._sources(model)
@@ -132,9 +133,12 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
         """bfloat16 buffers: timm's stochastic rounding, on the flat buffer; the others: lerp_."""
         buffer = self._flat.buffer
         scratch = self.__dict__.get("_sr_scratch")
-        if scratch is None:  # the temporaries, once (timm allocates them on every update)
-            scratch = _RoundingScratch(buffer, self._source_dtypes, self._floating, self.foreach)
-            self._sr_scratch = scratch
+        # timm's chunks hold the model's tensors as they are now (a `model.float()` since changes
+        # the dtype they are rounded through): the temporaries are made anew when it changed, else
+        # kept (timm allocates them on every update)
+        dtypes = list(map(_dtype, sources))
+        if scratch is None or scratch.source_dtypes != dtypes:
+            scratch = self._sr_scratch = _RoundingScratch(buffer, dtypes, self.foreach)
         if scratch.rest:
             self._flat.lerp_(sources, weight, self._other_device, part=scratch.rest)
         for g, (group, _, src) in enumerate(buffer.pairs(sources)):
@@ -147,7 +151,8 @@ class _RoundingScratch:
     rule over the tensors in order; one tensor per chunk without `foreach`), the same fp32
     arithmetic and the same draws from the generator, with the temporaries allocated once."""
 
-    def __init__(self, buffer, source_dtypes: list[torch.dtype], floating: list[int], foreach: bool) -> None:
+    def __init__(self, buffer, source_dtypes: list[torch.dtype], foreach: bool) -> None:
+        self.source_dtypes = source_dtypes  # the model's floating tensors' dtypes, as the buffer's
         self.chunks: dict[int, list[tuple[int, int, int, int, torch.dtype]]] = {}
         # the positions of the tensors in other buffers (an fp32 norm of a bf16 model): lerp_ there
         self.rest = [i for g in buffer.groups if g.dtype != torch.bfloat16 for i in g.indices]
@@ -156,7 +161,7 @@ class _RoundingScratch:
             if group.dtype != torch.bfloat16:
                 continue
             sizes = [buffer.views[i].numel() for i in group.indices]
-            dtypes = [source_dtypes[floating[i]] for i in group.indices]
+            dtypes = [source_dtypes[i] for i in group.indices]
             chunks, first, start, numel = [], 0, 0, 0
             for k, size in enumerate(sizes):
                 if numel and (not foreach or numel + size > _SR_CHUNK_NUMEL):
@@ -213,6 +218,9 @@ def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
     for d in dtypes[1:]:
         result = torch.promote_types(result, d)
     return result
+
+
+_dtype = operator.attrgetter("dtype")
 
 
 def _each_parameter(module: Module) -> list[Tensor]:
