@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils import dlpack
 
 from . import ops
 
@@ -71,6 +72,24 @@ def copy_into_strided(dst: Sequence[Tensor], src: Sequence[Tensor], backend: str
     """`copy_lists(dst, src)` where `dst` may hold strided tensors (a model's): each receives its
     value through its own strides, rounded once, as a contiguous one would."""
     write_through_strides(dst, lambda stand_ins: copy_lists(stand_ins, src, backend=backend))
+
+
+# The device types whose tensors DLPack exports (a meta stand-in, say, stays a view).
+_DLPACK_DEVICES = ("cpu", "cuda")
+
+
+def own_bytes(t: Tensor) -> Tensor:
+    """`t` for a state dict: where it is a contiguous part of a larger storage (a view of a flat
+    buffer), a tensor over the very same memory whose storage is its own bytes only (through DLPack:
+    no copy). torch.save writes a tensor's whole storage, so a saved state, or any part of one, then
+    holds only its own tensors' bytes, while its entries are still the averages (a load into them,
+    DCP's in place too, writes the flat buffer). Anything else (a Parameter, a DTensor, a tensor of
+    its own storage) is given back as it is."""
+    if type(t) is not Tensor or t.requires_grad or not t.is_contiguous():
+        return t
+    if t.device.type not in _DLPACK_DEVICES or t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return dlpack.from_dlpack(dlpack.to_dlpack(t))
 
 
 # Every view of a flat buffer starts at a multiple of this many elements: 16 bytes for 2-byte dtypes,

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from . import distributed
-from .flat import FlatBuffer, copy_into_strided, copy_lists
+from .flat import FlatBuffer, copy_into_strided, copy_lists, own_bytes
 from .ops import _C
 from .wrappers import unwrap
 
@@ -250,6 +250,23 @@ class ModulesWatch:
             return False
         self._seen = [walk.tensors() for walk in self._walks]
         return True
+
+
+def save_own_bytes(module: Module) -> None:
+    """Make every state_dict of `module` or of any of its submodules give its tensors through
+    `flat.own_bytes` (a state_dict post-hook on each): for a module whose tensors view flat buffers
+    (an averaged copy), so that a saved state, or any part of one, holds only its own bytes, as a
+    plain module's does. `keep_vars=True` still gives the tensors themselves."""
+    for m in module.modules():
+        m.register_state_dict_post_hook(_own_bytes_entries)
+
+
+def _own_bytes_entries(module: Module, state: dict, prefix: str, _metadata: dict) -> None:
+    """The post-hook of `save_own_bytes`: this module's own entries (its submodules' have theirs)."""
+    for name in chain(module._parameters, module._buffers):
+        value = state.get(prefix + name)
+        if value is not None:
+            state[prefix + name] = own_bytes(value)
 
 
 def module_names(module: Module, buffers: bool) -> list[str]:
@@ -511,15 +528,19 @@ class ModelCopy:
         return self.flat.nbytes() + sum(t.numel() * t.element_size() for t in self.integers)
 
     def named(self) -> dict[str, Tensor]:
-        """name -> stored tensor (views into the flat buffers), in the model's order. A DTensor
-        parameter's entry is a DTensor over the stored shard, laid out as the parameter, so
-        torch.distributed.checkpoint saves it sharded and loads straight into the flat buffer."""
+        """name -> stored tensor (the flat buffers' memory, each entry a storage of its own bytes:
+        `flat.own_bytes`), in the model's order. A DTensor parameter's entry is a DTensor over the
+        stored shard, laid out as the parameter, so torch.distributed.checkpoint saves it sharded
+        and loads straight into the flat buffer."""
         self.wait()
-        out = dict(zip(self.tracked.floating_names, self.flat.views))
-        out.update(zip(self.tracked.integer_names, self.integers))
         if self.tracked.sharded:
+            out = dict(zip(self.tracked.floating_names, self.flat.views))
+            out.update(zip(self.tracked.integer_names, self.integers))
             layouts = zip(self.tracked.names, self.tracked.layouts)
             return {name: distributed.as_dtensor(out[name], layout) for name, layout in layouts}
+        # each a tensor of its own bytes (flat.own_bytes): a part of the state saves only its own
+        out = dict(zip(self.tracked.floating_names, map(own_bytes, self.flat.views)))
+        out.update(zip(self.tracked.integer_names, self.integers))
         return {name: out[name] for name in self.tracked.names}
 
     @torch.no_grad()

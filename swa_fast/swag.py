@@ -16,7 +16,7 @@ from . import distributed, ops
 from .averaging import SWA
 from .bn import update_bn
 from .ensemble import PredictsOnBatches, ensemble_predict
-from .flat import FlatBuffer, copy_into_strided, copy_lists, padded_numel
+from .flat import FlatBuffer, copy_into_strided, copy_lists, own_bytes, padded_numel
 from .weighting import real_number
 
 
@@ -194,10 +194,15 @@ class SWAG(SWA, PredictsOnBatches):
 
     def _extra_state(self) -> dict:
         return {
-            "sq": self.tracked.shard_state(dict(zip(self.tracked.floating_names, self.sq.views))),
+            "sq": self.tracked.shard_state(dict(zip(self.tracked.floating_names, self._sq_entries()))),
             "deviation": self.tracked.shard_state(self._deviation_views(), lead=(self.max_rank,)),
             "max_rank": self.max_rank,
         }
+
+    def _sq_entries(self) -> list[Tensor]:
+        """The second moments for a state dict: as the average's (`ModelCopy.named`), each a tensor
+        of its own bytes unless sharded (then DTensors over the views)."""
+        return self.sq.views if self.tracked.sharded else list(map(own_bytes, self.sq.views))
 
     def _check_extra_state(self, state: dict) -> tuple[dict, dict]:
         if state.get("max_rank") != self.max_rank or "sq" not in state or "deviation" not in state:

@@ -552,6 +552,34 @@ def test_a_pickled_manager_copies_and_continues_like_the_original(make, how):
             assert loaded.state_dict()[key] == value, key
 
 
+def _saved_bytes(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+@pytest.mark.parametrize("make", [swa_fast.SWA, lambda m: swa_fast.SWAG(m, max_rank=0)], ids=["swa", "swag"])
+def test_a_saved_part_of_a_state_dict_holds_only_its_own_bytes(make):
+    """The average lives in one flat buffer and torch.save writes a view's whole storage: a part of
+    `state_dict()` is saved in the bytes of its own tensors, and the entries are still the average
+    (no copy: a load into them, or DCP's, writes the buffer)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 200), torch.nn.Linear(10, 10))
+    manager = make(model)
+    manager.update(model)
+    state = manager.state_dict()
+    for key in ("average", "sq") if "sq" in state else ("average",):
+        head = {k: v for k, v in state[key].items() if k.startswith("1.")}
+        assert _saved_bytes(head) == _saved_bytes({k: v.clone() for k, v in head.items()}) < 4_000, key
+    assert _saved_bytes(state) <= _saved_bytes(copy.deepcopy(state))
+    assert state["average"]["0.weight"].data_ptr() == manager.average.views[0].data_ptr()
+    saved = copy.deepcopy(state)
+    perturb_(model, 1)
+    manager.update(model)
+    manager.load_state_dict(saved)
+    assert all(torch.equal(v, saved["average"][k]) for k, v in manager.state_dict()["average"].items())
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -12,6 +12,7 @@ model's and foreach (timm: mul_ then add_, two roundings) and ModelEmaV2 (timm: 
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -181,6 +182,46 @@ def test_v3_keeps_averaging_after_its_tensors_get_new_storage():
         theirs.update(model)
         ours.update(model)
         assert_same(_state(theirs), _state(ours), True, f"step {step}")
+
+
+def _saved_bytes(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def test_a_saved_part_of_the_state_holds_only_its_own_bytes_as_timms():
+    """The copy's tensors view one flat buffer, and torch.save writes a view's whole storage: a
+    part of `ema.module.state_dict()` (the head, picked from the whole state or asked of the head
+    itself) is saved in as many bytes as timm's, and the entries are still the average (no copy)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 200), torch.nn.Linear(10, 10))
+    theirs, ours = timm_ema.ModelEmaV3(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    for _ in range(2):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        theirs.update(model)
+        ours.update(model)
+    whole = ours.module.state_dict()
+    head, their_head = (
+        {k: v for k, v in ema.module.state_dict().items() if k.startswith("1.")} for ema in (ours, theirs)
+    )
+    assert _saved_bytes(head) == _saved_bytes(their_head) < 4_000
+    assert _saved_bytes(ours.module[1].state_dict()) == _saved_bytes(theirs.module[1].state_dict())
+    assert _saved_bytes(whole) <= _saved_bytes(theirs.module.state_dict())
+    assert whole["0.weight"].data_ptr() == ours.module[0].weight.data_ptr()
+    assert head["1.bias"].data_ptr() == ours.module[1].bias.data_ptr()
+    ours.update(model)  # the entries are the average: an update shows in them
+    assert torch.equal(whole["0.weight"], ours.module[0].weight)
+    restored = ModelEmaV3(model, decay=0.9)
+    restored.module.load_state_dict(torch.load(io.BytesIO(_saved(whole)), weights_only=True))
+    assert_same(_state(ours), _state(restored), True)
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def test_another_model_raises_before_writing():

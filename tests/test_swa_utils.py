@@ -490,10 +490,13 @@ def test_saving_one_layers_state_dict_saves_only_that_layer_as_torch():
     restored = torch.nn.Linear(10, 10)
     restored.load_state_dict(torch.load(io.BytesIO(_saved(part))))
     assert all(torch.equal(a, b) for a, b in zip(restored.parameters(), fast.module[1].parameters()))
-    # The whole state covers each flat buffer: it stays views of them (no copy), no larger than torch's.
+    # The whole state is the flat buffers' memory (no copy), saved in no more bytes than torch's.
     whole = fast.state_dict()
     assert whole["module.0.weight"].untyped_storage().data_ptr() == fast.module[0].weight.data_ptr()
-    assert saved_bytes(whole) <= saved_bytes(ref.state_dict())  # one storage record in place of four
+    assert saved_bytes(whole) <= saved_bytes(ref.state_dict())
+    # A part picked from the whole state holds only its own bytes too, as torch's.
+    pick = [k for k in whole if k.startswith("module.1.")]
+    assert saved_bytes({k: whole[k] for k in pick}) == saved_bytes({k: ref.state_dict()[k] for k in pick})
     # keep_vars=True gives the parameters themselves, as torch's.
     assert fast.module[1].state_dict(keep_vars=True)["weight"] is fast.module[1].weight
     # Nested in another module's state_dict, the entries are as torch's.

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from ..flat import copy_lists
+from ..model_tensors import save_own_bytes
 from ._common import FlatShadow, check_count, pick, state_tensors
 
 __all__ = ["ModelEmaV2", "ModelEmaV3"]
@@ -45,6 +46,7 @@ class _FlatModule:
         self._floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
         self._integer = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
         self._flat = FlatShadow(pick(self._floating, averaged), owner="integrations.timm")
+        save_own_bytes(self.module)  # a saved part of its state holds only its own bytes, as timm's
         self._other_device = self.device is not None and any(
             t.device != torch.device(self.device) for t in self._sources(model)
         )
