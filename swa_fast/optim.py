@@ -107,7 +107,8 @@ class SWA(torch.optim.Optimizer):
         flat = FlatBuffer([p.new_zeros(p.shape) if a is None else a for p, a in zip(params, starts)])
         for p, view in zip(params, flat.views):
             self.state[p]["swa_buffer"] = view
-        plan = UpdatePlan("lerp_", [flat.views], params, owner="optim.SWA", keep_sources=False)
+        names = [f"parameter {i} of its param group" for i in range(len(params))]  # (for errors)
+        plan = UpdatePlan("lerp_", [flat.views], params, owner="optim.SWA", names=names, keep_sources=False)
         kept = self._flat[id(group)] = _GroupAverages(group["params"], params, flat, plan)
         return kept
 

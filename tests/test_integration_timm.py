@@ -237,6 +237,44 @@ def test_another_model_raises_before_writing():
         assert_same(before, _state(ours), True)
 
 
+def _resize_head(model):
+    model.head.weight.data = torch.zeros(5, 3, dtype=torch.bfloat16)
+
+
+def _resize_count(model):
+    model[1].num_batches_tracked = torch.zeros(2, dtype=torch.long)
+
+
+def _resize_running_mean(model):
+    model[1].running_mean = torch.zeros(5)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, make, change",
+    [
+        (ModelEmaV3, {}, BF16WithFP32Norm, _resize_head),  # fp32 lerp_, then bf16 rounding
+        (ModelEmaV3, {}, lambda: cnn_with_bn(IMAGE_SIDE), _resize_count),  # lerp_, then integer copies
+        (ModelEmaV2, {}, lambda: cnn_with_bn(IMAGE_SIDE), _resize_count),
+        (ModelEmaV3, {"exclude_buffers": True}, lambda: cnn_with_bn(IMAGE_SIDE), _resize_running_mean),
+    ],
+    ids=["stochastic rounding after lerp_", "v3 integer copy", "v2 integer blend", "exclude_buffers copy"],
+)
+def test_an_update_checks_every_part_before_writing_any(cls, kwargs, make, change):
+    """An update writes in parts (the lerp_, then the bf16 rounding, the integer buffers or the
+    buffers copied): a tensor of a later part whose shape changed raises before the first is written."""
+    model = make()
+    ours = cls(model, decay=0.5, **kwargs)
+    ours.update(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    change(model)
+    before = [t.clone() for t in _state(ours)]
+    with pytest.raises(ValueError, match="shape"):
+        ours.update(model)
+    assert_same(before, _state(ours), True)
+
+
 def test_importing_swa_fast_imports_none_of_the_libraries():
     code = (
         "import sys, swa_fast, swa_fast.integrations; "

@@ -20,7 +20,7 @@ from timm.utils import model_ema as _timm
 from torch import Tensor
 from torch.nn import Module
 
-from ..flat import copy_lists
+from ..flat import check_same_shapes, copy_lists
 from ..model_tensors import save_own_bytes
 from ._common import FlatShadow, check_count, pick, state_tensors
 
@@ -66,7 +66,10 @@ class _FlatModule:
         if not self._flat.holds(floating_avg):
             self._flat = FlatShadow(floating_avg, owner="integrations.timm")
             self.__dict__.pop("_sr_scratch", None)
-        return floating_avg, floating_src, pick(self._integer, averaged), pick(self._integer, sources)
+        integer_avg, integer_src = pick(self._integer, averaged), pick(self._integer, sources)
+        # copied (or blended) after the averages are written: their shapes are checked before
+        _check_pairs("state_dict tensor", self._integer, integer_src, integer_avg)
+        return floating_avg, floating_src, integer_avg, integer_src
 
     @torch.no_grad()
     def set(self, model: Module) -> None:
@@ -121,6 +124,7 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
         if self.exclude_buffers:  # before anything is written: the buffers must pair up too
             ours, theirs = list(self.module.buffers()), list(model.buffers())
             check_count("swa_fast.integrations.timm.ModelEmaV3", "buffers", len(ours), len(theirs))
+            _check_pairs("buffer", range(len(ours)), theirs, ours)
         groups = self._flat.buffer.groups
         if self.stochastic_rounding and any(g.dtype == torch.bfloat16 for g in groups):
             self._rounded_update(floating_src, weight)
@@ -134,6 +138,7 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
     def _rounded_update(self, sources: list[Tensor], weight: float) -> None:
         """bfloat16 buffers: timm's stochastic rounding, on the flat buffer; the others: lerp_."""
         buffer = self._flat.buffer
+        buffer.check_shapes(sources)  # every group before the first is written (each is a call)
         scratch = self.__dict__.get("_sr_scratch")
         # timm's chunks hold the model's tensors as they are now (a `model.float()` since changes
         # the dtype they are rounded through): the temporaries are made anew when it changed, else
@@ -223,6 +228,14 @@ def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
 
 
 _dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
+
+
+def _check_pairs(what: str, positions, sources: list[Tensor], kept: list[Tensor]) -> None:
+    """Raise, naming the first source whose shape is not its kept tensor's (no device work; the
+    names are made only then)."""
+    if list(map(_shape, sources)) != list(map(_shape, kept)):
+        check_same_shapes([f"{what} {i}" for i in positions], sources, kept)
 
 
 def _each_parameter(module: Module) -> list[Tensor]:
