@@ -22,9 +22,12 @@ from torch.nn import Module
 
 from ..flat import check_same_shapes, copy_lists
 from ..model_tensors import save_own_bytes
+from ..weighting import count
 from ._common import FlatShadow, check_count, pick, state_tensors
 
 __all__ = ["ModelEmaV2", "ModelEmaV3"]
+
+_OWNER = "integrations.timm.ModelEma"
 
 # timm's chunk of stochastically rounded elements (the default of its _lerp_stochastic_round_bf16_)
 _SR_CHUNK_NUMEL = 2**22
@@ -104,6 +107,8 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
 
     def __init__(self, model: Module, *args, **kwargs) -> None:
         _timm.ModelEmaV3.__init__(self, model, *args, **kwargs)
+        # (timm takes any number, and 12.34 would shift its warmup by a fraction of a step)
+        self.update_after_step = count(self.update_after_step, f"{_OWNER}V3: update_after_step", 0)
         self._init_flat(model)
 
     def _averaged(self) -> list[Tensor]:
