@@ -27,6 +27,7 @@ from .model_tensors import ModelCopy, TrackedModel
 from .ops import checks
 from .placement import OtherDevice, SameDevice, SideStream
 from .weighting import count, ema_decay, real_number, swa_weight
+from .wrappers import hooked
 
 _CPU = torch.device("cpu")
 
@@ -184,13 +185,11 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         `self.update(model)` after every `every`-th `optimizer.step()` (counted from here; a step
         that GradScaler skips runs no hook). `model` defaults to the model this manager was made
         from, held weakly as the manager holds it (an unpickled manager, which has none yet, needs
-        `model=`). Returns the hook's handle: `handle.remove()` detaches it."""
+        `model=`). An optimizer wrapper whose own step runs no hooks (`swa_fast.optim.SWA`) is
+        taken: the hook goes on the optimizer it wraps, whose step its own calls once. Returns the
+        hook's handle: `handle.remove()` detaches it."""
         every = count(every, f"{type(self).__name__}.attach: every", 1)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(
-                f"swa_fast.{type(self).__name__}.attach: expected a torch.optim.Optimizer, got "
-                f"{type(optimizer).__name__}"
-            )
+        optimizer = hooked(optimizer, f"{type(self).__name__}.attach")
         if model is None and self.tracked.model is None:
             raise ValueError(
                 f"swa_fast.{type(self).__name__}.attach: this manager holds no model (unpickled, or its "

@@ -27,6 +27,7 @@ from .ensemble import PredictsOnBatches, ensemble_predict
 from .model_tensors import ModelCopy, TrackedModel
 from .schedules import FGECyclicLR
 from .weighting import count
+from .wrappers import hooked
 
 WHEN_FULL = ("drop_oldest", "raise")
 
@@ -85,7 +86,8 @@ class FGE(PredictsOnBatches):
         self._layout = [(t.shape, t.dtype, t.device) for t in self.tracked.tensors(model)]
         self._hook = None
         if scheduler is not None:
-            self._hook = scheduler.optimizer.register_step_post_hook(self._after_step(scheduler))
+            stepped = hooked(scheduler.optimizer, "FGE")  # (the one inside swa_fast.optim.SWA)
+            self._hook = stepped.register_step_post_hook(self._after_step(scheduler))
 
     def _after_step(self, scheduler: FGECyclicLR) -> Callable[..., None]:
         tracked = self.tracked

@@ -339,6 +339,24 @@ def test_swap_refuses_an_average_kept_on_another_device():
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
 
+def test_swap_of_an_average_in_another_dtype_says_what_to_use_instead_and_changes_nothing():
+    """An fp32 average (the default) of a bf16 model cannot be exchanged in place: the error names
+    the tensor and points to average_applied / copy_to, or dtype=None."""
+    model = BF16WithFP32Norm()
+    ema = swa_fast.EMA(model, decay=0.5)
+    ema.update(model)
+    perturb_(model, 1)
+    live, average = weights(model), [v.clone() for v in ema.average.views]
+    with pytest.raises(
+        ValueError,
+        match=r"average is torch.float32 but 'inner.weight' is torch.bfloat16.*average_applied\(model\)",
+    ) as info:
+        ema.swap(model)
+    assert "copy_to(model)" in str(info.value) and "dtype=None" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), live))
+    assert all(torch.equal(a, b) for a, b in zip(ema.average.views, average))
+
+
 def test_side_stream_needs_a_gpu_model():
     with pytest.raises(ValueError, match="CUDA GPU"):
         swa_fast.SWA(mlp(6, 5, 2, batch_norm=True), side_stream=True)

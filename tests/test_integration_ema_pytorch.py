@@ -289,3 +289,19 @@ def test_a_refused_copy_of_a_tensor_without_ema_averages_nothing():
         model[0].weight.add_(1.0)
     model[1].weight.data = torch.ones(7)
     _assert_refused_writing_nothing(ema, model, r"shape \[7\]")
+
+
+def test_the_optimizer_hook_on_swa_fasts_swa_wrapper_goes_on_the_optimizer_it_wraps():
+    """swa_fast.optim.SWA runs no step hooks of its own (it does not call Optimizer.__init__, as
+    torchcontrib's): the hook goes on the optimizer it wraps, and each of its steps updates."""
+    from swa_fast.optim import SWA
+
+    model = cnn_with_bn(IMAGE[-1])
+    opt = SWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    ours = EMA(model, update_after_step=0, update_every=1)
+    ours.add_to_optimizer_post_step_hook(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, *IMAGE)).square().mean().backward()
+        opt.step()
+    assert int(ours.step) == 3

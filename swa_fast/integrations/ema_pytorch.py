@@ -34,6 +34,7 @@ from torch.nn import Module
 from ..engine import UpdatePlan
 from ..model_tensors import ModulesWatch
 from ..weighting import count, real_number
+from ..wrappers import hooked
 
 __all__ = ["EMA"]
 
@@ -198,7 +199,10 @@ class EMA(Module):
         self.ema_model.to(self.initted.device)
 
     def add_to_optimizer_post_step_hook(self, optimizer):
-        """Update after every `optimizer.step()`; returns the hook's handle."""
+        """Update after every `optimizer.step()`; returns the hook's handle. (A wrapper whose own
+        step runs no hooks, `swa_fast.optim.SWA`: on the optimizer it wraps.)"""
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = hooked(optimizer, f"{_OWNER}.add_to_optimizer_post_step_hook")
         if not hasattr(optimizer, "register_step_post_hook"):
             raise ValueError(
                 f"swa_fast.{_OWNER}: expected an optimizer with register_step_post_hook, "
