@@ -262,10 +262,11 @@ def save_own_bytes(module: Module) -> None:
 
 
 def _own_bytes_entries(module: Module, state: dict, prefix: str, _metadata: dict) -> None:
-    """The post-hook of `save_own_bytes`: this module's own entries (its submodules' have theirs)."""
-    for name in chain(module._parameters, module._buffers):
+    """The post-hook of `save_own_bytes`: this module's own entries (its submodules' have theirs),
+    but for the tensors themselves (`keep_vars=True`)."""
+    for name, tensor in chain(module._parameters.items(), module._buffers.items()):
         value = state.get(prefix + name)
-        if value is not None:
+        if value is not None and value is not tensor:
             state[prefix + name] = own_bytes(value)
 
 

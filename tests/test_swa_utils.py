@@ -497,8 +497,12 @@ def test_saving_one_layers_state_dict_saves_only_that_layer_as_torch():
     # A part picked from the whole state holds only its own bytes too, as torch's.
     pick = [k for k in whole if k.startswith("module.1.")]
     assert saved_bytes({k: whole[k] for k in pick}) == saved_bytes({k: ref.state_dict()[k] for k in pick})
-    # keep_vars=True gives the parameters themselves, as torch's.
+    # keep_vars=True gives the parameters and buffers themselves, as torch's.
     assert fast.module[1].state_dict(keep_vars=True)["weight"] is fast.module[1].weight
+    with_buffers = fast_swa.AveragedModel(cnn_with_bn(8), use_buffers=True)
+    with_buffers.update_parameters(with_buffers.module)
+    kept = with_buffers.module[1].state_dict(keep_vars=True)
+    assert kept["running_mean"] is with_buffers.module[1].running_mean
     # Nested in another module's state_dict, the entries are as torch's.
     holder = torch.nn.ModuleDict({"average": fast})
     assert holder.state_dict()["average.module.1.weight"].data_ptr() == fast.module[1].weight.data_ptr()
