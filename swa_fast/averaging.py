@@ -14,8 +14,6 @@ memory) is a placement object (placement.py).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 from torch.nn import Module
@@ -28,8 +26,8 @@ from .manager_state import ManagerState
 from .model_tensors import ModelCopy, TrackedModel, check_model, module_tensors
 from .ops import checks
 from .placement import OtherDevice, SameDevice, SideStream
-from .weighting import ema_decay, real_number, swa_weight
-from .wrappers import unwrap
+from .weighting import count, ema_decay, real_number, swa_weight
+from .wrappers import hooked, unwrap
 
 _CPU = torch.device("cpu")
 # The managers' default average dtype: fp32 (so that a bf16/fp16 model's small updates are not
@@ -220,16 +218,11 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         `self.update(model)` after every `every`-th `optimizer.step()` (counted from here; a step
         that GradScaler skips runs no hook). `model` defaults to the model this manager was made
         from, held weakly as the manager holds it (an unpickled manager, which has none yet, needs
-        `model=`). Returns the hook's handle: `handle.remove()` detaches it."""
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-            raise ValueError(
-                f"swa_fast.{type(self).__name__}.attach: every must be an int >= 1, got {every!r}"
-            )
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(
-                f"swa_fast.{type(self).__name__}.attach: expected a torch.optim.Optimizer, got "
-                f"{type(optimizer).__name__}"
-            )
+        `model=`). An optimizer wrapper whose own step runs no hooks (`swa_fast.optim.SWA`) is
+        taken: the hook goes on the optimizer it wraps, whose step its own calls once. Returns the
+        hook's handle: `handle.remove()` detaches it."""
+        every = count(every, f"{type(self).__name__}.attach: every", 1)
+        optimizer = hooked(optimizer, f"{type(self).__name__}.attach")
         if model is None and self.tracked.model is None:
             raise ValueError(
                 f"swa_fast.{type(self).__name__}.attach: this manager holds no model (unpickled, or its "
@@ -420,8 +413,8 @@ class EMA(Averager):
         if warmup_gamma is not None:
             warmup_gamma = real_number(warmup_gamma, "EMA: warmup_gamma", 0.0, above_low=True)
         warmup_power = real_number(warmup_power, "EMA: warmup_power", 0.0, above_low=True)
-        if update_every < 1:
-            raise ValueError(f"swa_fast.EMA: update_every must be >= 1, got {update_every}")
+        update_after_step = count(update_after_step, "EMA: update_after_step", 0)
+        update_every = count(update_every, "EMA: update_every", 1)
         super().__init__(
             model,
             dtype=dtype,

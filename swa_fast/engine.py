@@ -11,7 +11,7 @@ A plan keeps tensor objects, not their memory: the ops read each tensor's storag
 strides at every call and check them before writing. So a tensor given new storage in place
 (`p.data = ...`, `Module.to`) is read where it now lives, and a change the plan did not foresee
 (a tensor now strided, or on another device) is refused by the op, which writes nothing; the
-caller then builds a new plan (`run` does it once, on its own).
+plan is then made anew from the tensors as they are (`run` and `check` do it once, on their own).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .flat import check_same_shapes, copy_lists, write_through_strides
+from .flat import check_same_shapes, contiguous_stand_ins, copy_lists, write_through_strides
 from .model_tensors import pick
 
 _CPU = torch.device("cpu")
@@ -163,14 +163,21 @@ class UpdatePlan:
         copied, only where `counted` (a device boolean, when the device decides whether an update
         counts) is true. Every group is checked before any is written."""
         single = self._single
-        if single is not None:
-            try:
-                single.op(*single.targets, sources, *scalars)
-                return
-            except ValueError:  # refused before writing: say why, or plan anew from the tensors now
-                self.check_shapes(sources)
-                self._set_groups(sources)
-        self._run_groups(sources, scalars, counted)
+        if single is None:
+            self._run_groups(sources, scalars, counted)
+            return
+        try:
+            single.op(*single.targets, sources, *scalars)
+        except ValueError:  # refused before writing: say why, or plan anew from the tensors now
+            self._plan_anew(sources)
+            self._run_groups(sources, scalars, counted, plan_anew=False)
+
+    def _plan_anew(self, sources: Sequence[Tensor]) -> None:
+        """After an op refused a call (before writing anything): raise naming a tensor whose shape
+        changed, else group the pairs again from the tensors as they are now (a target made
+        strided by `.to(memory_format=...)`, moved to another device, given another dtype)."""
+        self.check_shapes(sources)
+        self._set_groups(sources)
 
     def check_shapes(self, sources: Sequence[Tensor], every_plan: bool = False) -> None:
         """Raise, naming the first tensor whose shape differs from its average's, unless `sources`
@@ -185,25 +192,38 @@ class UpdatePlan:
 
     def check(self, sources: Sequence[Tensor], *scalars) -> None:
         """Raise what `run(sources, *scalars)` would raise before writing, writing nothing: for a
-        caller that runs two plans in one update (ema-pytorch's averages and copies)."""
-        self._check_all([self._prepare(g, sources, scalars) for g in self.groups], sources)
+        caller that runs two plans in one update (ema-pytorch's averages and copies). A refusal
+        plans anew, as `run` does, and checks again."""
+        try:
+            self._check_all([self._prepare(g, sources, scalars) for g in self.groups], sources)
+        except ValueError:
+            self._plan_anew(sources)
+            self._check_all([self._prepare(g, sources, scalars) for g in self.groups], sources)
 
     def _check_all(self, calls: list[tuple[_Group, list]], sources: Sequence[Tensor]) -> None:
         self.check_shapes(sources, every_plan=True)
         for group, args in calls:
-            if group.kind == FUSED:
-                self._check(args)
+            if group.kind == FUSED:  # (a strided group's op writes contiguous stand-ins: checked so)
+                self._check([contiguous_stand_ins(args[0]), *args[1:]] if group.strided else args)
 
-    def _run_groups(self, sources: Sequence[Tensor], scalars: tuple, counted: Tensor | None) -> None:
+    def _run_groups(
+        self, sources: Sequence[Tensor], scalars: tuple, counted: Tensor | None, plan_anew: bool = True
+    ) -> None:
         calls = [self._prepare(g, sources, scalars) for g in self.groups]
-        if len(calls) > 1:  # each op checks its own group; check them all first
-            self._check_all(calls, sources)
-        try:
-            for group, args in calls:
-                self._call(group, args, counted)
-        except ValueError:  # the one group's op refused (before writing): name the tensor if it can
-            self.check_shapes(sources)
-            raise
+        try:  # nothing is written before the first call returns: a refusal until then plans anew
+            if len(calls) > 1:  # each op checks its own group; check them all first
+                self._check_all(calls, sources)
+            if calls:
+                self._call(*calls[0], counted)
+        except ValueError:
+            if not plan_anew:
+                self.check_shapes(sources)  # name the tensor if it can
+                raise
+            self._plan_anew(sources)
+            self._run_groups(sources, scalars, counted, plan_anew=False)
+            return
+        for group, args in calls[1:]:
+            self._call(group, args, counted)
 
     def _prepare(self, group: _Group, sources: Sequence[Tensor], scalars: tuple) -> tuple[_Group, list]:
         src = group.part(sources)

@@ -26,6 +26,8 @@ from .averaging import SWA, check_backend
 from .ensemble import PredictsOnBatches, ensemble_predict
 from .model_tensors import ModelCopy, TrackedModel
 from .schedules import FGECyclicLR
+from .weighting import count
+from .wrappers import hooked
 
 WHEN_FULL = ("drop_oldest", "raise")
 
@@ -58,8 +60,7 @@ class FGE(PredictsOnBatches):
         when_full: str = "drop_oldest",
         backend: str | None = None,
     ) -> None:
-        if max_snapshots is not None and max_snapshots < 1:
-            raise ValueError(f"swa_fast.FGE: max_snapshots must be >= 1 or None, got {max_snapshots}")
+        max_snapshots = count(max_snapshots, "FGE: max_snapshots", 1, allow_none=True)
         if when_full not in WHEN_FULL:
             raise ValueError(f"swa_fast.FGE: when_full must be one of {WHEN_FULL}, got {when_full!r}")
         if scheduler is not None and not isinstance(scheduler, FGECyclicLR):
@@ -87,7 +88,8 @@ class FGE(PredictsOnBatches):
         check_backend(backend, stored_on)  # now, not at the first snapshot
         self._hook = None
         if scheduler is not None:
-            self._hook = scheduler.optimizer.register_step_post_hook(self._after_step(scheduler))
+            stepped = hooked(scheduler.optimizer, "FGE")  # (the one inside swa_fast.optim.SWA)
+            self._hook = stepped.register_step_post_hook(self._after_step(scheduler))
 
     def _after_step(self, scheduler: FGECyclicLR) -> Callable[..., None]:
         tracked = self.tracked

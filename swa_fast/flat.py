@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils import dlpack
 
 from . import ops
 
@@ -48,25 +49,47 @@ def write_through_strides(
     back through the tensor's own strides after `write` returned. Should `write` raise, nothing is
     copied back, so `dst` stays as the op left it (as it was: the ops check before writing). A list
     of contiguous tensors goes straight through."""
-    strided = [i for i, t in enumerate(dst) if not t.is_contiguous()]
-    if not strided:
-        write(list(dst))
-        return
-    stand_ins = list(dst)
-    for i in strided:
-        t = dst[i]
-        stand_ins[i] = (
-            t.contiguous() if keep_values else torch.empty_like(t, memory_format=torch.contiguous_format)
-        )
+    stand_ins = contiguous_stand_ins(dst, keep_values)
     write(stand_ins)
-    for i in strided:
-        dst[i].copy_(stand_ins[i])
+    for t, stand_in in zip(dst, stand_ins):
+        if stand_in is not t:
+            t.copy_(stand_in)
+
+
+def contiguous_stand_ins(tensors: Sequence[Tensor], keep_values: bool = False) -> list[Tensor]:
+    """`tensors`, each strided one replaced by a new contiguous tensor of its shape and dtype
+    (holding its values when `keep_values`): what a fused op writes in its place."""
+    return [t if t.is_contiguous() else _stand_in(t, keep_values) for t in tensors]
+
+
+def _stand_in(t: Tensor, keep_values: bool) -> Tensor:
+    if keep_values:
+        return t.contiguous()
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def copy_into_strided(dst: Sequence[Tensor], src: Sequence[Tensor], backend: str | None = None) -> None:
     """`copy_lists(dst, src)` where `dst` may hold strided tensors (a model's): each receives its
     value through its own strides, rounded once, as a contiguous one would."""
     write_through_strides(dst, lambda stand_ins: copy_lists(stand_ins, src, backend=backend))
+
+
+# The device types whose tensors DLPack exports (a meta stand-in, say, stays a view).
+_DLPACK_DEVICES = ("cpu", "cuda")
+
+
+def own_bytes(t: Tensor) -> Tensor:
+    """`t` for a state dict: where it is a contiguous part of a larger storage (a view of a flat
+    buffer), a tensor over the very same memory whose storage is its own bytes only (through DLPack:
+    no copy). torch.save writes a tensor's whole storage, so a saved state, or any part of one, then
+    holds only its own tensors' bytes, while its entries are still the averages (a load into them,
+    DCP's in place too, writes the flat buffer). Anything else (a Parameter, a DTensor, a tensor of
+    its own storage) is given back as it is."""
+    if type(t) is not Tensor or t.requires_grad or not t.is_contiguous():
+        return t
+    if t.device.type not in _DLPACK_DEVICES or t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return dlpack.from_dlpack(dlpack.to_dlpack(t))
 
 
 # Every view of a flat buffer starts at a multiple of this many elements: 16 bytes for 2-byte dtypes,

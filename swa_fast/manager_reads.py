@@ -37,12 +37,27 @@ class AverageReads:
                 "swa_fast: swap exchanges the weights in place, so it needs the average on the model's "
                 "device; this one is kept on another (device=). Use average_applied(model) instead."
             )
-        tensors = self.tracked.tensors(model)
-        self.average.check_shapes(self.tracked.split(tensors)[0])  # every group, before any is written
+        floating = self.tracked.split(self.tracked.tensors(model))[0]
+        self.average.check_shapes(floating)  # every group, before any is written
+        self._check_swappable(floating)
         self.tracked.before_write()
-        for _, avg, live in self.average.pairs(self.tracked.split(tensors)[0]):
+        for _, avg, live in self.average.pairs(floating):
             swap = functools.partial(ops.swap_, avg, backend=self.backend)
             write_through_strides(live, swap, keep_values=True)
+
+    def _check_swappable(self, floating: list) -> None:
+        """Raise, saying what to do instead, unless every tensor has its average's dtype (a swap
+        exchanges the values in place: an fp32 average of a bf16 model cannot take the model's)."""
+        for group, _, live in self.average.pairs(floating):
+            for i, t in zip(group.indices, live):
+                if t.dtype != group.dtype:
+                    name = self.tracked.floating_names[i]
+                    raise ValueError(
+                        f"swa_fast.{type(self).__name__}.swap: the average is {group.dtype} but '{name}' is "
+                        f"{t.dtype}; swap exchanges them in place, so each must be kept in its own dtype. "
+                        "Use average_applied(model) (the average within a block, the weights restored "
+                        "exactly after) or copy_to(model), or make the manager with dtype=None"
+                    )
 
     @contextlib.contextmanager
     def average_applied(self, model: Module) -> Iterator[Module]:

@@ -35,8 +35,9 @@ class ManagerState:
         self._plan = self._new_plan()
 
     def state_dict(self) -> dict:
-        """The average as views of its flat buffers (no copy; DCP loads into them in place) and the
-        counts as they are now: save it before the next `update`, which changes the former only."""
+        """The average in its flat buffers' memory (no copy; DCP loads into them in place; each entry
+        a storage of its own bytes, so a saved part holds only its own) and the counts as they are
+        now: save it before the next `update`, which changes the former only."""
         if not self.holds_average:  # rank0_only: nothing here to save (DCP saves rank 0's state)
             return {}
         self.wait()

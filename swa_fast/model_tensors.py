@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from . import distributed
-from .flat import FlatBuffer, copy_into_strided, copy_lists
+from .flat import FlatBuffer, copy_into_strided, copy_lists, own_bytes
 from .ops import _C
 from .wrappers import unwrap
 
@@ -106,13 +106,16 @@ class ModuleWalk:
     their tensors are read from those modules' own dicts on every call, so a tensor replaced in
     place of another, however it was replaced (`Module.to` swaps buffers without any hook), is seen
     at once. The list of modules is walked again when it may be stale: after any registration
-    (torch's global hooks: a module set or added) or when the modules' children are fewer (a `del`).
+    (torch's global hooks: a module set or added) or when the modules' children are not the very
+    modules seen at the walk (a `del`, or a module written straight into a `_modules` dict, which
+    runs no hook: `model._modules["1"] = head`), compared by identity over every module's
+    `_modules` dict, empty ones too, by the extension.
 
     `tensors()` reads only the dicts that held something at the walk (most modules hold no
     buffers); `holds()` reads them all, so a tensor written straight into an empty `_parameters` /
-    `_buffers` dict without `register_*` is seen there (and the modules walked again). A module
-    written into a `_modules` dict without `add_module` (what FSDP does with parameters only) is
-    not seen. The module is held weakly; its dicts strongly, until it is freed."""
+    `_buffers` dict without `register_*` is seen there (and the modules walked again). A module's
+    whole dict replaced by another object (`m._parameters = {...}`) is not seen. The module is held
+    weakly; its dicts strongly, until it is freed."""
 
     def __init__(self, module: Module, parameters: bool = True, buffers: bool = False) -> None:
         self.kinds = [kind for kind, asked in (("_parameters", parameters), ("_buffers", buffers)) if asked]
@@ -120,7 +123,7 @@ class ModuleWalk:
 
         def forget(_ref: weakref.ref) -> None:  # the model is gone: hold none of its tensors
             if (walk := me()) is not None:
-                walk._values = walk._parents = walk._dicts = []
+                walk._values = walk._parents = walk._children = walk._dicts = []
                 walk._parts = [([], None) for _ in walk.kinds]
 
         self._module = weakref.ref(module, forget)
@@ -136,8 +139,10 @@ class ModuleWalk:
                 order.append(m)
                 stack.extend(c for c in reversed(m._modules.values()) if c is not None)
         self._registrations = _Registrations.count
-        self._parents = [m._modules for m in order if m._modules]
-        self._children = sum(map(len, self._parents))
+        # every module's children, in order: a module written straight into a `_modules` dict (no
+        # hook runs) is seen by identity, in a leaf's empty dict too
+        self._parents = [m._modules for m in order]
+        self._children = [c for d in self._parents for c in d.values() if c is not None]
         # Per kind: the values of its non-empty dicts (live views: what the dicts hold when read),
         # and what to keep of them.
         self._parts = []
@@ -177,9 +182,17 @@ class ModuleWalk:
         return walked if self._pick is None else self._pick(walked)
 
     def _check(self) -> None:
-        """Walk again if the walk may be stale."""
-        if _Registrations.count != self._registrations or sum(map(len, self._parents)) != self._children:
-            self._walk(self._module())
+        """Walk again if the walk may be stale: a registration anywhere, or other children."""
+        if _Registrations.count != self._registrations or not self._same_children():
+            if (module := self._module()) is not None:
+                self._walk(module)
+
+    def _same_children(self) -> bool:
+        """Whether every module walked holds the very children it held at the walk, in order."""
+        if _same_values is not None:  # (it leaves out None entries, as `_children` does)
+            return _same_values(self._parents, self._children)
+        now = [c for d in self._parents for c in d.values() if c is not None]
+        return same_tensors(now, self._children)
 
     def tensors(self) -> list[Tensor]:
         """The module's tensors now (its parameters, then its buffers, as asked), each once."""
@@ -237,6 +250,24 @@ class ModulesWatch:
             return False
         self._seen = [walk.tensors() for walk in self._walks]
         return True
+
+
+def save_own_bytes(module: Module) -> None:
+    """Make every state_dict of `module` or of any of its submodules give its tensors through
+    `flat.own_bytes` (a state_dict post-hook on each): for a module whose tensors view flat buffers
+    (an averaged copy), so that a saved state, or any part of one, holds only its own bytes, as a
+    plain module's does. `keep_vars=True` still gives the tensors themselves."""
+    for m in module.modules():
+        m.register_state_dict_post_hook(_own_bytes_entries)
+
+
+def _own_bytes_entries(module: Module, state: dict, prefix: str, _metadata: dict) -> None:
+    """The post-hook of `save_own_bytes`: this module's own entries (its submodules' have theirs),
+    but for the tensors themselves (`keep_vars=True`)."""
+    for name, tensor in chain(module._parameters.items(), module._buffers.items()):
+        value = state.get(prefix + name)
+        if value is not None and value is not tensor:
+            state[prefix + name] = own_bytes(value)
 
 
 def module_names(module: Module, buffers: bool) -> list[str]:
@@ -517,15 +548,19 @@ class ModelCopy:
         return self.flat.nbytes() + sum(t.numel() * t.element_size() for t in self.integers)
 
     def named(self) -> dict[str, Tensor]:
-        """name -> stored tensor (views into the flat buffers), in the model's order. A DTensor
-        parameter's entry is a DTensor over the stored shard, laid out as the parameter, so
-        torch.distributed.checkpoint saves it sharded and loads straight into the flat buffer."""
+        """name -> stored tensor (the flat buffers' memory, each entry a storage of its own bytes:
+        `flat.own_bytes`), in the model's order. A DTensor parameter's entry is a DTensor over the
+        stored shard, laid out as the parameter, so torch.distributed.checkpoint saves it sharded
+        and loads straight into the flat buffer."""
         self.wait()
-        out = dict(zip(self.tracked.floating_names, self.flat.views))
-        out.update(zip(self.tracked.integer_names, self.integers))
         if self.tracked.sharded:
+            out = dict(zip(self.tracked.floating_names, self.flat.views))
+            out.update(zip(self.tracked.integer_names, self.integers))
             layouts = zip(self.tracked.names, self.tracked.layouts)
             return {name: distributed.as_dtensor(out[name], layout) for name, layout in layouts}
+        # each a tensor of its own bytes (flat.own_bytes): a part of the state saves only its own
+        out = dict(zip(self.tracked.floating_names, map(own_bytes, self.flat.views)))
+        out.update(zip(self.tracked.integer_names, self.integers))
         return {name: out[name] for name in self.tracked.names}
 
     @torch.no_grad()

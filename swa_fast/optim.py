@@ -28,7 +28,7 @@ from . import ops
 from .bn import update_bn
 from .engine import UpdatePlan
 from .flat import FlatBuffer, write_through_strides
-from .weighting import swa_weight
+from .weighting import count, swa_weight
 
 
 @dataclass
@@ -70,14 +70,9 @@ class SWA(torch.optim.Optimizer):
         if any(given) and not all(given):
             warnings.warn("Some of swa_start, swa_freq is None, ignoring other", stacklevel=2)
         self._auto_mode = all(given)
-        if self._auto_mode:
-            if int(swa_start) != swa_start or int(swa_freq) != swa_freq:
-                warnings.warn("Casting swa_start, swa_freq to int", stacklevel=2)
-            swa_start, swa_freq = int(swa_start), int(swa_freq)
-            if swa_start < 0:
-                raise ValueError(f"Invalid swa_start: {swa_start}")
-            if swa_freq < 1:
-                raise ValueError(f"Invalid swa_freq: {swa_freq}")
+        if self._auto_mode:  # (torchcontrib casts 12.34 to 12 with a warning: refused here)
+            swa_start = count(swa_start, "optim.SWA: swa_start", 0)
+            swa_freq = count(swa_freq, "optim.SWA: swa_freq", 1)
         else:
             if swa_lr is not None:
                 warnings.warn("Some of swa_start, swa_freq is None, ignoring swa_lr", stacklevel=2)
@@ -107,7 +102,8 @@ class SWA(torch.optim.Optimizer):
         flat = FlatBuffer([p.new_zeros(p.shape) if a is None else a for p, a in zip(params, starts)])
         for p, view in zip(params, flat.views):
             self.state[p]["swa_buffer"] = view
-        plan = UpdatePlan("lerp_", [flat.views], params, owner="optim.SWA", keep_sources=False)
+        names = [f"parameter {i} of its param group" for i in range(len(params))]  # (for errors)
+        plan = UpdatePlan("lerp_", [flat.views], params, owner="optim.SWA", names=names, keep_sources=False)
         kept = self._flat[id(group)] = _GroupAverages(group["params"], params, flat, plan)
         return kept
 

@@ -21,6 +21,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import SWALR
 
+from .weighting import count
+
 __all__ = ["SWALR", "FGECyclicLR"]
 
 
@@ -49,6 +51,7 @@ class FGECyclicLR(LRScheduler):
         shape: str = "linear",
         last_epoch: int = -1,
     ) -> None:
+        cycle_length = count(cycle_length, "FGECyclicLR: cycle_length", 0)
         if cycle_length < 2 or cycle_length % 2:
             raise ValueError(
                 f"FGECyclicLR: cycle_length must be an even number of iterations >= 2 (so that one "

@@ -33,8 +33,8 @@ from .bn import update_bn
 from .buffer_copy import BufferCopy
 from .counts import numpy_view
 from .engine import UpdatePlan
-from .flat import FlatBuffer, padded_numel
-from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick
+from .flat import FlatBuffer
+from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick, save_own_bytes
 from .weighting import ema_weight, real_number, swa_weight
 
 __all__ = [
@@ -109,30 +109,6 @@ def get_ema_avg_fn(decay: float = 0.999) -> Callable[[Tensor, Tensor, Tensor | i
 
     ema_update.swa_fast_kind = ("ema", decay)
     return ema_update
-
-
-def _save_own_bytes(module: Module, state: dict, prefix: str, _metadata: dict) -> None:
-    """A state_dict post-hook of the submodules of an AveragedModel's copy. Its averaged tensors are
-    views of flat buffers, and torch.save writes a view's whole storage: `avg.module[1].state_dict()`
-    would save every layer. So in the outermost state_dict call, the entries of a storage that the
-    call's entries do not cover entirely are cloned (each saves its own bytes, as torch's would).
-    The whole model's state covers every flat buffer and stays views of it (no copy)."""
-    seen = getattr(state, "_metadata", None)  # one entry per module visited so far, by its prefix
-    if seen is not None and prefix and prefix[:-1].rpartition(".")[0] in seen:
-        return  # a submodule in its parent's call, which sees more of the storage
-    live = {id(t) for t in module_tensors(module, True)}  # keep_vars=True: the tensors themselves
-    by_storage: dict[int, list[str]] = {}
-    for name, value in state.items():
-        if type(value) is Tensor and value.numel() and id(value) not in live and name.startswith(prefix):
-            by_storage.setdefault(value.untyped_storage().data_ptr(), []).append(name)
-    for names in by_storage.values():
-        views = [state[name] for name in names]
-        size = views[0].element_size()
-        spans = {(v.storage_offset(), v.numel()) for v in views}  # tied weights are listed twice
-        # a flat buffer pads each view to ALIGN_ELEMENTS: views that cover it cover the padded lengths
-        if sum(padded_numel(n) for _, n in spans) * size < views[0].untyped_storage().nbytes():
-            for name, view in zip(names, views):
-                state[name] = view.clone()
 
 
 def _flatten(tensors: list[Tensor]) -> FlatBuffer:
@@ -304,11 +280,9 @@ class AveragedModel(Module):
         self._moved = device is not None
         self._flat: FlatBuffer | None = None  # the averaged copy's floating tensors, at the first update
         self._prepared: _Prepared | None = None
-        # Not on this module or `module`: their state holds every averaged tensor, so it covers
-        # every flat buffer, and a whole-model state_dict() pays only each submodule's early return.
-        for module in self.module.modules():
-            if module is not self.module:
-                module.register_state_dict_post_hook(_save_own_bytes)
+        # The copy's tensors will view flat buffers: its state_dict (whole, a submodule's, or any
+        # part of either) saves only its tensors' own bytes, as torch's does.
+        save_own_bytes(self.module)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -351,6 +325,7 @@ class AveragedModel(Module):
                     prepared.lerp.eager(averaged, current, weight)
             except ValueError:  # the lerp_ refused: the general path says why, or takes the devices apart
                 self._update_fused(prepared, current, averaged, weight, kind, n)
+                prepared.plain = False  # (what it took, a strided copy say, stays: its plan from now on)
         else:
             self._update_fused(prepared, current, averaged, weight, kind, n)
         if ours and not copied:

@@ -16,8 +16,8 @@ from . import distributed, ops
 from .averaging import AT_LEAST_FLOAT32, SWA
 from .bn import update_bn
 from .ensemble import PredictsOnBatches, ensemble_predict
-from .flat import FlatBuffer, copy_into_strided, copy_lists, padded_numel
-from .weighting import real_number
+from .flat import FlatBuffer, copy_into_strided, copy_lists, own_bytes, padded_numel
+from .weighting import count, real_number
 
 
 class SWAG(SWA, PredictsOnBatches):
@@ -63,8 +63,7 @@ class SWAG(SWA, PredictsOnBatches):
         backend: str | None = None,
         capturable: bool = False,
     ) -> None:
-        if max_rank < 0:
-            raise ValueError(f"swa_fast.SWAG: max_rank must be >= 0, got {max_rank}")
+        max_rank = count(max_rank, "SWAG: max_rank", 0)
         if check_finite:
             # A skipped update would still write its (non-finite) deviation row.
             raise ValueError("swa_fast.SWAG: check_finite is not supported (SWA and EMA have it)")
@@ -186,8 +185,7 @@ class SWAG(SWA, PredictsOnBatches):
         on every batch of `loader` (which must give the same batches each pass), concatenated.
         With `bn_loader`, BatchNorm statistics are recomputed for every sample (as the paper
         does). The model's own weights, buffers and mode are restored exactly afterwards."""
-        if n_samples < 1:
-            raise ValueError(f"swa_fast.SWAG: n_samples must be >= 1, got {n_samples}")
+        n_samples = count(n_samples, "SWAG.predict_loader: n_samples", 1)
 
         def samples() -> Iterator[None]:
             for _ in range(n_samples):
@@ -210,10 +208,15 @@ class SWAG(SWA, PredictsOnBatches):
 
     def _extra_state(self) -> dict:
         return {
-            "sq": self.tracked.shard_state(dict(zip(self.tracked.floating_names, self.sq.views))),
+            "sq": self.tracked.shard_state(dict(zip(self.tracked.floating_names, self._sq_entries()))),
             "deviation": self.tracked.shard_state(self._deviation_views(), lead=(self.max_rank,)),
             "max_rank": self.max_rank,
         }
+
+    def _sq_entries(self) -> list[Tensor]:
+        """The second moments for a state dict: as the average's (`ModelCopy.named`), each a tensor
+        of its own bytes unless sharded (then DTensors over the views)."""
+        return self.sq.views if self.tracked.sharded else list(map(own_bytes, self.sq.views))
 
     def _check_extra_state(self, state: dict) -> tuple[dict, dict]:
         if state.get("max_rank") != self.max_rank or "sq" not in state or "deviation" not in state:

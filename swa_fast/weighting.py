@@ -48,6 +48,25 @@ def real_number(
     return number
 
 
+def count(value: object, what: str, low: int = 0, allow_none: bool = False) -> int | None:
+    """`value` as a Python int, for a count or a period (`update_every`, `max_rank`, ...) checked
+    once where it is given: an integer (a Python or numpy one; a float only when integral, as 2.0)
+    >= `low`, or None when `allow_none` (the setting is off). `what` names it in the error, which
+    says what was expected and what came: 12.34, "2", True or None (unless allowed) are refused
+    here rather than silently changing which updates run."""
+    if value is None and allow_none:
+        return None
+    number = None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        number = int(value)
+    if number is None or number < low:
+        expected = f"an int >= {low}" + (" or None" if allow_none else "")
+        raise ValueError(f"swa_fast.{what} must be {expected}, got {value!r}")
+    return number
+
+
 def swa_weight(n_averaged: Tensor | int, capturable: bool = False) -> Tensor | float:
     """1 / (n + 1): the weight that keeps the average the equal-weight mean of every model given.
     `capturable`: a tensor count gives a tensor even on the CPU (no host read: a CUDA graph or

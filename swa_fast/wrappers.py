@@ -1,9 +1,11 @@
-"""`unwrap`: the model inside the wrappers that training loops put around it."""
+"""`unwrap`: the model inside the wrappers that training loops put around it; `hooked`: the
+optimizer inside an optimizer wrapper whose own step runs no step hooks."""
 
 from __future__ import annotations
 
 from torch.nn import DataParallel, Module
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 
 
 def unwrap(model: Module) -> tuple[Module, DistributedDataParallel | None]:
@@ -22,3 +24,23 @@ def unwrap(model: Module) -> tuple[Module, DistributedDataParallel | None]:
             model = model._modules["_orig_mod"]
         else:
             return model, ddp
+
+
+def hooked(optimizer: Optimizer, owner: str) -> Optimizer:
+    """The optimizer whose step post-hooks run after each step of `optimizer`: itself, or for an
+    optimizer that wraps another without torch's Optimizer machinery (`swa_fast.optim.SWA` and
+    torchcontrib's `SWA` do not call `Optimizer.__init__`, so their own `step` runs no hook), the
+    one it wraps, whose `step` its own calls once. Raise, naming `owner`, for anything else."""
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(
+            f"swa_fast.{owner}: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if hasattr(optimizer, "_optimizer_step_post_hooks"):  # (made by Optimizer.__init__)
+        return optimizer
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, Optimizer):
+        return hooked(inner, owner)
+    raise ValueError(
+        f"swa_fast.{owner}: {type(optimizer).__name__} runs no step hooks (it did not call "
+        "torch.optim.Optimizer.__init__) and wraps no optimizer (`.optimizer`) that does"
+    )

@@ -339,6 +339,24 @@ def test_swap_refuses_an_average_kept_on_another_device():
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
 
+def test_swap_of_an_average_in_another_dtype_says_what_to_use_instead_and_changes_nothing():
+    """An fp32 average (the default) of a bf16 model cannot be exchanged in place: the error names
+    the tensor and points to average_applied / copy_to, or dtype=None."""
+    model = BF16WithFP32Norm()
+    ema = swa_fast.EMA(model, decay=0.5)
+    ema.update(model)
+    perturb_(model, 1)
+    live, average = weights(model), [v.clone() for v in ema.average.views]
+    with pytest.raises(
+        ValueError,
+        match=r"average is torch.float32 but 'inner.weight' is torch.bfloat16.*average_applied\(model\)",
+    ) as info:
+        ema.swap(model)
+    assert "copy_to(model)" in str(info.value) and "dtype=None" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), live))
+    assert all(torch.equal(a, b) for a, b in zip(ema.average.views, average))
+
+
 def test_side_stream_needs_a_gpu_model():
     with pytest.raises(ValueError, match="CUDA GPU"):
         swa_fast.SWA(mlp(6, 5, 2, batch_norm=True), side_stream=True)
@@ -550,6 +568,34 @@ def test_a_pickled_manager_copies_and_continues_like_the_original(make, how):
             assert torch.equal(loaded.state_dict()[key], value), key
         else:
             assert loaded.state_dict()[key] == value, key
+
+
+def _saved_bytes(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+@pytest.mark.parametrize("make", [swa_fast.SWA, lambda m: swa_fast.SWAG(m, max_rank=0)], ids=["swa", "swag"])
+def test_a_saved_part_of_a_state_dict_holds_only_its_own_bytes(make):
+    """The average lives in one flat buffer and torch.save writes a view's whole storage: a part of
+    `state_dict()` is saved in the bytes of its own tensors, and the entries are still the average
+    (no copy: a load into them, or DCP's, writes the buffer)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 200), torch.nn.Linear(10, 10))
+    manager = make(model)
+    manager.update(model)
+    state = manager.state_dict()
+    for key in ("average", "sq") if "sq" in state else ("average",):
+        head = {k: v for k, v in state[key].items() if k.startswith("1.")}
+        assert _saved_bytes(head) == _saved_bytes({k: v.clone() for k, v in head.items()}) < 4_000, key
+    assert _saved_bytes(state) <= _saved_bytes(copy.deepcopy(state))
+    assert state["average"]["0.weight"].data_ptr() == manager.average.views[0].data_ptr()
+    saved = copy.deepcopy(state)
+    perturb_(model, 1)
+    manager.update(model)
+    manager.load_state_dict(saved)
+    assert all(torch.equal(v, saved["average"][k]) for k, v in manager.state_dict()["average"].items())
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,53 @@ def test_a_tensor_written_into_a_dict_that_was_empty_is_seen():
     ema.update(model)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_plan_goes_on_after_its_target_became_strided(groups):
+    """An averaged copy converted after its plan was made (`.to(memory_format=channels_last)` keeps
+    the parameter object and makes its storage strided): the op refuses the stale plan before
+    writing, and `run` and `check` plan anew and write through the strides, with an integer pair
+    (two groups, checked together first) too."""
+    weight = torch.zeros(2, 3, 4, 4)
+    targets, sources = [weight], [torch.ones(2, 3, 4, 4)]
+    if groups == 2:
+        targets.append(torch.zeros((), dtype=torch.long))
+        sources.append(torch.tensor(5))
+    lerp = UpdatePlan("lerp_", [targets], sources, owner="test")
+    copy = UpdatePlan("copy_", [targets], sources, owner="test")
+    weight.data = weight.to(memory_format=torch.channels_last)
+    copy.check(sources)
+    lerp.run(sources, 0.5)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(weight, torch.full_like(weight, 0.5))
+    copy.run(sources)
+    assert torch.equal(weight, torch.ones_like(weight)) and all(int(t) == 5 for t in targets[1:])
+
+
+@pytest.mark.parametrize("where", ["a parent's children", "a leaf's empty _modules"])
+def test_a_module_written_straight_into_modules_is_seen(where):
+    """`model._modules["1"] = head` runs no hook (and the head was made before the walk, so no
+    registration happened since): named_parameters() shows the head's tensors, and so do the walk
+    and a manager, which refuses to average the old ones on."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    head = torch.nn.Linear(3, 2)
+    walk = ModuleWalk(model, True, False)
+    tensors = walk.tensors()
+    swa = swa_fast.SWA(model)
+    swa.update(model)
+    if where == "a parent's children":
+        model._modules["1"] = head
+        message = "'1.weight' was replaced"
+    else:
+        model[1]._modules["extra"] = head
+        message = "it had 4 tensors, it has 6"
+    assert not walk.holds(tensors)
+    assert same_tensors(walk.tensors(), list(model.parameters()))
+    kept = [v.clone() for v in swa.average.views]
+    with pytest.raises(ValueError, match=message):
+        swa.update(model)
+    assert all(torch.equal(v, k) for v, k in zip(swa.average.views, kept))
+
+
 def test_an_unnamed_plan_checks_every_group_before_writing_any():
     """Without names too: an integer pair whose shape changed is found before the floating group
     is written."""

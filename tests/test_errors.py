@@ -291,3 +291,22 @@ def test_negated_view_written_in_place(op, any_backend):
     lists, extra = case(op)
     lists = replaced(lists, 0, 2, torch.randn(2, 2)._neg_view())
     assert_rejected(op, any_backend, lists, extra, "[2]`", "negated view", "is_neg()")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_an_op_under_vmap_says_it_is_not_batched_and_writes_nothing(op, any_backend):
+    """vmap's batched tensors have no storage: the op says it is not batched, naming itself (torch
+    says "Cannot access data pointer of Tensor that doesn't have storage"), and writes nothing."""
+    lists, extra = make_case(op, [(3, 4), (3,)], torch.float32, torch.float32)
+    before = clone_lists(lists)
+
+    def call(batched):
+        getattr(swa_fast, op)(*batched, *extra, backend=any_backend)
+        return batched[0][0]
+
+    with pytest.raises(
+        RuntimeError, match=rf"swa_fast\.{op} is not batched: it was called under torch\.func\.vmap"
+    ):
+        torch.func.vmap(call)(lists)
+    for k, lst in enumerate(lists):
+        assert all(torch.equal(t, b) for t, b in zip(lst, before[k])), f"{op} wrote list {k}"

@@ -115,6 +115,21 @@ def test_same_trajectory_channels_last():
     assert not ours.ema_model[0].weight.is_contiguous()
 
 
+def test_an_ema_copy_converted_to_channels_last_after_it_started_goes_on_as_the_original():
+    """`ema.ema_model.to(memory_format=torch.channels_last)` between updates, the convolution's
+    weight copied rather than averaged (that plan is checked before the average is written): the
+    same EMA as the original's at every step."""
+    settings = dict(SETTINGS["every_step_min_value"], param_or_buffer_names_no_ema={"0.weight"})
+    model_a = cnn_with_bn(IMAGE[-1], in_channels=3)  # three channels: channels_last is strided
+    model_b = copy.deepcopy(model_a)
+    original, ours = ema_pytorch.EMA(model_a, **settings), EMA(model_b, **settings)
+    _train_both(original, ours, model_a, model_b, 3)
+    original.ema_model.to(memory_format=torch.channels_last)
+    ours.ema_model.to(memory_format=torch.channels_last)
+    _compare_every_step(original, ours, model_a, model_b, steps=4)
+    assert ours.ema_model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_fp32_average_of_bf16_model():
     """dtype=float32 keeps the EMA in fp32: the same as the original given an fp32 EMA copy with
     coerce_dtype (a bf16 value converts to fp32 exactly, then both lerp in fp32)."""
@@ -274,3 +289,19 @@ def test_a_refused_copy_of_a_tensor_without_ema_averages_nothing():
         model[0].weight.add_(1.0)
     model[1].weight.data = torch.ones(7)
     _assert_refused_writing_nothing(ema, model, r"shape \[7\]")
+
+
+def test_the_optimizer_hook_on_swa_fasts_swa_wrapper_goes_on_the_optimizer_it_wraps():
+    """swa_fast.optim.SWA runs no step hooks of its own (it does not call Optimizer.__init__, as
+    torchcontrib's): the hook goes on the optimizer it wraps, and each of its steps updates."""
+    from swa_fast.optim import SWA
+
+    model = cnn_with_bn(IMAGE[-1])
+    opt = SWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    ours = EMA(model, update_after_step=0, update_every=1)
+    ours.add_to_optimizer_post_step_hook(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, *IMAGE)).square().mean().backward()
+        opt.step()
+    assert int(ours.step) == 3

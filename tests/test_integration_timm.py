@@ -12,6 +12,7 @@ model's and foreach (timm: mul_ then add_, two roundings) and ModelEmaV2 (timm: 
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -85,6 +86,22 @@ def test_v3_mixed_precision_model_with_stochastic_rounding():
         theirs.update(model, step=step)
         ours.update(model, step=step)
         assert_same(_state(theirs), _state(ours), True, f"step {step}")
+
+
+@pytest.mark.parametrize("change", ["model.float()", "norm.float()"])
+def test_v3_stochastic_rounding_follows_the_models_dtypes_now(change):
+    """A bf16 model made fp32 (whole, or one layer) after the EMA was made: timm rounds the model's
+    tensors as they are now (its chunks are torch.cat of them), and so do ours: the same bits."""
+    model = cnn_with_bn(IMAGE_SIDE).to(torch.bfloat16)
+    theirs, ours = timm_ema.ModelEmaV3(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    for step in trajectory(model, 3):
+        theirs.update(model, step=step)
+        ours.update(model, step=step)
+    model.float() if change == "model.float()" else model[1].float()
+    for step in trajectory(model, 4, seed=1):
+        theirs.update(model, step=step)
+        ours.update(model, step=step)
+        assert_same(_state(theirs), _state(ours), True, f"step {step} after {change}")
 
 
 def test_v3_averages_in_place_and_integer_buffers_are_copied():
@@ -167,6 +184,46 @@ def test_v3_keeps_averaging_after_its_tensors_get_new_storage():
         assert_same(_state(theirs), _state(ours), True, f"step {step}")
 
 
+def _saved_bytes(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def test_a_saved_part_of_the_state_holds_only_its_own_bytes_as_timms():
+    """The copy's tensors view one flat buffer, and torch.save writes a view's whole storage: a
+    part of `ema.module.state_dict()` (the head, picked from the whole state or asked of the head
+    itself) is saved in as many bytes as timm's, and the entries are still the average (no copy)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 200), torch.nn.Linear(10, 10))
+    theirs, ours = timm_ema.ModelEmaV3(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    for _ in range(2):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        theirs.update(model)
+        ours.update(model)
+    whole = ours.module.state_dict()
+    head, their_head = (
+        {k: v for k, v in ema.module.state_dict().items() if k.startswith("1.")} for ema in (ours, theirs)
+    )
+    assert _saved_bytes(head) == _saved_bytes(their_head) < 4_000
+    assert _saved_bytes(ours.module[1].state_dict()) == _saved_bytes(theirs.module[1].state_dict())
+    assert _saved_bytes(whole) <= _saved_bytes(theirs.module.state_dict())
+    assert whole["0.weight"].data_ptr() == ours.module[0].weight.data_ptr()
+    assert head["1.bias"].data_ptr() == ours.module[1].bias.data_ptr()
+    ours.update(model)  # the entries are the average: an update shows in them
+    assert torch.equal(whole["0.weight"], ours.module[0].weight)
+    restored = ModelEmaV3(model, decay=0.9)
+    restored.module.load_state_dict(torch.load(io.BytesIO(_saved(whole)), weights_only=True))
+    assert_same(_state(ours), _state(restored), True)
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def test_another_model_raises_before_writing():
     model = cnn_with_bn(IMAGE_SIDE)
     for ours in (ModelEmaV3(model, decay=0.9), ModelEmaV2(model, decay=0.9)):
@@ -178,6 +235,44 @@ def test_another_model_raises_before_writing():
         with pytest.raises(ValueError, match="expected 9 tensors, got 2"):
             ours.set(torch.nn.Linear(2, 2))
         assert_same(before, _state(ours), True)
+
+
+def _resize_head(model):
+    model.head.weight.data = torch.zeros(5, 3, dtype=torch.bfloat16)
+
+
+def _resize_count(model):
+    model[1].num_batches_tracked = torch.zeros(2, dtype=torch.long)
+
+
+def _resize_running_mean(model):
+    model[1].running_mean = torch.zeros(5)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, make, change",
+    [
+        (ModelEmaV3, {}, BF16WithFP32Norm, _resize_head),  # fp32 lerp_, then bf16 rounding
+        (ModelEmaV3, {}, lambda: cnn_with_bn(IMAGE_SIDE), _resize_count),  # lerp_, then integer copies
+        (ModelEmaV2, {}, lambda: cnn_with_bn(IMAGE_SIDE), _resize_count),
+        (ModelEmaV3, {"exclude_buffers": True}, lambda: cnn_with_bn(IMAGE_SIDE), _resize_running_mean),
+    ],
+    ids=["stochastic rounding after lerp_", "v3 integer copy", "v2 integer blend", "exclude_buffers copy"],
+)
+def test_an_update_checks_every_part_before_writing_any(cls, kwargs, make, change):
+    """An update writes in parts (the lerp_, then the bf16 rounding, the integer buffers or the
+    buffers copied): a tensor of a later part whose shape changed raises before the first is written."""
+    model = make()
+    ours = cls(model, decay=0.5, **kwargs)
+    ours.update(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    change(model)
+    before = [t.clone() for t in _state(ours)]
+    with pytest.raises(ValueError, match="shape"):
+        ours.update(model)
+    assert_same(before, _state(ours), True)
 
 
 def test_importing_swa_fast_imports_none_of_the_libraries():

@@ -230,7 +230,7 @@ class Trial:
 
     def _swap_refused(self) -> None:
         before, kept = snapshot(self.model), copy.deepcopy(self.manager.state_dict()["average"])
-        with pytest.raises(ValueError, match="same dtype"):
+        with pytest.raises(ValueError, match="must be kept in its own dtype. Use average_applied"):
             self.manager.swap(self.model)
         assert_same(self.model, before)
         for n, v in self.manager.state_dict()["average"].items():

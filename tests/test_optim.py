@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import mlp, random_batch, train_step, weights
 
+import swa_fast
 from swa_fast.optim import SWA
 
 
@@ -216,8 +217,42 @@ def test_a_mismatch_in_one_dtype_writes_no_average_of_another():
         wide.add_(1.0)
     narrow.data = torch.randn(5).bfloat16()
     before = [opt.state[p]["swa_buffer"].clone() for p in (wide, narrow)]
-    with pytest.raises(ValueError, match=r"shape \[5\]"):
+    with pytest.raises(ValueError, match=r"'parameter 1 of its param group' has shape \[5\]"):
         opt.update_swa()
     for p, kept in zip((wide, narrow), before):
         assert torch.equal(opt.state[p]["swa_buffer"], kept)
     assert opt.param_groups[0]["n_avg"] == 1
+
+
+def _steps(model, optimizer, n):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8, generator=g)).square().mean().backward()
+        optimizer.step()
+
+
+def test_a_manager_attached_to_the_swa_wrapper_updates_after_each_of_its_steps():
+    """The wrapper does not run torch's Optimizer machinery (as torchcontrib's), so its own step runs
+    no step hooks: `attach` (and FGE's scheduler) hook the optimizer it wraps, whose step its own
+    calls once."""
+    model = torch.nn.Linear(8, 4)
+    twin = copy.deepcopy(model)
+    opt = SWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    hooked, manual = swa_fast.EMA(model, decay=0.5), swa_fast.EMA(twin, decay=0.5)
+    handle = hooked.attach(opt, every=2)
+    for step in range(1, 7):
+        _steps(model, opt, 1)
+        _steps(twin, twin_opt, 1)
+        if step % 2 == 0:
+            manual.update(twin)
+    assert hooked.calls == manual.calls == 3
+    assert all(torch.equal(a, b) for a, b in zip(hooked.average.views, manual.average.views))
+    handle.remove()
+    sched = swa_fast.FGECyclicLR(opt, lr_max=0.1, lr_min=0.01, cycle_length=2)
+    fge = swa_fast.FGE(model, scheduler=sched)
+    for _ in range(4):
+        _steps(model, opt, 1)
+        sched.step()
+    assert len(fge) == 2

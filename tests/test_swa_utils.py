@@ -433,6 +433,44 @@ def test_channels_last_model_averages_as_torch():
     torch.testing.assert_close(fast.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_an_average_converted_to_channels_last_after_it_started_goes_on_as_torch(use_buffers):
+    """`averaged.to(memory_format=torch.channels_last)` between updates: the copy's parameters keep
+    their objects, now strided, and the updates go on with torch's results."""
+    model = cnn_with_bn(8, in_channels=3)
+    fast, ref = fast_swa.AveragedModel(model, use_buffers=use_buffers), torch_swa.AveragedModel(model)
+    for step in range(5):
+        perturb_(model, step, (5, 3, 8, 8))
+        if step == 2:
+            fast.to(memory_format=torch.channels_last)
+            ref.to(memory_format=torch.channels_last)
+        fast.update_parameters(model)
+        ref.update_parameters(model)
+    assert fast.module[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, p), q in zip(fast.module.named_parameters(), ref.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_a_module_written_straight_into_modules_is_averaged_as_named_parameters_show_it():
+    """`model._modules["1"] = head` runs no hook: the average follows `model.parameters()` as
+    torch's does (the head's tensors from then on), not the detached old head. (The reference is
+    the mean of what `parameters()` gave at each update: torch's AveragedModel, updated beside it,
+    would set its `n_averaged` through a registration hook and so hide the change's silence.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    head = torch.nn.Linear(4, 2)
+    averaged = fast_swa.AveragedModel(model)
+    snapshots = []
+    for step in range(4):
+        perturb_(model, step)
+        if step == 2:
+            model._modules["1"] = head
+        averaged.update_parameters(model)
+        snapshots.append(weights(model, buffers=False))
+    for i, p in enumerate(averaged.module.parameters()):
+        torch.testing.assert_close(p, torch.stack([s[i] for s in snapshots]).mean(0))
+
+
 def saved_bytes(obj) -> int:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -452,12 +490,19 @@ def test_saving_one_layers_state_dict_saves_only_that_layer_as_torch():
     restored = torch.nn.Linear(10, 10)
     restored.load_state_dict(torch.load(io.BytesIO(_saved(part))))
     assert all(torch.equal(a, b) for a, b in zip(restored.parameters(), fast.module[1].parameters()))
-    # The whole state covers each flat buffer: it stays views of them (no copy), no larger than torch's.
+    # The whole state is the flat buffers' memory (no copy), saved in no more bytes than torch's.
     whole = fast.state_dict()
     assert whole["module.0.weight"].untyped_storage().data_ptr() == fast.module[0].weight.data_ptr()
-    assert saved_bytes(whole) <= saved_bytes(ref.state_dict())  # one storage record in place of four
-    # keep_vars=True gives the parameters themselves, as torch's.
+    assert saved_bytes(whole) <= saved_bytes(ref.state_dict())
+    # A part picked from the whole state holds only its own bytes too, as torch's.
+    pick = [k for k in whole if k.startswith("module.1.")]
+    assert saved_bytes({k: whole[k] for k in pick}) == saved_bytes({k: ref.state_dict()[k] for k in pick})
+    # keep_vars=True gives the parameters and buffers themselves, as torch's.
     assert fast.module[1].state_dict(keep_vars=True)["weight"] is fast.module[1].weight
+    with_buffers = fast_swa.AveragedModel(cnn_with_bn(8), use_buffers=True)
+    with_buffers.update_parameters(with_buffers.module)
+    kept = with_buffers.module[1].state_dict(keep_vars=True)
+    assert kept["running_mean"] is with_buffers.module[1].running_mean
     # Nested in another module's state_dict, the entries are as torch's.
     holder = torch.nn.ModuleDict({"average": fast})
     assert holder.state_dict()["average.module.1.weight"].data_ptr() == fast.module[1].weight.data_ptr()

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from ..flat import copy_lists
+from ..weighting import count
 from ._common import FlatShadow, check_count, pick
 
 __all__ = ["EMAModel"]
@@ -91,6 +92,9 @@ class EMAModel(_DiffusersEMAModel):
             model_cls=model_cls,
             model_config=model_config,
             **kwargs,
+        )
+        self.update_after_step = count(
+            update_after_step, "integrations.diffusers.EMAModel: update_after_step", 0
         )
         self._flatten()
 

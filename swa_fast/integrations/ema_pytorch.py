@@ -33,17 +33,12 @@ from torch.nn import Module
 
 from ..engine import UpdatePlan
 from ..model_tensors import ModulesWatch
-from ..weighting import real_number
+from ..weighting import count, real_number
+from ..wrappers import hooked
 
 __all__ = ["EMA"]
 
 _OWNER = "integrations.ema_pytorch.EMA"
-
-
-def _positive_int(value: object, what: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"swa_fast.{_OWNER}: {what} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class _Plan:
@@ -118,8 +113,11 @@ class EMA(Module):
             )
         if lazy_init_ema and ema_model is not None:
             raise ValueError(f"swa_fast.{owner}: lazy_init_ema=True makes its EMA model, got ema_model too")
-        if update_model_with_ema_every is not None:
-            _positive_int(update_model_with_ema_every, "update_model_with_ema_every")
+        update_model_with_ema_every = count(
+            update_model_with_ema_every, f"{owner}: update_model_with_ema_every", 1, allow_none=True
+        )
+        update_every = count(update_every, f"{owner}: update_every", 1)
+        update_after_step = count(update_after_step, f"{owner}: update_after_step", 0)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"swa_fast.{owner}: dtype must be a floating torch.dtype or None, got {dtype!r}")
         super().__init__()
@@ -135,8 +133,8 @@ class EMA(Module):
         self._plans: dict[tuple[int, int, bool], _Plan] = {}
         if not lazy_init_ema:
             self.init_ema(ema_model)
-        self.update_every = _positive_int(update_every, "update_every")
-        self.update_after_step = _positive_int(update_after_step, "update_after_step", 0)
+        self.update_every = update_every
+        self.update_after_step = update_after_step
         self.inv_gamma = real_number(inv_gamma, f"{owner}: inv_gamma", 0.0, above_low=True)
         self.power = real_number(power, f"{owner}: power")
         self.min_value = real_number(min_value, f"{owner}: min_value", 0.0, 1.0)
@@ -201,7 +199,10 @@ class EMA(Module):
         self.ema_model.to(self.initted.device)
 
     def add_to_optimizer_post_step_hook(self, optimizer):
-        """Update after every `optimizer.step()`; returns the hook's handle."""
+        """Update after every `optimizer.step()`; returns the hook's handle. (A wrapper whose own
+        step runs no hooks, `swa_fast.optim.SWA`: on the optimizer it wraps.)"""
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = hooked(optimizer, f"{_OWNER}.add_to_optimizer_post_step_hook")
         if not hasattr(optimizer, "register_step_post_hook"):
             raise ValueError(
                 f"swa_fast.{_OWNER}: expected an optimizer with register_step_post_hook, "

@@ -40,7 +40,7 @@ from ..engine import UpdatePlan
 from ..flat import FlatBuffer, copy_into_strided
 from ..model_tensors import ModulesWatch
 from ..swa_utils import AveragedModel, get_ema_avg_fn
-from ..weighting import ema_weight, swa_weight
+from ..weighting import count, ema_weight, swa_weight
 
 __all__ = ["EMAWeightAveraging", "StochasticWeightAveraging", "WeightAveraging"]
 
@@ -126,6 +126,14 @@ class EMAWeightAveraging(WeightAveraging, _LightningEMAWeightAveraging):
         update_starting_at_epoch: int | None = None,
         **kwargs: Any,
     ) -> None:
+        owner = "integrations.lightning.EMAWeightAveraging"
+        update_every_n_steps = count(update_every_n_steps, f"{owner}: update_every_n_steps", 1)
+        update_starting_at_step = count(
+            update_starting_at_step, f"{owner}: update_starting_at_step", 0, allow_none=True
+        )
+        update_starting_at_epoch = count(
+            update_starting_at_epoch, f"{owner}: update_starting_at_epoch", 0, allow_none=True
+        )
         _LightningEMAWeightAveraging.__init__(
             self, device, use_buffers, decay, update_every_n_steps, update_starting_at_step,
             update_starting_at_epoch, **kwargs,
@@ -162,6 +170,13 @@ class StochasticWeightAveraging(_LightningStochasticWeightAveraging):
             `get_ema_avg_fn(decay)` run fused; a user's own runs per parameter, as in Lightning.
         device: where the averaged copy lives (Lightning's default: the CPU); None: the model's.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # (Lightning passes it on to SWALR, which refuses a non-int only when training starts)
+        self._annealing_epochs = count(
+            self._annealing_epochs, "integrations.lightning.StochasticWeightAveraging: annealing_epochs", 0
+        )
 
     @staticmethod
     def update_parameters(average_model, model, n_averaged: Tensor, avg_fn) -> None:

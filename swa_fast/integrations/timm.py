@@ -13,15 +13,21 @@ run gives timm's bits. See docs/integrations.md for what differs.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from timm.utils import model_ema as _timm
 from torch import Tensor
 from torch.nn import Module
 
-from ..flat import copy_lists
+from ..flat import check_same_shapes, copy_lists
+from ..model_tensors import save_own_bytes
+from ..weighting import count
 from ._common import FlatShadow, check_count, pick, state_tensors
 
 __all__ = ["ModelEmaV2", "ModelEmaV3"]
+
+_OWNER = "integrations.timm.ModelEma"
 
 # timm's chunk of stochastically rounded elements (the default of its _lerp_stochastic_round_bf16_)
 _SR_CHUNK_NUMEL = 2**22
@@ -42,8 +48,8 @@ class _FlatModule:
         averaged = self._averaged()
         self._floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
         self._integer = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
-        self._source_dtypes = [t.dtype for t in self._sources(model)]
         self._flat = FlatShadow(pick(self._floating, averaged), owner="integrations.timm")
+        save_own_bytes(self.module)  # a saved part of its state holds only its own bytes, as timm's
         self._other_device = self.device is not None and any(
             t.device != torch.device(self.device) for t in self._sources(model)
         )
@@ -63,7 +69,10 @@ class _FlatModule:
         if not self._flat.holds(floating_avg):
             self._flat = FlatShadow(floating_avg, owner="integrations.timm")
             self.__dict__.pop("_sr_scratch", None)
-        return floating_avg, floating_src, pick(self._integer, averaged), pick(self._integer, sources)
+        integer_avg, integer_src = pick(self._integer, averaged), pick(self._integer, sources)
+        # copied (or blended) after the averages are written: their shapes are checked before
+        _check_pairs("state_dict tensor", self._integer, integer_src, integer_avg)
+        return floating_avg, floating_src, integer_avg, integer_src
 
     @torch.no_grad()
     def set(self, model: Module) -> None:
@@ -117,6 +126,8 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
             self, model, decay, min_decay, update_after_step, use_warmup, warmup_gamma, warmup_power,
             device, dtype, stochastic_rounding, stochastic_rounding_seed, foreach, exclude_buffers,
         )  # fmt: skip
+        # (timm takes any number, and 12.34 would shift its warmup by a fraction of a step)
+        self.update_after_step = count(self.update_after_step, f"{_OWNER}V3: update_after_step", 0)
         self._init_flat(model)
 
     def _averaged(self) -> list[Tensor]:
@@ -137,6 +148,7 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
         if self.exclude_buffers:  # before anything is written: the buffers must pair up too
             ours, theirs = list(self.module.buffers()), list(model.buffers())
             check_count("swa_fast.integrations.timm.ModelEmaV3", "buffers", len(ours), len(theirs))
+            _check_pairs("buffer", range(len(ours)), theirs, ours)
         groups = self._flat.buffer.groups
         if self.stochastic_rounding and any(g.dtype == torch.bfloat16 for g in groups):
             self._rounded_update(floating_src, weight)
@@ -150,10 +162,14 @@ class ModelEmaV3(_FlatModule, _timm.ModelEmaV3):
     def _rounded_update(self, sources: list[Tensor], weight: float) -> None:
         """bfloat16 buffers: timm's stochastic rounding, on the flat buffer; the others: lerp_."""
         buffer = self._flat.buffer
+        buffer.check_shapes(sources)  # every group before the first is written (each is a call)
         scratch = self.__dict__.get("_sr_scratch")
-        if scratch is None:  # the temporaries, once (timm allocates them on every update)
-            scratch = _RoundingScratch(buffer, self._source_dtypes, self._floating, self.foreach)
-            self._sr_scratch = scratch
+        # timm's chunks hold the model's tensors as they are now (a `model.float()` since changes
+        # the dtype they are rounded through): the temporaries are made anew when it changed, else
+        # kept (timm allocates them on every update)
+        dtypes = list(map(_dtype, sources))
+        if scratch is None or scratch.source_dtypes != dtypes:
+            scratch = self._sr_scratch = _RoundingScratch(buffer, dtypes, self.foreach)
         if scratch.rest:
             self._flat.lerp_(sources, weight, self._other_device, part=scratch.rest)
         for g, (group, _, src) in enumerate(buffer.pairs(sources)):
@@ -166,7 +182,8 @@ class _RoundingScratch:
     rule over the tensors in order; one tensor per chunk without `foreach`), the same fp32
     arithmetic and the same draws from the generator, with the temporaries allocated once."""
 
-    def __init__(self, buffer, source_dtypes: list[torch.dtype], floating: list[int], foreach: bool) -> None:
+    def __init__(self, buffer, source_dtypes: list[torch.dtype], foreach: bool) -> None:
+        self.source_dtypes = source_dtypes  # the model's floating tensors' dtypes, as the buffer's
         self.chunks: dict[int, list[tuple[int, int, int, int, torch.dtype]]] = {}
         # the positions of the tensors in other buffers (an fp32 norm of a bf16 model): lerp_ there
         self.rest = [i for g in buffer.groups if g.dtype != torch.bfloat16 for i in g.indices]
@@ -175,7 +192,7 @@ class _RoundingScratch:
             if group.dtype != torch.bfloat16:
                 continue
             sizes = [buffer.views[i].numel() for i in group.indices]
-            dtypes = [source_dtypes[floating[i]] for i in group.indices]
+            dtypes = [source_dtypes[i] for i in group.indices]
             chunks, first, start, numel = [], 0, 0, 0
             for k, size in enumerate(sizes):
                 if numel and (not foreach or numel + size > _SR_CHUNK_NUMEL):
@@ -232,6 +249,17 @@ def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
     for d in dtypes[1:]:
         result = torch.promote_types(result, d)
     return result
+
+
+_dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
+
+
+def _check_pairs(what: str, positions, sources: list[Tensor], kept: list[Tensor]) -> None:
+    """Raise, naming the first source whose shape is not its kept tensor's (no device work; the
+    names are made only then)."""
+    if list(map(_shape, sources)) != list(map(_shape, kept)):
+        check_same_shapes([f"{what} {i}" for i in positions], sources, kept)
 
 
 def _each_parameter(module: Module) -> list[Tensor]:

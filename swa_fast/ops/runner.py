@@ -60,18 +60,42 @@ def runner(spec: OpSpec) -> Callable[[list[Sequence[Tensor]], tuple, str | None]
             name = _CHOICES.get((device, backend)) or choose_backend(device, backend)
         else:
             name = "reference"
-        if name in _COMPILED and not _is_compiling():
-            eager(*lists, *weight)  # below autograd, so it needs no no_grad() either
-            return
-        with torch.no_grad():
-            if name in ("cpu", "cuda"):  # traced code needs the registered op
-                traced(*lists, *map(_as_weight, weight))
+        try:
+            if name in _COMPILED and not _is_compiling():
+                eager(*lists, *weight)  # below autograd, so it needs no no_grad() either
                 return
-            # Before the Triton op too: its schema would reject a non-tensor less clearly.
-            check(*lists, *weight)
-            if name == "triton":
-                triton_op(*lists, *map(_as_weight, weight))
-            else:
-                python_impls[name](*lists, *weight)
+            with torch.no_grad():
+                other(name, lists, weight)
+        except RuntimeError as error:  # (what torch says of a tensor of a torch.func transform)
+            refuse_transformed(spec.name, lists, error)
+            raise
+
+    def other(name: str, lists: list[Sequence[Tensor]], weight: tuple) -> None:
+        if name in ("cpu", "cuda"):  # traced code needs the registered op
+            traced(*lists, *map(_as_weight, weight))
+            return
+        # Before the Triton op too: its schema would reject a non-tensor less clearly.
+        check(*lists, *weight)
+        if name == "triton":
+            triton_op(*lists, *map(_as_weight, weight))
+        else:
+            python_impls[name](*lists, *weight)
 
     return run
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def refuse_transformed(op: str, lists: list[Sequence[Tensor]], error: RuntimeError) -> None:
+    """After `error` from an op's call: raise a RuntimeError naming the op when a tensor given is a
+    torch.func transform's (vmap's batched tensor, grad's wrapper), which has no storage the op
+    could write (torch's own message, "Cannot access data pointer of Tensor that doesn't have
+    storage", names neither); else return, for the caller to raise `error` itself."""
+    if any(_is_wrapped(t) for tensors in lists for t in tensors if isinstance(t, Tensor)):
+        raise RuntimeError(
+            f"swa_fast.{op} is not batched: it was called under torch.func.vmap (or another torch.func "
+            "transform), whose tensors have no storage the op could update in place. Call it outside "
+            "the transform, on the tensors themselves (a batch of averages is one tensor with a "
+            "leading dimension)"
+        ) from error

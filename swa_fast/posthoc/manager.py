@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 import os
 import uuid
 import warnings
@@ -52,7 +51,7 @@ from ..averaging import Averager
 from ..flat import _shaped_parts, copy_into_strided, copy_lists
 from ..model_tensors import ModelCopy, TrackedModel
 from ..ops import checks
-from ..weighting import real_number
+from ..weighting import count, real_number
 from .profiles import (
     SIGMA_REL_MAX,
     Reconstruction,
@@ -133,14 +132,7 @@ class PostHocEMA(Averager):
         )
         if len(set(sigma_rels)) != len(sigma_rels):
             raise ValueError(f"swa_fast.PostHocEMA: sigma_rels must be distinct, got {sigma_rels}")
-        if snapshot_every is not None and (
-            isinstance(snapshot_every, bool)
-            or not isinstance(snapshot_every, numbers.Integral)
-            or snapshot_every < 1
-        ):
-            raise ValueError(
-                f"swa_fast.PostHocEMA: snapshot_every must be an int >= 1 or None, got {snapshot_every!r}"
-            )
+        snapshot_every = count(snapshot_every, "PostHocEMA: snapshot_every", 1, allow_none=True)
         if (snapshot_every is None) != (snapshot_dir is None):
             raise ValueError(
                 "swa_fast.PostHocEMA: snapshot_every and snapshot_dir go together (got snapshot_every="
