@@ -85,9 +85,12 @@ class OtherDevice:
 
     def update(self, manager: Averager, tensors: list[Tensor]) -> None:
         self.wait(manager)  # the previous update's copy: it has long landed
-        self._pending = manager.next_weight()
-        if self._pending is not None:
+        weight = manager.next_weight()
+        if weight is not None:
+            # Pending only once saved: a save that refuses (it checks before copying) stages
+            # nothing, and the next update must not apply this one's weight to older tensors.
             self.staging.save(tensors)
+        self._pending = weight
 
     def wait(self, manager: Averager) -> None:
         """Block until the staged copy has landed, then apply it."""

@@ -294,6 +294,30 @@ def staged(manager, model):
     return manager
 
 
+def test_a_refused_update_of_an_average_kept_elsewhere_stages_nothing():
+    """A model tensor given another shape makes the staging copy refuse the update: the next update
+    must not apply the previous one's staged tensors again with the refused update's weight."""
+    model = mlp(6, 5, 2)
+    direct, deferred = swa_fast.SWA(model), staged(swa_fast.SWA(model), model)
+    managers = (direct, deferred)
+    for manager in managers:
+        manager.update(model)
+    weight = model[0].weight
+    kept = weight.data
+    weight.data = torch.zeros(3, 3)
+    for manager in managers:
+        with pytest.raises(ValueError, match="shape"):
+            manager.update(model)
+    weight.data = kept
+    perturb_(model, 1, INPUTS)
+    for manager in managers:
+        manager.update(model)
+    state, expected = deferred.state_dict(), direct.state_dict()
+    assert state["updates"] == expected["updates"] == 2
+    for name, value in expected["average"].items():
+        assert torch.equal(state["average"][name], value), name
+
+
 @pytest.mark.parametrize(
     "make",
     [
