@@ -207,6 +207,40 @@ struct Moments {
   }
 };
 
+// ema += w (src - ema); out = ema + c (src - start)   (BEMA, Block et al. 2025: the EMA and its
+// bias correction from the starting weights, in one pass). The EMA's weight behaves as lerp_'s (0
+// keeps it, 1 writes src), but `out` is written at every call, so nothing is ever skipped.
+template <typename D, typename S>
+struct Bema {
+  static constexpr int kLists = 4;
+  using Lists = ListTypes<D, D, D, S>;
+  static constexpr unsigned kReadLists = 0b1101;  // out is only written
+  C10_HOST_DEVICE unsigned written_lists() const { return 0b0011; }
+  using A = acc_t<D>;
+  struct Regs {
+    A ema, start, src;
+  };
+  Weight<A> weight, correction;
+  LerpWeight<A> lerp;
+  A scale = A(0);
+  C10_HOST_DEVICE void resolve() {
+    lerp.set(weight.get());
+    scale = correction.get();
+  }
+  C10_HOST_DEVICE bool skip() const { return false; }
+  C10_HOST_DEVICE bool weight_one() const { return lerp.one; }
+  C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
+    return {load_as<A, D>(p[0], i), load_as<A, D>(p[2], i), load_as<A, S>(p[3], i)};
+  }
+  template <bool kMayBeOne = true>
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+    const A mixed = lerp.template mix<kMayBeOne>(r.ema, r.src);
+    const A ema = lerp.zero() ? r.ema : mixed;  // a select: weight 0 keeps a finite EMA beside inf
+    store_as<D>(p[0], i, ema);
+    store_as<D>(p[1], i, ema + scale * (r.src - r.start));
+  }
+};
+
 // Loops over a functor's K lists, unrolled in device code so that its register arrays stay in
 // registers (indexed at run time they would live in local memory); the host compiler unrolls them
 // itself and would warn about the pragma.

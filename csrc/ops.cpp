@@ -23,6 +23,8 @@ TORCH_LIBRARY(swa_fast, m) {
   m.def("moments_(Tensor(a!)[] mean, Tensor(b!)[] sq, Tensor[] src, Tensor weight) -> ()");
   // avgs: K lists of averages concatenated (avgs[k * len(src) + i]), K = len(weights), 1 to 4
   m.def("multi_lerp_(Tensor(a!)[] avgs, Tensor[] src, Tensor weights) -> ()");
+  // weights: (the EMA's weight, the correction's scale)
+  m.def("bema_(Tensor(a!)[] ema, Tensor(b!)[] out, Tensor[] start, Tensor[] src, Tensor weights) -> ()");
   m.def("copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
   m.def("swap_(Tensor(a!)[] a, Tensor(b!)[] b) -> ()");
 }
@@ -126,14 +128,14 @@ at::Tensor unpack_weight(PyObject* obj, const char* op) {
   return *scalar;
 }
 
-// The weights of multi_lerp_: a tensor, or a sequence of real numbers written into this thread's
-// CPU float64 vector (as unpack_weight, and safe to reuse for the same reason).
-at::Tensor unpack_weights(PyObject* obj) {
+// The weights of multi_lerp_ and bema_: a tensor, or a sequence of real numbers written into this
+// thread's CPU float64 vector (as unpack_weight, and safe to reuse for the same reason).
+at::Tensor unpack_weights(PyObject* obj, const char* op) {
   if (THPVariable_Check(obj)) return THPVariable_Unpack(obj);
   PyObject* seq = PyUnicode_Check(obj) || PyBytes_Check(obj) ? nullptr : PySequence_Fast(obj, "");
   if (seq == nullptr) {
     PyErr_Clear();
-    TORCH_CHECK_VALUE(false, "swa_fast.multi_lerp_: `weights` must be a sequence of real numbers or a 1-D ",
+    TORCH_CHECK_VALUE(false, "swa_fast.", op, ": `weights` must be a sequence of real numbers or a 1-D ",
                       "floating-point tensor, got ", type_name(obj));
   }
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -147,7 +149,7 @@ at::Tensor unpack_weights(PyObject* obj) {
     if (!real) {
       const std::string type = type_name(item);
       Py_DECREF(seq);
-      TORCH_CHECK_VALUE(false, "swa_fast.multi_lerp_: `weights[", k, "]` must be a real number, got ", type);
+      TORCH_CHECK_VALUE(false, "swa_fast.", op, ": `weights[", k, "]` must be a real number, got ", type);
     }
     out[k] = PyFloat_AsDouble(item);
     if (out[k] == -1.0 && PyErr_Occurred()) {
@@ -209,12 +211,29 @@ PyObject* py_multi_lerp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!expect_args("multi_lerp_", nargs, 3)) return nullptr;
   static auto op = op_handle<void(TL, TL, T)>("swa_fast::multi_lerp_");
   const BorrowedTensors avgs(args[0], "multi_lerp_", "avgs"), src(args[1], "multi_lerp_", "src");
-  const at::Tensor weights = unpack_weights(args[2]);
+  const at::Tensor weights = unpack_weights(args[2], "multi_lerp_");
   {
     pybind11::gil_scoped_release no_gil;
     op.redispatch(avgs.device_keys(), avgs.list(), src.list(), weights);
   }
   avgs.bump_versions();
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_bema(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!expect_args("bema_", nargs, 5)) return nullptr;
+  static auto op = op_handle<void(TL, TL, TL, TL, T)>("swa_fast::bema_");
+  const BorrowedTensors ema(args[0], "bema_", "ema"), out(args[1], "bema_", "out"),
+      start(args[2], "bema_", "start"), src(args[3], "bema_", "src");
+  const at::Tensor weights = unpack_weights(args[4], "bema_");
+  {
+    pybind11::gil_scoped_release no_gil;
+    op.redispatch(ema.device_keys(), ema.list(), out.list(), start.list(), src.list(), weights);
+  }
+  ema.bump_versions();
+  out.bump_versions();
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -319,6 +338,7 @@ PyMethodDef methods[] = {
     {"lerp_", fastcall(py_lerp), METH_FASTCALL, "lerp_(avg, src, weight): eager fast path of torch.ops.swa_fast.lerp_"},
     {"moments_", fastcall(py_moments), METH_FASTCALL, "moments_(mean, sq, src, weight): eager fast path"},
     {"multi_lerp_", fastcall(py_multi_lerp), METH_FASTCALL, "multi_lerp_(avgs, src, weights): eager fast path"},
+    {"bema_", fastcall(py_bema), METH_FASTCALL, "bema_(ema, out, start, src, weights): eager fast path"},
     {"copy_", fastcall(py_copy), METH_FASTCALL, "copy_(dst, src): eager fast path"},
     {"swap_", fastcall(py_swap), METH_FASTCALL, "swap_(a, b): eager fast path"},
     {"lerp_then_copy_", fastcall(py_lerp_then_copy), METH_FASTCALL,

@@ -69,14 +69,19 @@ void swap_impl(at::TensorList a, at::TensorList b) {
 // Averages one pass of the kernels updates: the functor keeps K averages' registers per element.
 constexpr int64_t kMaxAveragesPerPass = 4;
 
-// The weights' dtype and shape, checked before the lists, which their count splits. Returns K.
+// A vector of weights' dtype and shape (`meaning`: what each element is), checked before the lists.
+// Returns its length.
+inline int64_t checked_weight_vector(const char* op, const at::Tensor& weights, const char* meaning) {
+  TORCH_CHECK_VALUE(at::isFloatingType(weights.scalar_type()), "swa_fast.", op,
+                    ": `weights` must be a floating-point tensor, got ", dtype_name(weights.scalar_type()));
+  TORCH_CHECK_VALUE(weights.dim() == 1, "swa_fast.", op, ": `weights` must be a 1-D tensor (", meaning,
+                    "), got shape ", weights.sizes());
+  return weights.size(0);
+}
+
+// multi_lerp_'s weights, checked before the lists, which their count splits. Returns K.
 inline int64_t checked_weight_count(const at::Tensor& weights) {
-  TORCH_CHECK_VALUE(at::isFloatingType(weights.scalar_type()),
-                    "swa_fast.multi_lerp_: `weights` must be a floating-point tensor, got ",
-                    dtype_name(weights.scalar_type()));
-  TORCH_CHECK_VALUE(weights.dim() == 1, "swa_fast.multi_lerp_: `weights` must be a 1-D tensor (one weight per ",
-                    "average), got shape ", weights.sizes());
-  const int64_t k = weights.size(0);
+  const int64_t k = checked_weight_vector("multi_lerp_", weights, "one weight per average");
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxAveragesPerPass, "swa_fast.multi_lerp_: `weights` has ", k,
                     " elements; the op updates 1 to ", kMaxAveragesPerPass,
                     " averages per call (swa_fast.multi_lerp_ splits more into several calls)");
@@ -85,8 +90,8 @@ inline int64_t checked_weight_count(const at::Tensor& weights) {
 
 // The weights as the kernels read them: on the CPU as contiguous float64 (read on the host), on the
 // device as float32 or float64 (read by the kernel: no host synchronisation).
-inline at::Tensor checked_weights(const at::Tensor& weights, at::Device device) {
-  TORCH_CHECK_VALUE(weights.device() == device || weights.device().is_cpu(), "swa_fast.multi_lerp_: `weights` is on ",
+inline at::Tensor checked_weights(const char* op, const at::Tensor& weights, at::Device device) {
+  TORCH_CHECK_VALUE(weights.device() == device || weights.device().is_cpu(), "swa_fast.", op, ": `weights` is on ",
                     weights.device(), " but the tensors are on ", device, "; pass them on ", device,
                     " (or on the CPU)");
   if (weights.device().is_cpu()) {
@@ -184,7 +189,7 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
   lists[K] = {"src", src, false};
   const auto call = gather<K + 1>("multi_lerp_", lists);
   if (n == 0) return;
-  const at::Tensor w = checked_weights(weights, call->device);
+  const at::Tensor w = checked_weights("multi_lerp_", weights, call->device);
   for (const auto& group : call->groups) {
     bool one_dtype = true;
     for (int k = 1; k < K; ++k) one_dtype &= group.dtypes[k] == group.dtypes[0];
@@ -238,6 +243,33 @@ void multi_lerp_impl(at::TensorList avgs, at::TensorList src, const at::Tensor& 
   }
 }
 
+// --- bema_: an EMA and its bias correction ---------------------------------------------------------
+
+// weights: (the EMA's weight, the correction's scale).
+template <class Run>
+void bema_impl(at::TensorList ema, at::TensorList out, at::TensorList start, at::TensorList src,
+               const at::Tensor& weights) {
+  const int64_t count = checked_weight_vector("bema_", weights, "ema_weight, correction");
+  TORCH_CHECK_VALUE(count == 2, "swa_fast.bema_: `weights` has ", count, " elements; expected 2 (ema_weight, correction)");
+  const auto call = gather<4>("bema_", {{{"ema", ema, true},
+                                         {"out", out, true, /*same_dtype=*/true},
+                                         {"start", start, false, /*same_dtype=*/true},
+                                         {"src", src, false}}});
+  if (ema.empty()) return;
+  const at::Tensor w = checked_weights("bema_", weights, call->device);
+  for (const auto& group : call->groups) {
+    visit_float(group.dtypes[0], [&](auto d) {
+      visit_float(group.dtypes[3], [&](auto s) {
+        using F = Bema<decltype(d), decltype(s)>;
+        F f{};
+        f.weight = weight_element<typename F::A>(w, 0);
+        f.correction = weight_element<typename F::A>(w, 1);
+        Run::run(group, call->device, f);
+      });
+    });
+  }
+}
+
 // Every op's body over the runner `Run`, registered for one device (csrc/cpu, csrc/cuda: inside
 // their TORCH_LIBRARY_IMPL), so that an op listed here runs on each device the build has.
 template <class Run>
@@ -245,6 +277,7 @@ void register_ops(torch::Library& m) {
   m.impl("lerp_", &lerp_impl<Run>);
   m.impl("moments_", &moments_impl<Run>);
   m.impl("multi_lerp_", &multi_lerp_impl<Run>);
+  m.impl("bema_", &bema_impl<Run>);
   m.impl("copy_", &copy_impl<Run>);
   m.impl("swap_", &swap_impl<Run>);
 }

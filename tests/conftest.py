@@ -156,9 +156,9 @@ def cuda_backends() -> list[str]:
 
 def make_case(op: str, shapes, dst_dtype, src_dtype, seed: int = 0, device="cpu"):
     """The op's tensor lists (random values, reproducible) and its extra arguments, from its row in
-    the op table: the lists it writes in dst_dtype, those it only reads in src_dtype, a list per
-    weight twice (two averages, concatenated as the op takes them), weights PER_LIST_WEIGHTS, a
-    single weight WEIGHT."""
+    the op table: the lists it writes (and those read in their dtype) in dst_dtype, those it only
+    reads in src_dtype, a list per weight twice (two averages, concatenated as the op takes them),
+    1-D weights PER_LIST_WEIGHTS (multi_lerp_'s two, bema_'s pair), a single weight WEIGHT."""
     spec = ops.OP_TABLE[op]
     g = torch.Generator().manual_seed(seed)
 
@@ -169,12 +169,12 @@ def make_case(op: str, shapes, dst_dtype, src_dtype, seed: int = 0, device="cpu"
 
     lists = []
     for param in spec.params:
-        dtype = dst_dtype if param.written else src_dtype
+        dtype = dst_dtype if param.written or param.same_dtype else src_dtype  # (bema_'s start)
         copies = len(PER_LIST_WEIGHTS) if param.per_weight else 1
         lists.append([t for _ in range(copies) for t in rand(dtype)])
     if spec.weight is None:
         return lists, ()
-    return lists, (PER_LIST_WEIGHTS if spec.lists_per_weight else WEIGHT,)
+    return lists, (PER_LIST_WEIGHTS if spec.weight_name == "weights" else WEIGHT,)  # 1-D: two
 
 
 def clone_lists(lists, dtype=None):

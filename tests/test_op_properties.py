@@ -114,6 +114,17 @@ def multi_lerp_weights(draw, count: int):
 
 
 @st.composite
+def op_weight(draw, spec, averages: int | None):
+    """(the op's weight as passed, its real value): multi_lerp_'s one per average, bema_'s pair, one
+    weight, or none."""
+    if averages:
+        return draw(multi_lerp_weights(averages))
+    if spec.weight_name == "weights":
+        return draw(multi_lerp_weights(2))
+    return draw(weights()) if spec.weighted else (None, 0.0)
+
+
+@st.composite
 def cases(draw, op: str):
     spec = ops.OP_TABLE[op]
     n = draw(st.integers(1, 4))
@@ -130,7 +141,8 @@ def cases(draw, op: str):
         dst_dtype = draw(st.sampled_from(FLOATS))
         for k, name in enumerate(names):
             written = k < n_written
-            same_dtype = written and k > 0 and not averages  # moments_' sq, swap_'s b: the first list's dtype
+            # moments_' sq, swap_'s b, bema_'s out and start: the first list's dtype
+            same_dtype = not averages and spec.params[k].same_dtype
             dtype = dst_dtype if k == 0 or same_dtype else draw(st.sampled_from(FLOATS))
             layout = draw(st.sampled_from(DESTINATION_LAYOUTS if written else SOURCE_LAYOUTS))
             values = random_values(shape, seed + 7 * i + k, specials)
@@ -167,10 +179,8 @@ def cases(draw, op: str):
             lists[k][j] = base[1 : 1 + other.numel()].view(other.shape)
             breaks = True
     if averages:
-        weight, weight_value = draw(multi_lerp_weights(averages))
         lists = [[t for lst in lists[:averages] for t in lst], lists[-1]]
-    else:
-        weight, weight_value = draw(weights()) if spec.weighted else (None, 0.0)
+    weight, weight_value = draw(op_weight(spec, averages))
     return Case(lists, weight, weight_value, breaks, f"{sharing}, weight {weight!r}")
 
 
@@ -238,6 +248,9 @@ def check_against_oracle(op: str, before: list[list[torch.Tensor]], after, weigh
             value, error = expected_lerp(before[0][j], src, src, weight[k], dst.dtype)
             assert_matches(dst, value, error, f"{where}, avgs[{k}][{i}]")
         return
+    if op == "bema_":
+        check_bema(before, after, weight, where)
+        return
     for i, dst in enumerate(after[0]):
         if op == "copy_":
             assert_matches(dst, before[1][i].to(dst.dtype).double(), None, where)
@@ -253,6 +266,23 @@ def check_against_oracle(op: str, before: list[list[torch.Tensor]], after, weigh
                 square_in_acc = (src.to(acc) * src.to(acc)).double()
                 value, error = expected_lerp(before[1][i], src * src, square_in_acc, weight, dst.dtype)
                 assert_matches(after[1][i], value, error, f"{where}, moments_ sq [{i}]")
+
+
+def check_bema(before: list[list[torch.Tensor]], after, weights, where: str) -> None:
+    """The EMA as lerp_ with weights[0]; out = the moved EMA, unrounded, + weights[1] (src - start),
+    within the arithmetic error of both steps plus one rounding."""
+    for i, ema in enumerate(after[0]):
+        acc = acc_dtype(ema.dtype)
+        src = before[3][i].to(acc).double()
+        value, error = expected_lerp(before[0][i], src, src, weights[0], ema.dtype)
+        assert_matches(ema, value, error, f"{where}, bema_ ema [{i}]")
+        w, c = (torch.tensor(x, dtype=acc).item() for x in weights)
+        start = before[2][i]
+        moved = before[0][i] if w == 0 else src if w == 1 else lerp64(before[0][i], src, w)
+        eps = torch.finfo(acc).eps
+        bound = 4 * eps * (moved.abs() + abs(c) * (src.abs() + start.abs())) + (0 if error is None else error)
+        bound = torch.nan_to_num(bound, nan=0.0, posinf=0.0) + torch.finfo(acc).smallest_normal * eps
+        assert_matches(after[1][i], moved + c * (src - start), bound, f"{where}, bema_ out [{i}]")
 
 
 def run_case(op: str, case: Case) -> None:

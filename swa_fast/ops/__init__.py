@@ -4,6 +4,7 @@ per op), backend choice (backends.py), the check of one op's call (`check`), `Bo
     lerp_(avg, src, weight)          avg += weight * (src - avg)
     moments_(mean, sq, src, weight)  mean += w (src - mean); sq += w (src^2 - sq)
     multi_lerp_(avgs, src, weights)  avgs[k] += weights[k] * (src - avgs[k]), K averages in one pass
+    bema_(ema, out, start, src, weights)  ema += w0 (src - ema); out = ema + w1 (src - start)
     copy_(dst, src)                  dst = src (cast; integer and bool tensors bit for bit, own dtype)
     swap_(a, b)                      a <-> b
 
@@ -41,6 +42,7 @@ from .table import OpSpec as OpSpec
 __all__ = [
     "BACKENDS",
     "backend_status",
+    "bema_",
     "choose_backend",
     "copy_",
     "lerp_",
@@ -52,6 +54,7 @@ __all__ = [
 _run_lerp = runner(OP_TABLE["lerp_"])
 _run_moments = runner(OP_TABLE["moments_"])
 _run_multi_lerp = runner(OP_TABLE["multi_lerp_"])
+_run_bema = runner(OP_TABLE["bema_"])
 _run_copy = runner(OP_TABLE["copy_"])
 _run_swap = runner(OP_TABLE["swap_"])
 
@@ -160,6 +163,35 @@ def multi_lerp_(
         _run_multi_lerp([flat[first * n : last * n], src], (weights[first:last],), backend)
 
 
+def bema_(
+    ema: Sequence[Tensor],
+    out: Sequence[Tensor],
+    start: Sequence[Tensor],
+    src: Sequence[Tensor],
+    weights: Tensor | Sequence[float],
+    *,
+    backend: str | None = None,
+) -> None:
+    """BEMA's update in one pass (bias-corrected EMA, Block et al. 2025, arXiv 2508.00180):
+    ema[i] += weights[0] * (src[i] - ema[i]), then out[i] = ema[i] + weights[1] * (src[i] - start[i]),
+    reading src, the EMA and the starting weights once each.
+
+    The EMA's update is exactly lerp_(ema, src, weights[0]) (weight 0 leaves it as it was, 1 writes
+    src); `out` is written at every call, in the EMA's arithmetic dtype and rounded once.
+
+    Args:
+        ema: the EMA, updated in place.
+        out: the bias-corrected weights, written (the EMA's dtype at each index).
+        start: the weights at the start (the EMA's dtype at each index), read.
+        src: the model's tensors now, read (any floating dtype).
+        weights: (ema_weight, correction): two real numbers, or a 1-D floating tensor of two
+            elements on the CPU or on the tensors' device (read by the kernels: no host
+            synchronisation).
+        backend: as for lerp_.
+    """
+    _run_bema([ema, out, start, src], (_weight_values(weights),), backend)
+
+
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None = None) -> None:
     """dst[i] = src[i], cast to dst[i]'s dtype: load or save a snapshot in one pass. Integer and
     bool tensors (a model's `num_batches_tracked`) are copied too, bit for bit, each from a tensor
@@ -187,11 +219,11 @@ def check(op: str, *args) -> None:
 # choices").
 eager_lerp_then_copy = getattr(_C, "lerp_then_copy_", None)
 
-_BINDABLE = {"lerp_": lerp_, "moments_": moments_, "copy_": copy_, "swap_": swap_}
+_BINDABLE = {"lerp_": lerp_, "moments_": moments_, "bema_": bema_, "copy_": copy_, "swap_": swap_}
 
 
 class BoundOp:
-    """`op` (lerp_, moments_, copy_ or swap_) for a caller that runs it on every update with lists
+    """`op` (lerp_, moments_, bema_, copy_ or swap_) for a caller that runs it on every update with lists
     of one device it already holds (a manager's flat buffers): the backend is chosen once, here,
     and each call goes straight to the extension's entry point, as the public function does after
     choosing it per call (which costs a noticeable part of a small model's op). Same contract,

@@ -216,21 +216,25 @@ def check_weight(op: str, weight: Tensor | float, device: torch.device) -> None:
         )
 
 
-def check_weights(op: str, weights: Tensor | Sequence, max_count: int | None = MAX_AVERAGES_PER_PASS) -> int:
-    """A weight per list (multi_lerp_'s): a sequence of real numbers, or a 1-D floating tensor (its
-    device is checked with the lists). Returns their count K, 1 to `max_count` (None: no upper
-    bound)."""
+def weight_count(op: str, weights: Tensor | Sequence, meaning: str) -> int:
+    """How many weights a vector of weights holds: a sequence of real numbers, or a 1-D floating
+    tensor (`meaning`: what each element is, for the message). Its device is checked with the lists."""
     if isinstance(weights, Tensor):
         if not weights.is_floating_point():
             raise ValueError(f"swa_fast.{op}: `weights` must be a floating-point tensor, got {weights.dtype}")
         if weights.dim() != 1:
             raise ValueError(
-                f"swa_fast.{op}: `weights` must be a 1-D tensor (one weight per average), "
-                f"got shape {list(weights.shape)}"
+                f"swa_fast.{op}: `weights` must be a 1-D tensor ({meaning}), got shape {list(weights.shape)}"
             )
-        count = weights.shape[0]
-    else:
-        count = len(_real_numbers(op, weights))
+        return weights.shape[0]
+    return len(_real_numbers(op, weights))
+
+
+def check_weights(op: str, weights: Tensor | Sequence, max_count: int | None = MAX_AVERAGES_PER_PASS) -> int:
+    """A weight per list (multi_lerp_'s): a sequence of real numbers, or a 1-D floating tensor (its
+    device is checked with the lists). Returns their count K, 1 to `max_count` (None: no upper
+    bound)."""
+    count = weight_count(op, weights, "one weight per average")
     if count < 1 or (max_count is not None and count > max_count):
         raise ValueError(
             f"swa_fast.{op}: `weights` has {count} elements; the op updates 1 to {MAX_AVERAGES_PER_PASS} "
@@ -309,6 +313,7 @@ class OneWeight:
     tensors' device or on the CPU; checked after the lists."""
 
     name = "weight"
+    targets_take_weights = False
 
     def __repr__(self) -> str:
         return "ONE_WEIGHT"
@@ -330,6 +335,7 @@ class WeightPerList:
     before the lists, splits that argument."""
 
     name = "weights"
+    targets_take_weights = False
 
     def __repr__(self) -> str:
         return "WEIGHT_PER_LIST"
@@ -347,6 +353,38 @@ class WeightPerList:
     def each(self, weights, lists: int) -> list:
         """The weight of each of the `lists` written lists (one per weight)."""
         return list(weights)
+
+
+class NamedWeights:
+    """A fixed number of weights, each with its own role (bema_'s `weights`: the EMA's weight, then
+    the correction's scale): real numbers, or a 1-D floating tensor of that many elements on the
+    tensors' device or on the CPU. Their count is checked before the lists, their device after.
+    The first written list moves towards its target by the first weight; the others are set to
+    theirs, which the row's targets work out from the weights too (`targets_take_weights`)."""
+
+    name = "weights"
+    targets_take_weights = True
+
+    def __init__(self, *roles: str) -> None:
+        self.roles = roles
+
+    def __repr__(self) -> str:
+        return f"NamedWeights{self.roles}"
+
+    def count(self, op: str, weights, max_count: int | None) -> None:
+        count = weight_count(op, weights, ", ".join(self.roles))
+        if count != len(self.roles):
+            raise ValueError(
+                f"swa_fast.{op}: `weights` has {count} elements; expected {len(self.roles)} "
+                f"({', '.join(self.roles)})"
+            )
+
+    def check(self, op: str, weights, device: torch.device) -> None:
+        WEIGHT_PER_LIST.check(op, weights, device)
+
+    def each(self, weights, lists: int) -> list:
+        """The first written list's weight, then 1 (set to its target) for each other one."""
+        return [weights[0]] + [1.0] * (lists - 1)
 
 
 ONE_WEIGHT = OneWeight()

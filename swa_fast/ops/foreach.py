@@ -34,7 +34,8 @@ def fallback(spec: OpSpec) -> Callable[..., None]:
             for dst, target in zip(written, _read_before_writes(targets_of(*lists), written)):
                 torch._foreach_copy_(dst, [t.resolve_neg() for t in target])
             return
-        targets = _read_before_writes(_targets_in_acc(targets_of, written, read), written)
+        given = args[n_lists:] if weight.targets_take_weights else ()
+        targets = _read_before_writes(_targets_in_acc(targets_of, written, read, given), written)
         for dst, target, w in zip(written, targets, weight.each(args[n_lists], n_written)):
             _lerp_into(dst, target, w)
 
@@ -42,18 +43,20 @@ def fallback(spec: OpSpec) -> Callable[..., None]:
     return run
 
 
-def _targets_in_acc(targets_of: Callable[..., list], written: list, read: list) -> list[list[Tensor]]:
+def _targets_in_acc(
+    targets_of: Callable[..., list], written: list, read: list, weights: tuple = ()
+) -> list[list[Tensor]]:
     """Each written list's target, from the lists read in that list's accumulation dtypes (cast
     once per distinct dtypes, whatever the number of written lists), all before anything is
-    written."""
+    written; `weights`: the op's, for targets that depend on them (bema_'s)."""
     if len(written) == 1:
-        return targets_of(*written, *(_in_acc(r, written[0]) for r in read))
+        return targets_of(*written, *(_in_acc(r, written[0]) for r in read), *weights)
     computed: dict[tuple[torch.dtype, ...], list[list[Tensor]]] = {}
     out = []
     for j, dst in enumerate(written):
         key = tuple(reference.acc_dtype(t.dtype) for t in dst)
         if key not in computed:
-            computed[key] = targets_of(*written, *(_in_acc(r, dst) for r in read))
+            computed[key] = targets_of(*written, *(_in_acc(r, dst) for r in read), *weights)
         out.append(computed[key][j])
     return out
 
@@ -100,6 +103,14 @@ def _by_dtype(dst: list[Tensor], end: list[Tensor]) -> list[tuple[torch.dtype, l
         (dtype, [d for d, e in zip(dst, end) if e.dtype == dtype], [e for e in end if e.dtype == dtype])
         for dtype in dtypes
     ]
+
+
+def lerped(start: list[Tensor], end: list[Tensor], weight: Tensor | float) -> list[Tensor]:
+    """lerp(start[i], end[i], weight) in start's accumulation dtype, as new tensors (end already in
+    it): weight 0 gives start and weight 1 gives end, whatever the other holds."""
+    start = [s.to(reference.acc_dtype(s.dtype), copy=True) for s in start]
+    _lerp_into(start, end, weight)
+    return start
 
 
 def _lerp_into(dst: list[Tensor], end: list[Tensor], weight: Tensor | float) -> None:

@@ -76,6 +76,25 @@ def multi_lerp_(avgs: Sequence[Tensor], src: Sequence[Tensor], weights: Tensor |
 
 
 @torch.no_grad()
+def bema_(
+    ema: Sequence[Tensor],
+    out: Sequence[Tensor],
+    start: Sequence[Tensor],
+    src: Sequence[Tensor],
+    weights: Tensor | Sequence[float],
+) -> None:
+    """ema += weights[0] * (src - ema);  out = ema + weights[1] * (src - start)   (BEMA, Block et al.
+    2025: an EMA and its bias correction, from the weights at the start)"""
+    for e, o, s0, s in zip(ema, out, start, src):
+        acc = acc_dtype(e.dtype)
+        x = _read(s, acc)
+        new_ema = _lerp(e.to(acc), x, _weight(weights[0], e))
+        new_out = new_ema + _weight(weights[1], e) * (x - _read(s0, acc))
+        e.copy_(new_ema)
+        o.copy_(new_out)
+
+
+@torch.no_grad()
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     """dst = src, cast to dst's dtype"""
     for d, s in zip(dst, src):

@@ -13,8 +13,17 @@ from torch import Tensor
 
 from . import checks, reference, triton_kernels
 from .backends import _C
-from .checks import ONE_WEIGHT, WEIGHT_PER_LIST, ListParam, OneWeight, WeightPerList, read, written
-from .foreach import fallback
+from .checks import (
+    ONE_WEIGHT,
+    WEIGHT_PER_LIST,
+    ListParam,
+    NamedWeights,
+    OneWeight,
+    WeightPerList,
+    read,
+    written,
+)
+from .foreach import fallback, lerped
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class OpSpec:
 
     name: str  # as in torch.ops.swa_fast and swa_fast's public functions
     params: tuple[ListParam, ...]  # its tensor lists, in order: the written ones first
-    weight: OneWeight | WeightPerList | None  # the weight that follows the lists, if any
+    weight: OneWeight | WeightPerList | NamedWeights | None  # the weight that follows the lists, if any
     # What each written list moves towards by the weight, or becomes without one, as torch._foreach_*
     # over the lists as the kernels see them (kernel_lists), those read in the written list's
     # accumulation dtype: the functor's math, from which foreach.py makes the fallback
@@ -67,7 +76,7 @@ class OpSpec:
 
     @property
     def weight_name(self) -> str | None:
-        """The weight argument's name: `weight`, or multi_lerp_'s 1-D `weights`."""
+        """The weight argument's name: `weight`, or multi_lerp_'s and bema_'s 1-D `weights`."""
         return self.weight.name if self.weight is not None else None
 
     @property
@@ -100,6 +109,18 @@ class OpSpec:
         return f"({', '.join(lists + [f'Tensor {self.weight_name}'] * self.weighted)}) -> ()"
 
 
+def _bema_targets(ema, out, start, src, weights) -> list[list[Tensor]]:
+    """bema_'s: the EMA moves towards src by weights[0]; out is set to the moved EMA plus
+    weights[1] times (src - start), each weight rounded to the EMA's accumulation dtype."""
+    moved = lerped(ema, src, weights[0])
+    scale = weights[1]
+    if isinstance(scale, Tensor) and scale.device.type == "cpu":
+        scale = scale.item()
+    if not isinstance(scale, Tensor):  # a host number, rounded per tensor as the kernels read it
+        scale = [torch.tensor(float(scale), dtype=m.dtype).item() for m in moved]
+    return [src, torch._foreach_add(moved, torch._foreach_mul(torch._foreach_sub(src, start), scale))]
+
+
 # One row per op: its name, its lists (what each admits), its weight, its targets, its reference.
 # fmt: off
 OP_TABLE: dict[str, OpSpec] = {spec.name: spec for spec in (
@@ -115,6 +136,11 @@ OP_TABLE: dict[str, OpSpec] = {spec.name: spec for spec in (
            (written("avgs", per_weight=True), read("src")), WEIGHT_PER_LIST,
            lambda *avgs_then_src: [avgs_then_src[-1]] * (len(avgs_then_src) - 1),  # each average to src
            reference.multi_lerp_),
+    OpSpec("bema_",
+           (written("ema"), written("out", same_dtype=True), read("start", same_dtype=True), read("src")),
+           NamedWeights("ema_weight", "correction"),
+           _bema_targets,
+           reference.bema_),
     OpSpec("copy_",
            (written("dst", integers=True), read("src", integers=True)), None,
            lambda dst, src: [src],

@@ -124,6 +124,19 @@ def _moments_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.conste
     tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
 
 @triton.jit
+def _bema_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    ema = _ptr(ptrs, t, 0, 4, DST, ALIGNED)
+    e = _widened(ema, offs, mask, DST, ACC)
+    s0 = _widened(_ptr(ptrs, t, 2, 4, DST, ALIGNED), offs, mask, DST, ACC)
+    x = _widened(_ptr(ptrs, t, 3, 4, SRC, ALIGNED), offs, mask, SRC, ACC)
+    w = tl.load(w_ptr).to(ACC)
+    c = tl.load(w_ptr + 1).to(ACC)
+    moved = _lerp(e, x, w)
+    tl.store(ema + offs, _rounded(moved, DST), mask=mask)
+    tl.store(_ptr(ptrs, t, 1, 4, DST, ALIGNED) + offs, _rounded(moved + c * (x - s0), DST), mask=mask)
+
+@triton.jit
 def _copy_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
                 ALIGNED: tl.constexpr):
     s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
@@ -202,6 +215,7 @@ KERNELS = {
     "lerp_": Blockwise(_lerp_block),
     "moments_": Blockwise(_moments_block),
     "multi_lerp_": _multi_lerp_kernel,
+    "bema_": Blockwise(_bema_block),
     "copy_": Blockwise(_copy_block),
     "swap_": Blockwise(_swap_block),
 }
