@@ -26,10 +26,11 @@ from .manager_state import ManagerState
 from .model_tensors import ModelCopy, TrackedModel, check_model, module_tensors
 from .ops import checks
 from .placement import OtherDevice, SameDevice, SideStream
-from .weighting import count, ema_decay, real_number, swa_weight
+from .weighting import count, ema_decay, half_life_decay, real_number, swa_weight
 from .wrappers import hooked, unwrap
 
 _CPU = torch.device("cpu")
+DEFAULT_EMA_DECAY = 0.999  # EMA's decay when neither it nor a half-life is given
 # The managers' default average dtype: fp32 (so that a bf16/fp16 model's small updates are not
 # rounded away), or fp64 when the model has fp64 floating tensors (so that theirs are not rounded).
 AT_LEAST_FLOAT32 = "at least float32"
@@ -376,13 +377,26 @@ class SWA(Averager):
 class EMA(Averager):
     """Exponential moving average: avg = decay_t * avg + (1 - decay_t) * model.
 
+    Its length is given by one of `decay` (0.999 when none is given), `half_life` or
+    `half_life_fraction`; `decay_at(call)` says the decay of any call.
+
     Args:
         model: the model to average.
         decay: the decay once warmed up, a real number in [0, 1] (a Python or numpy number, or a
-            0-dim tensor, read once here).
+            0-dim tensor, read once here). Left out: 0.999, or the half-life's.
+        half_life: instead of `decay`, the half-life in update() calls (> 0): a model's weight in
+            the average halves every `half_life` calls, decay_t = 2 ** (-update_every / half_life)
+            at every averaging update (`self.decay` holds it).
+        half_life_fraction: instead of `decay`, a half-life that grows with the run, this fraction
+            (in (0, 1]) of the calls since the copy, as torchtitan's EMA (`half_life_fraction`):
+            decay_t = 2 ** (-1 / (half_life_fraction * k)) at the k-th averaging update after the
+            copy (k = 1, 2, ...; with update_every=1, k is the call's number after the copy), so
+            the average at any time weighs mostly the last fraction of the run (0.05: the rule of
+            thumb decay = 2 ** (-20 / k)). `self.decay` is None.
         warmup_gamma, warmup_power: timm's ModelEmaV3 warmup, decay_t = min(decay,
             1 - (1 + t / gamma) ** -power) for the t-th averaging update, so early averages follow
-            the model closely; None (the default) uses `decay` from the start. Both > 0.
+            the model closely; None (the default) uses `decay` from the start. Both > 0. Not with
+            a half-life (`half_life_fraction` is a warmup of its own).
         update_after_step: the first `update_after_step + 1` calls to `update` copy the model.
         update_every: after that, only every `update_every`-th call averages.
         dtype, use_buffers, check_finite, rank0_only, device, side_stream, backend, capturable:
@@ -394,8 +408,10 @@ class EMA(Averager):
     def __init__(
         self,
         model: Module,
-        decay: float = 0.999,
+        decay: float | None = None,
         *,
+        half_life: float | None = None,
+        half_life_fraction: float | None = None,
         warmup_gamma: float | None = None,
         warmup_power: float = 2 / 3,
         update_after_step: int = 0,
@@ -409,12 +425,16 @@ class EMA(Averager):
         backend: str | None = None,
         capturable: bool = False,
     ) -> None:
-        decay = real_number(decay, "EMA: decay", 0.0, 1.0)
         if warmup_gamma is not None:
             warmup_gamma = real_number(warmup_gamma, "EMA: warmup_gamma", 0.0, above_low=True)
         warmup_power = real_number(warmup_power, "EMA: warmup_power", 0.0, above_low=True)
         update_after_step = count(update_after_step, "EMA: update_after_step", 0)
         update_every = count(update_every, "EMA: update_every", 1)
+        half_life, half_life_fraction = ema_half_life(decay, half_life, half_life_fraction, warmup_gamma)
+        if half_life is not None:
+            decay = 2.0 ** (-update_every / half_life)  # the same every averaging update
+        elif half_life_fraction is None:
+            decay = real_number(DEFAULT_EMA_DECAY if decay is None else decay, "EMA: decay", 0.0, 1.0)
         super().__init__(
             model,
             dtype=dtype,
@@ -426,7 +446,9 @@ class EMA(Averager):
             backend=backend,
             capturable=capturable,
         )
-        self.decay = decay
+        self.decay = decay  # None: it changes at every averaging update (half_life_fraction)
+        self.half_life = half_life
+        self.half_life_fraction = half_life_fraction
         self.warmup_gamma = warmup_gamma
         self.warmup_power = warmup_power
         self.update_after_step = update_after_step
@@ -434,8 +456,17 @@ class EMA(Averager):
 
     def decay_at(self, call: int) -> float:
         """decay_t at the `call`-th update() call (from 1): 0 (a copy of the model) up to
-        `update_after_step` + 1, then `decay`, or its warmup."""
-        return ema_decay(self.decay, call - self.update_after_step - 1, self.warmup_gamma, self.warmup_power)
+        `update_after_step` + 1, then `decay`, or its warmup, or the half-life's (of the call, when
+        it averages: with `update_every`, every `update_every`-th call after the copy)."""
+        return self._decay(call - self.update_after_step - 1)
+
+    def _decay(self, t: int | Tensor) -> float | Tensor:
+        """decay_t, t calls after the copy (a host int, or a device tensor when capturable)."""
+        if self.half_life_fraction is not None:
+            return half_life_decay(t, self.update_every, fraction=self.half_life_fraction)
+        if self.half_life is not None:
+            return half_life_decay(t, self.update_every, half_life=self.half_life)
+        return ema_decay(self.decay, t, self.warmup_gamma, self.warmup_power)
 
     def _update_weight(self) -> float | None:
         # A host-side schedule of host-side counts: a Python float weight, read by the kernels on
@@ -448,13 +479,57 @@ class EMA(Averager):
     def _device_weight(self) -> tuple[Tensor, Tensor | None]:
         t = self._device_calls - (self.update_after_step + 1)  # the same schedule, on the device
         due = None if self.update_every == 1 else (t <= 0) | (t % self.update_every == 0)
-        return 1.0 - ema_decay(self.decay, t, self.warmup_gamma, self.warmup_power), due
+        return 1.0 - self._decay(t), due
 
     def _extra_state(self) -> dict:
-        return {"decay": self.decay}
+        # The rule's settings; one that is off is left out (older states have only "decay").
+        rule = {key: getattr(self, key) for key in RULE_KEYS}
+        return {key: value for key, value in rule.items() if value is not None}
 
     def _check_extra_state(self, state: dict) -> None:
-        if state.get("decay", self.decay) != self.decay:
+        """A state of another rule is refused: its decay, half_life and half_life_fraction (absent:
+        None, as in states saved before them) must be this EMA's. (A state with none of them, which
+        none saved, is taken by an EMA of a decay, as it always was.)"""
+        ours = self._extra_state()
+        theirs = {key: state[key] for key in RULE_KEYS if state.get(key) is not None}
+        if not theirs and ours.keys() == {"decay"}:
+            return
+        if theirs != ours:
             raise ValueError(
-                f"swa_fast.EMA: the state_dict has decay {state['decay']}, this one {self.decay}"
+                f"swa_fast.EMA.load_state_dict: expected a state_dict of an EMA with {said_rule(ours)}, got "
+                f"one with {said_rule(theirs)}; nothing was loaded"
             )
+
+
+RULE_KEYS = ("decay", "half_life", "half_life_fraction")  # an EMA's rule, in its state_dict
+
+
+def said_rule(rule: dict) -> str:
+    """An EMA rule's settings in words, for an error."""
+    return ", ".join(f"{key}={rule[key]!r}" for key in RULE_KEYS if key in rule) or "no decay saved"
+
+
+def ema_half_life(
+    decay: object, half_life: object, fraction: object, warmup_gamma: float | None
+) -> tuple[float | None, float | None]:
+    """EMA's `half_life` and `half_life_fraction` checked (None: not given): at most one of them,
+    neither with `decay` nor `warmup_gamma`, each a real number, half_life > 0 and the fraction in
+    (0, 1]."""
+    settings = (("half_life", half_life), ("half_life_fraction", fraction))
+    given = [name for name, value in settings if value is not None]
+    if not given:
+        return None, None
+    if len(given) == 2:
+        raise ValueError(
+            "swa_fast.EMA: expected one of half_life= (in update() calls) and half_life_fraction= (of the "
+            f"calls so far), got both: half_life={half_life!r}, half_life_fraction={fraction!r}"
+        )
+    for other, value in (("decay", decay), ("warmup_gamma", warmup_gamma)):
+        if value is not None:
+            raise ValueError(
+                f"swa_fast.EMA: {given[0]}= sets the decay; expected no {other}= beside it, "
+                f"got {other}={value!r}"
+            )
+    if half_life is not None:
+        return real_number(half_life, "EMA: half_life", 0.0, above_low=True), None
+    return None, real_number(fraction, "EMA: half_life_fraction", 0.0, 1.0, above_low=True)

@@ -5,7 +5,9 @@ Every average here is updated as `avg += w * (model - avg)`; only `w` differs:
     SWA (Izmailov et al. 2018)   w = 1 / (n + 1)      n: models averaged so far (1 first: a copy)
     EMA                          w = 1 - decay_t       decay_t = 0 on the first update (a copy), then
                                                        `decay`, or timm's warmup
-                                                       min(decay, 1 - (1 + t / gamma) ** -power)
+                                                       min(decay, 1 - (1 + t / gamma) ** -power),
+                                                       or a half-life: 2 ** (-every / half_life), or
+                                                       torchtitan's 2 ** (-1 / (fraction * k))
 
 The managers, both drop-ins (`swa_utils.AveragedModel`, `optim.SWA`) and FGE's `to_swa` take their
 weights from here. A count held on a GPU gives a weight computed there (no host synchronisation);
@@ -94,6 +96,28 @@ def ema_decay(
     if warmup_gamma is None:
         return decay
     return min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)
+
+
+def half_life_decay(
+    t: int | Tensor, every: int = 1, half_life: float | None = None, fraction: float | None = None
+) -> float | Tensor:
+    """decay_t of an EMA given by its half-life (the number of update() calls after which a model's
+    weight in the average has halved), t counted as `ema_decay`'s (the calls since the copy, 0 at
+    it), an averaging update every `every` calls. 0 at t <= 0 (the copy), then either
+    `half_life` calls: 2 ** (-every / half_life) at every averaging update, or
+    `fraction` of the calls so far (torchtitan's EMA, `decay = 2 ** (-1 / (half_life_fraction *
+    num_updates))`): 2 ** (-1 / (fraction * k)) at the k-th averaging update after the copy,
+    k = t // every (>= 1), so that the half-life, fraction * k updates, is fraction * t calls.
+    A tensor `t` gives a float64 tensor worked out where it is (a capturable update), with the
+    same float64 arithmetic."""
+    if fraction is None:
+        return ema_decay(2.0 ** (-every / half_life), t)
+    if type(t) is not int and isinstance(t, Tensor):
+        k = torch.clamp(torch.div(t, every, rounding_mode="floor"), min=1).to(torch.float64)
+        return torch.where(t <= 0, 0.0, 2.0 ** (-1.0 / (fraction * k)))
+    if t <= 0:
+        return 0.0
+    return 2.0 ** (-1.0 / (fraction * max(t // every, 1)))
 
 
 def ema_weight(decay: float, n_averaged: Tensor | int) -> Tensor | float:

@@ -33,6 +33,7 @@ def cuda_backend(request):
     [
         (swa_fast.SWA, {"use_buffers": True, "check_finite": True}),
         (swa_fast.EMA, {"decay": 0.9, "warmup_gamma": 2.0, "update_after_step": 1, "update_every": 2}),
+        (swa_fast.EMA, {"half_life_fraction": 0.3, "update_after_step": 1, "update_every": 2}),
     ],
 )
 def test_capturable_manager_update_replays_in_a_cuda_graph(cls, options):
