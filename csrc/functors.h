@@ -208,9 +208,12 @@ struct Moments {
 };
 
 // ema += w (src - ema); out = ema + c (src - start)   (BEMA, Block et al. 2025: the EMA and its
-// bias correction from the starting weights, in one pass). The EMA's weight behaves as lerp_'s (0
-// keeps it, 1 writes src), but `out` is written at every call, so nothing is ever skipped.
-template <typename D, typename S>
+// bias correction from the starting weights, in one pass). `out` is written at every call, so
+// nothing is ever skipped; kKeepsAtZero keeps the EMA as it was at weight 0, as lerp_ does, even
+// beside a source that is not finite, by a select that costs the vector path its 128-bit stores of
+// `out` (the compiler splits them): the body passes it only where weight 0 can happen (a device
+// weight, or a host weight of 0).
+template <typename D, typename S, bool kKeepsAtZero>
 struct Bema {
   static constexpr int kLists = 4;
   using Lists = ListTypes<D, D, D, S>;
@@ -234,8 +237,8 @@ struct Bema {
   }
   template <bool kMayBeOne = true>
   C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
-    const A mixed = lerp.template mix<kMayBeOne>(r.ema, r.src);
-    const A ema = lerp.zero() ? r.ema : mixed;  // a select: weight 0 keeps a finite EMA beside inf
+    A ema = lerp.template mix<kMayBeOne>(r.ema, r.src);
+    if constexpr (kKeepsAtZero) ema = lerp.zero() ? r.ema : ema;
     store_as<D>(p[0], i, ema);
     store_as<D>(p[1], i, ema + scale * (r.src - r.start));
   }

@@ -258,13 +258,17 @@ void bema_impl(at::TensorList ema, at::TensorList out, at::TensorList start, at:
   if (ema.empty()) return;
   const at::Tensor w = checked_weights("bema_", weights, call->device);
   for (const auto& group : call->groups) {
+    const bool may_be_zero = !w.device().is_cpu() || host_zero(w, 0, group.dtypes[0]);
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[3], [&](auto s) {
-        using F = Bema<decltype(d), decltype(s)>;
-        F f{};
-        f.weight = weight_element<typename F::A>(w, 0);
-        f.correction = weight_element<typename F::A>(w, 1);
-        Run::run(group, call->device, f);
+        const auto run = [&](auto keeps_at_zero) {
+          using F = Bema<decltype(d), decltype(s), decltype(keeps_at_zero)::value>;
+          F f{};
+          f.weight = weight_element<typename F::A>(w, 0);
+          f.correction = weight_element<typename F::A>(w, 1);
+          Run::run(group, call->device, f);
+        };
+        may_be_zero ? run(std::true_type{}) : run(std::false_type{});
       });
     });
   }

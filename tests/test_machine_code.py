@@ -1,8 +1,8 @@
 """The machine code of the built CUDA kernels, read without a GPU: the cuobjdump that ships with
 Triton disassembles the extension's cubins. For every architecture the build was asked for
 (BUILD_INFO's cuda_archs: by default every one the installed torch supports), a cubin must be there
-(not only PTX), lerp_ must move 128 bits per global load and store on its vector path (fp32 and
-bf16 sources) and no kernel may spill to local memory; registers per thread are printed (pytest -s)."""
+(not only PTX), lerp_ and bema_ must move 128 bits per global load and store on their vector
+paths (fp32 and bf16 sources) and no kernel may spill to local memory; registers per thread are printed (pytest -s)."""
 
 from __future__ import annotations
 
@@ -63,28 +63,40 @@ def sass(request) -> dict[str, str]:
     return kernels
 
 
-def _lerp(kernels: dict[str, str], dst: str, src: str) -> str:
-    # multi_tensor_kernel<2, Lerp<dst, src>>, mangled
+def _kernel(kernels: dict[str, str], functor: str, dst: str, src: str, more: str = "") -> str:
+    # multi_tensor_kernel<K, Functor<dst, src, more...>>, mangled (Functor: its length, then its name)
     found = [
         code
         for name, code in kernels.items()
-        if "multi_tensor_kernel" in name and f"4LerpI{dst}{src}E" in name
+        if "multi_tensor_kernel" in name and f"{len(functor)}{functor}I{dst}{src}{more}E" in name
     ]
-    assert len(found) == 1, [n for n in kernels if "Lerp" in n]
+    assert len(found) == 1, [n for n in kernels if functor in n]
     return found[0]
+
+
+def _assert_vector_and_tail(code: str, loads: int, stores: int) -> None:
+    """At least `loads` / `stores` 128-bit global accesses (the vector path), and the scalar tail's
+    global 32-bit ones."""
+    assert len(re.findall(r"\bLDG\.E\.128\b", code)) >= loads, code
+    assert len(re.findall(r"\bSTG\.E\.128\b", code)) >= stores, code
+    assert re.search(r"\bLDG\.E\b", code) and re.search(r"\bSTG\.E\b", code)
+    assert not re.search(r"\bLD\.E", code), "generic loads: the compiler lost track of global memory"
 
 
 @pytest.mark.parametrize("src", ["f", "N3c108BFloat16E"], ids=["fp32", "bf16"])
 def test_lerp_moves_128_bits(sass, src):
-    code = _lerp(sass, "f", src)
-    loads = re.findall(r"\bLDG\.E\.128\b", code)
-    stores = re.findall(r"\bSTG\.E\.128\b", code)
     # fp32 <- fp32: a 128-bit word of each list; fp32 <- bf16: one of bf16, two of the average
-    assert len(loads) >= (2 if src == "f" else 3), code
-    assert len(stores) >= (1 if src == "f" else 2), code
-    # the scalar tail keeps global (not generic) 32-bit accesses
-    assert re.search(r"\bLDG\.E\b", code) and re.search(r"\bSTG\.E\b", code)
-    assert not re.search(r"\bLD\.E", code), "generic loads: the compiler lost track of global memory"
+    loads, stores = (2, 1) if src == "f" else (3, 2)
+    _assert_vector_and_tail(_kernel(sass, "Lerp", "f", src), loads, stores)
+
+
+@pytest.mark.parametrize("src", ["f", "N3c108BFloat16E"], ids=["fp32", "bf16"])
+def test_bema_moves_128_bits(sass, src):
+    # fp32 EMA, out and start: a word each read (EMA, start) and written (EMA, out), and the
+    # source's; from bf16, one bf16 word covers two fp32 words of each of the others. (The usual
+    # kernel: a host weight that is not 0, kKeepsAtZero false, `Lb0E` in the mangled name.)
+    loads, stores = (3, 2) if src == "f" else (5, 4)
+    _assert_vector_and_tail(_kernel(sass, "Bema", "f", src, more="Lb0E"), loads, stores)
 
 
 def test_no_local_memory(sass):
