@@ -268,7 +268,14 @@ void bema_impl(at::TensorList ema, at::TensorList out, at::TensorList start, at:
           f.correction = weight_element<typename F::A>(w, 1);
           Run::run(group, call->device, f);
         };
-        may_be_zero ? run(std::true_type{}) : run(std::false_type{});
+        if constexpr (std::is_same_v<decltype(d), double>) {
+          // fp64 averages always take the select: without it, nvcc for sm_100 spilled the fp64 EMA of
+          // a bf16 model to local memory (tests/test_machine_code.py), and their `out` is not what
+          // the 128-bit path is for
+          run(std::true_type{});
+        } else {
+          may_be_zero ? run(std::true_type{}) : run(std::false_type{});
+        }
       });
     });
   }
