@@ -1,0 +1,326 @@
+"""swa_fast.integrations.transformers: the averaging callbacks in real `transformers.Trainer` and
+TRL `SFTTrainer` runs on the CPU, with a tiny GPT-2 built from a local config (no downloads).
+
+What is checked: the average against one worked out here from the weights each optimizer step left
+(gradient accumulation included), runs resumed from a checkpoint against runs that were not (bit
+for bit), evaluations with the average (which leave the training bit for bit as without them),
+`save_pretrained` of the average, the set-ups refused, and two DDP ranks over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+import swa_fast  # noqa: E402
+from swa_fast.integrations.transformers import (  # noqa: E402
+    EMACallback,
+    PostHocEMACallback,
+    SWACallback,
+)
+
+VOCAB = 64
+CLOSE = dict(rtol=1e-5, atol=1e-6)  # fp32 against a float64 reference, over a few updates
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=1
+    )
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # no dropout: runs repeat exactly
+    return GPT2LMHeadModel(config)
+
+
+def token_data(n: int = 16, length: int = 12, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": x, "labels": x} for x in torch.randint(2, VOCAB, (n, length), generator=g)]
+
+
+def arguments(out, max_steps: int = 6, **changes) -> TrainingArguments:
+    """Deterministic CPU training: fp32, sequential batches, no workers, no reporting."""
+    settings = dict(
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        logging_steps=1000,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(str(out), **{**settings, **changes})
+
+
+def train(out, callbacks, resume=None, eval_dataset=None, **changes) -> Trainer:
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=arguments(out, **changes),
+        train_dataset=token_data(),
+        eval_dataset=eval_dataset,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+class WeightsSeen(TrainerCallback):
+    """The model's parameters after each optimizer step, in float64 (read at on_optimizer_step,
+    before any callback's on_step_end)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+
+
+def average_of(callback) -> dict[str, torch.Tensor]:
+    return dict(callback.manager.state_dict()["average"])
+
+
+def assert_equal_dicts(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def reference_ema(steps: list[dict], decay: float) -> dict[str, torch.Tensor]:
+    average = dict(steps[0])  # swa_fast.EMA's first update copies the model
+    for weights in steps[1:]:
+        average = {n: a + (1 - decay) * (weights[n] - a) for n, a in average.items()}
+    return average
+
+
+# --- the average -------------------------------------------------------------------------------------
+
+
+def test_ema_callback_follows_each_optimizer_step_with_gradient_accumulation(tmp_path):
+    seen, ema = WeightsSeen(), EMACallback(decay=0.8)
+    train(tmp_path, [seen, ema], max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    assert len(seen.steps) == 5 and ema.manager.calls == 5, (len(seen.steps), ema.manager.calls)
+    expected = reference_ema(seen.steps, 0.8)
+    got = average_of(ema)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name].double(), value, **CLOSE, msg=name)
+
+
+def test_swa_callback_averages_the_steps_from_start_step_every_k(tmp_path):
+    seen, swa = WeightsSeen(), SWACallback(start_step=2, every=2)
+    train(tmp_path, [seen, swa], max_steps=7)
+    chosen = [seen.steps[s - 1] for s in (2, 4, 6)]  # global steps 2, 4 and 6
+    assert swa.manager.n_averaged == 3, swa.manager.n_averaged
+    got = average_of(swa)
+    for name in chosen[0]:
+        expected = sum(w[name] for w in chosen) / 3
+        torch.testing.assert_close(got[name].double(), expected, **CLOSE, msg=name)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+def _straight_and_resumed(tmp_path, make_callback, steps=6, at=3, carry=None):
+    """A run of `steps` steps saving at step `at`, and a new Trainer resumed from that checkpoint
+    (copied into a fresh output_dir, found by resume_from_checkpoint=True) to `steps`."""
+    straight = make_callback()
+    first = train(tmp_path / "a", [straight], max_steps=steps, save_strategy="steps", save_steps=at)
+    assert os.path.isfile(tmp_path / "a" / f"checkpoint-{at}" / f"swa_fast_{straight.name}.pt")
+    shutil.copytree(tmp_path / "a" / f"checkpoint-{at}", tmp_path / "b" / f"checkpoint-{at}")
+    if carry is not None:
+        carry(tmp_path / "a", tmp_path / "b", at)
+    resumed = make_callback()
+    second = train(
+        tmp_path / "b", [resumed], resume=True, max_steps=steps, save_strategy="steps", save_steps=at
+    )
+    assert resumed.manager.calls == straight.manager.calls, (resumed.manager.calls, straight.manager.calls)
+    for p, q in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(p, q)  # the training itself resumed exactly
+    return straight, resumed
+
+
+@pytest.mark.parametrize(
+    "make_callback",
+    [
+        lambda: EMACallback(decay=0.9, warmup_gamma=1.0),
+        lambda: SWACallback(start_step=2, every=2),
+    ],
+    ids=["ema", "swa"],
+)
+def test_a_resumed_run_continues_the_average_bit_for_bit(tmp_path, make_callback):
+    straight, resumed = _straight_and_resumed(tmp_path, make_callback)
+    assert_equal_dicts(average_of(resumed), average_of(straight))
+    assert resumed.manager.n_averaged == straight.manager.n_averaged
+
+
+def test_a_resumed_posthoc_ema_continues_its_profiles_and_snapshots(tmp_path):
+    def carry_snapshots(a, b, at):  # they live beside the checkpoints: those up to it go with it
+        (b / "posthoc_ema_snapshots").mkdir()
+        for step, path in swa_fast.posthoc.list_snapshots(a / "posthoc_ema_snapshots").items():
+            if step <= at:
+                shutil.copy(path, b / "posthoc_ema_snapshots" / path.name)
+
+    make_callback = lambda: PostHocEMACallback(snapshot_every=2)  # noqa: E731
+    straight, resumed = _straight_and_resumed(tmp_path, make_callback, carry=carry_snapshots)
+    for a, b in zip(straight.manager.state_dict()["averages"], resumed.manager.state_dict()["averages"]):
+        assert_equal_dicts(dict(b), dict(a))
+    assert resumed.manager.progress == straight.manager.progress
+    # Both runs' snapshots (default directory under output_dir), the final one included, synthesize alike.
+    model_a, model_b = tiny_gpt2(), tiny_gpt2()
+    swa_fast.posthoc.synthesize(tmp_path / "a" / "posthoc_ema_snapshots", model_a, sigma_rel=0.07)
+    swa_fast.posthoc.synthesize(tmp_path / "b" / "posthoc_ema_snapshots", model_b, sigma_rel=0.07)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_resumed_run_finds_a_checkpoint_named_in_the_arguments(tmp_path):
+    straight = EMACallback(decay=0.9)
+    train(tmp_path / "a", [straight], max_steps=4, save_strategy="steps", save_steps=2)
+    checkpoint = str(tmp_path / "a" / "checkpoint-2")
+    resumed = EMACallback(decay=0.9)  # another output_dir: found through args.resume_from_checkpoint
+    train(tmp_path / "b", [resumed], resume=checkpoint, max_steps=4, resume_from_checkpoint=checkpoint)
+    assert_equal_dicts(average_of(resumed), average_of(straight))
+
+
+def test_a_resumed_run_without_the_average_is_refused_unless_resume_false(tmp_path):
+    train(tmp_path, [], max_steps=2, save_strategy="steps", save_steps=2)  # a checkpoint without one
+    with pytest.raises(
+        ValueError, match=r"resuming at step 2, expected the average saved as 'swa_fast_ema.pt'"
+    ):
+        train(tmp_path, [EMACallback()], resume=True, max_steps=4)
+    fresh = EMACallback(resume=False)
+    train(tmp_path, [fresh], resume=True, max_steps=4)
+    assert fresh.manager.calls == 2  # steps 3 and 4: a new average
+
+
+# --- evaluation, the averaged model -------------------------------------------------------------------
+
+
+class AtEvaluation(TrainerCallback):
+    """Put after the averaging callback: records the live weights after each optimizer step, checks
+    the model holds the average at the evaluation's first batch and the live weights, bit for bit,
+    once it ended."""
+
+    def __init__(self, averaging) -> None:
+        self.averaging, self.live, self.checked, self.evaluations = averaging, None, False, 0
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.live = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_prediction_step(self, args, state, control, model=None, **kwargs):
+        if not self.checked:
+            assert_equal_dicts(dict(model.named_parameters()), average_of(self.averaging))
+            self.checked = True
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        assert self.checked, "no prediction step ran"
+        assert_equal_dicts({n: p.detach() for n, p in model.named_parameters()}, self.live)
+        self.checked, self.evaluations = False, self.evaluations + 1
+
+
+def test_evaluation_with_the_average_restores_the_live_weights_exactly(tmp_path):
+    evaluated = dict(eval_dataset=token_data(8, seed=2), eval_strategy="steps", eval_steps=2)
+    plain = train(tmp_path / "plain", [EMACallback(decay=0.5)], max_steps=4, **evaluated)
+    ema = EMACallback(decay=0.5, eval_with_average=True)
+    probe = AtEvaluation(ema)
+    with_average = train(tmp_path / "avg", [ema, probe], max_steps=4, **evaluated)
+    assert probe.evaluations == 2, probe.evaluations
+    for p, q in zip(plain.model.parameters(), with_average.model.parameters()):
+        assert torch.equal(p, q)  # evaluating with the average left the training as it was
+    losses = [
+        [log["eval_loss"] for log in t.state.log_history if "eval_loss" in log] for t in (plain, with_average)
+    ]
+    assert losses[0] != losses[1], losses  # ... and the evaluations saw other weights
+
+    # After training: the average for a block, the live weights back after.
+    with_average.remove_callback(probe)
+    live = {n: p.detach().clone() for n, p in with_average.model.named_parameters()}
+    with ema.average_applied():
+        metrics = with_average.evaluate()
+    assert_equal_dicts({n: p.detach() for n, p in with_average.model.named_parameters()}, live)
+    assert metrics["eval_loss"] == losses[1][-1]  # the average at the last step, as evaluated then
+    assert with_average.evaluate()["eval_loss"] == losses[0][-1]  # the live weights, as the plain run's
+
+
+def test_a_dict_of_eval_datasets_is_refused_with_the_live_weights_restored(tmp_path):
+    ema = EMACallback(decay=0.5, eval_with_average=True)
+    evaluated = dict(eval_strategy="steps", eval_steps=2)
+    data = {"one": token_data(4, seed=2), "two": token_data(4, seed=3)}
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=arguments(tmp_path, max_steps=2, **evaluated),
+        train_dataset=token_data(),
+        eval_dataset=data,
+        callbacks=[ema, seen := WeightsSeen()],
+    )
+    with pytest.raises(
+        ValueError,
+        match="eval_with_average=True expects one eval dataset, got an evaluation prefixed 'eval_one'",
+    ):
+        trainer.train()
+    last = seen.steps[-1]
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.double(), last[name]), name
+
+
+def test_the_averaged_model_is_saved_with_save_pretrained_and_loaded_at_the_end(tmp_path):
+    ema = EMACallback(decay=0.7, save_averaged_model=True, load_average_at_end=True)
+    trainer = train(tmp_path, [ema], max_steps=3)
+    average = average_of(ema)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "ema")
+    assert_equal_dicts({n: p.detach() for n, p in loaded.named_parameters()}, average)
+    assert_equal_dicts({n: p.detach() for n, p in trainer.model.named_parameters()}, average)
+
+
+# --- what is refused -----------------------------------------------------------------------------------
+
+
+def test_deepspeed_zero3_is_refused_before_anything_is_made(tmp_path):
+    """Needs DeepSpeed (not installed on the CPU machine this project is developed on, so skipped
+    there): a model made under ZeRO-3's `zero.Init` holds partitioned placeholders."""
+    deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    settings = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    config = HfDeepSpeedConfig(settings)  # (held: transformers keeps a weak reference)
+    ema = EMACallback()
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=settings):
+            model = tiny_gpt2()
+        with pytest.raises(ValueError, match="DeepSpeed ZeRO-3 partitions every parameter"):
+            ema.on_train_begin(arguments(tmp_path), TrainerState(), TrainerControl(), model=model)
+    finally:
+        unset_hf_deepspeed_config()
+        del config
+    assert ema.manager is None
+
+
+def test_settings_are_checked_where_they_are_given(tmp_path):
+    with pytest.raises(ValueError, match="every"):
+        EMACallback(every=0)
+    with pytest.raises(ValueError, match="start_step"):
+        SWACallback(start_step=1.5)
+    with pytest.raises(ValueError, match=r"sigma_rel 0.2 is not tracked"):
+        PostHocEMACallback(sigma_rel=0.2).on_train_begin(
+            arguments(tmp_path), TrainerState(), TrainerControl(), model=tiny_gpt2()
+        )
+    with pytest.raises(ValueError, match="expected a callback whose Trainer has started training"):
+        with EMACallback().average_applied(tiny_gpt2()):
+            pass
