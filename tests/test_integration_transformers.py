@@ -51,8 +51,9 @@ def token_data(n: int = 16, length: int = 12, seed: int = 1) -> list[dict]:
     return [{"input_ids": x, "labels": x} for x in torch.randint(2, VOCAB, (n, length), generator=g)]
 
 
-def arguments(out, max_steps: int = 6, **changes) -> TrainingArguments:
-    """Deterministic CPU training: fp32, sequential batches, no workers, no reporting."""
+def arguments(out, max_steps: int = 6, kind=TrainingArguments, **changes) -> TrainingArguments:
+    """Deterministic CPU training: fp32, sequential batches, no workers, no reporting (`kind`: a
+    subclass of TrainingArguments, such as TRL's configs)."""
     settings = dict(
         max_steps=max_steps,
         per_device_train_batch_size=4,
@@ -66,7 +67,7 @@ def arguments(out, max_steps: int = 6, **changes) -> TrainingArguments:
         seed=0,
         disable_tqdm=True,
     )
-    return TrainingArguments(str(out), **{**settings, **changes})
+    return kind(str(out), **{**settings, **changes})
 
 
 def train(out, callbacks, resume=None, eval_dataset=None, **changes) -> Trainer:
@@ -324,3 +325,48 @@ def test_settings_are_checked_where_they_are_given(tmp_path):
     with pytest.raises(ValueError, match="expected a callback whose Trainer has started training"):
         with EMACallback().average_applied(tiny_gpt2()):
             pass
+
+
+# --- TRL ------------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer of VOCAB words, built here (no download)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(VOCAB - 2)}}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="<eos>")
+
+
+def sft_run(out, callbacks, resume=None):
+    """TRL's SFTTrainer on a text dataset it tokenizes itself: 4 steps, a checkpoint at step 2."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    g = torch.Generator().manual_seed(3)
+    texts = [
+        " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (10,), generator=g)) for _ in range(16)
+    ]
+    config = arguments(out, 4, trl.SFTConfig, save_strategy="steps", save_steps=2, max_length=16)
+    trainer = trl.SFTTrainer(
+        model=tiny_gpt2(),
+        args=config,
+        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        processing_class=tiny_tokenizer(),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_trl_sft_trainer_keeps_the_ema_and_resumes_it_bit_for_bit(tmp_path):
+    seen, ema = WeightsSeen(), EMACallback(decay=0.8)
+    sft_run(tmp_path, [seen, ema])
+    assert len(seen.steps) == 4 and ema.manager.calls == 4, (len(seen.steps), ema.manager.calls)
+    expected, got = reference_ema(seen.steps, 0.8), average_of(ema)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name].double(), value, **CLOSE, msg=name)
+    resumed = EMACallback(decay=0.8)
+    sft_run(tmp_path, [resumed], resume=str(tmp_path / "checkpoint-2"))
+    assert resumed.manager.calls == 4
+    assert_equal_dicts(average_of(resumed), got)
