@@ -138,55 +138,45 @@ def test_swa_callback_averages_the_steps_from_start_step_every_k(tmp_path):
 # --- checkpoints -------------------------------------------------------------------------------------
 
 
-def _straight_and_resumed(tmp_path, make_callback, steps=6, at=3, carry=None):
-    """A run of `steps` steps saving at step `at`, and a new Trainer resumed from that checkpoint
-    (copied into a fresh output_dir, found by resume_from_checkpoint=True) to `steps`."""
-    straight = make_callback()
-    first = train(tmp_path / "a", [straight], max_steps=steps, save_strategy="steps", save_steps=at)
-    assert os.path.isfile(tmp_path / "a" / f"checkpoint-{at}" / f"swa_fast_{straight.name}.pt")
-    shutil.copytree(tmp_path / "a" / f"checkpoint-{at}", tmp_path / "b" / f"checkpoint-{at}")
-    if carry is not None:
-        carry(tmp_path / "a", tmp_path / "b", at)
-    resumed = make_callback()
-    second = train(
-        tmp_path / "b", [resumed], resume=True, max_steps=steps, save_strategy="steps", save_steps=at
-    )
-    assert resumed.manager.calls == straight.manager.calls, (resumed.manager.calls, straight.manager.calls)
+def every_kind() -> list:
+    return [
+        EMACallback(decay=0.9, warmup_gamma=1.0),
+        SWACallback(start_step=2, every=2),
+        PostHocEMACallback(snapshot_every=2),
+    ]
+
+
+def test_a_resumed_run_continues_every_average_bit_for_bit(tmp_path):
+    """A run of 6 steps saving at step 3, and a new Trainer resumed from that checkpoint (copied
+    into a fresh output_dir, with the post-hoc EMA's snapshots up to it, and found by
+    resume_from_checkpoint=True) to step 6."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    saving = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    straight = every_kind()
+    first = train(a, straight, **saving)
+    for callback in straight:
+        assert os.path.isfile(a / "checkpoint-3" / f"swa_fast_{callback.name}.pt"), callback.name
+    shutil.copytree(a / "checkpoint-3", b / "checkpoint-3")
+    (b / "posthoc_ema_snapshots").mkdir()  # they live beside the checkpoints: those up to it go with it
+    for step, path in swa_fast.posthoc.list_snapshots(a / "posthoc_ema_snapshots").items():
+        if step <= 3:
+            shutil.copy(path, b / "posthoc_ema_snapshots" / path.name)
+    resumed = every_kind()
+    second = train(b, resumed, resume=True, **saving)
     for p, q in zip(first.model.parameters(), second.model.parameters()):
         assert torch.equal(p, q)  # the training itself resumed exactly
-    return straight, resumed
-
-
-@pytest.mark.parametrize(
-    "make_callback",
-    [
-        lambda: EMACallback(decay=0.9, warmup_gamma=1.0),
-        lambda: SWACallback(start_step=2, every=2),
-    ],
-    ids=["ema", "swa"],
-)
-def test_a_resumed_run_continues_the_average_bit_for_bit(tmp_path, make_callback):
-    straight, resumed = _straight_and_resumed(tmp_path, make_callback)
-    assert_equal_dicts(average_of(resumed), average_of(straight))
-    assert resumed.manager.n_averaged == straight.manager.n_averaged
-
-
-def test_a_resumed_posthoc_ema_continues_its_profiles_and_snapshots(tmp_path):
-    def carry_snapshots(a, b, at):  # they live beside the checkpoints: those up to it go with it
-        (b / "posthoc_ema_snapshots").mkdir()
-        for step, path in swa_fast.posthoc.list_snapshots(a / "posthoc_ema_snapshots").items():
-            if step <= at:
-                shutil.copy(path, b / "posthoc_ema_snapshots" / path.name)
-
-    make_callback = lambda: PostHocEMACallback(snapshot_every=2)  # noqa: E731
-    straight, resumed = _straight_and_resumed(tmp_path, make_callback, carry=carry_snapshots)
-    for a, b in zip(straight.manager.state_dict()["averages"], resumed.manager.state_dict()["averages"]):
-        assert_equal_dicts(dict(b), dict(a))
-    assert resumed.manager.progress == straight.manager.progress
+    for ours, theirs in zip(resumed, straight):
+        state, expected = ours.manager.state_dict(), theirs.manager.state_dict()
+        assert_equal_dicts(dict(state["average"]), dict(expected["average"]))
+        assert (state["calls"], state["n_averaged"]) == (expected["calls"], expected["n_averaged"]), ours.name
+    posthoc, expected = resumed[2].manager, straight[2].manager
+    for mine, theirs in zip(posthoc.state_dict()["averages"], expected.state_dict()["averages"]):
+        assert_equal_dicts(dict(mine), dict(theirs))
+    assert posthoc.progress == expected.progress
     # Both runs' snapshots (default directory under output_dir), the final one included, synthesize alike.
     model_a, model_b = tiny_gpt2(), tiny_gpt2()
-    swa_fast.posthoc.synthesize(tmp_path / "a" / "posthoc_ema_snapshots", model_a, sigma_rel=0.07)
-    swa_fast.posthoc.synthesize(tmp_path / "b" / "posthoc_ema_snapshots", model_b, sigma_rel=0.07)
+    swa_fast.posthoc.synthesize(a / "posthoc_ema_snapshots", model_a, sigma_rel=0.07)
+    swa_fast.posthoc.synthesize(b / "posthoc_ema_snapshots", model_b, sigma_rel=0.07)
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(p, q)
 
@@ -370,3 +360,46 @@ def test_trl_sft_trainer_keeps_the_ema_and_resumes_it_bit_for_bit(tmp_path):
     sft_run(tmp_path, [resumed], resume=str(tmp_path / "checkpoint-2"))
     assert resumed.manager.calls == 4
     assert_equal_dicts(average_of(resumed), got)
+
+
+# --- DDP ------------------------------------------------------------------------------------------------
+
+
+def _ddp_ema_run(rank, tmp):
+    """On each of two gloo ranks: the Trainer's own DDP (accelerate's MULTI_CPU, joining the
+    harness's process group) with the EMA callback, 2 rows per rank and step; then every rank
+    resumes from the step-2 checkpoint rank 0 wrote."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(
+        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1"
+    )
+    out = os.path.join(tmp, "ddp")
+    saving = dict(max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+    seen, ema = WeightsSeen(), EMACallback(decay=0.8)
+    trainer = train(out, [seen, ema], **saving)
+    assert isinstance(trainer.model_wrapped, DistributedDataParallel), type(trainer.model_wrapped)
+    average = average_of(ema)
+    for name, value in reference_ema(seen.steps, 0.8).items():
+        torch.testing.assert_close(average[name].double(), value, **CLOSE, msg=name)
+    others = [None, None]
+    dist.all_gather_object(others, average)
+    assert_equal_dicts(others[1 - rank], average)  # every rank keeps the same average
+    files = sorted(p for p in os.listdir(os.path.join(out, "checkpoint-2")) if p.startswith("swa_fast"))
+    assert files == ["swa_fast_ema.pt"], files  # written once, by rank 0
+    resumed = EMACallback(decay=0.8)
+    train(out, [resumed], resume=os.path.join(out, "checkpoint-2"), **saving)
+    assert_equal_dicts(average_of(resumed), average)
+    if rank == 0:
+        torch.save(average, os.path.join(tmp, "ddp_average.pt"))
+
+
+def test_ddp_ranks_keep_one_average_that_resumes_exactly(on_two_ranks, tmp_path):
+    on_two_ranks(_ddp_ema_run)
+    # Two ranks of 2 rows a step average to the gradients of one process's 4 rows (to fp32 rounding).
+    ema = EMACallback(decay=0.8)
+    train(tmp_path / "one", [ema], max_steps=4)
+    expected = torch.load(tmp_path / "ddp_average.pt")
+    for name, value in average_of(ema).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
