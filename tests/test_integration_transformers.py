@@ -403,3 +403,60 @@ def test_ddp_ranks_keep_one_average_that_resumes_exactly(on_two_ranks, tmp_path)
     expected = torch.load(tmp_path / "ddp_average.pt")
     for name, value in average_of(ema).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- FSDP2 (GPU only) -------------------------------------------------------------------------------------
+
+
+def _fsdp2_run(out: str) -> None:
+    """One rank of `torchrun --nproc_per_node 2` of this file: the Trainer's FSDP2 with the EMA
+    callback, each rank averaging its shards, saving them into its own file, resuming them."""
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    sharding = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}
+    saving = dict(max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+    setup = dict(use_cpu=False, fsdp=True, fsdp_config=sharding, **saving)
+    ema = EMACallback(decay=0.8)
+    train(out, [ema], **setup)
+    assert ema.manager.tracked.sharded, "expected FSDP2's DTensor parameters"
+    dist.barrier()
+    files = sorted(p for p in os.listdir(os.path.join(out, "checkpoint-2")) if p.startswith("swa_fast"))
+    assert files == ["swa_fast_ema-rank0-of-2.pt", "swa_fast_ema-rank1-of-2.pt"], files
+    resumed = EMACallback(decay=0.8)
+    train(out, [resumed], resume=os.path.join(out, "checkpoint-2"), **setup)
+    got, expected = average_of(resumed), average_of(ema)
+    for name, value in expected.items():
+        assert torch.equal(got[name].to_local(), value.to_local()), (rank, name)
+    print(f"rank {rank}: FSDP2 average resumed exactly", flush=True)
+
+
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="GPU only: the Trainer runs FSDP through accelerate on accelerators only (on the CPU it falls "
+    "back to DDP); needs 2 CUDA GPUs",
+)
+def test_fsdp2_ranks_average_their_shards_and_resume_them_exactly(tmp_path):
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tmp_path),
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's swa_fast
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert done.stdout.count("FSDP2 average resumed exactly") == 2, done.stdout[-4000:]
+
+
+if __name__ == "__main__":  # a rank of the FSDP2 test, under torchrun
+    import sys
+
+    _fsdp2_run(sys.argv[1])

@@ -293,7 +293,8 @@ class AveragingCallback(TrainerCallback):
 
     def _load(self, args, state) -> None:
         path = self._resumed_file(args, state)
-        saved = torch.load(path, map_location="cpu", weights_only=not self.manager.tracked.sharded)
+        sharded = self.manager.tracked.sharded  # (DTensors: loaded where they were, this rank's device)
+        saved = torch.load(path, map_location=None if sharded else "cpu", weights_only=not sharded)
         expected = (_FORMAT, type(self).__name__, state.global_step)
         got = (saved.get("format"), saved.get("callback"), saved.get("global_step"))
         if got != expected:
