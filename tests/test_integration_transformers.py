@@ -433,8 +433,8 @@ def _fsdp2_run(out: str) -> None:
 
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2,
-    reason="GPU only: the Trainer runs FSDP through accelerate on accelerators only (on the CPU it falls "
-    "back to DDP); needs 2 CUDA GPUs",
+    reason="GPU only: accelerate runs FSDP on accelerators only, and the Trainer refuses fsdp on the CPU "
+    "('Using fsdp only works in distributed training'); needs 2 CUDA GPUs",
 )
 def test_fsdp2_ranks_average_their_shards_and_resume_them_exactly(tmp_path):
     import subprocess
