@@ -308,10 +308,17 @@ def test_settings_are_checked_where_they_are_given(tmp_path):
         EMACallback(every=0)
     with pytest.raises(ValueError, match="start_step"):
         SWACallback(start_step=1.5)
-    with pytest.raises(ValueError, match=r"sigma_rel 0.2 is not tracked"):
-        PostHocEMACallback(sigma_rel=0.2).on_train_begin(
-            arguments(tmp_path), TrainerState(), TrainerControl(), model=tiny_gpt2()
+    with pytest.raises(
+        ValueError, match=r"sigma_rel must be one of the tracked sigma_rels \(0.05, 0.1\), got 0.2"
+    ):
+        PostHocEMACallback(sigma_rel=0.2)
+    best = arguments(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    with pytest.raises(ValueError, match="load_average_at_end=True would overwrite the best checkpoint"):
+        EMACallback(load_average_at_end=True).on_train_begin(
+            best, TrainerState(), TrainerControl(), model=tiny_gpt2()
         )
+    with pytest.raises(ValueError, match="rank0_only=True keeps it on rank 0 only"):
+        EMACallback(eval_with_average=True, rank0_only=True)
     with pytest.raises(ValueError, match="expected a callback whose Trainer has started training"):
         with EMACallback().average_applied(tiny_gpt2()):
             pass

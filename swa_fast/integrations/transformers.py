@@ -23,6 +23,7 @@ before it saves a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,23 +103,32 @@ class AveragingCallback(TrainerCallback):
         name: str | None = None,
         **manager_kwargs: Any,
     ) -> None:
-        owner = type(self).__name__
-        self.every = count(every, f"integrations.transformers.{owner}: every", 1)
-        self.start_step = count(start_step, f"integrations.transformers.{owner}: start_step", 0)
+        self.every = count(every, f"{self._owner}: every", 1)
+        self.start_step = count(start_step, f"{self._owner}: start_step", 0)
         self.eval_with_average = eval_with_average
         self.save_averaged_model = save_averaged_model
         self.load_average_at_end = load_average_at_end
         self.resume = resume
         self.name = name or self._NAME
         self.manager_kwargs = manager_kwargs
+        if manager_kwargs.get("rank0_only") and (eval_with_average or load_average_at_end):
+            raise ValueError(
+                f"{self._who}: eval_with_average and load_average_at_end apply the average on every rank, "
+                "but rank0_only=True keeps it on rank 0 only; drop one"
+            )
         self.manager: Averager | None = None  # made at on_train_begin
         self._model: Module | None = None
         self._applied: contextlib.ExitStack | None = None  # the average in the model, for an evaluation
 
     @property
+    def _owner(self) -> str:
+        """Who speaks in `weighting.count`'s messages (which add "swa_fast.")."""
+        return f"integrations.transformers.{type(self).__name__}"
+
+    @property
     def _who(self) -> str:
         """Who speaks in an error message."""
-        return f"swa_fast.integrations.transformers.{type(self).__name__}"
+        return f"swa_fast.{self._owner}"
 
     # --- what a subclass gives ---------------------------------------------------------------------
 
@@ -260,10 +270,11 @@ class AveragingCallback(TrainerCallback):
                 "whole model on each rank, but it is sharded (FSDP2); save the manager's state_dict "
                 "(DTensors) with torch.distributed.checkpoint instead"
             )
+        if not args.should_save:  # (the main process writes it; under rank0_only, the one holding it)
+            return
         with self._applied_context(self._model) as model:
-            if args.should_save:
-                model.save_pretrained(directory)
-        if args.should_save and processing_class is not None:
+            model.save_pretrained(directory)
+        if processing_class is not None:
             processing_class.save_pretrained(directory)
 
     def _file_name(self, sharded: bool) -> str:
@@ -369,24 +380,27 @@ class PostHocEMACallback(AveragingCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.sigma_rels = tuple(sigma_rels)
+        self.sigma_rels = tuple(sigma_rels)  # (checked by PostHocEMA, at on_train_begin)
         self.sigma_rel = self.sigma_rels[0] if sigma_rel is None else sigma_rel
-        self.snapshot_every = snapshot_every
+        if not any(math.isclose(self.sigma_rel, s, rel_tol=1e-9) for s in self.sigma_rels):
+            raise ValueError(
+                f"{self._who}: sigma_rel must be one of the tracked sigma_rels {self.sigma_rels}, got "
+                f"{self.sigma_rel!r} (other profiles come from the snapshots: swa_fast.posthoc.synthesize)"
+            )
+        self.snapshot_every = count(snapshot_every, f"{self._owner}: snapshot_every", 1, allow_none=True)
         self.snapshot_dir = snapshot_dir
 
     def make_manager(self, model: Module, args) -> PostHocEMA:
         directory = self.snapshot_dir
         if directory is None and self.snapshot_every is not None:
             directory = os.path.join(args.output_dir, f"{self.name}_snapshots")
-        manager = PostHocEMA(
+        return PostHocEMA(
             model,
             self.sigma_rels,
             snapshot_every=self.snapshot_every,
             snapshot_dir=directory,
             **self.manager_kwargs,
         )
-        manager._profile_index(self.sigma_rel, "the callback's sigma_rel")  # one tracked, else raise now
-        return manager
 
     def _applied_context(self, model: Module):
         return self.manager.average_applied(model, sigma_rel=self.sigma_rel)
