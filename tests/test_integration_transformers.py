@@ -312,7 +312,14 @@ def test_settings_are_checked_where_they_are_given(tmp_path):
         ValueError, match=r"sigma_rel must be one of the tracked sigma_rels \(0.05, 0.1\), got 0.2"
     ):
         PostHocEMACallback(sigma_rel=0.2)
-    best = arguments(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    best = arguments(
+        tmp_path,
+        load_best_model_at_end=True,
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+    )
     with pytest.raises(ValueError, match="load_average_at_end=True would overwrite the best checkpoint"):
         EMACallback(load_average_at_end=True).on_train_begin(
             best, TrainerState(), TrainerControl(), model=tiny_gpt2()
