@@ -155,23 +155,23 @@ class AveragingCallback(TrainerCallback):
     def _check_trained(self, what: str) -> None:
         if self.manager is None:
             raise ValueError(
-                f"{self._who}.{what}: expected a callback "
-                "whose Trainer has started training (the manager is made at on_train_begin), got one that "
-                "has not"
+                f"{self._who}.{what}: expected a callback whose Trainer has started training (the manager "
+                "is made at on_train_begin), got one that has not"
             )
 
     # --- the Trainer's events ----------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        owner = type(self).__name__
         if model is None:
-            raise ValueError(f"swa_fast.integrations.transformers.{owner}: the Trainer passed no model")
+            raise ValueError(
+                f"{self._who}: expected the Trainer to pass its model to on_train_begin, got None"
+            )
         if self.load_average_at_end and args.load_best_model_at_end:
             raise ValueError(
-                f"swa_fast.integrations.transformers.{owner}: load_average_at_end=True would overwrite the "
-                "best checkpoint's weights that load_best_model_at_end=True loads at the end; choose one"
+                f"{self._who}: load_average_at_end=True would overwrite the best checkpoint's weights that "
+                "load_best_model_at_end=True loads at the end; choose one"
             )
-        _refuse_partitioned(model, owner)
+        _refuse_partitioned(model, type(self).__name__)
         self._close()
         self._model = model
         self.manager = self.make_manager(model, args)
@@ -200,10 +200,10 @@ class AveragingCallback(TrainerCallback):
         runtime = [key for key in (metrics or {}) if key.endswith("_runtime")]
         if runtime and runtime[0] != "eval_runtime":
             raise ValueError(
-                f"{self._who}: eval_with_average=True expects "
-                f"one eval dataset, got an evaluation prefixed {runtime[0][: -len('_runtime')]!r} (a dict of "
-                "eval datasets, evaluated with no event between them). Evaluate each yourself within "
-                "`with callback.average_applied(): trainer.evaluate(dataset)`"
+                f"{self._who}: eval_with_average=True expects one eval dataset, got an evaluation "
+                f"prefixed {runtime[0][: -len('_runtime')]!r} (a dict of eval datasets, evaluated with no "
+                "event between them). Evaluate each yourself within `with callback.average_applied(): "
+                "trainer.evaluate(dataset)`"
             )
 
     def on_save(self, args, state, control, **kwargs):
@@ -215,9 +215,8 @@ class AveragingCallback(TrainerCallback):
             os.makedirs(folder, exist_ok=True)
         elif not os.path.isdir(folder):
             raise ValueError(
-                f"{self._who}: expected the Trainer's checkpoint "
-                f"folder {folder!r} after its save, found none (a hyperparameter search's trial folders are "
-                "not supported)"
+                f"{self._who}: expected the Trainer's checkpoint folder {folder!r} after its save, found "
+                "none (a hyperparameter search's trial folders are not supported)"
             )
         path = os.path.join(folder, self._file_name(sharded))
         saved = {
