@@ -47,6 +47,11 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
         assert f"one update: {workload} (" in out  # the per-call times and ratios, printed
     assert "tiny-1000 float32: x vs AveragedModel >= 100" in targets
     assert "targets, from ratios measured in this run:" in out
+    # The Trainer step with the EMA callback against none: reported in percent, no target.
+    trainer = {r["method"]: r for r in result["rows"] if r["workload"].startswith("HF Trainer step")}
+    assert set(trainer) == {"Trainer step, no callback", "Trainer step + EMACallback"}, set(trainer)
+    assert 0 < trainer["Trainer step + EMACallback"]["in_step_pct"] < 100
+    assert "EMACallback (reported, no target): its on_step_end takes" in out
     assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
 
 

@@ -110,6 +110,17 @@ CASES = {
         "update_starting_at_epoch",
         True,
     ),
+    "transformers every": (lambda v, _: _library("transformers").EMACallback(every=v), "every", False),
+    "transformers start_step": (
+        lambda v, _: _library("transformers").SWACallback(start_step=v),
+        "start_step",
+        False,
+    ),
+    "transformers snapshot_every": (
+        lambda v, _: _library("transformers").PostHocEMACallback(snapshot_every=v),
+        "snapshot_every",
+        True,
+    ),
     "lightning annealing_epochs": (
         lambda v, _: _library("lightning").StochasticWeightAveraging(swa_lrs=0.1, annealing_epochs=v),
         "annealing_epochs",

@@ -53,6 +53,7 @@ from swa_fast.benchmarks.report import (
 from swa_fast.benchmarks.shapes import SHAPE_SETS
 from swa_fast.benchmarks.targets import check_targets, print_targets
 from swa_fast.benchmarks.timing import copy_bandwidth
+from swa_fast.benchmarks.transformers_trainer import bench_trainer_step, print_trainer_overhead
 from swa_fast.benchmarks.workloads import (
     bench_moments_and_snapshots,
     bench_set,
@@ -121,6 +122,7 @@ def steps(sets, full, device, min_run_time):
     out += [
         ("multi_lerp_ K=2", "extras", partial(bench_multi_lerp, shapes, first, device, t)),
         ("post-hoc EMA", "extras", partial(bench_posthoc, shapes, first, device, t)),
+        ("transformers.Trainer step with EMACallback", "extras", partial(bench_trainer_step, device, t)),
     ]
     return out
 
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
     print()
     print_table(sweep + extras)
     print_one_update(extras)
+    print_trainer_overhead(extras)
     targets = check_targets(updates + sweep + extras, device)
     print_targets(targets)
     out = Path(args.out)

@@ -9,6 +9,9 @@ formats, so that code and checkpoints move both ways; swap the import and nothin
 - `swa_fast.integrations.torch_ema`: `ExponentialMovingAverage` (``torch_ema``).
 - `swa_fast.integrations.lightning`: `StochasticWeightAveraging`, `WeightAveraging`,
   `EMAWeightAveraging` (``lightning.pytorch.callbacks``).
+- `swa_fast.integrations.transformers`: `EMACallback`, `SWACallback`, `PostHocEMACallback`: not
+  drop-ins (transformers has no averaging callback) but `TrainerCallback`s for `transformers.Trainer`
+  and TRL's trainers.
 
 Importing this package imports none of those libraries: only a submodule imports its own, when it
 needs it. See docs/integrations.md.
