@@ -9,6 +9,7 @@ formats, so that code and checkpoints move both ways; swap the import and nothin
 - `swa_fast.integrations.torch_ema`: `ExponentialMovingAverage` (``torch_ema``).
 - `swa_fast.integrations.lightning`: `StochasticWeightAveraging`, `WeightAveraging`,
   `EMAWeightAveraging` (``lightning.pytorch.callbacks``).
+- `swa_fast.integrations.trl`: `BEMACallback` (``trl``), on `swa_fast.BEMA`.
 
 Importing this package imports none of those libraries: only a submodule imports its own, when it
 needs it. See docs/integrations.md.
