@@ -3,6 +3,7 @@
 from . import distributed, ops, optim, posthoc, schedules, swa_utils
 from ._version import __version__ as __version__
 from .averaging import EMA, SWA
+from .bema import BEMA
 from .bn import update_bn
 from .fge import FGE
 from .flat import FlatBuffer
@@ -12,6 +13,7 @@ from .schedules import SWALR, FGECyclicLR
 from .swag import SWAG
 
 __all__ = [
+    "BEMA",
     "EMA",
     "FGE",
     "SWA",

@@ -125,3 +125,29 @@ def ema_weight(decay: float, n_averaged: Tensor | int) -> Tensor | float:
     if type(n_averaged) is not int and isinstance(n_averaged, Tensor) and not n_averaged.is_cpu:
         return torch.where(n_averaged == 0, 1.0, 1.0 - decay).to(torch.float64)  # decided there
     return 1.0 - ema_decay(decay, int(n_averaged))
+
+
+def bema_weights(
+    t: int,
+    ema_power: float = 0.5,
+    bias_power: float = 0.2,
+    lag: float = 10,
+    multiplier: float = 1.0,
+    min_ema_multiplier: float = 0.0,
+) -> tuple[float, float]:
+    """BEMA's weights at step `t` (Block et al. 2025, "EMA Without the Lag: Bias-Corrected Iterate
+    Averaging Schemes", arXiv 2508.00180), (beta_t, alpha_t):
+
+        beta_t  = max((lag + multiplier * t) ** -ema_power, min_ema_multiplier)   the EMA's weight
+        alpha_t = (lag + multiplier * t) ** -bias_power                           the correction's
+
+    so that ema += beta_t * (model - ema) and bema = ema + alpha_t * (model - model_0). Worked out in
+    Python floats with TRL's own expressions (its `BEMACallback._ema_beta` / `_bema_alpha`), so the
+    two agree bit for bit. `lag + multiplier * t` must be > 0."""
+    base = lag + multiplier * t
+    if not base > 0:
+        raise ValueError(
+            "swa_fast.bema_weights: expected lag + multiplier * t > 0, got "
+            f"{lag} + {multiplier} * {t} = {base}"
+        )
+    return max(base ** (-ema_power), min_ema_multiplier), base ** (-bias_power)

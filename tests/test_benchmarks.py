@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swa_fast.benchmarks import report, run
+from swa_fast.benchmarks import report, run, targets
 from swa_fast.benchmarks.timing import COPY
 
 
@@ -26,6 +26,7 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
     assert "USDT" not in captured.err and "gpuGetDeviceCount" not in captured.err, captured.err
     methods = {r["method"] for r in result["rows"]}
     assert {"naive", "AveragedModel", "swa_fast AveragedModel", "swa_fast:foreach", COPY} <= methods
+    assert {"swa_fast BEMA.update", "TRL BEMACallback._update_bema_weights"} <= methods
     assert result["meta"]["torch"] == torch.__version__ and result["meta"]["copy_GBps"] > 0
     assert all(r["median_ms"] > 0 and r["x_vs_naive"] > 0 for r in result["rows"])
     assert "swa_fast AveragedModel" in out
@@ -63,3 +64,15 @@ def test_summary_names_each_missed_target_and_the_exit_status(capsys):
     assert "MISSED b >= 5: 3.5" in out and "exit status 1 (--allow-missed exits 0)" in out
     assert report.print_summary(targets[:1], Path("out"), "5s", allow_missed=False) == []
     assert "exit status" not in capsys.readouterr().out
+
+
+def test_the_bema_target_is_the_speed_up_over_trls_update_on_gpt2():
+    def row(workload, method, ms):
+        return {"workload": workload, "method": method, "median_ms": ms}
+
+    rows = [row("gpt2-small BEMA update", "TRL BEMACallback._update_bema_weights", 90.0)]
+    rows += [row("gpt2-small BEMA update", "swa_fast BEMA.update", 10.0), row("tiny BEMA update", "x", 1.0)]
+    assert targets.bema_targets(rows) == [
+        ("gpt2-small BEMA update: swa_fast BEMA.update >= 10x TRL's BEMACallback update", 9.0, False)
+    ]
+    assert targets.bema_targets(rows[1:]) == []  # TRL's row missing (not installed): nothing checked

@@ -55,6 +55,8 @@ CASES = {
     ),
     "EMA update_every": (lambda v, _: swa_fast.EMA(_model(), update_every=v), "update_every", False),
     "attach every": (lambda v, _: _attach(v), "attach: every", False),
+    "BEMA update_after": (lambda v, _: swa_fast.BEMA(_model(), update_after=v), "update_after", False),
+    "BEMA update_every": (lambda v, _: swa_fast.BEMA(_model(), update_every=v), "update_every", False),
     "SWAG max_rank": (lambda v, _: swa_fast.SWAG(_model(), max_rank=v), "max_rank", False),
     "SWAG n_samples": (lambda v, _: _predict(v), "n_samples", False),
     "FGE max_snapshots": (lambda v, _: swa_fast.FGE(_model(), max_snapshots=v), "max_snapshots", True),
@@ -93,6 +95,16 @@ CASES = {
     "diffusers update_after_step": (
         lambda v, _: _library("diffusers").EMAModel(_model().parameters(), update_after_step=v),
         "update_after_step",
+        False,
+    ),
+    "trl BEMACallback update_freq": (
+        lambda v, _: _library("trl").BEMACallback(update_freq=v),
+        "update_freq",
+        False,
+    ),
+    "trl BEMACallback update_after": (
+        lambda v, _: _library("trl").BEMACallback(update_after=v),
+        "update_after",
         False,
     ),
     "lightning update_every_n_steps": (

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from swa_fast import ops
+from swa_fast.benchmarks.bema import bench_bema
 from swa_fast.benchmarks.integrations import LIBRARIES, bench_integrations
 from swa_fast.benchmarks.multi_lerp import bench_multi_lerp
 from swa_fast.benchmarks.posthoc import bench_posthoc
@@ -123,6 +124,7 @@ def steps(sets, full, device, min_run_time):
         ("multi_lerp_ K=2", "extras", partial(bench_multi_lerp, shapes, first, device, t)),
         ("post-hoc EMA", "extras", partial(bench_posthoc, shapes, first, device, t)),
         ("transformers.Trainer step with EMACallback", "extras", partial(bench_trainer_step, device, t)),
+        ("BEMA update", "extras", partial(bench_bema, shapes, first, device, t)),
     ]
     return out
 

@@ -12,6 +12,7 @@ def check_targets(rows, device):
     the workloads that ran are checked."""
     targets = _Targets(rows, device)
     _multi_lerp_targets(targets, rows)
+    targets.checks += bema_targets(rows)
     if device.type == "cpu":
         targets.checks += one_update_targets(rows) + engine_targets(rows)
         _cpu_targets(targets)
@@ -146,6 +147,22 @@ def engine_targets(rows):
             foreach >= 5 * bare,
         ),
     ]
+
+
+# One BEMA update on GPT-2 small shapes (benchmarks/bema.py): ours against TRL's BEMACallback.
+BEMA_WORKLOAD = "gpt2-small BEMA update"
+BEMA_METHOD, BEMA_BASELINE = "swa_fast BEMA.update", "TRL BEMACallback._update_bema_weights"
+BEMA_MINIMUM = 10
+
+
+def bema_targets(rows):
+    """(target, measured speed-up over TRL's BEMACallback update, met), when both ran on GPT-2."""
+    found = {r["method"]: r for r in rows if r["workload"] == BEMA_WORKLOAD}
+    if BEMA_METHOD not in found or BEMA_BASELINE not in found:
+        return []
+    speedup = found[BEMA_BASELINE]["median_ms"] / found[BEMA_METHOD]["median_ms"]
+    target = f"{BEMA_WORKLOAD}: {BEMA_METHOD} >= {BEMA_MINIMUM}x TRL's BEMACallback update"
+    return [(target, round(speedup, 2), speedup >= BEMA_MINIMUM)]
 
 
 def print_targets(checks):

@@ -12,6 +12,7 @@ formats, so that code and checkpoints move both ways; swap the import and nothin
 - `swa_fast.integrations.transformers`: `EMACallback`, `SWACallback`, `PostHocEMACallback`: not
   drop-ins (transformers has no averaging callback) but `TrainerCallback`s for `transformers.Trainer`
   and TRL's trainers.
+- `swa_fast.integrations.trl`: `BEMACallback` (``trl``), on `swa_fast.BEMA`.
 
 Importing this package imports none of those libraries: only a submodule imports its own, when it
 needs it. See docs/integrations.md.
