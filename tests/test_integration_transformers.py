@@ -16,14 +16,13 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from hf_tiny import arguments, text_data, tiny_gpt2, tiny_tokenizer, token_data  # noqa: E402
 from transformers import (  # noqa: E402
-    GPT2Config,
     GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
-    TrainingArguments,
 )
 
 import swa_fast  # noqa: E402
@@ -33,41 +32,7 @@ from swa_fast.integrations.transformers import (  # noqa: E402
     SWACallback,
 )
 
-VOCAB = 64
 CLOSE = dict(rtol=1e-5, atol=1e-6)  # fp32 against a float64 reference, over a few updates
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=1
-    )
-    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # no dropout: runs repeat exactly
-    return GPT2LMHeadModel(config)
-
-
-def token_data(n: int = 16, length: int = 12, seed: int = 1) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": x, "labels": x} for x in torch.randint(2, VOCAB, (n, length), generator=g)]
-
-
-def arguments(out, max_steps: int = 6, kind=TrainingArguments, **changes) -> TrainingArguments:
-    """Deterministic CPU training: fp32, sequential batches, no workers, no reporting (`kind`: a
-    subclass of TrainingArguments, such as TRL's configs)."""
-    settings = dict(
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        dataloader_num_workers=0,
-        train_sampling_strategy="sequential",
-        save_strategy="no",
-        logging_steps=1000,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return kind(str(out), **{**settings, **changes})
 
 
 def train(out, callbacks, resume=None, eval_dataset=None, **changes) -> Trainer:
@@ -334,28 +299,15 @@ def test_settings_are_checked_where_they_are_given(tmp_path):
 # --- TRL ------------------------------------------------------------------------------------------------
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer of VOCAB words, built here (no download)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(VOCAB - 2)}}
-    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
-    model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="<eos>")
-
-
 def sft_run(out, callbacks, resume=None):
     """TRL's SFTTrainer on a text dataset it tokenizes itself: 4 steps, a checkpoint at step 2."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    g = torch.Generator().manual_seed(3)
-    texts = [
-        " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (10,), generator=g)) for _ in range(16)
-    ]
     config = arguments(out, 4, trl.SFTConfig, save_strategy="steps", save_steps=2, max_length=16)
     trainer = trl.SFTTrainer(
         model=tiny_gpt2(),
         args=config,
-        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        train_dataset=datasets.Dataset.from_dict({"text": text_data()}),
         processing_class=tiny_tokenizer(),
         callbacks=callbacks,
     )

@@ -19,60 +19,28 @@ import torch
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
+from hf_tiny import arguments, text_data, tiny_gpt2, tiny_tokenizer, token_data  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import (  # noqa: E402
-    GPT2Config,
-    GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
-    TrainingArguments,
 )
 
 from swa_fast.integrations.trl import BEMACallback  # noqa: E402
 from swa_fast.weighting import bema_weights  # noqa: E402
 
-VOCAB = 64
 EPS = torch.finfo(torch.float32).eps
 ULPS = 4  # one rounding here, several in TRL: up to 1.5 ulps seen
 
 
-def tiny_gpt2(dtype=torch.float32) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=1
-    )
-    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # no dropout: runs repeat exactly
-    return GPT2LMHeadModel(config).to(dtype)
-
-
-def token_data(n: int = 16, length: int = 12, seed: int = 1) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": x, "labels": x} for x in torch.randint(2, VOCAB, (n, length), generator=g)]
-
-
-def arguments(out, max_steps: int = 8, kind=TrainingArguments, **changes) -> TrainingArguments:
-    """Deterministic CPU training: fp32, sequential batches, no workers, no reporting."""
-    settings = dict(
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        dataloader_num_workers=0,
-        train_sampling_strategy="sequential",
-        save_strategy="no",
-        logging_steps=1000,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return kind(str(out), **{**settings, **changes})
-
-
-def train(out, callbacks, resume=None, **changes) -> Trainer:
+def train(out, callbacks, resume=None, max_steps=8, **changes) -> Trainer:
     trainer = Trainer(
-        model=tiny_gpt2(), args=arguments(out, **changes), train_dataset=token_data(), callbacks=callbacks
+        model=tiny_gpt2(),
+        args=arguments(out, max_steps, **changes),
+        train_dataset=token_data(),
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -174,26 +142,13 @@ def test_every_step_matches_trls_callback_in_a_trainer_run(tmp_path, settings):
     assert not torch.equal(next(ours.running_model.parameters()), next(tiny_gpt2().parameters()))
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer of VOCAB words, built here (no download)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(VOCAB - 2)}}
-    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
-    model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="<eos>")
-
-
 def test_trl_sft_trainer_runs_both_callbacks_alike(tmp_path):
     datasets = pytest.importorskip("datasets")
-    g = torch.Generator().manual_seed(3)
-    texts = [
-        " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (10,), generator=g)) for _ in range(16)
-    ]
     ours, theirs, compare = side_by_side(dict(update_freq=1, lag=2))
     trainer = trl.SFTTrainer(
         model=tiny_gpt2(),
         args=arguments(tmp_path, 4, trl.SFTConfig, max_length=16),
-        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        train_dataset=datasets.Dataset.from_dict({"text": text_data()}),
         processing_class=tiny_tokenizer(),
         callbacks=[theirs, KeepTheirSave(), ours, compare],
     )

@@ -2,7 +2,8 @@
 Triton disassembles the extension's cubins. For every architecture the build was asked for
 (BUILD_INFO's cuda_archs: by default every one the installed torch supports), a cubin must be there
 (not only PTX), lerp_ and bema_ must move 128 bits per global load and store on their vector
-paths (fp32 and bf16 sources) and no kernel may spill to local memory; registers per thread are printed (pytest -s)."""
+paths (fp32 and bf16 sources) and no kernel may spill to local memory; registers per thread are
+printed (pytest -s)."""
 
 from __future__ import annotations
 

@@ -37,15 +37,11 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from ..averaging import EMA, SWA, Averager
 from ..posthoc import PostHocEMA
 from ..weighting import count
+from ._trainer_checkpoints import checkpoint_folder, resumed_file, saved_checkpoint_folder
 
 __all__ = ["AveragingCallback", "EMACallback", "PostHocEMACallback", "SWACallback"]
 
 _FORMAT = 1  # of the files written into the checkpoints
-
-
-def _checkpoint_folder(args, state) -> str:
-    """The folder the Trainer has just saved its checkpoint into (`_save_checkpoint`'s name)."""
-    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
 
 def _refuse_partitioned(model: Module, owner: str) -> None:
@@ -210,14 +206,11 @@ class AveragingCallback(TrainerCallback):
         sharded = self.manager.tracked.sharded
         if not (args.should_save or sharded):
             return
-        folder = _checkpoint_folder(args, state)
         if sharded:
+            folder = checkpoint_folder(args, state)
             os.makedirs(folder, exist_ok=True)
-        elif not os.path.isdir(folder):
-            raise ValueError(
-                f"{self._who}: expected the Trainer's checkpoint folder {folder!r} after its save, found "
-                "none (a hyperparameter search's trial folders are not supported)"
-            )
+        else:
+            folder = saved_checkpoint_folder(args, state, self._who)
         path = os.path.join(folder, self._file_name(sharded))
         saved = {
             "format": _FORMAT,
@@ -282,28 +275,10 @@ class AveragingCallback(TrainerCallback):
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         return f"swa_fast_{self.name}-rank{rank}-of-{world}.pt"
 
-    def _resumed_file(self, args, state) -> str:
-        """The file of the checkpoint being resumed: in `args.resume_from_checkpoint` when that names
-        a folder (what the example scripts pass to `train`), else `<output_dir>/checkpoint-<step>`."""
-        name = self._file_name(self.manager.tracked.sharded)
-        folders = []
-        given = args.resume_from_checkpoint
-        if isinstance(given, (str, os.PathLike)) and os.path.isdir(given):
-            folders.append(os.fspath(given))
-        folders.append(_checkpoint_folder(args, state))
-        for folder in folders:
-            if os.path.isfile(os.path.join(folder, name)):
-                return os.path.join(folder, name)
-        raise ValueError(
-            f"{self._who}: resuming at step {state.global_step}, "
-            f"expected the average saved as {name!r} in {' or '.join(map(repr, folders))}, found none. Name "
-            "the checkpoint in TrainingArguments(resume_from_checkpoint=...) as well, or pass resume=False "
-            "to start a new average"
-        )
-
     def _load(self, args, state) -> None:
-        path = self._resumed_file(args, state)
         sharded = self.manager.tracked.sharded  # (DTensors: loaded where they were, this rank's device)
+        new = "resume=False to start a new average"
+        path = resumed_file(args, state, self._file_name(sharded), self._who, "the average", new)
         saved = torch.load(path, map_location=None if sharded else "cpu", weights_only=not sharded)
         expected = (_FORMAT, type(self).__name__, state.global_step)
         got = (saved.get("format"), saved.get("callback"), saved.get("global_step"))

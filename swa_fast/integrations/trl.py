@@ -43,37 +43,13 @@ from ..averaging import AT_LEAST_FLOAT32, average_dtype
 from ..bema import BEMA
 from ..model_tensors import save_own_bytes
 from ..weighting import count, real_number
+from ._trainer_checkpoints import resumed_file, saved_checkpoint_folder
 
 __all__ = ["BEMACallback"]
 
 _OWNER = "integrations.trl.BEMACallback"
 _FILE = "swa_fast_bema.pt"  # the callback's state in each checkpoint folder
 _FORMAT = 1  # of that file
-
-
-def _checkpoint_folder(args, state) -> str:
-    """The folder the Trainer has just saved its checkpoint into (its `_save_checkpoint`'s name)."""
-    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-
-
-def _resumed_file(args, state) -> str:
-    """The callback's file in the checkpoint being resumed: in `args.resume_from_checkpoint` when
-    that names a folder, else in `<output_dir>/checkpoint-<global_step>` (where `train(
-    resume_from_checkpoint=True)` and the usual paths lead)."""
-    folders = []
-    given = args.resume_from_checkpoint
-    if isinstance(given, (str, os.PathLike)) and os.path.isdir(given):
-        folders.append(os.fspath(given))
-    folders.append(_checkpoint_folder(args, state))
-    for folder in folders:
-        if os.path.isfile(os.path.join(folder, _FILE)):
-            return os.path.join(folder, _FILE)
-    raise ValueError(
-        f"swa_fast.{_OWNER}: resuming at step {state.global_step}, expected the BEMA state saved as "
-        f"{_FILE!r} in {' or '.join(map(repr, folders))}, found none. Name the checkpoint in "
-        "TrainingArguments(resume_from_checkpoint=...) as well, or pass resume=False to take theta_0 and "
-        "the EMA anew from the resumed weights (what TRL's callback does)"
-    )
 
 
 def _average_device(device, model: Module) -> torch.device:
@@ -187,7 +163,15 @@ class BEMACallback(_TRLBEMACallback):
             device=device,
         )
         if state.global_step > 0 and self.resume:  # a resumed run: the Trainer loaded its state
-            _load(manager, _resumed_file(args, state), state.global_step)
+            path = resumed_file(
+                args,
+                state,
+                _FILE,
+                f"swa_fast.{_OWNER}",
+                "the BEMA state",
+                "resume=False to take theta_0 and the EMA anew from the resumed weights (as TRL's callback)",
+            )
+            _load(manager, path, state.global_step)
         # TRL's running_model: a new model of the same class, with the model's buffers (and, until
         # the first update, its weights), its parameters then the manager's BEMA weights.
         running = type(model)(model.config).to(device)
@@ -209,12 +193,7 @@ class BEMACallback(_TRLBEMACallback):
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:  # (every rank holds the same state: the main process writes it)
             return
-        folder = _checkpoint_folder(args, state)
-        if not os.path.isdir(folder):
-            raise ValueError(
-                f"swa_fast.{_OWNER}: expected the Trainer's checkpoint folder {folder!r} after its save, "
-                "found none (a hyperparameter search's trial folders are not supported)"
-            )
+        folder = saved_checkpoint_folder(args, state, f"swa_fast.{_OWNER}")
         path = os.path.join(folder, _FILE)
         saved = {
             "format": _FORMAT,
