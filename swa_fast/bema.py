@@ -20,8 +20,7 @@ calls and three temporaries per parameter.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
@@ -138,7 +137,6 @@ class BEMA(Averager):
         self._plan = self._new_plan()  # bema_ over [ema, bema, start]
         self._step: int | None = None  # the step given to this update() call
         self._forced = False  # this call updates whatever the schedule says (TRL's _update_bema_weights)
-        self._applying: ModelCopy | None = None  # the copy average_applied is applying
 
     def _same_layout(self) -> ModelCopy:
         copy = ModelCopy(self.tracked, self._copy.stored(), backend=self.backend)
@@ -202,43 +200,22 @@ class BEMA(Averager):
     # --- reading ------------------------------------------------------------------------------------
 
     def _shown(self, which: str, what: str) -> ModelCopy:
-        if self._applying is not None:
-            return self._applying
         if which not in _SHOWN:
             raise ValueError(f"swa_fast.BEMA.{what}: which must be 'bema' or 'ema', got {which!r}")
         return self._copy if which == "bema" else self._ema
 
-    @contextlib.contextmanager
-    def _showing(self, copy: ModelCopy) -> Iterator[None]:
-        """The Averager's readers read `_copy` / `average`: show them `copy` for the call."""
-        kept = self._copy, self.average
-        self._copy, self.average = copy, copy.flat
-        try:
-            yield
-        finally:
-            self._copy, self.average = kept
-
     def copy_to(self, model: Module, which: str = "bema") -> None:
         """Write the BEMA weights (`which="ema"`: the EMA) into the model (see Averager.copy_to)."""
-        with self._showing(self._shown(which, "copy_to")):
-            super().copy_to(model)
+        self._copy_to(model, self._shown(which, "copy_to"))
 
     def swap(self, model: Module, which: str = "bema") -> None:
         """Exchange the model's weights and the BEMA weights (or the EMA) (see Averager.swap)."""
-        with self._showing(self._shown(which, "swap")):
-            super().swap(model)
+        self._swap(model, self._shown(which, "swap"))
 
-    @contextlib.contextmanager
-    def average_applied(self, model: Module, which: str = "bema") -> Iterator[Module]:
+    def average_applied(self, model: Module, which: str = "bema") -> AbstractContextManager[Module]:
         """The BEMA weights (`which="ema"`: the EMA) in the model within the block, its own weights
         restored exactly after (see Averager.average_applied)."""
-        self._applying = self._shown(which, "average_applied")
-        try:
-            with super().average_applied(model) as applied:
-                self._applying = None
-                yield applied
-        finally:
-            self._applying = None
+        return self._average_applied(model, self._shown(which, "average_applied"))
 
     # --- saving and resuming --------------------------------------------------------------------------
 

@@ -31,14 +31,14 @@ take), the snapshot files and their writer in snapshots.py.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,7 +174,6 @@ class PostHocEMA(Averager):
         self.progress = 0.0  # t after the last update
         self.progress_given: bool | None = None  # whether update() is given progress (fixed by the first)
         self._weights: list[float] = []
-        self._applying: int | None = None  # the profile average_applied is applying
         self._writer: SnapshotWriter | None = None
         self._stop_writer: weakref.finalize | None = None
         self._host: HostSnapshot | None = None
@@ -391,8 +390,6 @@ class PostHocEMA(Averager):
 
     def _profile_index(self, sigma_rel: float | None, what: str) -> int:
         if sigma_rel is None:
-            if self._applying is not None:
-                return self._applying
             if len(self.sigma_rels) == 1:
                 return 0
             raise ValueError(
@@ -407,37 +404,20 @@ class PostHocEMA(Averager):
             "other profiles come from the snapshots: synthesize()"
         )
 
-    @contextlib.contextmanager
-    def _profile_as_average(self, k: int) -> Iterator[None]:
-        """Averager's readers read `_copy` / `average`: show them profile k for the call."""
-        kept = self._copy, self.average
-        self._copy, self.average = self._profiles[k], self._profiles[k].flat
-        try:
-            yield
-        finally:
-            self._copy, self.average = kept
-
     def copy_to(self, model: Module, sigma_rel: float | None = None) -> None:
         """Write the tracked average of `sigma_rel` into the model (see Averager.copy_to)."""
-        with self._profile_as_average(self._profile_index(sigma_rel, "copy_to")):
-            super().copy_to(model)
+        self._copy_to(model, self._profiles[self._profile_index(sigma_rel, "copy_to")])
 
     def swap(self, model: Module, sigma_rel: float | None = None) -> None:
         """Exchange the model's weights and the tracked average of `sigma_rel` (see Averager.swap)."""
-        with self._profile_as_average(self._profile_index(sigma_rel, "swap")):
-            super().swap(model)
+        self._swap(model, self._profiles[self._profile_index(sigma_rel, "swap")])
 
-    @contextlib.contextmanager
-    def average_applied(self, model: Module, sigma_rel: float | None = None) -> Iterator[Module]:
+    def average_applied(
+        self, model: Module, sigma_rel: float | None = None
+    ) -> AbstractContextManager[Module]:
         """The tracked average of `sigma_rel` in the model within the block (see
         Averager.average_applied)."""
-        self._applying = self._profile_index(sigma_rel, "average_applied")
-        try:
-            with super().average_applied(model) as applied:
-                self._applying = None
-                yield applied
-        finally:
-            self._applying = None
+        return self._average_applied(model, self._profiles[self._profile_index(sigma_rel, "average_applied")])
 
     # --- saving and resuming --------------------------------------------------------------------------
 
