@@ -12,12 +12,14 @@ def check_targets(rows, device):
     the workloads that ran are checked."""
     targets = _Targets(rows, device)
     _multi_lerp_targets(targets, rows)
-    targets.checks += bema_targets(rows)
     if device.type == "cpu":
         targets.checks += one_update_targets(rows) + engine_targets(rows)
         _cpu_targets(targets)
     else:
         _gpu_targets(targets, rows)
+        # (on the CPU both BEMA updates are memory-bound passes, TRL's moving about three times the
+        # bytes: the ratio is reported there, not held to the GPU's target; docs/benchmarks.md)
+        targets.checks += bema_targets(rows)
     return targets.checks
 
 
