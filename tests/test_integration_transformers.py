@@ -248,24 +248,32 @@ def test_the_averaged_model_is_saved_with_save_pretrained_and_loaded_at_the_end(
 # --- what is refused -----------------------------------------------------------------------------------
 
 
-def test_deepspeed_zero3_is_refused_before_anything_is_made(tmp_path):
-    """Needs DeepSpeed (not installed on the CPU machine this project is developed on, so skipped
-    there): a model made under ZeRO-3's `zero.Init` holds partitioned placeholders."""
-    deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+def _zero3_refused(rank, tmp):
+    """On each of two gloo ranks (DeepSpeed takes the harness's process group): a model made under
+    ZeRO-3's `zero.Init` holds partitioned placeholders, which the callback refuses."""
+    import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    deepspeed.init_distributed(dist_backend="gloo")
     settings = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
     config = HfDeepSpeedConfig(settings)  # (held: transformers keeps a weak reference)
     ema = EMACallback()
     try:
         with deepspeed.zero.Init(config_dict_or_path=settings):
             model = tiny_gpt2()
+        assert all(p.numel() == 0 for p in model.parameters())  # partitioned: placeholders here
         with pytest.raises(ValueError, match="DeepSpeed ZeRO-3 partitions every parameter"):
-            ema.on_train_begin(arguments(tmp_path), TrainerState(), TrainerControl(), model=model)
+            ema.on_train_begin(arguments(tmp), TrainerState(), TrainerControl(), model=model)
     finally:
         unset_hf_deepspeed_config()
         del config
     assert ema.manager is None
+
+
+def test_deepspeed_zero3_is_refused_before_anything_is_made(on_two_ranks):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (the test extra installs it)")
+    on_two_ranks(_zero3_refused)
 
 
 def test_settings_are_checked_where_they_are_given(tmp_path):
