@@ -1,10 +1,15 @@
-"""Where a `transformers.Trainer` callback's state lives in the Trainer's checkpoints: the folder a
-save has just written, and the file of the checkpoint a resumed run starts from. Shared by the
-callbacks of `integrations.transformers` and `integrations.trl`; imports neither library."""
+"""A `transformers.Trainer` callback's state in the Trainer's checkpoints: the folder a save has just
+written, the file of the checkpoint a resumed run starts from, and the file itself (written whole
+or not at all, read back checked). Shared by the callbacks of `integrations.transformers` and
+`integrations.trl`; imports neither library."""
 
 from __future__ import annotations
 
 import os
+
+import torch
+
+FORMAT = 1  # of the files written into the checkpoints
 
 
 def checkpoint_folder(args, state) -> str:
@@ -42,3 +47,27 @@ def resumed_file(args, state, name: str, who: str, what: str, otherwise: str) ->
         f"{' or '.join(map(repr, folders))}, found none. Name the checkpoint in "
         f"TrainingArguments(resume_from_checkpoint=...) as well, or pass {otherwise}"
     )
+
+
+def save_state(path: str, callback: str, state, manager_state: dict) -> None:
+    """Write a callback's manager state for the checkpoint of `state.global_step` into `path`, whole
+    or not at all (a temporary name, then a rename)."""
+    saved = {
+        "format": FORMAT,
+        "callback": callback,
+        "global_step": state.global_step,
+        "manager": manager_state,
+    }
+    torch.save(saved, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_state(path: str, callback: str, state, who: str, sharded: bool = False) -> dict:
+    """The manager state `save_state` wrote into `path`, refused unless it is `callback`'s of the
+    checkpoint of `state.global_step`. `sharded`: it holds DTensors, loaded where they were saved."""
+    saved = torch.load(path, map_location=None if sharded else "cpu", weights_only=not sharded)
+    expected = (FORMAT, callback, state.global_step)
+    got = (saved.get("format"), saved.get("callback"), saved.get("global_step"))
+    if got != expected:
+        raise ValueError(f"{who}: {path!r} holds (format, callback, step) {got}, expected {expected}")
+    return saved["manager"]

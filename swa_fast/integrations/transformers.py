@@ -37,11 +37,15 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from ..averaging import EMA, SWA, Averager
 from ..posthoc import PostHocEMA
 from ..weighting import count
-from ._trainer_checkpoints import checkpoint_folder, resumed_file, saved_checkpoint_folder
+from ._trainer_checkpoints import (
+    checkpoint_folder,
+    load_state,
+    resumed_file,
+    save_state,
+    saved_checkpoint_folder,
+)
 
 __all__ = ["AveragingCallback", "EMACallback", "PostHocEMACallback", "SWACallback"]
-
-_FORMAT = 1  # of the files written into the checkpoints
 
 
 def _refuse_partitioned(model: Module, owner: str) -> None:
@@ -212,14 +216,7 @@ class AveragingCallback(TrainerCallback):
         else:
             folder = saved_checkpoint_folder(args, state, self._who)
         path = os.path.join(folder, self._file_name(sharded))
-        saved = {
-            "format": _FORMAT,
-            "callback": type(self).__name__,
-            "global_step": state.global_step,
-            "manager": self.manager.state_dict(),
-        }
-        torch.save(saved, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_state(path, type(self).__name__, state, self.manager.state_dict())
 
     def on_train_end(self, args, state, control, processing_class=None, **kwargs):
         self._restore()
@@ -279,14 +276,7 @@ class AveragingCallback(TrainerCallback):
         sharded = self.manager.tracked.sharded  # (DTensors: loaded where they were, this rank's device)
         new = "resume=False to start a new average"
         path = resumed_file(args, state, self._file_name(sharded), self._who, "the average", new)
-        saved = torch.load(path, map_location=None if sharded else "cpu", weights_only=not sharded)
-        expected = (_FORMAT, type(self).__name__, state.global_step)
-        got = (saved.get("format"), saved.get("callback"), saved.get("global_step"))
-        if got != expected:
-            raise ValueError(
-                f"{self._who}: {path!r} holds (format, callback, step) {got}, expected {expected}"
-            )
-        self.manager.load_state_dict(saved["manager"])
+        self.manager.load_state_dict(load_state(path, type(self).__name__, state, self._who, sharded))
 
 
 class EMACallback(AveragingCallback):

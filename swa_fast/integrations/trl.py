@@ -43,13 +43,12 @@ from ..averaging import AT_LEAST_FLOAT32, average_dtype
 from ..bema import BEMA
 from ..model_tensors import save_own_bytes
 from ..weighting import count, real_number
-from ._trainer_checkpoints import resumed_file, saved_checkpoint_folder
+from ._trainer_checkpoints import load_state, resumed_file, save_state, saved_checkpoint_folder
 
 __all__ = ["BEMACallback"]
 
 _OWNER = "integrations.trl.BEMACallback"
 _FILE = "swa_fast_bema.pt"  # the callback's state in each checkpoint folder
-_FORMAT = 1  # of that file
 
 
 def _average_device(device, model: Module) -> torch.device:
@@ -171,7 +170,7 @@ class BEMACallback(_TRLBEMACallback):
                 "the BEMA state",
                 "resume=False to take theta_0 and the EMA anew from the resumed weights (as TRL's callback)",
             )
-            _load(manager, path, state.global_step)
+            manager.load_state_dict(load_state(path, "BEMACallback", state, f"swa_fast.{_OWNER}"))
         # TRL's running_model: a new model of the same class, with the model's buffers (and, until
         # the first update, its weights), its parameters then the manager's BEMA weights.
         running = type(model)(model.config).to(device)
@@ -194,28 +193,8 @@ class BEMACallback(_TRLBEMACallback):
         if not args.should_save:  # (every rank holds the same state: the main process writes it)
             return
         folder = saved_checkpoint_folder(args, state, f"swa_fast.{_OWNER}")
-        path = os.path.join(folder, _FILE)
-        saved = {
-            "format": _FORMAT,
-            "callback": "BEMACallback",
-            "global_step": state.global_step,
-            "manager": self.manager.state_dict(),
-        }
-        torch.save(saved, path + ".tmp")
-        os.replace(path + ".tmp", path)  # whole or not at all
+        save_state(os.path.join(folder, _FILE), "BEMACallback", state, self.manager.state_dict())
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.running_model.save_pretrained(f"{args.output_dir}/bema")
-
-
-def _load(manager: BEMA, path: str, global_step: int) -> None:
-    """Restore the manager from the callback's file `path` of the checkpoint at `global_step`."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    got = tuple(saved.get(key) for key in ("format", "callback", "global_step"))
-    if got != (_FORMAT, "BEMACallback", global_step):
-        raise ValueError(
-            f"swa_fast.{_OWNER}: {path!r} holds (format, callback, step) {got}, expected "
-            f"{(_FORMAT, 'BEMACallback', global_step)}"
-        )
-    manager.load_state_dict(saved["manager"])
