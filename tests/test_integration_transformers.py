@@ -89,6 +89,15 @@ def test_ema_callback_follows_each_optimizer_step_with_gradient_accumulation(tmp
         torch.testing.assert_close(got[name].double(), value, **CLOSE, msg=name)
 
 
+def test_ema_callback_takes_a_half_life_for_its_ema(tmp_path):
+    ema = EMACallback(half_life_fraction=0.5)
+    train(tmp_path, [ema], max_steps=3)
+    assert ema.manager.decay is None and ema.manager.half_life_fraction == 0.5
+    assert ema.manager.decay_at(3) == 2.0 ** (-1 / (0.5 * 2))  # the 2nd averaging update after the copy
+    with pytest.raises(ValueError, match="expected no decay= beside it"):
+        train(tmp_path, [EMACallback(0.9, half_life=10)], max_steps=1)
+
+
 def test_swa_callback_averages_the_steps_from_start_step_every_k(tmp_path):
     seen, swa = WeightsSeen(), SWACallback(start_step=2, every=2)
     train(tmp_path, [seen, swa], max_steps=7)

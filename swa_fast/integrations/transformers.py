@@ -283,16 +283,17 @@ class EMACallback(AveragingCallback):
     """An exponential moving average of the model (`swa_fast.EMA`), updated after optimizer steps.
 
     Args:
-        decay: the EMA decay.
+        decay: the EMA decay (None: `swa_fast.EMA`'s default, 0.999, unless a half-life is given).
         every, start_step, eval_with_average, save_averaged_model, load_average_at_end, resume,
             name: as `AveragingCallback`'s (name defaults to "ema").
-        ema_kwargs: passed to `swa_fast.EMA` (`warmup_gamma`, `warmup_power`, `update_after_step`,
-            `update_every`, counted in its updates, `dtype`, `use_buffers`, `device`, ...).
+        ema_kwargs: passed to `swa_fast.EMA` (`half_life` or `half_life_fraction` in place of
+            `decay`, `warmup_gamma`, `warmup_power`, `update_after_step`, `update_every`, counted in
+            its updates, `dtype`, `use_buffers`, `device`, ...).
     """
 
     _NAME = "ema"
 
-    def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
+    def __init__(self, decay: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.decay = decay
 
