@@ -8,6 +8,7 @@ Every average here is updated as `avg += w * (model - avg)`; only `w` differs:
                                                        min(decay, 1 - (1 + t / gamma) ** -power),
                                                        or a half-life: 2 ** (-every / half_life), or
                                                        torchtitan's 2 ** (-1 / (fraction * k))
+    BEMA (Block et al. 2025)     the EMA's w = beta_t, and the correction's alpha_t (bema_weights)
 
 The managers, both drop-ins (`swa_utils.AveragedModel`, `optim.SWA`) and FGE's `to_swa` take their
 weights from here. A count held on a GPU gives a weight computed there (no host synchronisation);
