@@ -225,6 +225,34 @@ def test_copy_beyond_the_caches(dtype):
         assert all(torch.equal(w, s.float()) for w, s in zip(wide, src))
 
 
+def test_bema_beyond_the_caches_streams_out_as_the_small_passes_write_it():
+    """bema_ over more than 32 MB writes its `out` list through buffers streamed past the caches
+    (csrc/cpu): the same bits as calls small enough for the plain loop, at any alignment, and
+    nothing written outside."""
+    import swa_fast
+
+    n = 10 << 20  # 40 MB of fp32 per list
+    g = torch.Generator().manual_seed(0)
+    ema, start, src = (torch.randn(n, generator=g) for _ in range(3))
+    out = torch.zeros(n + 5)
+    outs = [out[3 : n // 2 + 3], out[n // 2 + 3 : n + 3]]  # misaligned starts
+    halves = [slice(0, n // 2), slice(n // 2, n)]
+    ema_big = [ema[h].clone() for h in halves]
+    swa_fast.bema_(
+        ema_big, outs, [start[h] for h in halves], [src[h] for h in halves], (0.3, 0.7), backend="cpu"
+    )
+    piece = 1 << 20  # 4 MB per list: the plain loop
+    want_ema, want_out = ema.clone(), torch.empty(n)
+    for i in range(0, n, piece):
+        part = slice(i, i + piece)
+        swa_fast.bema_(
+            [want_ema[part]], [want_out[part]], [start[part]], [src[part]], (0.3, 0.7), backend="cpu"
+        )
+    assert torch.equal(torch.cat(ema_big), want_ema)
+    assert torch.equal(out[3 : n + 3], want_out)
+    assert out[:3].eq(0).all() and out[n + 3 :].eq(0).all()
+
+
 @pytest.mark.parametrize("backend", ["cpu", "foreach"])  # (Triton's CPU interpreter is not thread-safe)
 def test_float_weights_from_several_threads_at_once(backend):
     """Each thread's float weight is its own, also while the kernels run without the GIL."""

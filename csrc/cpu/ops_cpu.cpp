@@ -90,6 +90,32 @@ void stream_copy(char* dst, const char* src, size_t n) {
   }
   std::memcpy(dst + body, src + body, n - body);
 }
+
+// A large pass whose functor writes some lists without reading them (bema_'s BEMA weights, a copy_
+// that casts): those lists' values are computed into this thread's buffers in L1, a block at a time,
+// then streamed to memory with non-temporal stores, which skip reading each line before
+// overwriting it (bema_ from fp32: 20 bytes an element moved instead of 24).
+constexpr int64_t kStreamBlock = 2048;
+
+template <typename F>
+void run_item_streamed(const F& f, void* const* ptrs, int64_t begin, int64_t end, unsigned streamed) {
+  constexpr int K = F::kLists;
+  alignas(64) thread_local char buffers[K][kStreamBlock * sizeof(double)];
+  void* block[K];
+  for (int64_t b = begin; b < end; b += kStreamBlock) {
+    const int64_t n = std::min(end - b, kStreamBlock);
+    for (int k = 0; k < K; ++k) {  // the block's elements from index 0, in memory or in a buffer
+      block[k] = (streamed >> k & 1u) != 0 ? static_cast<void*>(buffers[k])
+                                          : static_cast<void*>(static_cast<char*>(ptrs[k]) + b * F::Lists::bytes(k));
+    }
+    run_item(f, block, 0, n);
+    for (int k = 0; k < K; ++k) {
+      if ((streamed >> k & 1u) != 0) {
+        stream_copy(static_cast<char*>(ptrs[k]) + b * F::Lists::bytes(k), buffers[k], n * F::Lists::bytes(k));
+      }
+    }
+  }
+}
 #endif
 
 struct CpuRun {
@@ -125,6 +151,18 @@ struct CpuRun {
         });
         return;
       }
+    }
+    f.resolve();  // (the lists this call writes can depend on its weights)
+    const unsigned streamed = f.written_lists() & ~F::kReadLists;
+    if (streamed != 0 && total * F::Lists::min_bytes() > kStreamAboveBytes) {
+      at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+        for (int64_t it = first; it < last; ++it) {
+          const Item& item = items[it];
+          run_item_streamed(f, group.ptrs[item.tensor].data(), item.begin, item.end, streamed);
+        }
+        _mm_sfence();  // this thread's streamed stores land before its part counts as done
+      });
+      return;
     }
 #endif
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
