@@ -46,6 +46,29 @@ _SNAPSHOT = _Snapshot()
 _SHOWN = ("bema", "ema")
 
 
+def schedule_settings(
+    owner: str, ema_power, bias_power, lag, multiplier, min_ema_multiplier
+) -> tuple[float, float, float, float, float]:
+    """BEMA's schedule settings checked, as floats (`owner`: who takes them, for the messages): the
+    powers, lag and multiplier real numbers >= 0 with lag + multiplier > 0, min_ema_multiplier in
+    [0, 1]."""
+    checked = tuple(
+        real_number(value, f"{owner}: {name}", 0.0)
+        for name, value in (
+            ("ema_power", ema_power),
+            ("bias_power", bias_power),
+            ("lag", lag),
+            ("multiplier", multiplier),
+        )
+    )
+    if not checked[2] + checked[3] > 0:
+        raise ValueError(
+            f"swa_fast.{owner}: expected lag + multiplier > 0 (the schedule's age at step 1), got lag "
+            f"{lag!r} and multiplier {multiplier!r}"
+        )
+    return (*checked, real_number(min_ema_multiplier, f"{owner}: min_ema_multiplier", 0.0, 1.0))
+
+
 class BEMA(Averager):
     """Bias-corrected EMA (BEMA, Block et al. 2025), as TRL's `BEMACallback` keeps it, updated by one
     fused `swa_fast.bema_` per flat group.
@@ -102,18 +125,10 @@ class BEMA(Averager):
         backend: str | None = None,
         capturable: bool = False,
     ) -> None:
-        self.ema_power = real_number(ema_power, "BEMA: ema_power", 0.0)
-        self.bias_power = real_number(bias_power, "BEMA: bias_power", 0.0)
-        self.lag = real_number(lag, "BEMA: lag", 0.0)
-        self.multiplier = real_number(multiplier, "BEMA: multiplier", 0.0)
-        self.min_ema_multiplier = real_number(min_ema_multiplier, "BEMA: min_ema_multiplier", 0.0, 1.0)
+        settings = schedule_settings("BEMA", ema_power, bias_power, lag, multiplier, min_ema_multiplier)
+        self.ema_power, self.bias_power, self.lag, self.multiplier, self.min_ema_multiplier = settings
         self.update_after = count(update_after, "BEMA: update_after", 0)
         self.update_every = count(update_every, "BEMA: update_every", 1)
-        if not self.lag + self.multiplier > 0:
-            raise ValueError(
-                "swa_fast.BEMA: expected lag + multiplier > 0 (the schedule's age at step 1), got lag "
-                f"{lag!r} and multiplier {multiplier!r}"
-            )
         if check_finite:
             raise ValueError(
                 "swa_fast.BEMA: check_finite is not supported (a skipped update would still write the "

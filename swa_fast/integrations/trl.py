@@ -40,9 +40,9 @@ from torch.nn import Module
 from trl import BEMACallback as _TRLBEMACallback
 
 from ..averaging import AT_LEAST_FLOAT32, average_dtype
-from ..bema import BEMA
+from ..bema import BEMA, schedule_settings
 from ..model_tensors import save_own_bytes
-from ..weighting import count, real_number
+from ..weighting import count
 from ._trainer_checkpoints import load_state, resumed_file, save_state, saved_checkpoint_folder
 
 __all__ = ["BEMACallback"]
@@ -114,13 +114,7 @@ class BEMACallback(_TRLBEMACallback):
     ) -> None:
         update_freq = count(update_freq, f"{_OWNER}: update_freq", 1)
         update_after = count(update_after, f"{_OWNER}: update_after", 0)
-        for name, value in (("ema_power", ema_power), ("bias_power", bias_power), ("lag", lag)):
-            real_number(value, f"{_OWNER}: {name}", 0.0)
-        real_number(min_ema_multiplier, f"{_OWNER}: min_ema_multiplier", 0.0, 1.0)
-        if not real_number(lag, _OWNER) + real_number(multiplier, f"{_OWNER}: multiplier", 0.0) > 0:
-            raise ValueError(
-                f"swa_fast.{_OWNER}: expected lag + multiplier > 0, got {lag!r} and {multiplier!r}"
-            )
+        schedule_settings(_OWNER, ema_power, bias_power, lag, multiplier, min_ema_multiplier)  # TRL's kept
         average_dtype(dtype, [], _OWNER)  # refused here rather than when training starts
         torch.device(device)  # likewise
         super().__init__(
