@@ -45,6 +45,7 @@ def one_process_group(monkeypatch):
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
         "RANK": "0",
+        "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
     }.items():
         monkeypatch.setenv(name, value)

@@ -232,3 +232,35 @@ def _bad_input_is_refused(rank, tmp):
 
 def test_bad_input_is_refused_and_leaves_the_average(on_two_ranks):
     on_two_ranks(_bad_input_is_refused)
+
+
+def _posthoc_profiles_kept_in_pieces(rank, tmp):
+    import swa_fast
+    from swa_fast.integrations.deepspeed import PostHocEMA
+
+    engine = _engine(3)
+    with pytest.raises(ValueError, match="snapshots of a sharded"):
+        PostHocEMA(engine, snapshot_every=1, snapshot_dir=tmp)
+    ours = PostHocEMA(engine, sigma_rels=(0.05, 0.2))
+    seen = []
+    for step in range(STEPS):
+        _step(engine, step)
+        ours.update(engine)
+        seen.append(_whole(engine, "master"))
+    exported = {s: ours.export(sigma_rel=s) for s in (0.05, 0.2)}
+    if rank != 0:
+        return
+    # the same updates on one process: swa_fast's PostHocEMA of a plain model given each step's weights
+    net = _net()
+    alone = swa_fast.PostHocEMA(net, sigma_rels=(0.05, 0.2))
+    for weights in seen:
+        net.load_state_dict({n: w.float() for n, w in weights.items()})
+        alone.update(net)
+    for sigma_rel, state in exported.items():
+        alone.copy_to(net, sigma_rel=sigma_rel)
+        for name, value in net.state_dict().items():
+            torch.testing.assert_close(state[name], value, **CLOSE, msg=f"{sigma_rel} {name}")
+
+
+def test_posthoc_ema_keeps_its_profiles_in_pieces_and_exports_each(on_two_ranks):
+    on_two_ranks(_posthoc_profiles_kept_in_pieces)

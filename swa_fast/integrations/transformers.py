@@ -53,9 +53,10 @@ def _refuse_partitioned(model: Module, owner: str) -> None:
     if is_deepspeed_zero3_enabled() or any(hasattr(p, "ds_id") for p in model.parameters()):
         raise ValueError(
             f"swa_fast.integrations.transformers.{owner}: DeepSpeed ZeRO-3 partitions every parameter "
-            "across the ranks (the modules hold empty placeholders), which swa_fast cannot average yet; "
-            "expected a model whose modules hold their tensors: DDP, DeepSpeed ZeRO stage 1 or 2, or FSDP2 "
-            "(fsdp_config={'fsdp_version': 2})"
+            "across the ranks (the modules hold empty placeholders), and these callbacks do not yet save "
+            "and export an average held in pieces; expected a model whose modules hold their tensors: DDP, "
+            "DeepSpeed ZeRO stage 1 or 2, or FSDP2 (fsdp_config={'fsdp_version': 2}). For a DeepSpeed "
+            "engine of your own, swa_fast.integrations.deepspeed averages ZeRO-3 partitions"
         )
     from torch.distributed.fsdp import FullyShardedDataParallel
 

@@ -148,8 +148,8 @@ class PostHocEMA(Averager):
         super().__init__(model, **options)
         if self.tracked.sharded and snapshot_every is not None:
             raise ValueError(
-                "swa_fast.PostHocEMA: snapshots of a sharded (FSDP2) model are not supported: each rank "
-                "holds only its shards"
+                "swa_fast.PostHocEMA: snapshots of a sharded (FSDP2, DeepSpeed ZeRO) model are not "
+                "supported: each rank holds only its shards"
             )
         self.sigma_rels = sigma_rels
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
