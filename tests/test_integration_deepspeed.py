@@ -8,6 +8,7 @@ DeepSpeed's own gathers, outside the manager): equal within fp32 rounding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import partial
 
@@ -74,6 +75,29 @@ def _whole(engine, source: str) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _no_collectives():
+    """Within the block, any torch.distributed collective raises (an update must not communicate)."""
+    names = [
+        n
+        for n in dir(torch.distributed)
+        if n.startswith(("all_", "reduce", "broadcast", "gather", "scatter"))
+    ]
+    names += ["barrier", "send", "recv"]
+    kept = {n: getattr(torch.distributed, n) for n in names if callable(getattr(torch.distributed, n, None))}
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a collective was called during an update")
+
+    try:
+        for name in kept:
+            setattr(torch.distributed, name, refuse)
+        yield
+    finally:
+        for name, fn in kept.items():
+            setattr(torch.distributed, name, fn)
+
+
 def _replay(seen: list[dict], kind: str) -> dict[str, torch.Tensor]:
     """The float64 average of `seen` (the sources at each update): the mean, or an EMA whose first
     update copies."""
@@ -93,8 +117,9 @@ def _averages_match_replay(rank, tmp, stage, source, bf16=False):
     seen = []
     for step in range(STEPS):
         _step(engine, step)
-        ema.update(engine)
-        swa.update(engine)
+        with _no_collectives():
+            ema.update(engine)
+            swa.update(engine)
         seen.append(_whole(engine, source))
     held = sum(t.numel() for t in ema.state_dict()["average"].values())
     whole = sum(t.numel() for t in seen[0].values())
@@ -134,7 +159,7 @@ def _applied_then_restored(rank, tmp, stage):
         _step(engine, step)
         ema.update(engine)
     before = _whole(engine, "params")
-    exported = ema.export()
+    exported = ema.export(os.path.join(tmp, "ema.safetensors"))
     # every rank's forward sees the average: compare the whole parameters on rank 0
     with ema.average_applied(engine):
         applied = _whole(engine, "params")
@@ -144,8 +169,10 @@ def _applied_then_restored(rank, tmp, stage):
     for name in before:
         assert torch.equal(after[name], before[name]), name  # restored exactly
     if rank == 0:
+        from safetensors.torch import load_file
+
         net = _net()
-        net.load_state_dict(exported)  # the export loads into the unwrapped model
+        net.load_state_dict(load_file(os.path.join(tmp, "ema.safetensors")))  # into the unwrapped model
         torch.testing.assert_close(out, net(x), rtol=1e-6, atol=1e-6)
         for name in before:
             assert torch.equal(applied[name], exported[name].double()), name
@@ -170,8 +197,8 @@ def _resumed_run_continues_bit_exactly(rank, tmp, stage):
     straight = ema.export()
 
     engine = _engine(stage)
+    resumed = EMA(engine, decay=DECAY)  # made first, as a script sets everything up before loading
     engine.load_checkpoint(tmp)
-    resumed = EMA(engine, decay=DECAY)
     resumed.load_checkpoint(tmp)
     for step in range(2, STEPS):
         _step(engine, step)
