@@ -69,9 +69,10 @@ class Partition:
 
     def local(self, param: Tensor) -> Tensor:
         """What an update reads: this rank's piece, as the optimizer left it."""
-        if self._master is not None:
-            return self._master
-        return param.ds_tensor
+        if self.group is None:  # unpickled: found again from the parameter
+            found = partition_of(param, self.source)
+            self.group, self._master = found.group, found._master
+        return param.ds_tensor if self.source == "params" else self._master
 
     def target(self, param: Tensor) -> Tensor:
         """Where the average is written for evaluation: the parameter's own piece."""
@@ -115,11 +116,10 @@ def partition_of(param: Tensor, source: str) -> Partition | None:
         size = param.ds_tensor.numel()
         start = dist.get_rank(param.ds_process_group) * size
         numel = max(0, min(size, param.ds_numel - start))
-        out = Partition(3, source, start, numel, size, param.ds_shape, param.ds_process_group)
+        out = Partition(3, "params", start, numel, size, param.ds_shape, param.ds_process_group)
         if source == "master" and getattr(param, "_z3_optimizer", None) is not None:
             out._master = _master_piece(param, param._z3_optimizer.fp32_partitioned_groups_flat)
-        if out._master is None:
-            out.source = "params"
+            out.source = "params" if out._master is None else "master"
         return out
     if source != "master" or not hasattr(param, "_hp_mapping"):
         return None

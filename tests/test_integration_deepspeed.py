@@ -291,3 +291,29 @@ def _posthoc_profiles_kept_in_pieces(rank, tmp):
 
 def test_posthoc_ema_keeps_its_profiles_in_pieces_and_exports_each(on_two_ranks):
     on_two_ranks(_posthoc_profiles_kept_in_pieces)
+
+
+def _pickled_manager_goes_on(rank, tmp):
+    import pickle
+
+    from swa_fast.integrations.deepspeed import EMA
+
+    engine = _engine(3, bf16=True)
+    ema = EMA(engine, decay=DECAY)
+    _step(engine, 0)
+    ema.update(engine)
+    again = pickle.loads(pickle.dumps(ema))  # without the engine, as without the model
+    for step in (1, 2):
+        _step(engine, step)
+        ema.update(engine)
+        again.update(engine)  # the master pieces found again from the parameters
+    mine, theirs = ema.state_dict()["average"], again.state_dict()["average"]
+    for name in mine:
+        assert mine[name].dtype == torch.float32, name
+        assert torch.equal(mine[name], theirs[name]), name
+    with pytest.raises(ValueError, match="the engine it was made for is gone"):
+        again.save_checkpoint(tmp)
+
+
+def test_a_pickled_manager_follows_the_same_master_pieces(on_two_ranks):
+    on_two_ranks(_pickled_manager_goes_on)

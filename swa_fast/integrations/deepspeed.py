@@ -29,6 +29,7 @@ parameters from every rank's slice): a collective, so call them on every rank.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,8 +56,21 @@ class _OnEngine:
                 f"{zero.SOURCES}, got {source!r}"
             )
         self._SOURCE = source
-        self._engine = engine
+        self._engine = weakref.ref(engine)  # (a manager must not keep a dropped engine alive)
         super().__init__(engine, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # pickled without the engine, as without the model: its checkpoints then need a new one
+        return {**super().__getstate__(), "_engine": _no_engine}
+
+    def _global_steps(self) -> int:
+        engine = self._engine()
+        if engine is None:
+            raise ValueError(
+                f"swa_fast.integrations.deepspeed.{type(self).__name__}: the engine it was made for is gone "
+                "(or this manager was unpickled); make a manager for the new engine and load_state_dict"
+            )
+        return engine.global_steps
 
     # --- checkpoints --------------------------------------------------------------------------------
 
@@ -76,10 +90,10 @@ class _OnEngine:
         (default: the engine's, `global_step<N>`), as `swa_fast_<name>_rank<r>_of_<world>.pt`, whole
         or not at all. Call it on every rank, after `engine.save_checkpoint(save_dir, tag)`; `name`
         (default: the class name) tells several managers apart."""
-        tag = tag if tag is not None else f"global_step{self._engine.global_steps}"
+        tag = tag if tag is not None else f"global_step{self._global_steps()}"
         path = self._checkpoint_file(save_dir, tag, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        step = SimpleNamespace(global_step=self._engine.global_steps)
+        step = SimpleNamespace(global_step=self._global_steps())
         save_state(os.fspath(path), self._checked(name), step, self.state_dict())
         return path
 
@@ -103,7 +117,7 @@ class _OnEngine:
                 f"swa_fast: expected {os.fspath(path)!r} (this rank's part, written by save_checkpoint with "
                 "as many ranks), found none"
             )
-        step = SimpleNamespace(global_step=self._engine.global_steps)
+        step = SimpleNamespace(global_step=self._global_steps())
         self.load_state_dict(load_state(os.fspath(path), self._checked(name), step, "swa_fast"))
 
     # --- the whole average ----------------------------------------------------------------------------
@@ -130,6 +144,11 @@ class _OnEngine:
         if path is not None:
             _write(out, Path(path))
         return out
+
+
+def _no_engine() -> None:
+    """The engine's weak reference in a manager unpickled without it."""
+    return None
 
 
 def _write(state: dict[str, Tensor], path: Path) -> None:
