@@ -31,11 +31,14 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMAWeightAveraging
 from lightning.pytorch.callbacks import StochasticWeightAveraging as _LightningStochasticWeightAveraging
 from lightning.pytorch.callbacks import WeightAveraging as _LightningWeightAveraging
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
 
+from .. import distributed
+from ..averaging import EMA, SWA, Averager
 from ..engine import UpdatePlan
 from ..flat import FlatBuffer, copy_into_strided
 from ..model_tensors import ModulesWatch
@@ -57,6 +60,147 @@ def _copy_tensors(targets: list[Tensor], sources: list[Tensor]) -> None:
         target.copy_(source)
 
 
+# --- sharded strategies -------------------------------------------------------------------------
+#
+# Under ModelParallelStrategy (FSDP2), DeepSpeedStrategy (ZeRO) and FSDPStrategy, Lightning's
+# `setup` runs before the strategy shards the model, so a deepcopy there (an AveragedModel) would be
+# the whole unsharded model on every rank. Instead the callback keeps a swa_fast manager (SWA or
+# EMA), made in `on_fit_start` once the model is sharded: each rank averages its own shards, with
+# no communication per update.
+
+SHARDED_STRATEGIES = (ModelParallelStrategy, DeepSpeedStrategy, FSDPStrategy)
+# Where the sharded callbacks' states go in a checkpoint: {callback.state_key: state}.
+CHECKPOINT_KEY = "swa_fast_averaging_state"
+_OWNER = "swa_fast.integrations.lightning"
+
+
+def is_sharded(trainer) -> bool:
+    return trainer is not None and isinstance(trainer.strategy, SHARDED_STRATEGIES)
+
+
+def averaging_rule(kwargs: dict, owner: str, strategy) -> tuple[str, float | None]:
+    """("swa", None) or ("ema", decay): the callback's AveragedModel arguments as a manager's rule.
+    A user's own avg_fn cannot run on shards through a manager: refused, saying what to pass."""
+    unknown = sorted(set(kwargs) - {"avg_fn", "multi_avg_fn", "dtype"})
+    if unknown:
+        raise ValueError(
+            f"{_OWNER}.{owner}: under {type(strategy).__name__} the average is kept shard-local by a "
+            f"swa_fast manager, which takes no {unknown} (only avg_fn / multi_avg_fn of "
+            "swa_fast.swa_utils, and dtype)"
+        )
+    given = kwargs.get("avg_fn") or kwargs.get("multi_avg_fn")
+    if given is None:
+        return ("swa", None)
+    kind = getattr(given, "swa_fast_kind", None)
+    if kind is None:
+        raise ValueError(
+            f"{_OWNER}.{owner}: under {type(strategy).__name__} each rank averages its own shards with "
+            f"swa_fast's fused rules, which cannot run a function of one's own (got {given!r}). Pass "
+            "swa_fast.swa_utils.get_swa_avg_fn() or get_ema_avg_fn(decay), or use EMAWeightAveraging"
+        )
+    return kind
+
+
+def sharded_manager(module: Module, rule: tuple[str, float | None], **options) -> Averager:
+    """The manager of the rule over `module` as the strategy sharded it."""
+    if rule[0] == "swa":
+        return SWA(module, **options)
+    return EMA(module, decay=rule[1], **options)
+
+
+def where_saved(strategy) -> str:
+    """How a sharded average goes into the strategy's checkpoint, so that each rank's part survives:
+    "dcp": beside the model's weights, which torch.distributed.checkpoint saves sharded (the rest of
+    the checkpoint is written by rank 0 alone); "full": gathered on rank 0 (a full checkpoint, read
+    by every rank); "local": as it is, since every rank writes its own file (DeepSpeed ZeRO-3; with
+    ZeRO-1/2 the weights, and so the average, are the same on every rank and rank 0's file is read
+    by all); "per_rank": every rank's part gathered on rank 0 (FSDPStrategy writes the callbacks'
+    states from rank 0 only, in either state_dict_type)."""
+    if isinstance(strategy, ModelParallelStrategy):
+        return "dcp" if strategy._save_distributed_checkpoint else "full"
+    if isinstance(strategy, DeepSpeedStrategy):
+        return "local"
+    return "per_rank"
+
+
+def _to_cpu(state: dict) -> dict:
+    return {
+        k: _to_cpu(v) if isinstance(v, dict) else v.cpu() if isinstance(v, Tensor) else v
+        for k, v in state.items()
+    }
+
+
+def gathered_on_rank0(state: dict) -> list | None:
+    """Every rank's `state` (moved to the CPU), in a list by rank on rank 0; None elsewhere. A
+    collective: at a checkpoint only, never on an update."""
+    world = torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    out = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(_to_cpu(state), out, dst=0)
+    return out
+
+
+class ShardLocalAverage:
+    """What a weight-averaging callback keeps in place of the AveragedModel under a sharded strategy:
+    a swa_fast manager of the sharded LightningModule, with the AveragedModel's `update_parameters`
+    and `n_averaged`, so Lightning's hooks that update it run unchanged."""
+
+    def __init__(self, manager: Averager, prefix: str) -> None:
+        self.manager = manager
+        self.prefix = prefix  # of the average's entries in the model's state_dict ("dcp")
+        self.applied = None  # the average_applied block open over validation
+
+    def update_parameters(self, model: Module) -> None:
+        self.manager.update(model)
+
+    @property
+    def n_averaged(self) -> Tensor:
+        return self.manager.n_averaged
+
+    def swap(self, pl_module: Module) -> None:
+        """First call: the average into the model (the live weights kept aside); second: the live
+        weights back, exactly."""
+        if self.applied is None:
+            self.applied = self.manager.average_applied(pl_module)
+            self.applied.__enter__()
+        else:
+            applied, self.applied = self.applied, None
+            applied.__exit__(None, None, None)
+
+    def save(self, strategy, checkpoint: dict) -> dict:
+        """The manager's state as it goes into `checkpoint` (the average's entries, under "dcp",
+        added to the model's state_dict there)."""
+        how = where_saved(strategy)
+        state = self.manager.state_dict()
+        if how == "dcp":
+            average = state.pop("average")
+            checkpoint["state_dict"].update({self.prefix + name: t for name, t in average.items()})
+        elif how == "full":
+            state = distributed.full_state_dict(state)
+        elif how == "per_rank":
+            state = {"ranks": gathered_on_rank0(state)}
+        return {"saved": how, **state}
+
+    def load(self, saved: dict, checkpoint_path) -> None:
+        """Restore the manager from `saved` (what `save` gave), reading the "dcp" average from the
+        sharded checkpoint at `checkpoint_path` into its own buffers."""
+        how, state = saved["saved"], {k: v for k, v in saved.items() if k != "saved"}
+        if how == "dcp":
+            state["average"] = self._read_dcp_average(checkpoint_path)
+        elif how == "per_rank":
+            state = state["ranks"][torch.distributed.get_rank()]
+        self.manager.load_state_dict(state)
+
+    def _read_dcp_average(self, checkpoint_path) -> dict:
+        import torch.distributed.checkpoint as dcp
+
+        average = {n: torch.empty_like(t) for n, t in self.manager.state_dict()["average"].items()}
+        dcp.load(
+            {"state_dict": {self.prefix + n: t for n, t in average.items()}}, checkpoint_id=checkpoint_path
+        )
+        return average
+
+
 class WeightAveraging(_LightningWeightAveraging):
     """Lightning's `WeightAveraging` callback on `swa_fast.swa_utils.AveragedModel`.
 
@@ -71,6 +215,10 @@ class WeightAveraging(_LightningWeightAveraging):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
+        if is_sharded(trainer):  # the manager comes in on_fit_start, once the model is sharded
+            averaging_rule(self._kwargs, type(self).__name__, trainer.strategy)  # refused now, if so
+            self._average_model = None
+            return
         device = self._device or pl_module.device
         if is_overridden("configure_model", pl_module):
             rank_zero_warn(
@@ -84,11 +232,49 @@ class WeightAveraging(_LightningWeightAveraging):
         )
         self._stashed: FlatBuffer | None = None
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Under a sharded strategy: the manager of the model as sharded now (each rank its shards)."""
+        if is_sharded(trainer) and self._average_model is None:
+            manager = sharded_manager(
+                pl_module,
+                averaging_rule(self._kwargs, type(self).__name__, trainer.strategy),
+                use_buffers=self._use_buffers,
+                dtype=self._kwargs.get("dtype"),  # None: the model's own, as Lightning's AveragedModel
+                device=self._device,
+            )
+            self._average_model = ShardLocalAverage(manager, f"{CHECKPOINT_KEY}.{self.state_key}.")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if not isinstance(self._average_model, ShardLocalAverage):
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            return
+        # The model's weights stay the live ones (the strategy loads them back as they were); the
+        # average goes where every rank's part survives this strategy's checkpoint.
+        saved = self._average_model.save(trainer.strategy, checkpoint)
+        checkpoint.setdefault(CHECKPOINT_KEY, {})[self.state_key] = saved
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if not isinstance(self._average_model, ShardLocalAverage):
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+            return
+        saved = checkpoint.get(CHECKPOINT_KEY, {}).get(self.state_key)
+        if saved is None:
+            rank_zero_warn(
+                f"{_OWNER}.{type(self).__name__}: the checkpoint holds no swa_fast average of this "
+                "callback (not saved by it under a sharded strategy); the average starts afresh"
+            )
+            return
+        self._average_model.load(saved, trainer.ckpt_path)
+        rank_zero_info(f"{_OWNER}.{type(self).__name__}: the shard-local average was restored")
+
     def _swap_models(self, pl_module) -> None:
         """Called at the start and at the end of validation: the first call copies the model aside
         and the average into it, the second copies the model back. The average itself is not
         written (Lightning swaps it with the model twice), so an average of another dtype than
         the model keeps all its bits."""
+        if isinstance(self._average_model, ShardLocalAverage):
+            self._average_model.swap(pl_module)
+            return
         current = list(chain(pl_module.parameters(), pl_module.buffers()))
         if getattr(self, "_stashed", None) is None:
             average = chain(self._average_model.module.parameters(), self._average_model.module.buffers())
@@ -99,6 +285,9 @@ class WeightAveraging(_LightningWeightAveraging):
             self._stashed = None
 
     def _copy_average_to_current(self, pl_module) -> None:
+        if isinstance(self._average_model, ShardLocalAverage):
+            self._average_model.manager.copy_to(pl_module)  # into each rank's shards
+            return
         average = chain(self._average_model.module.parameters(), self._average_model.module.buffers())
         _copy_tensors(list(chain(pl_module.parameters(), pl_module.buffers())), list(average))
 

@@ -1,0 +1,238 @@
+"""swa_fast.integrations.lightning under Lightning's sharded strategies, in real Trainer runs on two
+CPU processes joined by gloo (tests/two_ranks.py): each rank averages its own FSDP2 shards.
+
+What is checked against what:
+- the average, gathered, against a float64 replay on one process of the same updates over the
+  full weights recorded (gathered) after every training step;
+- validation runs on the average, and the live weights come back bit for bit after it;
+- a run resumed from a mid-training checkpoint ends bit for bit as the uninterrupted run.
+
+DeepSpeedStrategy and FSDPStrategy refuse the CPU (Lightning: "The DeepSpeed strategy is only
+supported on CUDA GPUs", "The strategy `fsdp` requires a GPU accelerator"): their tests need GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import mlp
+from torch.distributed.tensor import DTensor
+from two_ranks import WORLD
+
+L = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
+
+from swa_fast.distributed import full_state_dict, reshard  # noqa: E402
+from swa_fast.integrations import lightning as ours  # noqa: E402
+
+WIDTHS = (6, 8, 3, 1)  # Linear(3, 1) has one row: rank 1 holds empty shards of it
+ROWS, BATCH = 32, 4  # per rank: 16 rows, 4 steps an epoch
+CLOSE = dict(rtol=1e-5, atol=1e-6)  # fp32 rounding over a few updates
+
+
+class ShardedModule(L.LightningModule):
+    """An MLP that `configure_model` shards with FSDP2 over the strategy's data-parallel mesh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(*WIDTHS, activation=torch.nn.Tanh)
+        g = torch.Generator().manual_seed(5)
+        self.data = torch.randn(ROWS, WIDTHS[0], generator=g), torch.randn(ROWS, 1, generator=g)
+        self.seen_in_validation: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def configure_model(self) -> None:
+        if isinstance(self.net, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.net[0], self.net[2], self.net):
+            fully_shard(layer, mesh=mesh)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _index):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch, _index):
+        x, _ = batch
+        self.seen_in_validation.append((x, self(x).detach()))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*self.data), batch_size=BATCH)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def full_weights(module) -> dict:
+    """The model's full weights, gathered on every rank (a collective)."""
+    reshard(module)  # after a forward without backward the FSDP2 root holds gathered tensors
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in module.named_parameters()
+    }
+
+
+def full_average(callback) -> dict:
+    """The callback's average, gathered, on every rank (names as the model's)."""
+    state = full_state_dict(callback._average_model.manager.state_dict(), rank0_only=False)
+    return state["average"]
+
+
+class Recorder(L.Callback):
+    """The full weights after every training step and around validation, gathered outside the
+    averaging callback's own hooks (it runs after the averaging callback in the list)."""
+
+    def __init__(self, averaging) -> None:
+        self.averaging = averaging
+        self.steps: list[dict] = []  # (step_idx, weights) after every optimizer step
+        self.validations: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *_args) -> None:
+        self.steps.append({"step": trainer.global_step - 1, "weights": full_weights(pl_module)})
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.validations.append({"applied": full_weights(pl_module), "average": full_average(self.averaging)})
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.validations[-1]["after"] = full_weights(pl_module)
+
+
+def lightning_env(rank: int) -> None:
+    """What Lightning reads to join processes started outside it (the harness's, whose gloo group
+    is already initialised, which Lightning then uses)."""
+    os.environ.update(
+        LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
+    )
+
+
+def fit(rank, callback, root, epochs, ckpt_path=None, save=False, validate=False):
+    lightning_env(rank)
+    model, recorder = ShardedModule(), Recorder(callback)
+    extra = (
+        [L.callbacks.ModelCheckpoint(dirpath=f"{root}/ckpt", filename="{epoch}", save_top_k=-1)]
+        if save
+        else []
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
+        max_epochs=epochs,
+        callbacks=[callback, recorder, *extra],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=save,
+        num_sanity_val_steps=0,
+        limit_val_batches=1 if validate else 0,
+        default_root_dir=root,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on workers
+        trainer.fit(model, ckpt_path=ckpt_path)
+    return model, recorder
+
+
+def replay(steps: list[dict], should_update, rule) -> dict:
+    """The average, in float64 on this process, of the recorded full weights at the steps the
+    callback's schedule updates at: the first update copies, then SWA's 1/(n+1) or EMA's 1 - decay."""
+    average, n = None, 0
+    for step in steps:
+        if not should_update(step_idx=step["step"]):
+            continue
+        weights = {k: v.double() for k, v in step["weights"].items()}
+        weight = 1.0 if n == 0 else (1.0 / (n + 1) if rule[0] == "swa" else 1.0 - rule[1])
+        average = (
+            weights if average is None else {k: a + weight * (weights[k] - a) for k, a in average.items()}
+        )
+        n += 1
+    return average
+
+
+def assert_close(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name].double(), expected[name], **CLOSE, msg=name)
+
+
+def assert_equal(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+# --- ModelParallelStrategy (FSDP2) ------------------------------------------------------------------
+
+
+def _ema_average_and_validation(rank, tmp):
+    callback = ours.EMAWeightAveraging(decay=0.8, update_starting_at_step=2)
+    model, recorder = fit(rank, callback, tmp, epochs=2, validate=True)
+    manager = callback._average_model.manager
+    assert all(isinstance(t, DTensor) for t in manager.state_dict()["average"].values())  # shard-local
+    assert int(callback._average_model.n_averaged) == 6  # steps 2..7 of 8
+    expected = replay(recorder.steps, callback.should_update, ("ema", 0.8))
+    average = full_average(callback)
+    assert_close(average, expected)
+    # the model holds the average after training, as with Lightning's callback
+    assert_equal(full_weights(model), average)
+
+    # validation (after each epoch) ran on the average; the live weights came back bit for bit
+    assert len(recorder.validations) == 2
+    for epoch, seen in enumerate(recorder.validations):
+        assert_equal(seen["applied"], seen["average"])
+        assert_equal(seen["after"], recorder.steps[4 * epoch + 3]["weights"])
+    # ... and its forward passes computed with the average, this rank's rows
+    x, out = model.seen_in_validation[-1]
+    single = mlp(*WIDTHS, activation=torch.nn.Tanh)
+    single.load_state_dict(
+        {k.removeprefix("net."): v for k, v in recorder.validations[-1]["average"].items()}
+    )
+    torch.testing.assert_close(out, single(x).detach(), **CLOSE)
+
+
+def test_ema_under_model_parallel_averages_shards_and_validates_on_the_average(on_two_ranks):
+    on_two_ranks(_ema_average_and_validation)
+
+
+def _swa_average(rank, tmp):
+    callback = ours.WeightAveraging()  # the equal-weight average, every step
+    _, recorder = fit(rank, callback, tmp, epochs=1)
+    assert int(callback._average_model.n_averaged) == 4
+    assert_close(full_average(callback), replay(recorder.steps, callback.should_update, ("swa", None)))
+
+
+def test_weight_averaging_under_model_parallel_is_the_equal_weight_average(on_two_ranks):
+    on_two_ranks(_swa_average)
+
+
+def _resume_exactly(rank, tmp):
+    def ema():
+        return ours.EMAWeightAveraging(decay=0.7, update_starting_at_step=1)
+
+    whole = ema()
+    whole_model, whole_recorder = fit(rank, whole, f"{tmp}/whole", epochs=3, save=True, validate=True)
+    checkpoint = f"{tmp}/whole/ckpt/epoch=0.ckpt"
+    assert os.path.isdir(checkpoint)  # a torch.distributed.checkpoint directory, written by both ranks
+    resumed = ema()
+    resumed_model, resumed_recorder = fit(
+        rank, resumed, f"{tmp}/resumed", epochs=3, ckpt_path=checkpoint, validate=True
+    )
+    assert resumed_recorder.steps[0]["step"] == 4  # it went on from the checkpoint
+    assert_equal(resumed_recorder.steps[-1]["weights"], whole_recorder.steps[-1]["weights"])
+    assert_equal(full_average(resumed), full_average(whole))
+    assert_equal(full_weights(resumed_model), full_weights(whole_model))
+    theirs, mine = whole._average_model.manager, resumed._average_model.manager
+    assert (mine.calls, int(mine.n_averaged)) == (theirs.calls, int(theirs.n_averaged)) == (11, 11)
+
+
+def test_model_parallel_checkpoint_resumes_bit_exactly(on_two_ranks):
+    on_two_ranks(_resume_exactly)
