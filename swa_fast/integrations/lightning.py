@@ -81,12 +81,14 @@ def is_sharded(trainer) -> bool:
 def averaging_rule(kwargs: dict, owner: str, strategy) -> tuple[str, float | None]:
     """("swa", None) or ("ema", decay): the callback's AveragedModel arguments as a manager's rule.
     A user's own avg_fn cannot run on shards through a manager: refused, saying what to pass."""
-    unknown = sorted(set(kwargs) - {"avg_fn", "multi_avg_fn", "dtype"})
+    known = {"avg_fn", "multi_avg_fn", "dtype"} | (
+        {"source"} if isinstance(strategy, DeepSpeedStrategy) else set()
+    )
+    unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(
             f"{_OWNER}.{owner}: under {type(strategy).__name__} the average is kept shard-local by a "
-            f"swa_fast manager, which takes no {unknown} (only avg_fn / multi_avg_fn of "
-            "swa_fast.swa_utils, and dtype)"
+            f"swa_fast manager, which takes none of {unknown} (only {sorted(known)})"
         )
     given = kwargs.get("avg_fn") or kwargs.get("multi_avg_fn")
     if given is None:
@@ -101,25 +103,34 @@ def averaging_rule(kwargs: dict, owner: str, strategy) -> tuple[str, float | Non
     return kind
 
 
-def sharded_manager(module: Module, rule: tuple[str, float | None], **options) -> Averager:
-    """The manager of the rule over `module` as the strategy sharded it."""
-    if rule[0] == "swa":
-        return SWA(module, **options)
-    return EMA(module, decay=rule[1], **options)
+def sharded_manager(strategy, pl_module: Module, rule: tuple[str, float | None], **options) -> Averager:
+    """The manager of the rule over the model as the strategy sharded it: swa_fast's over the
+    LightningModule (FSDP2 DTensors, FSDP's local views), or over DeepSpeed's engine (each rank's
+    ZeRO partitions; `source`, "master" by default, as swa_fast.integrations.deepspeed's)."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        from . import deepspeed
+
+        swa, ema, model = deepspeed.SWA, deepspeed.EMA, strategy.model
+    else:
+        swa, ema, model = SWA, EMA, pl_module
+        options.pop("source", None)
+    return swa(model, **options) if rule[0] == "swa" else ema(model, decay=rule[1], **options)
 
 
-def where_saved(strategy) -> str:
+def where_saved(strategy, manager: Averager) -> str:
     """How a sharded average goes into the strategy's checkpoint, so that each rank's part survives:
     "dcp": beside the model's weights, which torch.distributed.checkpoint saves sharded (the rest of
     the checkpoint is written by rank 0 alone); "full": gathered on rank 0 (a full checkpoint, read
-    by every rank); "local": as it is, since every rank writes its own file (DeepSpeed ZeRO-3; with
-    ZeRO-1/2 the weights, and so the average, are the same on every rank and rank 0's file is read
-    by all); "per_rank": every rank's part gathered on rank 0 (FSDPStrategy writes the callbacks'
-    states from rank 0 only, in either state_dict_type)."""
+    by every rank); "local": as it is, since every rank writes and reads its own file (DeepSpeed
+    ZeRO-3's client state), or since the average is the same on every rank (ZeRO-1/2 with
+    source="params": rank 0's file is read by all); "per_rank": every rank's part gathered on rank 0,
+    whose file every rank reads (ZeRO-1/2's partitioned master weights; FSDPStrategy, which writes
+    the callbacks' states from rank 0 only in either state_dict_type)."""
     if isinstance(strategy, ModelParallelStrategy):
         return "dcp" if strategy._save_distributed_checkpoint else "full"
     if isinstance(strategy, DeepSpeedStrategy):
-        return "local"
+        same_everywhere = getattr(manager, "_SOURCE", "params") == "params"
+        return "local" if strategy.zero_stage_3 or same_everywhere else "per_rank"
     return "per_rank"
 
 
@@ -145,23 +156,24 @@ class ShardLocalAverage:
     a swa_fast manager of the sharded LightningModule, with the AveragedModel's `update_parameters`
     and `n_averaged`, so Lightning's hooks that update it run unchanged."""
 
-    def __init__(self, manager: Averager, prefix: str) -> None:
+    def __init__(self, manager: Averager, model: Module, prefix: str) -> None:
         self.manager = manager
+        self.model = model  # what the manager reads and writes: the LightningModule, or DeepSpeed's engine
         self.prefix = prefix  # of the average's entries in the model's state_dict ("dcp")
         self.applied = None  # the average_applied block open over validation
 
-    def update_parameters(self, model: Module) -> None:
-        self.manager.update(model)
+    def update_parameters(self, _pl_module: Module) -> None:
+        self.manager.update(self.model)
 
     @property
     def n_averaged(self) -> Tensor:
         return self.manager.n_averaged
 
-    def swap(self, pl_module: Module) -> None:
+    def swap(self) -> None:
         """First call: the average into the model (the live weights kept aside); second: the live
-        weights back, exactly."""
+        weights back, exactly. (Under DeepSpeed a collective, as Lightning's hooks are on every rank.)"""
         if self.applied is None:
-            self.applied = self.manager.average_applied(pl_module)
+            self.applied = self.manager.average_applied(self.model)
             self.applied.__enter__()
         else:
             applied, self.applied = self.applied, None
@@ -170,7 +182,7 @@ class ShardLocalAverage:
     def save(self, strategy, checkpoint: dict) -> dict:
         """The manager's state as it goes into `checkpoint` (the average's entries, under "dcp",
         added to the model's state_dict there)."""
-        how = where_saved(strategy)
+        how = where_saved(strategy, self.manager)
         state = self.manager.state_dict()
         if how == "dcp":
             average = state.pop("average")
@@ -236,13 +248,16 @@ class WeightAveraging(_LightningWeightAveraging):
         """Under a sharded strategy: the manager of the model as sharded now (each rank its shards)."""
         if is_sharded(trainer) and self._average_model is None:
             manager = sharded_manager(
+                trainer.strategy,
                 pl_module,
                 averaging_rule(self._kwargs, type(self).__name__, trainer.strategy),
                 use_buffers=self._use_buffers,
                 dtype=self._kwargs.get("dtype"),  # None: the model's own, as Lightning's AveragedModel
                 device=self._device,
+                **({"source": self._kwargs["source"]} if "source" in self._kwargs else {}),
             )
-            self._average_model = ShardLocalAverage(manager, f"{CHECKPOINT_KEY}.{self.state_key}.")
+            model = trainer.strategy.model if isinstance(trainer.strategy, DeepSpeedStrategy) else pl_module
+            self._average_model = ShardLocalAverage(manager, model, f"{CHECKPOINT_KEY}.{self.state_key}.")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if not isinstance(self._average_model, ShardLocalAverage):
@@ -273,7 +288,7 @@ class WeightAveraging(_LightningWeightAveraging):
         written (Lightning swaps it with the model twice), so an average of another dtype than
         the model keeps all its bits."""
         if isinstance(self._average_model, ShardLocalAverage):
-            self._average_model.swap(pl_module)
+            self._average_model.swap()
             return
         current = list(chain(pl_module.parameters(), pl_module.buffers()))
         if getattr(self, "_stashed", None) is None:
@@ -286,7 +301,7 @@ class WeightAveraging(_LightningWeightAveraging):
 
     def _copy_average_to_current(self, pl_module) -> None:
         if isinstance(self._average_model, ShardLocalAverage):
-            self._average_model.manager.copy_to(pl_module)  # into each rank's shards
+            self._average_model.manager.copy_to(self._average_model.model)  # into each rank's shards
             return
         average = chain(self._average_model.module.parameters(), self._average_model.module.buffers())
         _copy_tensors(list(chain(pl_module.parameters(), pl_module.buffers())), list(average))
