@@ -236,3 +236,30 @@ def _resume_exactly(rank, tmp):
 
 def test_model_parallel_checkpoint_resumes_bit_exactly(on_two_ranks):
     on_two_ranks(_resume_exactly)
+
+
+def _swa_callback_and_resume(rank, tmp):
+    def swa():
+        return ours.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2, annealing_epochs=1)
+
+    whole = swa()
+    whole_model, recorder = fit(rank, whole, f"{tmp}/whole", epochs=4, save=True)
+    assert isinstance(whole._average_model, ours.ShardLocalAverage)
+    assert int(whole.n_averaged) == 3  # at the starts of epochs 1, 2, 3 (0-based): after epochs 0, 1, 2
+    expected = replay(recorder.steps, lambda step_idx: step_idx in (3, 7, 11), ("swa", None))
+    average = full_average(whole)
+    assert_close(average, expected)
+    assert_equal(full_weights(whole_model), average)  # the average in the model at the end
+    # resumed from after epoch 1 (one update made, SWALR running): the same run, bit for bit
+    resumed = swa()
+    resumed_model, resumed_recorder = fit(
+        rank, resumed, f"{tmp}/resumed", epochs=4, ckpt_path=f"{tmp}/whole/ckpt/epoch=1.ckpt"
+    )
+    assert resumed_recorder.steps[0]["step"] == 8
+    assert_equal(resumed_recorder.steps[-1]["weights"], recorder.steps[-1]["weights"])
+    assert_equal(full_weights(resumed_model), full_weights(whole_model))
+    assert int(resumed.n_averaged) == 3
+
+
+def test_stochastic_weight_averaging_under_model_parallel_and_resume(on_two_ranks):
+    on_two_ranks(_swa_callback_and_resume)

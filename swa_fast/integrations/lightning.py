@@ -169,6 +169,16 @@ class ShardLocalAverage:
     def n_averaged(self) -> Tensor:
         return self.manager.n_averaged
 
+    def to(self, *_args, **_kwargs) -> ShardLocalAverage:
+        """(Lightning's SWA moves its copy to the device when SWA starts: the manager's average
+        already lives where it was asked to.)"""
+        return self
+
+    def state_dict(self) -> None:
+        """(Lightning's SWA puts its copy's state_dict in the callback state: the average is saved
+        by `save` instead, where the strategy keeps every rank's part.)"""
+        return None
+
     def swap(self) -> None:
         """First call: the average into the model (the live weights kept aside); second: the live
         weights back, exactly. (Under DeepSpeed a collective, as Lightning's hooks are on every rank.)"""
@@ -211,6 +221,27 @@ class ShardLocalAverage:
             {"state_dict": {self.prefix + n: t for n, t in average.items()}}, checkpoint_id=checkpoint_path
         )
         return average
+
+
+def save_sharded(callback, trainer, checkpoint: dict) -> None:
+    """A sharded callback's average into `checkpoint`. The model's weights stay the live ones (the
+    strategy loads them back as they were); the average goes where every rank's part survives this
+    strategy's checkpoint (`where_saved`), its counts under CHECKPOINT_KEY."""
+    saved = callback._average_model.save(trainer.strategy, checkpoint)
+    checkpoint.setdefault(CHECKPOINT_KEY, {})[callback.state_key] = saved
+
+
+def load_sharded(callback, trainer, checkpoint: dict) -> None:
+    """The average `save_sharded` put into `checkpoint` back into the callback's manager."""
+    saved = checkpoint.get(CHECKPOINT_KEY, {}).get(callback.state_key)
+    if saved is None:
+        rank_zero_warn(
+            f"{_OWNER}.{type(callback).__name__}: the checkpoint holds no swa_fast average of this "
+            "callback (not saved by it under a sharded strategy); the average starts afresh"
+        )
+        return
+    callback._average_model.load(saved, trainer.ckpt_path)
+    rank_zero_info(f"{_OWNER}.{type(callback).__name__}: the shard-local average was restored")
 
 
 class WeightAveraging(_LightningWeightAveraging):
@@ -260,27 +291,16 @@ class WeightAveraging(_LightningWeightAveraging):
             self._average_model = ShardLocalAverage(manager, model, f"{CHECKPOINT_KEY}.{self.state_key}.")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if not isinstance(self._average_model, ShardLocalAverage):
+        if isinstance(self._average_model, ShardLocalAverage):
+            save_sharded(self, trainer, checkpoint)
+        else:
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
-            return
-        # The model's weights stay the live ones (the strategy loads them back as they were); the
-        # average goes where every rank's part survives this strategy's checkpoint.
-        saved = self._average_model.save(trainer.strategy, checkpoint)
-        checkpoint.setdefault(CHECKPOINT_KEY, {})[self.state_key] = saved
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if not isinstance(self._average_model, ShardLocalAverage):
+        if isinstance(self._average_model, ShardLocalAverage):
+            load_sharded(self, trainer, checkpoint)
+        else:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
-            return
-        saved = checkpoint.get(CHECKPOINT_KEY, {}).get(self.state_key)
-        if saved is None:
-            rank_zero_warn(
-                f"{_OWNER}.{type(self).__name__}: the checkpoint holds no swa_fast average of this "
-                "callback (not saved by it under a sharded strategy); the average starts afresh"
-            )
-            return
-        self._average_model.load(saved, trainer.ckpt_path)
-        rank_zero_info(f"{_OWNER}.{type(self).__name__}: the shard-local average was restored")
 
     def _swap_models(self, pl_module) -> None:
         """Called at the start and at the end of validation: the first call copies the model aside
@@ -382,11 +402,73 @@ class StochasticWeightAveraging(_LightningStochasticWeightAveraging):
             self._annealing_epochs, "integrations.lightning.StochasticWeightAveraging: annealing_epochs", 0
         )
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not is_sharded(trainer):
+            super().setup(trainer, pl_module, stage)  # (a deepcopy of the module)
+            return
+        # Lightning's refuses FSDP and DeepSpeed here; ours keeps a shard-local manager, made in
+        # on_fit_start once the model is sharded.
+        self._average_model = None
+        self._sharded_rule(trainer)  # a function of one's own is refused now
+
+    def _sharded_rule(self, trainer) -> tuple[str, float | None]:
+        kind = _fused_kind(self._avg_fn)
+        if kind is None:
+            raise ValueError(
+                f"{_OWNER}.StochasticWeightAveraging: under {type(trainer.strategy).__name__} each rank "
+                f"averages its own shards with swa_fast's fused rules, which cannot run a function of one's "
+                f"own (avg_fn={self._avg_fn!r}). Leave avg_fn out (SWA), or pass "
+                "swa_fast.swa_utils.get_swa_avg_fn() or get_ema_avg_fn(decay)"
+            )
+        return kind
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if is_sharded(trainer) and self._average_model is None:
+            # Lightning's averages the parameters only, in the model's dtype
+            manager = sharded_manager(
+                trainer.strategy, pl_module, self._sharded_rule(trainer), use_buffers=False, dtype=None,
+                device=self._device,
+            )  # fmt: skip
+            model = trainer.strategy.model if isinstance(trainer.strategy, DeepSpeedStrategy) else pl_module
+            self._average_model = ShardLocalAverage(manager, model, f"{CHECKPOINT_KEY}.{self.state_key}.")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if isinstance(self._average_model, ShardLocalAverage):
+            save_sharded(self, trainer, checkpoint)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if not isinstance(self._average_model, ShardLocalAverage):
+            return
+        load_sharded(self, trainer, checkpoint)
+        # The strategies that restore after setup run on_fit_start, which clears the schedulers of a
+        # resumed SWA, before the callback state is loaded: cleared here, so that the checkpoint's
+        # SWALR state is not loaded into the user's scheduler (SWA reloads it itself).
+        callback_state = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        if callback_state.get("scheduler_state") is not None:
+            self._clear_schedulers(trainer)
+
+    def _load_average_model_state(self, model_state: Any) -> None:
+        if not isinstance(self._average_model, ShardLocalAverage):  # (loaded by on_load_checkpoint)
+            super()._load_average_model_state(model_state)
+
+    @staticmethod
+    def transfer_weights(src_pl_module, dst_pl_module) -> None:
+        if isinstance(src_pl_module, ShardLocalAverage):
+            src_pl_module.manager.copy_to(src_pl_module.model)  # into each rank's shards
+        else:
+            _LightningStochasticWeightAveraging.transfer_weights(src_pl_module, dst_pl_module)
+
     @staticmethod
     def update_parameters(average_model, model, n_averaged: Tensor, avg_fn) -> None:
         """Lightning's SWA update of `average_model`'s parameters from `model`'s, as one fused op
         per device: weight 1 / (n + 1), worked out where `n_averaged` lives (the first update, at
-        n = 0, copies the parameters exactly, as Lightning's does)."""
+        n = 0, copies the parameters exactly, as Lightning's does). Under a sharded strategy the
+        shard-local manager's update (its own count says the weight, n_averaged follows it)."""
+        if isinstance(average_model, ShardLocalAverage):
+            average_model.update_parameters(model)
+            n_averaged += 1
+            return
         kind = _fused_kind(avg_fn)
         if kind is None:
             _LightningStochasticWeightAveraging.update_parameters(average_model, model, n_averaged, avg_fn)
