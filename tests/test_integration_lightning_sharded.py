@@ -114,7 +114,7 @@ def lightning_env(rank: int) -> None:
     )
 
 
-def fit(rank, callback, root, epochs, ckpt_path=None, save=False, validate=False):
+def fit(rank, callback, root, epochs, ckpt_path=None, save=False, validate=False, sharded_checkpoint=True):
     lightning_env(rank)
     model, recorder = ShardedModule(), Recorder(callback)
     extra = (
@@ -125,7 +125,9 @@ def fit(rank, callback, root, epochs, ckpt_path=None, save=False, validate=False
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(
+            data_parallel_size=WORLD, tensor_parallel_size=1, save_distributed_checkpoint=sharded_checkpoint
+        ),
         max_epochs=epochs,
         callbacks=[callback, recorder, *extra],
         enable_progress_bar=False,
@@ -214,18 +216,23 @@ def test_weight_averaging_under_model_parallel_is_the_equal_weight_average(on_tw
     on_two_ranks(_swa_average)
 
 
-def _resume_exactly(rank, tmp):
+def resume_exactly(rank, tmp, sharded_checkpoint):
     def ema():
         return ours.EMAWeightAveraging(decay=0.7, update_starting_at_step=1)
 
-    whole = ema()
-    whole_model, whole_recorder = fit(rank, whole, f"{tmp}/whole", epochs=3, save=True, validate=True)
+    def run(root, **kwargs):
+        return fit(
+            rank, ema_callback, root, 3, validate=True, sharded_checkpoint=sharded_checkpoint, **kwargs
+        )
+
+    whole = ema_callback = ema()
+    whole_model, whole_recorder = run(f"{tmp}/whole", save=True)
     checkpoint = f"{tmp}/whole/ckpt/epoch=0.ckpt"
-    assert os.path.isdir(checkpoint)  # a torch.distributed.checkpoint directory, written by both ranks
-    resumed = ema()
-    resumed_model, resumed_recorder = fit(
-        rank, resumed, f"{tmp}/resumed", epochs=3, ckpt_path=checkpoint, validate=True
-    )
+    # a torch.distributed.checkpoint directory written by both ranks, or one file with the average
+    # gathered on rank 0
+    assert os.path.isdir(checkpoint) if sharded_checkpoint else os.path.isfile(checkpoint)
+    resumed = ema_callback = ema()
+    resumed_model, resumed_recorder = run(f"{tmp}/resumed", ckpt_path=checkpoint)
     assert resumed_recorder.steps[0]["step"] == 4  # it went on from the checkpoint
     assert_equal(resumed_recorder.steps[-1]["weights"], whole_recorder.steps[-1]["weights"])
     assert_equal(full_average(resumed), full_average(whole))
@@ -234,8 +241,20 @@ def _resume_exactly(rank, tmp):
     assert (mine.calls, int(mine.n_averaged)) == (theirs.calls, int(theirs.n_averaged)) == (11, 11)
 
 
-def test_model_parallel_checkpoint_resumes_bit_exactly(on_two_ranks):
-    on_two_ranks(_resume_exactly)
+def _resume_from_sharded_checkpoint(rank, tmp):
+    resume_exactly(rank, tmp, sharded_checkpoint=True)
+
+
+def _resume_from_full_checkpoint(rank, tmp):
+    resume_exactly(rank, tmp, sharded_checkpoint=False)
+
+
+def test_model_parallel_sharded_checkpoint_resumes_bit_exactly(on_two_ranks):
+    on_two_ranks(_resume_from_sharded_checkpoint)
+
+
+def test_model_parallel_full_checkpoint_resumes_bit_exactly(on_two_ranks):
+    on_two_ranks(_resume_from_full_checkpoint)
 
 
 def _swa_callback_and_resume(rank, tmp):
@@ -263,3 +282,118 @@ def _swa_callback_and_resume(rank, tmp):
 
 def test_stochastic_weight_averaging_under_model_parallel_and_resume(on_two_ranks):
     on_two_ranks(_swa_callback_and_resume)
+
+
+# --- DeepSpeedStrategy (ZeRO-3) and FSDPStrategy: CUDA only ----------------------------------------
+#
+# Lightning refuses both on the CPU (DeepSpeedStrategy.setup_environment raises unless the
+# accelerator is CUDA's; the accelerator connector refuses FSDP without a GPU). On one GPU these
+# runs shard over one rank, which still takes the paths of the strategy: ZeRO-3's partitioned
+# parameters, FSDP's flat-parameter views, and each strategy's own checkpoint.
+
+gpu_only = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="Lightning's DeepSpeedStrategy and FSDPStrategy run on CUDA GPUs only",
+)
+
+
+class PlainModule(ShardedModule):
+    """The same module, left for the strategy to shard."""
+
+    configure_model = L.LightningModule.configure_model
+
+
+class WholeRecorder(L.Callback):
+    """The whole weights after every step and around validation, gathered the strategy's way."""
+
+    def __init__(self) -> None:
+        self.steps, self.validations = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *_args) -> None:
+        self.steps.append({"step": trainer.global_step - 1, "weights": whole_weights(trainer, pl_module)})
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.validations.append({"applied": whole_weights(trainer, pl_module)})
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.validations[-1]["after"] = whole_weights(trainer, pl_module)
+
+
+def whole_weights(trainer, pl_module) -> dict:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(pl_module.parameters())):
+            return {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(trainer.model, writeback=False):
+        return {
+            n.replace("_fsdp_wrapped_module.", ""): p.detach().cpu().clone()
+            for n, p in pl_module.named_parameters()
+        }
+
+
+def fit_on_gpu(strategy, callback, root, ckpt_path=None):
+    model, recorder = PlainModule(), WholeRecorder()
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        strategy=strategy,
+        max_epochs=2,
+        callbacks=[
+            callback,
+            recorder,
+            L.callbacks.ModelCheckpoint(dirpath=f"{root}/ckpt", filename="{epoch}", save_top_k=-1),
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        default_root_dir=root,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, ckpt_path=ckpt_path)
+    return recorder
+
+
+def gpu_strategies():
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    return {
+        "deepspeed_stage_3": lambda: DeepSpeedStrategy(stage=3),
+        "fsdp": lambda: FSDPStrategy(auto_wrap_policy={torch.nn.Linear}),
+    }
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["deepspeed_stage_3", "fsdp"])
+def test_ema_under_gpu_sharded_strategies_averages_validates_and_resumes(name, tmp_path):
+    if name.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    make = gpu_strategies()[name]
+
+    def ema():
+        return ours.EMAWeightAveraging(decay=0.8, update_starting_at_step=2)
+
+    callback = ema()
+    recorder = fit_on_gpu(make(), callback, tmp_path / "whole")
+    assert isinstance(callback._average_model, ours.ShardLocalAverage)
+    steps = ROWS // BATCH  # an epoch on one rank
+    assert int(callback._average_model.n_averaged) == 2 * steps - 2  # every step from step 2
+    expected = replay(recorder.steps, callback.should_update, ("ema", 0.8))
+    for seen, live in zip(recorder.validations, (recorder.steps[steps - 1], recorder.steps[-1])):
+        assert_equal(seen["after"], live["weights"])  # the live weights back, bit for bit
+        assert any(not torch.equal(seen["applied"][n], t) for n, t in live["weights"].items())
+    assert_close(recorder.validations[-1]["applied"], expected)  # validation ran on the average
+
+    resumed_recorder = fit_on_gpu(
+        make(), ema(), tmp_path / "resumed", ckpt_path=tmp_path / "whole/ckpt/epoch=0.ckpt"
+    )
+    assert resumed_recorder.steps[0]["step"] == steps
+    assert_equal(resumed_recorder.steps[-1]["weights"], recorder.steps[-1]["weights"])
+    assert_equal(resumed_recorder.validations[-1]["applied"], recorder.validations[-1]["applied"])
