@@ -397,3 +397,50 @@ def test_ema_under_gpu_sharded_strategies_averages_validates_and_resumes(name, t
     assert resumed_recorder.steps[0]["step"] == steps
     assert_equal(resumed_recorder.steps[-1]["weights"], recorder.steps[-1]["weights"])
     assert_equal(resumed_recorder.validations[-1]["applied"], recorder.validations[-1]["applied"])
+
+
+def _deepspeed_checkpoint_round_trip(rank, tmp):
+    """The callback's DeepSpeed path without Lightning's Trainer (which refuses the CPU): the
+    shard-local average of a real ZeRO-3 engine on two gloo ranks, saved in the client state of
+    `engine.save_checkpoint(path, client_state=..., tag="checkpoint")` and read back from
+    `engine.load_checkpoint`, the calls DeepSpeedStrategy makes. Every rank writes and reads its
+    own file, so each keeps its part, and the resumed average goes on bit for bit."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from test_integration_deepspeed import _engine, _step
+
+    from swa_fast.integrations import deepspeed as on_engine
+
+    def averaged_run(load_from=None):
+        engine = _engine(3)
+        average = ours.ShardLocalAverage(on_engine.EMA(engine, decay=0.75), engine, "unused.")
+        if load_from is not None:
+            _, client_state = engine.load_checkpoint(
+                load_from, tag="checkpoint", load_lr_scheduler_states=False
+            )
+            average.load(client_state[ours.CHECKPOINT_KEY]["EMAWeightAveraging"], None)
+        return engine, average
+
+    engine, average = averaged_run()
+    for step in range(2):
+        _step(engine, step)
+        average.update_parameters(None)
+    saved = average.save(DeepSpeedStrategy(stage=3), {})
+    assert saved["saved"] == "local" and saved["calls"] == 2
+    client_state = {ours.CHECKPOINT_KEY: {"EMAWeightAveraging": saved}}
+    engine.save_checkpoint(f"{tmp}/ckpt", client_state=client_state, tag="checkpoint")
+    assert os.path.isfile(f"{tmp}/ckpt/checkpoint/zero_pp_rank_{rank}_mp_rank_00_model_states.pt")  # its own
+    live = {n: p.ds_tensor.clone() for n, p in engine.module.named_parameters()}
+    average.swap()  # validation: the average in, then the live partitions back exactly
+    average.swap()
+    assert all(torch.equal(p.ds_tensor, live[n]) for n, p in engine.module.named_parameters())
+    resumed_engine, resumed = averaged_run(load_from=f"{tmp}/ckpt")
+    for step in range(2, 4):
+        for e, a in ((engine, average), (resumed_engine, resumed)):
+            _step(e, step)
+            a.update_parameters(None)
+    assert_equal(resumed.manager.export(), average.manager.export())  # rank 0 gets it, others {}
+
+
+def test_deepspeed_zero3_average_survives_the_engines_checkpoint(on_two_ranks):
+    pytest.importorskip("deepspeed")
+    on_two_ranks(_deepspeed_checkpoint_round_trip)
