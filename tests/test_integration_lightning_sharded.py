@@ -444,3 +444,19 @@ def _deepspeed_checkpoint_round_trip(rank, tmp):
 def test_deepspeed_zero3_average_survives_the_engines_checkpoint(on_two_ranks):
     pytest.importorskip("deepspeed")
     on_two_ranks(_deepspeed_checkpoint_round_trip)
+
+
+def test_what_sharded_strategies_cannot_run_is_refused_by_name():
+    """A function of one's own cannot run through a shard-local manager: refused, saying what to pass."""
+    from torch.optim.swa_utils import get_ema_avg_fn as torchs_ema_avg_fn
+
+    strategy = ModelParallelStrategy()
+    with pytest.raises(ValueError, match="ModelParallelStrategy.*get_ema_avg_fn"):
+        ours.averaging_rule({"avg_fn": torchs_ema_avg_fn(0.9)}, "WeightAveraging", strategy)
+    with pytest.raises(ValueError, match=r"takes none of \['source'\]"):
+        ours.averaging_rule({"source": "master"}, "WeightAveraging", strategy)  # DeepSpeed's only
+    assert ours.averaging_rule({}, "WeightAveraging", strategy) == ("swa", None)
+    assert ours.averaging_rule(ours.EMAWeightAveraging(decay=0.8)._kwargs, "EMA", strategy) == ("ema", 0.8)
+    swa = ours.StochasticWeightAveraging(swa_lrs=0.1, avg_fn=lambda a, p, n: p)
+    with pytest.raises(ValueError, match="StochasticWeightAveraging: under ModelParallelStrategy"):
+        swa._sharded_rule(L.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False))

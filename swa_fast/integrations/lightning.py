@@ -19,6 +19,15 @@ What changes is the update:
 - `StochasticWeightAveraging` averages the parameters of its LightningModule copy with one fused
   op per device (Lightning's loops over the parameters and reads the count on the host for each);
   a user's own `avg_fn` still runs as Lightning runs it.
+
+Under Lightning's sharded strategies (ModelParallelStrategy with FSDP2 in `configure_model`,
+DeepSpeedStrategy, FSDPStrategy), where Lightning's own callbacks refuse or copy the whole model,
+each callback keeps a swa_fast manager of the sharded model instead (`ShardLocalAverage`, made in
+`on_fit_start`): every rank averages its own shards, with no communication per update; validation
+runs on the average (`average_applied`, the live weights restored exactly); the average goes into
+the model at the end; and checkpoints keep every rank's part (`where_saved`). The rule must be
+swa_fast's (the equal-weight average, or `get_ema_avg_fn(decay)` / EMAWeightAveraging): a user's own
+`avg_fn` is refused there.
 """
 
 from __future__ import annotations
