@@ -59,6 +59,11 @@ class _OnEngine:
         self._engine = weakref.ref(engine)  # (a manager must not keep a dropped engine alive)
         super().__init__(engine, *args, **kwargs)
 
+    @property
+    def source(self) -> str:
+        """What each rank's average follows: "master" or "params" (see this module's docstring)."""
+        return self._SOURCE
+
     def __getstate__(self) -> dict:
         # pickled without the engine, as without the model: its checkpoints then need a new one
         return {**super().__getstate__(), "_engine": _no_engine}

@@ -138,7 +138,7 @@ def where_saved(strategy, manager: Averager) -> str:
     if isinstance(strategy, ModelParallelStrategy):
         return "dcp" if strategy._save_distributed_checkpoint else "full"
     if isinstance(strategy, DeepSpeedStrategy):
-        same_everywhere = getattr(manager, "_SOURCE", "params") == "params"
+        same_everywhere = getattr(manager, "source", "params") == "params"
         return "local" if strategy.zero_stage_3 or same_everywhere else "per_rank"
     return "per_rank"
 
