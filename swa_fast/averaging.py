@@ -103,6 +103,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
     _CAPTURABLE = False  # whether the subclass has a capturable update (`_device_weight`)
     _OP = "lerp_"  # the fused op of an update: SWAG's moments_, PostHocEMA's multi_lerp_
     _ADDS_COPIES = False  # whether `_plan_targets` reads copies the subclass makes after __init__
+    _SOURCE = "params"  # what a DeepSpeed ZeRO parameter's average follows (integrations.deepspeed)
 
     def __init__(
         self,
@@ -125,11 +126,12 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         check_model(model, type(self).__name__)
         dtype = average_dtype(dtype, module_tensors(unwrap(model)[0], use_buffers), type(self).__name__)
         options = [("dtype", str(dtype)), ("check_finite", check_finite), ("rank0_only", rank0_only)]
-        self.tracked = TrackedModel(model, use_buffers, type(self).__name__, options)
+        self.tracked = TrackedModel(model, use_buffers, type(self).__name__, options, self._SOURCE)
         if rank0_only and self.tracked.sharded:
             raise ValueError(
                 f"swa_fast.{type(self).__name__}: rank0_only=True needs the whole model on rank 0 (DDP), "
-                "but its parameters are sharded DTensors (FSDP2): each rank must average its own shards"
+                "but its parameters are sharded (FSDP2 DTensors or DeepSpeed ZeRO partitions): each rank "
+                "must average its own shards"
             )
         # The other ranks keep a stand-in of the right shapes on the meta device: no memory.
         self.holds_average = not rank0_only or distributed.rank_in(model) == 0

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from . import zero
 from .wrappers import unwrap
 
 try:
@@ -56,6 +57,14 @@ class Shards(NamedTuple):
     def describe(self) -> str:
         return f"a DTensor of global shape {list(self.shape)} placed {list(self.placements)} on {self.mesh}"
 
+    def local(self, tensor: Tensor) -> Tensor:
+        """The local shard, which an update reads and a read of the average writes. `_local_tensor`
+        rather than `to_local()`: the latter is an autograd Function call per tensor, a cost on the
+        update path that grows with the number of parameters."""
+        return tensor._local_tensor
+
+    target = local
+
 
 def shards_of(tensor: Tensor) -> Shards | None:
     """The layout of a DTensor; None for a plain tensor."""
@@ -64,17 +73,40 @@ def shards_of(tensor: Tensor) -> Shards | None:
     return Shards(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tuple(tensor.stride()))
 
 
-def with_lead(layout: Shards | None, lead: tuple[int, ...]) -> Shards | None:
+Layout = Shards | zero.Partition | None  # how a rank holds its part of a tensor; None: whole
+
+
+def layout_of(tensor: Tensor, source: str = "params") -> Layout:
+    """A DTensor's layout, a DeepSpeed ZeRO parameter's partition (the part of it `source` says
+    an average follows: see zero.py), or None for a tensor every rank holds whole."""
+    return shards_of(tensor) or zero.partition_of(tensor, source)
+
+
+def with_lead(layout: Layout, lead: tuple[int, ...]) -> Layout:
     """`layout.with_lead(lead)`, and None for a plain tensor's (None) layout."""
-    return None if layout is None else layout.with_lead(tuple(lead))
+    if layout is None or not lead:
+        return layout
+    if isinstance(layout, zero.Partition):
+        raise ValueError(
+            "swa_fast: stacks of per-parameter rows (SWAG's deviations, FGE's snapshots) of DeepSpeed "
+            "ZeRO partitions are not supported; average with SWA, EMA or PostHocEMA"
+        )
+    return layout.with_lead(tuple(lead))
 
 
 def check_layouts(
-    names: Sequence[str], tensors: Sequence[Tensor], layouts: Sequence[Shards | None], owner: str
+    names: Sequence[str], tensors: Sequence[Tensor], layouts: Sequence[Layout], owner: str
 ) -> None:
     """Raise unless `tensors` (another model's) are sharded as `layouts` (the tracked model's):
     local shards of other layouts do not line up with the stored ones."""
     for name, t, layout in zip(names, tensors, layouts):
+        if isinstance(layout, zero.Partition):
+            if not layout.fits(t):
+                raise ValueError(
+                    f"swa_fast: '{name}' is not {layout.describe()} holding the same piece on this rank as "
+                    f"in the model this {owner} was made for; partition both models alike"
+                )
+            continue
         got = shards_of(t)
         if got is None and layout is None:
             continue
@@ -88,17 +120,22 @@ def check_layouts(
             )
 
 
-def local_tensors(tensors: Sequence[Tensor], layouts: Sequence[Shards | None]) -> list[Tensor]:
-    """Each DTensor's local shard (which shares its storage: writes reach the parameter), other
-    tensors as they are. `_local_tensor` rather than `to_local()`: the latter is an autograd
-    Function call per tensor, a cost on the update path that grows with the number of parameters."""
-    return [t if s is None else t._local_tensor for t, s in zip(tensors, layouts)]
+def local_tensors(tensors: Sequence[Tensor], layouts: Sequence[Layout]) -> list[Tensor]:
+    """What an update reads of each tensor: a DTensor's local shard (which shares its storage:
+    writes reach the parameter), a ZeRO parameter's partition, other tensors as they are."""
+    return [t if s is None else s.local(t) for t, s in zip(tensors, layouts)]
 
 
-def as_dtensor(local: Tensor, layout: Shards | None) -> Tensor:
+def local_targets(tensors: Sequence[Tensor], layouts: Sequence[Layout]) -> list[Tensor]:
+    """Where a read of the average writes each tensor: the same as `local_tensors` but for a ZeRO
+    average of the optimizer's master partition, written into the parameter's own piece."""
+    return [t if s is None else s.target(t) for t, s in zip(tensors, layouts)]
+
+
+def as_dtensor(local: Tensor, layout: Layout) -> Tensor:
     """`local` (a rank's shard) as a DTensor laid out as `layout`, sharing its storage; a plain
-    tensor when `layout` is None."""
-    if layout is None:
+    tensor when `layout` is None or a ZeRO partition (saved as the rank's own piece)."""
+    if layout is None or isinstance(layout, zero.Partition):
         return local
     with torch.no_grad():  # a view made under autograd could not be written in place (DCP load does)
         return DTensor.from_local(
@@ -106,10 +143,12 @@ def as_dtensor(local: Tensor, layout: Shards | None) -> Tensor:
         )
 
 
-def local_part(value: Tensor, layout: Shards | None, name: str) -> Tensor:
+def local_part(value: Tensor, layout: Layout, name: str) -> Tensor:
     """This rank's part of a saved `value` for a tensor laid out as `layout`: the local shard of a
     DTensor laid out the same way, or the slice of a full (gathered) tensor that is this rank's (no
     communication). Raises ValueError for a DTensor laid out otherwise."""
+    if isinstance(layout, zero.Partition):
+        return layout.part_of(value, name)
     if layout is None:
         if shards_of(value) is not None:
             raise ValueError(
@@ -142,7 +181,7 @@ def reshard(model: Module) -> bool:
     return found
 
 
-def groups_of(wrapper: Module, layouts: Sequence[Shards | None]) -> list:
+def groups_of(wrapper: Module, layouts: Sequence[Layout]) -> list:
     """The process groups over which a model must be the same on every rank: the DDP wrapper's, or
     each dimension of its DTensors' mesh (ranks along any one dimension hold the same module, and
     the dimensions together connect the whole mesh). Empty for a model on one process."""
@@ -151,6 +190,9 @@ def groups_of(wrapper: Module, layouts: Sequence[Shards | None]) -> list:
     ddp = unwrap(wrapper)[1]
     if ddp is not None:
         return [ddp.process_group]
+    partition = next((s for s in layouts if isinstance(s, zero.Partition)), None)
+    if partition is not None:
+        return [partition.group]
     mesh = next((s.mesh for s in layouts if s is not None), None)
     if mesh is None:
         return []
@@ -184,12 +226,12 @@ def check_same_on_all_ranks(fingerprint: list, groups: Sequence, owner: str) -> 
             )
 
 
-def shared_draw(draw: Tensor, layouts: Sequence[Shards | None]) -> Tensor:
+def shared_draw(draw: Tensor, layouts: Sequence[Layout]) -> Tensor:
     """`draw` (a random tensor) replaced in place by the first rank's, on every rank of the
     DTensors' mesh (along each of its dimensions): for a draw that multiplies whole parameter
     vectors, such as SWAG's low-rank noise, which every rank's shards must share. As is without
     DTensors."""
-    mesh = next((s.mesh for s in layouts if s is not None), None)
+    mesh = next((s.mesh for s in layouts if isinstance(s, Shards)), None)
     if mesh is None:
         return draw
     for d in range(mesh.ndim):

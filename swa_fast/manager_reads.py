@@ -31,7 +31,7 @@ class AverageReads:
 
     def _copy_to(self, model: Module, copy: ModelCopy) -> None:
         self._ready("copy_to")
-        copy.load(self.tracked.tensors(model))
+        copy.load(self.tracked.targets(model))
 
     def swap(self, model: Module) -> None:
         """Exchange the model's weights and the average in place (same dtypes only: an fp32 average
@@ -46,13 +46,14 @@ class AverageReads:
                 "swa_fast: swap exchanges the weights in place, so it needs the average on the model's "
                 "device; this one is kept on another (device=). Use average_applied(model) instead."
             )
-        floating = self.tracked.split(self.tracked.tensors(model))[0]
+        floating = self.tracked.split(self.tracked.targets(model))[0]
         copy.flat.check_shapes(floating)  # every group, before any is written
         self._check_swappable(copy.flat, floating)
         self.tracked.before_write()
         for _, avg, live in copy.flat.pairs(floating):
             swap = functools.partial(ops.swap_, avg, backend=self.backend)
             write_through_strides(live, swap, keep_values=True)
+        self.tracked.after_write()
 
     def _check_swappable(self, average: FlatBuffer, floating: list) -> None:
         """Raise, saying what to do instead, unless every tensor has its average's dtype (a swap
@@ -79,7 +80,7 @@ class AverageReads:
         self.tracked.tensors(model)  # the model this average is of (or one like it), else raise
         # Everything the block may change, in the model's own dtypes: the restore is exact.
         everything = self.tracked if self.use_buffers else TrackedModel(model, True, self.tracked.owner)
-        tensors = everything.tensors(model)
+        tensors = everything.targets(model)
         live = ModelCopy(everything, tensors, backend=self.backend)
         self._copy_to(model, copy)
         try:

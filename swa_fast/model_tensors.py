@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from . import distributed
+from . import distributed, zero
 from .flat import FlatBuffer, copy_into_strided, copy_lists, own_bytes
 from .ops import _C
 from .wrappers import unwrap
@@ -290,20 +290,25 @@ class TrackedModel:
     `owner` names the manager in error messages. A manager passes `options`, its settings as a
     list of (name, value) pairs (maybe empty), to have them and the model checked to be the same on
     every rank of a DDP / FSDP2 model: a collective, so every rank must create it. None (a helper's
-    passing use, which rank 0 may make alone) checks nothing across ranks.
+    passing use, which rank 0 may make alone) checks nothing across ranks. `source` says what an
+    average of a DeepSpeed ZeRO parameter follows: its own partition ("params") or the optimizer's
+    fp32 copy of it ("master"); see zero.py.
     """
 
-    def __init__(self, model: Module, buffers: bool, owner: str, options: list | None = None) -> None:
+    def __init__(
+        self, model: Module, buffers: bool, owner: str, options: list | None = None, source: str = "params"
+    ) -> None:
         check_model(model, owner)
         wrapper, model = model, unwrap(model)[0]
         distributed.reshard(model)  # track the sharded FSDP2 parameters, not gathered ones
         self.buffers = buffers
         tensors = self._attach(model, _walk(model, True, buffers))
-        self.layouts = [distributed.shards_of(t) for t in tensors]  # DTensor layout, or None
+        # a DTensor's layout, a ZeRO parameter's partition, or None
+        self.layouts = [distributed.layout_of(t, source) for t in tensors]
         self.sharded = any(s is not None for s in self.layouts)
         self.owner = owner
         self.names = module_names(model, buffers)
-        self.shapes = [t.shape for t in tensors]  # global shapes, for DTensors
+        self.shapes = [t.shape if s is None else s.shape for t, s in zip(tensors, self.layouts)]  # global
         self.floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
         self.integer = [i for i, t in enumerate(tensors) if not t.is_floating_point()]
         if options is None:
@@ -333,23 +338,25 @@ class TrackedModel:
 
         self._model = weakref.ref(model, freed)
         self._sharded_model = self._model  # the model whose shards `tensors()` gave last
+        self._whole: list[Tensor] = []  # the tensors whose pieces `tensors()` gave last
         return tensors
 
     # Pickling (a manager saved whole with torch.save, or deep-copied) keeps what was tracked, not
     # the model, which is only referenced weakly: an unpickled one tracks the first model it is
     # given with the same names (as after the tracked model was freed, see `tensors()`).
-    _MODEL_REFERENCES = ("_tracked", "_walk", "_model", "_sharded_model")
+    _MODEL_REFERENCES = ("_tracked", "_walk", "_model", "_sharded_model", "_whole")
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._MODEL_REFERENCES}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._tracked, self._walk = [], None
+        self._tracked, self._walk, self._whole = [], None, []
         self._model = self._sharded_model = _no_model
 
     def tensors(self, model: Module) -> list[Tensor]:
-        """The model's tensors, in the tracked order (a DTensor's local shard in its place). The
+        """The model's tensors, in the tracked order (a DTensor's local shard or a ZeRO parameter's
+        partition in its place): what an update reads. The
         model it was made from must still hold the very same tensors; another model (say a deepcopy
         for evaluation) must have the same names and the same DTensor layouts. Once the tracked
         model is gone (freed, or this was unpickled), the next model given is tracked instead."""
@@ -367,8 +374,17 @@ class TrackedModel:
         tensors = self._tracked_tensors(model) if model is tracked else self._other_tensors(model)
         if not self.sharded:
             return tensors
-        self._sharded_model = weakref.ref(model)
+        self._sharded_model, self._whole = weakref.ref(model), tensors
         return distributed.local_tensors(tensors, self.layouts)
+
+    def targets(self, model: Module) -> list[Tensor]:
+        """The tensors a read of the average writes, in the tracked order: `tensors(model)`, but
+        for a ZeRO average of the optimizer's master partitions, the parameters' own pieces. After
+        writing them, call `after_write()`."""
+        if not self.sharded:
+            return self.tensors(model)
+        self.tensors(model)  # checks it is the model (or one like it)
+        return distributed.local_targets(self._whole, self.layouts)
 
     def _tracked_tensors(self, model: Module) -> list[Tensor]:
         """The tracked model's tensors, read through the walk; raise unless they are the very ones
@@ -404,6 +420,13 @@ class TrackedModel:
         forward, which would then not see the written values: drop them (no communication)."""
         if self.sharded and (model := self._sharded_model()) is not None:
             distributed.reshard(model)
+
+    def after_write(self) -> None:
+        """Call after writing into what `targets()` gave: the whole parameters a forward uses are
+        made to agree with the pieces written (ZeRO's gathered copies; a collective then)."""
+        partitions = [(t, s) for t, s in zip(self._whole, self.layouts) if isinstance(s, zero.Partition)]
+        if partitions:
+            zero.after_write(*map(list, zip(*partitions)))
 
     @property
     def model(self) -> Module | None:
@@ -448,6 +471,11 @@ class TrackedModel:
         names = self.names if names is None else names
         where = {name: i for i, name in enumerate(self.names)}
         shapes = {n: torch.empty((*lead, *self.shapes[where[n]]), device="meta") for n in names}
+        for n in names:  # a ZeRO partition's saved piece
+            layout, value = self.layouts[where[n]], saved.get(n)
+            if isinstance(layout, zero.Partition) and isinstance(value, Tensor) and not lead:
+                if value.shape in layout.saved_shapes():
+                    shapes[n] = torch.empty(value.shape, device="meta")
         self.check_state(saved, shapes)
         layouts = {n: distributed.with_lead(self.layouts[where[n]], lead) for n in names}
         return {n: distributed.local_part(saved[n], layouts[n], n) for n in names}
@@ -588,6 +616,7 @@ class ModelCopy:
         for _, views, dst in self.flat.pairs(floating):
             copy_into_strided(dst, views, backend=self.backend)
         copy_lists(integer, self.integers)
+        self.tracked.after_write()
 
     @torch.no_grad()
     def load_named(self, saved: dict) -> None:

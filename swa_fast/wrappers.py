@@ -9,16 +9,16 @@ from torch.optim import Optimizer
 
 
 def unwrap(model: Module) -> tuple[Module, DistributedDataParallel | None]:
-    """The model inside DDP, DataParallel and torch.compile wrappers, nested in any order (its
-    names carry no wrapper prefix), and the DDP wrapper met on the way (None if there is none:
-    its process group is the one the ranks share). FSDP2's `fully_shard` wraps nothing (it
+    """The model inside DDP, DataParallel, DeepSpeed's engine and torch.compile wrappers, nested in
+    any order (its names carry no wrapper prefix), and the DDP wrapper met on the way (None if there
+    is none: its process group is the one the ranks share). FSDP2's `fully_shard` wraps nothing (it
     changes the module's class in place), so a sharded model is its own inner model."""
     ddp = None
     while True:
         if isinstance(model, DistributedDataParallel):
             ddp = ddp or model
             model = model.module
-        elif isinstance(model, DataParallel):
+        elif isinstance(model, DataParallel) or _is_deepspeed_engine(model):
             model = model.module
         elif isinstance(model._modules.get("_orig_mod"), Module):  # torch.compile's wrapper
             model = model._modules["_orig_mod"]
@@ -44,3 +44,8 @@ def hooked(optimizer: Optimizer, owner: str) -> Optimizer:
         f"swa_fast.{owner}: {type(optimizer).__name__} runs no step hooks (it did not call "
         "torch.optim.Optimizer.__init__) and wraps no optimizer (`.optimizer`) that does"
     )
+
+
+def _is_deepspeed_engine(model: Module) -> bool:
+    """A DeepSpeed engine (recognised by its class name: importing DeepSpeed costs seconds)."""
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)

@@ -657,6 +657,7 @@ class _SynthesisTarget:
             tensors = [self.floating[i] for i in group]
             copy_into_strided(tensors, _shaped_parts(accumulator, [t.shape for t in tensors]), backend)
         copy_lists(self.integer, self.integers_saved)
+        self.tracked.after_write()
 
 
 def _combine(paths: dict[int, Path], coefficients: Tensor, series: _Series) -> list[Tensor]:
