@@ -146,32 +146,38 @@ def _partitions(params):
 
 
 def _ours(engine, notes):
-    """Our update, or None (said in `notes`) while swa_fast.integrations.deepspeed is missing."""
+    """(our update, the bytes its average holds on this rank), or None (said in `notes`) where
+    swa_fast.integrations.deepspeed is missing."""
     try:
         from swa_fast.integrations.deepspeed import EMA
     except ImportError as e:
         notes.append(f"swa_fast.integrations.deepspeed did not import ({e}): its row is left out")
         return None
     ema = EMA(engine, decay=DECAY, source=SOURCE)
-    return lambda: ema.update(engine)
+    held = sum(t.numel() * t.element_size() for t in ema.state_dict()["average"].values())
+    return (lambda: ema.update(engine)), held
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def candidates(engine, notes):
-    """name -> one EMA update on this rank, the baseline first; and each one's EMA bytes per rank."""
+    """name -> (one EMA update on this rank, the bytes of the EMA it keeps there), the baseline
+    first."""
     params = list(engine.module.parameters())
     weight = 1 - DECAY
     ema = _full_ema(params)
     parts = _partitions(params)
     avg = [t.detach().clone() for t in parts]
-    full, local = 4 * sum(e.numel() for e in ema), 4 * sum(t.numel() for t in parts)
     out = {
-        DEEPSPEED_BASELINE: (_gather_each(params, ema, weight), full),
-        GATHER_ALL: (_gather_all(params, ema, weight), full),
+        DEEPSPEED_BASELINE: (_gather_each(params, ema, weight), _bytes(ema)),
+        GATHER_ALL: (_gather_all(params, ema, weight), _bytes(ema)),
     }
     ours = _ours(engine, notes)
     if ours is not None:
-        out[DEEPSPEED_METHOD] = (ours, local)
-    out[DEEPSPEED_BARE] = (lambda: swa_fast.lerp_(avg, parts, weight), local)
+        out[DEEPSPEED_METHOD] = ours
+    out[DEEPSPEED_BARE] = (lambda: swa_fast.lerp_(avg, parts, weight), _bytes(avg))
     return out
 
 
