@@ -47,6 +47,10 @@ SOURCE = "master"  # what our EMA and the bare op average: the optimizer's fp32 
 GATHER_ALL = "GatheredParameters over all params + _foreach_lerp_"
 ROUNDS = 3  # rounds in which the methods take turns, as in timing.time_methods
 MAX_BLOCKS = 50  # per method and round: a barrier before each block costs time the figure leaves out
+# Seconds of blocks per method and round at the least, whatever --min-run-time: the updates that the
+# overhead target compares (about 0.1 s on GPT-2 small) get several blocks a round, for a median
+# that a loaded VM moves less, while a gather of a second or two still gets one.
+MIN_ROUND_SECONDS = 0.3
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
@@ -210,7 +214,8 @@ def _plan(fn, min_run_time: float) -> tuple[int, int]:
     fn()  # warm: first-call caches (our manager's plan, the gathers' buffers) are not a call's cost
     (one,) = _slowest([_block_seconds(fn, 1)])
     calls = max(1, int(1e-3 / max(one, 1e-9)))
-    blocks = max(1, min(MAX_BLOCKS, int(min_run_time / ROUNDS / (calls * one))))
+    seconds = max(min_run_time / ROUNDS, MIN_ROUND_SECONDS)
+    blocks = max(1, min(MAX_BLOCKS, int(seconds / (calls * one))))
     return calls, blocks
 
 
