@@ -58,10 +58,8 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
     # The DeepSpeed ZeRO-3 rows (two ranks of their own), where deepspeed is installed.
     zero3 = {r["method"] for r in result["rows"] if r["workload"] == "tiny-1000 ZeRO-3 EMA update"}
     assert ds_bench.deepspeed_missing() is not None or ds_bench.DEEPSPEED_BARE in zero3, zero3
-    if ds_bench.DEEPSPEED_METHOD in zero3:  # its targets checked, whatever the figures
-        assert "tiny-1000 ZeRO-3 EMA update: swa_fast.integrations.deepspeed EMA.update <= 1.5x" in " ".join(
-            targets
-        )
+    overhead = f"tiny-1000 ZeRO-3 EMA update: {ds_bench.DEEPSPEED_METHOD} <= 1.5x the bare op"
+    assert ds_bench.DEEPSPEED_METHOD not in zero3 or overhead in targets  # checked, whatever the figure
     assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
 
 
