@@ -158,8 +158,7 @@ def _ours(engine, notes):
         notes.append(f"swa_fast.integrations.deepspeed did not import ({e}): its row is left out")
         return None
     ema = EMA(engine, decay=DECAY, source=SOURCE)
-    held = sum(t.numel() * t.element_size() for t in ema.state_dict()["average"].values())
-    return (lambda: ema.update(engine)), held
+    return (lambda: ema.update(engine)), _bytes(ema.state_dict()["average"].values())
 
 
 def _bytes(tensors) -> int:
@@ -307,16 +306,27 @@ def _start(shapes, name, min_run_time, logs):
     return procs, results
 
 
+def _answer(procs, results, timeout: float) -> tuple:
+    """The first answer of a rank: ("rows", rows, notes) from rank 0, or ("error", rank, text), also
+    when a rank died without a word (a crash) or none answered within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                return ("error", dead[0], f"exited with status {procs[dead[0]].exitcode} without an answer")
+    return ("error", 0, f"no answer within {timeout:.0f} s")
+
+
 def _wait(procs, results, logs, timeout: float) -> tuple[list, list]:
-    """Rank 0's rows and notes; raises with a failing rank's traceback and log, or at `timeout`."""
-    try:
-        answer = results.get(timeout=timeout)
-    except queue.Empty:
-        answer = ("error", "both", f"no answer within {timeout:.0f} s")
+    """Rank 0's rows and notes; raises with a failing rank's traceback and the end of its log."""
+    answer = _answer(procs, results, timeout)
     if answer[0] == "error":
         for p in procs:
             p.kill()
-        log = logs[answer[1]].read_text()[-4000:] if answer[1] != "both" else ""
+        log = logs[answer[1]].read_text()[-4000:] if logs[answer[1]].exists() else ""
         raise RuntimeError(f"DeepSpeed benchmark, rank {answer[1]} failed:\n{answer[2]}\n{log}")
     for p in procs:
         p.join(timeout=60)
