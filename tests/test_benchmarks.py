@@ -1,12 +1,14 @@
 """The benchmark runner runs end to end (on a small workload, with short timings) and writes what
 it promises; the figures themselves are for `make bench`, not for a test."""
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from swa_fast.benchmarks import deepspeed as ds_bench
 from swa_fast.benchmarks import report, run, targets
 from swa_fast.benchmarks.timing import COPY
 
@@ -53,6 +55,11 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
     assert set(trainer) == {"Trainer step, no callback", "Trainer step + EMACallback"}, set(trainer)
     assert 0 < trainer["Trainer step + EMACallback"]["in_step_pct"] < 100
     assert "EMACallback (reported, no target): its on_step_end takes" in out
+    # The DeepSpeed ZeRO-3 rows (two ranks of their own), where deepspeed is installed.
+    zero3 = {r["method"] for r in result["rows"] if r["workload"] == "tiny-1000 ZeRO-3 EMA update"}
+    assert ds_bench.deepspeed_missing() is not None or ds_bench.DEEPSPEED_BARE in zero3, zero3
+    overhead = f"tiny-1000 ZeRO-3 EMA update: {ds_bench.DEEPSPEED_METHOD} <= 1.5x the bare op"
+    assert ds_bench.DEEPSPEED_METHOD not in zero3 or overhead in targets  # checked, whatever the figure
     assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
 
 
@@ -76,3 +83,35 @@ def test_the_bema_target_is_the_speed_up_over_trls_update_on_gpt2():
         ("gpt2-small BEMA update: swa_fast BEMA.update >= 10x TRL's BEMACallback update", 9.0, False)
     ]
     assert targets.bema_targets(rows[1:]) == []  # TRL's row missing (not installed): nothing checked
+
+
+@pytest.mark.skipif(ds_bench.deepspeed_missing() is not None, reason="deepspeed is not installed")
+def test_the_deepspeed_benchmark_times_each_update_on_two_ranks(capsys):
+    rows = ds_bench.bench_deepspeed([(64, 32), (32,), (7,)], "tiny", None, 0.01)
+    by_method = {r["method"]: r for r in rows}
+    expected = {targets.DEEPSPEED_BASELINE, ds_bench.GATHER_ALL, targets.DEEPSPEED_BARE}
+    if importlib.util.find_spec("swa_fast.integrations.deepspeed") is not None:
+        expected.add(targets.DEEPSPEED_METHOD)
+    else:  # the lead's module not there yet: the row is left out, and said so
+        assert "swa_fast.integrations.deepspeed did not import" in capsys.readouterr().out
+    assert set(by_method) == expected
+    assert all(r["workload"] == "tiny ZeRO-3 EMA update" and r["median_ms"] > 0 for r in rows)
+    # the gathers keep a full-size EMA on each rank (2,087 fp32 elements), the bare op its half
+    elements = {m: round(r["ema_MB_per_rank"] * 2**20 / 4) for m, r in by_method.items()}
+    assert elements[targets.DEEPSPEED_BASELINE] == elements[ds_bench.GATHER_ALL] == 2087
+    for local in {targets.DEEPSPEED_BARE, targets.DEEPSPEED_METHOD} & set(elements):  # shard-local
+        assert 2087 // 2 <= elements[local] <= 2087 // 2 + 3, elements
+
+
+def test_the_deepspeed_targets_are_the_speed_up_over_the_gather_and_the_multiple_of_the_bare_op():
+    def row(method, ms, workload="gpt2-small ZeRO-3 EMA update"):
+        return {"workload": workload, "method": method, "median_ms": ms}
+
+    rows = [row(targets.DEEPSPEED_BASELINE, 1200.0), row(targets.DEEPSPEED_METHOD, 100.0)]
+    rows += [row(targets.DEEPSPEED_BARE, 80.0), row(targets.DEEPSPEED_METHOD, 1.0, workload="other")]
+    ours = f"gpt2-small ZeRO-3 EMA update: {targets.DEEPSPEED_METHOD}"
+    assert targets.deepspeed_targets(rows) == [
+        (f"{ours} >= 10x the per-parameter gather", 12.0, True),
+        (f"{ours} <= 1.5x the bare op", 1.25, True),
+    ]
+    assert targets.deepspeed_targets([rows[0], rows[2]]) == []  # our row missing: nothing checked

@@ -38,6 +38,7 @@ import torch
 
 from swa_fast import ops
 from swa_fast.benchmarks.bema import bench_bema
+from swa_fast.benchmarks.deepspeed import bench_deepspeed
 from swa_fast.benchmarks.integrations import LIBRARIES, bench_integrations
 from swa_fast.benchmarks.multi_lerp import bench_multi_lerp
 from swa_fast.benchmarks.posthoc import bench_posthoc
@@ -125,6 +126,8 @@ def steps(sets, full, device, min_run_time):
         ("post-hoc EMA", "extras", partial(bench_posthoc, shapes, first, device, t)),
         ("transformers.Trainer step with EMACallback", "extras", partial(bench_trainer_step, device, t)),
         ("BEMA update", "extras", partial(bench_bema, shapes, first, device, t)),
+        # two CPU ranks of its own, whatever the device; left out, said why, without deepspeed
+        ("DeepSpeed ZeRO-3 EMA update", "extras", partial(bench_deepspeed, shapes, first, device, t)),
     ]
     return out
 

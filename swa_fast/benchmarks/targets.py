@@ -20,6 +20,7 @@ def check_targets(rows, device):
         # (on the CPU both BEMA updates are memory-bound passes, TRL's moving about three times the
         # bytes: the ratio is reported there, not held to the GPU's target; docs/benchmarks.md)
         targets.checks += bema_targets(rows)
+    targets.checks += deepspeed_targets(rows)  # ratios on the CPU ranks, whatever the suite's device
     return targets.checks
 
 
@@ -171,3 +172,34 @@ def print_targets(checks):
     print("\ntargets, from ratios measured in this run:")
     for target, value, met in checks:
         print(f"{'met   ' if met else 'MISSED'} {target}: {value}")
+
+
+# One EMA update of a DeepSpeed ZeRO-3 model on two CPU ranks (benchmarks/deepspeed.py): ours against
+# the gather people write today (at least DEEPSPEED_MINIMUM times faster) and against the bare fused op
+# over the same partitions (at most DEEPSPEED_OVERHEAD times its time: what the manager adds).
+DEEPSPEED_WORKLOAD = "ZeRO-3 EMA update"  # after the shape set's name
+DEEPSPEED_BASELINE = "GatheredParameters per parameter + lerp_"
+DEEPSPEED_METHOD = "swa_fast.integrations.deepspeed EMA.update"
+DEEPSPEED_BARE = "swa_fast.lerp_ over the local partitions"
+DEEPSPEED_MINIMUM, DEEPSPEED_OVERHEAD = 10, 1.5
+
+
+def deepspeed_targets(rows):
+    """(target, measured figure, met) for each ZeRO-3 workload that ran with our row: the speed-up
+    over the per-parameter gather, and the multiple of the bare op."""
+    out = []
+    workloads = dict.fromkeys(r["workload"] for r in rows if r["workload"].endswith(DEEPSPEED_WORKLOAD))
+    for workload in workloads:
+        ms = {r["method"]: r["median_ms"] for r in rows if r["workload"] == workload}
+        if DEEPSPEED_METHOD not in ms:
+            continue
+        ours = ms[DEEPSPEED_METHOD]
+        if DEEPSPEED_BASELINE in ms:
+            speedup = ms[DEEPSPEED_BASELINE] / ours
+            target = f"{workload}: {DEEPSPEED_METHOD} >= {DEEPSPEED_MINIMUM}x the per-parameter gather"
+            out.append((target, round(speedup, 2), speedup >= DEEPSPEED_MINIMUM))
+        if DEEPSPEED_BARE in ms:
+            multiple = ours / ms[DEEPSPEED_BARE]
+            target = f"{workload}: {DEEPSPEED_METHOD} <= {DEEPSPEED_OVERHEAD}x the bare op"
+            out.append((target, round(multiple, 2), multiple <= DEEPSPEED_OVERHEAD))
+    return out
