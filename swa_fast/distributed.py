@@ -26,10 +26,10 @@ from .wrappers import unwrap
 
 try:
     import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # a torch built without distributed support: no DTensor can exist
-    dist = FSDPModule = DTensor = Shard = distribute_tensor = None
+    dist = FSDPModule = FullyShardedDataParallel = DTensor = Shard = distribute_tensor = None
 
 
 class Shards(NamedTuple):
@@ -170,7 +170,8 @@ def local_part(value: Tensor, layout: Layout, name: str) -> Tensor:
 
 def reshard(model: Module) -> bool:
     """Put the sharded parameters back into every FSDP2 module of `model` (after a forward without
-    backward, the root keeps its gathered ones); no communication. False if there are none."""
+    backward, the root keeps its gathered ones) and free what FSDP1 modules keep gathered; no
+    communication. False if there are none."""
     if FSDPModule is None:
         return False
     found = False
@@ -178,7 +179,25 @@ def reshard(model: Module) -> bool:
         if isinstance(module, FSDPModule):
             module.reshard()
             found = True
+        elif isinstance(module, FullyShardedDataParallel):
+            _free_fsdp1_gathered(module)
+            found = True
     return found
+
+
+def _free_fsdp1_gathered(module: Module) -> None:
+    """FSDP1 (`FullyShardedDataParallel`) keeps a forward's gathered flat parameter when no backward
+    follows (the root's, always), and its next forward uses that copy without gathering again, so
+    it would not see values written into the shards since: free it, as FSDP1 does after a backward.
+    FSDP1 has no public call for this; `_reshard` is the one its own runtime calls."""
+    handle = module._handle
+    if handle is None or not handle.uses_sharded_strategy:
+        return
+    # (the gathered flat parameter exists from the first forward on)
+    if hasattr(handle.flat_param, "_full_param_padded") and not handle.needs_unshard():
+        from torch.distributed.fsdp._runtime_utils import _reshard
+
+        _reshard(module, handle, free_unsharded_flat_param=True)
 
 
 def groups_of(wrapper: Module, layouts: Sequence[Layout]) -> list:

@@ -416,9 +416,10 @@ class TrackedModel:
 
     def before_write(self) -> None:
         """Call before writing into the shards that `tensors()` gave. After a forward pass FSDP2
-        keeps some modules' gathered parameters (the root's always) and reuses them in the next
-        forward, which would then not see the written values: drop them (no communication)."""
-        if self.sharded and (model := self._sharded_model()) is not None:
+        and FSDP1 keep some modules' gathered parameters (the root's always) and reuse them in the
+        next forward, which would then not see the written values: drop them (no communication).
+        (FSDP1's parameters are plain tensors, views of each rank's shard: not `sharded` here.)"""
+        if (model := self._sharded_model()) is not None:
             distributed.reshard(model)
 
     def after_write(self) -> None:

@@ -173,6 +173,38 @@ def test_update_bn_gives_every_rank_the_statistics_of_all_data(on_two_ranks):
     on_two_ranks(_update_bn_across_ranks)
 
 
+# --- FSDP1 -----------------------------------------------------------------------------------------
+
+
+def _fsdp1_average_applied(rank, tmp):
+    """FSDP1 (`FullyShardedDataParallel`, what Lightning's FSDPStrategy wraps with): its parameters
+    are plain views of each rank's shard, averaged where they are. After a forward without backward
+    FSDP1 keeps the gathered weights and its next forward reuses them: a written average must still
+    be what that forward sees, and the live weights after."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(
+        mlp(*WIDTHS, activation=torch.nn.Tanh), use_orig_params=True, device_id=torch.device("cpu")
+    )
+    swa = swa_fast.SWA(model)
+    train(model, rank, [swa.update])
+    expected = single_process_averages()[0]
+    one = mlp(*WIDTHS, activation=torch.nn.Tanh)
+    one.load_state_dict(expected)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = model(x)  # leaves the root's weights gathered
+        with swa.average_applied(model):
+            torch.testing.assert_close(model(x), one(x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(model(x), before)
+    assert all(torch.equal(live[n], p) for n, p in model.named_parameters())
+
+
+def test_fsdp1_average_applied_reaches_the_next_forward(on_two_ranks):
+    on_two_ranks(_fsdp1_average_applied)
+
+
 # --- FSDP2 -----------------------------------------------------------------------------------------
 
 
