@@ -199,3 +199,14 @@ def after_write(params: Sequence[Tensor], partitions: Sequence[Partition]) -> No
         wholes = gather(targets, [part for _, part in sliced])
         for (p, _), whole in zip(sliced, wholes):
             p.data.copy_(whole)
+
+
+@torch.no_grad()
+def whole_state(named: dict[str, Tensor], layouts: dict[str, Any]) -> dict[str, Tensor]:
+    """A manager's named state (`ModelCopy.named()`) with every ZeRO piece gathered into its whole
+    tensor (a collective: every rank calls it), the other entries as they are."""
+    parts = [(n, layouts[n]) for n in named if isinstance(layouts.get(n), Partition)]
+    wholes = gather([named[n] for n, _ in parts], [p for _, p in parts])
+    out = dict(named)
+    out.update(zip((n for n, _ in parts), wholes))
+    return out

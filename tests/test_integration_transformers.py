@@ -257,32 +257,67 @@ def test_the_averaged_model_is_saved_with_save_pretrained_and_loaded_at_the_end(
 # --- what is refused -----------------------------------------------------------------------------------
 
 
-def _zero3_refused(rank, tmp):
-    """On each of two gloo ranks (DeepSpeed takes the harness's process group): a model made under
-    ZeRO-3's `zero.Init` holds partitioned placeholders, which the callback refuses."""
+class GatheredWeightsSeen(TrainerCallback):
+    """WeightsSeen under ZeRO-3, whose modules hold placeholders: each step's parameters gathered
+    whole with DeepSpeed's own gather (every rank takes part), in float64."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            self.steps.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+
+
+def _zero3_ema_run(rank, tmp):
+    """On each of two gloo ranks: the Trainer's DeepSpeed ZeRO-3 (DeepSpeed's CPU accelerator, torch's
+    AdamW) with the EMA callback: each rank averages its own partitions, saves them into its own
+    file, resumes them bit for bit, and `save_averaged_model` gathers the whole average once."""
     import deepspeed
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    os.environ.update(
+        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu"
+    )
     deepspeed.init_distributed(dist_backend="gloo")
-    settings = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
-    config = HfDeepSpeedConfig(settings)  # (held: transformers keeps a weak reference)
-    ema = EMACallback()
+    settings = {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+    }
+    out = os.path.join(tmp, "zero3")
     try:
-        with deepspeed.zero.Init(config_dict_or_path=settings):
-            model = tiny_gpt2()
-        assert all(p.numel() == 0 for p in model.parameters())  # partitioned: placeholders here
-        with pytest.raises(ValueError, match="DeepSpeed ZeRO-3 partitions every parameter"):
-            ema.on_train_begin(arguments(tmp), TrainerState(), TrainerControl(), model=model)
-    finally:
+        _zero3_runs(rank, out, settings)
+    finally:  # the Trainer leaves DeepSpeed's settings set for the whole process
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
         unset_hf_deepspeed_config()
-        del config
-    assert ema.manager is None
 
 
-def test_deepspeed_zero3_is_refused_before_anything_is_made(on_two_ranks):
+def _zero3_runs(rank, out, settings):
+    saving = dict(max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+    seen, ema = GatheredWeightsSeen(), EMACallback(decay=0.8, save_averaged_model=True)
+    trainer = train(out, [seen, ema], deepspeed=settings, **saving)
+    assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
+    assert ema.manager.tracked.sharded  # each rank holds its partitions only
+    files = sorted(p for p in os.listdir(os.path.join(out, "checkpoint-2")) if p.startswith("swa_fast"))
+    assert files == ["swa_fast_ema-rank0-of-2.pt", "swa_fast_ema-rank1-of-2.pt"], files
+    resumed = EMACallback(decay=0.8)
+    train(out, [resumed], resume=os.path.join(out, "checkpoint-2"), deepspeed=settings, **saving)
+    assert_equal_dicts(average_of(resumed), average_of(ema))
+    if rank == 0:  # the whole average, written once (read as saved: from_pretrained would partition)
+        from safetensors.torch import load_file
+
+        weights = load_file(os.path.join(out, "ema", "model.safetensors"))
+        for name, value in reference_ema(seen.steps, 0.8).items():
+            torch.testing.assert_close(weights[name].double(), value, **CLOSE, msg=name)
+
+
+def test_deepspeed_zero3_ranks_average_their_partitions_and_resume_exactly(on_two_ranks):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (the test extra installs it)")
-    on_two_ranks(_zero3_refused)
+    on_two_ranks(_zero3_ema_run)
 
 
 def test_settings_are_checked_where_they_are_given(tmp_path):

@@ -137,15 +137,10 @@ class _OnEngine:
         a collective, call it on every rank. Rank 0 gets it (and with `path` writes it, a
         `.safetensors` file or else `torch.save`'s); the other ranks get an empty dict."""
         self.wait()
-        named = self._exported(**which)
-        layouts = dict(zip(self.tracked.names, self.tracked.layouts))
-        parts = [(n, layouts[n]) for n in named if isinstance(layouts[n], zero.Partition)]
-        wholes = dict(
-            zip((n for n, _ in parts), zero.gather([named[n] for n, _ in parts], [p for _, p in parts]))
-        )
+        whole = zero.whole_state(self._exported(**which), dict(zip(self.tracked.names, self.tracked.layouts)))
         if dist.is_initialized() and dist.get_rank() != 0:
             return {}
-        out = {n: own_bytes(wholes.get(n, t).detach().cpu()) for n, t in named.items()}
+        out = {n: own_bytes(t.detach().cpu()) for n, t in whole.items()}
         if path is not None:
             _write(out, Path(path))
         return out

@@ -8,10 +8,11 @@ or post-hoc EMA of the model, kept by a swa_fast manager.
                                         # every checkpoint, resumed by resume_from_checkpoint
 
 Each callback makes its manager at `on_train_begin` from the model the Trainer trains (the inner
-model under DDP, DeepSpeed ZeRO 1/2 and FSDP2), updates it at `on_step_end` (once per optimizer
-step, so after every `gradient_accumulation_steps` batches) on the steps its `every` and
-`start_step` select, and writes its `state_dict()` into each checkpoint folder at `on_save`
-(`swa_fast_<name>.pt`; one file per rank under FSDP2). A resumed `train()` loads the file of the
+model under DDP, DeepSpeed and FSDP2), updates it at `on_step_end` (once per optimizer step, so
+after every `gradient_accumulation_steps` batches) on the steps its `every` and `start_step`
+select, and writes its `state_dict()` into each checkpoint folder at `on_save`
+(`swa_fast_<name>.pt`; one file per rank under FSDP2 and DeepSpeed ZeRO-3, whose ranks each average
+their own shards or partitions). A resumed `train()` loads the file of the
 checkpoint it resumes from, so the average continues bit for bit.
 
 `eval_with_average=True` evaluates with the average: the Trainer decides in `on_step_end` (and
@@ -32,8 +33,8 @@ from typing import Any
 import torch
 from torch.nn import Module
 from transformers import TrainerCallback
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from .. import zero
 from ..averaging import EMA, SWA, Averager
 from ..posthoc import PostHocEMA
 from ..weighting import count
@@ -48,16 +49,8 @@ from ._trainer_checkpoints import (
 __all__ = ["AveragingCallback", "EMACallback", "PostHocEMACallback", "SWACallback"]
 
 
-def _refuse_partitioned(model: Module, owner: str) -> None:
-    """Refuse the set-ups whose modules hold no whole (or DTensor-sharded) tensors."""
-    if is_deepspeed_zero3_enabled() or any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise ValueError(
-            f"swa_fast.integrations.transformers.{owner}: DeepSpeed ZeRO-3 partitions every parameter "
-            "across the ranks (the modules hold empty placeholders), and these callbacks do not yet save "
-            "and export an average held in pieces; expected a model whose modules hold their tensors: DDP, "
-            "DeepSpeed ZeRO stage 1 or 2, or FSDP2 (fsdp_config={'fsdp_version': 2}). For a DeepSpeed "
-            "engine of your own, swa_fast.integrations.deepspeed averages ZeRO-3 partitions"
-        )
+def _refuse_fsdp1(model: Module, owner: str) -> None:
+    """Refuse FSDP1's flat parameters (FSDP2's DTensors and DeepSpeed's partitions are averaged)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
@@ -66,6 +59,16 @@ def _refuse_partitioned(model: Module, owner: str) -> None:
             "(FullyShardedDataParallel), whose flat parameters swa_fast does not average; expected FSDP2: "
             "pass fsdp_config={'fsdp_version': 2}"
         )
+
+
+def _whole_parameters(model: Module, partitioned: bool) -> contextlib.AbstractContextManager:
+    """Within it, a ZeRO-3 model's parameters whole on every rank (DeepSpeed's own gather, read
+    only); nothing for any other model."""
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 class AveragingCallback(TrainerCallback):
@@ -172,7 +175,7 @@ class AveragingCallback(TrainerCallback):
                 f"{self._who}: load_average_at_end=True would overwrite the best checkpoint's weights that "
                 "load_best_model_at_end=True loads at the end; choose one"
             )
-        _refuse_partitioned(model, type(self).__name__)
+        _refuse_fsdp1(model, type(self).__name__)
         self._close()
         self._model = model
         self.manager = self.make_manager(model, args)
@@ -254,17 +257,21 @@ class AveragingCallback(TrainerCallback):
         self.manager.copy_to(model)
 
     def _save_pretrained(self, directory: Path, args, processing_class) -> None:
-        if self.manager.tracked.sharded:
+        partitioned = any(zero.is_zero3(p) for p in self._model.parameters())
+        if self.manager.tracked.sharded and not partitioned:
             raise ValueError(
                 f"{self._who}: save_averaged_model needs the "
                 "whole model on each rank, but it is sharded (FSDP2); save the manager's state_dict "
                 "(DTensors) with torch.distributed.checkpoint instead"
             )
-        if not args.should_save:  # (the main process writes it; under rank0_only, the one holding it)
+        # The main process writes it (under rank0_only, the one holding it); under ZeRO-3 every rank
+        # takes part in applying the average and in DeepSpeed's gather of the whole parameters.
+        if not (args.should_save or partitioned):
             return
-        with self._applied_context(self._model) as model:
-            model.save_pretrained(directory)
-        if processing_class is not None:
+        with self._applied_context(self._model) as model, _whole_parameters(model, partitioned):
+            if args.should_save:
+                model.save_pretrained(directory)
+        if args.should_save and processing_class is not None:
             processing_class.save_pretrained(directory)
 
     def _file_name(self, sharded: bool) -> str:
