@@ -16,7 +16,8 @@ gather, no communication. Communication happens only where a whole parameter is 
 average is written into the model (`after_write`: the gathered copies ZeRO-3 keeps of persistent
 parameters, ZeRO-1/2's whole parameters from every rank's slice) and in `gather` (an export).
 
-Nothing here imports DeepSpeed: a parameter is recognised by the attributes DeepSpeed gives it.
+A parameter is recognised by the attributes DeepSpeed gives it; DeepSpeed itself is imported only
+to find a ZeRO-3 parameter's master piece (its `safe_get_local_fp32_param`).
 """
 
 from __future__ import annotations
