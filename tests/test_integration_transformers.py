@@ -9,6 +9,7 @@ for bit), evaluations with the average (which leave the training bit for bit as 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -271,10 +272,11 @@ class GatheredWeightsSeen(TrainerCallback):
             self.steps.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
 
 
-def _zero3_ema_run(rank, tmp):
-    """On each of two gloo ranks: the Trainer's DeepSpeed ZeRO-3 (DeepSpeed's CPU accelerator, torch's
-    AdamW) with the EMA callback: each rank averages its own partitions, saves them into its own
-    file, resumes them bit for bit, and `save_averaged_model` gathers the whole average once."""
+def _deepspeed_ema_run(rank, tmp, stage):
+    """On each of two gloo ranks: the Trainer's DeepSpeed (DeepSpeed's CPU accelerator, torch's
+    AdamW) with the EMA callback. Under ZeRO-3 each rank averages its own partitions, saves them
+    into its own file, resumes them bit for bit, and `save_averaged_model` gathers the whole average
+    once; under ZeRO-2 every rank holds the whole parameters and averages them, as under DDP."""
     import deepspeed
 
     os.environ.update(
@@ -282,28 +284,30 @@ def _zero3_ema_run(rank, tmp):
     )
     deepspeed.init_distributed(dist_backend="gloo")
     settings = {
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 100},
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}},
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
     }
-    out = os.path.join(tmp, "zero3")
+    out = os.path.join(tmp, f"zero{stage}")
     try:
-        _zero3_runs(rank, out, settings)
+        _deepspeed_runs(rank, out, settings, stage)
     finally:  # the Trainer leaves DeepSpeed's settings set for the whole process
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
 
 
-def _zero3_runs(rank, out, settings):
+def _deepspeed_runs(rank, out, settings, stage):
     saving = dict(max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
     seen, ema = GatheredWeightsSeen(), EMACallback(decay=0.8, save_averaged_model=True)
     trainer = train(out, [seen, ema], deepspeed=settings, **saving)
     assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
-    assert ema.manager.tracked.sharded  # each rank holds its partitions only
+    assert ema.manager.tracked.sharded == (stage == 3)  # ZeRO-3: each rank holds its partitions only
     files = sorted(p for p in os.listdir(os.path.join(out, "checkpoint-2")) if p.startswith("swa_fast"))
-    assert files == ["swa_fast_ema-rank0-of-2.pt", "swa_fast_ema-rank1-of-2.pt"], files
+    per_rank = ["swa_fast_ema-rank0-of-2.pt", "swa_fast_ema-rank1-of-2.pt"]
+    expected = per_rank if stage == 3 else ["swa_fast_ema.pt"]  # (ZeRO-2: rank 0 writes it)
+    assert files == expected, files
     resumed = EMACallback(decay=0.8)
     train(out, [resumed], resume=os.path.join(out, "checkpoint-2"), deepspeed=settings, **saving)
     assert_equal_dicts(average_of(resumed), average_of(ema))
@@ -315,9 +319,10 @@ def _zero3_runs(rank, out, settings):
             torch.testing.assert_close(weights[name].double(), value, **CLOSE, msg=name)
 
 
-def test_deepspeed_zero3_ranks_average_their_partitions_and_resume_exactly(on_two_ranks):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_ranks_average_what_they_hold_and_resume_exactly(on_two_ranks, stage):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (the test extra installs it)")
-    on_two_ranks(_zero3_ema_run)
+    on_two_ranks(functools.partial(_deepspeed_ema_run, stage=stage))
 
 
 def test_settings_are_checked_where_they_are_given(tmp_path):
