@@ -292,10 +292,13 @@ def _deepspeed_ema_run(rank, tmp, stage):
     out = os.path.join(tmp, f"zero{stage}")
     try:
         _deepspeed_runs(rank, out, settings, stage)
-    finally:  # the Trainer leaves DeepSpeed's settings set for the whole process
+    finally:  # the Trainer leaves DeepSpeed set for the whole process: in its settings and accelerate's
+        from accelerate.state import AcceleratorState
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # (accelerate's Accelerator sets it for good)
+        AcceleratorState._reset_state(reset_partial_state=True)  # (the next Trainer sets it up anew)
 
 
 def _deepspeed_runs(rank, out, settings, stage):
