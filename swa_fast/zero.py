@@ -54,6 +54,7 @@ class Partition:
         self.length = length  # of the local tensors (numel, and ZeRO-3's padding)
         self.shape = torch.Size(shape)
         self.group = group
+        self._found = True  # group and master piece read from the parameter (not after unpickling)
         self._master: Tensor | None = None  # the optimizer's fp32 piece (source "master")
 
     def __getstate__(self) -> dict:
@@ -61,7 +62,7 @@ class Partition:
         return {k: v for k, v in self.__dict__.items() if k not in ("group", "_master")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, group=None, _master=None)
+        self.__dict__.update(state, group=None, _master=None, _found=False)
 
     def describe(self) -> str:
         """The same words on every rank (the cross-rank check compares them)."""
@@ -70,9 +71,9 @@ class Partition:
 
     def local(self, param: Tensor) -> Tensor:
         """What an update reads: this rank's piece, as the optimizer left it."""
-        if self.group is None:  # unpickled: found again from the parameter
+        if not self._found:  # unpickled: found again from the parameter
             found = partition_of(param, self.source)
-            self.group, self._master = found.group, found._master
+            self.group, self._master, self._found = found.group, found._master, True
         return param.ds_tensor if self.source == "params" else self._master
 
     def target(self, param: Tensor) -> Tensor:
@@ -153,8 +154,8 @@ def _master_piece(param: Tensor, flat_groups: Sequence[Tensor]) -> Tensor | None
 
 
 def _pieces(partitions: Sequence[Partition]) -> list[list[tuple[int, int]]]:
-    """Every rank's (start, numel) of each partition, rank by rank (one collective, once: pieces do
-    not move while the optimizer lives)."""
+    """Every rank's (start, numel) of each partition, rank by rank: one collective per `gather`
+    (an export or a write, never an update)."""
     mine = [(p.start, p.numel) for p in partitions]
     group = partitions[0].group
     out: list = [None] * dist.get_world_size(group)

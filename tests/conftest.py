@@ -121,6 +121,15 @@ def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def assert_same_manager(got, expected, step) -> None:
+    """Two managers hold the same average bit for bit and the same counts (`step` names the moment)."""
+    state, want = got.state_dict(), expected.state_dict()
+    for name in want["average"]:
+        assert torch.equal(state["average"][name], want["average"][name]), (step, name)
+    for key in ("n_averaged", "n_skipped", "calls", "updates"):
+        assert int(state[key]) == int(want[key]), (step, key, state[key], want[key])
+
+
 def integer_copy_case(dtype: torch.dtype, device="cpu", seed: int = 0) -> tuple[list, list]:
     """(dst, src) for copy_ of integer or bool tensors of `dtype`: random bits (every bit pattern is a
     value: the extremes, the sign bit), a 0-dim tensor (num_batches_tracked), sizes around the

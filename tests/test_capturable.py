@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import cnn_with_bn, perturb_
+from conftest import assert_same_manager, cnn_with_bn, perturb_
 
 import swa_fast
 
@@ -38,14 +38,6 @@ def step_models(models, step, nan=False):
         elif nan and step == 5:
             with torch.no_grad():
                 model[0].weight.nan_to_num_(0.0)
-
-
-def assert_same_manager(got, expected, step):
-    state, want = got.state_dict(), expected.state_dict()
-    for name in want["average"]:
-        assert torch.equal(state["average"][name], want["average"][name]), (step, name)
-    for key in ("n_averaged", "n_skipped", "calls", "updates"):
-        assert int(state[key]) == int(want[key]), (step, key, state[key], want[key])
 
 
 @pytest.mark.parametrize("config", CONFIGS)

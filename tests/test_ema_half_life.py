@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import cnn_with_bn, mlp, perturb_
+from conftest import assert_same_manager, cnn_with_bn, mlp, perturb_
 
 import swa_fast
 from swa_fast.weighting import half_life_decay
@@ -165,14 +165,6 @@ def test_a_fractions_half_life_is_that_fraction_of_the_updates_so_far(fraction):
 
 
 # --- capturable ------------------------------------------------------------------------------------
-
-
-def assert_same_manager(got, expected, step):
-    state, want = got.state_dict(), expected.state_dict()
-    for name in want["average"]:
-        assert torch.equal(state["average"][name], want["average"][name]), (step, name)
-    for key in ("n_averaged", "n_skipped", "calls", "updates"):
-        assert int(state[key]) == int(want[key]), (step, key, state[key], want[key])
 
 
 CAPTURABLE = {

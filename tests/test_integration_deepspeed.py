@@ -125,6 +125,8 @@ def _averages_match_replay(rank, tmp, stage, source, bf16=False):
     whole = sum(t.numel() for t in seen[0].values())
     if stage == 3 or source == "master":
         assert held < whole  # this rank's pieces only (ZeRO-3 pads each to a multiple of the ranks)
+        with _no_collectives(), pytest.raises(AssertionError, match="a collective was called"):
+            ema.export()  # (the check itself works: pieces are gathered; both ranks refuse before sending)
     for manager, kind in ((ema, "ema"), (swa, "swa")):
         exported = manager.export()
         if rank != 0:
