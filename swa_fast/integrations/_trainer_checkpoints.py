@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from ..atomic_files import replacing
+
 FORMAT = 1  # of the files written into the checkpoints
 
 
@@ -58,8 +60,8 @@ def save_state(path: str, callback: str, state, manager_state: dict) -> None:
         "global_step": state.global_step,
         "manager": manager_state,
     }
-    torch.save(saved, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with replacing(path) as temporary:
+        torch.save(saved, temporary)
 
 
 def load_state(path: str, callback: str, state, who: str, sharded: bool = False) -> dict:

@@ -8,12 +8,10 @@ are this module's alone."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import queue
 import re
-import tempfile
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..atomic_files import replacing
 from ..flat import _shaped_parts, copy_lists
 
 if TYPE_CHECKING:  # (manager imports this module)
@@ -214,27 +213,9 @@ def save_snapshot(path: str | os.PathLike, snapshot: Snapshot) -> None:
 
 
 def _write_atomically(path: Path, payload: dict) -> None:
-    """torch.save to a temporary name beside `path`, flushed to disk, then renamed over `path`: a
-    reader (or a crash) sees the whole file or none of it."""
-    # A name of its own (two writers of one step must not rename each other's half files).
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    temporary = Path(temporary)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-    with contextlib.suppress(OSError):  # the rename itself, on file systems that allow it
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    """torch.save to `path` whole or not at all (`atomic_files.replacing`)."""
+    with replacing(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def snapshot_runs(directory: str | os.PathLike) -> dict[int, str | None]:
