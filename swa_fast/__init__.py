@@ -6,6 +6,7 @@ from .averaging import EMA, SWA
 from .bema import BEMA
 from .bn import update_bn
 from .fge import FGE
+from .merging import greedy_soup, merge
 from .flat import FlatBuffer
 from .ops import *  # noqa: F403  (ops.__all__: the backend choice and one public function per op)
 from .posthoc import PostHocEMA
@@ -23,6 +24,8 @@ __all__ = [
     "FlatBuffer",
     "PostHocEMA",
     "distributed",
+    "greedy_soup",
+    "merge",
     "optim",
     "posthoc",
     "schedules",

@@ -1,5 +1,6 @@
 """`python -m swa_fast info` prints which swa_fast runs (from where), what was built and what each
-device would use; `python -m swa_fast bench [...]` runs the benchmark suite (swa_fast.benchmarks)."""
+device would use; `python -m swa_fast bench [...]` runs the benchmark suite (swa_fast.benchmarks);
+`python -m swa_fast merge INPUT... --output PATH` merges checkpoints (swa_fast.merging)."""
 
 from __future__ import annotations
 
@@ -64,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="which swa_fast runs, what was built, which backend each device uses")
     sub.add_parser("bench", help="run the benchmark suite (`bench --help`: its options)", add_help=False)
+    sub.add_parser("merge", help="merge checkpoints into one (`merge --help`: its options)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         print(info())
         return 0
+    if args.command == "merge":
+        from .merging import cli
+
+        return cli.main(rest)
     from .benchmarks import run  # (the benchmarks import the integrations' libraries: only here)
 
     return run.main(rest)

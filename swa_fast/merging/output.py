@@ -1,0 +1,177 @@
+"""Where a merge's result goes, tensor by tensor in the order it was planned: safetensors on disk
+(one file, or shards with a Hugging Face index when `max_shard_size` is given), written under a
+temporary name and renamed when whole (`atomic_files.replacing`), or tensors in memory.
+
+Both give the merge a buffer to compute each chunk into (`buffer`) and take it back (`commit`), so
+the in-memory result is computed in place and the file's chunks go through one reused buffer."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..atomic_files import replacing
+from . import safetensors_format
+from .inputs import TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def shard_plan(entries: dict[str, TensorInfo], max_shard_size: int | None) -> list[list[str]]:
+    """The tensors of each shard, in order: a new shard when the next tensor would take this one
+    over `max_shard_size` bytes (a larger tensor alone in its shard), as Hugging Face shards."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, info in entries.items():
+        if max_shard_size is not None and shards[-1] and size + info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += info.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def output_files(
+    path: Path, entries: dict[str, TensorInfo], max_shard_size: int | None
+) -> list[tuple[Path, list[str]]]:
+    """Each file the output `path` will hold and its tensors: `path` itself when it names a
+    `.safetensors` file, else the files of the folder `path`."""
+    if path.suffix == ".safetensors":
+        if max_shard_size is not None:
+            raise ValueError(
+                f"swa_fast.merge: --max-shard-size writes a folder of shards, but the output {os.fspath(path)!r} "
+                "names a .safetensors file; give a folder name"
+            )
+        return [(path, list(entries))]
+    shards = shard_plan(entries, max_shard_size)
+    return [(path / name, names) for name, names in zip(shard_names(len(shards)), shards)]
+
+
+def check_output(path: Path) -> None:
+    """Refuse, before anything is read, an output that cannot be written whole."""
+    if not path.parent.is_dir():
+        raise ValueError(f"swa_fast.merge: the output's folder {os.fspath(path.parent)!r} does not exist")
+    if path.suffix != ".safetensors" and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(
+            f"swa_fast.merge: the output folder {os.fspath(path)!r} exists and is not empty; "
+            "remove it or name another (a merge never writes into an existing model)"
+        )
+    if path.suffix == ".safetensors" and path.is_dir():
+        raise ValueError(f"swa_fast.merge: the output {os.fspath(path)!r} is a folder, not a file")
+
+
+class SafetensorsOutput:
+    """Writes the planned tensors (`entries`, in order) into safetensors files under a temporary
+    name; `close()` renames them into place when every tensor was written. Use in a `with`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        entries: dict[str, TensorInfo],
+        metadata: dict[str, str],
+        max_shard_size: int | None,
+        chunk_bytes: int,
+    ) -> None:
+        self.path = Path(path)
+        self._entries = entries
+        self._metadata = metadata
+        self._files = output_files(self.path, entries, max_shard_size)
+        self._buffer = torch.empty(chunk_bytes, dtype=torch.uint8)
+        self._stack = ExitStack()
+        self._pending: Iterator[str] = iter(())
+        self._fd: int | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [file for file, _ in self._files]
+
+    def __enter__(self) -> SafetensorsOutput:
+        folder = self.path.suffix != ".safetensors"
+        self._root = root = self._stack.enter_context(replacing(self.path, folder=folder))
+        self._temporary_files = iter(
+            [(root / file.name if folder else root, names) for file, names in self._files]
+        )
+        self._written: list[str] = []
+        return self
+
+    def _next_file(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        file, names = next(self._temporary_files)
+        self._fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        info = {name: (self._entries[name].dtype, self._entries[name].shape) for name in names}
+        _write_all(self._fd, safetensors_format.header_bytes(info, self._metadata))
+        self._pending = iter(names)
+
+    def buffer(self, name: str, start: int, count: int, dtype: torch.dtype) -> Tensor:
+        return self._buffer[: count * dtype.itemsize].view(dtype)
+
+    def commit(self, name: str, start: int, chunk: Tensor) -> None:
+        if start == 0:
+            expected = next(self._pending, None)
+            while expected is None:  # this file is full: the next one
+                self._next_file()
+                expected = next(self._pending, None)
+            assert expected == name, (expected, name)  # the merge writes in the planned order
+            self._written.append(name)
+        _write_all(self._fd, memoryview(chunk.view(torch.uint8).numpy()))
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if kind is None:
+            try:
+                self._finish()
+            except BaseException as failure:
+                self._stack.__exit__(type(failure), failure, failure.__traceback__)  # removes the temporary
+                raise
+        self._stack.__exit__(kind, error, traceback)  # renames into place, or removes the temporary
+
+    def _finish(self) -> None:
+        if len(self._written) != len(self._entries):
+            missing = [name for name in self._entries if name not in self._written]
+            raise RuntimeError(f"swa_fast.merge: the output lacks {missing[:8]} (not written whole)")
+        if len(self._files) > 1:
+            index = {
+                "metadata": {"total_size": sum(info.nbytes for info in self._entries.values())},
+                "weight_map": {name: file.name for file, names in self._files for name in names},
+            }
+            (self._root / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class MemoryOutput:
+    """The result as tensors in memory (`tensors`), each chunk computed in place."""
+
+    def __init__(self, entries: dict[str, TensorInfo]) -> None:
+        self.tensors = {name: torch.empty(info.shape, dtype=info.dtype) for name, info in entries.items()}
+
+    def buffer(self, name: str, start: int, count: int, dtype: torch.dtype) -> Tensor:
+        return self.tensors[name].view(-1)[start : start + count]
+
+    def commit(self, name: str, start: int, chunk: Tensor) -> None:
+        pass
+
+    def __enter__(self) -> MemoryOutput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

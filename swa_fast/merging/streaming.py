@@ -1,0 +1,211 @@
+"""A merge's one pass over its inputs: the plan (which tensors, in what order, checked before
+anything is read), then each tensor in chunks of bounded size, read from every input by a
+background thread into reused buffers while the previous chunk is summed and written.
+
+Memory: two sets of one chunk buffer per input (the one being read, the one being summed) and one
+for the output, `chunk_bytes` each, whatever the model's size; TIES and DARE hold whole tensors."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .inputs import Checkpoint, TensorInfo
+
+AVERAGED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+MIN_CHUNK, MAX_CHUNK = 1 << 20, 64 << 20
+SLOTS = 2  # chunks in flight: one summed while the next is read
+
+
+@dataclass(frozen=True)
+class Item:
+    """One tensor of the output: averaged from every input, or taken from one (`source`)."""
+
+    name: str
+    info: TensorInfo  # as every input holds it
+    out_dtype: torch.dtype
+    source: int | None = None  # the input an integer tensor is taken from; None: averaged
+
+
+def _describe(checkpoints: Sequence[Checkpoint]) -> str:
+    return ", ".join(repr(c.path) for c in checkpoints)
+
+
+def plan(checkpoints: Sequence[Checkpoint], dtype: torch.dtype | None, take_integers_from: int) -> list[Item]:
+    """The output's tensors in the first input's order, refused unless every input holds the same
+    names with the same shapes and dtypes; floating tensors averaged (into `dtype` when given),
+    integer and bool ones taken from input `take_integers_from`."""
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        missing = [n for n in first.tensors if n not in other.tensors]
+        extra = [n for n in other.tensors if n not in first.tensors]
+        if missing or extra:
+            raise ValueError(
+                f"swa_fast.merge: {other.path!r} does not hold the tensors of {first.path!r}: "
+                + "; ".join(
+                    f"{what} {names[:8]}{' ...' if len(names) > 8 else ''} ({len(names)})"
+                    for what, names in (("missing", missing), ("extra", extra))
+                    if names
+                )
+            )
+    items = []
+    for name, info in first.tensors.items():
+        for other in checkpoints[1:]:
+            got = other.tensors[name]
+            if got != info:
+                raise ValueError(
+                    f"swa_fast.merge: {name!r} is {_show(info)} in {first.path!r} but {_show(got)} in "
+                    f"{other.path!r}; every input must hold it alike"
+                )
+        items.append(_item(name, info, dtype, take_integers_from))
+    return items
+
+
+def _show(info: TensorInfo) -> str:
+    return f"{str(info.dtype).removeprefix('torch.')} {list(info.shape)}"
+
+
+def _item(name: str, info: TensorInfo, dtype: torch.dtype | None, take_integers_from: int) -> Item:
+    if info.dtype in AVERAGED:
+        return Item(name, info, dtype or info.dtype)
+    if info.dtype.is_floating_point or info.dtype.is_complex:
+        raise ValueError(
+            f"swa_fast.merge: {name!r} is {_show(info)}; averaged tensors must be float64, float32, float16 or "
+            "bfloat16"
+        )
+    return Item(name, info, info.dtype, source=take_integers_from)  # integers and bools: never averaged
+
+
+def chunk_bytes_for(count: int, memory_limit: int) -> int:
+    """Each buffer's size: `memory_limit` shared by SLOTS chunks of every input and the output."""
+    return max(MIN_CHUNK, min(MAX_CHUNK, memory_limit // (SLOTS * count + 1)))
+
+
+@dataclass
+class Chunk:
+    item: Item
+    start: int
+    count: int
+    views: list[Tensor]  # of each input read (the one source of a taken tensor)
+
+
+def _chunks(items: Sequence[Item], chunk_bytes: int | None) -> Iterator[tuple[Item, int, int]]:
+    for item in items:
+        numel = item.info.numel
+        widest = max(item.info.dtype.itemsize, item.out_dtype.itemsize)  # the output's buffer holds it too
+        step = numel if chunk_bytes is None else max(1, chunk_bytes // widest)
+        for start in range(0, max(numel, 1), step):
+            yield item, start, min(step, numel - start)
+
+
+def read_ahead(
+    checkpoints: Sequence[Checkpoint], items: Sequence[Item], chunk_bytes: int | None
+) -> Iterator[Chunk]:
+    """Every chunk of every item, read by a background thread one chunk ahead of the caller.
+    `chunk_bytes` None: whole tensors, in buffers of their own."""
+    slots = [[torch.empty(chunk_bytes or 0, dtype=torch.uint8) for _ in checkpoints] for _ in range(SLOTS)]
+    free: queue.Queue = queue.Queue()
+    ready: queue.Queue = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for item, start, count in _chunks(items, chunk_bytes):
+                slot = free.get()
+                if stop.is_set():
+                    return
+                sources = range(len(checkpoints)) if item.source is None else [item.source]
+                views = []
+                for k in sources:
+                    view = (
+                        torch.empty(count, dtype=item.info.dtype)
+                        if chunk_bytes is None
+                        else slot[k][: count * item.info.dtype.itemsize].view(item.info.dtype)
+                    )
+                    if count:
+                        checkpoints[k].read(item.name, start, view)
+                    views.append(view)
+                ready.put((Chunk(item, start, count, views), slot))
+            ready.put(None)
+        except BaseException as error:  # noqa: BLE001 (raised in the caller's thread)
+            ready.put(error)
+
+    thread = threading.Thread(target=read, name="swa_fast.merge reader", daemon=True)
+    thread.start()
+    try:
+        while (got := ready.get()) is not None:
+            if isinstance(got, BaseException):
+                raise got
+            chunk, slot = got
+            yield chunk
+            free.put(slot)
+    finally:
+        stop.set()
+        free.put(slots[0])  # wakes a reader waiting for a slot, which then sees `stop`
+        thread.join()
+
+
+Combine = Callable[[Chunk, Tensor], None]
+
+
+def linear(weights: Sequence[float]) -> Combine:
+    """out = sum_k weights[k] * input_k, one fused op per chunk."""
+    weights = torch.tensor(weights, dtype=torch.float64)
+
+    def combine(chunk: Chunk, out: Tensor) -> None:
+        _weighted_sum([out], [[v] for v in chunk.views], weights)
+
+    return combine
+
+
+def run(
+    checkpoints: Sequence[Checkpoint],
+    items: Sequence[Item],
+    combine: Combine,
+    output,
+    chunk_bytes: int | None,
+    allow_non_finite: bool,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write every item into `output` (its `buffer` and `commit`), chunk by chunk."""
+    for chunk in read_ahead(checkpoints, items, chunk_bytes):
+        item = chunk.item
+        out = output.buffer(item.name, chunk.start, chunk.count, item.out_dtype)
+        if item.source is not None:
+            out.copy_(chunk.views[0])
+        else:
+            combine(chunk, out)
+            if not allow_non_finite and not bool(torch.isfinite(out).all()):
+                raise ValueError(_non_finite_message(checkpoints, chunk))
+        output.commit(item.name, chunk.start, out)
+        if progress is not None:
+            progress(sum(v.numel() * v.element_size() for v in chunk.views))
+
+
+def _non_finite_message(checkpoints: Sequence[Checkpoint], chunk: Chunk) -> str:
+    holding = [c.path for c, v in zip(checkpoints, chunk.views) if not bool(torch.isfinite(v).all())]
+    where = f"inf or NaN in {holding}" if holding else "the weighted sum overflows"
+    return (
+        f"swa_fast.merge: the merged {chunk.item.name!r} is not finite ({where}); nothing was written. "
+        "Pass allow_non_finite=True (--allow-non-finite) to write it anyway"
+    )
+
+
+def _weighted_sum(dst, srcs, weights):  # TEMPORARY until ops.weighted_sum_ lands
+    if hasattr(ops, "weighted_sum_"):
+        return ops.weighted_sum_(dst, srcs, weights)
+    acc = (
+        torch.float64
+        if any(s[0].dtype == torch.float64 for s in srcs) or dst[0].dtype == torch.float64
+        else torch.float32
+    )
+    total = sum(float(w) * s[0].to(acc) for w, s in zip(weights, srcs))
+    dst[0].copy_(total)
