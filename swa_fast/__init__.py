@@ -6,8 +6,8 @@ from .averaging import EMA, SWA
 from .bema import BEMA
 from .bn import update_bn
 from .fge import FGE
-from .merging import greedy_soup, merge
 from .flat import FlatBuffer
+from .merging import greedy_soup, merge
 from .ops import *  # noqa: F403  (ops.__all__: the backend choice and one public function per op)
 from .posthoc import PostHocEMA
 from .schedules import SWALR, FGECyclicLR

@@ -1,14 +1,17 @@
 """swa_fast.merge: every method against a float64 oracle written here, every input format, the
 output (one file, shards with an index), chunked reads, refusals that leave no output, and the
-command line. (Killed merges: tests/test_merge_atomic.py.)"""
+command line, and a merge killed half way."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -94,7 +97,11 @@ def test_lawa_takes_the_last_k_of_a_folder_in_step_order(tmp_path):
         (run / f"checkpoint-{s}").mkdir()
         save_file(states[s], run / f"checkpoint-{s}" / "model.safetensors")
     result = swa_fast.merge([run], method="lawa", last=3, every=2)
-    assert [Path(p).parent.name for p in result.inputs] == ["checkpoint-300", "checkpoint-500", "checkpoint-700"]
+    assert [Path(p).parent.name for p in result.inputs] == [
+        "checkpoint-300",
+        "checkpoint-500",
+        "checkpoint-700",
+    ]
     assert_close_to(result.tensors, oracle([states[300], states[500], states[700]], [1 / 3] * 3))
     with pytest.raises(ValueError, match="give last=k"):
         swa_fast.merge([run], method="lawa")
@@ -104,7 +111,11 @@ def test_lawa_takes_the_last_k_of_a_folder_in_step_order(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "1-sqrt"])
 def test_wsm_weights_emulate_the_decay(tmp_path, schedule):
-    shape = {"linear": lambda x: 1 - x, "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2, "1-sqrt": lambda x: 1 - x**0.5}
+    shape = {
+        "linear": lambda x: 1 - x,
+        "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2,
+        "1-sqrt": lambda x: 1 - x**0.5,
+    }
     k = 5  # six checkpoints theta_0..theta_5
     w = [shape[schedule](i / (k + 1)) for i in range(1, k + 1)]
     # WSM's inverse mapping: w_i = sum_{j >= i} c_j, sum_j c_j = 1
@@ -126,7 +137,8 @@ def test_task_arithmetic(tmp_path):
     result = swa_fast.merge(paths, method="task-arithmetic", base=tmp_path / "base.safetensors", scale=0.4,
                             weights=[1.0, 0.5, 2.0])  # fmt: skip
     expected = {
-        n: base[n].double() + 0.4 * sum(w * (ft[n].double() - base[n].double()) for w, ft in zip([1, 0.5, 2], fts))
+        n: base[n].double()
+        + 0.4 * sum(w * (ft[n].double() - base[n].double()) for w, ft in zip([1, 0.5, 2], fts))
         for n in SHAPES
     }
     assert_close_to(result.tensors, expected)
@@ -169,7 +181,9 @@ def test_dare(tmp_path):
     basefile = tmp_path / "base.safetensors"
     # no drop: task arithmetic
     plain = swa_fast.merge(paths, method="dare", base=basefile, drop=0.0).tensors
-    assert_close_to(plain, {n: base[n].double() + sum(ft[n].double() - base[n].double() for ft in fts) for n in SHAPES})
+    assert_close_to(
+        plain, {n: base[n].double() + sum(ft[n].double() - base[n].double() for ft in fts) for n in SHAPES}
+    )
     # one model: each element is the base's or base + (ft - base) / (1 - p), about 1 - p of them the latter
     one = swa_fast.merge(paths[:1], method="dare", base=basefile, drop=0.75, seed=3).tensors
     kept = total = 0
@@ -220,7 +234,9 @@ def test_bf16_inputs_and_output_dtype(tmp_path):
 
 def test_large_tensors_are_read_in_chunks(tmp_path):
     g = torch.Generator().manual_seed(0)
-    states = [{"big": torch.randn(3_000_000, generator=g), "small": torch.randn(5, generator=g)} for _ in range(3)]
+    states = [
+        {"big": torch.randn(3_000_000, generator=g), "small": torch.randn(5, generator=g)} for _ in range(3)
+    ]
     paths = save_all(tmp_path, states)
     result = swa_fast.merge(paths, tmp_path / "out.safetensors", memory_limit=1 << 20)
     assert result.memory_bound == (1 << 20) * 7  # 1 MiB chunks (the least), 2 per input, 1 out
@@ -257,7 +273,9 @@ def test_hugging_face_sharded_folders_in_and_out(tmp_path):
     result = swa_fast.merge(folders, out, max_shard_size=1500)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in out.iterdir())
-    assert len(result.outputs) > 1 and files == sorted([Path(p).name for p in result.outputs] + [index_name()])
+    assert len(result.outputs) > 1 and files == sorted(
+        [Path(p).name for p in result.outputs] + [index_name()]
+    )
     merged = {}
     for file in set(index["weight_map"].values()):
         merged.update(load_file(out / file))
@@ -287,7 +305,9 @@ def test_distributed_checkpoint_folders(tmp_path):
 
 def test_posthoc_snapshot_files(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    ema = swa_fast.PostHocEMA(model, sigma_rels=(0.05, 0.28), snapshot_every=2, snapshot_dir=tmp_path / "snaps")
+    ema = swa_fast.PostHocEMA(
+        model, sigma_rels=(0.05, 0.28), snapshot_every=2, snapshot_dir=tmp_path / "snaps"
+    )
     for _ in range(4):
         with torch.no_grad():
             for p in model.parameters():
@@ -335,7 +355,12 @@ def test_shape_and_dtype_mismatches_name_the_tensor_and_files(tmp_path):
 
 
 def test_weights_of_the_wrong_count(tmp_path):
-    refused(tmp_path, "2 weights given for 3 inputs", save_all(tmp_path, [state(i) for i in range(3)]), weights=[1, 2])
+    refused(
+        tmp_path,
+        "2 weights given for 3 inputs",
+        save_all(tmp_path, [state(i) for i in range(3)]),
+        weights=[1, 2],
+    )
 
 
 def test_non_finite_values_refused_unless_allowed(tmp_path):
@@ -365,7 +390,7 @@ def test_corrupt_files_are_named(tmp_path):
 def test_settings_refused(tmp_path):
     paths = save_all(tmp_path, [state(0), state(1)])
     refused(tmp_path, "method must be one of", paths, method="median")
-    refused(tmp_path, "needs a decay", paths, method="ema")
+    refused(tmp_path, "needs a decay in", paths, method="ema")
     refused(tmp_path, "needs a base model", paths, method="ties")
     refused(tmp_path, "takes no base model", paths, base=paths[0])
     refused(tmp_path, "sets its own weights", paths, method="wsm", weights=[1, 2])
@@ -410,3 +435,39 @@ def test_cli_dry_run_and_merge(tmp_path):
     assert_close_to(load_file(out), oracle(states, [0.25, 0.25, 0.5]))
     bad = run_cli(*paths, "-o", tmp_path / "x.safetensors", "--weights", "1")
     assert bad.returncode == 2 and "1 weights given for 3 inputs" in bad.stderr
+
+
+# --- a merge killed half way ----------------------------------------------------------------------------
+
+KILLED_MERGE = """
+import sys, time
+import swa_fast
+from swa_fast.merging import output
+
+write = output.SafetensorsOutput.commit
+
+def commit_then_wait(self, name, start, chunk):  # the real write, then a pause to be killed in
+    write(self, name, start, chunk)
+    open(sys.argv[1], "w").close()
+    time.sleep(120)
+
+output.SafetensorsOutput.commit = commit_then_wait
+one_file = sys.argv[2].endswith(".safetensors")
+swa_fast.merge(sys.argv[3:], sys.argv[2], max_shard_size=None if one_file else 1000)
+"""
+
+
+@pytest.mark.parametrize("name", ["out.safetensors", "out_folder"])
+def test_a_killed_merge_leaves_nothing_under_the_output_name(tmp_path, name):
+    paths = save_all(tmp_path, [state(0), state(1)])
+    flag, out = tmp_path / "written", tmp_path / name
+    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED_MERGE), flag, out, *paths])
+    deadline = time.monotonic() + 60
+    while not flag.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), "the merge wrote nothing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.")]
+    assert len(partial) == 1  # the temporary it was writing, under its own name

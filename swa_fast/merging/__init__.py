@@ -83,8 +83,8 @@ def select(paths: Sequence, last: int | None, every: int) -> list:
     chosen = expanded[::-1][::every][:last][::-1]
     if len(chosen) < last:
         raise ValueError(
-            f"swa_fast.merge: asked for the last {last} checkpoints {every} apart, but only {len(chosen)} of the "
-            f"{len(expanded)} found are"
+            f"swa_fast.merge: asked for the last {last} checkpoints {every} apart, but only "
+            f"{len(chosen)} of the {len(expanded)} found are"
         )
     return chosen
 
@@ -137,8 +137,8 @@ def merge(
         memory_limit: the bytes of chunk buffers the merge may hold (TIES and DARE hold whole
             tensors instead).
     """
-    settings = Settings(method, tuple(float(w) for w in weights) if weights is not None else None, decay, schedule,
-                        float(scale), float(density), float(drop), int(seed))  # fmt: skip
+    given = tuple(float(w) for w in weights) if weights is not None else None
+    settings = Settings(method, given, decay, schedule, float(scale), float(density), float(drop), int(seed))
     chosen = select(inputs, last, every)
     if method == "lawa" and last is None:
         raise ValueError("swa_fast.merge: method 'lawa' takes the last k checkpoints: give last=k (--last K)")

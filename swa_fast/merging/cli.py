@@ -31,7 +31,7 @@ def byte_size(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m swa_fast merge",
-        description="Merge checkpoints into one safetensors model, streamed tensor by tensor (docs/merging.md).",
+        description="Merge checkpoints into one safetensors model, tensor by tensor (docs/merging.md).",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="checkpoint files or folders (a folder of "
                    "checkpoints stands for its members in step order)")  # fmt: skip

@@ -325,8 +325,9 @@ def expand(path: str | os.PathLike) -> list[Path]:
         members = _members(path)
         if not members:
             raise ValueError(
-                f"{os.fspath(path)!r} holds no checkpoint: expected a model file ({', '.join(WEIGHT_SUFFIXES)}), "
-                "a Hugging Face or torch.distributed.checkpoint folder, or checkpoints named with their step"
+                f"{os.fspath(path)!r} holds no checkpoint: expected a model file "
+                f"({', '.join(WEIGHT_SUFFIXES)}), a Hugging Face or torch.distributed.checkpoint folder, "
+                "or checkpoints named with their step"
             )
         return [member for _, member in members]
     raise ValueError(f"{os.fspath(path)!r} does not exist")

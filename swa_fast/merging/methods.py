@@ -43,32 +43,36 @@ def check_settings(s: Settings, count: int) -> None:
     if count < 1:
         raise ValueError("swa_fast.merge: expected at least one input to merge, got none")
     if s.weights is not None:
-        if len(s.weights) != count:
-            raise ValueError(
-                f"swa_fast.merge: {len(s.weights)} weights given for {count} inputs; expected one weight per input"
-            )
-        if not all(math.isfinite(w) for w in s.weights):
-            raise ValueError(f"swa_fast.merge: the weights must be finite, got {list(s.weights)}")
-        if s.method in ("ema", "wsm", "lawa"):
-            raise ValueError(
-                f"swa_fast.merge: method {s.method!r} sets its own weights; `weights` cannot be given"
-            )
-        if s.method == "mean" and sum(s.weights) == 0:
-            raise ValueError(
-                f"swa_fast.merge: the weights of a mean must not sum to 0, got {list(s.weights)}"
-            )
-    if s.method == "ema" and (s.decay is None or not 0.0 <= s.decay <= 1.0):
-        raise ValueError(f"swa_fast.merge: method 'ema' needs a decay in [0, 1], got {s.decay!r}")
-    if s.method == "wsm" and s.schedule not in WSM_SCHEDULES:
-        raise ValueError(
-            f"swa_fast.merge: the WSM schedule must be one of {list(WSM_SCHEDULES)}, got {s.schedule!r}"
-        )
-    if s.method == "ties" and not 0.0 < s.density <= 1.0:
-        raise ValueError(f"swa_fast.merge: TIES' density must be in (0, 1], got {s.density!r}")
-    if s.method == "dare" and not 0.0 <= s.drop < 1.0:
-        raise ValueError(f"swa_fast.merge: DARE's drop probability must be in [0, 1), got {s.drop!r}")
+        _check_weights(s, count)
+    refusal = {
+        "ema": None
+        if s.decay is not None and 0.0 <= s.decay <= 1.0
+        else f"needs a decay in [0, 1], got {s.decay!r}",
+        "wsm": None
+        if s.schedule in WSM_SCHEDULES
+        else f"takes a schedule of {list(WSM_SCHEDULES)}, got {s.schedule!r}",
+        "ties": None if 0.0 < s.density <= 1.0 else f"needs a density in (0, 1], got {s.density!r}",
+        "dare": None if 0.0 <= s.drop < 1.0 else f"needs a drop probability in [0, 1), got {s.drop!r}",
+    }.get(s.method)
+    if refusal is not None:
+        raise ValueError(f"swa_fast.merge: method {s.method!r} {refusal}")
     if not math.isfinite(s.scale):
         raise ValueError(f"swa_fast.merge: scale must be finite, got {s.scale!r}")
+
+
+def _check_weights(s: Settings, count: int) -> None:
+    if len(s.weights) != count:
+        raise ValueError(
+            f"swa_fast.merge: {len(s.weights)} weights given for {count} inputs; expected one per input"
+        )
+    if not all(math.isfinite(w) for w in s.weights):
+        raise ValueError(f"swa_fast.merge: the weights must be finite, got {list(s.weights)}")
+    if s.method in ("ema", "wsm", "lawa"):
+        raise ValueError(
+            f"swa_fast.merge: method {s.method!r} sets its own weights; `weights` cannot be given"
+        )
+    if s.method == "mean" and sum(s.weights) == 0:
+        raise ValueError(f"swa_fast.merge: the weights of a mean must not sum to 0, got {list(s.weights)}")
 
 
 def ema_weights(count: int, decay: float) -> list[float]:

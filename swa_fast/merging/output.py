@@ -51,8 +51,8 @@ def output_files(
     if path.suffix == ".safetensors":
         if max_shard_size is not None:
             raise ValueError(
-                f"swa_fast.merge: --max-shard-size writes a folder of shards, but the output {os.fspath(path)!r} "
-                "names a .safetensors file; give a folder name"
+                "swa_fast.merge: --max-shard-size writes a folder of shards, but the output "
+                f"{os.fspath(path)!r} names a .safetensors file; give a folder name"
             )
         return [(path, list(entries))]
     shards = shard_plan(entries, max_shard_size)

@@ -76,8 +76,8 @@ def _item(name: str, info: TensorInfo, dtype: torch.dtype | None, take_integers_
         return Item(name, info, dtype or info.dtype)
     if info.dtype.is_floating_point or info.dtype.is_complex:
         raise ValueError(
-            f"swa_fast.merge: {name!r} is {_show(info)}; averaged tensors must be float64, float32, float16 or "
-            "bfloat16"
+            f"swa_fast.merge: {name!r} is {_show(info)}; averaged tensors must be float64, float32, "
+            "float16 or bfloat16"
         )
     return Item(name, info, info.dtype, source=take_integers_from)  # integers and bools: never averaged
 
