@@ -178,18 +178,10 @@ def torch_file(path: str | os.PathLike) -> Checkpoint:
 
 
 def snapshot_tensors(snapshot) -> dict[str, Tensor]:
-    """The average of a PostHocEMA snapshot's first profile (and its integer buffers), by name."""
-    from ..flat import _shaped_parts
+    """The average of a PostHocEMA snapshot's first profile and its integer buffers, by name."""
+    from ..posthoc import snapshots
 
-    tensors: dict[str, Tensor] = {}
-    for flat, positions in zip(snapshot.flats[0], snapshot.groups):
-        shapes = [torch.Size(snapshot.shapes[p]) for p in positions]
-        for p, view in zip(positions, _shaped_parts(flat, shapes)):
-            tensors[snapshot.names[p]] = view
-    order = {name: i for i, name in enumerate(snapshot.names)}
-    tensors = dict(sorted(tensors.items(), key=lambda item: order[item[0]]))
-    tensors.update(snapshot.integers)
-    return tensors
+    return {**snapshots.named_averages(snapshot)[0], **snapshot.integers}
 
 
 # --- torch.distributed.checkpoint ----------------------------------------------------------------------
