@@ -254,6 +254,10 @@ def test_torch_files_pt_bin_and_lightning(tmp_path):
     torch.save({"epoch": 3, "global_step": 30, "state_dict": states[2]}, lightning)
     result = swa_fast.merge([*pt, *binary, lightning])
     assert_close_to(result.tensors, oracle(states, [1 / 3] * 3))
+    # tensors saved as strided views (read through a contiguous copy, never by dropping its pages)
+    strided = [{"t": torch.randn(600, 500, generator=torch.Generator().manual_seed(i)).t()} for i in range(2)]
+    paths = save_all(tmp_path, strided, ".pt", names=["s0", "s1"])
+    assert_close_to(swa_fast.merge(paths, memory_limit=1).tensors, oracle(strided, [0.5, 0.5]))
 
 
 def test_hugging_face_sharded_folders_in_and_out(tmp_path):

@@ -217,13 +217,10 @@ def _metadata(result: MergeResult) -> dict[str, str]:
 
 def _nonlinear(settings: Settings) -> streaming.Combine:
     """TIES or DARE over whole tensors: views[0] is the base, the rest the models."""
-    count = None
 
     def combine(chunk: streaming.Chunk, out: Tensor) -> None:
-        nonlocal count
         base, models = chunk.views[0], chunk.views[1:]
-        count = len(models)
-        weights = settings.weights or (1.0,) * count
+        weights = settings.weights or (1.0,) * len(models)
         if settings.method == "ties":
             out.copy_(methods.ties(base, models, weights, settings))
         else:

@@ -127,20 +127,23 @@ class TensorDict(Checkpoint):
 
     def __init__(self, path: str, tensors: Mapping[str, Tensor], mapped: bool) -> None:
         self.path = path
-        self._flat = {}
         for name, t in tensors.items():
             if not isinstance(t, Tensor):
                 raise ValueError(f"{path!r}: {name!r} is a {type(t).__name__}, not a tensor")
-            self._flat[name] = t.detach().reshape(-1) if t.is_contiguous() else t
+        self._tensors = {name: t.detach() for name, t in tensors.items()}
         self.tensors = {name: TensorInfo(t.dtype, tuple(t.shape)) for name, t in tensors.items()}
-        self._mapped = mapped
+        # The tensors read straight from the file's mapping, whose pages are dropped once read (never
+        # those of ordinary memory: dropping those would zero them).
+        self._in_mapping = {name for name, t in tensors.items() if mapped and t.device.type == "cpu"}
 
     def read(self, name: str, start: int, out: Tensor) -> None:
-        flat = self._flat[name]
-        if flat.dim() != 1:  # saved as a strided view: made contiguous once, when first read
-            flat = self._flat[name] = flat.contiguous().reshape(-1)
+        t = self._tensors[name]
+        if not t.is_contiguous():  # saved as a strided view: made contiguous (in memory) when first read
+            t = self._tensors[name] = t.contiguous()
+            self._in_mapping.discard(name)
+        flat = t.view(-1)
         out.copy_(flat[start : start + out.numel()])
-        if self._mapped and flat.device.type == "cpu":
+        if name in self._in_mapping:
             _drop_pages(flat, start, out.numel())
 
 
