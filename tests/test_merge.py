@@ -475,3 +475,69 @@ def test_a_killed_merge_leaves_nothing_under_the_output_name(tmp_path, name):
     assert not out.exists()
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.")]
     assert len(partial) == 1  # the temporary it was writing, under its own name
+
+
+# --- every format, one input: read back bit for bit -----------------------------------------------------
+
+
+def write_format(fmt: str, sd: dict, folder: Path) -> Path:
+    """`sd` saved in format `fmt` under `folder`; the path a user would give."""
+    import torch.distributed.checkpoint as dcp
+
+    folder.mkdir()
+    if fmt == "safetensors":
+        save_file(sd, folder / "m.safetensors")
+        return folder / "m.safetensors"
+    if fmt in ("pt", "bin"):
+        torch.save(sd, folder / f"m.{fmt}")
+        return folder / f"m.{fmt}"
+    if fmt == "lightning":
+        torch.save({"state_dict": sd, "epoch": 1}, folder / "m.ckpt")
+        return folder / "m.ckpt"
+    if fmt == "dcp":
+        dcp.save(sd, checkpoint_id=folder / "dcp", no_dist=True)
+        return folder / "dcp"
+    names = list(sd)  # sharded Hugging Face folder
+    save_file({n: sd[n] for n in names[:2]}, folder / "a.safetensors")
+    save_file({n: sd[n] for n in names[2:]}, folder / "b.safetensors")
+    weight_map = {n: "a.safetensors" if i < 2 else "b.safetensors" for i, n in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:.*single process")
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "pt", "bin", "lightning", "dcp"])
+def test_every_format_round_trips(tmp_path, fmt):
+    sd = {
+        **state(7),
+        "half": torch.randn(3, 5).half(),
+        "bf": torch.randn(9).bfloat16(),
+        "mask": torch.rand(4) > 0.5,
+    }
+    path = write_format(fmt, sd, tmp_path / "in")
+    swa_fast.merge([path], tmp_path / "out.safetensors")
+    back = load_file(tmp_path / "out.safetensors")
+    assert list(back) == list(sd) or set(back) == set(sd)
+    for name, t in sd.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+def test_a_sharded_output_loads_with_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(config)
+        model.save_pretrained(tmp_path / f"m{seed}", max_shard_size="20KB")
+        models.append(model)
+    assert (tmp_path / "m0" / "model.safetensors.index.json").exists()
+    out = tmp_path / "soup"
+    swa_fast.merge([tmp_path / "m0", tmp_path / "m1"], out, max_shard_size=30_000)
+    config.save_pretrained(out)
+    soup = transformers.GPT2LMHeadModel.from_pretrained(out)
+    for (name, got), a, b in zip(
+        soup.state_dict().items(), models[0].state_dict().values(), models[1].state_dict().values()
+    ):
+        if got.is_floating_point():
+            torch.testing.assert_close(got, (a + b) / 2, msg=name)
