@@ -96,6 +96,8 @@ def test_lawa_takes_the_last_k_of_a_folder_in_step_order(tmp_path):
     for s in reversed(steps):  # written out of order: the step in the name orders them
         (run / f"checkpoint-{s}").mkdir()
         save_file(states[s], run / f"checkpoint-{s}" / "model.safetensors")
+    save_file(state(0), run / "model.safetensors")  # a Trainer's final save beside its checkpoints
+    (run / "training_args.bin").write_bytes(b"not a checkpoint")
     result = swa_fast.merge([run], method="lawa", last=3, every=2)
     assert [Path(p).parent.name for p in result.inputs] == [
         "checkpoint-300",

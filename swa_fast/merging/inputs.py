@@ -303,29 +303,33 @@ def _members(folder: Path) -> list[tuple[int, Path]]:
 
 
 def _holds_model(folder: Path) -> bool:
-    return (
-        (folder / ".metadata").is_file()
-        or any(folder.glob("*.index.json"))
-        or any((folder / name).is_file() for name in _MODEL_FILES)
-    )
+    return _is_one_model(folder) or any((folder / name).is_file() for name in _MODEL_FILES)
 
 
 def expand(path: str | os.PathLike) -> list[Path]:
-    """A path as the checkpoints it stands for: a file or a model folder itself; a folder of
-    checkpoints (members with a step number in their names) as its members in step order."""
+    """A path as the checkpoints it stands for: a file, a DCP folder or a sharded model itself; a
+    folder holding checkpoints named with their step (a Trainer's `checkpoint-500/`, ...) as those,
+    in step order, even beside a model file of its own (a Trainer's output folder); else a folder
+    holding one model file."""
     path = Path(path)
-    if path.is_file() or (path.is_dir() and _holds_model(path)):
+    if path.is_file() or (path.is_dir() and _is_one_model(path)):
         return [path]
-    if path.is_dir():
-        members = _members(path)
-        if not members:
-            raise ValueError(
-                f"{os.fspath(path)!r} holds no checkpoint: expected a model file "
-                f"({', '.join(WEIGHT_SUFFIXES)}), a Hugging Face or torch.distributed.checkpoint folder, "
-                "or checkpoints named with their step"
-            )
+    if not path.is_dir():
+        raise ValueError(f"{os.fspath(path)!r} does not exist")
+    members = _members(path)
+    if members:
         return [member for _, member in members]
-    raise ValueError(f"{os.fspath(path)!r} does not exist")
+    if _holds_model(path):
+        return [path]
+    raise ValueError(
+        f"{os.fspath(path)!r} holds no checkpoint: expected a model file ({', '.join(WEIGHT_SUFFIXES)}), "
+        "a Hugging Face or torch.distributed.checkpoint folder, or checkpoints named with their step"
+    )
+
+
+def _is_one_model(folder: Path) -> bool:
+    """A folder that is one model however its files are named (its shards carry numbers too)."""
+    return (folder / ".metadata").is_file() or any(folder.glob("*.index.json"))
 
 
 def open_checkpoint(source) -> Checkpoint:
