@@ -21,6 +21,18 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def _fsync_directory(path: Path) -> None:
     with contextlib.suppress(OSError):  # the rename itself, on file systems that allow it
         fsync_file(path)
@@ -35,12 +47,15 @@ def replacing(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
     (a killed process leaves its temporary `.<name>.*.tmp` beside it)."""
     path = Path(path)
     # A name of its own: two writers of one path must not rename each other's half files.
+    # (mkstemp and mkdtemp make them private; the result gets the permissions any new file gets)
     if folder:
         temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        temporary.chmod(0o777 & ~_umask())
     else:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(handle)
         temporary = Path(name)
+        temporary.chmod(0o666 & ~_umask())
     try:
         yield temporary
         for written in temporary.iterdir() if folder else [temporary]:

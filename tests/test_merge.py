@@ -67,6 +67,9 @@ def test_mean_of_safetensors_files(tmp_path):
     paths = save_all(tmp_path, states)
     result = swa_fast.merge(paths, tmp_path / "out.safetensors")
     merged = load_file(tmp_path / "out.safetensors")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "out.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file
     assert_close_to(merged, oracle(states, [0.2] * 5))
     assert merged["bn.num_batches_tracked"].item() == 104  # taken from the last input, as it is
     assert result.taken == {"bn.num_batches_tracked": os.fspath(paths[-1])}
