@@ -546,3 +546,26 @@ def test_a_sharded_output_loads_with_from_pretrained(tmp_path):
     ):
         if got.is_floating_point():
             torch.testing.assert_close(got, (a + b) / 2, msg=name)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_appending_file_direct_and_plain(tmp_path, direct):
+    """The output's writer: bytes gathered into aligned blocks written with O_DIRECT, or written
+    plainly (where a file system refuses O_DIRECT)."""
+    from swa_fast.merging.output import AppendingFile
+
+    path = tmp_path / "appended"
+
+    class Small(AppendingFile):
+        STAGE = 3 * AppendingFile.BLOCK  # several stage writes for a few kilobytes
+
+    pieces = [os.urandom(n) for n in (1, 4095, 4096, 5000, 13000, 7, 0, 12288)]
+    try:
+        file = Small(path, direct=direct)
+        assert (file._direct is not None) == direct  # (this file system takes O_DIRECT)
+        for piece in pieces:
+            file.write(piece)
+        file.close()
+        assert path.read_bytes() == b"".join(pieces)
+    finally:
+        path.unlink(missing_ok=True)
