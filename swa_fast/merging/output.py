@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -166,9 +167,10 @@ class AppendingFile:
     """A new file written from start to end, bypassing the page cache (O_DIRECT) where the file
     system allows it: a merge's output must reach the disk anyway (it is fsynced before its rename)
     and is not read back, and buffered writes of new pages cost far more than the data's copy into
-    an aligned block (docs/benchmarks.md). Bytes are gathered into an aligned staging buffer and
-    written a whole buffer at a time; the last block is padded, then the file cut to its length.
-    Where O_DIRECT is refused (tmpfs, some network file systems) the bytes are written plainly."""
+    an aligned block (docs/benchmarks.md). Bytes are gathered into one of two aligned staging
+    buffers; a full one is written by a background thread while the other fills; the last block is
+    padded, then the file cut to its length. Where O_DIRECT is refused (some file systems) or
+    `direct=False`, the bytes are written plainly as they come."""
 
     BLOCK = 4096  # O_DIRECT's alignment of memory, offsets and lengths, on the file systems we meet
     STAGE = 8 << 20
@@ -176,13 +178,15 @@ class AppendingFile:
     def __init__(self, path: str | os.PathLike, direct: bool = True) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._direct: int | None = None
-        self._stage = None
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
-                self._stage = mmap.mmap(-1, self.STAGE)  # page-aligned, as O_DIRECT needs
             except OSError:
-                self._direct = None
+                pass
+        # page-aligned, as O_DIRECT needs
+        self._stages = [mmap.mmap(-1, self.STAGE) for _ in range(2)] if self._direct is not None else []
+        self._writer = ThreadPoolExecutor(1, "swa_fast.merge writer") if self._stages else None
+        self._in_flight: Future | None = None
         self._filled = 0
         self._length = 0
 
@@ -194,35 +198,49 @@ class AppendingFile:
             return
         while data:
             n = min(len(data), self.STAGE - self._filled)
-            self._stage[self._filled : self._filled + n] = data[:n]
+            self._stages[0][self._filled : self._filled + n] = data[:n]
             self._filled += n
             data = data[n:]
             if self._filled == self.STAGE:
                 self._write_stage(self.STAGE)
 
     def _write_stage(self, nbytes: int) -> None:
-        _write_all(self._direct, memoryview(self._stage)[:nbytes])
+        """Hand the filled stage to the writer thread (after the previous one's write), fill the other."""
+        self._wait()
+        self._in_flight = self._writer.submit(_write_all, self._direct, memoryview(self._stages[0])[:nbytes])
+        self._stages.reverse()
         self._filled = 0
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()  # raises what the write raised
 
     def close(self) -> None:
         """Write what is gathered and close (the caller fsyncs)."""
-        if self._direct is not None:
-            if self._filled:
-                padded = -(-self._filled // self.BLOCK) * self.BLOCK
-                self._stage[self._filled : padded] = bytes(padded - self._filled)
-                self._write_stage(padded)
-            os.ftruncate(self._fd, self._length)
-        self.abandon()
+        try:
+            if self._direct is not None:
+                if self._filled:
+                    padded = -(-self._filled // self.BLOCK) * self.BLOCK
+                    self._stages[0][self._filled : padded] = bytes(padded - self._filled)
+                    self._write_stage(padded)
+                self._wait()
+                os.ftruncate(self._fd, self._length)
+        finally:
+            self.abandon()
 
     def abandon(self) -> None:
         """Close without writing what is gathered (the file is being thrown away)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # a write in flight ends before its memory goes
+            self._writer = None
         for fd in (self._direct, self._fd):
             if fd is not None:
                 os.close(fd)
         self._direct = self._fd = None
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
+        for stage in self._stages:
+            stage.close()
+        self._stages = []
 
 
 class MemoryOutput:

@@ -7,6 +7,7 @@ for the output, `chunk_bytes` each, whatever the model's size; TIES and DARE hol
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,10 @@ from .. import ops
 from .inputs import Checkpoint, TensorInfo
 
 AVERAGED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-MIN_CHUNK, MAX_CHUNK = 1 << 20, 64 << 20
+MIN_CHUNK, MAX_CHUNK = (
+    1 << 20,
+    4 << 20,
+)  # per buffer: small enough to stay in cache between the read and the sum
 SLOTS = 2  # chunks in flight: one summed while the next is read
 
 
@@ -176,18 +180,38 @@ def run(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Write every item into `output` (its `buffer` and `commit`), chunk by chunk."""
-    for chunk in read_ahead(checkpoints, items, chunk_bytes):
-        item = chunk.item
-        out = output.buffer(item.name, chunk.start, chunk.count, item.out_dtype)
-        if item.source is not None:
-            out.copy_(chunk.views[0])
-        else:
-            combine(chunk, out)
-            if not allow_non_finite and not _finite(out):
-                raise ValueError(_non_finite_message(checkpoints, chunk))
-        output.commit(item.name, chunk.start, out)
-        if progress is not None:
-            progress(sum(v.numel() * v.element_size() for v in chunk.views))
+    with _leaving_a_core_to_the_reader():
+        for chunk in read_ahead(checkpoints, items, chunk_bytes):
+            _merge_chunk(checkpoints, chunk, combine, output, allow_non_finite)
+            if progress is not None:
+                progress(sum(v.numel() * v.element_size() for v in chunk.views))
+
+
+@contextlib.contextmanager
+def _leaving_a_core_to_the_reader() -> Iterator[None]:
+    """torch's CPU threads one fewer while the merge runs: the reader thread's copies need a core of
+    their own, and torch's threads waiting between ops would take it (docs/benchmarks.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _merge_chunk(
+    checkpoints: Sequence[Checkpoint], chunk: Chunk, combine: Combine, output, allow_non_finite: bool
+) -> None:
+    """One chunk of the output: summed (or taken as it is), checked, handed to the output."""
+    item = chunk.item
+    out = output.buffer(item.name, chunk.start, chunk.count, item.out_dtype)
+    if item.source is not None:
+        out.copy_(chunk.views[0])
+    else:
+        combine(chunk, out)
+        if not allow_non_finite and not _finite(out):
+            raise ValueError(_non_finite_message(checkpoints, chunk))
+    output.commit(item.name, chunk.start, out)
 
 
 def _finite(t: Tensor) -> bool:
