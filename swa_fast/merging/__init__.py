@@ -23,7 +23,7 @@ from torch import Tensor
 from . import inputs as _inputs
 from . import methods, streaming
 from .methods import Settings
-from .output import MemoryOutput, SafetensorsOutput, check_output
+from .output import AppendingFile, MemoryOutput, SafetensorsOutput, check_output
 
 __all__ = ["MergeResult", "greedy_soup", "merge"]
 
@@ -186,6 +186,7 @@ def _merge_opened(checkpoints, output, settings, dtype, max_shard_size, allow_no
     )
     entries = {item.name: _inputs.TensorInfo(item.out_dtype, item.info.shape) for item in items}
     if output is not None:
+        result.memory_bound += 2 * AppendingFile.STAGE  # the output's staging blocks
         sink = SafetensorsOutput(
             output, entries, _metadata(result), max_shard_size, chunk_bytes or largest * 2
         )
