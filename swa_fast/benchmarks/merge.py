@@ -211,7 +211,10 @@ def _import_roots() -> list[str]:
 def mergekit_python(given: str | None) -> tuple[str | None, str | None]:
     """(the interpreter that runs mergekit, None) or (None, why mergekit's row is left out)."""
     if given:
-        found = subprocess.run([given, "-c", "import mergekit"], capture_output=True, text=True)
+        try:
+            found = subprocess.run([given, "-c", "import mergekit"], capture_output=True, text=True)
+        except OSError as e:
+            return None, f"{given} does not run ({e})"
         if found.returncode != 0:
             return None, f"mergekit does not import under {given}: {found.stderr.strip()[-300:]}"
         return given, None
