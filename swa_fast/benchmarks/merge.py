@@ -293,6 +293,7 @@ def rows(model: Model, k: int, dtype: str, timings: Timings) -> list[dict]:
     out = []
     for method, t in medians.items():
         row = {**labels, "method": method, "median_ms": t * 1e3, "GB/s": read / t / 1e9}
+        row["runs_ms"] = [round(x * 1e3, 1) for x in timings.seconds[method]]  # the spread, on a busy machine
         row["of_raw_read"] = medians[MERGE_RAW] / t
         if MERGE_NAIVE in medians:
             row["x_vs_naive"] = medians[MERGE_NAIVE] / t
@@ -335,6 +336,7 @@ def bench_merge(model: Model, settings: Settings) -> list[dict]:
         for dtype in settings.dtypes:
             raw_read(files[dtype], buffer)  # the page cache warm: every file read once
             for k in settings.ks:
+                print(f"  merging {k} {dtype} checkpoints", file=sys.stderr, flush=True)  # a long step
                 paths = files[dtype][:k]
                 mergekit = _mergekit_run(python, paths, dtype, folder) if python else None
                 timings = time_in_turns(in_process(paths, out, buffer), out, settings.rounds, mergekit)
@@ -374,7 +376,8 @@ def print_merge(rows) -> None:
     for r in ours:
         same = {o["method"]: o for o in rows if (o["workload"], o["params"]) == (r["workload"], r["params"])}
         line = (
-            f"{r['workload']} {r['params']}: {r['median_ms']:.0f} ms, {r['GB/s']:.2f} GB/s read, "
+            f"{r['workload']} {r['params']}: {r['median_ms']:.0f} ms (runs {min(r['runs_ms']):.0f} to "
+            f"{max(r['runs_ms']):.0f}), {r['GB/s']:.2f} GB/s read, "
             f"{r['of_raw_read']:.2f} of the raw read, {r['x_vs_naive']:.2f}x naive"
         )
         kit = same.get(MERGE_MERGEKIT)
