@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import swa_fast
 from swa_fast.benchmarks import deepspeed as ds_bench
-from swa_fast.benchmarks import report, run, targets
+from swa_fast.benchmarks import merge as merge_bench
+from swa_fast.benchmarks import merge_probe, report, run, targets
+from swa_fast.benchmarks.shapes import gpt2_small
 from swa_fast.benchmarks.timing import COPY
 
 
@@ -60,7 +64,15 @@ def test_runner_writes_table_json_and_plot(tmp_path, capsys):
     assert ds_bench.deepspeed_missing() is not None or ds_bench.DEEPSPEED_BARE in zero3, zero3
     overhead = f"tiny-1000 ZeRO-3 EMA update: {ds_bench.DEEPSPEED_METHOD} <= 1.5x the bare op"
     assert ds_bench.DEEPSPEED_METHOD not in zero3 or overhead in targets  # checked, whatever the figure
+    # The merge of checkpoints of the first set's shapes (no mergekit: the tiny set is no model it knows).
+    merged = {(r["K"], r["method"]) for r in result["rows"] if r["workload"].startswith("tiny-1000 merge K=")}
+    assert merged == {(k, m) for k in (2, 10) for m in MERGE_ROWS}, merged
+    assert "tiny-1000 merge K=10 float32: swa_fast.merge peak memory above imports <= 512 MiB" in targets
+    assert "merging checkpoints (swa_fast.merge with" in out
     assert (tmp_path / "lerp_bandwidth.png").stat().st_size > 0
+
+
+MERGE_ROWS = {targets.MERGE_RAW, targets.MERGE_METHOD, targets.MERGE_NAIVE}
 
 
 def test_summary_names_each_missed_target_and_the_exit_status(capsys):
@@ -115,3 +127,71 @@ def test_the_deepspeed_targets_are_the_speed_up_over_the_gather_and_the_multiple
         (f"{ours} <= 1.5x the bare op", 1.25, True),
     ]
     assert targets.deepspeed_targets([rows[0], rows[2]]) == []  # our row missing: nothing checked
+
+
+def test_the_merge_benchmarks_checkpoints_are_gpt2_smalls_tensors():
+    model = merge_bench.gpt2()
+    assert [s for _, s in model.tensors] == gpt2_small() and model.name == "gpt2-small"
+    assert model.nbytes(torch.float32) == 124_439_808 * 4
+    assert merge_bench.model_of_set(gpt2_small(), "gpt2-small").config["model_type"] == "gpt2"
+    assert merge_bench.model_of_set([(3,)], "tiny").config is None
+
+
+def test_the_merge_benchmarks_naive_baseline_computes_the_same_mean(tmp_path):
+    model = merge_bench.gpt2(d=16, layers=1, heads=2, vocab=50, ctx=8)
+    files = merge_bench.write_checkpoints(tmp_path, model, ["bfloat16"], count=3)["bfloat16"]
+    merge_probe.naive_merge([str(f) for f in files], str(tmp_path / "naive.safetensors"))
+    swa_fast.merge(files, tmp_path / "ours.safetensors")
+    naive, ours = load_file(tmp_path / "naive.safetensors"), load_file(tmp_path / "ours.safetensors")
+    assert set(naive) == {n for n, _ in model.tensors} == set(ours)
+    for name, t in naive.items():
+        assert t.dtype == torch.bfloat16 and torch.allclose(t.float(), ours[name].float(), atol=1e-2), name
+    assert (files[0].parent / "config.json").is_file()  # a model folder, for mergekit
+
+
+def test_the_merge_benchmark_times_each_merge_and_its_peak_memory(tmp_path, capsys):
+    model = merge_bench.gpt2(d=32, layers=2, heads=2, vocab=100, ctx=16)
+    settings = merge_bench.Settings(ks=(2, 3), dtypes=("float32",), rounds=1, folder=str(tmp_path))
+    rows = merge_bench.bench_merge(model, settings)
+    assert not any(tmp_path.iterdir())  # the checkpoints and outputs removed
+    expected = set(MERGE_ROWS)
+    python, why = merge_bench.mergekit_python(None)
+    if python is not None:
+        expected.add(targets.MERGE_MERGEKIT)
+    else:
+        assert f"{why}: the mergekit rows are left out" in capsys.readouterr().out
+    assert {(r["K"], r["method"]) for r in rows} == {(k, m) for k in (2, 3) for m in expected}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["GB/s"] > 0 and r["params"] == "float32"
+        if r["method"] == targets.MERGE_RAW:
+            assert r["of_raw_read"] == 1.0 and "peak_rss_above_imports_MiB" not in r
+        else:  # each merge again in a fresh process: its peak above its imports, a few MiB here
+            assert 0 <= r["peak_rss_above_imports_MiB"] < 256 and r["fresh_process_ms"] > 0, r
+    assert {t[0].split(": ")[1] for t in targets.merge_targets(rows)} == {
+        "swa_fast.merge peak memory above imports <= 512 MiB"
+    }
+
+
+def test_the_merge_benchmark_says_why_mergekit_is_left_out(tmp_path):
+    python, why = merge_bench.mergekit_python(str(tmp_path / "no-python"))
+    assert python is None and "no-python" in why
+    python, why = merge_bench.mergekit_python(None)
+    assert (python is None) == (importlib.util.find_spec("mergekit") is None)
+
+
+def test_the_merge_targets_are_read_fraction_peak_memory_and_the_speed_up_at_k10():
+    def row(k, method, ms, **more):
+        return {"workload": f"gpt2-small merge K={k}", "params": "float32", "K": k, "method": method,
+                "median_ms": ms, **more}  # fmt: skip
+
+    peak = {"peak_rss_above_imports_MiB": 300}
+    k10 = row(10, targets.MERGE_METHOD, 100.0, of_raw_read=0.9, x_vs_naive=2.5, **peak)
+    k2 = row(2, targets.MERGE_METHOD, 30.0, of_raw_read=0.5, x_vs_naive=1.5)
+    rows = [k10, k2, row(10, targets.MERGE_RAW, 90.0)]
+    ours = "gpt2-small merge K=10 float32: swa_fast.merge"
+    assert targets.merge_targets(rows) == [
+        (f"{ours} >= 0.8 of the raw read", 0.9, True),
+        (f"{ours} >= 3x naive", 2.5, False),
+        (f"{ours} peak memory above imports <= 512 MiB", 300.0, True),
+        ("gpt2-small merge K=2 float32: swa_fast.merge >= 0.8 of the raw read", 0.5, False),
+    ]

@@ -40,6 +40,7 @@ from swa_fast import ops
 from swa_fast.benchmarks.bema import bench_bema
 from swa_fast.benchmarks.deepspeed import bench_deepspeed
 from swa_fast.benchmarks.integrations import LIBRARIES, bench_integrations
+from swa_fast.benchmarks.merge import bench_merge_suite, print_merge
 from swa_fast.benchmarks.multi_lerp import bench_multi_lerp
 from swa_fast.benchmarks.posthoc import bench_posthoc
 from swa_fast.benchmarks.report import (
@@ -79,6 +80,7 @@ def parse_args(argv):
     p.add_argument(
         "--allow-missed", action="store_true", help="exit with status 0 even when a target is missed"
     )
+    p.add_argument("--mergekit-python", help="an interpreter with mergekit installed: its merge timed too")
     p.add_argument(
         "--allow-fallback",
         action="store_true",
@@ -92,10 +94,11 @@ def sweep_sizes(full, device):
     return [10**k for k in range(4, top + 1)] if full else [10**k for k in range(4, 8)]
 
 
-def steps(sets, full, device, min_run_time):
+def steps(sets, full, device, min_run_time, mergekit_python=None):
     """The suite, as (what it times, which table its rows join, a function giving them) in the order
     they run: one step each long enough to show progress and short enough to show it often."""
     t, first, shapes = min_run_time, sets[0], SHAPE_SETS[sets[0]]()
+    merging = partial(bench_merge_suite, shapes, first, device, t, full, mergekit_python)
     out = [
         (
             f"{name}, {str(dtype).replace('torch.', '')} model",
@@ -128,6 +131,8 @@ def steps(sets, full, device, min_run_time):
         ("BEMA update", "extras", partial(bench_bema, shapes, first, device, t)),
         # two CPU ranks of its own, whatever the device; left out, said why, without deepspeed
         ("DeepSpeed ZeRO-3 EMA update", "extras", partial(bench_deepspeed, shapes, first, device, t)),
+        # checkpoints written to the temporary folder and merged from the page cache, on the CPU
+        ("merging checkpoints", "extras", merging),
     ]
     return out
 
@@ -160,13 +165,14 @@ def main(argv=None) -> int:
         f"swa_fast benchmark on {device} ({torch.get_num_threads()} threads); streaming copy bandwidth "
         f"{bandwidth / 1e9:.2f} GB/s\n"
     )
-    rows = run_steps(steps(sets, args.full, device, min_run_time))
+    rows = run_steps(steps(sets, args.full, device, min_run_time, args.mergekit_python))
     updates, sweep, extras = rows["updates"], rows["sweep"], rows["extras"]
     print_table(updates)
     print()
     print_table(sweep + extras)
     print_one_update(extras)
     print_trainer_overhead(extras)
+    print_merge(extras)
     targets = check_targets(updates + sweep + extras, device)
     print_targets(targets)
     out = Path(args.out)

@@ -21,6 +21,7 @@ def check_targets(rows, device):
         # bytes: the ratio is reported there, not held to the GPU's target; docs/benchmarks.md)
         targets.checks += bema_targets(rows)
     targets.checks += deepspeed_targets(rows)  # ratios on the CPU ranks, whatever the suite's device
+    targets.checks += merge_targets(rows)  # files merged on the CPU, whatever the suite's device
     return targets.checks
 
 
@@ -202,4 +203,39 @@ def deepspeed_targets(rows):
             multiple = ours / ms[DEEPSPEED_BARE]
             target = f"{workload}: {DEEPSPEED_METHOD} <= {DEEPSPEED_OVERHEAD}x the bare op"
             out.append((target, round(multiple, 2), multiple <= DEEPSPEED_OVERHEAD))
+    return out
+
+
+# Merging checkpoints (benchmarks/merge.py): swa_fast.merge of K GPT-2-small checkpoints, its read
+# bandwidth as a fraction of reading the same files raw, its peak resident memory above the
+# process's own after imports, and its speed-up over loading each checkpoint whole at the largest K;
+# mergekit's linear merge is reported beside it, with no target.
+MERGE_WORKLOAD = "merge K="  # "<set> merge K=<k>"
+MERGE_METHOD = "swa_fast.merge"
+MERGE_RAW = "raw read of the same files"
+MERGE_NAIVE = "naive: load each whole, add, divide"
+MERGE_MERGEKIT = "mergekit linear (mergekit-yaml)"
+MERGE_READ_FRACTION, MERGE_PEAK_MIB, MERGE_MINIMUM, MERGE_MINIMUM_AT_K = 0.8, 512, 3, 10
+
+
+def merge_targets(rows):
+    """(target, measured figure, met) for each merge workload with our row: on GPT-2 small, the
+    fraction of the raw read's bandwidth and, at K = MERGE_MINIMUM_AT_K, the speed-up over naive;
+    on every set, the peak memory above imports (bounded whatever the model's size)."""
+    out = []
+    for r in rows:
+        if MERGE_WORKLOAD not in r["workload"] or r["method"] != MERGE_METHOD:
+            continue
+        name = f"{r['workload']} {r['params']}: {MERGE_METHOD}"
+        if r["workload"].startswith("gpt2-small "):
+            fraction = r["of_raw_read"]
+            out.append((f"{name} >= {MERGE_READ_FRACTION} of the raw read", round(fraction, 2),
+                        fraction >= MERGE_READ_FRACTION))  # fmt: skip
+            if r["K"] == MERGE_MINIMUM_AT_K and "x_vs_naive" in r:
+                speedup = r["x_vs_naive"]
+                out.append((f"{name} >= {MERGE_MINIMUM}x naive", round(speedup, 2), speedup >= MERGE_MINIMUM))
+        if "peak_rss_above_imports_MiB" in r:
+            peak = r["peak_rss_above_imports_MiB"]
+            target = f"{name} peak memory above imports <= {MERGE_PEAK_MIB} MiB"
+            out.append((target, round(peak, 1), peak <= MERGE_PEAK_MIB))
     return out
