@@ -19,6 +19,7 @@ step order."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -66,6 +67,12 @@ class Checkpoint:
     def read(self, name: str, start: int, out: Tensor) -> None:
         raise NotImplementedError
 
+    def view(self, name: str, start: int, count: int) -> Tensor | None:
+        """The elements [start, start + count) of a tensor as a 1-D tensor over the file's memory map
+        (no copy: read where the page cache holds them), or None where the format has no such view
+        (the caller then `read`s them into a buffer). Its pages are given back with `release`."""
+        return None
+
     def close(self) -> None:
         """Let go of open files and mappings."""
 
@@ -82,6 +89,20 @@ class SafetensorsFile(Checkpoint):
         self._entries, self.metadata = safetensors_format.read_header(path)
         self.tensors = {name: TensorInfo(e.dtype, e.shape) for name, e in self._entries.items()}
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._mapped: Tensor | None = None  # the whole file, as bytes
+
+    def view(self, name: str, start: int, count: int) -> Tensor | None:
+        entry = self._entries[name]
+        size = entry.dtype.itemsize
+        if entry.begin % size:
+            return None  # not aligned for its dtype in the file (a tensor after an odd-sized one): copied
+        if self._mapped is None:
+            with open(self.path, "rb") as f:  # private and writable (never written): a tensor may view it
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._mapped = torch.frombuffer(self._map, dtype=torch.uint8)
+        first = entry.begin + start * size
+        return self._mapped[first : first + count * size].view(entry.dtype)
 
     def read(self, name: str, start: int, out: Tensor) -> None:
         entry = self._entries[name]
@@ -99,6 +120,11 @@ class SafetensorsFile(Checkpoint):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._mapped = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held elsewhere: unmapped when freed
+                self._map.close()
+            self._map = None
 
 
 def _bytes_of(t: Tensor):
@@ -110,6 +136,18 @@ def _bytes_of(t: Tensor):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PAGE = mmap.PAGESIZE
+
+
+def touch(view: Tensor) -> None:
+    """Map the pages of a memory-mapped view now (one element read per page), so that the thread
+    that sums it finds them mapped: the page faults are taken by the reader thread."""
+    if view.numel():
+        view.view(-1).view(torch.uint8)[::_PAGE].sum()
+
+
+def release(view: Tensor) -> None:
+    """Give back the pages of a memory-mapped view once it is summed (`_drop_pages`)."""
+    _drop_pages(view, 0, view.numel())
 
 
 def _drop_pages(t: Tensor, start: int, count: int) -> None:
@@ -135,6 +173,11 @@ class TensorDict(Checkpoint):
         # The tensors read straight from the file's mapping, whose pages are dropped once read (never
         # those of ordinary memory: dropping those would zero them).
         self._in_mapping = {name for name, t in tensors.items() if mapped and t.device.type == "cpu"}
+
+    def view(self, name: str, start: int, count: int) -> Tensor | None:
+        if name not in self._in_mapping or not self._tensors[name].is_contiguous():
+            return None
+        return self._tensors[name].view(-1)[start : start + count]
 
     def read(self, name: str, start: int, out: Tensor) -> None:
         t = self._tensors[name]
@@ -257,6 +300,9 @@ class ShardedFolder(Checkpoint):
 
     def read(self, name: str, start: int, out: Tensor) -> None:
         self._shard_of[name].read(name, start, out)
+
+    def view(self, name: str, start: int, count: int) -> Tensor | None:
+        return self._shard_of[name].view(name, start, count)
 
     def close(self) -> None:
         for shard in self._shards.values():

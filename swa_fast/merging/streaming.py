@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from . import inputs
 from .inputs import Checkpoint, TensorInfo
 
 AVERAGED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -111,8 +112,10 @@ def _chunks(items: Sequence[Item], chunk_bytes: int | None) -> Iterator[tuple[It
 def read_ahead(
     checkpoints: Sequence[Checkpoint], items: Sequence[Item], chunk_bytes: int | None
 ) -> Iterator[Chunk]:
-    """Every chunk of every item, read by a background thread one chunk ahead of the caller.
-    `chunk_bytes` None: whole tensors, in buffers of their own."""
+    """Every chunk of every item, read by a background thread one chunk ahead of the caller: a view
+    of the file's memory map where the input has one (its pages mapped by the reader, given back
+    once the caller is done), else copied into one of two sets of buffers. `chunk_bytes` None:
+    whole tensors."""
     slots = [[torch.empty(chunk_bytes or 0, dtype=torch.uint8) for _ in checkpoints] for _ in range(SLOTS)]
     free: queue.Queue = queue.Queue()
     ready: queue.Queue = queue.Queue()
@@ -127,17 +130,13 @@ def read_ahead(
                 if stop.is_set():
                     return
                 sources = range(len(checkpoints)) if item.source is None else [item.source]
-                views = []
-                for k in sources:
-                    view = (
-                        torch.empty(count, dtype=item.info.dtype)
-                        if chunk_bytes is None
-                        else slot[k][: count * item.info.dtype.itemsize].view(item.info.dtype)
-                    )
-                    if count:
-                        checkpoints[k].read(item.name, start, view)
-                    views.append(view)
-                ready.put((Chunk(item, start, count, views), slot))
+                views = [
+                    _read(checkpoints[k], item, start, count, slot[k] if chunk_bytes else None)
+                    for k in sources
+                ]
+                ready.put(
+                    (Chunk(item, start, count, [v for v, _ in views]), slot, [v for v, m in views if m])
+                )
             ready.put(None)
         except BaseException as error:  # noqa: BLE001 (raised in the caller's thread)
             ready.put(error)
@@ -148,13 +147,31 @@ def read_ahead(
         while (got := ready.get()) is not None:
             if isinstance(got, BaseException):
                 raise got
-            chunk, slot = got
+            chunk, slot, mapped = got
             yield chunk
+            for view in mapped:
+                inputs.release(view)
             free.put(slot)
     finally:
         stop.set()
         free.put(slots[0])  # wakes a reader waiting for a slot, which then sees `stop`
         thread.join()
+
+
+def _read(
+    checkpoint: Checkpoint, item: Item, start: int, count: int, buffer: Tensor | None
+) -> tuple[Tensor, bool]:
+    """A chunk of one input: its memory-mapped view, its pages mapped now (True: to give back), or
+    its elements copied into `buffer` (a new tensor without one)."""
+    view = checkpoint.view(item.name, start, count)
+    if view is not None:
+        inputs.touch(view)
+        return view, True
+    dtype = item.info.dtype
+    view = torch.empty(count, dtype=dtype) if buffer is None else buffer[: count * dtype.itemsize].view(dtype)
+    if count:
+        checkpoint.read(item.name, start, view)
+    return view, False
 
 
 Combine = Callable[[Chunk, Tensor], None]
