@@ -571,3 +571,23 @@ def test_appending_file_direct_and_plain(tmp_path, direct):
         assert path.read_bytes() == b"".join(pieces)
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_a_tensor_misaligned_in_its_file_is_copied(tmp_path):
+    """A float32 tensor after an odd-sized bf16 one starts 2 bytes off its alignment: no memory-mapped
+    view of it, so it is read with preadv into a buffer."""
+    from swa_fast.merging import inputs, safetensors_format
+
+    states = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        sd = {"odd": torch.randn(3, generator=g).bfloat16(), "f": torch.randn(5, generator=g)}
+        header = safetensors_format.header_bytes({n: (t.dtype, tuple(t.shape)) for n, t in sd.items()}, {})
+        data = b"".join(t.view(torch.uint8).numpy().tobytes() for t in sd.values())
+        (tmp_path / f"m{i}.safetensors").write_bytes(header + data)
+        states.append(sd)
+    opened = inputs.SafetensorsFile(tmp_path / "m0.safetensors")
+    assert opened.view("f", 0, 5) is None and opened.view("odd", 0, 3) is not None
+    opened.close()
+    result = swa_fast.merge([tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"]).tensors
+    assert_close_to({"f": result["f"]}, {"f": (states[0]["f"].double() + states[1]["f"].double()) / 2})
