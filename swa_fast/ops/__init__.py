@@ -11,8 +11,9 @@ per op), backend choice (backends.py), the check of one op's call (`check`), `Bo
 
 Every op takes lists of tensors and updates them in place; each side may have its own dtype and
 the arithmetic is done in fp32 (fp64 for fp64 destinations; weighted_sum_: where any of its lists
-is fp64), with one rounding into the destination. `weight` is any real number (numpy scalars included) or a 0-dim floating tensor on the
-destination's device (no host synchronisation, CUDA-graph capturable) or on the CPU. A tensor
+is fp64), with one rounding into the destination. `weight` is any real number (numpy scalars
+included) or a 0-dim floating tensor on the destination's device (no host synchronisation,
+CUDA-graph capturable) or on the CPU. A tensor
 written in place must be contiguous and share no memory with another tensor of the call, except a
 source that is its own destination (the same view at the same index); sources may be strided or
 lazily negated views. Every backend follows this contract and raises the same ValueError before
