@@ -196,8 +196,7 @@ constexpr int kSumLists = 1 + kMaxSourcesPerPass;
 struct MixedSources {};
 
 // kElems elements of T in registers, moved as 128-bit words where they fill them, else 64-bit ones
-// (kElems == 1: the element itself). The assumptions give the compiler global loads and stores, as
-// in Lanes.
+// (kElems == 1: the element itself). The assumptions give the compiler global loads, as in Lanes.
 template <typename T, int kElems>
 struct Words {
   static constexpr int kBytes = kElems * static_cast<int>(sizeof(T));
@@ -212,11 +211,19 @@ struct Words {
 #pragma unroll
     for (int i = 0; i < kCount; ++i) w[i] = src[i];
   }
+  // Whole words through __stwb (st.global.wb, the default caching): a word assembled from the
+  // functor's elements was stored as four 32-bit stores in these kernels, plain or as make_uint4.
   __device__ void store(int64_t address, int64_t first) const {
     auto* dst = reinterpret_cast<Word*>(reinterpret_cast<T*>(address) + first);
     __builtin_assume(__isGlobal(dst));
 #pragma unroll
-    for (int i = 0; i < kCount; ++i) dst[i] = w[i];
+    for (int i = 0; i < kCount; ++i) {
+      if constexpr (kElems == 1) {
+        dst[i] = w[i];
+      } else {
+        __stwb(dst + i, w[i]);
+      }
+    }
   }
 };
 
@@ -270,20 +277,25 @@ __device__ void sum_steps(const F& f, const plan::Chunk<kSumLists>& c, const int
 
 // weighted_sum_ over one table: S the sources' dtype when they all have one (the usual call: K
 // checkpoints of one dtype), else MixedSources. A chunk whose tensors all start 16-byte aligned
-// moves whole words: 16 bytes of the narrowest list per thread and step (a source of a mixed launch
-// may be 2 bytes wide), two steps at a time for fp32 sums of sources of one dtype. An fp64 sum takes
-// at most 4 elements a step, one step at a time (a bf16 dst then moves 64-bit words), and mixed
-// sources one step: ptxas holds these kernels to 64 or 80 registers (for sm_86 and sm_120), and
-// spilled the fp64 ones at 8 elements or two steps. The rest element by element.
+// moves whole words, one step of 16 bytes of the narrowest list per thread at a time (a source of a
+// mixed launch may be 2 bytes wide; an fp64 sum at most 4 elements, a bf16 dst then 64-bit words);
+// the rest element by element. Register budgets: ptxas held the kernels to 64 or 80 registers by
+// itself and spilled some (for sm_75, sm_86 and sm_120, at two steps a thread, 8 elements of an fp64
+// sum, or mixed fp64 sources), so a step at a time, at least 2 blocks per multiprocessor (128
+// registers), and fp64 sums and mixed sources get the registers they need (1 block: rare calls; at
+// 128, sm_100 spilled fp64 sources into bf16).
 template <typename S, typename F>
-__global__ void __launch_bounds__(kThreads)
+constexpr int kSumMinBlocks = std::is_same_v<S, MixedSources> || std::is_same_v<typename F::A, double> ? 1 : 2;
+
+template <typename S, typename F>
+__global__ void __launch_bounds__(kThreads, kSumMinBlocks<S, F>)
     weighted_sum_kernel(const int64_t* table_data, int64_t n_tensors, F f) {
   using D = typename F::Dst;
   constexpr bool kWideAcc = std::is_same_v<typename F::A, double>;
   constexpr int kNarrowest =
       std::is_same_v<S, MixedSources> ? 2 : static_cast<int>(std::min(sizeof(S), sizeof(D)));
   constexpr int kVec = plan::vector_elems(kWideAcc ? std::max(kNarrowest, 4) : kNarrowest);
-  constexpr int kVecU = kWideAcc || std::is_same_v<S, MixedSources> ? 1 : plan::kVecUnroll;
+  constexpr int kVecU = 1;
   f.resolve();
   int elem_bytes[kSumLists];
   elem_bytes[0] = sizeof(D);
