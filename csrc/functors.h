@@ -316,6 +316,77 @@ struct MultiLerp {
   }
 };
 
+// dst = w_0 src_0 + w_1 src_1 + ... + w_{K-1} src_{K-1}   (weighted_sum_: model soups, task
+// arithmetic), accumulated in A in that order from the first term (not from 0, which would turn a
+// first term of -0 into +0), rounded once into D. dst is only written.
+//
+// Unlike the functors above, its K sources' dtypes are known at run time only, one per source for a
+// whole dtype group: up to kMaxSourcesPerPass sources of four dtypes each would be more kernels than
+// any build should compile, and the loop over the sources is a loop at run time, so one kernel takes
+// any count. The runners dispatch a source's dtype once per block of elements (CPU) or once per
+// source for a whole launch (CUDA), never per element, and call `add` for each element.
+constexpr int kMaxSourcesPerPass = 8;  // checks.py: MAX_SOURCES_PER_PASS
+
+// x rounded to fp32 to odd: towards zero, the last bit set where that dropped anything. Rounding the
+// result to nearest into a format of at least two bits fewer (bf16, fp16) rounds x once, where fp64
+// -> fp32 -> bf16 to nearest each time (torch's conversion) can round twice: 1 + 2^-8 + 2^-40 would
+// become the tie 1 + 2^-8, then 1.
+C10_HOST_DEVICE inline float to_odd_float(double x) {
+  const float nearest = static_cast<float>(x);
+  const double back = nearest;
+  if (back == x || x != x) return nearest;        // exact, or NaN
+  const bool away = x > 0 ? back > x : back < x;  // rounded away from zero (to inf past the range)
+  return c10::bit_cast<float>((c10::bit_cast<uint32_t>(nearest) - (away ? 1u : 0u)) | 1u);
+}
+
+template <typename D, typename A_>
+struct WeightedSum {
+  using Dst = D;
+  using A = A_;
+  int count = 0;                                // K, the sources summed in this pass
+  at::ScalarType dtypes[kMaxSourcesPerPass]{};  // each source's, for the whole group
+  int bytes[kMaxSourcesPerPass]{};              // each source's element size
+  Weight<A> weight[kMaxSourcesPerPass];
+  A w[kMaxSourcesPerPass]{};
+  C10_HOST_DEVICE void resolve() {
+    // (unrolled on the device: every index a constant, so w stays in registers)
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int k = 0; k < kMaxSourcesPerPass; ++k) {
+      if (k < count) w[k] = weight[k].get();
+    }
+  }
+  // Element i of dst, of type D at p, set to the sum x, rounded once.
+  C10_HOST_DEVICE void store(void* p, int64_t i, A x) const {
+    if constexpr (std::is_same_v<A, double> && !std::is_same_v<D, double> && !std::is_same_v<D, float>) {
+      store_as<D>(p, i, to_odd_float(x));
+    } else {
+      store_as<D>(p, i, x);
+    }
+  }
+  // acc (+)= w_k * element i of source k, of type S at p: kFirst sets acc.
+  template <typename S, bool kFirst>
+  C10_HOST_DEVICE void add(A& acc, const void* p, int64_t i, int k) const {
+    const A term = w[k] * load_as<A, S>(p, i);
+    if constexpr (kFirst) {
+      acc = term;
+    } else {
+      acc += term;
+    }
+  }
+};
+
+// Calls f(S{}) with S the C++ type of a weighted_sum_ source of dtype t (already checked): no
+// exception path, so that it can run inside the kernels' loops.
+template <typename F>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void visit_source(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kDouble: f(double{}); return;
+    case at::kHalf: f(c10::Half{}); return;
+    case at::kBFloat16: f(c10::BFloat16{}); return;
+    default: f(float{}); return;
+  }
+}
+
 // dst = src, cast to dst's dtype (through fp64 when either side is fp64)
 template <typename D, typename S>
 struct Copy {

@@ -25,6 +25,8 @@ TORCH_LIBRARY(swa_fast, m) {
   m.def("multi_lerp_(Tensor(a!)[] avgs, Tensor[] src, Tensor weights) -> ()");
   // weights: (the EMA's weight, the correction's scale)
   m.def("bema_(Tensor(a!)[] ema, Tensor(b!)[] out, Tensor[] start, Tensor[] src, Tensor weights) -> ()");
+  // srcs: K lists of sources concatenated (srcs[k * len(dst) + i]), K = len(weights), 1 to 8
+  m.def("weighted_sum_(Tensor(a!)[] dst, Tensor[] srcs, Tensor weights) -> ()");
   m.def("copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
   m.def("swap_(Tensor(a!)[] a, Tensor(b!)[] b) -> ()");
 }
@@ -128,7 +130,7 @@ at::Tensor unpack_weight(PyObject* obj, const char* op) {
   return *scalar;
 }
 
-// The weights of multi_lerp_ and bema_: a tensor, or a sequence of real numbers written into this
+// The weights of multi_lerp_, bema_ and weighted_sum_: a tensor, or a sequence of real numbers written into this
 // thread's CPU float64 vector (as unpack_weight, and safe to reuse for the same reason).
 at::Tensor unpack_weights(PyObject* obj, const char* op) {
   if (THPVariable_Check(obj)) return THPVariable_Unpack(obj);
@@ -238,6 +240,22 @@ PyObject* py_bema(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// srcs: the K lists concatenated (swa_fast.weighted_sum_ concatenates nested lists).
+PyObject* py_weighted_sum(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!expect_args("weighted_sum_", nargs, 3)) return nullptr;
+  static auto op = op_handle<void(TL, TL, T)>("swa_fast::weighted_sum_");
+  const BorrowedTensors dst(args[0], "weighted_sum_", "dst"), srcs(args[1], "weighted_sum_", "srcs");
+  const at::Tensor weights = unpack_weights(args[2], "weighted_sum_");
+  {
+    pybind11::gil_scoped_release no_gil;
+    op.redispatch(dst.device_keys(), dst.list(), srcs.list(), weights);
+  }
+  dst.bump_versions();
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // copy_ and swap_ share a signature: (written list, second list); swap_ writes both.
 template <bool kSecondWritten>
 PyObject* py_two_lists(const c10::TypedOperatorHandle<void(TL, TL)>& op, const char* name, const char* first_name,
@@ -339,6 +357,8 @@ PyMethodDef methods[] = {
     {"moments_", fastcall(py_moments), METH_FASTCALL, "moments_(mean, sq, src, weight): eager fast path"},
     {"multi_lerp_", fastcall(py_multi_lerp), METH_FASTCALL, "multi_lerp_(avgs, src, weights): eager fast path"},
     {"bema_", fastcall(py_bema), METH_FASTCALL, "bema_(ema, out, start, src, weights): eager fast path"},
+    {"weighted_sum_", fastcall(py_weighted_sum), METH_FASTCALL,
+     "weighted_sum_(dst, srcs, weights): eager fast path"},
     {"copy_", fastcall(py_copy), METH_FASTCALL, "copy_(dst, src): eager fast path"},
     {"swap_", fastcall(py_swap), METH_FASTCALL, "swap_(a, b): eager fast path"},
     {"lerp_then_copy_", fastcall(py_lerp_then_copy), METH_FASTCALL,

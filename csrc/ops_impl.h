@@ -281,6 +281,76 @@ void bema_impl(at::TensorList ema, at::TensorList out, at::TensorList start, at:
   }
 }
 
+// --- weighted_sum_: dst = sum_k weights[k] * srcs[k] ------------------------------------------------
+
+// weighted_sum_'s weights, checked before the lists, which their count splits. Returns K.
+inline int64_t checked_source_count(const at::Tensor& weights) {
+  const int64_t k = checked_weight_vector("weighted_sum_", weights, "one weight per list of sources");
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxSourcesPerPass, "swa_fast.weighted_sum_: `weights` has ", k,
+                    " elements; the op sums 1 to ", kMaxSourcesPerPass,
+                    " lists of sources per call (swa_fast.weighted_sum_ splits more into several calls)");
+  return k;
+}
+
+// One pass over every dtype group of a call of K lists of sources. The arithmetic dtype of a group is
+// fp64 when dst or any of its sources is, else fp32.
+template <class Run, int K>
+void weighted_sum_passes(at::TensorList dst, at::TensorList srcs, const at::Tensor& weights) {
+  static const char* const names[] = {"srcs[0]", "srcs[1]", "srcs[2]", "srcs[3]",
+                                      "srcs[4]", "srcs[5]", "srcs[6]", "srcs[7]"};
+  static_assert(K <= std::size(names) && K <= kMaxSourcesPerPass);
+  const size_t n = dst.size();
+  std::array<ListArg, K + 1> lists;
+  lists[0] = {"dst", dst, true};
+  for (int k = 0; k < K; ++k) lists[k + 1] = {names[k], srcs.slice(k * n, n), false};
+  const auto call = gather<K + 1>("weighted_sum_", lists);
+  if (n == 0) return;
+  const at::Tensor w = checked_weights("weighted_sum_", weights, call->device);
+  for (const auto& group : call->groups) {
+    bool wide = false;
+    for (const at::ScalarType t : group.dtypes) wide |= t == at::kDouble;
+    visit_float(group.dtypes[0], [&](auto d) {
+      using D = decltype(d);
+      const auto run = [&](auto a) {
+        using A = decltype(a);
+        WeightedSum<D, A> f{};
+        f.count = K;
+        for (int k = 0; k < K; ++k) {
+          f.dtypes[k] = group.dtypes[k + 1];
+          f.bytes[k] = static_cast<int>(c10::elementSize(group.dtypes[k + 1]));
+          f.weight[k] = weight_element<A>(w, k);
+        }
+        Run::run(group, call->device, f);
+      };
+      if constexpr (std::is_same_v<D, double>) {
+        run(double{});
+      } else {
+        wide ? run(double{}) : run(float{});
+      }
+    });
+  }
+}
+
+// srcs: the K lists of sources concatenated (srcs[k * len(dst) + i]), K = len(weights).
+template <class Run>
+void weighted_sum_impl(at::TensorList dst, at::TensorList srcs, const at::Tensor& weights) {
+  const int64_t k = checked_source_count(weights);
+  const size_t n = dst.size();
+  TORCH_CHECK_VALUE(srcs.size() == static_cast<size_t>(k) * n, "swa_fast.weighted_sum_: `srcs` has ", srcs.size(),
+                    " tensors but `dst` has ", n, "; expected ", k, " lists of ", n,
+                    " (one per weight), concatenated: the lists must have equal lengths");
+  switch (k) {
+    case 1: return weighted_sum_passes<Run, 1>(dst, srcs, weights);
+    case 2: return weighted_sum_passes<Run, 2>(dst, srcs, weights);
+    case 3: return weighted_sum_passes<Run, 3>(dst, srcs, weights);
+    case 4: return weighted_sum_passes<Run, 4>(dst, srcs, weights);
+    case 5: return weighted_sum_passes<Run, 5>(dst, srcs, weights);
+    case 6: return weighted_sum_passes<Run, 6>(dst, srcs, weights);
+    case 7: return weighted_sum_passes<Run, 7>(dst, srcs, weights);
+    default: return weighted_sum_passes<Run, 8>(dst, srcs, weights);
+  }
+}
+
 // Every op's body over the runner `Run`, registered for one device (csrc/cpu, csrc/cuda: inside
 // their TORCH_LIBRARY_IMPL), so that an op listed here runs on each device the build has.
 template <class Run>
@@ -289,6 +359,7 @@ void register_ops(torch::Library& m) {
   m.impl("moments_", &moments_impl<Run>);
   m.impl("multi_lerp_", &multi_lerp_impl<Run>);
   m.impl("bema_", &bema_impl<Run>);
+  m.impl("weighted_sum_", &weighted_sum_impl<Run>);
   m.impl("copy_", &copy_impl<Run>);
   m.impl("swap_", &swap_impl<Run>);
 }

@@ -2,8 +2,8 @@
 Triton disassembles the extension's cubins. For every architecture the build was asked for
 (BUILD_INFO's cuda_archs: by default every one the installed torch supports), a cubin must be there
 (not only PTX), lerp_ and bema_ must move 128 bits per global load and store on their vector
-paths (fp32 and bf16 sources) and no kernel may spill to local memory; registers per thread are
-printed (pytest -s)."""
+paths (fp32 and bf16 sources), and so must weighted_sum_ (fp32, bf16 and mixed sources), and no
+kernel may spill to local memory; registers per thread are printed (pytest -s)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,29 @@ def test_bema_moves_128_bits(sass, src):
     # kernel: a host weight that is not 0, kKeepsAtZero false, `Lb0E` in the mangled name.)
     loads, stores = (3, 2) if src == "f" else (5, 4)
     _assert_vector_and_tail(_kernel(sass, "Bema", "f", src, more="Lb0E"), loads, stores)
+
+
+def _sum_kernel(kernels: dict[str, str], sources: str, dst_and_acc: str) -> str:
+    # weighted_sum_kernel<S, WeightedSum<D, A>>, mangled
+    found = [
+        code
+        for name, code in kernels.items()
+        if f"weighted_sum_kernelI{sources}NS_11WeightedSumI{dst_and_acc}EE" in name
+    ]
+    assert len(found) == 1, [n for n in kernels if "weighted_sum_kernel" in n]
+    return found[0]
+
+
+@pytest.mark.parametrize(
+    "sources,loads,stores",
+    [("f", 8, 1), ("N3c108BFloat16E", 8, 2), ("NS_12MixedSourcesE", 8, 2)],
+    ids=["fp32", "bf16", "mixed"],
+)
+def test_weighted_sum_moves_128_bits(sass, sources, loads, stores):
+    # Into an fp32 dst, a step a thread: each of the 8 sources of the unrolled loop by 128-bit words
+    # (mixed sources: by the words of each dtype's branch), dst by 128-bit words (a bf16 source's
+    # word covers two fp32 words of dst).
+    _assert_vector_and_tail(_sum_kernel(sass, sources, "ff"), loads, stores)
 
 
 def test_no_local_memory(sass):

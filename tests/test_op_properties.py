@@ -115,8 +115,8 @@ def multi_lerp_weights(draw, count: int):
 
 @st.composite
 def op_weight(draw, spec, averages: int | None):
-    """(the op's weight as passed, its real value): multi_lerp_'s one per average, bema_'s pair, one
-    weight, or none."""
+    """(the op's weight as passed, its real value): multi_lerp_'s one per average (weighted_sum_'s
+    one per list of sources), bema_'s pair, one weight, or none."""
     if averages:
         return draw(multi_lerp_weights(averages))
     if spec.weight_name == "weights":
@@ -132,10 +132,11 @@ def cases(draw, op: str):
     specials = draw(st.sampled_from([0.0, 0.1, 0.5]))
     shapes = [draw(st.sampled_from(SHAPES)) for _ in range(n)]
     # The lists as the kernels see them: multi_lerp_'s K lists of averages (more than the 4 of one
-    # pass too), concatenated into its `avgs` at the end.
-    averages = draw(st.integers(1, 6)) if spec.lists_per_weight else None
-    names = ("avgs",) * averages + ("src",) if averages else spec.lists
-    n_written = averages or spec.written
+    # pass too), weighted_sum_'s K lists of sources (more than the 8 of one pass too), concatenated
+    # into their argument at the end.
+    averages = draw(st.integers(1, 2 * spec.weight.per_pass - 2)) if spec.lists_per_weight else None
+    names = [name for p in spec.params for name in [p.name] * (averages if p.per_weight else 1)]
+    n_written = sum(names.count(p.name) for p in spec.params if p.written)
     lists: list[list[torch.Tensor]] = [[] for _ in names]
     for i, shape in enumerate(shapes):
         dst_dtype = draw(st.sampled_from(FLOATS))
@@ -178,8 +179,8 @@ def cases(draw, op: str):
             lists[0][i] = base[: dst.numel()].view(dst.shape)
             lists[k][j] = base[1 : 1 + other.numel()].view(other.shape)
             breaks = True
-    if averages:
-        lists = [[t for lst in lists[:averages] for t in lst], lists[-1]]
+    if averages:  # each list per weight concatenated, in its argument's place
+        lists = [[t for k, name in enumerate(names) if name == p.name for t in lists[k]] for p in spec.params]
     weight, weight_value = draw(op_weight(spec, averages))
     return Case(lists, weight, weight_value, breaks, f"{sharing}, weight {weight!r}")
 
@@ -251,6 +252,9 @@ def check_against_oracle(op: str, before: list[list[torch.Tensor]], after, weigh
     if op == "bema_":
         check_bema(before, after, weight, where)
         return
+    if op == "weighted_sum_":
+        check_weighted_sum(before, after, weight, where)
+        return
     for i, dst in enumerate(after[0]):
         if op == "copy_":
             assert_matches(dst, before[1][i].to(dst.dtype).double(), None, where)
@@ -283,6 +287,25 @@ def check_bema(before: list[list[torch.Tensor]], after, weights, where: str) -> 
         bound = 4 * eps * (moved.abs() + abs(c) * (src.abs() + start.abs())) + (0 if error is None else error)
         bound = torch.nan_to_num(bound, nan=0.0, posinf=0.0) + torch.finfo(acc).smallest_normal * eps
         assert_matches(after[1][i], moved + c * (src - start), bound, f"{where}, bema_ out [{i}]")
+
+
+def check_weighted_sum(before: list[list[torch.Tensor]], after, weights, where: str) -> None:
+    """dst = the sum of each source times its weight (each rounded to the arithmetic dtype: fp64
+    where dst or any source at that index is), within the arithmetic error of each product and each
+    addition, plus one rounding; dst's values before do not matter."""
+    n = len(after[0])
+    for i, dst in enumerate(after[0]):
+        sources = [before[1][k * n + i] for k in range(len(weights))]
+        dtypes = [dst.dtype] + [after[1][k * n + i].dtype for k in range(len(weights))]  # (sources unchanged)
+        acc = torch.float64 if torch.float64 in dtypes else torch.float32
+        terms = [torch.tensor(w, dtype=acc).item() * s for w, s in zip(weights, sources)]
+        value = sum(terms[1:], terms[0])
+        eps = torch.finfo(acc).eps
+        bound = (len(terms) + 1) * eps * sum(t.abs() for t in terms)
+        bound = (
+            torch.nan_to_num(bound, nan=0.0, posinf=0.0) + len(terms) * torch.finfo(acc).smallest_normal * eps
+        )
+        assert_matches(dst, value, bound, f"{where}, weighted_sum_ dst [{i}]")
 
 
 def run_case(op: str, case: Case) -> None:

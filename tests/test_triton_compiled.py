@@ -5,8 +5,8 @@ The variants are the launchers' own: each op of ops.OP_TABLE with a Triton kerne
 (launch recorded, not run) on conftest.make_case's arguments for every pair of float dtypes, with
 16-byte aligned tensors and with misaligned ones, and every distinct (signature, constexprs) seen is
 compiled by tests/compile_triton_kernels.py in a process without TRITON_INTERPRET. The PTX of the
-lerp_ kernel on aligned tensors must move 128 bits per access (fp32 and bf16 sources), and no
-kernel may use local memory. Registers per thread are printed (pytest -s).
+lerp_ and weighted_sum_ kernels on aligned tensors must move 128 bits per access (fp32 and bf16
+sources), and no kernel may use local memory. Registers per thread are printed (pytest -s).
 """
 
 from __future__ import annotations
@@ -165,19 +165,21 @@ def test_no_local_memory(compiled):
 
 
 @pytest.mark.parametrize("src", ["fp32", "bf16"])
-def test_aligned_lerp_moves_128_bits(compiled, src):
-    lerps = [
+@pytest.mark.parametrize("op", ["lerp_", "weighted_sum_"])
+def test_aligned_lerp_and_weighted_sum_move_128_bits(compiled, op, src):
+    variants = [
         r
         for r in compiled
-        if r["op"] == "lerp_"
+        if r["op"] == op
         and r["constexprs"]["DST"] == "fp32"
         and r["constexprs"]["SRC"] == src
         and not r["error"]
     ]
-    assert {r["arch"] for r in lerps} == {80, 90}
-    for r in lerps:
+    assert {r["arch"] for r in variants} == {80, 90}
+    for r in variants:
         if r["constexprs"]["ALIGNED"]:
-            # the full blocks: both lists loaded, the average stored, 16 bytes at a time
+            # the full blocks: two lists loaded (lerp_'s average and source, weighted_sum_'s two
+            # sources), one stored, 16 bytes at a time
             assert r["ld_v4"] >= 2 and r["st_v4"] >= 1, _label(r)
         else:
             assert r["ld_v4"] == 0 and r["st_v4"] == 0, _label(r)  # misaligned: no wide access

@@ -185,25 +185,190 @@ inline int64_t multiprocessor_count(int device) {
   return count;
 }
 
+// --- weighted_sum_: a loop over K sources of any dtypes ------------------------------------------------
+
+// A weighted_sum_ launch's table row: dst, then kMaxSourcesPerPass sources (null past a pass's K),
+// so that one kernel takes any count.
+constexpr int kSumLists = 1 + kMaxSourcesPerPass;
+
+// The sources' "dtype" of a launch whose sources differ: each source's loads and conversions are
+// then chosen by its dtype, a branch that every thread of the launch takes alike.
+struct MixedSources {};
+
+// kElems elements of T in registers, moved as 128-bit words where they fill them, else 64-bit ones
+// (kElems == 1: the element itself). The assumptions give the compiler global loads, as in Lanes.
+template <typename T, int kElems>
+struct Words {
+  static constexpr int kBytes = kElems * static_cast<int>(sizeof(T));
+  using Word = std::conditional_t<kElems == 1, T, std::conditional_t<kBytes % 16 == 0, uint4, uint2>>;
+  static_assert(kElems == 1 || kBytes % 8 == 0, "whole 64-bit words");
+  static constexpr int kCount = kBytes / static_cast<int>(sizeof(Word));
+  Word w[kCount];
+
+  __device__ void load(int64_t address, int64_t first) {
+    const auto* src = reinterpret_cast<const Word*>(reinterpret_cast<const T*>(address) + first);
+    __builtin_assume(__isGlobal(src));
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) w[i] = src[i];
+  }
+  // Whole words through __stwb (st.global.wb, the default caching): a word assembled from the
+  // functor's elements was stored as four 32-bit stores in these kernels, plain or as make_uint4.
+  __device__ void store(int64_t address, int64_t first) const {
+    auto* dst = reinterpret_cast<Word*>(reinterpret_cast<T*>(address) + first);
+    __builtin_assume(__isGlobal(dst));
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      if constexpr (kElems == 1) {
+        dst[i] = w[i];
+      } else {
+        __stwb(dst + i, w[i]);
+      }
+    }
+  }
+};
+
+// acc[u][i] (+)= w_k * element first[u] + i of source k (of type S) for each valid step u: all the
+// steps' loads, then their arithmetic.
+template <typename S, bool kFirst, int kElems, int kU, typename F>
+__device__ void add_source(const F& f, int k, int64_t address, const int64_t* first, const bool* valid,
+                           typename F::A (&acc)[kU][kElems]) {
+  if constexpr (std::is_same_v<S, MixedSources>) {
+    visit_source(f.dtypes[k],
+                 [&](auto s) { add_source<decltype(s), kFirst, kElems, kU>(f, k, address, first, valid, acc); });
+  } else {
+    Words<S, kElems> in[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (valid[u]) in[u].load(address, first[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (valid[u]) {
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) f.template add<S, kFirst>(acc[u][i], in[u].w, i, k);
+      }
+    }
+  }
+}
+
+// One for_each_step visit: kU steps of kElems elements of dst, each the sum of its sources in their
+// order, rounded once into dst. The loop over the sources is unrolled, each past the pass's count
+// skipped (the same branch for every thread), so that every index into the functor and the chunk is a
+// constant and they stay in registers.
+template <typename S, int kElems, int kU, typename F>
+__device__ void sum_steps(const F& f, const plan::Chunk<kSumLists>& c, const int64_t* first, const bool* valid) {
+  using D = typename F::Dst;
+  typename F::A acc[kU][kElems];
+  add_source<S, true, kElems, kU>(f, 0, c.address[1], first, valid, acc);
+#pragma unroll
+  for (int k = 1; k < kMaxSourcesPerPass; ++k) {
+    if (k < f.count) add_source<S, false, kElems, kU>(f, k, c.address[1 + k], first, valid, acc);
+  }
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    if (valid[u]) {
+      Words<D, kElems> out;
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) f.store(out.w, i, acc[u][i]);
+      out.store(c.address[0], first[u]);
+    }
+  }
+}
+
+// weighted_sum_ over one table: S the sources' dtype when they all have one (the usual call: K
+// checkpoints of one dtype), else MixedSources. A chunk whose tensors all start 16-byte aligned
+// moves whole words, one step of 16 bytes of the narrowest list per thread at a time (a source of a
+// mixed launch may be 2 bytes wide; an fp64 sum at most 4 elements, a bf16 dst then 64-bit words);
+// the rest element by element. Register budgets: ptxas held the kernels to 64 or 80 registers by
+// itself and spilled some (for sm_75, sm_86 and sm_120, at two steps a thread, 8 elements of an fp64
+// sum, or mixed fp64 sources), so a step at a time, at least 2 blocks per multiprocessor (128
+// registers), and fp64 sums and mixed sources get the registers they need (1 block: rare calls; at
+// 128, sm_100 spilled fp64 sources into bf16).
+template <typename S, typename F>
+constexpr int kSumMinBlocks = std::is_same_v<S, MixedSources> || std::is_same_v<typename F::A, double> ? 1 : 2;
+
+template <typename S, typename F>
+__global__ void __launch_bounds__(kThreads, kSumMinBlocks<S, F>)
+    weighted_sum_kernel(const int64_t* table_data, int64_t n_tensors, F f) {
+  using D = typename F::Dst;
+  constexpr bool kWideAcc = std::is_same_v<typename F::A, double>;
+  constexpr int kNarrowest =
+      std::is_same_v<S, MixedSources> ? 2 : static_cast<int>(std::min(sizeof(S), sizeof(D)));
+  constexpr int kVec = plan::vector_elems(kWideAcc ? std::max(kNarrowest, 4) : kNarrowest);
+  constexpr int kVecU = 1;
+  f.resolve();
+  int elem_bytes[kSumLists];
+  elem_bytes[0] = sizeof(D);
+#pragma unroll
+  for (int k = 0; k < kMaxSourcesPerPass; ++k) elem_bytes[1 + k] = k < f.count ? f.bytes[k] : 1;
+  plan::run_block<kSumLists, kVec, kVecU>(
+      plan::Table<kSumLists>{table_data, n_tensors}, elem_bytes, blockIdx.x, gridDim.x, threadIdx.x, kThreads,
+      [&](const plan::Chunk<kSumLists>& c, const int64_t* first, const bool* valid) {
+        sum_steps<S, kVec, kVecU>(f, c, first, valid);
+      },
+      [&](const plan::Chunk<kSumLists>& c, const int64_t* first, const bool* valid) {
+        sum_steps<S, 1, plan::kUnroll>(f, c, first, valid);
+      });
+}
+
 struct CudaRun {
   template <size_t K, typename F>
   static void run(const DtypeGroup<K>& group, at::Device device, F f) {
     static_assert(F::kLists == K, "functor and list count disagree");
-    const int64_t n = static_cast<int64_t>(group.numels.size());
-    if (n == 0) return;
-    const c10::cuda::CUDAGuard guard(device);
-
     static_assert(sizeof(group.ptrs[0]) == K * sizeof(void*), "pointer rows are K pointers");
-    const std::vector<int64_t> host =
-        plan::build_table<K>(group.ptrs[0].data(), group.numels.data(), n);
-    const int64_t n_chunks = host.back();
-    const at::Tensor table = table_cache().get(host, device);
-
-    const int64_t max_blocks = multiprocessor_count(device.index()) * 8;
-    const int64_t blocks = std::max<int64_t>(1, std::min(n_chunks, max_blocks));
-    multi_tensor_kernel<K, F><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        table.data_ptr<int64_t>(), n, f);
+    if (group.numels.empty()) return;
+    const c10::cuda::CUDAGuard guard(device);
+    const Launch launch = prepare<K>(group.ptrs[0].data(), group.numels, device);
+    multi_tensor_kernel<K, F><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        launch.table.data_ptr<int64_t>(), launch.n, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // weighted_sum_: its own kernel, over the group's pointer rows padded to kSumLists.
+  template <size_t K, typename D, typename A>
+  static void run(const DtypeGroup<K>& group, at::Device device, WeightedSum<D, A> f) {
+    if (group.numels.empty()) return;
+    const c10::cuda::CUDAGuard guard(device);
+    std::vector<const void*> rows(group.numels.size() * kSumLists, nullptr);
+    for (size_t j = 0; j < group.numels.size(); ++j) std::copy_n(group.ptrs[j].begin(), K, &rows[j * kSumLists]);
+    const Launch launch = prepare<kSumLists>(rows.data(), group.numels, device);
+    bool one_dtype = true;
+    for (int k = 1; k < f.count; ++k) one_dtype &= f.dtypes[k] == f.dtypes[0];
+    const auto start = [&](auto s) {
+      weighted_sum_kernel<decltype(s)><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          launch.table.data_ptr<int64_t>(), launch.n, f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (!one_dtype) return start(MixedSources{});
+    visit_float(f.dtypes[0], [&](auto s) {
+      using S = decltype(s);
+      // A follows from D and S alone here: only those kernels are compiled
+      if constexpr (std::is_same_v<A, acc_t<std::conditional_t<std::is_same_v<S, double>, S, D>>>) {
+        start(s);
+      } else {
+        start(MixedSources{});  // (not reached)
+      }
+    });
+  }
+
+ private:
+  struct Launch {
+    at::Tensor table;
+    int64_t n = 0, blocks = 1;
+  };
+
+  // The device table of a launch over K pointers per tensor (cached) and its grid: a block per
+  // chunk, up to 8 per multiprocessor. For at least one tensor, under the device's guard.
+  template <int K>
+  static Launch prepare(const void* const* rows, const std::vector<int64_t>& numels, at::Device device) {
+    Launch out;
+    out.n = static_cast<int64_t>(numels.size());
+    const std::vector<int64_t> host = plan::build_table<K>(rows, numels.data(), out.n);
+    const int64_t n_chunks = host.back();
+    out.table = table_cache().get(host, device);
+    const int64_t max_blocks = multiprocessor_count(device.index()) * 8;
+    out.blocks = std::max<int64_t>(1, std::min(n_chunks, max_blocks));
+    return out;
   }
 };
 

@@ -182,7 +182,7 @@ def linear(weights: Sequence[float]) -> Combine:
     weights = torch.tensor(weights, dtype=torch.float64)
 
     def combine(chunk: Chunk, out: Tensor) -> None:
-        _weighted_sum([out], [[v] for v in chunk.views], weights)
+        ops.weighted_sum_([out], [[v] for v in chunk.views], weights)
 
     return combine
 
@@ -246,14 +246,3 @@ def _non_finite_message(checkpoints: Sequence[Checkpoint], chunk: Chunk) -> str:
         "Pass allow_non_finite=True (--allow-non-finite) to write it anyway"
     )
 
-
-def _weighted_sum(dst, srcs, weights):  # TEMPORARY until ops.weighted_sum_ lands
-    if hasattr(ops, "weighted_sum_"):
-        return ops.weighted_sum_(dst, srcs, weights)
-    acc = (
-        torch.float64
-        if any(s[0].dtype == torch.float64 for s in srcs) or dst[0].dtype == torch.float64
-        else torch.float32
-    )
-    total = sum(float(w) * s[0].to(acc) for w, s in zip(weights, srcs))
-    dst[0].copy_(total)

@@ -5,13 +5,15 @@ per op), backend choice (backends.py), the check of one op's call (`check`), `Bo
     moments_(mean, sq, src, weight)  mean += w (src - mean); sq += w (src^2 - sq)
     multi_lerp_(avgs, src, weights)  avgs[k] += weights[k] * (src - avgs[k]), K averages in one pass
     bema_(ema, out, start, src, weights)  ema += w0 (src - ema); out = ema + w1 (src - start)
+    weighted_sum_(dst, srcs, weights)      dst = sum_k weights[k] * srcs[k]   (dst only written)
     copy_(dst, src)                  dst = src (cast; integer and bool tensors bit for bit, own dtype)
     swap_(a, b)                      a <-> b
 
 Every op takes lists of tensors and updates them in place; each side may have its own dtype and
-the arithmetic is done in fp32 (fp64 for fp64 destinations), with one rounding into the
-destination. `weight` is any real number (numpy scalars included) or a 0-dim floating tensor on the
-destination's device (no host synchronisation, CUDA-graph capturable) or on the CPU. A tensor
+the arithmetic is done in fp32 (fp64 for fp64 destinations; weighted_sum_: where any of its lists
+is fp64), with one rounding into the destination. `weight` is any real number (numpy scalars
+included) or a 0-dim floating tensor on the destination's device (no host synchronisation,
+CUDA-graph capturable) or on the CPU. A tensor
 written in place must be contiguous and share no memory with another tensor of the call, except a
 source that is its own destination (the same view at the same index); sources may be strided or
 lazily negated views. Every backend follows this contract and raises the same ValueError before
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, reference
 from .backends import _C, BACKENDS, backend_status, choose_backend
 from .backends import BUILD_INFO as BUILD_INFO
 from .backends import ENV_BACKEND as ENV_BACKEND
@@ -49,12 +51,14 @@ __all__ = [
     "moments_",
     "multi_lerp_",
     "swap_",
+    "weighted_sum_",
 ]
 
 _run_lerp = runner(OP_TABLE["lerp_"])
 _run_moments = runner(OP_TABLE["moments_"])
 _run_multi_lerp = runner(OP_TABLE["multi_lerp_"])
 _run_bema = runner(OP_TABLE["bema_"])
+_run_weighted_sum = runner(OP_TABLE["weighted_sum_"])
 _run_copy = runner(OP_TABLE["copy_"])
 _run_swap = runner(OP_TABLE["swap_"])
 
@@ -84,7 +88,8 @@ def moments_(
 
 
 def _weight_values(weights) -> Tensor | list:
-    """multi_lerp_'s weights as a tensor or a list (a generator or a numpy array read once)."""
+    """A vector of weights (multi_lerp_'s, bema_'s, weighted_sum_'s) as a tensor or a list (a
+    generator or a numpy array read once)."""
     if isinstance(weights, Tensor):
         return weights
     if isinstance(weights, (str, bytes)):
@@ -95,23 +100,35 @@ def _weight_values(weights) -> Tensor | list:
         return weights  # not iterable: refused likewise
 
 
-def _concatenated(avgs, count: int | None) -> list[Tensor] | tuple[Tensor, ...]:
-    """The K lists of averages as one list, k-major (as the op takes them); a list already
-    concatenated passes as it is."""
-    avgs = as_list(avgs)
-    if not avgs or isinstance(avgs[0], Tensor):
-        return avgs
-    lists = [as_list(lst) for lst in avgs]
+def _weight_count(weights: Tensor | list) -> int | None:
+    """How many weights a vector holds, None where the op's check will refuse it."""
+    if isinstance(weights, Tensor):
+        return weights.shape[0] if weights.dim() == 1 else None
+    return len(weights) if isinstance(weights, list) else None
+
+
+def _concatenated(
+    op: str, name: str, nested, count: int | None, each: str, first: tuple[str, int] | None = None
+) -> list[Tensor] | tuple[Tensor, ...]:
+    """The K lists of the op's argument `name` (multi_lerp_'s averages, weighted_sum_'s sources) as
+    one list, k-major (as the op takes them); a list already concatenated passes as it is. `each`:
+    what each list is, for the messages. `first`: the name and length of the list each of them must
+    be as long as, where that is another argument (weighted_sum_'s dst)."""
+    nested = as_list(nested)
+    if not nested or isinstance(nested[0], Tensor):
+        return nested
+    lists = [as_list(lst) for lst in nested]
     if count is not None and len(lists) != count:
         raise ValueError(
-            f"swa_fast.multi_lerp_: `avgs` has {len(lists)} lists but `weights` has {count} elements; "
-            "expected one list of averages per weight"
+            f"swa_fast.{op}: `{name}` has {len(lists)} lists but `weights` has {count} elements; "
+            f"expected one {each} per weight"
         )
+    like, length = first if first is not None else (f"{name}[0]", len(lists[0]))
     for k, lst in enumerate(lists):
-        if len(lst) != len(lists[0]):
+        if len(lst) != length:
             raise ValueError(
-                f"swa_fast.multi_lerp_: `avgs[{k}]` has {len(lst)} tensors but `avgs[0]` has "
-                f"{len(lists[0])}; the lists must have equal lengths"
+                f"swa_fast.{op}: `{name}[{k}]` has {len(lst)} tensors but `{like}` has {length}; "
+                "the lists must have equal lengths"
             )
     return list(itertools.chain.from_iterable(lists))
 
@@ -143,12 +160,9 @@ def multi_lerp_(
         backend: as for lerp_.
     """
     weights = _weight_values(weights)
-    if isinstance(weights, Tensor):
-        count = weights.shape[0] if weights.dim() == 1 else None
-    else:
-        count = len(weights) if isinstance(weights, list) else None
+    count = _weight_count(weights)
     src = as_list(src)
-    flat = _concatenated(avgs, count)
+    flat = _concatenated("multi_lerp_", "avgs", avgs, count, "list of averages")
     if count is None or count <= checks.MAX_AVERAGES_PER_PASS:
         _run_multi_lerp([flat, src], (weights,), backend)
         return
@@ -190,6 +204,82 @@ def bema_(
         backend: as for lerp_.
     """
     _run_bema([ema, out, start, src], (_weight_values(weights),), backend)
+
+
+def weighted_sum_(
+    dst: Sequence[Tensor],
+    srcs: Sequence[Sequence[Tensor]],
+    weights: Tensor | Sequence[float],
+    *,
+    backend: str | None = None,
+) -> None:
+    """dst[i] = weights[0] * srcs[0][i] + ... + weights[K-1] * srcs[K-1][i] for every i, written
+    into dst: K checkpoints merged in one pass (a uniform or weighted model soup, Wortsman et al.
+    2022; LAWA's average of the last K checkpoints; task arithmetic, base + sum of scaled task
+    vectors, as the base and each fine-tuned model with their weights).
+
+    Each source element is read once; the terms are added in order k = 0..K-1 in fp32 (fp64 at an
+    index where dst or any source is fp64), from the first term, and rounded once into dst's dtype
+    (into bf16 or fp16 from an fp64 sum too: not through fp32, as torch's conversion rounds). dst
+    is only written, never read: what it held does not matter (NaN included), but a source may be
+    dst itself (the same tensor at its own index), read before it is written: weights (1, 0.5) over
+    [[base], [delta]] with dst base updates it in place. A weight of 0 still reads its source (0 *
+    inf is NaN). Any mix of fp32, bf16, fp16 and fp64 between dst and the sources, and between the
+    sources at one index.
+
+    The compiled op sums up to 8 lists of sources per call. More are summed in several calls with
+    the same result: the whole call is checked first, then the first 8 lists are summed into an
+    accumulator of the arithmetic dtype (dst itself where it already has that dtype, else a new
+    tensor), each later call adds up to 7 more lists to it (given as its first source, of weight 1,
+    which changes nothing), and the last one writes dst; a source that is dst itself is read from a
+    copy taken first.
+
+    Args:
+        dst: the tensors written.
+        srcs: K lists of sources, each as long as `dst` (or the K lists concatenated,
+            srcs[k * len(dst) + i], as torch.ops.swa_fast.weighted_sum_ takes them).
+        weights: K real numbers, or a 1-D floating tensor of K elements on the CPU (read on the
+            host) or on the tensors' device (read by the kernels: no host synchronisation).
+        backend: as for lerp_.
+    """
+    weights = _weight_values(weights)
+    count = _weight_count(weights)
+    dst = as_list(dst)
+    flat = _concatenated("weighted_sum_", "srcs", srcs, count, "list of sources", ("dst", len(dst)))
+    if count is None or count <= checks.MAX_SOURCES_PER_PASS:
+        _run_weighted_sum([dst, flat], (weights,), backend)
+        return
+    _weighted_sum_in_passes(dst, flat, weights, count, backend)
+
+
+def _weighted_sum_in_passes(
+    dst: Sequence[Tensor], flat: Sequence[Tensor], weights: Tensor | list, count: int, backend: str | None
+) -> None:
+    """weighted_sum_ of more lists than one call of the op sums, in calls of at most
+    MAX_SOURCES_PER_PASS lists, into accumulators of the arithmetic dtype (see weighted_sum_)."""
+    OP_TABLE["weighted_sum_"].check(dst, flat, weights, max_count=None)
+    n, per_pass = len(dst), checks.MAX_SOURCES_PER_PASS
+    written = {d.data_ptr() for d in dst if d.numel()}
+    flat = [s.clone() if s.numel() and s.data_ptr() in written else s for s in flat]
+    acc = []
+    for i, d in enumerate(dst):
+        dtype = reference.sum_acc_dtype([d.dtype] + [flat[k * n + i].dtype for k in range(count)])
+        acc.append(d if d.dtype == dtype else torch.empty(d.shape, dtype=dtype, device=d.device))
+    _run_weighted_sum([acc, flat[: per_pass * n]], (weights[:per_pass],), backend)
+    for first in range(per_pass, count, per_pass - 1):
+        last = min(first + per_pass - 1, count)
+        out = dst if last == count else acc
+        _run_weighted_sum(
+            [out, [*acc, *flat[first * n : last * n]]], (_with_one(weights[first:last]),), backend
+        )
+
+
+def _with_one(weights: Tensor | list) -> Tensor | list:
+    """1, then these weights: the accumulator's weight before the next lists' (a tensor stays where
+    it is)."""
+    if isinstance(weights, Tensor):
+        return torch.cat([torch.ones(1, dtype=weights.dtype, device=weights.device), weights])
+    return [1.0, *weights]
 
 
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, backend: str | None = None) -> None:

@@ -37,6 +37,19 @@ INTEGER_DTYPES = (
 _CPU = torch.device("cpu")
 # Averages one call of the compiled op updates (csrc/ops_impl.h); swa_fast.multi_lerp_ splits more.
 MAX_AVERAGES_PER_PASS = 4
+# Lists of sources one call of the compiled weighted_sum_ sums (csrc/ops_impl.h); swa_fast.weighted_sum_
+# splits more.
+MAX_SOURCES_PER_PASS = 8
+
+
+class _OnePass:
+    """`max_count`'s default: the most weights one call of the compiled op takes (the row's)."""
+
+    def __repr__(self) -> str:
+        return "ONE_PASS"
+
+
+ONE_PASS = _OnePass()
 
 
 class ListArg(NamedTuple):
@@ -230,19 +243,6 @@ def weight_count(op: str, weights: Tensor | Sequence, meaning: str) -> int:
     return len(_real_numbers(op, weights))
 
 
-def check_weights(op: str, weights: Tensor | Sequence, max_count: int | None = MAX_AVERAGES_PER_PASS) -> int:
-    """A weight per list (multi_lerp_'s): a sequence of real numbers, or a 1-D floating tensor (its
-    device is checked with the lists). Returns their count K, 1 to `max_count` (None: no upper
-    bound)."""
-    count = weight_count(op, weights, "one weight per average")
-    if count < 1 or (max_count is not None and count > max_count):
-        raise ValueError(
-            f"swa_fast.{op}: `weights` has {count} elements; the op updates 1 to {MAX_AVERAGES_PER_PASS} "
-            f"averages per call (swa_fast.{op} splits more into several calls)"
-        )
-    return count
-
-
 def _real_numbers(op: str, weights) -> list:
     """The weights given as numbers: any iterable but a string, as the compiled entry point takes it."""
     try:
@@ -283,10 +283,20 @@ class ListParam:
         n = len(tensors) // count
         return [tensors[k * n : (k + 1) * n] for k in range(count)]
 
-    def bind(self, op: str, tensors: Sequence[Tensor], count: int | None) -> list[ListArg]:
-        """The ListArgs check_lists reads: one, or one per weight named `name[k]`."""
+    def bind(
+        self, op: str, tensors: Sequence[Tensor], count: int | None, first: tuple[str, int] | None = None
+    ) -> list[ListArg]:
+        """The ListArgs check_lists reads: one, or one per weight named `name[k]`. `first`: the name
+        and length of the call's first list, when this argument is not it (weighted_sum_'s `srcs`,
+        one list as long as `dst` per weight)."""
         if not self.per_weight:
             return [ListArg(self.name, tensors, self.written, self.same_dtype, self.integers)]
+        if first is not None and len(tensors) != count * first[1]:
+            raise ValueError(
+                f"swa_fast.{op}: `{self.name}` has {len(tensors)} tensors but `{first[0]}` has {first[1]}; "
+                f"expected {count} lists of {first[1]} (one per weight), concatenated: the lists must have "
+                "equal lengths"
+            )
         if len(tensors) % count:
             raise ValueError(
                 f"swa_fast.{op}: `{self.name}` has {len(tensors)} tensors, which is not a multiple of the "
@@ -330,18 +340,44 @@ class OneWeight:
 
 
 class WeightPerList:
-    """One weight per list of the op's `per_weight` argument (multi_lerp_'s `weights`): real
-    numbers, or a 1-D floating tensor on the tensors' device or on the CPU. Their count, checked
-    before the lists, splits that argument."""
+    """One weight per list of the op's `per_weight` argument (multi_lerp_'s averages, weighted_sum_'s
+    lists of sources): real numbers, or a 1-D floating tensor on the tensors' device or on the CPU.
+    Their count, checked before the lists, splits that argument; one call of the compiled op takes
+    1 to `per_pass` of them (the public function splits more).
+
+    Args:
+        per_pass: the most weights one call of the compiled op takes (csrc/ops_impl.h's).
+        each_list: what each list is, for the messages ("average").
+        lists: the lists, for the messages ("averages").
+        does: what the op does to them, for the messages ("updates").
+        label: its name in the op table (its repr).
+    """
 
     name = "weights"
     targets_take_weights = False
 
-    def __repr__(self) -> str:
-        return "WEIGHT_PER_LIST"
+    def __init__(self, per_pass: int, each_list: str, lists: str, does: str, label: str) -> None:
+        self.per_pass, self.each_list, self.lists, self.does, self.label = (
+            per_pass,
+            each_list,
+            lists,
+            does,
+            label,
+        )
 
-    def count(self, op: str, weights, max_count: int | None) -> int:
-        return check_weights(op, weights, max_count)
+    def __repr__(self) -> str:
+        return self.label
+
+    def count(self, op: str, weights, max_count: int | None | _OnePass) -> int:
+        """Their count K, 1 to `max_count` (ONE_PASS: `per_pass`; None: no upper bound)."""
+        count = weight_count(op, weights, f"one weight per {self.each_list}")
+        bound = self.per_pass if max_count is ONE_PASS else max_count
+        if count < 1 or (bound is not None and count > bound):
+            raise ValueError(
+                f"swa_fast.{op}: `weights` has {count} elements; the op {self.does} 1 to {self.per_pass} "
+                f"{self.lists} per call (swa_fast.{op} splits more into several calls)"
+            )
+        return count
 
     def check(self, op: str, weights, device: torch.device) -> None:
         if isinstance(weights, Tensor) and weights.device not in (device, _CPU):
@@ -388,20 +424,32 @@ class NamedWeights:
 
 
 ONE_WEIGHT = OneWeight()
-WEIGHT_PER_LIST = WeightPerList()
+# multi_lerp_'s: one weight per list of averages, which it writes
+WEIGHT_PER_LIST = WeightPerList(MAX_AVERAGES_PER_PASS, "average", "averages", "updates", "WEIGHT_PER_LIST")
+# weighted_sum_'s: one weight per list of sources, which it reads
+WEIGHT_PER_SOURCE_LIST = WeightPerList(
+    MAX_SOURCES_PER_PASS, "list of sources", "lists of sources", "sums", "WEIGHT_PER_SOURCE_LIST"
+)
 
 
-def check_call(spec: OpSpec, args: Sequence, max_count: int | None = MAX_AVERAGES_PER_PASS) -> None:
+def check_call(spec: OpSpec, args: Sequence, max_count: int | None | _OnePass = ONE_PASS) -> None:
     """The arguments of a call of spec's op, as its row describes them, checked in csrc's order:
-    a weight per list (which splits its argument) first, then the lists, then a weight's device.
-    `max_count`: the most weights one call takes (None: any number, as swa_fast.multi_lerp_
-    splits them)."""
+    a weight per list (which splits its argument) first, then the lists' lengths, then the lists
+    index by index, then a weight's device. `max_count`: the most weights one call takes (ONE_PASS:
+    one call of the compiled op's; None: any number, as swa_fast.multi_lerp_ and
+    swa_fast.weighted_sum_ split them)."""
     lists, weight = args[: len(spec.params)], args[len(spec.params) :]
     expected = len(spec.params) + (spec.weight is not None)
     if len(args) != expected:
         raise TypeError(f"swa_fast.{spec.name} takes {expected} positional arguments ({len(args)} given)")
     kind = spec.weight
     count = kind.count(spec.name, *weight, max_count) if kind else None
-    check_lists(spec.name, [arg for p, t in zip(spec.params, lists) for arg in p.bind(spec.name, t, count)])
+    first = (spec.params[0].name, len(lists[0]))
+    bound = [
+        arg
+        for k, (p, t) in enumerate(zip(spec.params, lists))
+        for arg in p.bind(spec.name, t, count, first if k else None)
+    ]
+    check_lists(spec.name, bound)
     if kind and lists[0]:
         kind.check(spec.name, *weight, lists[0][0].device)

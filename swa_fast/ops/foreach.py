@@ -23,12 +23,12 @@ if TYPE_CHECKING:
 
 def fallback(spec: OpSpec) -> Callable[..., None]:
     """spec's op on torch._foreach_*, called as the op is, on arguments already checked."""
-    n_lists, n_read = len(spec.params), len(spec.params) - spec.written
+    n_lists = len(spec.params)
     targets_of, weight = spec.targets, spec.weight
 
     def run(*args) -> None:
         lists = spec.kernel_lists(*args)
-        n_written = len(lists) - n_read  # multi_lerp_ writes K lists
+        n_written = spec.kernel_written(*args)  # multi_lerp_ writes K lists
         written, read = lists[:n_written], lists[n_written:]
         if weight is None:
             for dst, target in zip(written, _read_before_writes(targets_of(*lists), written)):
@@ -41,6 +41,42 @@ def fallback(spec: OpSpec) -> Callable[..., None]:
 
     run.__name__ = run.__qualname__ = f"foreach_{spec.name}"
     return run
+
+
+def weighted_sum(dst: Sequence[Tensor], srcs: Sequence[Tensor], weights: Tensor | Sequence[float]) -> None:
+    """weighted_sum_'s fallback, its own rather than one made from its row: its dst is set to a sum
+    added in the dtype of every list at an index (fp64 where any source is, even for an fp32 dst),
+    where a row's targets are computed from sources already cast to the written list's dtype.
+    Called as the op is, on arguments already checked. Each index's terms are added in order from the
+    first, in new tensors, and dst is written last (a source may be dst itself)."""
+    n = len(dst)
+    lists = [srcs[k * n : (k + 1) * n] for k in range(len(weights))]
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, d in enumerate(dst):
+        dtypes = [d.dtype] + [lst[i].dtype for lst in lists]
+        groups.setdefault(reference.sum_acc_dtype(dtypes), []).append(i)
+    for acc, indices in groups.items():
+        w = _weights_in(weights, acc)
+        total = torch._foreach_mul(_cast([lists[0][i] for i in indices], acc), w[0])
+        for k in range(1, len(lists)):
+            torch._foreach_add_(total, torch._foreach_mul(_cast([lists[k][i] for i in indices], acc), w[k]))
+        out = [dst[i] for i in indices]
+        torch._foreach_copy_(out, [reference.rounded_once(t, d.dtype) for t, d in zip(total, out)])
+
+
+def _weights_in(weights: Tensor | Sequence[float], acc: torch.dtype) -> list:
+    """Each weight as the kernels read it, rounded to `acc`: a number, or a 0-dim tensor of the
+    device's (no host synchronisation)."""
+    if isinstance(weights, Tensor) and weights.device.type != "cpu":
+        return list(weights.to(acc).unbind())
+    values = weights.tolist() if isinstance(weights, Tensor) else [float(w) for w in weights]
+    return [v if acc == torch.float64 else torch.tensor(v, dtype=acc).item() for v in values]
+
+
+def _cast(tensors: list[Tensor], acc: torch.dtype) -> list[Tensor]:
+    """The tensors in `acc`: themselves where they already are (_foreach_mul makes new ones), else a
+    copy (which also resolves a lazily negated view)."""
+    return [t if t.dtype == acc and not t.is_neg() else t.resolve_neg().to(acc) for t in tensors]
 
 
 def _targets_in_acc(

@@ -94,6 +94,42 @@ def bema_(
         o.copy_(new_out)
 
 
+def sum_acc_dtype(dtypes) -> torch.dtype:
+    """The dtype weighted_sum_ adds in at one index, from the dtypes of dst and its sources there:
+    fp64 when any is fp64, else fp32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def rounded_once(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x, to be rounded into `dtype` by a copy, such that the copy rounds it once: an fp64 x bound
+    for bf16 or fp16 is first rounded to fp32 to odd (towards zero, the last bit set where that
+    dropped anything), since torch's conversion goes through fp32 to nearest and can round twice
+    (1 + 2^-8 + 2^-40 to the tie 1 + 2^-8, then to 1)."""
+    if x.dtype != torch.float64 or dtype not in (torch.float16, torch.bfloat16):
+        return x
+    nearest = x.to(torch.float32)
+    back = nearest.double()
+    inexact = (back != x) & ~x.isnan()
+    away = torch.where(x > 0, back > x, back < x) & inexact  # rounded away from zero
+    bits = nearest.view(torch.int32) - away.to(torch.int32)
+    return torch.where(inexact, bits | 1, bits).view(torch.float32)
+
+
+@torch.no_grad()
+def weighted_sum_(dst: Sequence[Tensor], srcs: Sequence[Tensor], weights: Tensor | Sequence[float]) -> None:
+    """dst[i] = sum_k weights[k] * srcs[k * len(dst) + i]   (K = len(weights) lists of sources,
+    concatenated in `srcs`; dst only written), added in order from the first term, rounded once"""
+    n = len(dst)
+    for i, d in enumerate(dst):
+        sources = [srcs[k * n + i] for k in range(len(weights))]
+        acc = sum_acc_dtype([d.dtype] + [s.dtype for s in sources])
+        like = torch.empty(0, dtype=acc, device=d.device)
+        total = _weight(weights[0], like) * _read(sources[0], acc)
+        for k in range(1, len(sources)):
+            total = total + _weight(weights[k], like) * _read(sources[k], acc)
+        d.copy_(rounded_once(total, d.dtype))  # (every source read first: a source may be dst itself)
+
+
 @torch.no_grad()
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     """dst = src, cast to dst's dtype"""

@@ -16,6 +16,7 @@ from .backends import _C
 from .checks import (
     ONE_WEIGHT,
     WEIGHT_PER_LIST,
+    WEIGHT_PER_SOURCE_LIST,
     ListParam,
     NamedWeights,
     OneWeight,
@@ -23,7 +24,7 @@ from .checks import (
     read,
     written,
 )
-from .foreach import fallback, lerped
+from .foreach import fallback, lerped, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,12 @@ class OpSpec:
     weight: OneWeight | WeightPerList | NamedWeights | None  # the weight that follows the lists, if any
     # What each written list moves towards by the weight, or becomes without one, as torch._foreach_*
     # over the lists as the kernels see them (kernel_lists), those read in the written list's
-    # accumulation dtype: the functor's math, from which foreach.py makes the fallback
-    targets: Callable[..., list[list[Tensor]]]
+    # accumulation dtype: the functor's math, from which foreach.py makes the fallback. None for an
+    # op whose fallback is its own (own_foreach).
+    targets: Callable[..., list[list[Tensor]]] | None
     reference: Callable[..., None]  # reference.py: per-tensor PyTorch, the tests' oracle
+    # foreach.py's fallback of an op its targets cannot describe (weighted_sum_'s), else None
+    own_foreach: Callable[..., None] | None = field(default=None, repr=False)
     foreach: Callable[..., None] = field(init=False, repr=False)  # the torch._foreach_* fallback
     triton: Callable[..., None] = field(init=False, repr=False)  # check, then the Triton kernel
 
@@ -56,7 +60,12 @@ class OpSpec:
                 f"OpSpec {self.name}: expected a list of one list per weight (per_weight=True) exactly "
                 f"when the weight is WEIGHT_PER_LIST, got lists {self.params} and weight {self.weight!r}"
             )
-        object.__setattr__(self, "foreach", fallback(self))
+        if (self.targets is None) == (self.own_foreach is None):
+            raise ValueError(
+                f"OpSpec {self.name}: expected either targets or a fallback of its own (own_foreach), "
+                f"got targets {self.targets!r} and own_foreach {self.own_foreach!r}"
+            )
+        object.__setattr__(self, "foreach", self.own_foreach or fallback(self))
         object.__setattr__(self, "triton", triton_kernels.launcher(self))
 
     @property
@@ -81,18 +90,27 @@ class OpSpec:
 
     @property
     def lists_per_weight(self) -> bool:
-        """Whether an argument holds one list per weight (multi_lerp_'s K lists of averages)."""
+        """Whether an argument holds one list per weight (multi_lerp_'s K lists of averages,
+        weighted_sum_'s K lists of sources)."""
         return isinstance(self.weight, WeightPerList)
 
-    def check(self, *args, max_count: int | None = checks.MAX_AVERAGES_PER_PASS) -> None:
-        """Rejects what the C++ checks reject, with their messages, before anything is written."""
+    def check(self, *args, max_count: int | None | object = checks.ONE_PASS) -> None:
+        """Rejects what the C++ checks reject, with their messages, before anything is written.
+        `max_count`: the most weights of a list per weight (ONE_PASS: one call of the compiled op's;
+        None: any number, which the public function splits into several calls)."""
         checks.check_call(self, args, max_count)
 
     def kernel_lists(self, *args) -> list[Sequence[Tensor]]:
         """The lists of a call (lists..., weight) as the kernels see them, one dtype per list: the
-        op's own, with a list per weight split apart (multi_lerp_'s K lists of averages)."""
+        op's own, with a list per weight split apart (multi_lerp_'s K lists of averages,
+        weighted_sum_'s K lists of sources)."""
         count = len(args[-1]) if self.lists_per_weight else None
         return [part for p, tensors in zip(self.params, args) for part in p.split(tensors, count)]
+
+    def kernel_written(self, *args) -> int:
+        """How many of kernel_lists(*args), from the first, the op writes."""
+        count = len(args[-1]) if self.lists_per_weight else 1
+        return sum(count if p.per_weight else 1 for p in self.params if p.written)
 
     @property
     def triton_op(self) -> str:
@@ -141,6 +159,11 @@ OP_TABLE: dict[str, OpSpec] = {spec.name: spec for spec in (
            NamedWeights("ema_weight", "correction"),
            _bema_targets,
            reference.bema_),
+    OpSpec("weighted_sum_",
+           (written("dst"), read("srcs", per_weight=True)), WEIGHT_PER_SOURCE_LIST,
+           None,  # dst is set to a sum in the dtype of every list at its index: its own fallback
+           reference.weighted_sum_,
+           own_foreach=weighted_sum),
     OpSpec("copy_",
            (written("dst", integers=True), read("src", integers=True)), None,
            lambda dst, src: [src],

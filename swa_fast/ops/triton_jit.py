@@ -193,6 +193,48 @@ def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k: tl.constexpr, K: tl.co
     a = _widened(avg, offs, store, D, A)
     tl.store(avg + offs, _rounded(_lerp(a, s.to(A), w), D), mask=store)
 
+@triton.constexpr_function
+def _sum_acc(dtypes):
+    """weighted_sum_'s arithmetic dtype for lists of these dtypes: fp64 when any is, else fp32."""
+    return tl.float64 if any(d == tl.float64 for d in dtypes) else tl.float32
+
+@triton.jit
+def _weighted_sum_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
+                         DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                         DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False):
+    # DTYPES: each list's dtype, dst's then the K sources'. Full blocks unmasked, as _blockwise_kernel.
+    t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
+    if full:
+        _weighted_sum_block(ptrs, t, offs, None, w_ptr, DTYPES, ALIGNED)
+    else:
+        _weighted_sum_block(ptrs, t, offs, mask, w_ptr, DTYPES, ALIGNED)
+
+@triton.jit
+def _weighted_sum_block(ptrs, t, offs, mask, w_ptr, DTYPES: tl.constexpr, ALIGNED: tl.constexpr):
+    N: tl.constexpr = len(DTYPES)
+    A: tl.constexpr = _sum_acc(DTYPES)  # (ACC is dst's alone)
+    # Added in the sources' order from the first term (from 0, -0 would become +0), rounded once.
+    acc = tl.load(w_ptr).to(A) * _widened(_ptr(ptrs, t, 1, N, DTYPES[1], ALIGNED), offs, mask, DTYPES[1], A)
+    for k in tl.static_range(2, N):
+        x = _widened(_ptr(ptrs, t, k, N, DTYPES[k], ALIGNED), offs, mask, DTYPES[k], A)
+        acc += tl.load(w_ptr + k - 1).to(A) * x
+    dst = _ptr(ptrs, t, 0, N, DTYPES[0], ALIGNED)
+    tl.store(dst + offs, _rounded(_once(acc, A, DTYPES[0]), DTYPES[0]), mask=mask)
+
+@triton.jit
+def _once(x, A: tl.constexpr, DST: tl.constexpr):
+    """x of dtype A, to be rounded into DST by _rounded such that it is rounded once: an fp64 x
+    bound for bf16 or fp16 first rounded to fp32 to odd (as csrc/functors.h's to_odd_float)."""
+    if A == tl.float64 and (DST == tl.bfloat16 or DST == tl.float16):
+        nearest = x.to(tl.float32)
+        back = nearest.to(tl.float64)
+        inexact = (back != x) & (x == x)
+        away = tl.where(x > 0, back > x, back < x) & inexact  # rounded away from zero
+        bits = nearest.to(tl.uint32, bitcast=True) - away.to(tl.uint32)
+        return tl.where(inexact, bits | 1, bits).to(tl.float32, bitcast=True)
+    else:
+        return x
+
 # fmt: on
 
 
@@ -216,6 +258,7 @@ KERNELS = {
     "moments_": Blockwise(_moments_block),
     "multi_lerp_": _multi_lerp_kernel,
     "bema_": Blockwise(_bema_block),
+    "weighted_sum_": _weighted_sum_kernel,
     "copy_": Blockwise(_copy_block),
     "swap_": Blockwise(_swap_block),
 }

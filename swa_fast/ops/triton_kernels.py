@@ -175,10 +175,11 @@ def launcher(spec: OpSpec) -> Callable[..., None]:
 
     The lists the op writes are updated in place; those it only reads are made contiguous first.
     Launches are grouped by the dtypes of every list as the kernels see them (spec.kernel_lists:
-    multi_lerp_'s K lists of averages apart); the kernel is given those of the first list and the
-    last one (destination, source), and all of them when it takes DTYPES (_multi_lerp_kernel).
+    multi_lerp_'s K lists of averages apart, weighted_sum_'s K lists of sources); the kernel is given
+    those of the first list and the last one (destination, source), and all of them when it takes
+    DTYPES (_multi_lerp_kernel, _weighted_sum_kernel).
     Tests call launchers directly (on CPU tensors under TRITON_INTERPRET=1)."""
-    n_lists, n_read, check = len(spec.params), len(spec.params) - spec.written, spec.check
+    n_lists, check = len(spec.params), spec.check
 
     def launch(*args) -> None:
         check(*args)
@@ -188,7 +189,7 @@ def launcher(spec: OpSpec) -> Callable[..., None]:
             raise RuntimeError(f"swa_fast.{spec.name}: {TRITON_ERROR or 'no Triton kernel for this op'}")
         dtypes_arg = "DTYPES" in kernel.arg_names
         lists = spec.kernel_lists(*args)
-        n_written = len(lists) - n_read  # the lists read follow the written ones
+        n_written = spec.kernel_written(*args)  # the lists read follow the written ones
         lists = [*lists[:n_written], *map(_contiguous, lists[n_written:])]
         if lists[0]:
             weight = [_device_weight(w, lists[0][0].device) for w in args[n_lists:]]
