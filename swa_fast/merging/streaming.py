@@ -245,4 +245,3 @@ def _non_finite_message(checkpoints: Sequence[Checkpoint], chunk: Chunk) -> str:
         f"swa_fast.merge: the merged {chunk.item.name!r} is not finite ({where}); nothing was written. "
         "Pass allow_non_finite=True (--allow-non-finite) to write it anyway"
     )
-
