@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import swa_fast
-from swa_fast.merging import methods
+from swa_fast.merging import methods, streaming
 from swa_fast.merging.output import AppendingFile
 
 SHAPES = {"embed.weight": (50, 16), "block.0.weight": (16, 16), "block.0.bias": (16,), "head.weight": (7, 16)}
@@ -245,8 +245,8 @@ def test_large_tensors_are_read_in_chunks(tmp_path):
     ]
     paths = save_all(tmp_path, states)
     result = swa_fast.merge(paths, tmp_path / "out.safetensors", memory_limit=1 << 20)
-    # 1 MiB chunks (the least): 2 per input, 1 out; and the output's two staging blocks
-    assert result.memory_bound == (1 << 20) * 7 + 2 * AppendingFile.STAGE
+    # 1 MiB chunks (the least): SLOTS per input, 1 out; and the output's two staging blocks
+    assert result.memory_bound == (1 << 20) * (streaming.SLOTS * 3 + 1) + 2 * AppendingFile.STAGE
     assert_close_to(load_file(tmp_path / "out.safetensors"), oracle(states, [1 / 3] * 3))
 
 

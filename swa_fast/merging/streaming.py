@@ -25,7 +25,9 @@ MIN_CHUNK, MAX_CHUNK = (
     1 << 20,
     4 << 20,
 )  # per buffer: small enough to stay in cache between the read and the sum
-SLOTS = 2  # chunks in flight: one summed while the next is read
+SLOTS = (
+    4  # chunks in flight: one summed while the next ones are read (2 left the threads waiting on each other)
+)
 
 
 @dataclass(frozen=True)
@@ -113,20 +115,22 @@ def read_ahead(
     checkpoints: Sequence[Checkpoint], items: Sequence[Item], chunk_bytes: int | None
 ) -> Iterator[Chunk]:
     """Every chunk of every item, read by a background thread one chunk ahead of the caller: a view
-    of the file's memory map where the input has one (its pages mapped by the reader, given back
-    once the caller is done), else copied into one of two sets of buffers. `chunk_bytes` None:
+    of the file's memory map where the input has one (its pages mapped by the reader, and given back
+    by it once the caller is done), else copied into one of two sets of buffers. `chunk_bytes` None:
     whole tensors."""
     slots = [[torch.empty(chunk_bytes or 0, dtype=torch.uint8) for _ in checkpoints] for _ in range(SLOTS)]
     free: queue.Queue = queue.Queue()
     ready: queue.Queue = queue.Queue()
     for slot in slots:
-        free.put(slot)
+        free.put((slot, []))
     stop = threading.Event()
 
     def read() -> None:
         try:
             for item, start, count in _chunks(items, chunk_bytes):
-                slot = free.get()
+                slot, done = free.get()
+                for view in done:  # pages the caller has summed: given back here, off its thread
+                    inputs.release(view)
                 if stop.is_set():
                     return
                 sources = range(len(checkpoints)) if item.source is None else [item.source]
@@ -149,12 +153,10 @@ def read_ahead(
                 raise got
             chunk, slot, mapped = got
             yield chunk
-            for view in mapped:
-                inputs.release(view)
-            free.put(slot)
+            free.put((slot, mapped))
     finally:
         stop.set()
-        free.put(slots[0])  # wakes a reader waiting for a slot, which then sees `stop`
+        free.put((slots[0], []))  # wakes a reader waiting for a slot, which then sees `stop`
         thread.join()
 
 
