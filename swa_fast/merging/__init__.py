@@ -187,8 +187,9 @@ def _merge_opened(checkpoints, output, settings, dtype, max_shard_size, allow_no
     entries = {item.name: _inputs.TensorInfo(item.out_dtype, item.info.shape) for item in items}
     if output is not None:
         result.memory_bound += 2 * AppendingFile.STAGE  # the output's staging blocks
+        largest_out = max((info.nbytes for info in entries.values()), default=0)  # whole tensors' buffer
         sink = SafetensorsOutput(
-            output, entries, _metadata(result), max_shard_size, chunk_bytes or largest * 2
+            output, entries, _metadata(result), max_shard_size, chunk_bytes or largest_out
         )
         result.outputs = [os.fspath(p) for p in sink.paths]
     if dry_run:

@@ -146,17 +146,14 @@ def touch(view: Tensor) -> None:
 
 
 def release(view: Tensor) -> None:
-    """Give back the pages of a memory-mapped view once it is summed (`_drop_pages`)."""
-    _drop_pages(view, 0, view.numel())
-
-
-def _drop_pages(t: Tensor, start: int, count: int) -> None:
-    """Let the kernel take back the pages of a memory-mapped file that a read touched: mapped file
+    """Let the kernel take back the pages of a memory-mapped view once it is summed: mapped file
     pages count in the resident memory that a user's `top` shows, so without this reading a 5 GB
-    checkpoint through its map leaves 5 GB resident. (The pages stay in the page cache.)"""
-    first = t.data_ptr() + start * t.element_size()
+    checkpoint through its map leaves 5 GB resident. (The pages stay in the page cache; a page the
+    next chunk shares is mapped again when read.) Only for views of a file's private mapping:
+    dropping pages of ordinary memory would zero them."""
+    first = view.data_ptr()
     begin = first - first % _PAGE
-    end = first + count * t.element_size()
+    end = first + view.numel() * view.element_size()
     _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # MADV_DONTNEED
 
 
@@ -170,24 +167,24 @@ class TensorDict(Checkpoint):
                 raise ValueError(f"{path!r}: {name!r} is a {type(t).__name__}, not a tensor")
         self._tensors = {name: t.detach() for name, t in tensors.items()}
         self.tensors = {name: TensorInfo(t.dtype, tuple(t.shape)) for name, t in tensors.items()}
-        # The tensors read straight from the file's mapping, whose pages are dropped once read (never
-        # those of ordinary memory: dropping those would zero them).
-        self._in_mapping = {name for name, t in tensors.items() if mapped and t.device.type == "cpu"}
+        self._mapped = mapped
+        self._contiguous: dict[str, Tensor] = {}  # tensors saved as strided views, copied (in memory)
 
     def view(self, name: str, start: int, count: int) -> Tensor | None:
-        if name not in self._in_mapping or not self._tensors[name].is_contiguous():
+        # Views only of the file's mapping (whose pages `release` gives back: never a copy in memory,
+        # which that would zero), of tensors saved contiguous; the rest is copied by `read`.
+        t = self._tensors[name]
+        if not self._mapped or t.device.type != "cpu" or not t.is_contiguous():
             return None
-        return self._tensors[name].view(-1)[start : start + count]
+        return t.view(-1)[start : start + count]
 
     def read(self, name: str, start: int, out: Tensor) -> None:
         t = self._tensors[name]
-        if not t.is_contiguous():  # saved as a strided view: made contiguous (in memory) when first read
-            t = self._tensors[name] = t.contiguous()
-            self._in_mapping.discard(name)
-        flat = t.view(-1)
-        out.copy_(flat[start : start + out.numel()])
-        if name in self._in_mapping:
-            _drop_pages(flat, start, out.numel())
+        if not t.is_contiguous():  # made contiguous once, when first read
+            t = self._contiguous.get(name)
+            if t is None:
+                t = self._contiguous[name] = self._tensors[name].contiguous()
+        out.copy_(t.view(-1)[start : start + out.numel()])
 
 
 def _state_dict_of(contents: object, path: str) -> Mapping[str, Tensor]:

@@ -76,7 +76,7 @@ def check_output(path: Path) -> None:
 
 class SafetensorsOutput:
     """Writes the planned tensors (`entries`, in order) into safetensors files under a temporary
-    name; `close()` renames them into place when every tensor was written. Use in a `with`."""
+    name, renamed into place when the `with` block ends with every tensor written."""
 
     def __init__(
         self,

@@ -1,9 +1,10 @@
 """A merge's one pass over its inputs: the plan (which tensors, in what order, checked before
 anything is read), then each tensor in chunks of bounded size, read from every input by a
-background thread into reused buffers while the previous chunk is summed and written.
+background thread (mapped from the page cache, or copied into reused buffers) while an earlier
+chunk is summed and written.
 
-Memory: two sets of one chunk buffer per input (the one being read, the one being summed) and one
-for the output, `chunk_bytes` each, whatever the model's size; TIES and DARE hold whole tensors."""
+Memory: SLOTS chunks per input in flight and one for the output, `chunk_bytes` each, whatever the
+model's size; TIES and DARE hold whole tensors."""
 
 from __future__ import annotations
 
@@ -21,13 +22,10 @@ from . import inputs
 from .inputs import Checkpoint, TensorInfo
 
 AVERAGED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-MIN_CHUNK, MAX_CHUNK = (
-    1 << 20,
-    4 << 20,
-)  # per buffer: small enough to stay in cache between the read and the sum
-SLOTS = (
-    4  # chunks in flight: one summed while the next ones are read (2 left the threads waiting on each other)
-)
+# Per buffer: small enough to stay in cache between the read and the sum.
+MIN_CHUNK, MAX_CHUNK = 1 << 20, 4 << 20
+# Chunks in flight: one summed while the next ones are read (2 left the threads waiting on each other).
+SLOTS = 4
 
 
 @dataclass(frozen=True)
@@ -38,10 +36,6 @@ class Item:
     info: TensorInfo  # as every input holds it
     out_dtype: torch.dtype
     source: int | None = None  # the input an integer tensor is taken from; None: averaged
-
-
-def _describe(checkpoints: Sequence[Checkpoint]) -> str:
-    return ", ".join(repr(c.path) for c in checkpoints)
 
 
 def plan(checkpoints: Sequence[Checkpoint], dtype: torch.dtype | None, take_integers_from: int) -> list[Item]:
@@ -114,10 +108,10 @@ def _chunks(items: Sequence[Item], chunk_bytes: int | None) -> Iterator[tuple[It
 def read_ahead(
     checkpoints: Sequence[Checkpoint], items: Sequence[Item], chunk_bytes: int | None
 ) -> Iterator[Chunk]:
-    """Every chunk of every item, read by a background thread one chunk ahead of the caller: a view
-    of the file's memory map where the input has one (its pages mapped by the reader, and given back
-    by it once the caller is done), else copied into one of two sets of buffers. `chunk_bytes` None:
-    whole tensors."""
+    """Every chunk of every item, read by a background thread up to SLOTS chunks ahead of the caller:
+    a view of the file's memory map where the input has one (its pages mapped by the reader, and
+    given back by it once the caller is done), else copied into one of SLOTS sets of buffers.
+    `chunk_bytes` None: whole tensors."""
     slots = [[torch.empty(chunk_bytes or 0, dtype=torch.uint8) for _ in checkpoints] for _ in range(SLOTS)]
     free: queue.Queue = queue.Queue()
     ready: queue.Queue = queue.Queue()
@@ -208,8 +202,9 @@ def run(
 
 @contextlib.contextmanager
 def _leaving_a_core_to_the_reader() -> Iterator[None]:
-    """torch's CPU threads one fewer while the merge runs: the reader thread's copies need a core of
-    their own, and torch's threads waiting between ops would take it (docs/benchmarks.md)."""
+    """torch's CPU threads one fewer while the merge runs: the reader thread (mapping pages, or
+    copying) needs a core of its own, and torch's threads waiting between ops would take it
+    (docs/benchmarks.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
     try:
