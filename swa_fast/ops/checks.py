@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+from . import rounding
+
 if TYPE_CHECKING:
     from .table import OpSpec
 
@@ -438,10 +440,10 @@ def check_call(spec: OpSpec, args: Sequence, max_count: int | None | _OnePass = 
     index by index, then a weight's device. `max_count`: the most weights one call takes (ONE_PASS:
     one call of the compiled op's; None: any number, as swa_fast.multi_lerp_ and
     swa_fast.weighted_sum_ split them)."""
-    lists, weight = args[: len(spec.params)], args[len(spec.params) :]
     expected = len(spec.params) + (spec.weight is not None)
-    if len(args) != expected:
+    if len(args) != expected and not (spec.rounds and len(args) == expected + 1):
         raise TypeError(f"swa_fast.{spec.name} takes {expected} positional arguments ({len(args)} given)")
+    lists, weight = args[: len(spec.params)], args[len(spec.params) : expected]
     kind = spec.weight
     count = kind.count(spec.name, *weight, max_count) if kind else None
     first = (spec.params[0].name, len(lists[0]))
@@ -453,3 +455,7 @@ def check_call(spec: OpSpec, args: Sequence, max_count: int | None | _OnePass = 
     check_lists(spec.name, bound)
     if kind and lists[0]:
         kind.check(spec.name, *weight, lists[0][0].device)
+    if len(args) > expected:
+        # one first element per index of the lists; the written lists' count, K for multi_lerp_
+        written_lists = spec.kernel_written(*args[:expected])
+        rounding.check_rounding(spec.name, args[expected], len(lists[-1]), written_lists)

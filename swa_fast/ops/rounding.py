@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 _MASK = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32's multipliers
@@ -164,7 +165,8 @@ def check_rounding(op: str, rounding, count: int, written_lists: int) -> None:
             f"swa_fast.{op}: `rounding` must be a 1-D tensor of {3 + count} elements (seed, step, stream, "
             f"then the first element index of each of the {count} tensors), got shape {list(rounding.shape)}"
         )
-    _check_rounding_values(op, StochasticRounding.of(rounding), written_lists)
+    if not isinstance(rounding, FakeTensor):  # (a fake tensor, traced, has no values to read)
+        _check_rounding_values(op, StochasticRounding.of(rounding), written_lists)
 
 
 def _check_rounding_values(op: str, key: StochasticRounding, written_lists: int) -> None:

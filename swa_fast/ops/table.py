@@ -44,6 +44,9 @@ class OpSpec:
     reference: Callable[..., None]  # reference.py: per-tensor PyTorch, the tests' oracle
     # foreach.py's fallback of an op its targets cannot describe (weighted_sum_'s), else None
     own_foreach: Callable[..., None] | None = field(default=None, repr=False)
+    # Whether a last, optional argument `rounding` may ask for stochastic rounding into its bf16 and
+    # fp16 written tensors (rounding.py): lerp_, moments_, multi_lerp_.
+    rounds: bool = False
     foreach: Callable[..., None] = field(init=False, repr=False)  # the torch._foreach_* fallback
     triton: Callable[..., None] = field(init=False, repr=False)  # check, then the Triton kernel
 
@@ -124,7 +127,8 @@ class OpSpec:
             f"Tensor({chr(ord('a') + k)}!)[] {name}" if k < self.written else f"Tensor[] {name}"
             for k, name in enumerate(self.lists)
         ]
-        return f"({', '.join(lists + [f'Tensor {self.weight_name}'] * self.weighted)}) -> ()"
+        rounding = ["Tensor? rounding=None"] * self.rounds
+        return f"({', '.join(lists + [f'Tensor {self.weight_name}'] * self.weighted + rounding)}) -> ()"
 
 
 def _bema_targets(ema, out, start, src, weights) -> list[list[Tensor]]:
@@ -145,15 +149,15 @@ OP_TABLE: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("lerp_",
            (written("avg"), read("src")), ONE_WEIGHT,
            lambda avg, src: [src],
-           reference.lerp_),
+           reference.lerp_, rounds=True),
     OpSpec("moments_",
            (written("mean"), written("sq", same_dtype=True), read("src")), ONE_WEIGHT,
            lambda mean, sq, src: [src, torch._foreach_mul(src, src)],  # in fp32: 300^2 overflows fp16
-           reference.moments_),
+           reference.moments_, rounds=True),
     OpSpec("multi_lerp_",
            (written("avgs", per_weight=True), read("src")), WEIGHT_PER_LIST,
            lambda *avgs_then_src: [avgs_then_src[-1]] * (len(avgs_then_src) - 1),  # each average to src
-           reference.multi_lerp_),
+           reference.multi_lerp_, rounds=True),
     OpSpec("bema_",
            (written("ema"), written("out", same_dtype=True), read("start", same_dtype=True), read("src")),
            NamedWeights("ema_weight", "correction"),
