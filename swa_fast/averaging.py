@@ -26,6 +26,7 @@ from .manager_state import ManagerState
 from .model_tensors import ModelCopy, TrackedModel, check_model, module_tensors
 from .ops import checks
 from .placement import OtherDevice, SameDevice, SideStream
+from .stochastic_rounding import ManagerRounding
 from .weighting import count, ema_decay, half_life_decay, real_number, swa_weight
 from .wrappers import hooked, unwrap
 
@@ -98,6 +99,11 @@ class Averager(CountedCalls, AverageReads, ManagerState):
             it can be recorded in a CUDA graph and replayed, and traced whole by torch.compile (no
             graph break, no recompilation per call). A few 0-dim device ops per update; beside the
             model only (no side_stream, no device=).
+        rounding: "nearest", or "stochastic": each update's fp32 result is rounded into bf16 and
+            fp16 averages stochastically (unbiased: an EMA of decay 0.9999 keeps moving in bf16
+            instead of stalling), by random bits of the seed, the update's number and each element's
+            place in the model, the same on every backend and rank (docs/low-precision.md).
+        seed: stochastic rounding's seed (64 bits), kept in the state_dict.
     """
 
     _CAPTURABLE = False  # whether the subclass has a capturable update (`_device_weight`)
@@ -117,6 +123,8 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         side_stream: bool = False,
         backend: str | None = None,
         capturable: bool = False,
+        rounding: str = "nearest",
+        seed: int = 0,
     ) -> None:
         if capturable and not self._CAPTURABLE:
             raise ValueError(
@@ -126,6 +134,9 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         check_model(model, type(self).__name__)
         dtype = average_dtype(dtype, module_tensors(unwrap(model)[0], use_buffers), type(self).__name__)
         options = [("dtype", str(dtype)), ("check_finite", check_finite), ("rank0_only", rank0_only)]
+        self._rounding = ManagerRounding(rounding, seed, type(self).__name__, self._OP)
+        if self._rounding.stochastic:  # every rank must draw alike
+            options += [("rounding", rounding), ("seed", seed)]
         self.tracked = TrackedModel(model, use_buffers, type(self).__name__, options, self._SOURCE)
         if rank0_only and self.tracked.sharded:
             raise ValueError(
@@ -161,6 +172,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
             backend=backend,
         )
         self.average = self._copy.flat
+        self._rounding.start(self.tracked, self._copy.stored(), capturable)
         self._integers = self._copy.integers
         self._placement: SameDevice | SideStream | OtherDevice
         if moved and self.holds_average:
@@ -345,7 +357,8 @@ class Averager(CountedCalls, AverageReads, ManagerState):
 
     def _run_update(self, tensors: list[Tensor], weight, counted_on_device: Tensor | None) -> None:
         """Run the update op over every group."""
-        self._plan.run(tensors, weight, counted=counted_on_device)
+        rounding = self._rounding.at(self._updates)
+        self._plan.run(tensors, weight, counted=counted_on_device, rounding=rounding)
 
     def wait(self) -> None:
         """Make what follows see every update made so far: on the GPU for a side-stream update (no
@@ -364,7 +377,7 @@ class SWA(Averager):
     Args:
         model: the model to average.
         **options: the `Averager`'s (dtype, use_buffers, check_finite, rank0_only, device,
-            side_stream, backend, capturable).
+            side_stream, backend, capturable, rounding, seed).
     """
 
     _CAPTURABLE = True
@@ -401,8 +414,8 @@ class EMA(Averager):
             a half-life (`half_life_fraction` is a warmup of its own).
         update_after_step: the first `update_after_step + 1` calls to `update` copy the model.
         update_every: after that, only every `update_every`-th call averages.
-        dtype, use_buffers, check_finite, rank0_only, device, side_stream, backend, capturable:
-            as the `Averager`'s.
+        dtype, use_buffers, check_finite, rank0_only, device, side_stream, backend, capturable,
+        rounding, seed: as the `Averager`'s.
     """
 
     _CAPTURABLE = True
@@ -426,6 +439,8 @@ class EMA(Averager):
         side_stream: bool = False,
         backend: str | None = None,
         capturable: bool = False,
+        rounding: str = "nearest",
+        seed: int = 0,
     ) -> None:
         if warmup_gamma is not None:
             warmup_gamma = real_number(warmup_gamma, "EMA: warmup_gamma", 0.0, above_low=True)
@@ -447,6 +462,8 @@ class EMA(Averager):
             side_stream=side_stream,
             backend=backend,
             capturable=capturable,
+            rounding=rounding,
+            seed=seed,
         )
         self.decay = decay  # None: it changes at every averaging update (half_life_fraction)
         self.half_life = half_life

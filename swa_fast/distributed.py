@@ -296,3 +296,36 @@ def full_state_dict(state: dict, *, rank0_only: bool = True, cpu: bool = True) -
 
     out = gather(state)
     return out if keep else {}
+
+
+def element_firsts(shapes: Sequence[torch.Size], layouts: Sequence, owner: str) -> list[int]:
+    """Where each tensor's local part starts in the whole model's flat layout (its tensors end to end
+    in order, each padded as a flat buffer pads it): the index stochastic rounding draws by, so the
+    same element gets the same bits whatever the sharding. `shapes` are the global shapes; a DTensor
+    must be replicated or sharded along its first dim only (FSDP2's), whose local shard is one
+    range of the global tensor; a ZeRO partition starts at its own offset."""
+    from .flat import padded_numel
+
+    firsts, at = [], 0
+    for shape, layout in zip(shapes, layouts):
+        firsts.append(at + _local_start(shape, layout, owner))
+        at += padded_numel(shape.numel())
+    return firsts
+
+
+def _local_start(shape: torch.Size, layout, owner: str) -> int:
+    """The index in the global tensor of the local part's first element."""
+    if layout is None:
+        return 0
+    if isinstance(layout, zero.Partition):
+        return layout.start
+    if any(p.is_shard() and p.dim != 0 for p in layout.placements):
+        raise ValueError(
+            f"swa_fast.{owner}: rounding='stochastic' numbers each element by its place in the whole "
+            f"model, which a shard along another dim than the first does not keep in one range; got "
+            f"{layout.describe()}"
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(shape, layout.mesh, layout.placements)
+    return offset[0] * (shape.numel() // shape[0]) if shape and shape[0] else 0

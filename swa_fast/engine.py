@@ -152,16 +152,32 @@ class UpdatePlan:
         if kind == EXACT:
             return None
         if self.op == "multi_lerp_":  # K nested lists: the public function splits K > 4 into passes
-            return lambda *args: ops.multi_lerp_(args[:-2], args[-2], args[-1], backend=self.backend)
+            return self._multi_lerp
         return ops.BoundOp(self.op, device, self.backend)
+
+    def _multi_lerp(self, *args) -> None:
+        """multi_lerp_ over the K target lists, the sources, the weights and, maybe, `rounding`."""
+        k = len(self.targets)
+        rounding = args[k + 2] if len(args) > k + 2 else None
+        ops.multi_lerp_(args[:k], args[k], args[k + 1], rounding=rounding, backend=self.backend)
 
     # --- using it -------------------------------------------------------------------------------------
 
-    def run(self, sources: Sequence[Tensor], *scalars, counted: Tensor | None = None) -> None:
+    def run(
+        self,
+        sources: Sequence[Tensor],
+        *scalars,
+        counted: Tensor | None = None,
+        rounding: Tensor | None = None,
+    ) -> None:
         """Update every target from `sources` (laid out as at construction) with the op's scalars
         (lerp_'s and moments_'s weight, multi_lerp_'s weights; none for copy_). Exact pairs are
         copied, only where `counted` (a device boolean, when the device decides whether an update
-        counts) is true. Every group is checked before any is written."""
+        counts) is true. `rounding`: the op's stochastic rounding (ops.rounding: seed, step, stream,
+        then the first element of each position), cut to each group. Every group is checked
+        before any is written."""
+        if rounding is not None:
+            scalars = (*scalars, rounding)
         single = self._single
         if single is None:
             self._run_groups(sources, scalars, counted)
@@ -230,12 +246,16 @@ class UpdatePlan:
         if group.move:
             src = [s if s.device == group.device else s.detach().to(group.device) for s in src]
         placed = [_on(s, group.device) for s in scalars]
+        if len(scalars) > 1 and group.take is not None:  # `rounding`'s firsts, cut to the group
+            rounding = scalars[-1]
+            placed[-1] = torch.cat([rounding[:3], rounding[3:][group.positions]])
         return group, [*group.targets, src, *placed]
 
     def _check(self, args: list) -> None:
         if self.op == "multi_lerp_":
-            *avgs, src, weights = args
-            ops.OP_TABLE[self.op].check([t for lst in avgs for t in lst], src, weights, max_count=None)
+            k = len(self.targets)
+            avgs, rest = args[:k], args[k:]
+            ops.OP_TABLE[self.op].check([t for lst in avgs for t in lst], *rest, max_count=None)
         else:
             ops.OP_TABLE[self.op].check(*args)
 

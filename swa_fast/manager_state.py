@@ -47,6 +47,7 @@ class ManagerState:
             "n_skipped": self.n_skipped,
             "calls": self.calls,
             "updates": self.updates,
+            **self._rounding.state(),
             **self._extra_state(),
         }
 
@@ -70,12 +71,14 @@ class ManagerState:
             )
         counts = {key: self._saved_count(state, key) for key in ("n_averaged", "n_skipped", "calls")}
         updates = self._saved_count(state, "updates" if "updates" in state else "folds")  # older saves
+        self._rounding.check(state, f"{type(self).__name__}.load_state_dict")
         checked = self._check_extra_state(state)
         self._copy.load_named(state["average"])  # checks every entry before writing any
         self.counts.set(counts["n_averaged"], counts["n_skipped"])
         self.calls = counts["calls"]
         self.updates = counts["calls"] if updates is None else updates
         self._load_extra_state(checked)
+        self._rounding.load(state)
 
     def _saved_count(self, state: dict, key: str) -> int | None:
         """`state[key]`, a count (an int or a 0-dim integer tensor, >= 0) as an int, checked before

@@ -32,9 +32,12 @@ from . import ops
 from .bn import update_bn
 from .buffer_copy import BufferCopy
 from .counts import numpy_view
+from .distributed import element_firsts
 from .engine import UpdatePlan
 from .flat import FlatBuffer
 from .model_tensors import ModuleWalk, module_buffers, module_tensors, pick, save_own_bytes
+from .ops.rounding import STOCHASTIC_DTYPES, rounding_tensor
+from .stochastic_rounding import ManagerRounding
 from .weighting import ema_weight, real_number, swa_weight
 
 __all__ = [
@@ -233,6 +236,16 @@ class _Prepared:
         # the usual layout: every averaged tensor floating, on one device, run by the extension
         # (which then also copies the buffers in the same call: ops.eager_lerp_then_copy)
         self.plain = not integers and len(devices) < 2 and self.lerp.eager is not None
+        self._rounding: Tensor | None = None  # rounding="stochastic"'s op argument, at its first use
+
+    def rounding_at(self, averaged: list[Tensor], seed: int, step: int) -> Tensor:
+        """The `rounding` argument of the floating tensors' lerp_ for update `step`: each tensor
+        numbered by its place in the averaged copy's tensors laid end to end."""
+        if self._rounding is None:
+            firsts = element_firsts([t.shape for t in averaged], [None] * len(averaged), "AveragedModel")
+            self._rounding = rounding_tensor(0, 0, firsts if self.floating is None else self.floating(firsts))
+        self._rounding[0], self._rounding[1] = seed, step
+        return self._rounding
 
 
 class AveragedModel(Module):
@@ -251,6 +264,12 @@ class AveragedModel(Module):
         dtype: the dtype of the averaged copy's floating parameters and buffers (default: the
             model's own, as in torch). `dtype=torch.float32` keeps an fp32 average of a bf16/fp16
             model, so small updates are not rounded away; the averaged model then computes in fp32.
+        rounding: "nearest" (torch's), or "stochastic": each update rounds into bf16/fp16 averages
+            stochastically (`dtype=torch.bfloat16, rounding="stochastic"`: half the memory of an fp32
+            average, and an EMA that keeps moving), by random bits of the seed, `n_averaged` and each
+            element's place, the same on every backend (docs/low-precision.md). Each update then
+            reads `n_averaged` and the seed on the host.
+        seed: stochastic rounding's seed, kept in the state_dict (`rounding_seed`).
     """
 
     n_averaged: Tensor
@@ -264,8 +283,11 @@ class AveragedModel(Module):
         use_buffers: bool = False,
         *,
         dtype: torch.dtype | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        stochastic = ManagerRounding(rounding, seed, "AveragedModel", "lerp_").stochastic
         if avg_fn is not None and multi_avg_fn is not None:
             raise AssertionError("Only one of avg_fn and multi_avg_fn should be provided")
         self.module = deepcopy(model)
@@ -274,6 +296,14 @@ class AveragedModel(Module):
         if dtype is not None:
             self.module = self.module.to(dtype)
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
+        if stochastic:
+            if not any(t.dtype in STOCHASTIC_DTYPES for t in module_tensors(self.module, use_buffers)):
+                raise ValueError(
+                    "swa_fast.AveragedModel: rounding='stochastic' rounds bfloat16 and float16 averages, "
+                    "but the averaged copy has none: pass dtype=torch.bfloat16 (or torch.float16)"
+                )
+            self.register_buffer("rounding_seed", torch.tensor(seed, dtype=torch.long))
+        self._stochastic = stochastic
         self.avg_fn = avg_fn
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
@@ -317,7 +347,10 @@ class AveragedModel(Module):
         weight = swa_weight(n) if kind[0] == "swa" else ema_weight(kind[1], n)
         eager = not _is_compiling()  # asked once: then the ops' entry points are called straight
         copied = False
-        if eager and prepared.plain and not self._moved:
+        if self._stochastic:
+            rounding = prepared.rounding_at(averaged, int(self.rounding_seed), int(n_averaged))
+            self._update_fused(prepared, current, averaged, weight, kind, n, rounding)
+        elif eager and prepared.plain and not self._moved:
             try:  # the usual case: one call, whose ops' checks (before they write) say if anything is amiss
                 if prepared.copy_buffers.by_op:
                     copied = ops.eager_lerp_then_copy(averaged, current, weight, ours, theirs)
@@ -336,7 +369,14 @@ class AveragedModel(Module):
             n_averaged.add_(1)
 
     def _update_fused(
-        self, prepared: _Prepared, current: list[Tensor], averaged: list[Tensor], weight, kind: tuple, n
+        self,
+        prepared: _Prepared,
+        current: list[Tensor],
+        averaged: list[Tensor],
+        weight,
+        kind: tuple,
+        n,
+        rounding: Tensor | None = None,
     ) -> None:
         if len(current) != len(averaged):
             raise ValueError(
@@ -351,7 +391,7 @@ class AveragedModel(Module):
             prepared.plan = UpdatePlan(
                 "lerp_", [avg], src, owner="AveragedModel", move_sources=True, keep_sources=False
             )
-        prepared.plan.run(src, weight)
+        prepared.plan.run(src, weight, rounding=rounding)
         if prepared.integers is not None:
             self._update_integers(prepared.integers(averaged), prepared.integers(current), kind, n)
 

@@ -43,8 +43,8 @@ class SWAG(SWA, PredictsOnBatches):
         use_buffers: collect floating buffers too (BatchNorm statistics; `update_bn` after a
             sample recomputes them for the sampled weights anyway).
         check_finite: refused: a skipped update would still write its non-finite deviation row.
-        rank0_only, device, side_stream, backend: as the `Averager`'s (capturable is refused: each
-            update chooses its deviation row on the host).
+        rank0_only, device, side_stream, backend, rounding, seed: as the `Averager`'s (capturable
+            is refused: each update chooses its deviation row on the host).
     """
 
     _CAPTURABLE = False  # a deviation row per update, chosen on the host
@@ -62,6 +62,8 @@ class SWAG(SWA, PredictsOnBatches):
         side_stream: bool = False,
         backend: str | None = None,
         capturable: bool = False,
+        rounding: str = "nearest",
+        seed: int = 0,
     ) -> None:
         max_rank = count(max_rank, "SWAG: max_rank", 0)
         if check_finite:
@@ -76,6 +78,8 @@ class SWAG(SWA, PredictsOnBatches):
             side_stream=side_stream,
             backend=backend,
             capturable=capturable,  # (refused: its update decides on the host)
+            rounding=rounding,  # (the mean's and the second moment's, each with its own bits)
+            seed=seed,
         )
         self.max_rank = max_rank
         self.sq = FlatBuffer(self.average.views)  # the first update overwrites it exactly

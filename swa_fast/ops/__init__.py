@@ -34,6 +34,7 @@ from .backends import BUILD_INFO as BUILD_INFO
 from .backends import ENV_BACKEND as ENV_BACKEND
 from .backends import EXTENSION_ERROR as EXTENSION_ERROR
 from .backends import usable_backends as usable_backends
+from .rounding import StochasticRounding as StochasticRounding
 from .runner import _COMPILED, _is_compiling, as_list, runner
 from .table import OP_TABLE
 from .table import OpSpec as OpSpec
@@ -63,14 +64,34 @@ _run_copy = runner(OP_TABLE["copy_"])
 _run_swap = runner(OP_TABLE["swap_"])
 
 
+def _rounded(weight: tuple, rounding: StochasticRounding | Tensor | str | None, src) -> tuple:
+    """The op's arguments after the lists: the weight, then `rounding` as the op takes it (a tensor
+    of seed, step, stream and each index's first element) where it asks for stochastic rounding."""
+    if rounding is None or (isinstance(rounding, str) and rounding == "nearest"):
+        return weight
+    if isinstance(rounding, StochasticRounding):
+        return (*weight, rounding.tensor(src))
+    return (*weight, rounding)  # a tensor, or what the op's check refuses with its message
+
+
 def lerp_(
-    avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float, *, backend: str | None = None
+    avg: Sequence[Tensor],
+    src: Sequence[Tensor],
+    weight: Tensor | float,
+    *,
+    rounding: StochasticRounding | Tensor | None = None,
+    backend: str | None = None,
 ) -> None:
     """avg[i] += weight * (src[i] - avg[i]) for every i, in place: SWA with weight 1/(n+1)
     (Izmailov et al. 2018), EMA with weight 1 - decay. Computed as torch.lerp (exact at weights 0
     and 1); weight 0 leaves avg untouched even where src is inf or NaN, weight 1 writes src even
-    where avg is."""
-    _run_lerp([avg, src], (weight,), backend)
+    where avg is.
+
+    `rounding`: None (or "nearest") rounds the fp32 result to nearest; a `StochasticRounding`
+    (swa_fast.ops) rounds it stochastically into bf16 and fp16 averages, the same bits on every
+    backend (docs/low-precision.md)."""
+    src = as_list(src)
+    _run_lerp([avg, src], _rounded((weight,), rounding, src), backend)
 
 
 def moments_(
@@ -79,12 +100,15 @@ def moments_(
     src: Sequence[Tensor],
     weight: Tensor | float,
     *,
+    rounding: StochasticRounding | Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """SWAG's running moments in one pass (Maddox et al. 2019):
     mean += w (src - mean), sq += w (src^2 - sq), src^2 taken in the arithmetic dtype. Weights 0
-    and 1 behave as in lerp_ (1 writes src and src^2)."""
-    _run_moments([mean, sq, src], (weight,), backend)
+    and 1 behave as in lerp_ (1 writes src and src^2). `rounding` as in lerp_ (sq's stream is
+    mean's + 1)."""
+    src = as_list(src)
+    _run_moments([mean, sq, src], _rounded((weight,), rounding, src), backend)
 
 
 def _weight_values(weights) -> Tensor | list:
@@ -138,6 +162,7 @@ def multi_lerp_(
     src: Sequence[Tensor],
     weights: Tensor | Sequence[float],
     *,
+    rounding: StochasticRounding | Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """avgs[k][i] += weights[k] * (src[i] - avgs[k][i]) for every average k and every i, in one pass
@@ -157,24 +182,34 @@ def multi_lerp_(
             host) or on the tensors' device (read by the kernels: no host synchronisation, CUDA-graph
             capturable). The compiled op updates up to 4 averages per pass; more are split into
             passes of at most 4 (each reading src again), after checking the whole call.
+        rounding: as for lerp_; average k's stream is the first's + k.
         backend: as for lerp_.
     """
     weights = _weight_values(weights)
     count = _weight_count(weights)
     src = as_list(src)
     flat = _concatenated("multi_lerp_", "avgs", avgs, count, "list of averages")
+    tail = _rounded((weights,), rounding, src)
     if count is None or count <= checks.MAX_AVERAGES_PER_PASS:
-        _run_multi_lerp([flat, src], (weights,), backend)
+        _run_multi_lerp([flat, src], tail, backend)
         return
     # More averages than one pass holds: the whole call is checked first, so that a bad one writes
     # nothing; a source that is one of the averages is read from a copy by the later passes.
-    OP_TABLE["multi_lerp_"].check(flat, src, weights, max_count=None)
+    OP_TABLE["multi_lerp_"].check(flat, src, *tail, max_count=None)
     written = {a.data_ptr() for a in flat}
     src = [s.clone() if s.data_ptr() in written else s for s in src]
     n = len(src)
     for first in range(0, count, checks.MAX_AVERAGES_PER_PASS):
         last = min(first + checks.MAX_AVERAGES_PER_PASS, count)
-        _run_multi_lerp([flat[first * n : last * n], src], (weights[first:last],), backend)
+        rounded = () if len(tail) == 1 else (_later_streams(tail[1], first),)
+        _run_multi_lerp([flat[first * n : last * n], src], (weights[first:last], *rounded), backend)
+
+
+def _later_streams(rounding: Tensor, by: int) -> Tensor:
+    """A `rounding` tensor whose first written list's stream is `by` later (a later pass's averages)."""
+    out = rounding.clone()
+    out[2] += by
+    return out
 
 
 def bema_(
@@ -324,11 +359,13 @@ class BoundOp:
     makes several calls in one update asks `torch.compiler.is_compiling()` once and, when it is
     False, calls `eager` straight (a call through the BoundOp costs more)."""
 
-    __slots__ = ("op", "device", "backend", "eager", "_public")
+    __slots__ = ("op", "device", "backend", "eager", "_public", "_arguments")
 
     def __init__(self, op: str, device: torch.device | str, backend: str | None = None) -> None:
         self.op, self.device, self.backend = op, torch.device(device), backend
         self._public = _BINDABLE[op]
+        spec = OP_TABLE[op]
+        self._arguments = len(spec.params) + spec.weighted  # before the optional `rounding`
         try:
             chosen = choose_backend(self.device, backend)
         except (RuntimeError, ValueError):
@@ -338,6 +375,8 @@ class BoundOp:
     def __call__(self, *args) -> None:
         if self.eager is not None and not _is_compiling():
             self.eager(*args)
+        elif len(args) > self._arguments:  # the public function takes `rounding` by name
+            self._public(*args[:-1], rounding=args[-1], backend=self.backend)
         else:
             self._public(*args, backend=self.backend)
 

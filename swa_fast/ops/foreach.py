@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .rounding import StochasticRounding
 
 if TYPE_CHECKING:
     from .table import OpSpec
@@ -27,6 +28,9 @@ def fallback(spec: OpSpec) -> Callable[..., None]:
     targets_of, weight = spec.targets, spec.weight
 
     def run(*args) -> None:
+        rounding = None
+        if len(args) > n_lists + 1:  # the optional `rounding` after the weight (rows with rounds)
+            args, rounding = args[:-1], args[-1]
         lists = spec.kernel_lists(*args)
         n_written = spec.kernel_written(*args)  # multi_lerp_ writes K lists
         written, read = lists[:n_written], lists[n_written:]
@@ -36,11 +40,23 @@ def fallback(spec: OpSpec) -> Callable[..., None]:
             return
         given = args[n_lists:] if weight.targets_take_weights else ()
         targets = _read_before_writes(_targets_in_acc(targets_of, written, read, given), written)
-        for dst, target, w in zip(written, targets, weight.each(args[n_lists], n_written)):
+        weights = weight.each(args[n_lists], n_written)
+        if rounding is not None:
+            _lerp_rounded(written, targets, weights, StochasticRounding.of(rounding))
+            return
+        for dst, target, w in zip(written, targets, weights):
             _lerp_into(dst, target, w)
 
     run.__name__ = run.__qualname__ = f"foreach_{spec.name}"
     return run
+
+
+def _lerp_rounded(written: list, targets: list[list[Tensor]], weights: list, key: StochasticRounding) -> None:
+    """Each written list j moved towards its target by its weight, in new tensors of the
+    accumulation dtype, then stored with stochastic rounding (written list j's stream)."""
+    for j, (dst, target, w) in enumerate(zip(written, targets, weights)):
+        for i, (d, value) in enumerate(zip(dst, lerped(dst, target, w))):
+            key.store(d, value, i, j)
 
 
 def weighted_sum(dst: Sequence[Tensor], srcs: Sequence[Tensor], weights: Tensor | Sequence[float]) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .rounding import StochasticRounding
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the ops compute in for a destination of `dtype`: fp32, fp64 for fp64; copy_'s
@@ -37,30 +39,51 @@ def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
     return torch.where(weight == 0, start, torch.where(weight == 1, end, torch.lerp(start, end, weight)))
 
 
+def _store(dst: Tensor, value: Tensor, rounding: Tensor | None, i: int, written_list: int) -> None:
+    """dst (index i of the call's written list `written_list`) set to value: rounded to nearest, or
+    stochastically into bf16/fp16 by the op's `rounding` (rounding.py), which leaves a value dst
+    holds exactly as it is (weight 0's)."""
+    if rounding is None:
+        dst.copy_(value)
+    else:
+        StochasticRounding.of(rounding).store(dst, value, i, written_list)
+
+
 @torch.no_grad()
-def lerp_(avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float) -> None:
+def lerp_(
+    avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float, rounding: Tensor | None = None
+) -> None:
     """avg += weight * (src - avg)   (SWA with weight 1/(n+1), EMA with 1 - decay)"""
-    for a, s in zip(avg, src):
+    for i, (a, s) in enumerate(zip(avg, src)):
         acc = acc_dtype(a.dtype)
-        a.copy_(_lerp(a.to(acc), _read(s, acc), _weight(weight, a)))
+        _store(a, _lerp(a.to(acc), _read(s, acc), _weight(weight, a)), rounding, i, 0)
 
 
 @torch.no_grad()
 def moments_(
-    mean: Sequence[Tensor], sq: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float
+    mean: Sequence[Tensor],
+    sq: Sequence[Tensor],
+    src: Sequence[Tensor],
+    weight: Tensor | float,
+    rounding: Tensor | None = None,
 ) -> None:
     """mean += w (src - mean);  sq += w (src^2 - sq)   (SWAG, Maddox et al. 2019)"""
-    for m, q, s in zip(mean, sq, src):
+    for i, (m, q, s) in enumerate(zip(mean, sq, src)):
         acc = acc_dtype(m.dtype)
         x, w = _read(s, acc), _weight(weight, m)
         # Both computed before either is written: src may be mean or sq itself.
         new_mean, new_sq = _lerp(m.to(acc), x, w), _lerp(q.to(acc), x * x, w)
-        m.copy_(new_mean)
-        q.copy_(new_sq)
+        _store(m, new_mean, rounding, i, 0)
+        _store(q, new_sq, rounding, i, 1)
 
 
 @torch.no_grad()
-def multi_lerp_(avgs: Sequence[Tensor], src: Sequence[Tensor], weights: Tensor | Sequence[float]) -> None:
+def multi_lerp_(
+    avgs: Sequence[Tensor],
+    src: Sequence[Tensor],
+    weights: Tensor | Sequence[float],
+    rounding: Tensor | None = None,
+) -> None:
     """avgs[k * len(src) + i] += weights[k] * (src[i] - avgs[k * len(src) + i])   (K = len(weights)
     averages of one source, concatenated in `avgs`)"""
     n = len(src)
@@ -72,7 +95,7 @@ def multi_lerp_(avgs: Sequence[Tensor], src: Sequence[Tensor], weights: Tensor |
             acc = acc_dtype(a.dtype)
             new.append(_lerp(a.to(acc), _read(s, acc), _weight(weights[k], a)))
         for k, value in enumerate(new):
-            avgs[k * n + i].copy_(value)
+            _store(avgs[k * n + i], value, rounding, i, k)
 
 
 @torch.no_grad()

@@ -105,18 +105,25 @@ def round_stochastically(x: Tensor, dtype: torch.dtype, r: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class StochasticRounding:
-    """What an op's `rounding` argument says, parsed: the seed, the update's step, the first written
-    list's stream, and each index's `first` (its tensor's first element in the flat average)."""
+    """Stochastic rounding for lerp_, moments_ and multi_lerp_ (their `rounding=`): the seed, the
+    update's step (a new draw at every step), the stream of the call's first written list, and each
+    index's `first`, its tensor's first element in the whole flat average (None: the call's tensors
+    laid end to end, in order). The ops take it as a tensor (`tensor`); `of` parses one."""
 
-    seed: int
-    step: int
-    stream: int
-    firsts: tuple[int, ...]
+    seed: int = 0
+    step: int = 0
+    stream: int = 0
+    firsts: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, rounding: Tensor) -> StochasticRounding:
         values = rounding.tolist()
         return cls(values[0], values[1], values[2], tuple(values[3:]))
+
+    def tensor(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The op's `rounding` argument for a call whose indices hold `tensors` (its source list)."""
+        firsts = consecutive_firsts(tensors) if self.firsts is None else self.firsts
+        return rounding_tensor(self.seed, self.step, firsts, self.stream)
 
     def store(self, dst: Tensor, value: Tensor, i: int, written_list: int = 0) -> None:
         """dst (index i of written list `written_list` of the call) set to value (its accumulation
