@@ -55,6 +55,8 @@ def _lerp_rounded(written: list, targets: list[list[Tensor]], weights: list, key
     """Each written list j moved towards its target by its weight, in new tensors of the
     accumulation dtype, then stored with stochastic rounding (written list j's stream)."""
     for j, (dst, target, w) in enumerate(zip(written, targets, weights)):
+        if not isinstance(w, Tensor) and float(w) == 0:  # (as the kernels, weight 0 writes nothing)
+            continue
         for i, (d, value) in enumerate(zip(dst, lerped(dst, target, w))):
             key.store(d, value, i, j)
 

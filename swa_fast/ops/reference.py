@@ -41,8 +41,7 @@ def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
 
 def _store(dst: Tensor, value: Tensor, rounding: Tensor | None, i: int, written_list: int) -> None:
     """dst (index i of the call's written list `written_list`) set to value: rounded to nearest, or
-    stochastically into bf16/fp16 by the op's `rounding` (rounding.py), which leaves a value dst
-    holds exactly as it is (weight 0's)."""
+    stochastically into bf16/fp16 by the op's `rounding` (rounding.py)."""
     if rounding is None:
         dst.copy_(value)
     else:
@@ -56,7 +55,9 @@ def lerp_(
     """avg += weight * (src - avg)   (SWA with weight 1/(n+1), EMA with 1 - decay)"""
     for i, (a, s) in enumerate(zip(avg, src)):
         acc = acc_dtype(a.dtype)
-        _store(a, _lerp(a.to(acc), _read(s, acc), _weight(weight, a)), rounding, i, 0)
+        w = _weight(weight, a)
+        if rounding is None or w != 0:  # (as the kernels, weight 0 writes nothing)
+            _store(a, _lerp(a.to(acc), _read(s, acc), w), rounding, i, 0)
 
 
 @torch.no_grad()
@@ -71,6 +72,8 @@ def moments_(
     for i, (m, q, s) in enumerate(zip(mean, sq, src)):
         acc = acc_dtype(m.dtype)
         x, w = _read(s, acc), _weight(weight, m)
+        if rounding is not None and w == 0:
+            continue
         # Both computed before either is written: src may be mean or sq itself.
         new_mean, new_sq = _lerp(m.to(acc), x, w), _lerp(q.to(acc), x * x, w)
         _store(m, new_mean, rounding, i, 0)
@@ -93,9 +96,12 @@ def multi_lerp_(
         for k in range(len(weights)):
             a = avgs[k * n + i]
             acc = acc_dtype(a.dtype)
-            new.append(_lerp(a.to(acc), _read(s, acc), _weight(weights[k], a)))
+            w = _weight(weights[k], a)
+            skipped = rounding is not None and w == 0  # (as the kernels, weight 0 writes nothing)
+            new.append(None if skipped else _lerp(a.to(acc), _read(s, acc), w))
         for k, value in enumerate(new):
-            _store(avgs[k * n + i], value, rounding, i, k)
+            if value is not None:
+                _store(avgs[k * n + i], value, rounding, i, k)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ index in the tensor), in written list `stream` of the call, at update `step`, wi
 
 and the fp32 value x is rounded with r as follows (u: x's bits, f = u & 0x7fffffff, sign = u >> 31):
 
-    x not finite:   as nearest (torch's conversion: inf stays inf, NaN stays NaN)
+    x not finite:   bf16: (u >> 16) | 0x40 for NaN (inf stays inf; NaN keeps its sign and stays NaN)
+                    fp16: 0x7c00 for inf, 0x7e00 for NaN, with the sign
     bf16:           (u + r) >> 16          the 16 dropped bits plus r, truncated: up with probability
                                            (dropped bits) / 2^16, exactly
     fp16, f >= 2^-14 (normal range):
@@ -99,8 +100,13 @@ def round_stochastically(x: Tensor, dtype: torch.dtype, r: Tensor) -> Tensor:
         m = q.trunc()
         small = m.to(torch.int64) + ((((q - m) * 65536.0).trunc().to(torch.int64) + r) >> 16)
         bits = torch.where(f >= 0x38800000, normal, small) | (negative.to(torch.int64) << 15)
-    rounded = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(dtype)
-    return torch.where(f >= 0x7F800000, x.to(dtype), rounded)
+    nan = (f > 0x7F800000).to(torch.int64)
+    if dtype == torch.bfloat16:
+        not_finite = (u >> 16) | (nan << 6)  # (a NaN whose payload is in the dropped bits stays NaN)
+    else:
+        not_finite = 0x7C00 | (nan << 9) | (negative.to(torch.int64) << 15)
+    bits = torch.where(f >= 0x7F800000, not_finite, bits)
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(dtype)
 
 
 @dataclass(frozen=True)
