@@ -309,6 +309,50 @@ def _dcp_round_trip(rank, tmp):
             assert torch.equal(a["average"][name].to_local(), b["average"][name].to_local()), name
 
 
+def _scaled(model, step: int) -> None:
+    """The same new weights on a shard as on the whole tensor: each scaled in place, no training
+    (whose reductions would differ between one process and two ranks in the last bits)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            (p.to_local() if isinstance(p, DTensor) else p).mul_(1.0 + 0.013 * (step + 1))
+
+
+def _stochastic_emas(model, updates: int):
+    emas = [
+        swa_fast.EMA(model, decay=0.7, dtype=torch.bfloat16, rounding="stochastic", seed=5),
+        swa_fast.SWAG(model, 2, dtype=torch.float16, rounding="stochastic", seed=6),
+    ]
+    for step in range(updates):
+        _scaled(model, step)
+        for ema in emas:
+            ema.update(model)
+    return emas
+
+
+def _fsdp2_stochastic_rounding(rank, tmp):
+    """An FSDP2 model's shards (rank 1's bias halves start off the 8-element grid, Linear(3, 1)'s
+    shard is empty there) round as the same elements of the whole model: the gathered averages
+    equal one process's bit for bit, and both ranks of a DDP model agree with no communication."""
+    sharded = _stochastic_emas(fsdp_mlp(), 5)
+    whole = _stochastic_emas(mlp(*WIDTHS, activation=torch.nn.Tanh), 5)
+    for ours, one in zip(sharded, whole):
+        gathered = full_state_dict(ours.state_dict(), rank0_only=False)
+        expected = one.state_dict()
+        for name in expected["average"]:
+            assert torch.equal(
+                gathered["average"][name].view(torch.int16), expected["average"][name].view(torch.int16)
+            ), name
+    replicated = _stochastic_emas(DDP(mlp(*WIDTHS, activation=torch.nn.Tanh)), 5)
+    for ema in replicated:
+        assert_same_on_every_rank(
+            {n: t.view(torch.int16).int() for n, t in ema.state_dict()["average"].items()}
+        )
+
+
+def test_stochastic_rounding_of_shards_equals_one_process_bit_for_bit(on_two_ranks):
+    on_two_ranks(_fsdp2_stochastic_rounding)
+
+
 def test_dcp_round_trip_of_sharded_managers_resumes_exactly(on_two_ranks):
     on_two_ranks(_dcp_round_trip)
 

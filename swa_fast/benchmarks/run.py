@@ -40,6 +40,7 @@ from swa_fast import ops
 from swa_fast.benchmarks.bema import bench_bema
 from swa_fast.benchmarks.deepspeed import bench_deepspeed
 from swa_fast.benchmarks.integrations import LIBRARIES, bench_integrations
+from swa_fast.benchmarks.low_precision import bench_low_precision
 from swa_fast.benchmarks.merge import bench_merge_suite, print_merge
 from swa_fast.benchmarks.multi_lerp import bench_multi_lerp
 from swa_fast.benchmarks.posthoc import bench_posthoc
@@ -126,6 +127,11 @@ def steps(sets, full, device, min_run_time, mergekit_python=None):
     ]
     out += [
         ("multi_lerp_ K=2", "extras", partial(bench_multi_lerp, shapes, first, device, t)),
+        (
+            "bf16 average, stochastic rounding",
+            "extras",
+            partial(bench_low_precision, shapes, first, device, t),
+        ),
         ("post-hoc EMA", "extras", partial(bench_posthoc, shapes, first, device, t)),
         ("transformers.Trainer step with EMACallback", "extras", partial(bench_trainer_step, device, t)),
         ("BEMA update", "extras", partial(bench_bema, shapes, first, device, t)),

@@ -12,6 +12,7 @@ def check_targets(rows, device):
     the workloads that ran are checked."""
     targets = _Targets(rows, device)
     _multi_lerp_targets(targets, rows)
+    _low_precision_targets(targets, rows)
     if device.type == "cpu":
         targets.checks += one_update_targets(rows) + engine_targets(rows)
         _cpu_targets(targets)
@@ -65,6 +66,17 @@ def _multi_lerp_targets(targets, rows):
     for workload in dict.fromkeys(r["workload"] for r in rows if r["workload"].endswith("multi_lerp_ K=2")):
         targets.check("x vs two lerp_ passes", workload, "float32", lambda r: r.get("x_vs_two_lerps"), 1.1)
         targets.check("x vs two lerp_ passes", workload, "bfloat16", lambda r: r.get("x_vs_two_lerps"), 1.0)
+
+
+def _low_precision_targets(targets, rows):
+    # a bf16 average rounded stochastically: 6 bytes an element against the fp32 average's 10
+    for workload in dict.fromkeys(
+        r["workload"] for r in rows if r["workload"].endswith("stochastic rounding")
+    ):
+        targets.check(
+            "x vs the fp32 average", workload, "bfloat16", lambda r: r.get("x_vs_fp32_average"), 1.4
+        )
+        targets.check("fraction of copy bandwidth", workload, "bfloat16", lambda r: r["of_copy_bw"], 0.8)
 
 
 def _cpu_targets(targets):
