@@ -6,6 +6,9 @@ list seen before are reused from a small cache. The op table (table.py) register
 `swa_fast::<op>_triton` (register_op); their bodies run the reference when the tensors are not on
 CUDA and the interpreter is off, so `opcheck` and `torch.compile` work on any machine. Arithmetic
 is in fp32 (fp64 for fp64 destinations); bf16/fp16 values are upcast right after loading.
+Given `rounding` (lerp_, moments_, multi_lerp_), bf16/fp16 results are rounded stochastically with
+ops/rounding.py's bits: each tensor's first element in the flat average goes in the launch table,
+seed, step and stream as int32 scalars, and the kernels' STOCHASTIC variant draws the bits.
 
 Triton itself is imported only when a kernel is needed (the kernels are in triton_jit.py): at the
 first launch, or when the backend choice asks whether Triton runs on a GPU. `KERNELS`, `Blockwise`
