@@ -4,9 +4,11 @@ the interpreter the other tests use accepts things the compiler rejects.
 The variants are the launchers' own: each op of ops.OP_TABLE with a Triton kernel is launched
 (launch recorded, not run) on conftest.make_case's arguments for every pair of float dtypes, with
 16-byte aligned tensors and with misaligned ones, and every distinct (signature, constexprs) seen is
-compiled by tests/compile_triton_kernels.py in a process without TRITON_INTERPRET. The PTX of the
+compiled by tests/compile_triton_kernels.py in a process without TRITON_INTERPRET; lerp_, moments_
+and multi_lerp_ are launched again with stochastic rounding into bf16 and fp16. The PTX of the
 lerp_ and weighted_sum_ kernels on aligned tensors must move 128 bits per access (fp32 and bf16
-sources), and no kernel may use local memory. Registers per thread are printed (pytest -s).
+sources), so must the stochastic lerp_ and moments_ ones, with one Philox call per 8 elements and
+no shared memory, and no kernel may use local memory. Registers per thread are printed (pytest -s).
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ from conftest import make_case
 
 from swa_fast import ops
 from swa_fast.ops import triton_kernels
+from swa_fast.ops.rounding import rounding_tensor
+from swa_fast.ops.triton_kernels import ROUNDING_SCALARS
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 POINTER_TYPES = {torch.int64: "*i64", torch.float32: "*fp32", torch.float64: "*fp64"}
 SHAPES = [(triton_kernels.BLOCK + 100,), (3,)]  # a full block and a partial one
 # copy_'s integer dtypes compiled here: 8, 4 and 1 bytes (bool is moved as uint8)
 COPIED_INTEGERS = (torch.int64, torch.int32, torch.bool)
+ROUNDING_OPS = ("lerp_", "moments_", "multi_lerp_")
+ROUNDED = (torch.bfloat16, torch.float16)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")  # launch keywords that are not kernel arguments
 
 pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason=str(triton_kernels.TRITON_ERROR))
@@ -56,6 +62,7 @@ def launch_variants() -> list[dict]:
     with recording_launches(seen):
         launch_float_cases()
         launch_integer_copies()
+        launch_rounding_cases()
     return list(seen.values())
 
 
@@ -86,6 +93,11 @@ class Recorder:
     def record(self, *args, **constexprs) -> None:
         options = {k: constexprs.pop(k) for k in LAUNCH_OPTIONS if k in constexprs}
         signature = {n: POINTER_TYPES[a.dtype] for n, a in zip(self.arg_names, args)}
+        # the rounding's arguments, given by name: its table (a pointer) and its int32 scalars
+        for name in ["firsts", *ROUNDING_SCALARS]:
+            if name in constexprs:
+                value = constexprs.pop(name)
+                signature[name] = POINTER_TYPES[value.dtype] if name == "firsts" else "i32"
         variant = {
             "op": self.op,
             "signature": signature,
@@ -118,6 +130,19 @@ def launch_integer_copies() -> None:
             ops.OP_TABLE["copy_"].triton(*placed(lists, shift))
 
 
+def launch_rounding_cases() -> None:
+    """The ops that round stochastically, into bf16 and fp16 from fp32 and bf16 sources: aligned
+    (firsts multiples of 8: one Philox call per 8 elements), misaligned pointers and aligned
+    pointers with a first that is not a multiple of 8 (one call per element)."""
+    for op in ROUNDING_OPS:
+        spec = ops.OP_TABLE[op]
+        for dst, src in itertools.product(ROUNDED, (torch.float32, torch.bfloat16)):
+            lists, extra = make_case(op, SHAPES, dst, src)
+            for shift, first in ((False, 0), (True, 0), (False, 1)):
+                firsts = [first + 8 * triton_kernels.BLOCK * i for i in range(len(lists[-1]))]
+                spec.triton(*placed(lists, shift), *extra, rounding_tensor(1, 2, firsts))
+
+
 def placed(lists: list[list[torch.Tensor]], misaligned: bool) -> list[list[torch.Tensor]]:
     return [[_misaligned(t) for t in lst] for lst in lists] if misaligned else lists
 
@@ -147,7 +172,8 @@ def compiled(tmp_path_factory) -> list[dict]:
 def _label(r: dict) -> str:
     c = r["constexprs"]
     dtypes = "/".join(map(str, c.get("DTYPES") or (c["DST"], c["SRC"])))
-    return f"{r['op']} {dtypes} aligned={c['ALIGNED']} sm_{r['arch']}"
+    stochastic = " stochastic" if c.get("STOCHASTIC") else ""
+    return f"{r['op']} {dtypes} aligned={c['ALIGNED']}{stochastic} sm_{r['arch']}"
 
 
 def test_every_variant_compiles(compiled):
@@ -183,3 +209,31 @@ def test_aligned_lerp_and_weighted_sum_move_128_bits(compiled, op, src):
             assert r["ld_v4"] >= 2 and r["st_v4"] >= 1, _label(r)
         else:
             assert r["ld_v4"] == 0 and r["st_v4"] == 0, _label(r)  # misaligned: no wide access
+
+
+def _stochastic(compiled, op: str, aligned: bool) -> list[dict]:
+    return [
+        r
+        for r in compiled
+        if r["op"] == op and r["constexprs"].get("STOCHASTIC") and r["constexprs"]["ALIGNED"] == aligned
+    ]
+
+
+@pytest.mark.parametrize("op", ["lerp_", "moments_"])
+def test_aligned_stochastic_rounding_moves_128_bits_with_a_philox_call_per_8_elements(compiled, op):
+    """The stochastic variants of lerp_ and moments_ on aligned tensors with firsts multiples of 8:
+    as wide as the nearest ones (every list loaded 16 bytes at a time, each written list stored so),
+    the random bits spread over a thread's 8 elements in registers (no shared memory), one Philox
+    call (20 high multiplies) per 8 elements and written list in each of the full and the masked
+    block's paths; the unaligned variants call Philox per element, 8 times as often."""
+    written = 2 if op == "moments_" else 1
+    aligned = _stochastic(compiled, op, True)
+    assert {r["arch"] for r in aligned} == {80, 90} and len(aligned) == 8
+    for r in aligned:
+        twin = {**r["constexprs"], "STOCHASTIC": False}
+        nearest = [n for n in compiled if (n["op"], n["arch"], n["constexprs"]) == (op, r["arch"], twin)]
+        assert len(nearest) == 1, _label(r)
+        assert r["ld_v4"] >= nearest[0]["ld_v4"] >= written + 1 and r["st_v4"] >= written, _label(r)
+        assert r["shared"] == 0 and 0 < r["mul_hi"] <= 2 * 20 * written, _label(r)
+    for r in _stochastic(compiled, op, False):
+        assert r["mul_hi"] > 6 * 2 * 20 * written, _label(r)

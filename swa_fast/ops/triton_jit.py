@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import ROUNDING_SCALARS
+
 TL_DTYPES = {
     torch.float32: tl.float32,
     torch.float64: tl.float64,
@@ -35,21 +37,22 @@ TL_DTYPES = {
 
 @triton.jit
 def _locate_block(block_tensor, block_start, numels, BLOCK: tl.constexpr):
-    """(tensor, offsets, mask, whether the block is full). A block starts at a multiple of BLOCK
-    (the hint lets the compiler vectorise); a full block needs no mask, and a masked access
-    whose mask the compiler cannot prove constant over a vector is split into single elements."""
+    """(tensor, offsets, mask, whether the block is full, its first element). A block starts at a
+    multiple of BLOCK (the hint lets the compiler vectorise); a full block needs no mask, and a
+    masked access whose mask the compiler cannot prove constant over a vector is split into single
+    elements."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
     offs = start + tl.arange(0, BLOCK)
     n = tl.load(numels + t)
-    return t, offs, offs < n, start + BLOCK <= n
+    return t, offs, offs < n, start + BLOCK <= n, start
 
 
 @triton.jit
 def _locate(block_tensor, block_start, numels, BLOCK: tl.constexpr):
-    t, offs, mask, _ = _locate_block(block_tensor, block_start, numels, BLOCK)
-    return t, offs, mask
+    t, offs, mask, _, start = _locate_block(block_tensor, block_start, numels, BLOCK)
+    return t, offs, mask, start
 
 
 @triton.jit
@@ -98,21 +101,106 @@ def _rounded(x, DST: tl.constexpr):
         return x.to(DST)
 
 
+# Stochastic rounding (ops/rounding.py defines the bits; these compute the same ones). An op's
+# `rng`: None to round to nearest, else its block's key, made by _rounding_key: (the global index of
+# the block's first element, seed's two words, step's two words, the call's first stream).
+@triton.jit
+def _rounding_key(firsts, t, start, seed_lo, seed_hi, step_lo, step_hi, stream, STOCHASTIC: tl.constexpr):
+    if STOCHASTIC:
+        # (the scalars come as int32 words: one signature, whatever their values)
+        base = tl.load(firsts + t) + start
+        seed = seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True)
+        step = step_lo.to(tl.uint32, bitcast=True), step_hi.to(tl.uint32, bitcast=True)
+        return base, seed[0], seed[1], step[0], step[1], stream
+    else:
+        return None
+
+
+@triton.jit
+def _philox_words(g, rng, k: tl.constexpr):
+    """Philox4x32-10's four words (Triton's own, the same generator) for the element groups g
+    (int64: n >> 3) of written list k."""
+    _, seed_lo, seed_hi, step_lo, step_hi, stream = rng
+    c1 = (g >> 32).to(tl.uint32) ^ ((stream + k).to(tl.uint32) << 24)
+    return tl.philox_impl(
+        g.to(tl.uint32), c1, step_lo + tl.zeros_like(c1), step_hi + tl.zeros_like(c1), seed_lo, seed_hi
+    )
+
+
+@triton.jit
+def _random_bits(rng, k: tl.constexpr, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
+    """The 16 random bits (uint32) of each element of the block, written list k.
+
+    GROUPED (the block's first global index is a multiple of 8): one Philox call per 8 elements,
+    its four words cut into eight halves laid out as the elements are (a thread's 8 consecutive
+    elements from its one call, by joins, which stay in registers). Otherwise one call per element,
+    which keeps the word and half its index selects: 8 times the integer work."""
+    base = rng[0]
+    if GROUPED:
+        w0, w1, w2, w3 = _philox_words((base >> 3) + tl.arange(0, BLOCK // 8), rng, k)
+        # element 8g + 4 a + 2 b + h takes the half h of word 2 a + b: join innermost-last
+        low = tl.join(tl.join(w0 & 0xFFFF, w2 & 0xFFFF), tl.join(w1 & 0xFFFF, w3 & 0xFFFF))
+        high = tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16))
+        return tl.reshape(tl.join(low, high), [BLOCK])
+    else:
+        n = base + tl.arange(0, BLOCK)
+        w0, w1, w2, w3 = _philox_words(n >> 3, rng, k)
+        e = (n >> 1) & 3
+        word = tl.where(e < 2, tl.where(e == 0, w0, w1), tl.where(e == 2, w2, w3))
+        return tl.where((n & 1) == 0, word & 0xFFFF, word >> 16)
+
+
+@triton.jit
+def _stochastic(x, r, DST: tl.constexpr):
+    """x (fp32) rounded into DST (bf16 or fp16) with the random bits r, as rounding.py's
+    round_stochastically; not finite: to nearest."""
+    u = x.to(tl.uint32, bitcast=True)
+    f = u & 0x7FFFFFFF
+    if DST == tl.bfloat16:
+        bits = (u + r) >> 16
+    else:
+        t = (f + (r >> 3)) & 0xFFFFE000
+        normal = tl.where(t >= 0x47800000, 0x7C00, (t - 0x38000000) >> 13)
+        # below 2^-14, in steps of 2^-24 (q, its whole part and 16 bits of its fraction are exact);
+        # larger values are kept out so that no conversion overflows
+        q = tl.where(f < 0x38800000, tl.abs(x), 0.0) * 16777216.0
+        m = q.to(tl.int32)
+        fraction = ((q - m.to(tl.float32)) * 65536.0).to(tl.int32).to(tl.uint32)
+        small = m.to(tl.uint32) + ((fraction + r) >> 16)
+        bits = tl.where(f >= 0x38800000, normal, small) | ((u >> 31) << 15)
+    rounded = bits.to(tl.uint16).to(DST, bitcast=True)
+    finite = f < 0x7F800000
+    # (the finite values kept out of the conversion: the interpreter warns of fp16's overflow)
+    return tl.where(finite, rounded, _rounded(tl.where(finite, 0.0, x), DST))
+
+
+@triton.jit
+def _store(ptr, offs, mask, x, DST: tl.constexpr, rng, k: tl.constexpr, ALIGNED: tl.constexpr):
+    """x stored into DST at ptr + offs: rounded stochastically as written list k of the call when
+    rng is a key and DST is bf16 or fp16, else to nearest. The ALIGNED launch guarantees the
+    block's first global index a multiple of 8 (every first is, and so BLOCK)."""
+    if rng is not None and (DST == tl.bfloat16 or DST == tl.float16):
+        r = _random_bits(rng, k, offs.shape[0], ALIGNED)
+        tl.store(ptr + offs, _stochastic(x.to(tl.float32), r, DST), mask=mask)
+    else:
+        tl.store(ptr + offs, _rounded(x, DST), mask=mask)
+
+
 # An op's block, given its mask (None: a full block), all with one signature: _blockwise_kernel
 # runs it unmasked on full blocks and masked on a tensor's last one.
 # (their shared signature kept on two lines each)
 # fmt: off
 @triton.jit
-def _lerp_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+def _lerp_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
                 ALIGNED: tl.constexpr):
     avg = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
     a = _widened(avg, offs, mask, DST, ACC)
     s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
     w = tl.load(w_ptr).to(ACC)
-    tl.store(avg + offs, _rounded(_lerp(a, s, w), DST), mask=mask)
+    _store(avg, offs, mask, _lerp(a, s, w), DST, rng, 0, ALIGNED)
 
 @triton.jit
-def _moments_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+def _moments_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
                    ALIGNED: tl.constexpr):
     mean = _ptr(ptrs, t, 0, 3, DST, ALIGNED)
     sq = _ptr(ptrs, t, 1, 3, DST, ALIGNED)
@@ -120,11 +208,11 @@ def _moments_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.conste
     m = _widened(mean, offs, mask, DST, ACC)
     q = _widened(sq, offs, mask, DST, ACC)
     w = tl.load(w_ptr).to(ACC)
-    tl.store(mean + offs, _rounded(_lerp(m, x, w), DST), mask=mask)
-    tl.store(sq + offs, _rounded(_lerp(q, x * x, w), DST), mask=mask)
+    _store(mean, offs, mask, _lerp(m, x, w), DST, rng, 0, ALIGNED)
+    _store(sq, offs, mask, _lerp(q, x * x, w), DST, rng, 1, ALIGNED)
 
 @triton.jit
-def _bema_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+def _bema_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
                 ALIGNED: tl.constexpr):
     ema = _ptr(ptrs, t, 0, 4, DST, ALIGNED)
     e = _widened(ema, offs, mask, DST, ACC)
@@ -137,13 +225,13 @@ def _bema_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr
     tl.store(_ptr(ptrs, t, 1, 4, DST, ALIGNED) + offs, _rounded(moved + c * (x - s0), DST), mask=mask)
 
 @triton.jit
-def _copy_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+def _copy_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
                 ALIGNED: tl.constexpr):
     s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
     tl.store(_ptr(ptrs, t, 0, 2, DST, ALIGNED) + offs, _rounded(s, DST), mask=mask)
 
 @triton.jit
-def _swap_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
+def _swap_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
                 ALIGNED: tl.constexpr):
     a = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
     b = _ptr(ptrs, t, 1, 2, SRC, ALIGNED)
@@ -154,36 +242,48 @@ def _swap_block(ptrs, t, offs, mask, w_ptr, DST: tl.constexpr, SRC: tl.constexpr
 # fmt: on
 
 
-# Signatures: the launch table's tensors, then the dtypes and variants.
-# fmt: off
-@triton.jit
-def _blockwise_kernel(ptrs, block_tensor, block_start, numels, w_ptr, OP: tl.constexpr,
-                      DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                      ALIGNED: tl.constexpr):
-    # OP: an op's block function (_lerp_block, ...); w_ptr is unused by those without a weight.
-    t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
-    if full:
-        OP(ptrs, t, offs, None, w_ptr, DST, SRC, ACC, ALIGNED)
-    else:
-        OP(ptrs, t, offs, mask, w_ptr, DST, SRC, ACC, ALIGNED)
+# The rounding's scalars are not specialised on their values: a step that changes at every update
+# must not compile a kernel per value class.
+_ROUNDING_SCALARS = list(ROUNDING_SCALARS)
 
-@triton.jit
-def _multi_lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
+
+# Signatures: the launch table's tensors, the rounding's scalars, then the dtypes and variants.
+# fmt: off
+@triton.jit(do_not_specialize=_ROUNDING_SCALARS)
+def _blockwise_kernel(ptrs, block_tensor, block_start, numels, w_ptr, firsts,
+                      seed_lo, seed_hi, step_lo, step_hi, stream, OP: tl.constexpr,
+                      DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                      ALIGNED: tl.constexpr, STOCHASTIC: tl.constexpr = False):
+    # OP: an op's block function (_lerp_block, ...); w_ptr is unused by those without a weight, the
+    # rounding's arguments by those that do not round. STOCHASTIC: the call asks for stochastic
+    # rounding (the launcher sets it only for a bf16 or fp16 destination).
+    t, offs, mask, full, start = _locate_block(block_tensor, block_start, numels, BLOCK)
+    rng = _rounding_key(firsts, t, start, seed_lo, seed_hi, step_lo, step_hi, stream, STOCHASTIC)
+    if full:
+        OP(ptrs, t, offs, None, w_ptr, rng, DST, SRC, ACC, ALIGNED)
+    else:
+        OP(ptrs, t, offs, mask, w_ptr, rng, DST, SRC, ACC, ALIGNED)
+
+@triton.jit(do_not_specialize=_ROUNDING_SCALARS)
+def _multi_lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr, firsts,
+                       seed_lo, seed_hi, step_lo, step_hi, stream,
                        DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                       DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False):
-    # DTYPES: each list's dtype, the K averages' then the source's.
+                       DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False, STOCHASTIC: tl.constexpr = False):
+    # DTYPES: each list's dtype, the K averages' then the source's. STOCHASTIC: the call asks for
+    # stochastic rounding (averages of bf16 or fp16, stream + k, are rounded so).
     K: tl.constexpr = len(DTYPES) - 1
-    t, offs, mask = _locate(block_tensor, block_start, numels, BLOCK)
+    t, offs, mask, start = _locate(block_tensor, block_start, numels, BLOCK)
+    rng = _rounding_key(firsts, t, start, seed_lo, seed_hi, step_lo, step_hi, stream, STOCHASTIC)
     # The source read once, exactly (fp64 stays fp64), then rounded once per average's dtype.
     SRC_WIDE: tl.constexpr = tl.float64 if SRC == tl.float64 else tl.float32
     s = _widened(_ptr(ptrs, t, K, K + 1, SRC, ALIGNED), offs, mask, SRC, SRC_WIDE)
     for k in tl.static_range(K):
         # a function per average: the compiler refuses a constexpr assigned in each iteration
-        _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k, K, DTYPES[k], BLOCK, ALIGNED)
+        _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, rng, k, K, DTYPES[k], BLOCK, ALIGNED)
 
 @triton.jit
-def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
-                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, rng, k: tl.constexpr, K: tl.constexpr,
+                        D: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     A: tl.constexpr = tl.float64 if D == tl.float64 else tl.float32
     avg = _ptr(ptrs, t, k, K + 1, D, ALIGNED)
     w = tl.load(w_ptr + k).to(A)
@@ -191,7 +291,7 @@ def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, k: tl.constexpr, K: tl.co
     # the interpreter cannot `and` a scalar with a block.)
     store = mask & ((tl.zeros([BLOCK], A) + w) != 0)
     a = _widened(avg, offs, store, D, A)
-    tl.store(avg + offs, _rounded(_lerp(a, s.to(A), w), D), mask=store)
+    _store(avg, offs, store, _lerp(a, s.to(A), w), D, rng, k, ALIGNED)
 
 @triton.constexpr_function
 def _sum_acc(dtypes):
@@ -203,7 +303,7 @@ def _weighted_sum_kernel(ptrs, block_tensor, block_start, numels, w_ptr,
                          DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                          DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False):
     # DTYPES: each list's dtype, dst's then the K sources'. Full blocks unmasked, as _blockwise_kernel.
-    t, offs, mask, full = _locate_block(block_tensor, block_start, numels, BLOCK)
+    t, offs, mask, full, _ = _locate_block(block_tensor, block_start, numels, BLOCK)
     if full:
         _weighted_sum_block(ptrs, t, offs, None, w_ptr, DTYPES, ALIGNED)
     else:

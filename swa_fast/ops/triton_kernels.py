@@ -6,6 +6,9 @@ list seen before are reused from a small cache. The op table (table.py) register
 `swa_fast::<op>_triton` (register_op); their bodies run the reference when the tensors are not on
 CUDA and the interpreter is off, so `opcheck` and `torch.compile` work on any machine. Arithmetic
 is in fp32 (fp64 for fp64 destinations); bf16/fp16 values are upcast right after loading.
+Given `rounding` (lerp_, moments_, multi_lerp_), bf16/fp16 results are rounded stochastically with
+ops/rounding.py's bits: each tensor's first element in the flat average goes in the launch table,
+seed, step and stream as int32 scalars, and the kernels' STOCHASTIC variant draws the bits.
 
 Triton itself is imported only when a kernel is needed (the kernels are in triton_jit.py): at the
 first launch, or when the backend choice asks whether Triton runs on a GPU. `KERNELS`, `Blockwise`
@@ -20,12 +23,13 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .rounding import STOCHASTIC_DTYPES, StochasticRounding
 
 if TYPE_CHECKING:
     from .table import OpSpec
@@ -87,18 +91,37 @@ def runs_on(device: torch.device) -> bool:
     return (device.type == "cuda" or INTERPRETING) and unavailable() is None
 
 
-_LAUNCH_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, Tensor, bool]] = OrderedDict()
+_LAUNCH_TABLES: OrderedDict[tuple, LaunchTable] = OrderedDict()
 _LAUNCH_TABLES_KEPT = 32
+# The kernels' stochastic rounding scalars (int32 words), which they do not specialise on.
+ROUNDING_SCALARS = ("seed_lo", "seed_hi", "step_lo", "step_hi", "stream")
+# Stochastic rounding draws one Philox call per 8 consecutive elements of the flat average, which
+# the ALIGNED kernels take whole when each block starts at a multiple of 8 there.
+_PHILOX_GROUP = 8
+
+
+class LaunchTable(NamedTuple):
+    """A launch's tables on the tensors' device (pointers, block -> tensor, block -> first element,
+    numels, each tensor's first element in the flat average for stochastic rounding, else None),
+    and whether the launch is ALIGNED: every pointer 16-byte aligned (then so is every block's first
+    element: BLOCK is a multiple of 16) and, with firsts, every first a multiple of 8."""
+
+    ptrs: Tensor
+    block_tensor: Tensor
+    block_start: Tensor
+    numels: Tensor
+    firsts: Tensor | None
+    aligned: bool
 
 
 def _launch_table(
-    lists: Sequence[Sequence[Tensor]], indices: list[int]
-) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-    """(pointer table, block -> tensor, block -> first element, numels) on the tensors' device, and
-    whether every pointer is 16-byte aligned (then so is every block's first element: BLOCK is a
-    multiple of 16)."""
+    lists: Sequence[Sequence[Tensor]], indices: list[int], firsts: Sequence[int] | None = None
+) -> LaunchTable:
+    """The launch table of the tensors at `indices` of every list; `firsts`: each index's first
+    element in the flat average (stochastic rounding), or None."""
     key = tuple((tuple(lst[i].data_ptr() for lst in lists), lists[0][i].numel()) for i in indices)
-    key = (lists[0][indices[0]].device, key)
+    chosen = None if firsts is None else tuple(firsts[i] for i in indices)
+    key = (lists[0][indices[0]].device, key, chosen)
     table = _LAUNCH_TABLES.get(key)
     if table is not None:
         _LAUNCH_TABLES.move_to_end(key)
@@ -112,9 +135,14 @@ def _launch_table(
         block_tensor += [j] * len(starts)
         block_start += starts
     device = lists[0][indices[0]].device
-    table = (
-        *(torch.tensor(v, dtype=torch.int64).to(device) for v in (ptrs, block_tensor, block_start, numels)),
-        all(p % 16 == 0 for p in ptrs),
+
+    def on_device(values: Sequence[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device)
+
+    table = LaunchTable(
+        *map(on_device, (ptrs, block_tensor, block_start, numels)),
+        None if chosen is None else on_device(chosen),
+        all(p % 16 == 0 for p in ptrs) and all(f % _PHILOX_GROUP == 0 for f in chosen or ()),
     )
     _LAUNCH_TABLES[key] = table
     if len(_LAUNCH_TABLES) > _LAUNCH_TABLES_KEPT:
@@ -122,33 +150,64 @@ def _launch_table(
     return table
 
 
+def _int32_words(value: int) -> tuple[int, int]:
+    """A 64-bit value's low and high 32-bit words as int32 values (bits kept), so that a kernel
+    argument is int32 whatever the value."""
+
+    def signed(word: int) -> int:
+        return word - (1 << 32) if word >= 1 << 31 else word
+
+    return signed(value & 0xFFFFFFFF), signed((value >> 32) & 0xFFFFFFFF)
+
+
+def _rounding_args(table: LaunchTable, key: StochasticRounding | None) -> dict[str, Any]:
+    """The kernel's rounding arguments: the firsts' table, seed and step as int32 words, the
+    stream; without a key, placeholders the kernel does not read (any pointer fills firsts)."""
+    if key is None:
+        return dict(firsts=table.numels, **dict.fromkeys(ROUNDING_SCALARS, 0))
+    words = (*_int32_words(key.seed), *_int32_words(key.step), key.stream)
+    return dict(firsts=table.firsts, **dict(zip(ROUNDING_SCALARS, words)))
+
+
 def _launch(
-    kernel, lists: Sequence[Sequence[Tensor]], dtype_lists: tuple[int, int], *scalar_args, dtypes_arg=False
+    kernel,
+    lists: Sequence[Sequence[Tensor]],
+    dtype_lists: tuple[int, int],
+    *scalar_args,
+    dtypes_arg=False,
+    rounding: StochasticRounding | None = None,
 ) -> None:
     """One launch per group of non-empty tensors with the same dtype in each list. The kernel is
     given the dtypes of lists dtype_lists (destination, source) and, with `dtypes_arg`, of every
-    list (DTYPES)."""
+    list (DTYPES). `rounding`: stochastic rounding's key (a kernel that takes it: `firsts`), or
+    None: to nearest."""
     d, s = dtype_lists
     groups: dict[tuple[torch.dtype, ...], list[int]] = {}
     for i, t in enumerate(lists[0]):
         if t.numel():
             groups.setdefault(tuple(lst[i].dtype for lst in lists), []).append(i)
+    takes_rounding = "firsts" in kernel.arg_names
     for dtypes, indices in groups.items():
         dst_dtype, src_dtype = dtypes[d], dtypes[s]
         tl_dtypes = _JIT.TL_DTYPES
+        # A group with no bf16 or fp16 written list (those before the source, in the ops that round)
+        # rounds to nearest: the nearest kernel serves it.
+        key = rounding if any(dt in STOCHASTIC_DTYPES for dt in dtypes[:s]) else None
+        table = _launch_table(lists, indices, None if key is None else key.firsts)
         extra = {"DTYPES": tuple(tl_dtypes[dtype] for dtype in dtypes)} if dtypes_arg else {}
-        ptrs, block_tensor, block_start, numels, aligned = _launch_table(lists, indices)
-        kernel[(block_tensor.numel(),)](
-            ptrs,
-            block_tensor,
-            block_start,
-            numels,
-            *(scalar_args or (numels,)),  # copy_ and swap_ have no weight: any pointer fills w_ptr
+        if takes_rounding:
+            extra.update(_rounding_args(table, key), STOCHASTIC=key is not None)
+        kernel[(table.block_tensor.numel(),)](
+            table.ptrs,
+            table.block_tensor,
+            table.block_start,
+            table.numels,
+            *(scalar_args or (table.numels,)),  # copy_ and swap_ have no weight: any pointer fills w_ptr
             DST=tl_dtypes[dst_dtype],
             SRC=tl_dtypes[src_dtype],
             ACC=tl_dtypes[reference.acc_dtype(dst_dtype)],
             BLOCK=BLOCK,
-            ALIGNED=aligned,
+            ALIGNED=table.aligned,
             num_warps=NUM_WARPS,
             **extra,
         )
@@ -180,6 +239,7 @@ def launcher(spec: OpSpec) -> Callable[..., None]:
     DTYPES (_multi_lerp_kernel, _weighted_sum_kernel).
     Tests call launchers directly (on CPU tensors under TRITON_INTERPRET=1)."""
     n_lists, check = len(spec.params), spec.check
+    n_weighted = n_lists + spec.weighted
 
     def launch(*args) -> None:
         check(*args)
@@ -188,12 +248,15 @@ def launcher(spec: OpSpec) -> Callable[..., None]:
         if kernel is None:
             raise RuntimeError(f"swa_fast.{spec.name}: {TRITON_ERROR or 'no Triton kernel for this op'}")
         dtypes_arg = "DTYPES" in kernel.arg_names
+        # the lists and the weight (if any), then the optional rounding
+        args, rounding = args[:n_weighted], args[n_weighted] if len(args) > n_weighted else None
         lists = spec.kernel_lists(*args)
         n_written = spec.kernel_written(*args)  # the lists read follow the written ones
         lists = [*lists[:n_written], *map(_contiguous, lists[n_written:])]
         if lists[0]:
             weight = [_device_weight(w, lists[0][0].device) for w in args[n_lists:]]
-            _launch(kernel, lists, (0, len(lists) - 1), *weight, dtypes_arg=dtypes_arg)
+            key = None if rounding is None else StochasticRounding.of(rounding)
+            _launch(kernel, lists, (0, len(lists) - 1), *weight, dtypes_arg=dtypes_arg, rounding=key)
 
     launch.__name__ = launch.__qualname__ = f"launch_{spec.name}"
     return launch
