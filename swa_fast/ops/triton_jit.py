@@ -153,7 +153,7 @@ def _random_bits(rng, k: tl.constexpr, BLOCK: tl.constexpr, GROUPED: tl.constexp
 @triton.jit
 def _stochastic(x, r, DST: tl.constexpr):
     """x (fp32) rounded into DST (bf16 or fp16) with the random bits r, as rounding.py's
-    round_stochastically; not finite: to nearest."""
+    round_stochastically (a non-finite x too: inf stays inf, NaN stays NaN with its sign)."""
     u = x.to(tl.uint32, bitcast=True)
     f = u & 0x7FFFFFFF
     if DST == tl.bfloat16:
@@ -168,10 +168,13 @@ def _stochastic(x, r, DST: tl.constexpr):
         fraction = ((q - m.to(tl.float32)) * 65536.0).to(tl.int32).to(tl.uint32)
         small = m.to(tl.uint32) + ((fraction + r) >> 16)
         bits = tl.where(f >= 0x38800000, normal, small) | ((u >> 31) << 15)
-    rounded = bits.to(tl.uint16).to(DST, bitcast=True)
-    finite = f < 0x7F800000
-    # (the finite values kept out of the conversion: the interpreter warns of fp16's overflow)
-    return tl.where(finite, rounded, _rounded(tl.where(finite, 0.0, x), DST))
+    nan = (f > 0x7F800000).to(tl.uint32)
+    if DST == tl.bfloat16:
+        not_finite = (u >> 16) | (nan << 6)
+    else:
+        not_finite = 0x7C00 | (nan << 9) | ((u >> 31) << 15)
+    bits = tl.where(f < 0x7F800000, bits, not_finite)
+    return bits.to(tl.uint16).to(DST, bitcast=True)
 
 
 @triton.jit
