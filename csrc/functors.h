@@ -44,6 +44,11 @@ struct ListTypes {
     ((out = static_cast<int>(sizeof(T)) < out ? static_cast<int>(sizeof(T)) : out), ...);
     return out;
   }
+  static constexpr C10_HOST_DEVICE int max_bytes() {
+    int out = 0;
+    ((out = static_cast<int>(sizeof(T)) > out ? static_cast<int>(sizeof(T)) : out), ...);
+    return out;
+  }
 };
 
 // ListTypes of K lists of D, then S.
@@ -210,9 +215,19 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t round_stochastically(float x, uint32_
     const uint32_t small = static_cast<uint32_t>(m) + ((static_cast<uint32_t>(fraction) + r) >> 16);
     bits = (f >= 0x38800000u ? normal : small) | (sign >> 16);
   }
-  T nearest;
-  store_as<T>(&nearest, 0, finite ? 0.0f : x);  // (a finite x's nearest is not needed: 0 keeps it cheap)
-  return finite ? static_cast<uint16_t>(bits) : nearest.x;
+#if !defined(__CUDA_ARCH__)
+  // A non-finite x as store_as gives it, without c10's conversion in the loop: an infinity as it is,
+  // NaN as c10's (bf16: 0x7fc0; fp16: 0x7e00 with its sign).
+  uint32_t nearest;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    nearest = f > 0x7f800000u ? 0x7fc0u : u >> 16;
+  } else {
+    nearest = (f > 0x7f800000u ? 0x7e00u : 0x7c00u) | (sign >> 16);
+  }
+#else
+  const uint32_t nearest = static_cast<T>(x).x;  // the conversion instruction
+#endif
+  return static_cast<uint16_t>(finite ? bits : nearest);
 }
 
 // How a functor's store writes each of its written lists: to nearest (store_as), or stochastically

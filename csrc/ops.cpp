@@ -374,7 +374,8 @@ PyCFunction fastcall(_PyCFunctionFast f) { return reinterpret_cast<PyCFunction>(
 PyMethodDef methods[] = {
     {"lerp_", fastcall(py_lerp), METH_FASTCALL,
      "lerp_(avg, src, weight, rounding=None): eager fast path of torch.ops.swa_fast.lerp_"},
-    {"moments_", fastcall(py_moments), METH_FASTCALL, "moments_(mean, sq, src, weight, rounding=None): eager fast path"},
+    {"moments_", fastcall(py_moments), METH_FASTCALL,
+     "moments_(mean, sq, src, weight, rounding=None): eager fast path"},
     {"multi_lerp_", fastcall(py_multi_lerp), METH_FASTCALL,
      "multi_lerp_(avgs, src, weights, rounding=None): eager fast path"},
     {"bema_", fastcall(py_bema), METH_FASTCALL, "bema_(ema, out, start, src, weights): eager fast path"},

@@ -38,8 +38,9 @@ inline std::optional<RoundingArg> checked_rounding(const char* op, const std::op
                     ": `rounding` must be an int64 tensor on the CPU, got ", dtype_name(t.scalar_type()), " on ",
                     t.device());
   const int64_t expected = 3 + static_cast<int64_t>(count);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == expected, "swa_fast.", op, ": `rounding` must be a 1-D tensor of ",
-                    expected, " elements (seed, step, stream, then the first element index of each of the ", count,
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == expected, "swa_fast.", op,
+                    ": `rounding` must be a 1-D tensor of ", expected,
+                    " elements (seed, step, stream, then the first element index of each of the ", count,
                     " tensors), got shape ", t.sizes());
   const at::Tensor values = t.is_neg() ? t.resolve_neg() : t;
   const int64_t* v = values.const_data_ptr<int64_t>();

@@ -64,17 +64,18 @@ def sass(request) -> dict[str, str]:
     return kernels
 
 
+NEAREST, ROUNDING = "multi_tensor_kernel", "multi_tensor_rounding_kernel"
+
+
 def _kernel(
-    kernels: dict[str, str], functor: str, dst: str, src: str, more: str = "", rounding: str = "NoRounding"
+    kernels: dict[str, str], functor: str, dst: str, src: str, more: str = "", kernel: str = NEAREST
 ) -> str:
-    # multi_tensor_kernel<K, Functor<dst, src, more...>, R>, mangled (Functor: its length, then its
-    # name; R: NoRounding, or RoundingKey<S> for stochastic rounding)
+    # kernel<K, Functor<dst, src, more...>...>, mangled (Functor: its length, then its name);
+    # multi_tensor_rounding_kernel: the stochastic rounding of bf16 / fp16 averages
     found = [
         code
         for name, code in kernels.items()
-        if "multi_tensor_kernel" in name
-        and f"{len(functor)}{functor}I{dst}{src}{more}E" in name
-        and rounding in name
+        if f"{len(kernel)}{kernel}I" in name and f"{len(functor)}{functor}I{dst}{src}{more}E" in name
     ]
     assert len(found) == 1, [n for n in kernels if functor in n]
     return found[0]
@@ -110,7 +111,12 @@ BF16, FP16 = "N3c108BFloat16E", "N3c104HalfE"
 
 @pytest.mark.parametrize(
     "functor,dst,more,loads,stores",
-    [("Lerp", BF16, "", 3, 1), ("Lerp", FP16, "", 3, 1), ("Moments", BF16, "", 4, 2), ("MultiLerp", BF16, "Lb1E", 6, 4)],
+    [
+        ("Lerp", BF16, "", 3, 1),
+        ("Lerp", FP16, "", 3, 1),
+        ("Moments", BF16, "", 4, 2),
+        ("MultiLerp", BF16, "Lb1E", 6, 4),
+    ],
     ids=["lerp_bf16", "lerp_fp16", "moments_bf16", "multi_lerp_4_bf16"],
 )
 def test_stochastic_rounding_moves_128_bits(sass, functor, dst, more, loads, stores):
@@ -118,7 +124,7 @@ def test_stochastic_rounding_moves_128_bits(sass, functor, dst, more, loads, sto
     # still a 128-bit word of each average (8 elements) and two of the source per vector, loaded and
     # stored whole. (MultiLerp<4, ...>: its K comes first in the mangled name.)
     name_dst = f"Li4E{dst}" if functor == "MultiLerp" else dst
-    code = _kernel(sass, functor, name_dst, "f", more=more, rounding="RoundingKey")
+    code = _kernel(sass, functor, name_dst, "f", more=more, kernel=ROUNDING)
     _assert_vector_and_tail(code, loads, stores)
 
 

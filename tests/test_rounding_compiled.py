@@ -41,7 +41,9 @@ def _assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     a, e = actual.reshape(-1).view(bits), expected.reshape(-1).view(bits)
     keep = ~nan.reshape(-1)
     differ = (a != e) & keep
-    assert not differ.any(), f"{int(differ.sum())} of {a.numel()} elements differ, first at {differ.nonzero()[:5]}"
+    assert not differ.any(), (
+        f"{int(differ.sum())} of {a.numel()} differ, first at {differ.nonzero()[:5].tolist()}"
+    )
 
 
 def _store(dst: torch.Tensor, value: torch.Tensor, i: int, written_list: int, key: StochasticRounding | None):
@@ -71,7 +73,9 @@ def _expect_lerp(avg, src, weight, key):
     return out
 
 
-def _expect_moments(mean, sq, src, weight, key):
+def _expect_moments(mean, sq, src, weight, key, sq_offset: int = 0):
+    """sq_offset: -1 or 1 for sq's expectation from its fp32 value one ulp down or up (see
+    test_moments_bits)."""
     out_mean, out_sq = [m.clone() for m in mean], [q.clone() for q in sq]
     for i, (m, q, s) in enumerate(zip(out_mean, out_sq, src)):
         acc = reference.acc_dtype(m.dtype)
@@ -83,6 +87,8 @@ def _expect_moments(mean, sq, src, weight, key):
             continue
         x = reference._read(s, acc)
         new_mean, new_sq = reference._lerp(m.to(acc), x, w), reference._lerp(q.to(acc), x * x, w)
+        if sq_offset:
+            new_sq = new_sq.nextafter(torch.full_like(new_sq, sq_offset * float("inf")))
         _store(m, new_mean, i, 0, key)
         _store(q, new_sq, i, 1, key)
     return out_mean, out_sq
@@ -252,10 +258,20 @@ def test_moments_bits(entry, dtype, weight):
     src = [_values(n, torch.float32, g) for n in sizes]
     r = rounding_tensor(SEED, STEP, _firsts(sizes, g, aligned=False), stream=254)
     weight = torch.tensor(weight)
-    expected_mean, expected_sq = _expect_moments(mean, sq, src, weight, StochasticRounding.of(r))
+    key = StochasticRounding.of(r)
+    expected_mean, expected_sq = _expect_moments(mean, sq, src, weight, key)
+    # sq's fp32 value: the compiler may fuse src * src into the lerp's subtraction (FMA contraction, as
+    # in the nearest path), which moves it by an ulp now and then: there, sq is rounding.py's rounding of
+    # its neighbour, with the element's own bits.
+    neighbours = [_expect_moments(mean, sq, src, weight, key, offset)[1] for offset in (-1, 1)]
     _op(entry, "moments_")(mean, sq, src, weight, r)
-    for a, e in zip(mean + sq, expected_mean + expected_sq):
+    for a, e in zip(mean, expected_mean):
         _assert_same(a, e)
+    for a, e, down, up in zip(sq, expected_sq, *neighbours):
+        a_bits, e_bits = a.view(torch.int16), e.view(torch.int16)
+        other = a_bits != e_bits
+        assert int(other.sum()) <= max(2, a.numel() // 10_000)
+        assert ((a_bits == down.view(torch.int16)) | (a_bits == up.view(torch.int16)))[other].all()
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)

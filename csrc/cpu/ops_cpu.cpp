@@ -56,7 +56,8 @@ constexpr int64_t kRoundBlock = 512;
 // The random bits of the elements flat - (flat & 7) .. of stream s (groups Philox calls, 8 elements
 // each), element flat - (flat & 7) + j's at bits[j].
 template <int S>
-C10_ALWAYS_INLINE void random_block(const RoundingKey<S>& key, int s, int64_t flat, int64_t groups, uint16_t* bits) {
+C10_ALWAYS_INLINE void random_block(const RoundingKey<S>& key, int s, int64_t flat, int64_t groups,
+                                    uint16_t* bits) {
   const auto g0 = static_cast<uint64_t>(flat) >> 3;
   for (int64_t g = 0; g < groups; ++g) {
     uint32_t c[4];

@@ -132,14 +132,15 @@ struct Lanes {
 #pragma unroll
     for (int j = 0; j < 8; ++j) w[j] = (skew & 2u) != 0 ? (j + 1 < 8 ? w[j + 1] : 0u) : w[j];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) w[j] = (skew & 1u) != 0 ? __funnelshift_r(w[j], j + 1 < 8 ? w[j + 1] : 0u, 16) : w[j];
+    for (int j = 0; j < 8; ++j)
+      w[j] = (skew & 1u) != 0 ? __funnelshift_r(w[j], j + 1 < 8 ? w[j + 1] : 0u, 16) : w[j];
 #pragma unroll
     for (int j = 0; j < 4; ++j) out[j] = w[j];
   }
 };
 
-// A launch that rounds to nearest (multi_tensor_kernel's R); one that rounds stochastically takes
-// the call's RoundingKey instead.
+// A launch that rounds to nearest (multi_tensor_body's R); one that rounds stochastically takes the
+// call's RoundingKey instead.
 struct NoRounding {};
 
 // One for_each_step visit: kU steps of kElems elements. Each thread loads all its steps before
@@ -173,17 +174,16 @@ constexpr int vector_words(std::index_sequence<k...>) {
   return (0 + ... + Lanes<F, kVec>::template kWords<k>);
 }
 
-// R: NoRounding, or the RoundingKey of a launch whose table holds each tensor's first element in the
-// flat average (the stochastic rounding of bf16 and fp16 averages: a kernel of its own, so that
-// the nearest kernels stay as they were).
+// The body of a multi-tensor launch. R: NoRounding, or the RoundingKey of a launch whose table
+// holds each tensor's first element in the flat average (the stochastic rounding of bf16 and fp16
+// averages, kernels of their own, so that the nearest kernels stay as they were).
 template <int K, typename F, typename R>
-__global__ void __launch_bounds__(kThreads)
-    multi_tensor_kernel(const int64_t* table_data, int64_t n_tensors, F f, R rounding) {
+__device__ C10_ALWAYS_INLINE void multi_tensor_body(const int64_t* table_data, int64_t n_tensors, const F& f,
+                                                    const R& rounding) {
   constexpr bool kRounds = !std::is_same_v<R, NoRounding>;
   constexpr int kVec = plan::vector_elems(F::Lists::min_bytes());
   constexpr int kVecU =
       vector_words<F, kVec>(std::make_index_sequence<K>{}) <= plan::kVecUnrollWords ? plan::kVecUnroll : 1;
-  f.resolve();
   if (f.skip()) return;  // a weight of 0: nothing to write (uniform across the grid)
   const unsigned written = f.written_lists();
   int elem_bytes[K];
@@ -197,6 +197,25 @@ __global__ void __launch_bounds__(kThreads)
       [&](const plan::Chunk<K>& c, const int64_t* first, const bool* valid) {
         move_steps<1, plan::kUnroll>(f, written, c, first, valid, rounding);
       });
+}
+
+template <int K, typename F>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const int64_t* table_data, int64_t n_tensors, F f) {
+  f.resolve();
+  multi_tensor_body<K>(table_data, n_tensors, f, NoRounding{});
+}
+
+// Stochastic rounding of F's S written lists. A launch with an fp64 list (four bf16 averages of an
+// fp64 source) is allowed the registers its Philox words need besides the source's: ptxas held it
+// to 128 by itself and spilled (tests/test_machine_code.py).
+template <typename F>
+constexpr int kRoundingMinBlocks = F::Lists::max_bytes() == 8 ? 1 : 2;
+
+template <int K, typename F, int S>
+__global__ void __launch_bounds__(kThreads, kRoundingMinBlocks<F>)
+    multi_tensor_rounding_kernel(const int64_t* table_data, int64_t n_tensors, F f, RoundingKey<S> key) {
+  f.resolve();
+  multi_tensor_body<K>(table_data, n_tensors, f, key);
 }
 
 // A few recent tables per device, keyed by their full host content.
@@ -383,7 +402,7 @@ struct CudaRun {
     const c10::cuda::CUDAGuard guard(device);
     const Launch launch = prepare<K>(group.ptrs[0].data(), group.numels, device);
     multi_tensor_kernel<K, F><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        launch.table.data_ptr<int64_t>(), launch.n, f, NoRounding{});
+        launch.table.data_ptr<int64_t>(), launch.n, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -396,7 +415,7 @@ struct CudaRun {
     if (group.numels.empty()) return;
     const c10::cuda::CUDAGuard guard(device);
     const Launch launch = prepare<K>(group.ptrs[0].data(), group.numels, device, rounding.firsts.data());
-    multi_tensor_kernel<K, F><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    multi_tensor_rounding_kernel<K, F><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         launch.table.data_ptr<int64_t>(), launch.n, f, rounding.key);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
