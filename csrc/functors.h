@@ -176,6 +176,29 @@ struct RoundingKey {
     c[3] = step_hi;
     philox4x32_10(c, seed_lo, seed_hi);
   }
+  // The bits of the 8 elements n0 .. n0 + 7 of stream s (the CUDA vector path), laid out as `words`
+  // lays them out (element n0 + i's in word i >> 1, its low half for even i): one Philox call where
+  // n0 is a multiple of 8 (every vector of a tensor whose first element is: a flat buffer's views),
+  // else two, shifted down by n0's remainder in 16-bit halves through selects whose indices are all
+  // constants, so that on the device the words stay in registers.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void eight(int s, uint64_t n0, uint32_t (&out)[4]) const {
+    uint32_t here[4], next[4] = {0, 0, 0, 0}, w[8];
+    const auto skew = static_cast<unsigned>(n0 & 7);
+    words(s, n0 >> 3, here);
+    if (skew != 0) words(s, (n0 >> 3) + 1, next);
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 4; ++j) w[j] = here[j], w[j + 4] = next[j];
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 8; ++j) w[j] = (skew & 4u) != 0 ? (j + 2 < 8 ? w[j + 2] : 0u) : w[j];
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 8; ++j) w[j] = (skew & 2u) != 0 ? (j + 1 < 8 ? w[j + 1] : 0u) : w[j];
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 8; ++j) {  // (a funnel shift on the device)
+      w[j] = (skew & 1u) != 0 ? (w[j] >> 16) | ((j + 1 < 8 ? w[j + 1] : 0u) << 16) : w[j];
+    }
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 4; ++j) out[j] = w[j];
+  }
   // Element n's 16 bits of stream s, alone: a Philox call for one element (the CUDA scalar path).
   C10_HOST_DEVICE uint32_t bits(int s, uint64_t n) const {
     uint32_t c[4];

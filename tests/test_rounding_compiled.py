@@ -423,3 +423,63 @@ def test_rounding_checked_after_lists_and_weight(entry):
 def test_too_many_arguments():
     with pytest.raises(TypeError, match=r"swa_fast.lerp_ takes 3 positional arguments \(5 given\)"):
         _C.lerp_([], [], 0.5, None, None)
+
+
+# --- the CUDA kernels' random bits, on the host -----------------------------------------------------
+
+# A host program over csrc/functors.h's RoundingKey, the code the CUDA kernels run: its vector path's
+# `eight` (8 elements from any n0: one Philox call, or two shifted by n0's remainder) against its
+# scalar path's `bits`, and `bits` printed for rounding.py to check (no GPU needed).
+_HOST_PROGRAM = r"""
+#include <cinttypes>
+#include <cstdio>
+#include "functors.h"
+
+int main() {
+  swa_fast::RoundingKey<2> key;
+  key.seed_lo = 0x89abcdefu, key.seed_hi = 0x01234567u, key.step_lo = 5, key.step_hi = 2;
+  key.stream_hi[0] = 3u << 24, key.stream_hi[1] = 4u << 24;
+  const uint64_t starts[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 1000, 1003,
+                             (1ull << 32) - 5, (1ull << 35) + 6};
+  int bad = 0;
+  for (int s = 0; s < 2; ++s) {
+    for (const uint64_t n0 : starts) {
+      uint32_t out[4];
+      key.eight(s, n0, out);
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t got = (out[i >> 1] >> ((i & 1) * 16)) & 0xffffu;
+        bad += got != key.bits(s, n0 + i);
+        std::printf("%d %" PRIu64 " %u\n", s, n0 + i, key.bits(s, n0 + i));
+      }
+    }
+  }
+  std::printf("bad %d\n", bad);
+  return 0;
+}
+"""
+
+
+def test_cuda_vector_bits_on_the_host(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    root = Path(__file__).resolve().parent.parent
+    source, exe = tmp_path / "bits.cpp", tmp_path / "bits"
+    source.write_text(_HOST_PROGRAM)
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{root / 'csrc'}"]
+    subprocess.run([cxx, "-std=c++20", "-O1", *includes, str(source), "-o", str(exe)], check=True)
+    lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert lines[-1] == "bad 0"
+    rows = torch.tensor([[int(v) for v in line.split()] for line in lines[:-1]], dtype=torch.int64)
+    seed = 0x0123456789ABCDEF
+    step = (2 << 32) + 5
+    for s in (0, 1):
+        mine = rows[rows[:, 0] == s]
+        want = rounding.random_bits(mine[:, 1], seed, step, 3 + s)
+        assert torch.equal(mine[:, 2], want)

@@ -102,7 +102,7 @@ struct Lanes {
     } else {
       uint32_t words[S][4];
 #pragma unroll
-      for (int s = 0; s < S; ++s) eight_elements_bits(key, s, static_cast<uint64_t>(n0), words[s]);
+      for (int s = 0; s < S; ++s) key.eight(s, static_cast<uint64_t>(n0), words[s]);
 #pragma unroll
       for (int i = 0; i < kElems; ++i) {
         Stochastic<S> put;
@@ -111,31 +111,6 @@ struct Lanes {
         f.store(lanes, i, f.load(lanes, i), put);
       }
     }
-  }
-
-  // The random bits of the 8 elements n0 .. n0 + 7 of stream s, as rounding.py lays them out (element
-  // n0 + i's in word i >> 1, its low half for even i): one Philox call where n0 is a multiple of 8
-  // (every vector of a tensor whose first element is: a flat buffer's views), else two, shifted
-  // down by n0's remainder in 16-bit halves with selects whose indices are all constants, so that
-  // the words stay in registers.
-  template <int S>
-  __device__ static void eight_elements_bits(const RoundingKey<S>& key, int s, uint64_t n0, uint32_t (&out)[4]) {
-    uint32_t w[8], next[4] = {0, 0, 0, 0};
-    const unsigned skew = static_cast<unsigned>(n0 & 7);
-    uint32_t here[4];
-    key.words(s, n0 >> 3, here);
-    if (skew != 0) key.words(s, (n0 >> 3) + 1, next);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) w[j] = here[j], w[j + 4] = next[j];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) w[j] = (skew & 4u) != 0 ? (j + 2 < 8 ? w[j + 2] : 0u) : w[j];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) w[j] = (skew & 2u) != 0 ? (j + 1 < 8 ? w[j + 1] : 0u) : w[j];
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      w[j] = (skew & 1u) != 0 ? __funnelshift_r(w[j], j + 1 < 8 ? w[j + 1] : 0u, 16) : w[j];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = w[j];
   }
 };
 
@@ -205,11 +180,12 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const int64_t* t
   multi_tensor_body<K>(table_data, n_tensors, f, NoRounding{});
 }
 
-// Stochastic rounding of F's S written lists. A launch with an fp64 list (four bf16 averages of an
-// fp64 source) is allowed the registers its Philox words need besides the source's: ptxas held it
-// to 128 by itself and spilled (tests/test_machine_code.py).
+// Stochastic rounding of F's S written lists. A launch of 3 or 4 averages, or with an fp64 list, is
+// allowed the registers its Philox words need beside its elements' (one block per multiprocessor):
+// held to 128 (two blocks), or left to ptxas for an fp64 source, they spilled on sm_80 and sm_86
+// (tests/test_machine_code.py); the others fit in 128.
 template <typename F>
-constexpr int kRoundingMinBlocks = F::Lists::max_bytes() == 8 ? 1 : 2;
+constexpr int kRoundingMinBlocks = F::Lists::max_bytes() == 8 || F::kRoundedLists >= 3 ? 1 : 2;
 
 template <int K, typename F, int S>
 __global__ void __launch_bounds__(kThreads, kRoundingMinBlocks<F>)
