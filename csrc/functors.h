@@ -17,6 +17,15 @@
 
 namespace swa_fast {
 
+// Loops over a functor's K lists, unrolled in device code so that its register arrays stay in
+// registers (indexed at run time they would live in local memory); the host compiler unrolls them
+// itself and would warn about the pragma.
+#if defined(__CUDA_ARCH__)
+#define SWA_FAST_UNROLL_ON_DEVICE _Pragma("unroll")
+#else
+#define SWA_FAST_UNROLL_ON_DEVICE
+#endif
+
 // The element type of each list of a functor, in list order. With the functor's kReadLists and
 // written_lists() (bit k: list k; a list it does not write in this call, such as an average at
 // weight 0, is left out), the CUDA runner's vector path loads and stores whole vectors of each
@@ -33,6 +42,11 @@ struct ListTypes {
   static constexpr C10_HOST_DEVICE int min_bytes() {
     int out = 1 << 30;
     ((out = static_cast<int>(sizeof(T)) < out ? static_cast<int>(sizeof(T)) : out), ...);
+    return out;
+  }
+  static constexpr C10_HOST_DEVICE int max_bytes() {
+    int out = 0;
+    ((out = static_cast<int>(sizeof(T)) > out ? static_cast<int>(sizeof(T)) : out), ...);
     return out;
   }
 };
@@ -120,6 +134,150 @@ C10_HOST_DEVICE inline void store_as(void* p, int64_t i, A x) {
   static_cast<T*>(p)[i] = static_cast<T>(x);
 }
 
+// --- stochastic rounding: swa_fast/ops/rounding.py defines the bits, which every backend computes alike ---
+
+// Philox4x32-10 (Salmon et al., SC 2011; Random123's constants) of the counter c under the key
+// (k0, k1), in place: a pure function, so each element's bits are computed where it is stored.
+C10_HOST_DEVICE C10_ALWAYS_INLINE void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
+  // Unrolled on the host too, so that a loop over counters vectorises across them.
+#if defined(__CUDACC__) || defined(__clang__)
+#pragma unroll
+#elif defined(__GNUC__)
+#pragma GCC unroll 10
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c[0];
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c[2];
+    const uint32_t c1 = c[1], c3 = c[3];
+    c[0] = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    c[1] = static_cast<uint32_t>(p1);
+    c[2] = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c[3] = static_cast<uint32_t>(p0);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// What the random bits of a call's written lists depend on besides the element: the seed (Philox's
+// key), the step, and each written list's stream (S of them, the functor's kRoundedLists, in its
+// order), already shifted into the counter's top byte.
+template <int S>
+struct RoundingKey {
+  uint32_t seed_lo = 0, seed_hi = 0, step_lo = 0, step_hi = 0;
+  uint32_t stream_hi[S]{};
+
+  // The four 32-bit words (32 random bits for each of 8 elements, two each) of the 8 elements
+  // 8g .. 8g + 7 of stream s: element n's 16 bits are word (n >> 1) & 3's low half for even n, its
+  // high half for odd n.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void words(int s, uint64_t g, uint32_t (&c)[4]) const {
+    c[0] = static_cast<uint32_t>(g);
+    c[1] = static_cast<uint32_t>(g >> 32) ^ stream_hi[s];
+    c[2] = step_lo;
+    c[3] = step_hi;
+    philox4x32_10(c, seed_lo, seed_hi);
+  }
+  // The bits of the 8 elements n0 .. n0 + 7 of stream s (the CUDA vector path), laid out as `words`
+  // lays them out (element n0 + i's in word i >> 1, its low half for even i): one Philox call where
+  // n0 is a multiple of 8 (every vector of a tensor whose first element is: a flat buffer's views),
+  // else two, shifted down by n0's remainder in 16-bit halves through selects whose indices are all
+  // constants, so that on the device the words stay in registers.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void eight(int s, uint64_t n0, uint32_t (&out)[4]) const {
+    uint32_t here[4], next[4] = {0, 0, 0, 0}, w[8];
+    const auto skew = static_cast<unsigned>(n0 & 7);
+    words(s, n0 >> 3, here);
+    if (skew != 0) words(s, (n0 >> 3) + 1, next);
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 4; ++j) w[j] = here[j], w[j + 4] = next[j];
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 8; ++j) w[j] = (skew & 4u) != 0 ? (j + 2 < 8 ? w[j + 2] : 0u) : w[j];
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 8; ++j) w[j] = (skew & 2u) != 0 ? (j + 1 < 8 ? w[j + 1] : 0u) : w[j];
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 8; ++j) {  // (a funnel shift on the device)
+      w[j] = (skew & 1u) != 0 ? (w[j] >> 16) | ((j + 1 < 8 ? w[j + 1] : 0u) << 16) : w[j];
+    }
+    SWA_FAST_UNROLL_ON_DEVICE
+    for (int j = 0; j < 4; ++j) out[j] = w[j];
+  }
+  // Element n's 16 bits of stream s, alone: a Philox call for one element (the CUDA scalar path).
+  C10_HOST_DEVICE uint32_t bits(int s, uint64_t n) const {
+    uint32_t c[4];
+    words(s, n >> 3, c);
+    const unsigned j = static_cast<unsigned>(n >> 1) & 3u;  // selects, not an index: c stays in registers
+    const uint32_t word = j == 0 ? c[0] : j == 1 ? c[1] : j == 2 ? c[2] : c[3];
+    return (n & 1) != 0 ? word >> 16 : word & 0xffffu;
+  }
+};
+
+// x rounded into bf16 or fp16 with the 16 random bits r (rounding.py's `round_stochastically`), as
+// the type's bits: integer and float operations and selects, no branch, so that the CPU loop
+// vectorises. A value the type holds exactly is never changed; a non-finite one rounds to nearest
+// as store_as does.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t round_stochastically(float x, uint32_t r) {
+  static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>, "only into bf16 or fp16");
+  const uint32_t u = c10::bit_cast<uint32_t>(x);
+  const uint32_t sign = u & 0x80000000u;
+  const uint32_t f = u ^ sign;  // |x|
+  const bool finite = f < 0x7f800000u;
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // the 16 dropped bits plus r, truncated (the carry reaches the exponent and the sign stays)
+    bits = (u + r) >> 16;
+  } else {
+    // Normal range (from 2^-14): the 13 dropped bits plus r's top 13, truncated, rebiased; from
+    // 2^16 up, infinity.
+    const uint32_t t = (f + (r >> 3)) & ~0x1fffu;
+    const uint32_t normal = t >= 0x47800000u ? 0x7c00u : (t - 0x38000000u) >> 13;
+    // Below 2^-14, steps of 2^-24: q = |x| 2^24 (exact), its integer part m and the first 16 bits
+    // of its fraction F (exact), up with probability F / 2^16. (|x| held below 2^-14 first, so that
+    // the conversions stay in range where this result is not taken.)
+    const float q = c10::bit_cast<float>(f < 0x38800000u ? f : 0x38800000u) * 16777216.0f;
+    const int32_t m = static_cast<int32_t>(q);
+    const int32_t fraction = static_cast<int32_t>((q - static_cast<float>(m)) * 65536.0f);
+    const uint32_t small = static_cast<uint32_t>(m) + ((static_cast<uint32_t>(fraction) + r) >> 16);
+    bits = (f >= 0x38800000u ? normal : small) | (sign >> 16);
+  }
+#if !defined(__CUDA_ARCH__)
+  // A non-finite x as store_as gives it, without c10's conversion in the loop: an infinity as it is,
+  // NaN as c10's (bf16: 0x7fc0; fp16: 0x7e00 with its sign).
+  uint32_t nearest;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    nearest = f > 0x7f800000u ? 0x7fc0u : u >> 16;
+  } else {
+    nearest = (f > 0x7f800000u ? 0x7e00u : 0x7c00u) | (sign >> 16);
+  }
+#else
+  const uint32_t nearest = static_cast<T>(x).x;  // the conversion instruction
+#endif
+  return static_cast<uint16_t>(finite ? bits : nearest);
+}
+
+// How a functor's store writes each of its written lists: to nearest (store_as), or stochastically
+// with the element's 16 random bits of each written list (slot s: the functor's s-th written list).
+struct Nearest {
+  template <typename T, typename A>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void put(void* p, int64_t i, int, A x) const {
+    store_as<T>(p, i, x);
+  }
+};
+
+template <int S>
+struct Stochastic {
+  uint32_t r[S];
+  template <typename T, typename A>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void put(void* p, int64_t i, int s, A x) const {
+    static_assert(std::is_same_v<A, float>, "bf16 and fp16 averages are computed in fp32");
+    const uint16_t bits = round_stochastically<T>(x, r[s]);
+    static_cast<T*>(p)[i] = T(bits, T::from_bits());
+  }
+};
+
+// Whether averages of T are rounded stochastically when a call asks for it (rounding.py:
+// STOCHASTIC_DTYPES); fp32 and fp64 ones are stored to nearest as always.
+template <typename T>
+constexpr bool kRoundsStochastically = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
 // PyTorch's lerp (the same formula on the same side of |weight| = 0.5, so that non-finite values
 // give what torch.lerp gives): exact at both ends and accurate on either side of 0.5. Weight 1 gives end as it
 // is, even where start is inf or NaN (the formula would give NaN there), so the first SWA update,
@@ -175,9 +333,11 @@ struct Lerp {
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, D>(p[0], i), load_as<A, S>(p[1], i)};
   }
-  template <bool kMayBeOne = true>
-  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
-    store_as<D>(p[0], i, lerp.template mix<kMayBeOne>(r.avg, r.src));
+  // `put` writes each written list (Nearest, or Stochastic with each one's random bits: slot 0, avg)
+  static constexpr int kRoundedLists = 1;
+  template <bool kMayBeOne = true, typename Put = Nearest>
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r, const Put& put = {}) const {
+    put.template put<D>(p[0], i, 0, lerp.template mix<kMayBeOne>(r.avg, r.src));
   }
 };
 
@@ -200,10 +360,11 @@ struct Moments {
   C10_HOST_DEVICE Regs load(void* const* p, int64_t i) const {
     return {load_as<A, D>(p[0], i), load_as<A, D>(p[1], i), load_as<A, S>(p[2], i)};
   }
-  template <bool kMayBeOne = true>
-  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
-    store_as<D>(p[0], i, lerp.template mix<kMayBeOne>(r.mean, r.src));
-    store_as<D>(p[1], i, lerp.template mix<kMayBeOne>(r.sq, r.src * r.src));
+  static constexpr int kRoundedLists = 2;  // slot 0 mean, slot 1 sq
+  template <bool kMayBeOne = true, typename Put = Nearest>
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r, const Put& put = {}) const {
+    put.template put<D>(p[0], i, 0, lerp.template mix<kMayBeOne>(r.mean, r.src));
+    put.template put<D>(p[1], i, 1, lerp.template mix<kMayBeOne>(r.sq, r.src * r.src));
   }
 };
 
@@ -243,15 +404,6 @@ struct Bema {
     store_as<D>(p[1], i, ema + scale * (r.src - r.start));
   }
 };
-
-// Loops over a functor's K lists, unrolled in device code so that its register arrays stay in
-// registers (indexed at run time they would live in local memory); the host compiler unrolls them
-// itself and would warn about the pragma.
-#if defined(__CUDA_ARCH__)
-#define SWA_FAST_UNROLL_ON_DEVICE _Pragma("unroll")
-#else
-#define SWA_FAST_UNROLL_ON_DEVICE
-#endif
 
 // avg_k += w_k * (src - avg_k) for k < K, reading src once (post-hoc EMA's K averages of one model).
 // p[0..K-1] are the averages (one dtype D), p[K] the source. An average whose weight is 0 is not
@@ -304,14 +456,15 @@ struct MultiLerp {
     r.src = load_as<A, S>(p[K], i);
     return r;
   }
-  template <bool kMayBeOne = true>
-  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r) const {
+  static constexpr int kRoundedLists = K;  // slot k: average k of the pass
+  template <bool kMayBeOne = true, typename Put = Nearest>
+  C10_HOST_DEVICE void store(void* const* p, int64_t i, const Regs& r, const Put& put = {}) const {
     SWA_FAST_UNROLL_ON_DEVICE
     for (int k = 0; k < K; ++k) {
       if constexpr (kZeroSkips) {
         if (any_zero && lerp[k].zero()) continue;
       }
-      store_as<D>(p[k], i, lerp[k].template mix<kMayBeOne>(r.avg[k], r.src));
+      put.template put<D>(p[k], i, k, lerp[k].template mix<kMayBeOne>(r.avg[k], r.src));
     }
   }
 };

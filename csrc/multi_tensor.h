@@ -85,13 +85,15 @@ struct ListArg {
   bool integers = false;
 };
 
-// The tensors of a call that share one dtype per list: their K data pointers and element counts.
-// Each group runs as one typed pass.
+// The tensors of a call that share one dtype per list: their K data pointers and element counts,
+// and each one's index in the call's lists (where stochastic rounding finds its first element in the
+// flat average, which the call's `rounding` gives per index). Each group runs as one typed pass.
 template <size_t K>
 struct DtypeGroup {
   std::array<at::ScalarType, K> dtypes;
   std::vector<std::array<void*, K>> ptrs;
   std::vector<int64_t> numels;
+  std::vector<uint32_t> index;
 };
 
 // What the kernels need of a call.
@@ -322,7 +324,7 @@ Gathered<K> gather_checked(const char* op, const std::array<ListArg, K>& lists) 
     if (out.groups.empty() || out.groups[last].dtypes != dtypes) {
       last = 0;
       while (last < out.groups.size() && out.groups[last].dtypes != dtypes) ++last;
-      if (last == out.groups.size()) out.groups.push_back({dtypes, {}, {}});
+      if (last == out.groups.size()) out.groups.push_back({dtypes, {}, {}, {}});
     }
     DtypeGroup<K>& group = out.groups[last];
     std::array<void*, K>& ptrs = group.ptrs.emplace_back();  // written in place: no copy to stall on
@@ -344,6 +346,7 @@ Gathered<K> gather_checked(const char* op, const std::array<ListArg, K>& lists) 
       }
     }
     group.numels.push_back(numel);
+    group.index.push_back(static_cast<uint32_t>(i));
   }
   // The usual call: each written list in order and in its own range, every read tensor outside
   // all of them. Anything else goes through the full check.

@@ -11,6 +11,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,10 +20,12 @@
 #endif
 
 TORCH_LIBRARY(swa_fast, m) {
-  m.def("lerp_(Tensor(a!)[] avg, Tensor[] src, Tensor weight) -> ()");
-  m.def("moments_(Tensor(a!)[] mean, Tensor(b!)[] sq, Tensor[] src, Tensor weight) -> ()");
+  // rounding: None (to nearest), or (seed, step, stream, each index's first element in the flat
+  // average) for stochastic rounding into bf16 and fp16 averages (swa_fast/ops/rounding.py)
+  m.def("lerp_(Tensor(a!)[] avg, Tensor[] src, Tensor weight, Tensor? rounding=None) -> ()");
+  m.def("moments_(Tensor(a!)[] mean, Tensor(b!)[] sq, Tensor[] src, Tensor weight, Tensor? rounding=None) -> ()");
   // avgs: K lists of averages concatenated (avgs[k * len(src) + i]), K = len(weights), 1 to 4
-  m.def("multi_lerp_(Tensor(a!)[] avgs, Tensor[] src, Tensor weights) -> ()");
+  m.def("multi_lerp_(Tensor(a!)[] avgs, Tensor[] src, Tensor weights, Tensor? rounding=None) -> ()");
   // weights: (the EMA's weight, the correction's scale)
   m.def("bema_(Tensor(a!)[] ema, Tensor(b!)[] out, Tensor[] start, Tensor[] src, Tensor weights) -> ()");
   // srcs: K lists of sources concatenated (srcs[k * len(dst) + i]), K = len(weights), 1 to 8
@@ -35,6 +38,7 @@ namespace {
 
 using TL = at::TensorList;
 using T = const at::Tensor&;
+using OT = const std::optional<at::Tensor>&;
 
 // The tensors of a Python sequence, borrowed: their C++ reference counts are left alone (counting a
 // Python-owned tensor takes the GIL) and the Python objects are kept alive
@@ -168,22 +172,35 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// Positional arguments as METH_FASTCALL passes them, without an argument tuple to unpack.
-bool expect_args(const char* op, Py_ssize_t nargs, Py_ssize_t expected) {
-  if (nargs == expected) return true;
+// Positional arguments as METH_FASTCALL passes them, without an argument tuple to unpack;
+// `optional` more may follow.
+bool expect_args(const char* op, Py_ssize_t nargs, Py_ssize_t expected, Py_ssize_t optional = 0) {
+  if (nargs >= expected && nargs <= expected + optional) return true;
   PyErr_Format(PyExc_TypeError, "swa_fast.%s takes %zd positional arguments (%zd given)", op, expected, nargs);
   return false;
 }
 
+// The optional last argument `rounding` of lerp_, moments_ and multi_lerp_ (args[at], when given):
+// None, or a tensor, which the op checks (rounding.py's check_rounding, as its first message).
+std::optional<at::Tensor> unpack_rounding(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t at, const char* op) {
+  if (nargs <= at || args[at] == Py_None) return std::nullopt;
+  if (THPVariable_Check(args[at])) return THPVariable_Unpack(args[at]);
+  TORCH_CHECK_VALUE(false, "swa_fast.", op,
+                    ": `rounding` must be None or a 1-D int64 tensor on the CPU (seed, step, stream, then each "
+                    "index's first element), got ",
+                    type_name(args[at]));
+}
+
 PyObject* py_lerp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!expect_args("lerp_", nargs, 3)) return nullptr;
-  static auto op = op_handle<void(TL, TL, T)>("swa_fast::lerp_");
+  if (!expect_args("lerp_", nargs, 3, 1)) return nullptr;
+  static auto op = op_handle<void(TL, TL, T, OT)>("swa_fast::lerp_");
   const BorrowedTensors avg(args[0], "lerp_", "avg"), src(args[1], "lerp_", "src");
   const at::Tensor weight = unpack_weight(args[2], "lerp_");
+  const std::optional<at::Tensor> rounding = unpack_rounding(args, nargs, 3, "lerp_");
   {
     pybind11::gil_scoped_release no_gil;
-    op.redispatch(avg.device_keys(), avg.list(), src.list(), weight);
+    op.redispatch(avg.device_keys(), avg.list(), src.list(), weight, rounding);
   }
   avg.bump_versions();
   Py_RETURN_NONE;
@@ -192,14 +209,15 @@ PyObject* py_lerp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* py_moments(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!expect_args("moments_", nargs, 4)) return nullptr;
-  static auto op = op_handle<void(TL, TL, TL, T)>("swa_fast::moments_");
+  if (!expect_args("moments_", nargs, 4, 1)) return nullptr;
+  static auto op = op_handle<void(TL, TL, TL, T, OT)>("swa_fast::moments_");
   const BorrowedTensors mean(args[0], "moments_", "mean"), sq(args[1], "moments_", "sq"),
       src(args[2], "moments_", "src");
   const at::Tensor weight = unpack_weight(args[3], "moments_");
+  const std::optional<at::Tensor> rounding = unpack_rounding(args, nargs, 4, "moments_");
   {
     pybind11::gil_scoped_release no_gil;
-    op.redispatch(mean.device_keys(), mean.list(), sq.list(), src.list(), weight);
+    op.redispatch(mean.device_keys(), mean.list(), sq.list(), src.list(), weight, rounding);
   }
   mean.bump_versions();
   sq.bump_versions();
@@ -210,13 +228,14 @@ PyObject* py_moments(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // avgs: the K lists concatenated (swa_fast.multi_lerp_ concatenates nested lists).
 PyObject* py_multi_lerp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!expect_args("multi_lerp_", nargs, 3)) return nullptr;
-  static auto op = op_handle<void(TL, TL, T)>("swa_fast::multi_lerp_");
+  if (!expect_args("multi_lerp_", nargs, 3, 1)) return nullptr;
+  static auto op = op_handle<void(TL, TL, T, OT)>("swa_fast::multi_lerp_");
   const BorrowedTensors avgs(args[0], "multi_lerp_", "avgs"), src(args[1], "multi_lerp_", "src");
   const at::Tensor weights = unpack_weights(args[2], "multi_lerp_");
+  const std::optional<at::Tensor> rounding = unpack_rounding(args, nargs, 3, "multi_lerp_");
   {
     pybind11::gil_scoped_release no_gil;
-    op.redispatch(avgs.device_keys(), avgs.list(), src.list(), weights);
+    op.redispatch(avgs.device_keys(), avgs.list(), src.list(), weights, rounding);
   }
   avgs.bump_versions();
   Py_RETURN_NONE;
@@ -289,7 +308,7 @@ PyObject* py_swap(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* py_lerp_then_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (!expect_args("lerp_then_copy_", nargs, 5)) return nullptr;
-  static auto lerp = op_handle<void(TL, TL, T)>("swa_fast::lerp_");
+  static auto lerp = op_handle<void(TL, TL, T, OT)>("swa_fast::lerp_");
   static auto copy = op_handle<void(TL, TL)>("swa_fast::copy_");
   const BorrowedTensors avg(args[0], "lerp_", "avg"), src(args[1], "lerp_", "src");
   const at::Tensor weight = unpack_weight(args[2], "lerp_");
@@ -297,7 +316,7 @@ PyObject* py_lerp_then_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   bool copied = true;
   {
     pybind11::gil_scoped_release no_gil;
-    lerp.redispatch(avg.device_keys(), avg.list(), src.list(), weight);
+    lerp.redispatch(avg.device_keys(), avg.list(), src.list(), weight, std::nullopt);
     try {
       copy.redispatch(dst.device_keys(), dst.list(), copy_src.list());
     } catch (const c10::ValueError&) {
@@ -353,9 +372,12 @@ PyObject* build_info(PyObject*, PyObject*) {
 PyCFunction fastcall(_PyCFunctionFast f) { return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f)); }
 
 PyMethodDef methods[] = {
-    {"lerp_", fastcall(py_lerp), METH_FASTCALL, "lerp_(avg, src, weight): eager fast path of torch.ops.swa_fast.lerp_"},
-    {"moments_", fastcall(py_moments), METH_FASTCALL, "moments_(mean, sq, src, weight): eager fast path"},
-    {"multi_lerp_", fastcall(py_multi_lerp), METH_FASTCALL, "multi_lerp_(avgs, src, weights): eager fast path"},
+    {"lerp_", fastcall(py_lerp), METH_FASTCALL,
+     "lerp_(avg, src, weight, rounding=None): eager fast path of torch.ops.swa_fast.lerp_"},
+    {"moments_", fastcall(py_moments), METH_FASTCALL,
+     "moments_(mean, sq, src, weight, rounding=None): eager fast path"},
+    {"multi_lerp_", fastcall(py_multi_lerp), METH_FASTCALL,
+     "multi_lerp_(avgs, src, weights, rounding=None): eager fast path"},
     {"bema_", fastcall(py_bema), METH_FASTCALL, "bema_(ema, out, start, src, weights): eager fast path"},
     {"weighted_sum_", fastcall(py_weighted_sum), METH_FASTCALL,
      "weighted_sum_(dst, srcs, weights): eager fast path"},

@@ -5,37 +5,139 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <vector>
+
 #include "functors.h"
 #include "multi_tensor.h"
 
 namespace swa_fast {
 
+// --- stochastic rounding: the `rounding` argument of lerp_, moments_ and multi_lerp_ ----------------
+
+// Written lists one call may number (rounding.py: MAX_STREAMS): the stream goes in the top byte of
+// Philox's counter.
+constexpr int64_t kMaxStreams = 256;
+
+// A call's `rounding`, read: the seed, the step, the stream of its first written list, and each
+// index's first element in the flat average.
+struct RoundingArg {
+  int64_t seed = 0, step = 0, stream = 0;
+  std::vector<int64_t> firsts;
+};
+
+// `rounding` (None: to nearest) checked as rounding.py's check_rounding checks it, word for word, for
+// a call of `count` indices that writes `written_lists` lists; checked after the lists and the
+// weight, as checks.check_call does, so that a bad call writes nothing. Its values are read on every
+// call (the step changes at each), never kept with a launch plan.
+inline std::optional<RoundingArg> checked_rounding(const char* op, const std::optional<at::Tensor>& rounding,
+                                                   size_t count, int64_t written_lists) {
+  if (!rounding.has_value() || !rounding->defined()) return std::nullopt;
+  const at::Tensor& t = *rounding;
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.device().is_cpu(), "swa_fast.", op,
+                    ": `rounding` must be an int64 tensor on the CPU, got ", dtype_name(t.scalar_type()), " on ",
+                    t.device());
+  const int64_t expected = 3 + static_cast<int64_t>(count);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == expected, "swa_fast.", op,
+                    ": `rounding` must be a 1-D tensor of ", expected,
+                    " elements (seed, step, stream, then the first element index of each of the ", count,
+                    " tensors), got shape ", t.sizes());
+  const at::Tensor values = t.is_neg() ? t.resolve_neg() : t;
+  const int64_t* v = values.const_data_ptr<int64_t>();
+  const int64_t stride = values.stride(0);
+  RoundingArg out;
+  out.seed = v[0];
+  out.step = v[stride];
+  out.stream = v[2 * stride];
+  TORCH_CHECK_VALUE(out.step >= 0, "swa_fast.", op, ": `rounding` holds step ", out.step,
+                    "; expected a step of at least 0");
+  TORCH_CHECK_VALUE(out.stream >= 0 && out.stream <= kMaxStreams - written_lists, "swa_fast.", op,
+                    ": `rounding` holds stream ", out.stream, "; expected 0 to ", kMaxStreams - written_lists,
+                    " for a call that writes ", written_lists, " lists");
+  out.firsts.resize(count);
+  for (size_t i = 0; i < count; ++i) {
+    out.firsts[i] = v[(3 + static_cast<int64_t>(i)) * stride];
+    TORCH_CHECK_VALUE(out.firsts[i] >= 0, "swa_fast.", op, ": `rounding` holds ", out.firsts[i],
+                      " as the first element index of tensor ", i, "; expected at least 0");
+  }
+  return out;
+}
+
+// What a runner needs to round a dtype group's S written lists stochastically: the key (seed, step,
+// each written list's stream) and each tensor's first element in the flat average.
+template <int S>
+struct Rounding {
+  RoundingKey<S> key;
+  std::vector<int64_t> firsts;  // per tensor of the group, in its order
+};
+
+// `group`'s Rounding; slot s of the functor writes the call's written list slots[s] (its stream:
+// the call's stream + slots[s]).
+template <int S, size_t N>
+Rounding<S> rounding_of(const RoundingArg& arg, const DtypeGroup<N>& group, const std::array<int, S>& slots) {
+  Rounding<S> out;
+  const auto seed = static_cast<uint64_t>(arg.seed);  // a negative seed: its two's complement bits
+  const auto step = static_cast<uint64_t>(arg.step);
+  out.key.seed_lo = static_cast<uint32_t>(seed);
+  out.key.seed_hi = static_cast<uint32_t>(seed >> 32);
+  out.key.step_lo = static_cast<uint32_t>(step);
+  out.key.step_hi = static_cast<uint32_t>(step >> 32);
+  for (int s = 0; s < S; ++s) out.key.stream_hi[s] = static_cast<uint32_t>(arg.stream + slots[s]) << 24;
+  out.firsts.reserve(group.index.size());
+  for (const uint32_t i : group.index) out.firsts.push_back(arg.firsts[i]);
+  return out;
+}
+
+// Runs f over `group`, its bf16 and fp16 written lists rounded stochastically where the call asks
+// for it (slots: as rounding_of's); otherwise to nearest, by the very kernels of a call without
+// `rounding`.
+template <class Run, typename D, typename F, size_t N>
+void run_rounding(const DtypeGroup<N>& group, at::Device device, const F& f, const std::optional<RoundingArg>& sr,
+                  const std::array<int, F::kRoundedLists>& slots) {
+  if constexpr (kRoundsStochastically<D>) {
+    if (sr.has_value()) return Run::run(group, device, f, rounding_of<F::kRoundedLists>(*sr, group, slots));
+  }
+  Run::run(group, device, f);
+}
+
 template <class Run>
-void lerp_impl(at::TensorList avg, at::TensorList src, const at::Tensor& weight) {
+void lerp_impl(at::TensorList avg, at::TensorList src, const at::Tensor& weight,
+               const std::optional<at::Tensor>& rounding) {
   const auto call = gather<2>("lerp_", {{{"avg", avg, true}, {"src", src, false}}});
-  if (avg.empty()) return;
+  if (avg.empty()) {
+    checked_rounding("lerp_", rounding, 0, 1);
+    return;
+  }
   const at::Tensor w = checked_weight("lerp_", weight, call->device);
+  const auto sr = checked_rounding("lerp_", rounding, avg.size(), 1);
   for (const auto& group : call->groups) {
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[1], [&](auto s) {
         using F = Lerp<decltype(d), decltype(s)>;
-        Run::run(group, call->device, F{Weight<typename F::A>::from(w, call->device)});
+        run_rounding<Run, decltype(d)>(group, call->device, F{Weight<typename F::A>::from(w, call->device)}, sr,
+                                       {0});
       });
     });
   }
 }
 
 template <class Run>
-void moments_impl(at::TensorList mean, at::TensorList sq, at::TensorList src, const at::Tensor& weight) {
+void moments_impl(at::TensorList mean, at::TensorList sq, at::TensorList src, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& rounding) {
   const auto call =
       gather<3>("moments_", {{{"mean", mean, true}, {"sq", sq, true, /*same_dtype=*/true}, {"src", src, false}}});
-  if (mean.empty()) return;
+  if (mean.empty()) {
+    checked_rounding("moments_", rounding, 0, 2);
+    return;
+  }
   const at::Tensor w = checked_weight("moments_", weight, call->device);
+  const auto sr = checked_rounding("moments_", rounding, mean.size(), 2);
   for (const auto& group : call->groups) {
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[2], [&](auto s) {
         using F = Moments<decltype(d), decltype(s)>;
-        Run::run(group, call->device, F{Weight<typename F::A>::from(w, call->device)});
+        run_rounding<Run, decltype(d)>(group, call->device, F{Weight<typename F::A>::from(w, call->device)}, sr,
+                                       {0, 1});
       });
     });
   }
@@ -138,7 +240,8 @@ inline bool host_zero(const at::Tensor& weights, int k, at::ScalarType dtype) {
 // all), with the source last in p.
 template <class Run, int K, size_t N>
 void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Tensor& w,
-                    const std::array<int, K>& averages, const std::vector<size_t>* members) {
+                    const std::array<int, K>& averages, const std::vector<size_t>* members,
+                    const std::optional<RoundingArg>& sr) {
   std::array<at::ScalarType, K + 1> dtypes;
   for (int k = 0; k < K; ++k) dtypes[k] = group.dtypes[averages[k]];
   dtypes[K] = group.dtypes[N - 1];
@@ -149,11 +252,11 @@ void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Ten
       for (int k = 0; k < K; ++k) f.weight[k] = weight_element<typename F::A>(w, averages[k]);
       if constexpr (K + 1 == N) {
         if (members == nullptr) {  // every average of the whole group: the group as it is
-          Run::run(group, device, f);
+          run_rounding<Run, decltype(d)>(group, device, f, sr, averages);
           return;
         }
       }
-      DtypeGroup<K + 1> part{dtypes, {}, {}};
+      DtypeGroup<K + 1> part{dtypes, {}, {}, {}};
       const size_t n = members != nullptr ? members->size() : group.numels.size();
       for (size_t m = 0; m < n; ++m) {
         const size_t j = members != nullptr ? (*members)[m] : m;
@@ -161,8 +264,9 @@ void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Ten
         for (int k = 0; k < K; ++k) ptrs[k] = group.ptrs[j][averages[k]];
         ptrs[K] = group.ptrs[j][N - 1];
         part.numels.push_back(group.numels[j]);
+        part.index.push_back(group.index[j]);
       }
-      if (!part.numels.empty()) Run::run(part, device, f);
+      if (!part.numels.empty()) run_rounding<Run, decltype(d)>(part, device, f, sr, averages);
     });
   });
 }
@@ -170,17 +274,18 @@ void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Ten
 // One pass over the first `count` of `averages` (K, K - 1, ... 1 of them).
 template <class Run, int K, size_t N>
 void run_first(const DtypeGroup<N>& group, at::Device device, const at::Tensor& w,
-               const std::array<int, N - 1>& averages, int count) {
+               const std::array<int, N - 1>& averages, int count, const std::optional<RoundingArg>& sr) {
   if constexpr (K >= 1) {
-    if (count < K) return run_first<Run, K - 1>(group, device, w, averages, count);
+    if (count < K) return run_first<Run, K - 1>(group, device, w, averages, count, sr);
     std::array<int, K> first;
     std::copy_n(averages.begin(), K, first.begin());
-    run_multi_lerp<Run, K>(group, device, w, first, nullptr);
+    run_multi_lerp<Run, K>(group, device, w, first, nullptr, sr);
   }
 }
 
 template <class Run, int K>
-void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor& weights) {
+void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor& weights,
+                       const std::optional<at::Tensor>& rounding) {
   static const char* const names[] = {"avgs[0]", "avgs[1]", "avgs[2]", "avgs[3]"};
   static_assert(K <= std::size(names));
   const size_t n = avgs.size() / K;
@@ -188,8 +293,13 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
   for (int k = 0; k < K; ++k) lists[k] = {names[k], avgs.slice(k * n, n), true};
   lists[K] = {"src", src, false};
   const auto call = gather<K + 1>("multi_lerp_", lists);
-  if (n == 0) return;
+  if (n == 0) {
+    checked_rounding("multi_lerp_", rounding, 0, K);
+    return;
+  }
   const at::Tensor w = checked_weights("multi_lerp_", weights, call->device);
+  // (average k of the call: stream `stream` + k, whichever pass writes it)
+  const auto sr = checked_rounding("multi_lerp_", rounding, n, K);
   for (const auto& group : call->groups) {
     bool one_dtype = true;
     for (int k = 1; k < K; ++k) one_dtype &= group.dtypes[k] == group.dtypes[0];
@@ -201,7 +311,7 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
       for (int k = 0; k < K; ++k) {
         if (!host_zero(w, k, group.dtypes[0])) written[count++] = k;
       }
-      run_first<Run, K>(group, call->device, w, written, count);
+      run_first<Run, K>(group, call->device, w, written, count, sr);
       continue;
     }
     // Averages of different dtypes at one index: one pass per average. A source that is its own
@@ -222,24 +332,25 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
         if (k != own_k) reading[k].push_back(j);
       }
     }
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &apart);
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &reading[k]);
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &own[k]);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &apart, sr);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &reading[k], sr);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &own[k], sr);
   }
 }
 
 // avgs: the K lists of averages concatenated (avgs[k * len(src) + i]), K = len(weights).
 template <class Run>
-void multi_lerp_impl(at::TensorList avgs, at::TensorList src, const at::Tensor& weights) {
+void multi_lerp_impl(at::TensorList avgs, at::TensorList src, const at::Tensor& weights,
+                     const std::optional<at::Tensor>& rounding) {
   const int64_t k = checked_weight_count(weights);
   TORCH_CHECK_VALUE(avgs.size() % k == 0, "swa_fast.multi_lerp_: `avgs` has ", avgs.size(),
                     " tensors, which is not a multiple of the ", k,
                     " weights; expected one list of averages per weight, concatenated");
   switch (k) {
-    case 1: return multi_lerp_passes<Run, 1>(avgs, src, weights);
-    case 2: return multi_lerp_passes<Run, 2>(avgs, src, weights);
-    case 3: return multi_lerp_passes<Run, 3>(avgs, src, weights);
-    default: return multi_lerp_passes<Run, 4>(avgs, src, weights);
+    case 1: return multi_lerp_passes<Run, 1>(avgs, src, weights, rounding);
+    case 2: return multi_lerp_passes<Run, 2>(avgs, src, weights, rounding);
+    case 3: return multi_lerp_passes<Run, 3>(avgs, src, weights, rounding);
+    default: return multi_lerp_passes<Run, 4>(avgs, src, weights, rounding);
   }
 }
 

@@ -64,12 +64,18 @@ def sass(request) -> dict[str, str]:
     return kernels
 
 
-def _kernel(kernels: dict[str, str], functor: str, dst: str, src: str, more: str = "") -> str:
-    # multi_tensor_kernel<K, Functor<dst, src, more...>>, mangled (Functor: its length, then its name)
+NEAREST, ROUNDING = "multi_tensor_kernel", "multi_tensor_rounding_kernel"
+
+
+def _kernel(
+    kernels: dict[str, str], functor: str, dst: str, src: str, more: str = "", kernel: str = NEAREST
+) -> str:
+    # kernel<K, Functor<dst, src, more...>...>, mangled (Functor: its length, then its name);
+    # multi_tensor_rounding_kernel: the stochastic rounding of bf16 / fp16 averages
     found = [
         code
         for name, code in kernels.items()
-        if "multi_tensor_kernel" in name and f"{len(functor)}{functor}I{dst}{src}{more}E" in name
+        if f"{len(kernel)}{kernel}I" in name and f"{len(functor)}{functor}I{dst}{src}{more}E" in name
     ]
     assert len(found) == 1, [n for n in kernels if functor in n]
     return found[0]
@@ -98,6 +104,28 @@ def test_bema_moves_128_bits(sass, src):
     # kernel: a host weight that is not 0, kKeepsAtZero false, `Lb0E` in the mangled name.)
     loads, stores = (3, 2) if src == "f" else (5, 4)
     _assert_vector_and_tail(_kernel(sass, "Bema", "f", src, more="Lb0E"), loads, stores)
+
+
+BF16, FP16 = "N3c108BFloat16E", "N3c104HalfE"
+
+
+@pytest.mark.parametrize(
+    "functor,dst,more,loads,stores",
+    [
+        ("Lerp", BF16, "", 3, 1),
+        ("Lerp", FP16, "", 3, 1),
+        ("Moments", BF16, "", 4, 2),
+        ("MultiLerp", BF16, "Lb1E", 6, 4),
+    ],
+    ids=["lerp_bf16", "lerp_fp16", "moments_bf16", "multi_lerp_4_bf16"],
+)
+def test_stochastic_rounding_moves_128_bits(sass, functor, dst, more, loads, stores):
+    # bf16 / fp16 averages of an fp32 source, rounded stochastically (the Philox bits in registers):
+    # still a 128-bit word of each average (8 elements) and two of the source per vector, loaded and
+    # stored whole. (MultiLerp<4, ...>: its K comes first in the mangled name.)
+    name_dst = f"Li4E{dst}" if functor == "MultiLerp" else dst
+    code = _kernel(sass, functor, name_dst, "f", more=more, kernel=ROUNDING)
+    _assert_vector_and_tail(code, loads, stores)
 
 
 def _sum_kernel(kernels: dict[str, str], sources: str, dst_and_acc: str) -> str:

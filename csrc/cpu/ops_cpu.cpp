@@ -48,6 +48,53 @@ SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t
   }
 }
 
+// Stochastic rounding: elements whose random bits are made at a time, into a buffer in L1, by a loop
+// over Philox counters that vectorises; then the element loop reads them. One Philox call serves 8
+// elements of one written list.
+constexpr int64_t kRoundBlock = 512;
+
+// The random bits of the elements flat - (flat & 7) .. of stream s (groups Philox calls, 8 elements
+// each), element flat - (flat & 7) + j's at bits[j].
+template <int S>
+C10_ALWAYS_INLINE void random_block(const RoundingKey<S>& key, int s, int64_t flat, int64_t groups,
+                                    uint16_t* bits) {
+  const auto g0 = static_cast<uint64_t>(flat) >> 3;
+  for (int64_t g = 0; g < groups; ++g) {
+    uint32_t c[4];
+    key.words(s, g0 + static_cast<uint64_t>(g), c);
+    for (int w = 0; w < 4; ++w) {
+      bits[8 * g + 2 * w] = static_cast<uint16_t>(c[w]);
+      bits[8 * g + 2 * w + 1] = static_cast<uint16_t>(c[w] >> 16);
+    }
+  }
+}
+
+// run_item with the functor's S written lists rounded stochastically; `first`: the tensor's first
+// element in the flat average.
+template <typename F, int S>
+SWA_FAST_CPU_CLONES void run_item_rounded(F f, const RoundingKey<S>& key, void* const* ptrs, int64_t begin,
+                                          int64_t end, int64_t first) {
+  f.resolve();
+  if (f.skip()) return;
+  alignas(64) uint16_t bits[S][kRoundBlock + 8];
+  for (int64_t b = begin; b < end; b += kRoundBlock) {
+    const int64_t n = std::min(end - b, kRoundBlock);
+    const int64_t flat = first + b;
+    const int64_t skew = flat & 7;
+    for (int s = 0; s < S; ++s) random_block(key, s, flat, (skew + n + 7) >> 3, bits[s]);
+    const auto put = [&](int64_t j) {
+      Stochastic<S> out;
+      for (int s = 0; s < S; ++s) out.r[s] = bits[s][skew + j];
+      return out;
+    };
+    if (f.weight_one()) {
+      for (int64_t j = 0; j < n; ++j) f.store(ptrs, b + j, f.load(ptrs, b + j), put(j));
+    } else {
+      for (int64_t j = 0; j < n; ++j) f.template store<false>(ptrs, b + j, f.load(ptrs, b + j), put(j));
+    }
+  }
+}
+
 // A copy between tensors of one dtype moves bytes as they are: kBytes per element (0: not one).
 template <typename F>
 struct PlainCopy {
@@ -196,6 +243,30 @@ struct CpuRun {
 #if defined(__x86_64__)
       if (streamed) _mm_sfence();  // this thread's streamed stores land before its part counts as done
 #endif
+    });
+  }
+
+  // An op whose bf16 or fp16 written lists are rounded stochastically: the same work items, each
+  // tensor's elements numbered from its first in the flat average.
+  template <size_t K, typename F, int S>
+  static void run(const DtypeGroup<K>& group, at::Device, F f, const Rounding<S>& rounding) {
+    static_assert(F::kLists == K && F::kRoundedLists == S, "functor and list count disagree");
+    const std::vector<int64_t>& numels = group.numels;
+    int64_t total = 0;
+    for (const int64_t n : numels) total += n;
+    if (total < kSerialBelow) {
+      for (size_t j = 0; j < numels.size(); ++j) {
+        run_item_rounded(f, rounding.key, group.ptrs[j].data(), 0, numels[j], rounding.firsts[j]);
+      }
+      return;
+    }
+    const std::vector<Item> items = work_items(numels);
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+      for (int64_t it = first; it < last; ++it) {
+        const Item& item = items[it];
+        run_item_rounded(f, rounding.key, group.ptrs[item.tensor].data(), item.begin, item.end,
+                         rounding.firsts[item.tensor]);
+      }
     });
   }
 

@@ -38,11 +38,17 @@ constexpr int kVecBytes = 16;
 // that list, a whole number of 128-bit accesses of every wider one.
 constexpr int vector_elems(int min_bytes) { return kVecBytes / min_bytes; }
 
-// The table of a launch, laid out as [n * K addresses][n numels][n + 1 chunk prefix sums].
-// `ptrs` holds the K pointers of tensor j at ptrs[j * K + k].
+// The table of a launch, laid out as [n * K addresses][n numels][n + 1 chunk prefix sums], then,
+// for a launch that rounds stochastically, [n firsts]: each tensor's first element in the flat
+// average, which numbers its elements' random bits. `ptrs` holds the K pointers of tensor j at
+// ptrs[j * K + k].
 template <int K>
-std::vector<int64_t> build_table(const void* const* ptrs, const int64_t* numels, int64_t n) {
-  std::vector<int64_t> host(n * K + n + n + 1);
+std::vector<int64_t> build_table(const void* const* ptrs, const int64_t* numels, int64_t n,
+                                 const int64_t* firsts = nullptr) {
+  std::vector<int64_t> host(n * K + n + n + 1 + (firsts != nullptr ? n : 0));
+  if (firsts != nullptr) {
+    for (int64_t j = 0; j < n; ++j) host[n * K + n + n + 1 + j] = firsts[j];
+  }
   int64_t* sizes = host.data() + n * K;
   int64_t* prefix = sizes + n;
   prefix[0] = 0;
@@ -62,6 +68,8 @@ struct Table {
   C10_HOST_DEVICE int64_t numel(int64_t j) const { return data[n * K + j]; }
   C10_HOST_DEVICE const int64_t* prefix() const { return data + n * K + n; }
   C10_HOST_DEVICE int64_t n_chunks() const { return prefix()[n]; }
+  // (only in a table built with firsts)
+  C10_HOST_DEVICE int64_t flat_first(int64_t j) const { return data[n * K + n + n + 1 + j]; }
 };
 
 // The last tensor whose first chunk is <= chunk: a tensor of no elements has no chunk, so its
@@ -82,15 +90,17 @@ template <int K>
 struct Chunk {
   int64_t tensor, begin, vec_end, end;
   int64_t address[K];
+  int64_t flat_first = 0;  // the tensor's first element in the flat average (kFirsts), else 0
 };
 
 // A chunk takes the vector path when the first element of every list is 16-byte aligned (then so
 // is every vector's: a vector spans a multiple of 16 bytes in each list); its whole vectors go
 // that way and the rest, fewer than kVec elements, is the scalar tail.
-template <int K, int kVec>
+template <int K, int kVec, bool kFirsts = false>
 C10_HOST_DEVICE Chunk<K> chunk_plan(const Table<K>& table, int64_t chunk, const int* elem_bytes) {
   Chunk<K> c;
   c.tensor = tensor_of_chunk(table.prefix(), table.n, chunk);
+  if constexpr (kFirsts) c.flat_first = table.flat_first(c.tensor);
   c.begin = (chunk - table.prefix()[c.tensor]) * kChunkElems;
   const int64_t remaining = table.numel(c.tensor) - c.begin;
   c.end = c.begin + (remaining < kChunkElems ? remaining : kChunkElems);
@@ -125,13 +135,13 @@ C10_HOST_DEVICE void for_each_step(int64_t begin, int64_t end, int thread, int t
 
 // What one block does: chunks block, block + grid, ...; in each, its vectors (kVecU at a time),
 // then its tail. vector(chunk, first, valid) and scalar(chunk, first, valid) are the for_each_step
-// visits.
-template <int K, int kVec, int kVecU, typename Vector, typename Scalar>
+// visits. kFirsts: the table holds firsts, which each chunk carries.
+template <int K, int kVec, int kVecU, bool kFirsts = false, typename Vector, typename Scalar>
 C10_HOST_DEVICE void run_block(const Table<K>& table, const int* elem_bytes, int64_t block, int64_t grid,
                                int thread, int threads, Vector&& vector, Scalar&& scalar) {
   const int64_t n_chunks = table.n_chunks();
   for (int64_t chunk = block; chunk < n_chunks; chunk += grid) {
-    const Chunk<K> c = chunk_plan<K, kVec>(table, chunk, elem_bytes);
+    const Chunk<K> c = chunk_plan<K, kVec, kFirsts>(table, chunk, elem_bytes);
     for_each_step<kVec, kVecU>(c.begin, c.vec_end, thread, threads,
                                     [&](const int64_t* first, const bool* valid) { vector(c, first, valid); });
     for_each_step<1, kUnroll>(c.vec_end, c.end, thread, threads,

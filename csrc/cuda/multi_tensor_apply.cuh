@@ -86,14 +86,44 @@ struct Lanes {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) f.store(lanes, i, f.load(lanes, i));
   }
+  // The same, its written lists rounded stochastically: lane i is element n0 + i of the flat average.
+  // (Only bf16 and fp16 averages round so: a vector is 8 elements, a scalar step 1.)
+  template <int S>
+  __device__ void apply_rounded(const F& f, const RoundingKey<S>& key, int64_t n0) {
+    static_assert(kElems == 1 || kElems == 8, "a vector of 8 bf16 or fp16 elements");
+    void* lanes[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) lanes[k] = bytes[k];
+    if constexpr (kElems == 1) {
+      Stochastic<S> put;
+#pragma unroll
+      for (int s = 0; s < S; ++s) put.r[s] = key.bits(s, static_cast<uint64_t>(n0));
+      f.store(lanes, 0, f.load(lanes, 0), put);
+    } else {
+      uint32_t words[S][4];
+#pragma unroll
+      for (int s = 0; s < S; ++s) key.eight(s, static_cast<uint64_t>(n0), words[s]);
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) {
+        Stochastic<S> put;
+#pragma unroll
+        for (int s = 0; s < S; ++s) put.r[s] = (i & 1) != 0 ? words[s][i >> 1] >> 16 : words[s][i >> 1] & 0xffffu;
+        f.store(lanes, i, f.load(lanes, i), put);
+      }
+    }
+  }
 };
+
+// A launch that rounds to nearest (multi_tensor_body's R); one that rounds stochastically takes the
+// call's RoundingKey instead.
+struct NoRounding {};
 
 // One for_each_step visit: kU steps of kElems elements. Each thread loads all its steps before
 // storing any: loads in flight hide memory latency, and the compiler cannot reorder them itself,
 // since the lists may alias.
-template <int kElems, int kU, typename F, int K>
+template <int kElems, int kU, typename F, int K, typename R>
 __device__ void move_steps(const F& f, unsigned written, const plan::Chunk<K>& c, const int64_t* first,
-                           const bool* valid) {
+                           const bool* valid, const R& rounding) {
   constexpr auto lists = std::make_index_sequence<K>{};
   Lanes<F, kElems> lanes[kU];
 #pragma unroll
@@ -103,7 +133,11 @@ __device__ void move_steps(const F& f, unsigned written, const plan::Chunk<K>& c
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
     if (valid[u]) {
-      lanes[u].apply(f);
+      if constexpr (std::is_same_v<R, NoRounding>) {
+        lanes[u].apply(f);
+      } else {
+        lanes[u].apply_rounded(f, rounding, c.flat_first + first[u]);
+      }
       lanes[u].store_all(c, first[u], written, lists);
     }
   }
@@ -115,25 +149,49 @@ constexpr int vector_words(std::index_sequence<k...>) {
   return (0 + ... + Lanes<F, kVec>::template kWords<k>);
 }
 
-template <int K, typename F>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const int64_t* table_data, int64_t n_tensors, F f) {
+// The body of a multi-tensor launch. R: NoRounding, or the RoundingKey of a launch whose table
+// holds each tensor's first element in the flat average (the stochastic rounding of bf16 and fp16
+// averages, kernels of their own, so that the nearest kernels stay as they were).
+template <int K, typename F, typename R>
+__device__ C10_ALWAYS_INLINE void multi_tensor_body(const int64_t* table_data, int64_t n_tensors, const F& f,
+                                                    const R& rounding) {
+  constexpr bool kRounds = !std::is_same_v<R, NoRounding>;
   constexpr int kVec = plan::vector_elems(F::Lists::min_bytes());
   constexpr int kVecU =
       vector_words<F, kVec>(std::make_index_sequence<K>{}) <= plan::kVecUnrollWords ? plan::kVecUnroll : 1;
-  f.resolve();
   if (f.skip()) return;  // a weight of 0: nothing to write (uniform across the grid)
   const unsigned written = f.written_lists();
   int elem_bytes[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) elem_bytes[k] = F::Lists::bytes(k);
-  plan::run_block<K, kVec, kVecU>(
+  plan::run_block<K, kVec, kVecU, kRounds>(
       plan::Table<K>{table_data, n_tensors}, elem_bytes, blockIdx.x, gridDim.x, threadIdx.x, kThreads,
       [&](const plan::Chunk<K>& c, const int64_t* first, const bool* valid) {
-        move_steps<kVec, kVecU>(f, written, c, first, valid);
+        move_steps<kVec, kVecU>(f, written, c, first, valid, rounding);
       },
       [&](const plan::Chunk<K>& c, const int64_t* first, const bool* valid) {
-        move_steps<1, plan::kUnroll>(f, written, c, first, valid);
+        move_steps<1, plan::kUnroll>(f, written, c, first, valid, rounding);
       });
+}
+
+template <int K, typename F>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const int64_t* table_data, int64_t n_tensors, F f) {
+  f.resolve();
+  multi_tensor_body<K>(table_data, n_tensors, f, NoRounding{});
+}
+
+// Stochastic rounding of F's S written lists. A launch of 3 or 4 averages, or with an fp64 list, is
+// allowed the registers its Philox words need beside its elements' (one block per multiprocessor):
+// held to 128 (two blocks), or left to ptxas for an fp64 source, they spilled on sm_80 and sm_86
+// (tests/test_machine_code.py); the others fit in 128.
+template <typename F>
+constexpr int kRoundingMinBlocks = F::Lists::max_bytes() == 8 || F::kRoundedLists >= 3 ? 1 : 2;
+
+template <int K, typename F, int S>
+__global__ void __launch_bounds__(kThreads, kRoundingMinBlocks<F>)
+    multi_tensor_rounding_kernel(const int64_t* table_data, int64_t n_tensors, F f, RoundingKey<S> key) {
+  f.resolve();
+  multi_tensor_body<K>(table_data, n_tensors, f, key);
 }
 
 // A few recent tables per device, keyed by their full host content.
@@ -324,6 +382,20 @@ struct CudaRun {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // Stochastic rounding of the functor's S written lists (bf16 or fp16): the table carries each
+  // tensor's first element in the flat average (cached by content like any table: a model's firsts
+  // do not change), the key (the step changes at every call) goes as a kernel argument.
+  template <size_t K, typename F, int S>
+  static void run(const DtypeGroup<K>& group, at::Device device, F f, const Rounding<S>& rounding) {
+    static_assert(F::kLists == K && F::kRoundedLists == S, "functor and list count disagree");
+    if (group.numels.empty()) return;
+    const c10::cuda::CUDAGuard guard(device);
+    const Launch launch = prepare<K>(group.ptrs[0].data(), group.numels, device, rounding.firsts.data());
+    multi_tensor_rounding_kernel<K, F><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        launch.table.data_ptr<int64_t>(), launch.n, f, rounding.key);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   // weighted_sum_: its own kernel, over the group's pointer rows padded to kSumLists.
   template <size_t K, typename D, typename A>
   static void run(const DtypeGroup<K>& group, at::Device device, WeightedSum<D, A> f) {
@@ -360,11 +432,12 @@ struct CudaRun {
   // The device table of a launch over K pointers per tensor (cached) and its grid: a block per
   // chunk, up to 8 per multiprocessor. For at least one tensor, under the device's guard.
   template <int K>
-  static Launch prepare(const void* const* rows, const std::vector<int64_t>& numels, at::Device device) {
+  static Launch prepare(const void* const* rows, const std::vector<int64_t>& numels, at::Device device,
+                        const int64_t* firsts = nullptr) {
     Launch out;
     out.n = static_cast<int64_t>(numels.size());
-    const std::vector<int64_t> host = plan::build_table<K>(rows, numels.data(), out.n);
-    const int64_t n_chunks = host.back();
+    const std::vector<int64_t> host = plan::build_table<K>(rows, numels.data(), out.n, firsts);
+    const int64_t n_chunks = host[out.n * K + out.n + out.n];  // the last chunk prefix sum
     out.table = table_cache().get(host, device);
     const int64_t max_blocks = multiprocessor_count(device.index()) * 8;
     out.blocks = std::max<int64_t>(1, std::min(n_chunks, max_blocks));
