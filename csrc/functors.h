@@ -211,8 +211,7 @@ struct RoundingKey {
 
 // x rounded into bf16 or fp16 with the 16 random bits r (rounding.py's `round_stochastically`), as
 // the type's bits: integer and float operations and selects, no branch, so that the CPU loop
-// vectorises. A value the type holds exactly is never changed; a non-finite one rounds to nearest
-// as store_as does.
+// vectorises. A value the type holds exactly is never changed; inf stays inf and NaN NaN.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t round_stochastically(float x, uint32_t r) {
   static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>, "only into bf16 or fp16");
@@ -238,18 +237,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t round_stochastically(float x, uint32_
     const uint32_t small = static_cast<uint32_t>(m) + ((static_cast<uint32_t>(fraction) + r) >> 16);
     bits = (f >= 0x38800000u ? normal : small) | (sign >> 16);
   }
-#if !defined(__CUDA_ARCH__)
-  // A non-finite x as store_as gives it, without c10's conversion in the loop: an infinity as it is,
-  // NaN as c10's (bf16: 0x7fc0; fp16: 0x7e00 with its sign).
+  // A non-finite x by integer ops (rounding.py's rule, the same on host and device): an infinity
+  // as it is, NaN with its sign (bf16: its top bits, quieted; fp16: 0x7e00).
   uint32_t nearest;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    nearest = f > 0x7f800000u ? 0x7fc0u : u >> 16;
+    nearest = (u >> 16) | (f > 0x7f800000u ? 0x40u : 0u);
   } else {
     nearest = (f > 0x7f800000u ? 0x7e00u : 0x7c00u) | (sign >> 16);
   }
-#else
-  const uint32_t nearest = static_cast<T>(x).x;  // the conversion instruction
-#endif
   return static_cast<uint16_t>(finite ? bits : nearest);
 }
 
