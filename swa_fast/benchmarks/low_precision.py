@@ -13,7 +13,7 @@ import torch
 
 import swa_fast
 from swa_fast.benchmarks.shapes import SHAPE_SETS, numel
-from swa_fast.benchmarks.timing import time_methods
+from swa_fast.benchmarks.timing import add_ratios, time_methods
 from swa_fast.ops import StochasticRounding
 
 WEIGHT = 1e-4  # an EMA of decay 0.9999
@@ -54,10 +54,7 @@ def bench_low_precision(shapes, name, device, min_run_time):
     n = numel(shapes)
     labels = {"workload": workload_name(name), "params": "bfloat16", "tensors": len(shapes), "elements": n}
     rows = time_methods(_candidates(model, avg32, avg16, backends), labels, 6 * n, device, min_run_time)
-    for r in rows:
-        fp32 = next((o for o in rows if o["method"] == f"{FP32_AVERAGE} {r['method']}"), None)
-        if fp32 is not None:
-            r["x_vs_fp32_average"] = fp32["median_ms"] / r["median_ms"]
+    add_ratios(rows, "x_vs_fp32_average", FP32_AVERAGE)
     return rows
 
 

@@ -12,7 +12,7 @@ import torch
 
 import swa_fast
 from swa_fast.benchmarks.shapes import SHAPE_SETS, numel
-from swa_fast.benchmarks.timing import COPY, time_methods
+from swa_fast.benchmarks.timing import add_ratios, time_methods
 
 WEIGHTS = (0.1, 0.01)
 TWO_PASSES = "lerp_ x2"
@@ -57,12 +57,7 @@ def bench_multi_lerp(shapes, name, device, min_run_time, src_dtypes=(torch.float
         }
         candidates = _candidates(avgs, src, weights, backends)
         rows += time_methods(candidates, labels, moved, device, min_run_time)
-    for r in rows:
-        if not r["method"].startswith(TWO_PASSES) and r["method"] != COPY:
-            two = next(
-                o for o in rows if o["params"] == r["params"] and o["method"] == f"{TWO_PASSES} {r['method']}"
-            )
-            r["x_vs_two_lerps"] = two["median_ms"] / r["median_ms"]
+    add_ratios(rows, "x_vs_two_lerps", TWO_PASSES)
     return rows
 
 

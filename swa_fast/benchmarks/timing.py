@@ -183,3 +183,13 @@ def figures(candidates, seconds, labels, moved, device):
         if "AveragedModel" in base:
             r["x_vs_AveragedModel"] = base["AveragedModel"] / r["median_ms"]
     return rows
+
+
+def add_ratios(rows, key: str, prefix: str) -> None:
+    """rows[key] = the time of the row whose method is `prefix` + its own, over its own time, for
+    every row that has such a baseline in the same run (of the same params)."""
+    times = {(r["params"], r["method"]): r["median_ms"] for r in rows}
+    for r in rows:
+        baseline = times.get((r["params"], f"{prefix} {r['method']}"))
+        if baseline is not None:
+            r[key] = baseline / r["median_ms"]
