@@ -102,7 +102,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         rounding: "nearest", or "stochastic": each update's fp32 result is rounded into bf16 and
             fp16 averages stochastically (unbiased: an EMA of decay 0.9999 keeps moving in bf16
             instead of stalling), by random bits of the seed, the update's number and each element's
-            place in the model, the same on every backend and rank (docs/low-precision.md).
+            place in the model, the same on every rank (docs/low-precision.md).
         seed: stochastic rounding's seed (64 bits), kept in the state_dict.
     """
 

@@ -267,7 +267,7 @@ class AveragedModel(Module):
         rounding: "nearest" (torch's), or "stochastic": each update rounds into bf16/fp16 averages
             stochastically (`dtype=torch.bfloat16, rounding="stochastic"`: half the memory of an fp32
             average, and an EMA that keeps moving), by random bits of the seed, `n_averaged` and each
-            element's place, the same on every backend (docs/low-precision.md). Each update then
+            element's place (docs/low-precision.md). Each update then
             reads `n_averaged` and the seed on the host.
         seed: stochastic rounding's seed, kept in the state_dict (`rounding_seed`).
     """

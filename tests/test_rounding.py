@@ -147,6 +147,18 @@ def _clone(tensors):
     return [t.clone() for t in tensors]
 
 
+def _same_rounding(got, expected) -> bool:
+    """The bf16/fp16 tensors (rounded stochastically) bit for bit; the fp32 ones, rounded to nearest,
+    to within the last bits a fused multiply-add may move (a backend's own, as torch.lerp's)."""
+    for a, b in zip(got, expected):
+        if a.dtype in LOW:
+            if not same_bits(a, b):
+                return False
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+    return True
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("weight", [0.0, 0.3, 1.0, 1e-4])
 def test_lerp_rounds_the_same_bits_on_every_backend(backend, weight):
@@ -155,7 +167,7 @@ def test_lerp_rounds_the_same_bits_on_every_backend(backend, weight):
     key = StochasticRounding(seed=-3, step=12, firsts=(5, 100, 120, 2**33 + 3, 200))
     swa_fast.lerp_(expected, src, weight, rounding=key, backend="reference")
     swa_fast.lerp_(got, src, weight, rounding=key, backend=backend)
-    assert all(same_bits(a, b) for a, b in zip(got, expected))
+    assert _same_rounding(got, expected)
     if weight == 0:
         assert all(same_bits(a, b) for a, b in zip(got, avg))
 
@@ -172,7 +184,7 @@ def test_moments_and_multi_lerp_round_the_same_bits_on_every_backend(backend):
         avgs = [_clone(mean) for _ in range(6)]  # more than one pass of 4
         swa_fast.multi_lerp_(avgs, src, [0.1, 0.2, 0.0, 1.0, 0.5, 0.7], rounding=key, backend=name)
         results[name] = m + q + [t for lst in avgs for t in lst]
-    assert all(same_bits(a, b) for a, b in zip(results[backend], results["reference"]))
+    assert _same_rounding(results[backend], results["reference"])
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

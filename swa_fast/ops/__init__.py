@@ -88,8 +88,7 @@ def lerp_(
     where avg is.
 
     `rounding`: None (or "nearest") rounds the fp32 result to nearest; a `StochasticRounding`
-    (swa_fast.ops) rounds it stochastically into bf16 and fp16 averages, the same bits on every
-    backend (docs/low-precision.md)."""
+    (swa_fast.ops) rounds it stochastically into bf16 and fp16 averages (docs/low-precision.md)."""
     src = as_list(src)
     _run_lerp([avg, src], _rounded((weight,), rounding, src), backend)
 

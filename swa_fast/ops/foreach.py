@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .rounding import StochasticRounding, lerp32
+from .rounding import StochasticRounding
 
 if TYPE_CHECKING:
     from .table import OpSpec
@@ -57,9 +57,7 @@ def _lerp_rounded(written: list, targets: list[list[Tensor]], weights: list, key
     for j, (dst, target, w) in enumerate(zip(written, targets, weights)):
         if not isinstance(w, Tensor) and float(w) == 0:  # (as the kernels, weight 0 writes nothing)
             continue
-        for i, (d, end) in enumerate(zip(dst, target)):
-            start = d.to(reference.acc_dtype(d.dtype))
-            value = lerp32(start, end, w) if start.dtype == torch.float32 else lerped([d], [end], w)[0]
+        for i, (d, value) in enumerate(zip(dst, lerped(dst, target, w))):
             key.store(d, value, i, j)
 
 

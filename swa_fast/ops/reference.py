@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .rounding import StochasticRounding, lerp32
+from .rounding import StochasticRounding
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,9 +35,7 @@ def _read(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.resolve_neg().to(dtype)
 
 
-def _lerp(start: Tensor, end: Tensor, weight: Tensor, rounding: Tensor | None = None) -> Tensor:
-    if rounding is not None and start.dtype == torch.float32:  # (as stochastic rounding defines it)
-        return lerp32(start, end, weight)
+def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
     return torch.where(weight == 0, start, torch.where(weight == 1, end, torch.lerp(start, end, weight)))
 
 
@@ -59,7 +57,7 @@ def lerp_(
         acc = acc_dtype(a.dtype)
         w = _weight(weight, a)
         if rounding is None or w != 0:  # (as the kernels, weight 0 writes nothing)
-            _store(a, _lerp(a.to(acc), _read(s, acc), w, rounding), rounding, i, 0)
+            _store(a, _lerp(a.to(acc), _read(s, acc), w), rounding, i, 0)
 
 
 @torch.no_grad()
@@ -77,7 +75,7 @@ def moments_(
         if rounding is not None and w == 0:
             continue
         # Both computed before either is written: src may be mean or sq itself.
-        new_mean, new_sq = _lerp(m.to(acc), x, w, rounding), _lerp(q.to(acc), x * x, w, rounding)
+        new_mean, new_sq = _lerp(m.to(acc), x, w), _lerp(q.to(acc), x * x, w)
         _store(m, new_mean, rounding, i, 0)
         _store(q, new_sq, rounding, i, 1)
 
@@ -100,7 +98,7 @@ def multi_lerp_(
             acc = acc_dtype(a.dtype)
             w = _weight(weights[k], a)
             skipped = rounding is not None and w == 0  # (as the kernels, weight 0 writes nothing)
-            new.append(None if skipped else _lerp(a.to(acc), _read(s, acc), w, rounding))
+            new.append(None if skipped else _lerp(a.to(acc), _read(s, acc), w))
         for k, value in enumerate(new):
             if value is not None:
                 _store(avgs[k * n + i], value, rounding, i, k)

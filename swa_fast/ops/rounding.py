@@ -30,15 +30,10 @@ and the fp32 value x is rounded with r as follows (u: x's bits, f = u & 0x7fffff
                     bits = m + ((F + r) >> 16)            up with probability F / 2^16
     then the sign bit set from x.
 
-The value x itself is computed the same way everywhere, with no fused multiply-add (whose use
-compilers decide for themselves): for a weight w (in fp32) and an average `start` moving towards
-`end` (lerp_'s source; moments_'s source, or its square rounded to fp32 for the second moment),
-
-    d = end - start;   x = start + w * d if |w| < 0.5, else end - d * (1 - w);   x = end if w == 1
-
-each operation rounded to fp32 (torch.lerp's formula; `lerp32`). The kernels that round
-stochastically are compiled without contraction (csrc: -ffp-contract=off, nvcc --fmad=false; Triton:
-enable_fp_fusion=False for those variants).
+x is the op's fp32 result as each backend computes it (torch.lerp's formula; the compilers may fuse
+its multiply and add, as torch's own CPU kernel does): backends whose fp32 results agree store the
+same bits; where one differs in its last bit (an unfused Triton interpreter against a fused CPU
+kernel), that element's rounding can differ once in about 65,536 such elements.
 
 A value the format holds exactly is never changed (its dropped bits are zero). The expected rounded
 value is x exactly for bf16 and for fp16's normal range, and within 2^-16 of a step (2^-40) in
@@ -94,16 +89,6 @@ def random_bits(index: Tensor, seed: int, step: int, stream: int) -> Tensor:
     words = torch.stack(philox4x32_10(counter, (seed & _MASK, seed >> 32)), dim=-1)
     word = words.gather(-1, ((index >> 1) & 3).unsqueeze(-1)).squeeze(-1)
     return (word >> ((index & 1) * 16)) & 0xFFFF
-
-
-def lerp32(start: Tensor, end: Tensor, weight: Tensor | float) -> Tensor:
-    """The fp32 value an average rounded stochastically is rounded from (module docstring): each
-    operation rounded on its own, as the kernels compute it without fused multiply-adds. Weight 0
-    gives start (the ops then write nothing), weight 1 end."""
-    w = torch.as_tensor(weight, dtype=torch.float32, device=start.device)
-    d = end - start
-    mixed = torch.where(w.abs() < 0.5, start + w * d, end - d * (1 - w))
-    return torch.where(w == 0, start, torch.where(w == 1, end, mixed))
 
 
 def round_stochastically(x: Tensor, dtype: torch.dtype, r: Tensor) -> Tensor:

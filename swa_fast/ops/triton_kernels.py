@@ -197,8 +197,6 @@ def _launch(
         extra = {"DTYPES": tuple(tl_dtypes[dtype] for dtype in dtypes)} if dtypes_arg else {}
         if takes_rounding:
             extra.update(_rounding_args(table, key), STOCHASTIC=key is not None)
-            if key is not None:  # no fused multiply-adds: the fp32 value rounding.py defines
-                extra["enable_fp_fusion"] = False
         kernel[(table.block_tensor.numel(),)](
             table.ptrs,
             table.block_tensor,
