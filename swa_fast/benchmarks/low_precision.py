@@ -47,7 +47,8 @@ def bench_low_precision(shapes, name, device, min_run_time):
     """Rows from _candidates (the first backend's fp32 average first: the baseline of x_vs_naive);
     each stochastic row has x_vs_fp32_average, its speed-up over its backend's fp32 average, and
     of_copy_bw, against a copy of its own 6 bytes an element."""
-    backends = swa_fast.ops.usable_backends(device, interpreted=False)
+    # (the foreach backend draws its bits with PyTorch integer ops, a fallback too slow to time here)
+    backends = [b for b in swa_fast.ops.usable_backends(device, interpreted=False) if b != "foreach"]
     model = [torch.randn(s, device=device).bfloat16() for s in shapes]
     avg32 = [m.float() for m in model]
     avg16 = [m.clone() for m in model]
