@@ -237,14 +237,20 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t round_stochastically(float x, uint32_
     const uint32_t small = static_cast<uint32_t>(m) + ((static_cast<uint32_t>(fraction) + r) >> 16);
     bits = (f >= 0x38800000u ? normal : small) | (sign >> 16);
   }
-  // A non-finite x by integer ops (rounding.py's rule, the same on host and device): an infinity
-  // as it is, NaN with its sign (bf16: its top bits, quieted; fp16: 0x7e00).
+#if !defined(__CUDA_ARCH__)
+  // A non-finite x by integer ops (rounding.py's rule): an infinity as it is, NaN with its sign
+  // (bf16: its top bits, quieted; fp16: 0x7e00).
   uint32_t nearest;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     nearest = (u >> 16) | (f > 0x7f800000u ? 0x40u : 0u);
   } else {
     nearest = (f > 0x7f800000u ? 0x7e00u : 0x7c00u) | (sign >> 16);
   }
+#else
+  // On the device the conversion instruction (inf as it is, NaN as the instruction's NaN): the
+  // integer rule above made moments_' fp16 kernel spill on sm_75-sm_86.
+  const uint32_t nearest = static_cast<T>(x).x;
+#endif
   return static_cast<uint16_t>(finite ? bits : nearest);
 }
 
