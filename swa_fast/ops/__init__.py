@@ -64,14 +64,20 @@ _run_copy = runner(OP_TABLE["copy_"])
 _run_swap = runner(OP_TABLE["swap_"])
 
 
-def _rounded(weight: tuple, rounding: StochasticRounding | Tensor | str | None, src) -> tuple:
+def _rounded(
+    weight: tuple, rounding: StochasticRounding | Tensor | str | None, src, stats: Tensor | None = None
+) -> tuple:
     """The op's arguments after the lists: the weight, then `rounding` as the op takes it (a tensor
-    of seed, step, stream and each index's first element) where it asks for stochastic rounding."""
+    of seed, step, stream and each index's first element) where it asks for stochastic rounding,
+    then `stats` where it is given."""
     if rounding is None or (isinstance(rounding, str) and rounding == "nearest"):
-        return weight
-    if isinstance(rounding, StochasticRounding):
-        return (*weight, rounding.tensor(src))
-    return (*weight, rounding)  # a tensor, or what the op's check refuses with its message
+        rounding = None
+    elif isinstance(rounding, StochasticRounding):
+        rounding = rounding.tensor(src)
+    # else a tensor, or what the op's check refuses with its message
+    if stats is not None:
+        return (*weight, rounding, stats)
+    return weight if rounding is None else (*weight, rounding)
 
 
 def lerp_(
@@ -80,6 +86,7 @@ def lerp_(
     weight: Tensor | float,
     *,
     rounding: StochasticRounding | Tensor | None = None,
+    stats: Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """avg[i] += weight * (src[i] - avg[i]) for every i, in place: SWA with weight 1/(n+1)
@@ -88,9 +95,12 @@ def lerp_(
     where avg is.
 
     `rounding`: None (or "nearest") rounds the fp32 result to nearest; a `StochasticRounding`
-    (swa_fast.ops) rounds it stochastically into bf16 and fp16 averages (docs/low-precision.md)."""
+    (swa_fast.ops) rounds it stochastically into bf16 and fp16 averages (docs/low-precision.md).
+    `stats`: None, or an int64 tensor [1, 4] on the tensors' device (`pass_stats.stats_tensor(1,
+    device)`) to which the pass adds what it saw: elements written, unchanged, non-finite, and the
+    largest |update| (swa_fast.ops.pass_stats), with no host synchronisation."""
     src = as_list(src)
-    _run_lerp([avg, src], _rounded((weight,), rounding, src), backend)
+    _run_lerp([avg, src], _rounded((weight,), rounding, src, stats), backend)
 
 
 def moments_(
@@ -100,14 +110,15 @@ def moments_(
     weight: Tensor | float,
     *,
     rounding: StochasticRounding | Tensor | None = None,
+    stats: Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """SWAG's running moments in one pass (Maddox et al. 2019):
     mean += w (src - mean), sq += w (src^2 - sq), src^2 taken in the arithmetic dtype. Weights 0
     and 1 behave as in lerp_ (1 writes src and src^2). `rounding` as in lerp_ (sq's stream is
-    mean's + 1)."""
+    mean's + 1); `stats` as in lerp_, of shape [2, 4] (mean's row, then sq's)."""
     src = as_list(src)
-    _run_moments([mean, sq, src], _rounded((weight,), rounding, src), backend)
+    _run_moments([mean, sq, src], _rounded((weight,), rounding, src, stats), backend)
 
 
 def _weight_values(weights) -> Tensor | list:
@@ -162,6 +173,7 @@ def multi_lerp_(
     weights: Tensor | Sequence[float],
     *,
     rounding: StochasticRounding | Tensor | None = None,
+    stats: Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """avgs[k][i] += weights[k] * (src[i] - avgs[k][i]) for every average k and every i, in one pass
@@ -182,13 +194,14 @@ def multi_lerp_(
             capturable). The compiled op updates up to 4 averages per pass; more are split into
             passes of at most 4 (each reading src again), after checking the whole call.
         rounding: as for lerp_; average k's stream is the first's + k.
+        stats: as for lerp_, of shape [K, 4] (average k's row k).
         backend: as for lerp_.
     """
     weights = _weight_values(weights)
     count = _weight_count(weights)
     src = as_list(src)
     flat = _concatenated("multi_lerp_", "avgs", avgs, count, "list of averages")
-    tail = _rounded((weights,), rounding, src)
+    tail = _rounded((weights,), rounding, src, stats)
     if count is None or count <= checks.MAX_AVERAGES_PER_PASS:
         _run_multi_lerp([flat, src], tail, backend)
         return
@@ -201,11 +214,15 @@ def multi_lerp_(
     for first in range(0, count, checks.MAX_AVERAGES_PER_PASS):
         last = min(first + checks.MAX_AVERAGES_PER_PASS, count)
         rounded = () if len(tail) == 1 else (_later_streams(tail[1], first),)
+        if stats is not None:
+            rounded = (rounded[0] if rounded else None, stats[first:last])
         _run_multi_lerp([flat[first * n : last * n], src], (weights[first:last], *rounded), backend)
 
 
-def _later_streams(rounding: Tensor, by: int) -> Tensor:
+def _later_streams(rounding: Tensor | None, by: int) -> Tensor | None:
     """A `rounding` tensor whose first written list's stream is `by` later (a later pass's averages)."""
+    if rounding is None:
+        return None
     out = rounding.clone()
     out[2] += by
     return out
@@ -364,7 +381,7 @@ class BoundOp:
         self.op, self.device, self.backend = op, torch.device(device), backend
         self._public = _BINDABLE[op]
         spec = OP_TABLE[op]
-        self._arguments = len(spec.params) + spec.weighted  # before the optional `rounding`
+        self._arguments = len(spec.params) + spec.weighted  # before the optional `rounding`, `stats`
         try:
             chosen = choose_backend(self.device, backend)
         except (RuntimeError, ValueError):
@@ -374,8 +391,9 @@ class BoundOp:
     def __call__(self, *args) -> None:
         if self.eager is not None and not _is_compiling():
             self.eager(*args)
-        elif len(args) > self._arguments:  # the public function takes `rounding` by name
-            self._public(*args[:-1], rounding=args[-1], backend=self.backend)
+        elif len(args) > self._arguments:  # the public function takes `rounding`, `stats` by name
+            tail = dict(zip(("rounding", "stats"), args[self._arguments :]))
+            self._public(*args[: self._arguments], **tail, backend=self.backend)
         else:
             self._public(*args, backend=self.backend)
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import rounding
+from . import pass_stats, rounding
 
 if TYPE_CHECKING:
     from .table import OpSpec
@@ -441,7 +441,7 @@ def check_call(spec: OpSpec, args: Sequence, max_count: int | None | _OnePass = 
     one call of the compiled op's; None: any number, as swa_fast.multi_lerp_ and
     swa_fast.weighted_sum_ split them)."""
     expected = len(spec.params) + (spec.weight is not None)
-    if len(args) != expected and not (spec.rounds and len(args) == expected + 1):
+    if len(args) != expected and not (spec.rounds and len(args) in (expected + 1, expected + 2)):
         raise TypeError(f"swa_fast.{spec.name} takes {expected} positional arguments ({len(args)} given)")
     lists, weight = args[: len(spec.params)], args[len(spec.params) : expected]
     kind = spec.weight
@@ -459,3 +459,6 @@ def check_call(spec: OpSpec, args: Sequence, max_count: int | None | _OnePass = 
         # one first element per index of the lists; the written lists' count, K for multi_lerp_
         written_lists = spec.kernel_written(*args[:expected])
         rounding.check_rounding(spec.name, args[expected], len(lists[-1]), written_lists)
+        if len(args) > expected + 1:
+            device = lists[0][0].device if lists[0] else None
+            pass_stats.check_stats(spec.name, args[expected + 1], written_lists, device)

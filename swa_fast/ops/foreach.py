@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import reference
+from . import pass_stats, reference
 from .rounding import StochasticRounding
 
 if TYPE_CHECKING:
@@ -28,9 +28,9 @@ def fallback(spec: OpSpec) -> Callable[..., None]:
     targets_of, weight = spec.targets, spec.weight
 
     def run(*args) -> None:
-        rounding = None
-        if len(args) > n_lists + 1:  # the optional `rounding` after the weight (rows with rounds)
-            args, rounding = args[:-1], args[-1]
+        # the optional `rounding` and `stats` after the weight (rows with rounds)
+        rounding, stats = (*args[n_lists + 1 :], None, None)[:2]
+        args = args[: n_lists + 1]
         lists = spec.kernel_lists(*args)
         n_written = spec.kernel_written(*args)  # multi_lerp_ writes K lists
         written, read = lists[:n_written], lists[n_written:]
@@ -41,8 +41,9 @@ def fallback(spec: OpSpec) -> Callable[..., None]:
         given = args[n_lists:] if weight.targets_take_weights else ()
         targets = _read_before_writes(_targets_in_acc(targets_of, written, read, given), written)
         weights = weight.each(args[n_lists], n_written)
-        if rounding is not None:
-            _lerp_rounded(written, targets, weights, StochasticRounding.of(rounding))
+        if rounding is not None or stats is not None:
+            key = StochasticRounding.of(rounding) if rounding is not None else None
+            _lerp_each(written, targets, weights, key, stats)
             return
         for dst, target, w in zip(written, targets, weights):
             _lerp_into(dst, target, w)
@@ -51,14 +52,28 @@ def fallback(spec: OpSpec) -> Callable[..., None]:
     return run
 
 
-def _lerp_rounded(written: list, targets: list[list[Tensor]], weights: list, key: StochasticRounding) -> None:
+def _lerp_each(
+    written: list,
+    targets: list[list[Tensor]],
+    weights: list,
+    key: StochasticRounding | None,
+    stats: Tensor | None,
+) -> None:
     """Each written list j moved towards its target by its weight, in new tensors of the
-    accumulation dtype, then stored with stochastic rounding (written list j's stream)."""
+    accumulation dtype, then stored tensor by tensor: with stochastic rounding (written list j's
+    stream) when `key` is given, else to nearest; what each write did added to row j of `stats`."""
     for j, (dst, target, w) in enumerate(zip(written, targets, weights)):
         if not isinstance(w, Tensor) and float(w) == 0:  # (as the kernels, weight 0 writes nothing)
             continue
         for i, (d, value) in enumerate(zip(dst, lerped(dst, target, w))):
-            key.store(d, value, i, j)
+            old = d.clone() if stats is not None else None
+            if key is None:
+                d.copy_(value)
+            else:
+                key.store(d, value, i, j)
+            if stats is not None:  # a weight on the device counts where it is not 0, with no sync
+                counted = w != 0 if isinstance(w, Tensor) else None
+                pass_stats.record(stats[j], old, value, d, counted)
 
 
 def weighted_sum(dst: Sequence[Tensor], srcs: Sequence[Tensor], weights: Tensor | Sequence[float]) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import pass_stats
 from .rounding import StochasticRounding
 
 
@@ -39,25 +40,46 @@ def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
     return torch.where(weight == 0, start, torch.where(weight == 1, end, torch.lerp(start, end, weight)))
 
 
-def _store(dst: Tensor, value: Tensor, rounding: Tensor | None, i: int, written_list: int) -> None:
+def _store(
+    dst: Tensor,
+    value: Tensor,
+    rounding: Tensor | None,
+    i: int,
+    written_list: int,
+    stats: Tensor | None = None,
+) -> None:
     """dst (index i of the call's written list `written_list`) set to value: rounded to nearest, or
-    stochastically into bf16/fp16 by the op's `rounding` (rounding.py)."""
+    stochastically into bf16/fp16 by the op's `rounding` (rounding.py); what the write did added to
+    that list's row of `stats` (pass_stats.py)."""
+    old = dst.clone() if stats is not None else None
     if rounding is None:
         dst.copy_(value)
     else:
         StochasticRounding.of(rounding).store(dst, value, i, written_list)
+    if stats is not None:
+        pass_stats.record(stats[written_list], old, value, dst)
+
+
+def _skipped(weight: Tensor, rounding: Tensor | None, stats: Tensor | None) -> bool:
+    """Whether weight 0 leaves a tensor unwritten, as the kernels do: where it is observable (its
+    random bits, its stats); otherwise writing the unchanged value back is the same."""
+    return (rounding is not None or stats is not None) and bool(weight == 0)
 
 
 @torch.no_grad()
 def lerp_(
-    avg: Sequence[Tensor], src: Sequence[Tensor], weight: Tensor | float, rounding: Tensor | None = None
+    avg: Sequence[Tensor],
+    src: Sequence[Tensor],
+    weight: Tensor | float,
+    rounding: Tensor | None = None,
+    stats: Tensor | None = None,
 ) -> None:
     """avg += weight * (src - avg)   (SWA with weight 1/(n+1), EMA with 1 - decay)"""
     for i, (a, s) in enumerate(zip(avg, src)):
         acc = acc_dtype(a.dtype)
         w = _weight(weight, a)
-        if rounding is None or w != 0:  # (as the kernels, weight 0 writes nothing)
-            _store(a, _lerp(a.to(acc), _read(s, acc), w), rounding, i, 0)
+        if not _skipped(w, rounding, stats):
+            _store(a, _lerp(a.to(acc), _read(s, acc), w), rounding, i, 0, stats)
 
 
 @torch.no_grad()
@@ -67,17 +89,18 @@ def moments_(
     src: Sequence[Tensor],
     weight: Tensor | float,
     rounding: Tensor | None = None,
+    stats: Tensor | None = None,
 ) -> None:
     """mean += w (src - mean);  sq += w (src^2 - sq)   (SWAG, Maddox et al. 2019)"""
     for i, (m, q, s) in enumerate(zip(mean, sq, src)):
         acc = acc_dtype(m.dtype)
         x, w = _read(s, acc), _weight(weight, m)
-        if rounding is not None and w == 0:
+        if _skipped(w, rounding, stats):
             continue
         # Both computed before either is written: src may be mean or sq itself.
         new_mean, new_sq = _lerp(m.to(acc), x, w), _lerp(q.to(acc), x * x, w)
-        _store(m, new_mean, rounding, i, 0)
-        _store(q, new_sq, rounding, i, 1)
+        _store(m, new_mean, rounding, i, 0, stats)
+        _store(q, new_sq, rounding, i, 1, stats)
 
 
 @torch.no_grad()
@@ -86,6 +109,7 @@ def multi_lerp_(
     src: Sequence[Tensor],
     weights: Tensor | Sequence[float],
     rounding: Tensor | None = None,
+    stats: Tensor | None = None,
 ) -> None:
     """avgs[k * len(src) + i] += weights[k] * (src[i] - avgs[k * len(src) + i])   (K = len(weights)
     averages of one source, concatenated in `avgs`)"""
@@ -97,11 +121,10 @@ def multi_lerp_(
             a = avgs[k * n + i]
             acc = acc_dtype(a.dtype)
             w = _weight(weights[k], a)
-            skipped = rounding is not None and w == 0  # (as the kernels, weight 0 writes nothing)
-            new.append(None if skipped else _lerp(a.to(acc), _read(s, acc), w))
+            new.append(None if _skipped(w, rounding, stats) else _lerp(a.to(acc), _read(s, acc), w))
         for k, value in enumerate(new):
             if value is not None:
-                _store(avgs[k * n + i], value, rounding, i, k)
+                _store(avgs[k * n + i], value, rounding, i, k, stats)
 
 
 @torch.no_grad()

@@ -44,8 +44,9 @@ class OpSpec:
     reference: Callable[..., None]  # reference.py: per-tensor PyTorch, the tests' oracle
     # foreach.py's fallback of an op its targets cannot describe (weighted_sum_'s), else None
     own_foreach: Callable[..., None] | None = field(default=None, repr=False)
-    # Whether a last, optional argument `rounding` may ask for stochastic rounding into its bf16 and
-    # fp16 written tensors (rounding.py): lerp_, moments_, multi_lerp_.
+    # Whether two last, optional arguments follow the weight: `rounding`, which may ask for stochastic
+    # rounding into its bf16 and fp16 written tensors (rounding.py), then `stats`, what the pass
+    # sees (pass_stats.py): lerp_, moments_, multi_lerp_.
     rounds: bool = False
     foreach: Callable[..., None] = field(init=False, repr=False)  # the torch._foreach_* fallback
     triton: Callable[..., None] = field(init=False, repr=False)  # check, then the Triton kernel
@@ -127,7 +128,7 @@ class OpSpec:
             f"Tensor({chr(ord('a') + k)}!)[] {name}" if k < self.written else f"Tensor[] {name}"
             for k, name in enumerate(self.lists)
         ]
-        rounding = ["Tensor? rounding=None"] * self.rounds
+        rounding = ["Tensor? rounding=None", "Tensor(z!)? stats=None"] * self.rounds
         return f"({', '.join(lists + [f'Tensor {self.weight_name}'] * self.weighted + rounding)}) -> ()"
 
 

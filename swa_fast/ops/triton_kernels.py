@@ -280,6 +280,9 @@ def register_op(spec: OpSpec) -> None:
             run_reference(*args)
 
     op = torch.library.custom_op(
-        f"swa_fast::{spec.triton_op}", run, mutates_args=spec.lists[: spec.written], schema=spec.schema
+        f"swa_fast::{spec.triton_op}",
+        run,
+        mutates_args=spec.lists[: spec.written] + ("stats",) * spec.rounds,
+        schema=spec.schema,
     )
     op.register_fake(check)
