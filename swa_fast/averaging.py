@@ -23,8 +23,10 @@ from .counts import CountedCalls, UpdateCounts, all_finite, counted
 from .engine import UpdatePlan
 from .manager_reads import AverageReads
 from .manager_state import ManagerState
+from .manager_stats import ManagerStats
 from .model_tensors import ModelCopy, TrackedModel, check_model, module_tensors
 from .ops import checks
+from .ops.pass_stats import ListStats
 from .placement import OtherDevice, SameDevice, SideStream
 from .stochastic_rounding import ManagerRounding
 from .weighting import count, ema_decay, half_life_decay, real_number, swa_weight
@@ -104,6 +106,11 @@ class Averager(CountedCalls, AverageReads, ManagerState):
             instead of stalling), by random bits of the seed, the update's number and each element's
             place in the model, the same on every rank (docs/low-precision.md).
         seed: stochastic rounding's seed (64 bits), kept in the state_dict.
+        stats: count, in the update's own pass, the elements each update wrote, those whose stored
+            value it left unchanged and those not finite, and the largest |update|, kept on the
+            device until `last_stats()` reads them (no host synchronisation per update); and warn
+            once when an update moved no element at all although it was not zero (a stalled
+            low-precision average: docs/low-precision.md).
     """
 
     _CAPTURABLE = False  # whether the subclass has a capturable update (`_device_weight`)
@@ -125,6 +132,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         capturable: bool = False,
         rounding: str = "nearest",
         seed: int = 0,
+        stats: bool = False,
     ) -> None:
         if capturable and not self._CAPTURABLE:
             raise ValueError(
@@ -135,6 +143,14 @@ class Averager(CountedCalls, AverageReads, ManagerState):
         dtype = average_dtype(dtype, module_tensors(unwrap(model)[0], use_buffers), type(self).__name__)
         options = [("dtype", str(dtype)), ("check_finite", check_finite), ("rank0_only", rank0_only)]
         self._rounding = ManagerRounding(rounding, seed, type(self).__name__, self._OP)
+        self._stats = ManagerStats(
+            stats, type(self).__name__, self._OP, ("average",), warns=not self._rounding.stochastic
+        )
+        if stats and capturable:
+            raise ValueError(
+                f"swa_fast.{type(self).__name__}: stats=True keeps host state between updates; it cannot "
+                "be captured (drop capturable=True)"
+            )
         if self._rounding.stochastic:  # every rank must draw alike
             options += [("rounding", rounding), ("seed", seed)]
         self.tracked = TrackedModel(model, use_buffers, type(self).__name__, options, self._SOURCE)
@@ -358,7 +374,17 @@ class Averager(CountedCalls, AverageReads, ManagerState):
     def _run_update(self, tensors: list[Tensor], weight, counted_on_device: Tensor | None) -> None:
         """Run the update op over every group."""
         rounding = self._rounding.at(self._updates)
-        self._plan.run(tensors, weight, counted=counted_on_device, rounding=rounding)
+        stats = self._stats.for_update(self._plan.fused_devices)
+        self._plan.run(tensors, weight, counted=counted_on_device, rounding=rounding, stats=stats)
+        self._stats.after_update()
+
+    def last_stats(self) -> dict[str, ListStats]:
+        """What the last update's pass saw (`stats=True`), per average it writes ("average"; SWAG's
+        "mean" and "sq"; PostHocEMA's one per sigma_rel): the elements written, those whose stored
+        value did not change, those not finite, and the largest |update| (ops.pass_stats). Waits
+        for the update and reads the counts to the host; summed over devices, this rank's own."""
+        self.wait()
+        return self._stats.last()
 
     def wait(self) -> None:
         """Make what follows see every update made so far: on the GPU for a side-stream update (no
@@ -377,7 +403,7 @@ class SWA(Averager):
     Args:
         model: the model to average.
         **options: the `Averager`'s (dtype, use_buffers, check_finite, rank0_only, device,
-            side_stream, backend, capturable, rounding, seed).
+            side_stream, backend, capturable, rounding, seed, stats).
     """
 
     _CAPTURABLE = True
@@ -415,7 +441,7 @@ class EMA(Averager):
         update_after_step: the first `update_after_step + 1` calls to `update` copy the model.
         update_every: after that, only every `update_every`-th call averages.
         dtype, use_buffers, check_finite, rank0_only, device, side_stream, backend, capturable,
-        rounding, seed: as the `Averager`'s.
+        rounding, seed, stats: as the `Averager`'s.
     """
 
     _CAPTURABLE = True
@@ -441,6 +467,7 @@ class EMA(Averager):
         capturable: bool = False,
         rounding: str = "nearest",
         seed: int = 0,
+        stats: bool = False,
     ) -> None:
         if warmup_gamma is not None:
             warmup_gamma = real_number(warmup_gamma, "EMA: warmup_gamma", 0.0, above_low=True)
@@ -464,6 +491,7 @@ class EMA(Averager):
             capturable=capturable,
             rounding=rounding,
             seed=seed,
+            stats=stats,
         )
         self.decay = decay  # None: it changes at every averaging update (half_life_fraction)
         self.half_life = half_life

@@ -156,10 +156,16 @@ class UpdatePlan:
         return ops.BoundOp(self.op, device, self.backend)
 
     def _multi_lerp(self, *args) -> None:
-        """multi_lerp_ over the K target lists, the sources, the weights and, maybe, `rounding`."""
+        """multi_lerp_ over the K target lists, the sources, the weights and, maybe, `rounding` and
+        `stats`."""
         k = len(self.targets)
-        rounding = args[k + 2] if len(args) > k + 2 else None
-        ops.multi_lerp_(args[:k], args[k], args[k + 1], rounding=rounding, backend=self.backend)
+        rounding, stats = (*args[k + 2 :], None, None)[:2]
+        ops.multi_lerp_(args[:k], args[k], args[k + 1], rounding=rounding, stats=stats, backend=self.backend)
+
+    @property
+    def fused_devices(self) -> list[torch.device]:
+        """The devices of the groups the fused op updates (where `stats` are kept)."""
+        return [g.device for g in self.groups if g.kind == FUSED]
 
     # --- using it -------------------------------------------------------------------------------------
 
@@ -169,24 +175,25 @@ class UpdatePlan:
         *scalars,
         counted: Tensor | None = None,
         rounding: Tensor | None = None,
+        stats: dict[torch.device, Tensor] | None = None,
     ) -> None:
         """Update every target from `sources` (laid out as at construction) with the op's scalars
         (lerp_'s and moments_'s weight, multi_lerp_'s weights; none for copy_). Exact pairs are
         copied, only where `counted` (a device boolean, when the device decides whether an update
         counts) is true. `rounding`: the op's stochastic rounding (ops.rounding: seed, step, stream,
-        then the first element of each position), cut to each group. Every group is checked
+        then the first element of each position), cut to each group. `stats`: the op's `stats` of
+        each device (ops.pass_stats), which every fused group on it adds to. Every group is checked
         before any is written."""
-        if rounding is not None:
-            scalars = (*scalars, rounding)
+        optional = (rounding, stats) if rounding is not None or stats is not None else ()
         single = self._single
         if single is None:
-            self._run_groups(sources, scalars, counted)
+            self._run_groups(sources, (*scalars, *optional), counted)
             return
         try:
-            single.op(*single.targets, sources, *scalars)
+            single.op(*single.targets, sources, *scalars, *_optional(rounding, stats, single.device))
         except ValueError:  # refused before writing: say why, or plan anew from the tensors now
             self._plan_anew(sources)
-            self._run_groups(sources, scalars, counted, plan_anew=False)
+            self._run_groups(sources, (*scalars, *optional), counted, plan_anew=False)
 
     def _plan_anew(self, sources: Sequence[Tensor]) -> None:
         """After an op refused a call (before writing anything): raise naming a tensor whose shape
@@ -245,10 +252,13 @@ class UpdatePlan:
         src = group.part(sources)
         if group.move:
             src = [s if s.device == group.device else s.detach().to(group.device) for s in src]
-        placed = [_on(s, group.device) for s in scalars]
-        if len(scalars) > 1 and group.take is not None:  # `rounding`'s firsts, cut to the group
-            rounding = scalars[-1]
-            placed[-1] = torch.cat([rounding[:3], rounding[3:][group.positions]])
+        weights = 0 if self.op == "copy_" else 1  # the op's scalars before `rounding` and `stats`
+        placed = [_on(s, group.device) for s in scalars[:weights]]
+        if len(scalars) > weights and group.kind == FUSED:
+            rounding, stats = scalars[weights:]
+            if rounding is not None and group.take is not None:  # its firsts, cut to the group
+                rounding = torch.cat([rounding[:3], rounding[3:][group.positions]])
+            placed += _optional(rounding, stats, group.device)
         return group, [*group.targets, src, *placed]
 
     def _check(self, args: list) -> None:
@@ -273,6 +283,14 @@ class UpdatePlan:
             write_through_strides(target, lambda stand_ins: group.op(stand_ins, src, *rest), keep)
         else:
             group.op(*args)
+
+
+def _optional(rounding: Tensor | None, stats: dict | None, device: torch.device) -> tuple:
+    """The op's optional last arguments for a call on `device`: none, `rounding`, or `rounding` and
+    that device's `stats`."""
+    if stats is not None:
+        return rounding, stats.get(device)
+    return () if rounding is None else (rounding,)
 
 
 def _on(value, device: torch.device):

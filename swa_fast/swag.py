@@ -43,7 +43,7 @@ class SWAG(SWA, PredictsOnBatches):
         use_buffers: collect floating buffers too (BatchNorm statistics; `update_bn` after a
             sample recomputes them for the sampled weights anyway).
         check_finite: refused: a skipped update would still write its non-finite deviation row.
-        rank0_only, device, side_stream, backend, rounding, seed: as the `Averager`'s (capturable
+        rank0_only, device, side_stream, backend, rounding, seed, stats: as the `Averager`'s (capturable
             is refused: each update chooses its deviation row on the host).
     """
 
@@ -64,6 +64,7 @@ class SWAG(SWA, PredictsOnBatches):
         capturable: bool = False,
         rounding: str = "nearest",
         seed: int = 0,
+        stats: bool = False,
     ) -> None:
         max_rank = count(max_rank, "SWAG: max_rank", 0)
         if check_finite:
@@ -80,7 +81,9 @@ class SWAG(SWA, PredictsOnBatches):
             capturable=capturable,  # (refused: its update decides on the host)
             rounding=rounding,  # (the mean's and the second moment's, each with its own bits)
             seed=seed,
+            stats=stats,
         )
+        self._stats.rows = ("mean", "sq")
         self.max_rank = max_rank
         self.sq = FlatBuffer(self.average.views)  # the first update overwrites it exactly
         # One (max_rank, group length) matrix per flat group, written a row per update.

@@ -60,10 +60,10 @@ def _store(
         pass_stats.record(stats[written_list], old, value, dst)
 
 
-def _skipped(weight: Tensor, rounding: Tensor | None, stats: Tensor | None) -> bool:
-    """Whether weight 0 leaves a tensor unwritten, as the kernels do: where it is observable (its
-    random bits, its stats); otherwise writing the unchanged value back is the same."""
-    return (rounding is not None or stats is not None) and bool(weight == 0)
+def _skipped(weight: Tensor) -> bool:
+    """Whether weight 0 leaves a tensor unwritten, as the kernels do (its NaN payloads, its random
+    bits and its stats unchanged)."""
+    return bool(weight == 0)
 
 
 @torch.no_grad()
@@ -78,7 +78,7 @@ def lerp_(
     for i, (a, s) in enumerate(zip(avg, src)):
         acc = acc_dtype(a.dtype)
         w = _weight(weight, a)
-        if not _skipped(w, rounding, stats):
+        if not _skipped(w):
             _store(a, _lerp(a.to(acc), _read(s, acc), w), rounding, i, 0, stats)
 
 
@@ -95,7 +95,7 @@ def moments_(
     for i, (m, q, s) in enumerate(zip(mean, sq, src)):
         acc = acc_dtype(m.dtype)
         x, w = _read(s, acc), _weight(weight, m)
-        if _skipped(w, rounding, stats):
+        if _skipped(w):
             continue
         # Both computed before either is written: src may be mean or sq itself.
         new_mean, new_sq = _lerp(m.to(acc), x, w), _lerp(q.to(acc), x * x, w)
@@ -121,7 +121,7 @@ def multi_lerp_(
             a = avgs[k * n + i]
             acc = acc_dtype(a.dtype)
             w = _weight(weights[k], a)
-            new.append(None if _skipped(w, rounding, stats) else _lerp(a.to(acc), _read(s, acc), w))
+            new.append(None if _skipped(w) else _lerp(a.to(acc), _read(s, acc), w))
         for k, value in enumerate(new):
             if value is not None:
                 _store(avgs[k * n + i], value, rounding, i, k, stats)

@@ -107,7 +107,8 @@ class PostHocEMA(Averager):
         snapshot_dtype: the snapshots' dtype (default fp16 as EDM2; None: the average's own). A group
             of averages holding a value beyond its range is saved in the average's own dtype in the
             snapshots that need it, with a warning naming the tensor.
-        **options: the `Averager`'s dtype, use_buffers, rank0_only, device, side_stream and backend
+        **options: the `Averager`'s dtype, use_buffers, rank0_only, device, side_stream, backend,
+            rounding, seed and stats (`last_stats()` has a row per profile, "sigma_rel=<value>")
             (check_finite is refused: it would skip the update's weights but not its progress).
     """
 
@@ -152,6 +153,7 @@ class PostHocEMA(Averager):
                 "supported: each rank holds only its shards"
             )
         self.sigma_rels = sigma_rels
+        self._stats.rows = tuple(f"sigma_rel={s}" for s in sigma_rels)
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)
         self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)

@@ -1,0 +1,102 @@
+"""A manager's `stats=True`: what each update's fused pass saw (ops/pass_stats.py), kept on the
+device, read only when asked (`last_stats()`), and the one-time warning for an average that did not
+move at all over an update (a bf16 EMA of decay 0.9999 rounded to nearest: docs/low-precision.md).
+
+The op adds its counts to a small int64 tensor per device; the manager zeroes it before each update.
+Nothing waits for the device: a CUDA update's counts are copied to pinned host memory behind it and
+looked at by a later update once they have arrived (a CPU update's at once, being host memory).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .ops import OP_TABLE
+from .ops.pass_stats import ListStats, read_stats, stats_tensor
+
+
+class ManagerStats:
+    """The counts of one manager's updates: `rows` names its op's written lists (SWA's average,
+    SWAG's mean and second moment, PostHocEMA's profiles)."""
+
+    def __init__(self, enabled: bool, owner: str, op: str, rows: Sequence[str], warns: bool = True) -> None:
+        if not isinstance(enabled, bool):
+            raise ValueError(f"swa_fast.{owner}: stats must be True or False, got {enabled!r}")
+        if enabled and not OP_TABLE[op].rounds:
+            raise ValueError(f"swa_fast.{owner}: stats=True is not available for this manager")
+        self.enabled, self.owner, self.rows = enabled, owner, tuple(rows)
+        self._tensors: dict[torch.device, Tensor] = {}
+        self._pending: list[tuple[Tensor, torch.cuda.Event]] = []  # host copies on their way
+        self._warned = not warns  # (stochastic rounding moves an average in expectation: no warning)
+        self._seen = False  # whether an update has filled the tensors
+
+    def for_update(self, devices: Sequence[torch.device]) -> dict[torch.device, Tensor] | None:
+        """The op's `stats` of each device for this update, zeroed (None without stats=True)."""
+        if not self.enabled:
+            return None
+        for device in devices:
+            if device not in self._tensors:
+                self._tensors[device] = stats_tensor(len(self.rows), device)
+            self._tensors[device].zero_()
+        self._seen = True
+        return self._tensors
+
+    def after_update(self) -> None:
+        """Look for a stalled average without waiting: the counts of host memory now; a GPU's
+        once their copy behind the update has arrived (at a later update)."""
+        if not self.enabled or torch.compiler.is_compiling():
+            return
+        self._pending = [(host, done) for host, done in self._pending if not self._arrived(host, done)]
+        for device, counts in self._tensors.items():
+            if device.type == "cpu":
+                self._warn_if_stalled(read_stats(counts))
+            elif device.type == "cuda" and not self._pending and not self._warned:
+                host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+                host.copy_(counts, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                self._pending.append((host, done))
+
+    def _arrived(self, host: Tensor, done: torch.cuda.Event) -> bool:
+        if not done.query():
+            return False
+        self._warn_if_stalled(read_stats(host))
+        return True
+
+    def _warn_if_stalled(self, rows: list[ListStats]) -> None:
+        if self._warned:
+            return
+        stalled = [name for name, row in zip(self.rows, rows) if row.stalled]
+        if stalled:
+            self._warned = True
+            warnings.warn(
+                f"swa_fast.{self.owner}: an update did not change the stored value of any element of "
+                f"{', '.join(stalled)} although it was not zero: the average is stalled, its updates "
+                "smaller than half a step of its dtype (a bf16 or fp16 average of a long EMA rounded to "
+                "nearest). Keep it in float32 or pass rounding='stochastic' (docs/low-precision.md). "
+                "(Said once.)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def last(self) -> dict[str, ListStats]:
+        """What the last update saw, per written list, summed over devices (one host read)."""
+        if not self.enabled:
+            raise ValueError(f"swa_fast.{self.owner}: last_stats() needs stats=True")
+        totals = [ListStats(0, 0, 0, 0.0) for _ in self.rows]
+        for counts in self._tensors.values() if self._seen else ():
+            totals = [
+                ListStats(
+                    a.written + b.written,
+                    a.unchanged + b.unchanged,
+                    a.non_finite + b.non_finite,
+                    max(a.max_update, b.max_update),
+                )
+                for a, b in zip(totals, read_stats(counts))
+            ]
+        self._warn_if_stalled(totals)
+        return dict(zip(self.rows, totals))
