@@ -2,7 +2,9 @@
 on every backend that runs here, over one set of shapes (GPT-2 small's by default). Per element
 the bf16 average moves 6 bytes (the model and the average read, the average written) against 10
 for an fp32 average: 1.67x less traffic, if drawing the random bits in registers costs nothing.
-The bf16 average rounded to nearest (which stalls: docs/low-precision.md) is timed beside them.
+The bf16 average rounded to nearest (which stalls: docs/low-precision.md) is timed beside them, and
+the fp32 and stochastic passes again with `stats` (what the pass sees, zeroed first as a manager's
+`stats=True` does): `stats_cost`, the time with them over the time without.
 
     python -m swa_fast.benchmarks.low_precision --min-run-time 0.2   # alone; `swa_fast bench` runs it too
 """
@@ -15,10 +17,12 @@ import swa_fast
 from swa_fast.benchmarks.shapes import SHAPE_SETS, numel
 from swa_fast.benchmarks.timing import add_ratios, time_methods
 from swa_fast.ops import StochasticRounding
+from swa_fast.ops.pass_stats import stats_tensor
 
 WEIGHT = 1e-4  # an EMA of decay 0.9999
 FP32_AVERAGE = "fp32 average"
 NEAREST = "bf16 average, nearest"
+WITH_STATS = "stats=True"
 
 
 def workload_name(name: str) -> str:
@@ -27,7 +31,8 @@ def workload_name(name: str) -> str:
 
 def _candidates(model, avg32, avg16, backends):
     """For each backend b, timed in turn: 'fp32 average swa_fast:b', 'bf16 average, nearest
-    swa_fast:b' and 'swa_fast:b' (the bf16 average rounded stochastically, a new step per call)."""
+    swa_fast:b' and 'swa_fast:b' (the bf16 average rounded stochastically, a new step per call),
+    then the first and the last again with `stats` ('stats=True ...')."""
     out = {}
     for b in backends:
         out[f"{FP32_AVERAGE} swa_fast:{b}"] = lambda b=b: swa_fast.lerp_(avg32, model, WEIGHT, backend=b)
@@ -40,6 +45,19 @@ def _candidates(model, avg32, avg16, backends):
             swa_fast.lerp_(avg16, model, WEIGHT, rounding=rounding, backend=b)
 
         out[f"swa_fast:{b}"] = stochastic
+        stats = stats_tensor(1, avg16[0].device)
+
+        def fp32_with_stats(b=b, stats=stats):
+            stats.zero_()
+            swa_fast.lerp_(avg32, model, WEIGHT, stats=stats, backend=b)
+
+        def stochastic_with_stats(b=b, steps=steps, rounding=rounding, stats=stats):
+            stats.zero_()
+            rounding[1] = next(steps)
+            swa_fast.lerp_(avg16, model, WEIGHT, rounding=rounding, stats=stats, backend=b)
+
+        out[f"{WITH_STATS} {FP32_AVERAGE} swa_fast:{b}"] = fp32_with_stats
+        out[f"{WITH_STATS} swa_fast:{b}"] = stochastic_with_stats
     return out
 
 
@@ -56,6 +74,10 @@ def bench_low_precision(shapes, name, device, min_run_time):
     labels = {"workload": workload_name(name), "params": "bfloat16", "tensors": len(shapes), "elements": n}
     rows = time_methods(_candidates(model, avg32, avg16, backends), labels, 6 * n, device, min_run_time)
     add_ratios(rows, "x_vs_fp32_average", FP32_AVERAGE)
+    for r in rows:  # stats_cost: the time with stats over the time without (add_ratios: its inverse)
+        with_stats = next((w for w in rows if w["method"] == f"{WITH_STATS} {r['method']}"), None)
+        if with_stats is not None:
+            r["stats_cost"] = with_stats["median_ms"] / r["median_ms"]
     return rows
 
 
@@ -70,6 +92,8 @@ def main(argv=None):
         if "x_vs_fp32_average" in r:
             ratio, share = r["x_vs_fp32_average"], r["of_copy_bw"]
             print(f"{r['method']:<16} {ratio:.2f}x the fp32 average, {share:.2f} of copy bandwidth")
+        if "stats_cost" in r:
+            print(f"{r['method']:<40} stats=True takes {r['stats_cost']:.2f}x the time")
 
 
 if __name__ == "__main__":

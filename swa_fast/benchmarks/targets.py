@@ -77,6 +77,12 @@ def _low_precision_targets(targets, rows):
             "x vs the fp32 average", workload, "bfloat16", lambda r: r.get("x_vs_fp32_average"), 1.4
         )
         targets.check("fraction of copy bandwidth", workload, "bfloat16", lambda r: r["of_copy_bw"], 0.8)
+        # stats=True: at most 10% more time, i.e. at least 1/1.1 of the speed without
+        targets.check("speed with stats=True, of without", workload, "bfloat16", _stats_speed, 0.91)
+
+
+def _stats_speed(row):
+    return 1 / row["stats_cost"] if "stats_cost" in row else None
 
 
 def _cpu_targets(targets):
