@@ -8,12 +8,15 @@ rounded stochastically (`rounding="stochastic"`), it tracks the fp32 EMA at half
     python examples/low_precision_ema.py --out docs
 
 writes `low_precision_ema.png` (the three averages' mean over the elements, and one element's) and
-prints a table of the final errors in bf16 units in the last place (ulp).
+prints a table of the final errors in bf16 units in the last place (ulp) and of what the last
+update's pass saw (`stats=True`: elements written, left unchanged, the largest |update|); the bf16
+EMA rounded to nearest warns, once, that it is stalled.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,9 +30,11 @@ def run(steps: int, elements: int, decay: float, start: float, mean: float, nois
     signal = torch.nn.Parameter(torch.full((elements,), start))
     model = torch.nn.ParameterList([signal])
     emas = {
-        "fp32": swa_fast.EMA(model, decay),
-        "bf16, nearest": swa_fast.EMA(model, decay, dtype=torch.bfloat16),
-        "bf16, stochastic": swa_fast.EMA(model, decay, dtype=torch.bfloat16, rounding="stochastic"),
+        "fp32": swa_fast.EMA(model, decay, stats=True),
+        "bf16, nearest": swa_fast.EMA(model, decay, dtype=torch.bfloat16, stats=True),
+        "bf16, stochastic": swa_fast.EMA(
+            model, decay, dtype=torch.bfloat16, rounding="stochastic", stats=True
+        ),
     }
     g = torch.Generator().manual_seed(0)
     curves: dict[str, list] = {name: [] for name in emas}
@@ -52,7 +57,8 @@ def run(steps: int, elements: int, decay: float, start: float, mean: float, nois
         }
         for name, ema in emas.items()
     }
-    return {"steps": steps, "curves": curves, "element_0": one, "errors": errors}
+    last = {name: dataclasses.asdict(ema.last_stats()["average"]) for name, ema in emas.items()}
+    return {"steps": steps, "curves": curves, "element_0": one, "errors": errors, "last_update": last}
 
 
 def plot(result: dict, path: Path, decay: float) -> None:
@@ -85,10 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args.steps, args.elements, args.decay, start=0.9, mean=1.0, noise=0.01)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(result, args.out / "low_precision_ema.png", args.decay)
-    (args.out / "low_precision_ema.json").write_text(json.dumps(result["errors"], indent=2))
+    summary = {"errors": result["errors"], "last_update": result["last_update"]}
+    (args.out / "low_precision_ema.json").write_text(json.dumps(summary, indent=2))
     print(f"{'average':<18} {'error of the mean (ulp)':>24} {'mean absolute error (ulp)':>26}")
     for name, row in result["errors"].items():
         print(f"{name:<18} {row['error of the mean (ulp)']:>24.2f} {row['mean absolute error (ulp)']:>26.2f}")
+    print(f"\nthe last update's pass:\n{'average':<18} {'written':>8} {'unchanged':>10} {'max |update|':>13}")
+    for name, row in result["last_update"].items():
+        print(f"{name:<18} {row['written']:>8} {row['unchanged']:>10} {row['max_update']:>13.3g}")
     return result
 
 

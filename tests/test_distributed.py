@@ -319,8 +319,8 @@ def _scaled(model, step: int) -> None:
 
 def _stochastic_emas(model, updates: int):
     emas = [
-        swa_fast.EMA(model, decay=0.7, dtype=torch.bfloat16, rounding="stochastic", seed=5),
-        swa_fast.SWAG(model, 2, dtype=torch.float16, rounding="stochastic", seed=6),
+        swa_fast.EMA(model, decay=0.7, dtype=torch.bfloat16, rounding="stochastic", seed=5, stats=True),
+        swa_fast.SWAG(model, 2, dtype=torch.float16, rounding="stochastic", seed=6, stats=True),
     ]
     for step in range(updates):
         _scaled(model, step)
@@ -332,7 +332,8 @@ def _stochastic_emas(model, updates: int):
 def _fsdp2_stochastic_rounding(rank, tmp):
     """An FSDP2 model's shards (rank 1's bias halves start off the 8-element grid, Linear(3, 1)'s
     shard is empty there) round as the same elements of the whole model: the gathered averages
-    equal one process's bit for bit, and both ranks of a DDP model agree with no communication."""
+    equal one process's bit for bit, and both ranks of a DDP model agree with no communication.
+    What the ranks' passes saw (`stats=True`) adds up to what the one process's saw."""
     sharded = _stochastic_emas(fsdp_mlp(), 5)
     whole = _stochastic_emas(mlp(*WIDTHS, activation=torch.nn.Tanh), 5)
     for ours, one in zip(sharded, whole):
@@ -342,6 +343,14 @@ def _fsdp2_stochastic_rounding(rank, tmp):
             assert torch.equal(
                 gathered["average"][name].view(torch.int16), expected["average"][name].view(torch.int16)
             ), name
+        for row, seen in one.last_stats().items():
+            mine = ours.last_stats()[row]
+            counts = torch.tensor([mine.written, mine.unchanged, mine.non_finite])
+            largest = torch.tensor([mine.max_update])
+            dist.all_reduce(counts)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+            assert counts.tolist() == [seen.written, seen.unchanged, seen.non_finite], row
+            assert largest.item() == seen.max_update, row
     replicated = _stochastic_emas(DDP(mlp(*WIDTHS, activation=torch.nn.Tanh)), 5)
     for ema in replicated:
         assert_same_on_every_rank(

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "low_precision_ema.py"
 
 
@@ -13,9 +15,15 @@ def test_low_precision_ema_example(tmp_path):
     spec = importlib.util.spec_from_file_location("low_precision_ema_example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    result = example.main(["--steps", "3000", "--elements", "256", "--out", str(tmp_path)])
+    with pytest.warns(RuntimeWarning, match="stalled") as said:
+        result = example.main(["--steps", "3000", "--elements", "256", "--out", str(tmp_path)])
+    assert len([w for w in said if "stalled" in str(w.message)]) == 1  # the bf16 EMA rounded to nearest
     assert (tmp_path / "low_precision_ema.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "low_precision_ema.json").read_text()) == result["errors"]
+    summary = json.loads((tmp_path / "low_precision_ema.json").read_text())
+    assert summary == {"errors": result["errors"], "last_update": result["last_update"]}
+    nearest, stochastic = result["last_update"]["bf16, nearest"], result["last_update"]["bf16, stochastic"]
+    assert nearest["written"] == nearest["unchanged"] == 256 and nearest["max_update"] > 0
+    assert stochastic["written"] == 256 and stochastic["max_update"] > 0
     curves = result["curves"]
     assert len(set(curves["bf16, nearest"])) == 1  # stalled at the start
     moved = curves["fp32"][-1] - curves["fp32"][0]
