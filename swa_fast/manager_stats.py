@@ -30,7 +30,7 @@ class ManagerStats:
             raise ValueError(f"swa_fast.{owner}: stats=True is not available for this manager")
         self.enabled, self.owner, self.rows = enabled, owner, tuple(rows)
         self._tensors: dict[torch.device, Tensor] = {}
-        self._pending: list[tuple[Tensor, torch.cuda.Event]] = []  # host copies on their way
+        self._copies: dict[torch.device, tuple[Tensor, torch.cuda.Event]] = {}  # a GPU's, pinned
         self._warned = not warns  # (stochastic rounding moves an average in expectation: no warning)
         self._seen = False  # whether an update has filled the tensors
 
@@ -47,25 +47,27 @@ class ManagerStats:
 
     def after_update(self) -> None:
         """Look for a stalled average without waiting: the counts of host memory now; a GPU's
-        once their copy behind the update has arrived (at a later update)."""
-        if not self.enabled or torch.compiler.is_compiling():
+        from their copy to pinned memory behind an earlier update, once it has arrived (one copy
+        in flight per device, into one buffer)."""
+        if not self.enabled or self._warned or torch.compiler.is_compiling():
             return
-        self._pending = [(host, done) for host, done in self._pending if not self._arrived(host, done)]
         for device, counts in self._tensors.items():
             if device.type == "cpu":
                 self._warn_if_stalled(read_stats(counts))
-            elif device.type == "cuda" and not self._pending and not self._warned:
-                host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-                host.copy_(counts, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-                self._pending.append((host, done))
-
-    def _arrived(self, host: Tensor, done: torch.cuda.Event) -> bool:
-        if not done.query():
-            return False
-        self._warn_if_stalled(read_stats(host))
-        return True
+                continue
+            host, arrived = self._copies.get(device, (None, None))
+            if arrived is not None:
+                if not arrived.query():
+                    continue  # still on its way: looked at by a later update
+                self._warn_if_stalled(read_stats(host))
+            else:
+                host, arrived = (
+                    torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True),
+                    torch.cuda.Event(),
+                )
+            host.copy_(counts, non_blocking=True)
+            arrived.record()
+            self._copies[device] = (host, arrived)
 
     def _warn_if_stalled(self, rows: list[ListStats]) -> None:
         if self._warned:

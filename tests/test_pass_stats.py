@@ -251,3 +251,21 @@ def test_a_stalled_bf16_average_is_said_once_and_a_stochastic_one_is_not():
     ema, said = _stalling_run("stochastic")
     assert said == []
     assert ema.last_stats()["average"].max_update > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_stalled_gpu_average_is_said_from_counts_copied_behind_the_update():
+    model = torch.nn.Linear(32, 32).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    ema = swa_fast.EMA(model, 0.9999, dtype=torch.bfloat16, stats=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            _perturbed(model, step, scale=1e-3)
+            ema.update(model)
+            torch.cuda.synchronize()  # the copy behind this update has arrived by the next one
+    assert len([w for w in caught if "stalled" in str(w.message)]) == 1
+    row = ema.last_stats()["average"]
+    assert row.written == row.unchanged == sum(p.numel() for p in model.parameters())
