@@ -171,7 +171,7 @@ def _perturbed(model, step: int, scale: float = 0.01) -> None:
     g = torch.Generator().manual_seed(100 + step)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g), alpha=scale)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device), alpha=scale)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
