@@ -40,7 +40,7 @@ if ! "$PY" -c "from swa_fast import ops; assert ops.BUILD_INFO['cuda']" 2>/dev/n
 fi
 "$PY" -m swa_fast info | tee "$OUT/info.txt"
 
-GPU_TESTS=(tests/test_cuda.py tests/test_cuda_vector_path.py)
+GPU_TESTS=(tests/test_cuda.py tests/test_cuda_vector_path.py tests/test_rounding.py tests/test_pass_stats.py)
 if [ "$MODE" != quick ]; then
   GPU_TESTS+=(tests/test_machine_code.py tests/test_triton_launchers.py tests/test_opcheck.py tests/test_ops.py)
 fi

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import cpu_backends, mlp, same_bits
+from conftest import cpu_backends, cuda_backends, mlp, same_bits
 
 import swa_fast
 from swa_fast.ops import StochasticRounding
@@ -131,6 +131,29 @@ def test_moments_and_multi_lerp_count_alike_on_every_backend(backend, rounding):
     for got, expected in zip(results[backend], results["reference"]):
         _same_stats(got, expected)
     assert read_stats(results[backend][1])[1].written == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", cuda_backends() if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("rounding", [None, StochasticRounding(seed=5, step=3)])
+def test_gpu_backends_count_as_the_reference(backend, rounding):
+    avg, src = _case(4)
+    mean = [a.clone() for a in avg]
+    sq = [a.float().abs().to(a.dtype) for a in avg]
+    results = {}
+    for name, device in (("reference", "cpu"), (backend, "cuda")):
+        a, m, q, s_ = ([t.to(device) for t in lst] for lst in (avg, mean, sq, src))
+        stats = [stats_tensor(1, device), stats_tensor(2, device), stats_tensor(3, device)]
+        swa_fast.lerp_(a, s_, 1e-3, rounding=rounding, stats=stats[0], backend=name)
+        swa_fast.lerp_(
+            a, s_, torch.tensor(0.0, device=device), rounding=rounding, stats=stats[0], backend=name
+        )
+        swa_fast.moments_(m, q, s_, 0.25, rounding=rounding, stats=stats[1], backend=name)
+        avgs = [[t.clone() for t in a] for _ in range(3)]
+        swa_fast.multi_lerp_(avgs, s_, [0.1, 0.0, 1.0], rounding=rounding, stats=stats[2], backend=name)
+        results[name] = stats
+    for got, expected in zip(results[backend], results["reference"]):
+        _same_stats(got, expected)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

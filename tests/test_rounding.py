@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import cpu_backends, mlp, same_bits
+from conftest import cpu_backends, cuda_backends, mlp, same_bits
 
 import swa_fast
 from swa_fast.ops import StochasticRounding
@@ -184,6 +184,27 @@ def test_moments_and_multi_lerp_round_the_same_bits_on_every_backend(backend):
         avgs = [_clone(mean) for _ in range(6)]  # more than one pass of 4
         swa_fast.multi_lerp_(avgs, src, [0.1, 0.2, 0.0, 1.0, 0.5, 0.7], rounding=key, backend=name)
         results[name] = m + q + [t for lst in avgs for t in lst]
+    assert _same_rounding(results[backend], results["reference"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", cuda_backends() if torch.cuda.is_available() else [])
+def test_gpu_backends_round_the_same_bits_as_the_reference(backend):
+    """The CUDA kernels (and Triton compiled, and foreach on the GPU) against the reference on the
+    CPU: firsts off the 8-element grid (the kernels' shifted draws) and past 2^32 included."""
+    avg, src = _case(0)
+    mean = [a.clone() for a in avg]
+    sq = [a.float().abs().to(a.dtype) for a in avg]
+    key = StochasticRounding(seed=-3, step=12, firsts=(5, 100, 120, 2**33 + 3, 200))
+    results = {}
+    for name, device in (("reference", "cpu"), (backend, "cuda")):
+        on = [[t.to(device) for t in lst] for lst in (avg, mean, sq, src)]
+        a, m, q, s_ = on
+        swa_fast.lerp_(a, s_, 1e-3, rounding=key, backend=name)
+        swa_fast.moments_(m, q, s_, 0.25, rounding=key, backend=name)
+        avgs = [[t.clone() for t in on[0]] for _ in range(3)]
+        swa_fast.multi_lerp_(avgs, s_, [0.1, 0.0, 1.0], rounding=key, backend=name)
+        results[name] = [t.cpu() for t in a + m + q + [t for lst in avgs for t in lst]]
     assert _same_rounding(results[backend], results["reference"])
 
 
