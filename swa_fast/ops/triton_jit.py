@@ -250,10 +250,17 @@ def _count(seen, k: tl.constexpr, mask, w, value, old, old_bits, stored):
         # non-negative fp32 values order as their bits; a NaN difference (bits above inf's) is left out
         update = tl.where(written & (update <= 0x7F800000), update, 0)
         row = seen + 4 * k
-        tl.atomic_add(row, tl.sum(written.to(tl.int32)).to(tl.int64), sem="relaxed")
-        tl.atomic_add(row + 1, tl.sum((written & (bits == old_bits)).to(tl.int32)).to(tl.int64), sem="relaxed")
-        tl.atomic_add(row + 2, tl.sum(non_finite.to(tl.int32)).to(tl.int64), sem="relaxed")
+        # (relaxed: the counts order nothing; the stream orders the launches that read them)
+        tl.atomic_add(row, _total(written), sem="relaxed")
+        tl.atomic_add(row + 1, _total(written & (bits == old_bits)), sem="relaxed")
+        tl.atomic_add(row + 2, _total(non_finite), sem="relaxed")
         tl.atomic_max(row + 3, tl.max(update).to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _total(flags):
+    """How many of the block's flags are set, as the stats' int64 (summed in int32: BLOCK fits)."""
+    return tl.sum(flags.to(tl.int32)).to(tl.int64)
 
 
 # An op's block, given its mask (None: a full block) and the stats' rows (`seen`, None: not
