@@ -5,7 +5,8 @@ The variants are the launchers' own: each op of ops.OP_TABLE with a Triton kerne
 (launch recorded, not run) on conftest.make_case's arguments for every pair of float dtypes, with
 16-byte aligned tensors and with misaligned ones, and every distinct (signature, constexprs) seen is
 compiled by tests/compile_triton_kernels.py in a process without TRITON_INTERPRET; lerp_, moments_
-and multi_lerp_ are launched again with stochastic rounding into bf16 and fp16. The PTX of the
+and multi_lerp_ are launched again with stochastic rounding into bf16 and fp16, and with stats (the
+STATS variants: as wide as those without, their counts added by atomics). The PTX of the
 lerp_ and weighted_sum_ kernels on aligned tensors must move 128 bits per access (fp32 and bf16
 sources), so must the stochastic lerp_ and moments_ ones, with one Philox call per 8 elements and
 no shared memory, and no kernel may use local memory. Registers per thread are printed (pytest -s).

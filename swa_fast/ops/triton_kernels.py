@@ -9,6 +9,8 @@ is in fp32 (fp64 for fp64 destinations); bf16/fp16 values are upcast right after
 Given `rounding` (lerp_, moments_, multi_lerp_), bf16/fp16 results are rounded stochastically with
 ops/rounding.py's bits: each tensor's first element in the flat average goes in the launch table,
 seed, step and stream as int32 scalars, and the kernels' STOCHASTIC variant draws the bits.
+Given `stats` (the same ops, pass_stats.py), every launch of the call passes the tensor to the
+kernels' STATS variant, which adds each block's counts to it with atomics.
 
 Triton itself is imported only when a kernel is needed (the kernels are in triton_jit.py): at the
 first launch, or when the backend choice asks whether Triton runs on a GPU. `KERNELS`, `Blockwise`
