@@ -42,6 +42,10 @@ ROUNDINGS = {
     ).tensor(src),
 }
 
+# Each average dtype rounded to nearest, bf16 and fp16 stochastically too (fp32 and fp64 always round
+# to nearest).
+ROUNDED_AS = [(d, "nearest") for d in FLOATS] + [(d, r) for d in ROUNDED for r in ROUNDINGS if r != "nearest"]
+
 
 def values(shape, dtype, g: torch.Generator, exact: bool, special: bool = True, nan: bool = True):
     """Random values of `dtype`: multiples of 1/16 below 4 in magnitude (exact: the ops' arithmetic on
@@ -134,12 +138,9 @@ def check_against_reference(op: str, lists, weight, rounding) -> None:
     assert_same_lists(written_lists(op, got, weight), written_lists(op, want, weight), op, nan_payloads=True)
 
 
-@pytest.mark.parametrize("rounding", ROUNDINGS)
-@pytest.mark.parametrize("dst", FLOATS)
+@pytest.mark.parametrize(("dst", "rounding"), ROUNDED_AS)
 @pytest.mark.parametrize("op", ["lerp_", "moments_"])
 def test_lerp_and_moments_match_the_reference(op, dst, rounding):
-    if rounding != "nearest" and dst not in ROUNDED:
-        pytest.skip("fp32 and fp64 averages round to nearest")
     lists, weight = make_call(op, dst, 0.25, exact=True)
     check_against_reference(op, lists, weight, ROUNDINGS[rounding](lists[-1]))
 
@@ -208,14 +209,11 @@ def defined_stats(op: str, before, after, weight) -> torch.Tensor:
     return stats
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic-padded"])
-@pytest.mark.parametrize("dst", FLOATS)
+@pytest.mark.parametrize(("dst", "rounding"), ROUNDED_AS)
 @pytest.mark.parametrize("op", ["lerp_", "moments_", "multi_lerp_"])
 def test_matches_the_definition_on_any_values(op, dst, rounding):
     """Random values, inf and NaN, weight 0.3 (multi_lerp_: 0.3, 0, 0.7): the counts of the kernel's
     own values and stored bits; the averages are those written without stats, bit for bit."""
-    if rounding != "nearest" and dst not in ROUNDED:
-        pytest.skip("fp32 and fp64 averages round to nearest")
     weight = (0.3, 0.0, 0.7) if op == "multi_lerp_" else 0.3
     lists, weight = make_call(op, dst, weight, exact=False, seed=1)
     key = ROUNDINGS[rounding](lists[-1])
