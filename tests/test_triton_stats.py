@@ -47,17 +47,17 @@ ROUNDINGS = {
 ROUNDED_AS = [(d, "nearest") for d in FLOATS] + [(d, r) for d in ROUNDED for r in ROUNDINGS if r != "nearest"]
 
 
-def values(shape, dtype, g: torch.Generator, exact: bool, special: bool = True, nan: bool = True):
+def values(shape, dtype, g: torch.Generator, exact: bool, nan: bool = True):
     """Random values of `dtype`: multiples of 1/16 below 4 in magnitude (exact: the ops' arithmetic on
-    them is exact at weights of a few bits), or normal ones; with `special`, some inf, -inf and (with
-    `nan`) NaN."""
+    them is exact at weights of a few bits), or normal ones; in a tensor of more than 40 elements,
+    zeros, inf, -inf and (with `nan`) NaN."""
     if exact:
         t = torch.randint(-64, 65, shape, generator=g).to(torch.float64) / 16
     else:
         t = torch.randn(shape, generator=g, dtype=torch.float64)
     t = t.to(dtype)
     flat = t.view(-1)
-    if special and flat.numel() > 40:
+    if flat.numel() > 40:
         # at places of the first 40 drawn for each tensor: an average's and its source's may meet
         at = torch.randperm(40, generator=g)[:8].tolist()
         for i, value in zip(at, ["inf", "-inf", "nan", "nan"][: 4 if nan else 2]):
