@@ -287,8 +287,9 @@ def _moments_block(ptrs, t, offs, mask, w_ptr, rng, seen, DST: tl.constexpr, SRC
     m, m_bits = _loaded(mean, offs, mask, DST, ACC, seen)
     q, q_bits = _loaded(sq, offs, mask, DST, ACC, seen)
     w = tl.load(w_ptr).to(ACC)
-    new_mean, new_sq = _lerp(m, x, w), _lerp(q, x * x, w)
+    new_mean = _lerp(m, x, w)
     _count(seen, 0, mask, w, new_mean, m, m_bits, _store(mean, offs, mask, new_mean, DST, rng, 0, ALIGNED))
+    new_sq = _lerp(q, x * x, w)
     _count(seen, 1, mask, w, new_sq, q, q_bits, _store(sq, offs, mask, new_sq, DST, rng, 1, ALIGNED))
 
 @triton.jit
