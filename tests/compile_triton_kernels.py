@@ -8,9 +8,9 @@ makes interpreted functions, which triton.compile does not take):
 VARIANTS.json lists the launches the launchers make: {"op", "signature" (argument -> Triton type),
 "constexprs" (name -> value; dtypes by name, "fp32")}. Each is compiled for sm_80 and sm_90;
 RESULTS.json gets, per variant and target, the error (None when it compiled), the PTX's 128-bit
-global loads and stores, its shared-memory accesses and 32-bit high multiplies (Philox's), whether
-it uses local memory, and its registers per thread (from the cubin, through the cuobjdump that
-ships with Triton).
+global loads and stores, its shared-memory accesses, 32-bit high multiplies (Philox's) and global
+atomics (the stats'), whether it uses local memory, and its registers per thread (from the cubin,
+through the cuobjdump that ships with Triton).
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def compile_one(job: tuple[dict, int]) -> dict:
     # 20 per call, so the stochastic kernels' calls per thread are counted
     result["shared"] = len(re.findall(r"\b(?:ld|st)\.shared\b", ptx))
     result["mul_hi"] = len(re.findall(r"\bmul\.hi\.u32\b", ptx))
+    # global atomics (the stats' counts: atom, or red where the old value is not used)
+    result["atomics"] = len(re.findall(r"\b(?:atom|red)\.global\b", ptx))
     result["registers"], stack, local = resources(compiled.asm["cubin"])
     # local memory asked for in the PTX, or spilled to by ptxas
     result["local"] = bool(re.search(r"\.local\b", ptx)) or stack > 0 or local > 0

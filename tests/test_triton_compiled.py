@@ -5,7 +5,8 @@ The variants are the launchers' own: each op of ops.OP_TABLE with a Triton kerne
 (launch recorded, not run) on conftest.make_case's arguments for every pair of float dtypes, with
 16-byte aligned tensors and with misaligned ones, and every distinct (signature, constexprs) seen is
 compiled by tests/compile_triton_kernels.py in a process without TRITON_INTERPRET; lerp_, moments_
-and multi_lerp_ are launched again with stochastic rounding into bf16 and fp16. The PTX of the
+and multi_lerp_ are launched again with stochastic rounding into bf16 and fp16, and with stats (the
+STATS variants: as wide as those without, their counts added by atomics). The PTX of the
 lerp_ and weighted_sum_ kernels on aligned tensors must move 128 bits per access (fp32 and bf16
 sources), so must the stochastic lerp_ and moments_ ones, with one Philox call per 8 elements and
 no shared memory, and no kernel may use local memory. Registers per thread are printed (pytest -s).
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_case
+from conftest import PER_LIST_WEIGHTS, make_case
 
 from swa_fast import ops
 from swa_fast.ops import triton_kernels
@@ -63,6 +64,7 @@ def launch_variants() -> list[dict]:
         launch_float_cases()
         launch_integer_copies()
         launch_rounding_cases()
+        launch_stats_cases()
     return list(seen.values())
 
 
@@ -93,11 +95,12 @@ class Recorder:
     def record(self, *args, **constexprs) -> None:
         options = {k: constexprs.pop(k) for k in LAUNCH_OPTIONS if k in constexprs}
         signature = {n: POINTER_TYPES[a.dtype] for n, a in zip(self.arg_names, args)}
-        # the rounding's arguments, given by name: its table (a pointer) and its int32 scalars
-        for name in ["firsts", *ROUNDING_SCALARS]:
+        # the rounding's and the stats' arguments, given by name: the firsts' table and the stats
+        # (pointers) and the rounding's int32 scalars
+        for name in ["firsts", *ROUNDING_SCALARS, "stats"]:
             if name in constexprs:
                 value = constexprs.pop(name)
-                signature[name] = POINTER_TYPES[value.dtype] if name == "firsts" else "i32"
+                signature[name] = POINTER_TYPES[value.dtype] if name in ("firsts", "stats") else "i32"
         variant = {
             "op": self.op,
             "signature": signature,
@@ -143,6 +146,22 @@ def launch_rounding_cases() -> None:
                 spec.triton(*placed(lists, shift), *extra, rounding_tensor(1, 2, firsts))
 
 
+def launch_stats_cases() -> None:
+    """The ops that count (stats=), each float average dtype from an fp32 source (and from bf16 into
+    bf16), aligned and not, to nearest; into bf16 and fp16 stochastically too, on aligned tensors."""
+    for op in ROUNDING_OPS:
+        spec = ops.OP_TABLE[op]
+        pairs = [(dst, torch.float32) for dst in FLOATS] + [(torch.bfloat16, torch.bfloat16)]
+        for dst, src in pairs:
+            lists, extra = make_case(op, SHAPES, dst, src)
+            stats = torch.zeros(spec.kernel_written(*lists, *extra), 4, dtype=torch.int64)
+            for shift in (False, True):
+                spec.triton(*placed(lists, shift), *extra, None, stats)
+            if dst in ROUNDED:
+                firsts = [8 * triton_kernels.BLOCK * i for i in range(len(lists[-1]))]
+                spec.triton(*lists, *extra, rounding_tensor(1, 2, firsts), stats)
+
+
 def placed(lists: list[list[torch.Tensor]], misaligned: bool) -> list[list[torch.Tensor]]:
     return [[_misaligned(t) for t in lst] for lst in lists] if misaligned else lists
 
@@ -173,7 +192,8 @@ def _label(r: dict) -> str:
     c = r["constexprs"]
     dtypes = "/".join(map(str, c.get("DTYPES") or (c["DST"], c["SRC"])))
     stochastic = " stochastic" if c.get("STOCHASTIC") else ""
-    return f"{r['op']} {dtypes} aligned={c['ALIGNED']}{stochastic} sm_{r['arch']}"
+    stats = " stats" if c.get("STATS") else ""
+    return f"{r['op']} {dtypes} aligned={c['ALIGNED']}{stochastic}{stats} sm_{r['arch']}"
 
 
 def test_every_variant_compiles(compiled):
@@ -182,7 +202,7 @@ def test_every_variant_compiles(compiled):
     print(f"\n{len(compiled)} Triton kernels compiled (sm_80 and sm_90); registers per thread:")
     for r in compiled:
         wide = f"{r['ld_v4']} ld.global.v4, {r['st_v4']} st.global.v4"
-        print(f"  {_label(r):55s} {r['registers']} registers, {wide}")
+        print(f"  {_label(r):61s} {r['registers']} registers, {wide}")
 
 
 def test_no_local_memory(compiled):
@@ -215,7 +235,10 @@ def _stochastic(compiled, op: str, aligned: bool) -> list[dict]:
     return [
         r
         for r in compiled
-        if r["op"] == op and r["constexprs"].get("STOCHASTIC") and r["constexprs"]["ALIGNED"] == aligned
+        if r["op"] == op
+        and r["constexprs"].get("STOCHASTIC")
+        and not r["constexprs"].get("STATS")
+        and r["constexprs"]["ALIGNED"] == aligned
     ]
 
 
@@ -237,3 +260,32 @@ def test_aligned_stochastic_rounding_moves_128_bits_with_a_philox_call_per_8_ele
         assert r["shared"] == 0 and 0 < r["mul_hi"] <= 2 * 20 * written, _label(r)
     for r in _stochastic(compiled, op, False):
         assert r["mul_hi"] > 6 * 2 * 20 * written, _label(r)
+
+
+def _twin(compiled, r: dict, **constexprs) -> dict:
+    """The variant compiled for r's op and target with r's constexprs but `constexprs`."""
+    twin = {**r["constexprs"], **constexprs}
+    found = [n for n in compiled if (n["op"], n["arch"], n["constexprs"]) == (r["op"], r["arch"], twin)]
+    assert len(found) == 1, _label(r)
+    return found[0]
+
+
+@pytest.mark.parametrize("op", ROUNDING_OPS)
+def test_stats_variants_are_as_wide_as_those_without_and_count_with_atomics(compiled, op):
+    """Every STATS variant (stats=) moves as many 128-bit words as its twin without stats (aligned
+    lerp_ and moments_: every list loaded 16 bytes at a time, each written list stored so), and adds
+    its counts with 4 atomics per written list in each of the full and the masked block's paths
+    (multi_lerp_: one path); the variants without stats have no atomic."""
+    counting = [r for r in compiled if r["op"] == op and r["constexprs"].get("STATS")]
+    # fp32, fp64, fp16, bf16 averages (bf16 also from bf16) aligned and not, and the three bf16 and
+    # fp16 ones rounded stochastically
+    assert {r["arch"] for r in counting} == {80, 90} and len(counting) == 2 * (2 * 5 + 3), len(counting)
+    written = {"lerp_": 1, "moments_": 2, "multi_lerp_": len(PER_LIST_WEIGHTS)}[op]
+    paths = 1 if op == "multi_lerp_" else 2
+    for r in counting:
+        twin = _twin(compiled, r, STATS=False)
+        assert r["ld_v4"] >= twin["ld_v4"] and r["st_v4"] >= twin["st_v4"], _label(r)
+        assert 0 < r["atomics"] <= 4 * written * paths, _label(r)
+        if op != "multi_lerp_" and r["constexprs"]["ALIGNED"] and r["constexprs"]["DST"] != "fp64":
+            assert r["ld_v4"] >= written + 1 and r["st_v4"] >= written, _label(r)
+    assert all(r["atomics"] == 0 for r in compiled if not r["constexprs"].get("STATS")), op

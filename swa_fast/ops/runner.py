@@ -17,11 +17,12 @@ if TYPE_CHECKING:
     from .table import OpSpec
 
 
-def _as_weight(weight: Tensor | float | Sequence[float]) -> Tensor:
+def _as_weight(weight: Tensor | float | Sequence[float] | None) -> Tensor | None:
     # A number becomes a CPU scalar, which the kernels read on the host: no device allocation;
     # multi_lerp_'s numbers a CPU vector. (The extension's eager entry points take the numbers
-    # themselves, and do this faster.)
-    if isinstance(weight, Tensor):
+    # themselves, and do this faster.) The arguments after the weight pass as they are: `rounding`
+    # (a tensor, or None when `stats` follows it) and `stats`.
+    if weight is None or isinstance(weight, Tensor):
         return weight
     if isinstance(weight, numbers.Real):
         return torch.tensor(float(weight), dtype=torch.float64)

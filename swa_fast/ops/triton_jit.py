@@ -73,9 +73,36 @@ def _widened(ptr, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr):
     to zero in its cast, and this gives the same values compiled and interpreted."""
     if DTYPE == tl.bfloat16:
         bits = tl.load(ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + offs, mask=mask)
-        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(ACC)
+        return _from_bits(bits, DTYPE, ACC)
     else:
         return tl.load(ptr + offs, mask=mask).to(ACC)
+
+
+@triton.jit
+def _from_bits(bits, DTYPE: tl.constexpr, ACC: tl.constexpr):
+    """The DTYPE values whose stored bits are `bits` (an integer of DTYPE's width), exactly in ACC."""
+    if DTYPE == tl.bfloat16:
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(ACC)
+    else:
+        return bits.to(DTYPE, bitcast=True).to(ACC)
+
+
+@triton.constexpr_function
+def _bits_type(dtype):
+    """The unsigned integer of dtype's width, which holds its stored bits."""
+    return {8: tl.uint8, 16: tl.uint16, 32: tl.uint32, 64: tl.uint64}[dtype.primitive_bitwidth]
+
+
+@triton.jit
+def _loaded(ptr, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr, seen):
+    """(_widened's values, their stored bits when the pass counts (`seen` not None), else None).
+    Counting loads the bits and widens them, one load as before: the stats compare stored bits,
+    which a value's conversion need not keep (a NaN's payload)."""
+    if seen is None:
+        return _widened(ptr, offs, mask, DTYPE, ACC), None
+    else:
+        bits = tl.load(ptr.to(tl.pointer_type(_bits_type(DTYPE)), bitcast=True) + offs, mask=mask)
+        return _from_bits(bits, DTYPE, ACC), bits
 
 
 @triton.jit
@@ -181,42 +208,93 @@ def _stochastic(x, r, DST: tl.constexpr):
 def _store(ptr, offs, mask, x, DST: tl.constexpr, rng, k: tl.constexpr, ALIGNED: tl.constexpr):
     """x stored into DST at ptr + offs: rounded stochastically as written list k of the call when
     rng is a key and DST is bf16 or fp16, else to nearest. The ALIGNED launch guarantees the
-    block's first global index a multiple of 8 (every first is, and so BLOCK)."""
+    block's first global index a multiple of 8 (every first is, and so BLOCK). Returns what it
+    stored (for the stats)."""
     if rng is not None and (DST == tl.bfloat16 or DST == tl.float16):
         r = _random_bits(rng, k, offs.shape[0], ALIGNED)
-        tl.store(ptr + offs, _stochastic(x.to(tl.float32), r, DST), mask=mask)
+        stored = _stochastic(x.to(tl.float32), r, DST)
     else:
-        tl.store(ptr + offs, _rounded(x, DST), mask=mask)
+        stored = _rounded(x, DST)
+    tl.store(ptr + offs, stored, mask=mask)
+    return stored
 
 
-# An op's block, given its mask (None: a full block), all with one signature: _blockwise_kernel
+# The stats (pass_stats.py, the definition): `seen` is None where the launch does not count (its
+# variant compiles as without stats), else the stats tensor's first row; _count adds one written
+# list's block to row k of it.
+@triton.jit
+def _stats_rows(stats, STATS: tl.constexpr):
+    if STATS:
+        return stats
+    else:
+        return None
+
+
+@triton.jit
+def _count(seen, k: tl.constexpr, mask, w, value, old, old_bits, stored):
+    """Adds to row k of the stats the block's write of `stored` (its dtype's values, the average's),
+    `value` rounded (the accumulation dtype's), over `old` (that dtype's) whose bits were `old_bits`,
+    with weight w: a block's counts summed in registers, then one atomic per counter, so that blocks,
+    launches (dtype groups) and calls add up in the tensor."""
+    if seen is not None:
+        # The lanes written: those of the tensor (mask; None: all of the block) if the weight is not
+        # 0, which writes nothing in the definition (a device weight decided here, not on the host).
+        written = (tl.zeros_like(value) + w) != 0
+        if mask is not None:
+            written = written & mask
+        bits = stored.to(old_bits.dtype, bitcast=True)
+        after = _from_bits(bits, stored.dtype, value.dtype)
+        # x - x is NaN where x is inf or NaN, else 0
+        non_finite = written & ((after - after) != 0)
+        update = tl.abs(value - old).to(tl.float32).to(tl.int32, bitcast=True)
+        # non-negative fp32 values order as their bits; a NaN difference (bits above inf's) is left out
+        update = tl.where(written & (update <= 0x7F800000), update, 0)
+        row = seen + 4 * k
+        # (relaxed: the counts order nothing; the stream orders the launches that read them)
+        tl.atomic_add(row, _total(written), sem="relaxed")
+        tl.atomic_add(row + 1, _total(written & (bits == old_bits)), sem="relaxed")
+        tl.atomic_add(row + 2, _total(non_finite), sem="relaxed")
+        tl.atomic_max(row + 3, tl.max(update).to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _total(flags):
+    """How many of the block's flags are set, as the stats' int64 (summed in int32: BLOCK fits)."""
+    return tl.sum(flags.to(tl.int32)).to(tl.int64)
+
+
+# An op's block, given its mask (None: a full block) and the stats' rows (`seen`, None: not
+# counting; those that do not count ignore them), all with one signature: _blockwise_kernel
 # runs it unmasked on full blocks and masked on a tensor's last one.
 # (their shared signature kept on two lines each)
 # fmt: off
 @triton.jit
-def _lerp_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                ALIGNED: tl.constexpr):
+def _lerp_block(ptrs, t, offs, mask, w_ptr, rng, seen, DST: tl.constexpr, SRC: tl.constexpr,
+                ACC: tl.constexpr, ALIGNED: tl.constexpr):
     avg = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
-    a = _widened(avg, offs, mask, DST, ACC)
+    a, a_bits = _loaded(avg, offs, mask, DST, ACC, seen)
     s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
     w = tl.load(w_ptr).to(ACC)
-    _store(avg, offs, mask, _lerp(a, s, w), DST, rng, 0, ALIGNED)
+    value = _lerp(a, s, w)
+    _count(seen, 0, mask, w, value, a, a_bits, _store(avg, offs, mask, value, DST, rng, 0, ALIGNED))
 
 @triton.jit
-def _moments_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                   ALIGNED: tl.constexpr):
+def _moments_block(ptrs, t, offs, mask, w_ptr, rng, seen, DST: tl.constexpr, SRC: tl.constexpr,
+                   ACC: tl.constexpr, ALIGNED: tl.constexpr):
     mean = _ptr(ptrs, t, 0, 3, DST, ALIGNED)
     sq = _ptr(ptrs, t, 1, 3, DST, ALIGNED)
     x = _widened(_ptr(ptrs, t, 2, 3, SRC, ALIGNED), offs, mask, SRC, ACC)
-    m = _widened(mean, offs, mask, DST, ACC)
-    q = _widened(sq, offs, mask, DST, ACC)
+    m, m_bits = _loaded(mean, offs, mask, DST, ACC, seen)
+    q, q_bits = _loaded(sq, offs, mask, DST, ACC, seen)
     w = tl.load(w_ptr).to(ACC)
-    _store(mean, offs, mask, _lerp(m, x, w), DST, rng, 0, ALIGNED)
-    _store(sq, offs, mask, _lerp(q, x * x, w), DST, rng, 1, ALIGNED)
+    new_mean = _lerp(m, x, w)
+    _count(seen, 0, mask, w, new_mean, m, m_bits, _store(mean, offs, mask, new_mean, DST, rng, 0, ALIGNED))
+    new_sq = _lerp(q, x * x, w)
+    _count(seen, 1, mask, w, new_sq, q, q_bits, _store(sq, offs, mask, new_sq, DST, rng, 1, ALIGNED))
 
 @triton.jit
-def _bema_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                ALIGNED: tl.constexpr):
+def _bema_block(ptrs, t, offs, mask, w_ptr, rng, seen, DST: tl.constexpr, SRC: tl.constexpr,
+                ACC: tl.constexpr, ALIGNED: tl.constexpr):
     ema = _ptr(ptrs, t, 0, 4, DST, ALIGNED)
     e = _widened(ema, offs, mask, DST, ACC)
     s0 = _widened(_ptr(ptrs, t, 2, 4, DST, ALIGNED), offs, mask, DST, ACC)
@@ -228,14 +306,14 @@ def _bema_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.cons
     tl.store(_ptr(ptrs, t, 1, 4, DST, ALIGNED) + offs, _rounded(moved + c * (x - s0), DST), mask=mask)
 
 @triton.jit
-def _copy_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                ALIGNED: tl.constexpr):
+def _copy_block(ptrs, t, offs, mask, w_ptr, rng, seen, DST: tl.constexpr, SRC: tl.constexpr,
+                ACC: tl.constexpr, ALIGNED: tl.constexpr):
     s = _widened(_ptr(ptrs, t, 1, 2, SRC, ALIGNED), offs, mask, SRC, ACC)
     tl.store(_ptr(ptrs, t, 0, 2, DST, ALIGNED) + offs, _rounded(s, DST), mask=mask)
 
 @triton.jit
-def _swap_block(ptrs, t, offs, mask, w_ptr, rng, DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr,
-                ALIGNED: tl.constexpr):
+def _swap_block(ptrs, t, offs, mask, w_ptr, rng, seen, DST: tl.constexpr, SRC: tl.constexpr,
+                ACC: tl.constexpr, ALIGNED: tl.constexpr):
     a = _ptr(ptrs, t, 0, 2, DST, ALIGNED)
     b = _ptr(ptrs, t, 1, 2, SRC, ALIGNED)
     x = tl.load(a + offs, mask=mask)
@@ -254,38 +332,43 @@ _ROUNDING_SCALARS = list(ROUNDING_SCALARS)
 # fmt: off
 @triton.jit(do_not_specialize=_ROUNDING_SCALARS)
 def _blockwise_kernel(ptrs, block_tensor, block_start, numels, w_ptr, firsts,
-                      seed_lo, seed_hi, step_lo, step_hi, stream, OP: tl.constexpr,
+                      seed_lo, seed_hi, step_lo, step_hi, stream, stats, OP: tl.constexpr,
                       DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                      ALIGNED: tl.constexpr, STOCHASTIC: tl.constexpr = False):
+                      ALIGNED: tl.constexpr, STOCHASTIC: tl.constexpr = False, STATS: tl.constexpr = False):
     # OP: an op's block function (_lerp_block, ...); w_ptr is unused by those without a weight, the
-    # rounding's arguments by those that do not round. STOCHASTIC: the call asks for stochastic
-    # rounding (the launcher sets it only for a bf16 or fp16 destination).
+    # rounding's arguments by those that do not round, stats by those that do not count. STOCHASTIC:
+    # the call asks for stochastic rounding (the launcher sets it only for a bf16 or fp16
+    # destination); STATS: it passes a stats tensor (lerp_, moments_), whose rows the block adds to.
     t, offs, mask, full, start = _locate_block(block_tensor, block_start, numels, BLOCK)
     rng = _rounding_key(firsts, t, start, seed_lo, seed_hi, step_lo, step_hi, stream, STOCHASTIC)
+    seen = _stats_rows(stats, STATS)
     if full:
-        OP(ptrs, t, offs, None, w_ptr, rng, DST, SRC, ACC, ALIGNED)
+        OP(ptrs, t, offs, None, w_ptr, rng, seen, DST, SRC, ACC, ALIGNED)
     else:
-        OP(ptrs, t, offs, mask, w_ptr, rng, DST, SRC, ACC, ALIGNED)
+        OP(ptrs, t, offs, mask, w_ptr, rng, seen, DST, SRC, ACC, ALIGNED)
 
 @triton.jit(do_not_specialize=_ROUNDING_SCALARS)
 def _multi_lerp_kernel(ptrs, block_tensor, block_start, numels, w_ptr, firsts,
-                       seed_lo, seed_hi, step_lo, step_hi, stream,
+                       seed_lo, seed_hi, step_lo, step_hi, stream, stats,
                        DST: tl.constexpr, SRC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                       DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False, STOCHASTIC: tl.constexpr = False):
+                       DTYPES: tl.constexpr, ALIGNED: tl.constexpr = False, STOCHASTIC: tl.constexpr = False,
+                       STATS: tl.constexpr = False):
     # DTYPES: each list's dtype, the K averages' then the source's. STOCHASTIC: the call asks for
-    # stochastic rounding (averages of bf16 or fp16, stream + k, are rounded so).
+    # stochastic rounding (averages of bf16 or fp16, stream + k, are rounded so). STATS: it passes
+    # a stats tensor, row k for average k.
     K: tl.constexpr = len(DTYPES) - 1
     t, offs, mask, start = _locate(block_tensor, block_start, numels, BLOCK)
     rng = _rounding_key(firsts, t, start, seed_lo, seed_hi, step_lo, step_hi, stream, STOCHASTIC)
+    seen = _stats_rows(stats, STATS)
     # The source read once, exactly (fp64 stays fp64), then rounded once per average's dtype.
     SRC_WIDE: tl.constexpr = tl.float64 if SRC == tl.float64 else tl.float32
     s = _widened(_ptr(ptrs, t, K, K + 1, SRC, ALIGNED), offs, mask, SRC, SRC_WIDE)
     for k in tl.static_range(K):
         # a function per average: the compiler refuses a constexpr assigned in each iteration
-        _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, rng, k, K, DTYPES[k], BLOCK, ALIGNED)
+        _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, rng, seen, k, K, DTYPES[k], BLOCK, ALIGNED)
 
 @triton.jit
-def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, rng, k: tl.constexpr, K: tl.constexpr,
+def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, rng, seen, k: tl.constexpr, K: tl.constexpr,
                         D: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     A: tl.constexpr = tl.float64 if D == tl.float64 else tl.float32
     avg = _ptr(ptrs, t, k, K + 1, D, ALIGNED)
@@ -293,8 +376,9 @@ def _multi_lerp_average(ptrs, t, offs, mask, w_ptr, s, rng, k: tl.constexpr, K: 
     # Weight 0 writes nothing to that average, as the compiled kernels. (Broadcast first:
     # the interpreter cannot `and` a scalar with a block.)
     store = mask & ((tl.zeros([BLOCK], A) + w) != 0)
-    a = _widened(avg, offs, store, D, A)
-    _store(avg, offs, store, _lerp(a, s.to(A), w), D, rng, k, ALIGNED)
+    a, a_bits = _loaded(avg, offs, store, D, A, seen)
+    value = _lerp(a, s.to(A), w)
+    _count(seen, k, store, w, value, a, a_bits, _store(avg, offs, store, value, D, rng, k, ALIGNED))
 
 @triton.constexpr_function
 def _sum_acc(dtypes):

@@ -9,6 +9,8 @@ is in fp32 (fp64 for fp64 destinations); bf16/fp16 values are upcast right after
 Given `rounding` (lerp_, moments_, multi_lerp_), bf16/fp16 results are rounded stochastically with
 ops/rounding.py's bits: each tensor's first element in the flat average goes in the launch table,
 seed, step and stream as int32 scalars, and the kernels' STOCHASTIC variant draws the bits.
+Given `stats` (the same ops, pass_stats.py), every launch of the call passes the tensor to the
+kernels' STATS variant, which adds each block's counts to it with atomics.
 
 Triton itself is imported only when a kernel is needed (the kernels are in triton_jit.py): at the
 first launch, or when the backend choice asks whether Triton runs on a GPU. `KERNELS`, `Blockwise`
@@ -176,11 +178,13 @@ def _launch(
     *scalar_args,
     dtypes_arg=False,
     rounding: StochasticRounding | None = None,
+    stats: Tensor | None = None,
 ) -> None:
     """One launch per group of non-empty tensors with the same dtype in each list. The kernel is
     given the dtypes of lists dtype_lists (destination, source) and, with `dtypes_arg`, of every
     list (DTYPES). `rounding`: stochastic rounding's key (a kernel that takes it: `firsts`), or
-    None: to nearest."""
+    None: to nearest. `stats`: the call's stats tensor (pass_stats.py), which every group's launch
+    adds to (a kernel that takes it: its STATS variant), or None."""
     d, s = dtype_lists
     groups: dict[tuple[torch.dtype, ...], list[int]] = {}
     for i, t in enumerate(lists[0]):
@@ -197,6 +201,8 @@ def _launch(
         extra = {"DTYPES": tuple(tl_dtypes[dtype] for dtype in dtypes)} if dtypes_arg else {}
         if takes_rounding:
             extra.update(_rounding_args(table, key), STOCHASTIC=key is not None)
+            # without stats, any pointer fills `stats` (the kernel does not read it)
+            extra.update(stats=table.numels if stats is None else stats, STATS=stats is not None)
         kernel[(table.block_tensor.numel(),)](
             table.ptrs,
             table.block_tensor,
@@ -248,15 +254,17 @@ def launcher(spec: OpSpec) -> Callable[..., None]:
         if kernel is None:
             raise RuntimeError(f"swa_fast.{spec.name}: {TRITON_ERROR or 'no Triton kernel for this op'}")
         dtypes_arg = "DTYPES" in kernel.arg_names
-        # the lists and the weight (if any), then the optional rounding
-        args, rounding = args[:n_weighted], args[n_weighted] if len(args) > n_weighted else None
+        # the lists and the weight (if any), then the optional rounding and stats
+        args, rounding, stats = args[:n_weighted], *(*args[n_weighted:], None, None)[:2]
         lists = spec.kernel_lists(*args)
         n_written = spec.kernel_written(*args)  # the lists read follow the written ones
         lists = [*lists[:n_written], *map(_contiguous, lists[n_written:])]
         if lists[0]:
             weight = [_device_weight(w, lists[0][0].device) for w in args[n_lists:]]
             key = None if rounding is None else StochasticRounding.of(rounding)
-            _launch(kernel, lists, (0, len(lists) - 1), *weight, dtypes_arg=dtypes_arg, rounding=key)
+            _launch(
+                kernel, lists, (0, len(lists) - 1), *weight, dtypes_arg=dtypes_arg, rounding=key, stats=stats
+            )
 
     launch.__name__ = launch.__qualname__ = f"launch_{spec.name}"
     return launch
