@@ -9,7 +9,8 @@ order). For every element the pass writes (weight 0 writes nothing, so it adds n
 to its written list's row:
 
     [0] written      += 1
-    [1] unchanged    += 1 where the stored bits after the write equal those before
+    [1] unchanged    += 1 where the stored value after the write is the one before: the same bits,
+                        or NaN before and after (a NaN's payload is each backend's conversion's)
     [2] non_finite   += 1 where the stored value after the write is inf or NaN
     [3] max_update    = max(itself, the fp32 bits of |value - old|)
 
@@ -78,7 +79,7 @@ def record(row: Tensor, old: Tensor, value: Tensor, stored: Tensor, counted: Ten
     seen = torch.stack(
         [
             torch.tensor(stored.numel(), device=stored.device),
-            (_bits(stored) == _bits(old)).sum(),
+            ((_bits(stored) == _bits(old)) | (stored.isnan() & old.isnan())).sum(),
             (~torch.isfinite(stored)).sum(),
             torch.where(bits > _NAN_BITS, 0, bits).max(),
         ]
