@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <utility>
@@ -344,11 +345,13 @@ struct Counting {
     const Bits after = c10::bit_cast<Bits>(static_cast<const T*>(p)[i]);
     // |x - old| in A, rounded to fp32 (to nearest: the fp64 difference's), as bits; a NaN left out
     const uint32_t update = c10::bit_cast<uint32_t>(static_cast<float>(x - old)) & 0x7fffffffu;
-    const uint32_t counted = update > 0x7f800000u ? 0u : update;
+    // (a mask, not a select: GCC turns a select before the maximum into a conditional maximum, a
+    // reduction it does not vectorise)
+    const uint32_t counted = update & (0u - static_cast<uint32_t>(update <= 0x7f800000u));
     tally->written[s] += 1u;
-    tally->unchanged[s] += after == before ? 1u : 0u;
-    tally->non_finite[s] += (after & kExponent) == kExponent ? 1u : 0u;
-    tally->max_update[s] = counted > tally->max_update[s] ? counted : tally->max_update[s];
+    tally->unchanged[s] += static_cast<uint32_t>(after == before);
+    tally->non_finite[s] += static_cast<uint32_t>((after & kExponent) == kExponent);
+    tally->max_update[s] = std::max(tally->max_update[s], counted);
   }
 };
 

@@ -56,6 +56,17 @@ void add_tally(const Tally<S>& tally, const StatsRows<S>& rows) {
   }
 }
 
+// The element loop of a work item, each write through `put` (inlined into its caller, whose local
+// values it must see as constants: a call would keep the counts in memory and the loop scalar).
+template <typename F, typename Put>
+C10_ALWAYS_INLINE void store_loop(const F& f, void* const* ptrs, int64_t begin, int64_t end, const Put& put) {
+  if (f.weight_one()) {
+    for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i), put);
+  } else {
+    for (int64_t i = begin; i < end; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i), put);
+  }
+}
+
 // Count: NoStats, or the StatsRows of a call with `stats`, whose loop counts each write in this
 // item's Tally (Counting) and adds it to them at the end.
 template <typename F, typename Count = NoStats>
@@ -72,10 +83,21 @@ SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t
     constexpr int S = F::kRoundedLists;
     Tally<S> tally;
     const auto put = counted(Nearest{}, &tally);
-    if (f.weight_one()) {
-      for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i), put);
+    // GCC unswitches the loop on the weight's side of 0.5 (LerpWeight::upper) by itself only up to a
+    // size that the counting takes this loop past (moments_'): unswitched here, each copy's side a
+    // constant, so that it vectorises, and contracts into the fused multiply-adds of the loop without
+    // counts (the same bits: a branch in the loop would keep x * x from fusing as it does there).
+    if constexpr (requires { f.lerp.upper; }) {
+      F side = f;
+      if (side.lerp.upper) {
+        side.lerp.upper = true;
+        store_loop(side, ptrs, begin, end, put);
+      } else {
+        side.lerp.upper = false;
+        store_loop(side, ptrs, begin, end, put);
+      }
     } else {
-      for (int64_t i = begin; i < end; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i), put);
+      store_loop(f, ptrs, begin, end, put);
     }
     add_tally(tally, count);
   }
