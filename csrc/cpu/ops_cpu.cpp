@@ -248,7 +248,9 @@ void for_each_item(const DtypeGroup<K>& group, const Visit& visit) {
   }
   const std::vector<Item> items = work_items(numels);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t it = first; it < last; ++it) visit(static_cast<size_t>(items[it].tensor), items[it].begin, items[it].end);
+    for (int64_t it = first; it < last; ++it) {
+      visit(static_cast<size_t>(items[it].tensor), items[it].begin, items[it].end);
+    }
   });
 }
 

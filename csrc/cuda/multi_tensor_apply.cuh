@@ -201,6 +201,17 @@ __device__ void add_block_tally(const Tally<S>& tally, const StatsRows<S>& rows)
   }
 }
 
+// What a thread counts in: NoStats for a call without `stats` (functors that have no written-list
+// slots, kRoundedLists, included), a Tally<S> for one with its StatsRows<S>.
+template <typename Count>
+struct TallyOf {
+  using type = NoStats;
+};
+template <int S>
+struct TallyOf<StatsRows<S>> {
+  using type = Tally<S>;
+};
+
 // The body of a multi-tensor launch. R: NoRounding, or the RoundingKey of a launch whose table
 // holds each tensor's first element in the flat average (the stochastic rounding of bf16 and fp16
 // averages, kernels of their own, so that the nearest kernels stay as they were). Count: NoStats, or
@@ -215,7 +226,7 @@ __device__ C10_ALWAYS_INLINE void multi_tensor_body(const int64_t* table_data, i
   constexpr int kVecU =
       vector_words<F, kVec>(std::make_index_sequence<K>{}) <= plan::kVecUnrollWords ? plan::kVecUnroll : 1;
   if (f.skip()) return;  // a weight of 0: nothing to write (uniform across the grid)
-  [[maybe_unused]] std::conditional_t<kCounts, Tally<F::kRoundedLists>, NoStats> tally;
+  [[maybe_unused]] typename TallyOf<Count>::type tally;
   const unsigned written = f.written_lists();
   int elem_bytes[K];
 #pragma unroll
@@ -259,7 +270,8 @@ constexpr int kCountingMinBlocks = std::is_same_v<R, NoRounding> ? 1 : kRounding
 
 template <int K, typename F, typename R, int S>
 __global__ void __launch_bounds__(kThreads, kCountingMinBlocks<F, R>)
-    multi_tensor_counting_kernel(const int64_t* table_data, int64_t n_tensors, F f, R rounding, StatsRows<S> rows) {
+    multi_tensor_counting_kernel(const int64_t* table_data, int64_t n_tensors, F f, R rounding,
+                                 StatsRows<S> rows) {
   f.resolve();
   multi_tensor_body<K>(table_data, n_tensors, f, rounding, rows);
 }
