@@ -264,9 +264,13 @@ __global__ void __launch_bounds__(kThreads, kRoundingMinBlocks<F>)
 
 // A call with `stats`: R as multi_tensor_body's (NoRounding, or the RoundingKey of bf16 / fp16
 // averages rounded stochastically), each write counted; kernels of their own, so that a call without
-// `stats` runs the kernels it always ran. Registers as the kernels without `stats` are allowed them.
+// `stats` runs the kernels it always ran. Registers as the kernels without `stats` are allowed them,
+// but a launch that rounds two or more lists stochastically gets those of one block per
+// multiprocessor: the counts of moments_' fp16 mean and sq beside their Philox words spilled at 128
+// on sm_80 and sm_90 (tests/test_machine_code.py).
 template <typename F, typename R>
-constexpr int kCountingMinBlocks = std::is_same_v<R, NoRounding> ? 1 : kRoundingMinBlocks<F>;
+constexpr int kCountingMinBlocks =
+    std::is_same_v<R, NoRounding> || F::kRoundedLists >= 2 ? 1 : kRoundingMinBlocks<F>;
 
 template <int K, typename F, typename R, int S>
 __global__ void __launch_bounds__(kThreads, kCountingMinBlocks<F, R>)
