@@ -83,11 +83,16 @@ SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t
     constexpr int S = F::kRoundedLists;
     Tally<S> tally;
     const auto put = counted(Nearest{}, &tally);
-    // GCC unswitches the loop on the weight's side of 0.5 (LerpWeight::upper) by itself only up to a
-    // size that the counting takes this loop past (moments_'): unswitched here, each copy's side a
-    // constant, so that it vectorises, and contracts into the fused multiply-adds of the loop without
-    // counts (the same bits: a branch in the loop would keep x * x from fusing as it does there).
-    if constexpr (requires { f.lerp.upper; }) {
+    // The averages must be the very bits of a call without `stats`, and which products the compiler
+    // fuses into multiply-adds depends on the loop's shape: the counting loop must have the shape of
+    // the loop without counts. GCC unswitches a loop on the weight's side of 0.5 (LerpWeight::upper)
+    // by itself only up to a size: it does the uncounted loops of lerp_ and of moments_ into fp32 and
+    // fp64 averages (which then vectorise), not the counting loop of moments_, nor moments_ into bf16
+    // or fp16 averages (their conversions make the loop too long; it stays scalar, branching per
+    // element). So the counting loop is unswitched here exactly where the loop without counts is
+    // (tests/test_pass_stats_compiled.py checks the bits).
+    using D = typename F::Lists::template type<0>;
+    if constexpr (requires { f.lerp.upper; } && (F::kRoundedLists == 1 || sizeof(D) >= 4)) {
       F side = f;
       if (side.lerp.upper) {
         side.lerp.upper = true;
