@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <utility>
@@ -273,6 +274,96 @@ struct Stochastic {
     static_cast<T*>(p)[i] = T(bits, T::from_bits());
   }
 };
+
+// --- stats: what a pass saw of each written list (swa_fast/ops/pass_stats.py) -------------------------
+
+// A pass that rounds to nearest (the runners' R where a call has no `rounding`); one that rounds
+// stochastically takes its Rounding (host) or RoundingKey (device) instead.
+struct NoRounding {};
+
+// Where a pass adds what it saw of its S written lists: row s of the call's `stats` for the functor's
+// s-th written list (4 int64: written, unchanged, non-finite, max |update| as fp32 bits).
+template <int S>
+struct StatsRows {
+  int64_t* row[S];
+};
+
+// A pass without `stats`: the runners' default, which compiles the kernels of a call without it.
+struct NoStats {};
+
+// What one thread (CUDA) or work item (CPU) saw so far, in 32-bit counters: integer adds and maxima
+// that a CPU loop vectorises (a work item is at most a tensor below 2^19 elements or a 2^16 chunk;
+// a CUDA thread counts a share of the grid's elements), merged into StatsRows once at its end.
+template <int S>
+struct Tally {
+  uint32_t written[S]{}, unchanged[S]{}, non_finite[S]{}, max_update[S]{};
+};
+
+// A stored element of T as unsigned integer bits of its width, and its exponent field (all ones:
+// inf or NaN).
+template <typename T>
+struct StoredBits;
+template <>
+struct StoredBits<float> {
+  using Bits = uint32_t;
+  static constexpr Bits kExponent = 0x7f800000u;
+};
+template <>
+struct StoredBits<double> {
+  using Bits = uint64_t;
+  static constexpr Bits kExponent = 0x7ff0000000000000ull;
+};
+template <>
+struct StoredBits<c10::BFloat16> {
+  using Bits = uint16_t;
+  static constexpr Bits kExponent = 0x7f80u;
+};
+template <>
+struct StoredBits<c10::Half> {
+  using Bits = uint16_t;
+  static constexpr Bits kExponent = 0x7c00u;
+};
+
+// A put policy that counts each write into *tally and leaves the write to Inner (Nearest or
+// Stochastic<S>): the functors' store() stays as it is, and a call without `stats` never sees this
+// type, so its kernels are the ones it always ran. The stored bits before and after are read where
+// the element lives (memory on the CPU, registers on the CUDA vector and scalar paths) rather than
+// rebuilt from the A value, which would lose a NaN's payload; `old` is loaded as the functor loaded
+// it. Everything is integer compares, adds and maxima (no branch), so the CPU loop still vectorises:
+// non-negative floats order as their bits do, so the largest |update| is kept as uint32 bits.
+template <typename Inner, int S>
+struct Counting {
+  Inner inner;
+  Tally<S>* tally;
+  template <typename T, typename A>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void put(void* p, int64_t i, int s, A x) const {
+    using Bits = typename StoredBits<T>::Bits;
+    constexpr Bits kExponent = StoredBits<T>::kExponent;
+    const Bits before = c10::bit_cast<Bits>(static_cast<const T*>(p)[i]);
+    const A old = load_as<A, T>(p, i);
+    inner.template put<T>(p, i, s, x);
+    const Bits after = c10::bit_cast<Bits>(static_cast<const T*>(p)[i]);
+    // |x - old| in A, rounded to fp32 (to nearest: the fp64 difference's), as bits; a NaN left out
+    const uint32_t update = c10::bit_cast<uint32_t>(static_cast<float>(x - old)) & 0x7fffffffu;
+    // (a mask, not a select: GCC turns a select before the maximum into a conditional maximum, a
+    // reduction it does not vectorise)
+    const uint32_t counted = update & (0u - static_cast<uint32_t>(update <= 0x7f800000u));
+    tally->written[s] += 1u;
+    tally->unchanged[s] += static_cast<uint32_t>(after == before);
+    tally->non_finite[s] += static_cast<uint32_t>((after & kExponent) == kExponent);
+    tally->max_update[s] = std::max(tally->max_update[s], counted);
+  }
+};
+
+// A write's put policy: Inner as it is (a call without `stats`: NoStats), or counted into *tally.
+template <typename Inner>
+C10_HOST_DEVICE C10_ALWAYS_INLINE Inner counted(const Inner& inner, NoStats*) {
+  return inner;
+}
+template <typename Inner, int S>
+C10_HOST_DEVICE C10_ALWAYS_INLINE Counting<Inner, S> counted(const Inner& inner, Tally<S>* tally) {
+  return {inner, tally};
+}
 
 // Whether averages of T are rounded stochastically when a call asks for it (rounding.py:
 // STOCHASTIC_DTYPES); fp32 and fp64 ones are stored to nearest as always.

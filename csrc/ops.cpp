@@ -21,11 +21,17 @@
 
 TORCH_LIBRARY(swa_fast, m) {
   // rounding: None (to nearest), or (seed, step, stream, each index's first element in the flat
-  // average) for stochastic rounding into bf16 and fp16 averages (swa_fast/ops/rounding.py)
-  m.def("lerp_(Tensor(a!)[] avg, Tensor[] src, Tensor weight, Tensor? rounding=None) -> ()");
-  m.def("moments_(Tensor(a!)[] mean, Tensor(b!)[] sq, Tensor[] src, Tensor weight, Tensor? rounding=None) -> ()");
+  // average) for stochastic rounding into bf16 and fp16 averages (swa_fast/ops/rounding.py); stats:
+  // None, or an int64 [written lists, 4] to which the pass adds what it saw of each written list
+  // (swa_fast/ops/pass_stats.py)
+  m.def("lerp_(Tensor(a!)[] avg, Tensor[] src, Tensor weight, Tensor? rounding=None, Tensor(z!)? stats=None) -> ()");
+  m.def(
+      "moments_(Tensor(a!)[] mean, Tensor(b!)[] sq, Tensor[] src, Tensor weight, Tensor? rounding=None, "
+      "Tensor(z!)? stats=None) -> ()");
   // avgs: K lists of averages concatenated (avgs[k * len(src) + i]), K = len(weights), 1 to 4
-  m.def("multi_lerp_(Tensor(a!)[] avgs, Tensor[] src, Tensor weights, Tensor? rounding=None) -> ()");
+  m.def(
+      "multi_lerp_(Tensor(a!)[] avgs, Tensor[] src, Tensor weights, Tensor? rounding=None, "
+      "Tensor(z!)? stats=None) -> ()");
   // weights: (the EMA's weight, the correction's scale)
   m.def("bema_(Tensor(a!)[] ema, Tensor(b!)[] out, Tensor[] start, Tensor[] src, Tensor weights) -> ()");
   // srcs: K lists of sources concatenated (srcs[k * len(dst) + i]), K = len(weights), 1 to 8
@@ -191,36 +197,56 @@ std::optional<at::Tensor> unpack_rounding(PyObject* const* args, Py_ssize_t narg
                     type_name(args[at]));
 }
 
+// The optional argument `stats` after `rounding` (args[at], when given): None, or a tensor, which the
+// op checks (pass_stats.py's check_stats, as its first message; `written_lists`: the row count it
+// names). Its version counter is bumped with the written lists' (bump_stats).
+std::optional<at::Tensor> unpack_stats(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t at, const char* op,
+                                       int64_t written_lists) {
+  if (nargs <= at || args[at] == Py_None) return std::nullopt;
+  if (THPVariable_Check(args[at])) return THPVariable_Unpack(args[at]);
+  TORCH_CHECK_VALUE(false, "swa_fast.", op, ": `stats` must be None or an int64 tensor of shape [", written_lists,
+                    ", 4] (written, unchanged, non-finite, max |update|, per written list), got ",
+                    type_name(args[at]));
+}
+
+void bump_stats(const std::optional<at::Tensor>& stats) {
+  if (stats.has_value()) stats->unsafeGetTensorImpl()->bump_version();
+}
+
 PyObject* py_lerp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!expect_args("lerp_", nargs, 3, 1)) return nullptr;
-  static auto op = op_handle<void(TL, TL, T, OT)>("swa_fast::lerp_");
+  if (!expect_args("lerp_", nargs, 3, 2)) return nullptr;
+  static auto op = op_handle<void(TL, TL, T, OT, OT)>("swa_fast::lerp_");
   const BorrowedTensors avg(args[0], "lerp_", "avg"), src(args[1], "lerp_", "src");
   const at::Tensor weight = unpack_weight(args[2], "lerp_");
   const std::optional<at::Tensor> rounding = unpack_rounding(args, nargs, 3, "lerp_");
+  const std::optional<at::Tensor> stats = unpack_stats(args, nargs, 4, "lerp_", 1);
   {
     pybind11::gil_scoped_release no_gil;
-    op.redispatch(avg.device_keys(), avg.list(), src.list(), weight, rounding);
+    op.redispatch(avg.device_keys(), avg.list(), src.list(), weight, rounding, stats);
   }
   avg.bump_versions();
+  bump_stats(stats);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* py_moments(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!expect_args("moments_", nargs, 4, 1)) return nullptr;
-  static auto op = op_handle<void(TL, TL, TL, T, OT)>("swa_fast::moments_");
+  if (!expect_args("moments_", nargs, 4, 2)) return nullptr;
+  static auto op = op_handle<void(TL, TL, TL, T, OT, OT)>("swa_fast::moments_");
   const BorrowedTensors mean(args[0], "moments_", "mean"), sq(args[1], "moments_", "sq"),
       src(args[2], "moments_", "src");
   const at::Tensor weight = unpack_weight(args[3], "moments_");
   const std::optional<at::Tensor> rounding = unpack_rounding(args, nargs, 4, "moments_");
+  const std::optional<at::Tensor> stats = unpack_stats(args, nargs, 5, "moments_", 2);
   {
     pybind11::gil_scoped_release no_gil;
-    op.redispatch(mean.device_keys(), mean.list(), sq.list(), src.list(), weight, rounding);
+    op.redispatch(mean.device_keys(), mean.list(), sq.list(), src.list(), weight, rounding, stats);
   }
   mean.bump_versions();
   sq.bump_versions();
+  bump_stats(stats);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -228,16 +254,20 @@ PyObject* py_moments(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // avgs: the K lists concatenated (swa_fast.multi_lerp_ concatenates nested lists).
 PyObject* py_multi_lerp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!expect_args("multi_lerp_", nargs, 3, 1)) return nullptr;
-  static auto op = op_handle<void(TL, TL, T, OT)>("swa_fast::multi_lerp_");
+  if (!expect_args("multi_lerp_", nargs, 3, 2)) return nullptr;
+  static auto op = op_handle<void(TL, TL, T, OT, OT)>("swa_fast::multi_lerp_");
   const BorrowedTensors avgs(args[0], "multi_lerp_", "avgs"), src(args[1], "multi_lerp_", "src");
   const at::Tensor weights = unpack_weights(args[2], "multi_lerp_");
   const std::optional<at::Tensor> rounding = unpack_rounding(args, nargs, 3, "multi_lerp_");
+  // (a row per weight: the count the op checks `weights` for, or 1 where they are no 1-D tensor)
+  const std::optional<at::Tensor> stats =
+      unpack_stats(args, nargs, 4, "multi_lerp_", weights.dim() == 1 ? weights.size(0) : 1);
   {
     pybind11::gil_scoped_release no_gil;
-    op.redispatch(avgs.device_keys(), avgs.list(), src.list(), weights, rounding);
+    op.redispatch(avgs.device_keys(), avgs.list(), src.list(), weights, rounding, stats);
   }
   avgs.bump_versions();
+  bump_stats(stats);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -308,7 +338,7 @@ PyObject* py_swap(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* py_lerp_then_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (!expect_args("lerp_then_copy_", nargs, 5)) return nullptr;
-  static auto lerp = op_handle<void(TL, TL, T, OT)>("swa_fast::lerp_");
+  static auto lerp = op_handle<void(TL, TL, T, OT, OT)>("swa_fast::lerp_");
   static auto copy = op_handle<void(TL, TL)>("swa_fast::copy_");
   const BorrowedTensors avg(args[0], "lerp_", "avg"), src(args[1], "lerp_", "src");
   const at::Tensor weight = unpack_weight(args[2], "lerp_");
@@ -316,7 +346,7 @@ PyObject* py_lerp_then_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   bool copied = true;
   {
     pybind11::gil_scoped_release no_gil;
-    lerp.redispatch(avg.device_keys(), avg.list(), src.list(), weight, std::nullopt);
+    lerp.redispatch(avg.device_keys(), avg.list(), src.list(), weight, std::nullopt, std::nullopt);
     try {
       copy.redispatch(dst.device_keys(), dst.list(), copy_src.list());
     } catch (const c10::ValueError&) {
@@ -373,11 +403,11 @@ PyCFunction fastcall(_PyCFunctionFast f) { return reinterpret_cast<PyCFunction>(
 
 PyMethodDef methods[] = {
     {"lerp_", fastcall(py_lerp), METH_FASTCALL,
-     "lerp_(avg, src, weight, rounding=None): eager fast path of torch.ops.swa_fast.lerp_"},
+     "lerp_(avg, src, weight, rounding=None, stats=None): eager fast path of torch.ops.swa_fast.lerp_"},
     {"moments_", fastcall(py_moments), METH_FASTCALL,
-     "moments_(mean, sq, src, weight, rounding=None): eager fast path"},
+     "moments_(mean, sq, src, weight, rounding=None, stats=None): eager fast path"},
     {"multi_lerp_", fastcall(py_multi_lerp), METH_FASTCALL,
-     "multi_lerp_(avgs, src, weights, rounding=None): eager fast path"},
+     "multi_lerp_(avgs, src, weights, rounding=None, stats=None): eager fast path"},
     {"bema_", fastcall(py_bema), METH_FASTCALL, "bema_(ema, out, start, src, weights): eager fast path"},
     {"weighted_sum_", fastcall(py_weighted_sum), METH_FASTCALL,
      "weighted_sum_(dst, srcs, weights): eager fast path"},

@@ -63,6 +63,35 @@ inline std::optional<RoundingArg> checked_rounding(const char* op, const std::op
   return out;
 }
 
+// --- stats: what the pass saw of each written list (swa_fast/ops/pass_stats.py) -------------------------
+
+// `stats` (None: nothing counted) checked as pass_stats.py's check_stats checks it, word for word,
+// for a call that writes `written_lists` lists on `device` (none: a call with no tensors); checked
+// after `rounding`, so that a bad call writes nothing, the averages and `stats` alike.
+inline std::optional<at::Tensor> checked_stats(const char* op, const std::optional<at::Tensor>& stats,
+                                               int64_t written_lists, std::optional<at::Device> device) {
+  if (!stats.has_value() || !stats->defined()) return std::nullopt;
+  const at::Tensor& t = *stats;
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && (!device.has_value() || t.device() == *device), "swa_fast.", op,
+                    ": `stats` must be an int64 tensor on ",
+                    device.has_value() ? c10::str(*device) : std::string("the lists' device"), ", got ",
+                    dtype_name(t.scalar_type()), " on ", t.device());
+  const bool shaped = t.dim() == 2 && t.size(0) == written_lists && t.size(1) == 4;
+  TORCH_CHECK_VALUE(shaped && t.is_contiguous(), "swa_fast.", op, ": `stats` must be a contiguous tensor of shape [",
+                    written_lists, ", 4] (one row per written list), got shape ", t.sizes(),
+                    t.is_contiguous() ? "" : " (not contiguous)");
+  return t;
+}
+
+// The rows of a checked `stats` that a functor's S written lists add to: slot s writes the call's
+// written list slots[s].
+template <int S>
+StatsRows<S> stats_rows(const at::Tensor& stats, const std::array<int, S>& slots) {
+  StatsRows<S> out;
+  for (int s = 0; s < S; ++s) out.row[s] = stats.data_ptr<int64_t>() + 4 * static_cast<int64_t>(slots[s]);
+  return out;
+}
+
 // What a runner needs to round a dtype group's S written lists stochastically: the key (seed, step,
 // each written list's stream) and each tensor's first element in the flat average.
 template <int S>
@@ -90,32 +119,43 @@ Rounding<S> rounding_of(const RoundingArg& arg, const DtypeGroup<N>& group, cons
 
 // Runs f over `group`, its bf16 and fp16 written lists rounded stochastically where the call asks
 // for it (slots: as rounding_of's); otherwise to nearest, by the very kernels of a call without
-// `rounding`.
+// `rounding`. With `stats` (checked), each written list's counts are added to its row (slot s: the
+// call's written list slots[s]) by the runner's counting kernels, Run::run(group, device, f,
+// rounding or NoRounding, rows); a call without it runs the kernels it always ran.
 template <class Run, typename D, typename F, size_t N>
 void run_rounding(const DtypeGroup<N>& group, at::Device device, const F& f, const std::optional<RoundingArg>& sr,
-                  const std::array<int, F::kRoundedLists>& slots) {
+                  const std::array<int, F::kRoundedLists>& slots, const std::optional<at::Tensor>& stats) {
+  constexpr int S = F::kRoundedLists;
   if constexpr (kRoundsStochastically<D>) {
-    if (sr.has_value()) return Run::run(group, device, f, rounding_of<F::kRoundedLists>(*sr, group, slots));
+    if (sr.has_value()) {
+      if (stats.has_value()) {
+        return Run::run(group, device, f, rounding_of<S>(*sr, group, slots), stats_rows<S>(*stats, slots));
+      }
+      return Run::run(group, device, f, rounding_of<S>(*sr, group, slots));
+    }
   }
+  if (stats.has_value()) return Run::run(group, device, f, NoRounding{}, stats_rows<S>(*stats, slots));
   Run::run(group, device, f);
 }
 
 template <class Run>
 void lerp_impl(at::TensorList avg, at::TensorList src, const at::Tensor& weight,
-               const std::optional<at::Tensor>& rounding) {
+               const std::optional<at::Tensor>& rounding, const std::optional<at::Tensor>& stats) {
   const auto call = gather<2>("lerp_", {{{"avg", avg, true}, {"src", src, false}}});
   if (avg.empty()) {
     checked_rounding("lerp_", rounding, 0, 1);
+    checked_stats("lerp_", stats, 1, std::nullopt);
     return;
   }
   const at::Tensor w = checked_weight("lerp_", weight, call->device);
   const auto sr = checked_rounding("lerp_", rounding, avg.size(), 1);
+  const auto counts = checked_stats("lerp_", stats, 1, call->device);
   for (const auto& group : call->groups) {
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[1], [&](auto s) {
         using F = Lerp<decltype(d), decltype(s)>;
         run_rounding<Run, decltype(d)>(group, call->device, F{Weight<typename F::A>::from(w, call->device)}, sr,
-                                       {0});
+                                       {0}, counts);
       });
     });
   }
@@ -123,21 +163,23 @@ void lerp_impl(at::TensorList avg, at::TensorList src, const at::Tensor& weight,
 
 template <class Run>
 void moments_impl(at::TensorList mean, at::TensorList sq, at::TensorList src, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& rounding) {
+                  const std::optional<at::Tensor>& rounding, const std::optional<at::Tensor>& stats) {
   const auto call =
       gather<3>("moments_", {{{"mean", mean, true}, {"sq", sq, true, /*same_dtype=*/true}, {"src", src, false}}});
   if (mean.empty()) {
     checked_rounding("moments_", rounding, 0, 2);
+    checked_stats("moments_", stats, 2, std::nullopt);
     return;
   }
   const at::Tensor w = checked_weight("moments_", weight, call->device);
   const auto sr = checked_rounding("moments_", rounding, mean.size(), 2);
+  const auto counts = checked_stats("moments_", stats, 2, call->device);
   for (const auto& group : call->groups) {
     visit_float(group.dtypes[0], [&](auto d) {
       visit_float(group.dtypes[2], [&](auto s) {
         using F = Moments<decltype(d), decltype(s)>;
         run_rounding<Run, decltype(d)>(group, call->device, F{Weight<typename F::A>::from(w, call->device)}, sr,
-                                       {0, 1});
+                                       {0, 1}, counts);
       });
     });
   }
@@ -241,7 +283,7 @@ inline bool host_zero(const at::Tensor& weights, int k, at::ScalarType dtype) {
 template <class Run, int K, size_t N>
 void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Tensor& w,
                     const std::array<int, K>& averages, const std::vector<size_t>* members,
-                    const std::optional<RoundingArg>& sr) {
+                    const std::optional<RoundingArg>& sr, const std::optional<at::Tensor>& stats) {
   std::array<at::ScalarType, K + 1> dtypes;
   for (int k = 0; k < K; ++k) dtypes[k] = group.dtypes[averages[k]];
   dtypes[K] = group.dtypes[N - 1];
@@ -252,7 +294,7 @@ void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Ten
       for (int k = 0; k < K; ++k) f.weight[k] = weight_element<typename F::A>(w, averages[k]);
       if constexpr (K + 1 == N) {
         if (members == nullptr) {  // every average of the whole group: the group as it is
-          run_rounding<Run, decltype(d)>(group, device, f, sr, averages);
+          run_rounding<Run, decltype(d)>(group, device, f, sr, averages, stats);
           return;
         }
       }
@@ -266,7 +308,7 @@ void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Ten
         part.numels.push_back(group.numels[j]);
         part.index.push_back(group.index[j]);
       }
-      if (!part.numels.empty()) run_rounding<Run, decltype(d)>(part, device, f, sr, averages);
+      if (!part.numels.empty()) run_rounding<Run, decltype(d)>(part, device, f, sr, averages, stats);
     });
   });
 }
@@ -274,18 +316,19 @@ void run_multi_lerp(const DtypeGroup<N>& group, at::Device device, const at::Ten
 // One pass over the first `count` of `averages` (K, K - 1, ... 1 of them).
 template <class Run, int K, size_t N>
 void run_first(const DtypeGroup<N>& group, at::Device device, const at::Tensor& w,
-               const std::array<int, N - 1>& averages, int count, const std::optional<RoundingArg>& sr) {
+               const std::array<int, N - 1>& averages, int count, const std::optional<RoundingArg>& sr,
+               const std::optional<at::Tensor>& stats) {
   if constexpr (K >= 1) {
-    if (count < K) return run_first<Run, K - 1>(group, device, w, averages, count, sr);
+    if (count < K) return run_first<Run, K - 1>(group, device, w, averages, count, sr, stats);
     std::array<int, K> first;
     std::copy_n(averages.begin(), K, first.begin());
-    run_multi_lerp<Run, K>(group, device, w, first, nullptr, sr);
+    run_multi_lerp<Run, K>(group, device, w, first, nullptr, sr, stats);
   }
 }
 
 template <class Run, int K>
 void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor& weights,
-                       const std::optional<at::Tensor>& rounding) {
+                       const std::optional<at::Tensor>& rounding, const std::optional<at::Tensor>& stats) {
   static const char* const names[] = {"avgs[0]", "avgs[1]", "avgs[2]", "avgs[3]"};
   static_assert(K <= std::size(names));
   const size_t n = avgs.size() / K;
@@ -295,11 +338,13 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
   const auto call = gather<K + 1>("multi_lerp_", lists);
   if (n == 0) {
     checked_rounding("multi_lerp_", rounding, 0, K);
+    checked_stats("multi_lerp_", stats, K, std::nullopt);
     return;
   }
   const at::Tensor w = checked_weights("multi_lerp_", weights, call->device);
-  // (average k of the call: stream `stream` + k, whichever pass writes it)
+  // (average k of the call: stream `stream` + k, and row k of `stats`, whichever pass writes it)
   const auto sr = checked_rounding("multi_lerp_", rounding, n, K);
+  const auto counts = checked_stats("multi_lerp_", stats, K, call->device);
   for (const auto& group : call->groups) {
     bool one_dtype = true;
     for (int k = 1; k < K; ++k) one_dtype &= group.dtypes[k] == group.dtypes[0];
@@ -311,7 +356,7 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
       for (int k = 0; k < K; ++k) {
         if (!host_zero(w, k, group.dtypes[0])) written[count++] = k;
       }
-      run_first<Run, K>(group, call->device, w, written, count, sr);
+      run_first<Run, K>(group, call->device, w, written, count, sr, counts);
       continue;
     }
     // Averages of different dtypes at one index: one pass per average. A source that is its own
@@ -332,25 +377,25 @@ void multi_lerp_passes(at::TensorList avgs, at::TensorList src, const at::Tensor
         if (k != own_k) reading[k].push_back(j);
       }
     }
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &apart, sr);
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &reading[k], sr);
-    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &own[k], sr);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &apart, sr, counts);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &reading[k], sr, counts);
+    for (int k = 0; k < K; ++k) run_multi_lerp<Run, 1>(group, call->device, w, {k}, &own[k], sr, counts);
   }
 }
 
 // avgs: the K lists of averages concatenated (avgs[k * len(src) + i]), K = len(weights).
 template <class Run>
 void multi_lerp_impl(at::TensorList avgs, at::TensorList src, const at::Tensor& weights,
-                     const std::optional<at::Tensor>& rounding) {
+                     const std::optional<at::Tensor>& rounding, const std::optional<at::Tensor>& stats) {
   const int64_t k = checked_weight_count(weights);
   TORCH_CHECK_VALUE(avgs.size() % k == 0, "swa_fast.multi_lerp_: `avgs` has ", avgs.size(),
                     " tensors, which is not a multiple of the ", k,
                     " weights; expected one list of averages per weight, concatenated");
   switch (k) {
-    case 1: return multi_lerp_passes<Run, 1>(avgs, src, weights, rounding);
-    case 2: return multi_lerp_passes<Run, 2>(avgs, src, weights, rounding);
-    case 3: return multi_lerp_passes<Run, 3>(avgs, src, weights, rounding);
-    default: return multi_lerp_passes<Run, 4>(avgs, src, weights, rounding);
+    case 1: return multi_lerp_passes<Run, 1>(avgs, src, weights, rounding, stats);
+    case 2: return multi_lerp_passes<Run, 2>(avgs, src, weights, rounding, stats);
+    case 3: return multi_lerp_passes<Run, 3>(avgs, src, weights, rounding, stats);
+    default: return multi_lerp_passes<Run, 4>(avgs, src, weights, rounding, stats);
   }
 }
 

@@ -65,17 +65,27 @@ def sass(request) -> dict[str, str]:
 
 
 NEAREST, ROUNDING = "multi_tensor_kernel", "multi_tensor_rounding_kernel"
+COUNTING = "multi_tensor_counting_kernel"  # a call with `stats`: <K, F, R, S>, R NoRounding or a RoundingKey
 
 
 def _kernel(
-    kernels: dict[str, str], functor: str, dst: str, src: str, more: str = "", kernel: str = NEAREST
+    kernels: dict[str, str],
+    functor: str,
+    dst: str,
+    src: str,
+    more: str = "",
+    kernel: str = NEAREST,
+    also: str = "",
 ) -> str:
     # kernel<K, Functor<dst, src, more...>...>, mangled (Functor: its length, then its name);
-    # multi_tensor_rounding_kernel: the stochastic rounding of bf16 / fp16 averages
+    # multi_tensor_rounding_kernel: the stochastic rounding of bf16 / fp16 averages; `also`: a further
+    # part of the name (a counting kernel's R)
     found = [
         code
         for name, code in kernels.items()
-        if f"{len(kernel)}{kernel}I" in name and f"{len(functor)}{functor}I{dst}{src}{more}E" in name
+        if f"{len(kernel)}{kernel}I" in name
+        and f"{len(functor)}{functor}I{dst}{src}{more}E" in name
+        and also in name
     ]
     assert len(found) == 1, [n for n in kernels if functor in n]
     return found[0]
@@ -125,6 +135,35 @@ def test_stochastic_rounding_moves_128_bits(sass, functor, dst, more, loads, sto
     # stored whole. (MultiLerp<4, ...>: its K comes first in the mangled name.)
     name_dst = f"Li4E{dst}" if functor == "MultiLerp" else dst
     code = _kernel(sass, functor, name_dst, "f", more=more, kernel=ROUNDING)
+    _assert_vector_and_tail(code, loads, stores)
+
+
+@pytest.mark.parametrize(
+    "functor,dst,src,rounding,loads,stores",
+    [
+        ("Lerp", "f", "f", "NoRounding", 2, 1),
+        ("Lerp", "f", BF16, "NoRounding", 3, 2),
+        ("Lerp", BF16, "f", "NoRounding", 3, 1),
+        ("Lerp", BF16, "f", "RoundingKey", 3, 1),
+        ("Lerp", FP16, "f", "RoundingKey", 3, 1),
+        ("Moments", BF16, "f", "RoundingKey", 4, 2),
+        ("MultiLerp", f"Li4E{BF16}", "f", "RoundingKey", 6, 4),
+    ],
+    ids=[
+        "lerp_fp32",
+        "lerp_fp32_bf16_src",
+        "lerp_bf16",
+        "lerp_bf16_sr",
+        "lerp_fp16_sr",
+        "moments_bf16_sr",
+        "multi_lerp_4_bf16_sr",
+    ],
+)
+def test_stats_kernels_move_128_bits(sass, functor, dst, src, rounding, loads, stores):
+    # A call with `stats` (multi_tensor_counting_kernel, to nearest or rounding stochastically): the
+    # counts kept in registers beside the elements, the vectors still moved whole.
+    more = "Lb1E" if functor == "MultiLerp" else ""
+    code = _kernel(sass, functor, dst, src, more=more, kernel=COUNTING, also=f"{len(rounding)}{rounding}")
     _assert_vector_and_tail(code, loads, stores)
 
 

@@ -421,8 +421,9 @@ def test_rounding_checked_after_lists_and_weight(entry):
 
 
 def test_too_many_arguments():
-    with pytest.raises(TypeError, match=r"swa_fast.lerp_ takes 3 positional arguments \(5 given\)"):
-        _C.lerp_([], [], 0.5, None, None)
+    # (weight, then the optional rounding and stats: a sixth is one too many)
+    with pytest.raises(TypeError, match=r"swa_fast.lerp_ takes 3 positional arguments \(6 given\)"):
+        _C.lerp_([], [], 0.5, None, None, None)
 
 
 # --- the CUDA kernels' random bits, on the host -----------------------------------------------------

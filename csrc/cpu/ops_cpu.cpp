@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -37,14 +38,73 @@ struct Item {
 #define SWA_FAST_CPU_CLONES
 #endif
 
-template <typename F>
-SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t end) {
+// A work item's counts added to the call's `stats` rows, once per item: integer atomics, so that the
+// totals do not depend on how the items were shared out among the threads.
+template <int S>
+void add_tally(const Tally<S>& tally, const StatsRows<S>& rows) {
+  for (int s = 0; s < S; ++s) {
+    if (tally.written[s] == 0) continue;
+    int64_t* row = rows.row[s];
+    std::atomic_ref<int64_t>(row[0]).fetch_add(tally.written[s], std::memory_order_relaxed);
+    std::atomic_ref<int64_t>(row[1]).fetch_add(tally.unchanged[s], std::memory_order_relaxed);
+    std::atomic_ref<int64_t>(row[2]).fetch_add(tally.non_finite[s], std::memory_order_relaxed);
+    std::atomic_ref<int64_t> largest(row[3]);
+    const int64_t seen = tally.max_update[s];
+    int64_t held = largest.load(std::memory_order_relaxed);
+    while (held < seen && !largest.compare_exchange_weak(held, seen, std::memory_order_relaxed)) {
+    }
+  }
+}
+
+// The element loop of a work item, each write through `put` (inlined into its caller, whose local
+// values it must see as constants: a call would keep the counts in memory and the loop scalar).
+template <typename F, typename Put>
+C10_ALWAYS_INLINE void store_loop(const F& f, void* const* ptrs, int64_t begin, int64_t end, const Put& put) {
+  if (f.weight_one()) {
+    for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i), put);
+  } else {
+    for (int64_t i = begin; i < end; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i), put);
+  }
+}
+
+// Count: NoStats, or the StatsRows of a call with `stats`, whose loop counts each write in this
+// item's Tally (Counting) and adds it to them at the end.
+template <typename F, typename Count = NoStats>
+SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t end, Count count = {}) {
   f.resolve();
   if (f.skip()) return;
-  if (f.weight_one()) {  // the source as it is, through the select that ignores the destination
-    for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
+  if constexpr (std::is_same_v<Count, NoStats>) {
+    if (f.weight_one()) {  // the source as it is, through the select that ignores the destination
+      for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
+    } else {
+      for (int64_t i = begin; i < end; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i));
+    }
   } else {
-    for (int64_t i = begin; i < end; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i));
+    constexpr int S = F::kRoundedLists;
+    Tally<S> tally;
+    const auto put = counted(Nearest{}, &tally);
+    // The averages must be the very bits of a call without `stats`, and which products the compiler
+    // fuses into multiply-adds depends on the loop's shape: the counting loop must have the shape of
+    // the loop without counts. GCC unswitches a loop on the weight's side of 0.5 (LerpWeight::upper)
+    // by itself only up to a size: it does the uncounted loops of lerp_ and of moments_ into fp32 and
+    // fp64 averages (which then vectorise), not the counting loop of moments_, nor moments_ into bf16
+    // or fp16 averages (their conversions make the loop too long; it stays scalar, branching per
+    // element). So the counting loop is unswitched here exactly where the loop without counts is
+    // (tests/test_pass_stats_compiled.py checks the bits).
+    using D = typename F::Lists::template type<0>;
+    if constexpr (requires { f.lerp.upper; } && (F::kRoundedLists == 1 || sizeof(D) >= 4)) {
+      F side = f;
+      if (side.lerp.upper) {
+        side.lerp.upper = true;
+        store_loop(side, ptrs, begin, end, put);
+      } else {
+        side.lerp.upper = false;
+        store_loop(side, ptrs, begin, end, put);
+      }
+    } else {
+      store_loop(f, ptrs, begin, end, put);
+    }
+    add_tally(tally, count);
   }
 }
 
@@ -70,12 +130,14 @@ C10_ALWAYS_INLINE void random_block(const RoundingKey<S>& key, int s, int64_t fl
 }
 
 // run_item with the functor's S written lists rounded stochastically; `first`: the tensor's first
-// element in the flat average.
-template <typename F, int S>
+// element in the flat average; Count as run_item's.
+template <typename F, int S, typename Count = NoStats>
 SWA_FAST_CPU_CLONES void run_item_rounded(F f, const RoundingKey<S>& key, void* const* ptrs, int64_t begin,
-                                          int64_t end, int64_t first) {
+                                          int64_t end, int64_t first, Count count = {}) {
+  constexpr bool kCounts = !std::is_same_v<Count, NoStats>;
   f.resolve();
   if (f.skip()) return;
+  [[maybe_unused]] std::conditional_t<kCounts, Tally<S>, NoStats> tally;
   alignas(64) uint16_t bits[S][kRoundBlock + 8];
   for (int64_t b = begin; b < end; b += kRoundBlock) {
     const int64_t n = std::min(end - b, kRoundBlock);
@@ -85,7 +147,7 @@ SWA_FAST_CPU_CLONES void run_item_rounded(F f, const RoundingKey<S>& key, void* 
     const auto put = [&](int64_t j) {
       Stochastic<S> out;
       for (int s = 0; s < S; ++s) out.r[s] = bits[s][skew + j];
-      return out;
+      return counted(out, &tally);
     };
     if (f.weight_one()) {
       for (int64_t j = 0; j < n; ++j) f.store(ptrs, b + j, f.load(ptrs, b + j), put(j));
@@ -93,6 +155,7 @@ SWA_FAST_CPU_CLONES void run_item_rounded(F f, const RoundingKey<S>& key, void* 
       for (int64_t j = 0; j < n; ++j) f.template store<false>(ptrs, b + j, f.load(ptrs, b + j), put(j));
     }
   }
+  if constexpr (kCounts) add_tally(tally, count);
 }
 
 // A copy between tensors of one dtype moves bytes as they are: kBytes per element (0: not one).
@@ -176,6 +239,26 @@ std::vector<Item> work_items(const std::vector<int64_t>& numels) {
   return items;
 }
 
+// visit(tensor, begin, end) over every element of a group's tensors: each tensor whole below
+// kSerialBelow elements in all (no work list to build), else its work items shared out by one
+// parallel region.
+template <size_t K, typename Visit>
+void for_each_item(const DtypeGroup<K>& group, const Visit& visit) {
+  const std::vector<int64_t>& numels = group.numels;
+  int64_t total = 0;
+  for (const int64_t n : numels) total += n;
+  if (total < kSerialBelow) {
+    for (size_t j = 0; j < numels.size(); ++j) visit(j, int64_t(0), numels[j]);
+    return;
+  }
+  const std::vector<Item> items = work_items(numels);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t it = first; it < last; ++it) {
+      visit(static_cast<size_t>(items[it].tensor), items[it].begin, items[it].end);
+    }
+  });
+}
+
 // Elements of weighted_sum_'s dst that a work item sums at a time: their accumulators (4 or 8 KB) stay
 // in L1 while each source's part of the block is added to them.
 constexpr int64_t kSumBlock = 1024;
@@ -247,26 +330,23 @@ struct CpuRun {
   }
 
   // An op whose bf16 or fp16 written lists are rounded stochastically: the same work items, each
-  // tensor's elements numbered from its first in the flat average.
-  template <size_t K, typename F, int S>
-  static void run(const DtypeGroup<K>& group, at::Device, F f, const Rounding<S>& rounding) {
+  // tensor's elements numbered from its first in the flat average. Count: NoStats, or the StatsRows
+  // of a call with `stats`.
+  template <size_t K, typename F, int S, typename Count = NoStats>
+  static void run(const DtypeGroup<K>& group, at::Device, F f, const Rounding<S>& rounding, Count count = {}) {
     static_assert(F::kLists == K && F::kRoundedLists == S, "functor and list count disagree");
-    const std::vector<int64_t>& numels = group.numels;
-    int64_t total = 0;
-    for (const int64_t n : numels) total += n;
-    if (total < kSerialBelow) {
-      for (size_t j = 0; j < numels.size(); ++j) {
-        run_item_rounded(f, rounding.key, group.ptrs[j].data(), 0, numels[j], rounding.firsts[j]);
-      }
-      return;
-    }
-    const std::vector<Item> items = work_items(numels);
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
-      for (int64_t it = first; it < last; ++it) {
-        const Item& item = items[it];
-        run_item_rounded(f, rounding.key, group.ptrs[item.tensor].data(), item.begin, item.end,
-                         rounding.firsts[item.tensor]);
-      }
+    for_each_item(group, [&](size_t j, int64_t begin, int64_t end) {
+      run_item_rounded(f, rounding.key, group.ptrs[j].data(), begin, end, rounding.firsts[j], count);
+    });
+  }
+
+  // A call with `stats` that rounds to nearest: the work items of one without, each counting what it
+  // writes (run_item's Count).
+  template <size_t K, typename F, int S>
+  static void run(const DtypeGroup<K>& group, at::Device, F f, NoRounding, const StatsRows<S>& rows) {
+    static_assert(F::kLists == K && F::kRoundedLists == S, "functor and list count disagree");
+    for_each_item(group, [&](size_t j, int64_t begin, int64_t end) {
+      run_item(f, group.ptrs[j].data(), begin, end, rows);
     });
   }
 

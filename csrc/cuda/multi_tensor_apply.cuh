@@ -78,18 +78,26 @@ struct Lanes {
   __device__ void store_all(const plan::Chunk<K>& c, int64_t first, unsigned written, std::index_sequence<k...>) const {
     (store<k>(c, first, written), ...);
   }
-  // The functor's math on the kElems elements, in place.
-  __device__ void apply(const F& f) {
+  // The functor's math on the kElems elements, in place. Counter: NoStats, or the Tally<S> of a
+  // call with `stats`, in which each write is counted (Counting).
+  template <typename Counter>
+  __device__ void apply(const F& f, Counter* tally) {
     void* lanes[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) lanes[k] = bytes[k];
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) f.store(lanes, i, f.load(lanes, i));
+    for (int i = 0; i < kElems; ++i) {
+      if constexpr (std::is_same_v<Counter, NoStats>) {
+        f.store(lanes, i, f.load(lanes, i));
+      } else {
+        f.store(lanes, i, f.load(lanes, i), counted(Nearest{}, tally));
+      }
+    }
   }
   // The same, its written lists rounded stochastically: lane i is element n0 + i of the flat average.
   // (Only bf16 and fp16 averages round so: a vector is 8 elements, a scalar step 1.)
-  template <int S>
-  __device__ void apply_rounded(const F& f, const RoundingKey<S>& key, int64_t n0) {
+  template <int S, typename Counter>
+  __device__ void apply_rounded(const F& f, const RoundingKey<S>& key, int64_t n0, Counter* tally) {
     static_assert(kElems == 1 || kElems == 8, "a vector of 8 bf16 or fp16 elements");
     void* lanes[K];
 #pragma unroll
@@ -98,7 +106,7 @@ struct Lanes {
       Stochastic<S> put;
 #pragma unroll
       for (int s = 0; s < S; ++s) put.r[s] = key.bits(s, static_cast<uint64_t>(n0));
-      f.store(lanes, 0, f.load(lanes, 0), put);
+      f.store(lanes, 0, f.load(lanes, 0), counted(put, tally));
     } else {
       uint32_t words[S][4];
 #pragma unroll
@@ -108,22 +116,18 @@ struct Lanes {
         Stochastic<S> put;
 #pragma unroll
         for (int s = 0; s < S; ++s) put.r[s] = (i & 1) != 0 ? words[s][i >> 1] >> 16 : words[s][i >> 1] & 0xffffu;
-        f.store(lanes, i, f.load(lanes, i), put);
+        f.store(lanes, i, f.load(lanes, i), counted(put, tally));
       }
     }
   }
 };
 
-// A launch that rounds to nearest (multi_tensor_body's R); one that rounds stochastically takes the
-// call's RoundingKey instead.
-struct NoRounding {};
-
 // One for_each_step visit: kU steps of kElems elements. Each thread loads all its steps before
 // storing any: loads in flight hide memory latency, and the compiler cannot reorder them itself,
 // since the lists may alias.
-template <int kElems, int kU, typename F, int K, typename R>
+template <int kElems, int kU, typename F, int K, typename R, typename Counter>
 __device__ void move_steps(const F& f, unsigned written, const plan::Chunk<K>& c, const int64_t* first,
-                           const bool* valid, const R& rounding) {
+                           const bool* valid, const R& rounding, Counter* tally) {
   constexpr auto lists = std::make_index_sequence<K>{};
   Lanes<F, kElems> lanes[kU];
 #pragma unroll
@@ -134,9 +138,9 @@ __device__ void move_steps(const F& f, unsigned written, const plan::Chunk<K>& c
   for (int u = 0; u < kU; ++u) {
     if (valid[u]) {
       if constexpr (std::is_same_v<R, NoRounding>) {
-        lanes[u].apply(f);
+        lanes[u].apply(f, tally);
       } else {
-        lanes[u].apply_rounded(f, rounding, c.flat_first + first[u]);
+        lanes[u].apply_rounded(f, rounding, c.flat_first + first[u], tally);
       }
       lanes[u].store_all(c, first[u], written, lists);
     }
@@ -149,17 +153,80 @@ constexpr int vector_words(std::index_sequence<k...>) {
   return (0 + ... + Lanes<F, kVec>::template kWords<k>);
 }
 
+// A block's counts added to a call's `stats` rows: summed (and maxed) across each warp by shuffles,
+// then across the block's warps in shared memory, so that one thread makes the block's 4 atomics per
+// row (an atomic per thread or per warp would queue tens of thousands on the same 32 bytes). Every
+// thread of the block must call it. (A thread's 32-bit counts, and a warp's sums of them, hold any
+// tensor memory can: each thread counts at most its share of the grid's elements.)
+template <int S>
+__device__ void add_block_tally(const Tally<S>& tally, const StatsRows<S>& rows) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ unsigned sums[kWarps][S][4];  // written, unchanged, non-finite, max |update| bits
+  const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    unsigned written = tally.written[s], unchanged = tally.unchanged[s], non_finite = tally.non_finite[s];
+    unsigned largest = tally.max_update[s];
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) {
+      written += __shfl_down_sync(0xffffffffu, written, d);
+      unchanged += __shfl_down_sync(0xffffffffu, unchanged, d);
+      non_finite += __shfl_down_sync(0xffffffffu, non_finite, d);
+      largest = max(largest, __shfl_down_sync(0xffffffffu, largest, d));
+    }
+    if (lane == 0) {
+      sums[warp][s][0] = written;
+      sums[warp][s][1] = unchanged;
+      sums[warp][s][2] = non_finite;
+      sums[warp][s][3] = largest;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    unsigned long long total[3] = {0, 0, 0};
+    unsigned largest = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+#pragma unroll
+      for (int j = 0; j < 3; ++j) total[j] += sums[w][s][j];
+      largest = max(largest, sums[w][s][3]);
+    }
+    if (total[0] == 0) continue;  // nothing written by this block: its row is as it was
+    auto* row = reinterpret_cast<unsigned long long*>(rows.row[s]);
+#pragma unroll
+    for (int j = 0; j < 3; ++j) atomicAdd(row + j, total[j]);  // (two's complement: the int64 sum)
+    atomicMax(row + 3, static_cast<unsigned long long>(largest));  // (the row's maximum is not negative)
+  }
+}
+
+// What a thread counts in: NoStats for a call without `stats` (functors that have no written-list
+// slots, kRoundedLists, included), a Tally<S> for one with its StatsRows<S>.
+template <typename Count>
+struct TallyOf {
+  using type = NoStats;
+};
+template <int S>
+struct TallyOf<StatsRows<S>> {
+  using type = Tally<S>;
+};
+
 // The body of a multi-tensor launch. R: NoRounding, or the RoundingKey of a launch whose table
 // holds each tensor's first element in the flat average (the stochastic rounding of bf16 and fp16
-// averages, kernels of their own, so that the nearest kernels stay as they were).
-template <int K, typename F, typename R>
+// averages, kernels of their own, so that the nearest kernels stay as they were). Count: NoStats, or
+// the StatsRows of a call with `stats` (kernels of their own too), each thread's writes counted in a
+// Tally in its registers and the block's added to them at its end.
+template <int K, typename F, typename R, typename Count = NoStats>
 __device__ C10_ALWAYS_INLINE void multi_tensor_body(const int64_t* table_data, int64_t n_tensors, const F& f,
-                                                    const R& rounding) {
+                                                    const R& rounding, const Count& count = {}) {
   constexpr bool kRounds = !std::is_same_v<R, NoRounding>;
+  constexpr bool kCounts = !std::is_same_v<Count, NoStats>;
   constexpr int kVec = plan::vector_elems(F::Lists::min_bytes());
   constexpr int kVecU =
       vector_words<F, kVec>(std::make_index_sequence<K>{}) <= plan::kVecUnrollWords ? plan::kVecUnroll : 1;
   if (f.skip()) return;  // a weight of 0: nothing to write (uniform across the grid)
+  [[maybe_unused]] typename TallyOf<Count>::type tally;
   const unsigned written = f.written_lists();
   int elem_bytes[K];
 #pragma unroll
@@ -167,11 +234,12 @@ __device__ C10_ALWAYS_INLINE void multi_tensor_body(const int64_t* table_data, i
   plan::run_block<K, kVec, kVecU, kRounds>(
       plan::Table<K>{table_data, n_tensors}, elem_bytes, blockIdx.x, gridDim.x, threadIdx.x, kThreads,
       [&](const plan::Chunk<K>& c, const int64_t* first, const bool* valid) {
-        move_steps<kVec, kVecU>(f, written, c, first, valid, rounding);
+        move_steps<kVec, kVecU>(f, written, c, first, valid, rounding, &tally);
       },
       [&](const plan::Chunk<K>& c, const int64_t* first, const bool* valid) {
-        move_steps<1, plan::kUnroll>(f, written, c, first, valid, rounding);
+        move_steps<1, plan::kUnroll>(f, written, c, first, valid, rounding, &tally);
       });
+  if constexpr (kCounts) add_block_tally(tally, count);
 }
 
 template <int K, typename F>
@@ -192,6 +260,24 @@ __global__ void __launch_bounds__(kThreads, kRoundingMinBlocks<F>)
     multi_tensor_rounding_kernel(const int64_t* table_data, int64_t n_tensors, F f, RoundingKey<S> key) {
   f.resolve();
   multi_tensor_body<K>(table_data, n_tensors, f, key);
+}
+
+// A call with `stats`: R as multi_tensor_body's (NoRounding, or the RoundingKey of bf16 / fp16
+// averages rounded stochastically), each write counted; kernels of their own, so that a call without
+// `stats` runs the kernels it always ran. Registers as the kernels without `stats` are allowed them,
+// but a launch that rounds two or more lists stochastically gets those of one block per
+// multiprocessor: the counts of moments_' fp16 mean and sq beside their Philox words spilled at 128
+// on sm_80 and sm_90 (tests/test_machine_code.py).
+template <typename F, typename R>
+constexpr int kCountingMinBlocks =
+    std::is_same_v<R, NoRounding> || F::kRoundedLists >= 2 ? 1 : kRoundingMinBlocks<F>;
+
+template <int K, typename F, typename R, int S>
+__global__ void __launch_bounds__(kThreads, kCountingMinBlocks<F, R>)
+    multi_tensor_counting_kernel(const int64_t* table_data, int64_t n_tensors, F f, R rounding,
+                                 StatsRows<S> rows) {
+  f.resolve();
+  multi_tensor_body<K>(table_data, n_tensors, f, rounding, rows);
 }
 
 // A few recent tables per device, keyed by their full host content.
@@ -393,6 +479,30 @@ struct CudaRun {
     const Launch launch = prepare<K>(group.ptrs[0].data(), group.numels, device, rounding.firsts.data());
     multi_tensor_rounding_kernel<K, F><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         launch.table.data_ptr<int64_t>(), launch.n, f, rounding.key);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // A call with `stats`, to nearest or rounding stochastically: the launches above, their kernels'
+  // counting twins, each adding to `rows`.
+  template <size_t K, typename F, int S>
+  static void run(const DtypeGroup<K>& group, at::Device device, F f, NoRounding, const StatsRows<S>& rows) {
+    static_assert(F::kLists == K && F::kRoundedLists == S, "functor and list count disagree");
+    if (group.numels.empty()) return;
+    const c10::cuda::CUDAGuard guard(device);
+    const Launch launch = prepare<K>(group.ptrs[0].data(), group.numels, device);
+    multi_tensor_counting_kernel<K, F><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        launch.table.data_ptr<int64_t>(), launch.n, f, NoRounding{}, rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <size_t K, typename F, int S>
+  static void run(const DtypeGroup<K>& group, at::Device device, F f, const Rounding<S>& rounding,
+                  const StatsRows<S>& rows) {
+    static_assert(F::kLists == K && F::kRoundedLists == S, "functor and list count disagree");
+    if (group.numels.empty()) return;
+    const c10::cuda::CUDAGuard guard(device);
+    const Launch launch = prepare<K>(group.ptrs[0].data(), group.numels, device, rounding.firsts.data());
+    multi_tensor_counting_kernel<K, F><<<launch.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        launch.table.data_ptr<int64_t>(), launch.n, f, rounding.key, rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
