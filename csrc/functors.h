@@ -307,21 +307,25 @@ template <>
 struct StoredBits<float> {
   using Bits = uint32_t;
   static constexpr Bits kExponent = 0x7f800000u;
+  static constexpr Bits kMagnitude = 0x7fffffffu;
 };
 template <>
 struct StoredBits<double> {
   using Bits = uint64_t;
   static constexpr Bits kExponent = 0x7ff0000000000000ull;
+  static constexpr Bits kMagnitude = 0x7fffffffffffffffull;
 };
 template <>
 struct StoredBits<c10::BFloat16> {
   using Bits = uint16_t;
   static constexpr Bits kExponent = 0x7f80u;
+  static constexpr Bits kMagnitude = 0x7fffu;
 };
 template <>
 struct StoredBits<c10::Half> {
   using Bits = uint16_t;
   static constexpr Bits kExponent = 0x7c00u;
+  static constexpr Bits kMagnitude = 0x7fffu;
 };
 
 // A put policy that counts each write into *tally and leaves the write to Inner (Nearest or
@@ -349,7 +353,11 @@ struct Counting {
     // reduction it does not vectorise)
     const uint32_t counted = update & (0u - static_cast<uint32_t>(update <= 0x7f800000u));
     tally->written[s] += 1u;
-    tally->unchanged[s] += static_cast<uint32_t>(after == before);
+    // unchanged: the same bits, or NaN before and after (the conversions' NaN payloads differ
+    // between backends: pass_stats.py)
+    constexpr Bits kMagnitude = StoredBits<T>::kMagnitude;
+    const bool both_nan = ((after & kMagnitude) > kExponent) & ((before & kMagnitude) > kExponent);
+    tally->unchanged[s] += static_cast<uint32_t>((after == before) | both_nan);
     tally->non_finite[s] += static_cast<uint32_t>((after & kExponent) == kExponent);
     tally->max_update[s] = std::max(tally->max_update[s], counted);
   }
