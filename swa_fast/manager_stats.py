@@ -9,6 +9,8 @@ looked at by a later update once they have arrived (a CPU update's at once, bein
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -82,7 +84,7 @@ class ManagerStats:
                 "nearest). Keep it in float32 or pass rounding='stochastic' (docs/low-precision.md). "
                 "(Said once.)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_user_frame(),
             )
 
     def last(self) -> dict[str, ListStats]:
@@ -102,3 +104,13 @@ class ManagerStats:
             ]
         self._warn_if_stalled(totals)
         return dict(zip(self.rows, totals))
+
+
+def _user_frame() -> int:
+    """The stacklevel of the first caller outside swa_fast (`update`, `last_stats`, reached from
+    several depths), so that the warning names the user's line."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -267,6 +267,7 @@ def _stalling_run(rounding: str, updates: int = 5):
 def test_a_stalled_bf16_average_is_said_once_and_a_stochastic_one_is_not():
     ema, said = _stalling_run("nearest")
     assert len(said) == 1 and "rounding='stochastic'" in str(said[0].message)
+    assert said[0].filename == __file__  # the line of the user's update
     row = ema.last_stats()["average"]
     assert row.written == row.unchanged > 0 and row.max_update > 0
     # Stochastic rounding also leaves most elements where they were at each update, but moves the
