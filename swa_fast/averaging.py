@@ -311,6 +311,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
             )
             if weight is None:
                 return
+        self._stats.note_weight(weight)
         finite = None
         if self.check_finite:
             # Weight 0 leaves the average exactly as it was (the ops guarantee it even for inf/NaN

@@ -9,6 +9,7 @@ looked at by a later update once they have arrived (a CPU update's at once, bein
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import warnings
@@ -35,6 +36,16 @@ class ManagerStats:
         self._copies: dict[torch.device, tuple[Tensor, torch.cuda.Event]] = {}  # a GPU's, pinned
         self._warned = not warns  # (stochastic rounding moves an average in expectation: no warning)
         self._seen = False  # whether an update has filled the tensors
+        self._copying: tuple[bool, ...] = ()  # per row, whether the last update was a copy (weight 1)
+
+    def note_weight(self, weight) -> None:
+        """The coming update's weight, as the manager worked it out on the host (a number, or
+        PostHocEMA's one per profile): a row whose weight is 1 is a copy, whose rounding back to the
+        stored value is no stall."""
+        if not self.enabled:
+            return
+        weights = list(weight) if isinstance(weight, (list, tuple)) else [weight] * len(self.rows)
+        self._copying = tuple(isinstance(w, numbers.Real) and w == 1 for w in weights)
 
     def for_update(self, devices: Sequence[torch.device]) -> dict[torch.device, Tensor] | None:
         """The op's `stats` of each device for this update, zeroed (None without stats=True)."""
@@ -55,13 +66,13 @@ class ManagerStats:
             return
         for device, counts in self._tensors.items():
             if device.type == "cpu":
-                self._warn_if_stalled(read_stats(counts))
+                self._warn_if_stalled(read_stats(counts), self._copying)
                 continue
-            host, arrived = self._copies.get(device, (None, None))
+            host, arrived, copying = self._copies.get(device, (None, None, ()))
             if arrived is not None:
                 if not arrived.query():
                     continue  # still on its way: looked at by a later update
-                self._warn_if_stalled(read_stats(host))
+                self._warn_if_stalled(read_stats(host), copying)
             else:
                 host, arrived = (
                     torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True),
@@ -69,12 +80,12 @@ class ManagerStats:
                 )
             host.copy_(counts, non_blocking=True)
             arrived.record()
-            self._copies[device] = (host, arrived)
+            self._copies[device] = (host, arrived, self._copying)
 
-    def _warn_if_stalled(self, rows: list[ListStats]) -> None:
+    def _warn_if_stalled(self, rows: list[ListStats], copying: Sequence[bool]) -> None:
         if self._warned:
             return
-        stalled = [name for name, row in zip(self.rows, rows) if row.stalled]
+        stalled = [name for name, row, copy in zip(self.rows, rows, copying) if row.stalled and not copy]
         if stalled:
             self._warned = True
             warnings.warn(
@@ -102,7 +113,7 @@ class ManagerStats:
                 )
                 for a, b in zip(totals, read_stats(counts))
             ]
-        self._warn_if_stalled(totals)
+        self._warn_if_stalled(totals, self._copying)
         return dict(zip(self.rows, totals))
 
 

@@ -277,6 +277,24 @@ def test_a_stalled_bf16_average_is_said_once_and_a_stochastic_one_is_not():
     assert ema.last_stats()["average"].max_update > 0
 
 
+def test_a_first_update_that_copies_is_no_stall():
+    """EMA's first update copies the model (weight 1): a value bf16 does not hold rounds back to the
+    stored one, and moved by nothing else, which is no stall; the next, tiny, update is one."""
+    signal = torch.nn.Parameter(torch.full((64,), 0.9))
+    model = torch.nn.ParameterList([signal])
+    ema = swa_fast.EMA(model, 0.9999, dtype=torch.bfloat16, stats=True)
+    said = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ema.update(model)
+        said.append([w for w in caught if "stalled" in str(w.message)])
+        row = ema.last_stats()["average"]
+        assert row.unchanged == row.written == 64 and row.max_update > 0
+        signal.data += 0.01
+    assert [len(s) for s in said] == [0, 1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_stalled_gpu_average_is_said_from_counts_copied_behind_the_update():
     model = torch.nn.Linear(32, 32).cuda()
