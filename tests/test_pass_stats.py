@@ -81,7 +81,9 @@ def _case(seed: int):
             avg, [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32, torch.float32]
         )
     ]
-    src[1].view(-1)[0], src[2][4], avg[0][5], src[4][7] = (
+    # (the NaN average is fp32: in bf16 torch's and the kernels' NaN bits differ, which the Triton
+    # kernels count as a change: pass_stats.py)
+    src[1].view(-1)[0], src[2][4], avg[2][5], src[4][7] = (
         float("inf"),
         float("nan"),
         float("nan"),

@@ -10,7 +10,9 @@ to its written list's row:
 
     [0] written      += 1
     [1] unchanged    += 1 where the stored value after the write is the one before: the same bits,
-                        or NaN before and after (a NaN's payload is each backend's conversion's)
+                        or NaN before and after (a NaN's payload is each backend's conversion's;
+                        the Triton kernels compare the bits alone, so there a NaN kept NaN with
+                        another payload counts as changed)
     [2] non_finite   += 1 where the stored value after the write is inf or NaN
     [3] max_update    = max(itself, the fp32 bits of |value - old|)
 

@@ -252,9 +252,10 @@ def _count(seen, k: tl.constexpr, mask, w, value, old, old_bits, stored):
         row = seen + 4 * k
         # (relaxed: the counts order nothing; the stream orders the launches that read them)
         tl.atomic_add(row, _total(written), sem="relaxed")
-        # unchanged: the same bits, or NaN before and after (whose payload conversions differ in)
-        same = (bits == old_bits) | ((after != after) & (old != old))
-        tl.atomic_add(row + 1, _total(written & same), sem="relaxed")
+        # unchanged: the same bits. (A deviation from pass_stats.py, which also counts a NaN kept
+        # NaN with another payload as unchanged: the comparisons that cover it, on the values or on
+        # the bits, made sm_80's and sm_90's bf16 lerp_, moments_ and multi_lerp_ variants spill.)
+        tl.atomic_add(row + 1, _total(written & (bits == old_bits)), sem="relaxed")
         tl.atomic_add(row + 2, _total(non_finite), sem="relaxed")
         tl.atomic_max(row + 3, tl.max(update).to(tl.int64), sem="relaxed")
 
