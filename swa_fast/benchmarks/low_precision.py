@@ -74,10 +74,7 @@ def bench_low_precision(shapes, name, device, min_run_time):
     labels = {"workload": workload_name(name), "params": "bfloat16", "tensors": len(shapes), "elements": n}
     rows = time_methods(_candidates(model, avg32, avg16, backends), labels, 6 * n, device, min_run_time)
     add_ratios(rows, "x_vs_fp32_average", FP32_AVERAGE)
-    for r in rows:  # stats_cost: the time with stats over the time without (add_ratios: its inverse)
-        with_stats = next((w for w in rows if w["method"] == f"{WITH_STATS} {r['method']}"), None)
-        if with_stats is not None:
-            r["stats_cost"] = with_stats["median_ms"] / r["median_ms"]
+    add_ratios(rows, "stats_cost", WITH_STATS)  # the time with stats over the time without
     return rows
 
 
