@@ -375,7 +375,7 @@ class Averager(CountedCalls, AverageReads, ManagerState):
     def _run_update(self, tensors: list[Tensor], weight, counted_on_device: Tensor | None) -> None:
         """Run the update op over every group."""
         rounding = self._rounding.at(self._updates)
-        stats = self._stats.for_update(self._plan.fused_devices)
+        stats = self._stats.for_update(self._plan)
         self._plan.run(tensors, weight, counted=counted_on_device, rounding=rounding, stats=stats)
         self._stats.after_update()
 

@@ -47,11 +47,12 @@ class ManagerStats:
         weights = list(weight) if isinstance(weight, (list, tuple)) else [weight] * len(self.rows)
         self._copying = tuple(isinstance(w, numbers.Real) and w == 1 for w in weights)
 
-    def for_update(self, devices: Sequence[torch.device]) -> dict[torch.device, Tensor] | None:
-        """The op's `stats` of each device for this update, zeroed (None without stats=True)."""
+    def for_update(self, plan) -> dict[torch.device, Tensor] | None:
+        """The op's `stats` of each device the engine's `plan` updates on, zeroed (None without
+        stats=True: then nothing is asked of the plan, on the update's hot path)."""
         if not self.enabled:
             return None
-        for device in devices:
+        for device in plan.fused_devices:
             if device not in self._tensors:
                 self._tensors[device] = stats_tensor(len(self.rows), device)
             self._tensors[device].zero_()
