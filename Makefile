@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.cu)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.cu)
 # When a CUDA toolkit is here, the build must contain the CUDA kernels; tests/test_build.py checks.
 EXPECT_CUDA := $(shell (command -v nvcc || ls /usr/local/cuda*/bin/nvcc) >/dev/null 2>&1 && echo 1 || echo 0)
 

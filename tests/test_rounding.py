@@ -4,6 +4,9 @@ backend and however the tensors are cut, the managers' and the drop-in's `roundi
 their state, and the stalled bf16 EMA it cures."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,6 +225,45 @@ def test_bits_do_not_depend_on_how_the_tensors_are_cut(backend):
     swa_fast.lerp_(pieces, [src[:333], src[333:]], 0.01, rounding=key, backend=backend)
     assert same_bits(torch.cat(pieces), one)
     assert not same_bits(one, whole.float().lerp(src, 0.01).bfloat16())  # (rounded otherwise than to nearest)
+
+
+# The CPU kernels' draws at each SIMD width that philox_blocks.h has: lerp_ into bf16 and fp16
+# averages of sizes around its 8-, 32- and 512-element steps, off the 8-element grid, and across the
+# 2^32nd Philox call (element 2^35); moments_ and multi_lerp_ (several streams).
+_WIDTH_SCRIPT = """
+import sys, torch, swa_fast
+from swa_fast.ops import StochasticRounding
+avg, sq, src = torch.load(sys.argv[1])
+firsts = [0, 3, 2**35 - 1000, 2**35 - 4, 77, 2**35 + 5, 1, 512, 9, 2**40 + 3]
+key = StochasticRounding(seed=5, step=3, firsts=firsts)
+mean, avgs = [a.clone() for a in avg], [[a.clone() for a in avg] for _ in range(3)]
+swa_fast.lerp_(avg, src, 0.3, rounding=key, backend="cpu")
+swa_fast.moments_(mean, sq, src, 0.1, rounding=StochasticRounding(seed=1, step=2, stream=7), backend="cpu")
+swa_fast.multi_lerp_(avgs, src, [0.1, 0.2, 0.7], rounding=key, backend="cpu")
+torch.save([t.view(torch.int16) for t in avg + mean + sq + [t for lst in avgs for t in lst]], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the compiled CPU kernels are not built")
+def test_cpu_kernels_draw_the_same_bits_at_every_simd_width(tmp_path):
+    """ATEN_CPU_CAPABILITY caps the width of the CPU kernels' Philox calls as it caps torch's own
+    kernels: scalar, AVX2 and AVX-512 (where the CPU has them) must store the same bits; the ops'
+    bits against the reference are the other tests' (at this CPU's widest). The inputs are made
+    here: torch's own random numbers differ between its kernels' widths."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [1, 7, 8, 31, 255, 256, 257, 511, 513, 2049]
+    low = [torch.bfloat16 if i % 2 else torch.float16 for i in range(len(sizes))]
+    avg = [torch.randn(n, generator=g).to(d) for n, d in zip(sizes, low)]
+    inputs = tmp_path / "inputs.pt"
+    torch.save((avg, [a.abs() for a in avg], [torch.randn(n, generator=g) for n in sizes]), inputs)
+    results = {}
+    for capability in ("default", "avx2", "avx512"):
+        path = tmp_path / f"{capability}.pt"
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        subprocess.run([sys.executable, "-c", _WIDTH_SCRIPT, str(inputs), str(path)], env=env, check=True)
+        results[capability] = torch.load(path)
+    for capability in ("avx2", "avx512"):
+        assert all(torch.equal(a, b) for a, b in zip(results[capability], results["default"])), capability
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -14,6 +14,7 @@
 #endif
 
 #include "../ops_impl.h"
+#include "philox_blocks.h"
 
 namespace swa_fast {
 namespace {
@@ -108,25 +109,20 @@ SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t
   }
 }
 
-// Stochastic rounding: elements whose random bits are made at a time, into a buffer in L1, by a loop
-// over Philox counters that vectorises; then the element loop reads them. One Philox call serves 8
+// Stochastic rounding: elements whose random bits are made at a time, into a buffer in L1, by
+// philox_calls (SIMD across calls); then the element loop reads them. One Philox call serves 8
 // elements of one written list.
 constexpr int64_t kRoundBlock = 512;
 
 // The random bits of the elements flat - (flat & 7) .. of stream s (groups Philox calls, 8 elements
-// each), element flat - (flat & 7) + j's at bits[j].
+// each), element flat - (flat & 7) + j's at bits[j]: call g's word w holds elements 8g + 2w (low
+// half) and 8g + 2w + 1 (high half), the order of a little-endian machine's 16-bit halves.
 template <int S>
 C10_ALWAYS_INLINE void random_block(const RoundingKey<S>& key, int s, int64_t flat, int64_t groups,
                                     uint16_t* bits) {
-  const auto g0 = static_cast<uint64_t>(flat) >> 3;
-  for (int64_t g = 0; g < groups; ++g) {
-    uint32_t c[4];
-    key.words(s, g0 + static_cast<uint64_t>(g), c);
-    for (int w = 0; w < 4; ++w) {
-      bits[8 * g + 2 * w] = static_cast<uint16_t>(c[w]);
-      bits[8 * g + 2 * w + 1] = static_cast<uint16_t>(c[w] >> 16);
-    }
-  }
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the halves' order is little-endian");
+  const PhiloxStream stream{key.seed_lo, key.seed_hi, key.step_lo, key.step_hi, key.stream_hi[s]};
+  philox_calls(stream, static_cast<uint64_t>(flat) >> 3, groups, reinterpret_cast<uint32_t*>(bits));
 }
 
 // run_item with the functor's S written lists rounded stochastically; `first`: the tensor's first
