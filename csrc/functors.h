@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <utility>
@@ -386,11 +387,12 @@ constexpr bool kRoundsStochastically = std::is_same_v<T, c10::BFloat16> || std::
 // NaN: that is how an update is skipped on the device.
 template <typename A>
 struct LerpWeight {
-  A w = A(0), one_minus_w = A(1);
+  A w = A(0), one_minus_w = A(1), w_minus_one = A(-1);
   bool upper = false, one = false;
   C10_HOST_DEVICE void set(A weight) {
     w = weight;
     one_minus_w = A(1) - weight;
+    w_minus_one = weight - A(1);
     // loop-invariant: the compiler hoists the branches out of the loop
     upper = !(weight < A(0.5) && weight > A(-0.5));  // as torch.lerp: |weight| >= 0.5
     one = weight == A(1);
@@ -401,7 +403,16 @@ struct LerpWeight {
   // hoist it there).
   template <bool kMayBeOne = true>
   C10_HOST_DEVICE A mix(A start, A end) const {
+#if defined(__CUDA_ARCH__)
     const A mixed = upper ? end - (end - start) * one_minus_w : start + w * (end - start);
+#else
+    // One explicit fused multiply-add, as torch's vectorised CPU lerp computes it: (weight - 1) or
+    // weight times (end - start), plus end or start. The host code is compiled with
+    // -ffp-contract=off (setup.py), so this is the only fusing: the bits do not depend on how the
+    // compiler shapes, unswitches or clones a loop. (One fma of selected operands, not a select of two
+    // fmas, which GCC does not vectorise in the stochastic rounding loop that counts.)
+    const A mixed = std::fma(upper ? w_minus_one : w, end - start, upper ? end : start);
+#endif
     if constexpr (kMayBeOne) {
       return one ? end : mixed;  // a select, not a branch: the loop stays vectorised
     } else {

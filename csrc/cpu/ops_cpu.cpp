@@ -31,10 +31,13 @@ struct Item {
   int64_t end;
 };
 
-// x86-64-v3 (AVX2, FMA, F16C) clone next to the baseline one, picked at load time by the CPU: the
-// bf16/fp16 conversions vectorise four times wider than with SSE2 alone.
+// x86-64-v4 (AVX-512) and x86-64-v3 (AVX2, FMA, F16C) clones next to the baseline one, picked at
+// load time by the CPU: the bf16/fp16 conversions vectorise four times wider than with SSE2 alone,
+// and AVX-512's masks and compares into them make the rounding and counting loops shorter still
+// (docs/benchmarks.md). The clones store the same bits: their only fused multiply-adds are the
+// explicit ones (functors.h; -ffp-contract=off).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SWA_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define SWA_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SWA_FAST_CPU_CLONES
 #endif
@@ -83,28 +86,7 @@ SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t
   } else {
     constexpr int S = F::kRoundedLists;
     Tally<S> tally;
-    const auto put = counted(Nearest{}, &tally);
-    // The averages must be the very bits of a call without `stats`, and which products the compiler
-    // fuses into multiply-adds depends on the loop's shape: the counting loop must have the shape of
-    // the loop without counts. GCC unswitches a loop on the weight's side of 0.5 (LerpWeight::upper)
-    // by itself only up to a size: it does the uncounted loops of lerp_ and of moments_ into fp32 and
-    // fp64 averages (which then vectorise), not the counting loop of moments_, nor moments_ into bf16
-    // or fp16 averages (their conversions make the loop too long; it stays scalar, branching per
-    // element). So the counting loop is unswitched here exactly where the loop without counts is
-    // (tests/test_pass_stats_compiled.py checks the bits).
-    using D = typename F::Lists::template type<0>;
-    if constexpr (requires { f.lerp.upper; } && (F::kRoundedLists == 1 || sizeof(D) >= 4)) {
-      F side = f;
-      if (side.lerp.upper) {
-        side.lerp.upper = true;
-        store_loop(side, ptrs, begin, end, put);
-      } else {
-        side.lerp.upper = false;
-        store_loop(side, ptrs, begin, end, put);
-      }
-    } else {
-      store_loop(f, ptrs, begin, end, put);
-    }
+    store_loop(f, ptrs, begin, end, counted(Nearest{}, &tally));
     add_tally(tally, count);
   }
 }
@@ -125,6 +107,17 @@ C10_ALWAYS_INLINE void random_block(const RoundingKey<S>& key, int s, int64_t fl
   philox_calls(stream, static_cast<uint64_t>(flat) >> 3, groups, reinterpret_cast<uint32_t*>(bits));
 }
 
+// Asks for the cache lines of elements [from, to) of every list of F: the next block's, before this
+// block's Philox calls, which load nothing, so that memory works on them meanwhile.
+template <typename F>
+C10_ALWAYS_INLINE void prefetch_elements(void* const* ptrs, int64_t from, int64_t to) {
+  for (int k = 0; k < F::kLists; ++k) {
+    const int64_t bytes = F::Lists::bytes(k);
+    const char* p = static_cast<const char*>(ptrs[k]);
+    for (int64_t at = from * bytes; at < to * bytes; at += 64) __builtin_prefetch(p + at, 1);
+  }
+}
+
 // run_item with the functor's S written lists rounded stochastically; `first`: the tensor's first
 // element in the flat average; Count as run_item's.
 template <typename F, int S, typename Count = NoStats>
@@ -139,6 +132,7 @@ SWA_FAST_CPU_CLONES void run_item_rounded(F f, const RoundingKey<S>& key, void* 
     const int64_t n = std::min(end - b, kRoundBlock);
     const int64_t flat = first + b;
     const int64_t skew = flat & 7;
+    prefetch_elements<F>(ptrs, b + n, std::min(end, b + n + kRoundBlock));
     for (int s = 0; s < S; ++s) random_block(key, s, flat, (skew + n + 7) >> 3, bits[s]);
     const auto put = [&](int64_t j) {
       Stochastic<S> out;

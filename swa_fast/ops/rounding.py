@@ -30,10 +30,11 @@ and the fp32 value x is rounded with r as follows (u: x's bits, f = u & 0x7fffff
                     bits = m + ((F + r) >> 16)            up with probability F / 2^16
     then the sign bit set from x.
 
-x is the op's fp32 result as each backend computes it (torch.lerp's formula; the compilers may fuse
-its multiply and add, as torch's own CPU kernel does): backends whose fp32 results agree store the
-same bits; where one differs in its last bit (an unfused Triton interpreter against a fused CPU
-kernel), that element's rounding can differ once in about 65,536 such elements.
+x is the op's fp32 result as each backend computes it (torch.lerp's formula: the C++ CPU kernels with
+one explicit fused multiply-add, as torch's vectorised CPU kernel; the other backends as their
+compilers fuse it or not): backends whose fp32 results agree store the same bits; where one differs
+in its last bit (an unfused Triton interpreter against a fused CPU kernel), that element's rounding
+can differ once in about 65,536 such elements.
 
 A value the format holds exactly is never changed (its dropped bits are zero). The expected rounded
 value is x exactly for bf16 and for fp16's normal range, and within 2^-16 of a step (2^-40) in
