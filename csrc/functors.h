@@ -410,7 +410,8 @@ struct LerpWeight {
     // weight times (end - start), plus end or start. The host code is compiled with
     // -ffp-contract=off (setup.py), so this is the only fusing: the bits do not depend on how the
     // compiler shapes, unswitches or clones a loop. (One fma of selected operands, not a select of two
-    // fmas, which GCC does not vectorise in the stochastic rounding loop that counts.)
+    // fmas, which GCC does not vectorise in the stochastic rounding loop that counts. The baseline
+    // x86-64 clone, for CPUs without FMA, calls the C library's fma: the same bits, slower.)
     const A mixed = std::fma(upper ? w_minus_one : w, end - start, upper ? end : start);
 #endif
     if constexpr (kMayBeOne) {

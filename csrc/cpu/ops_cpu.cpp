@@ -71,6 +71,20 @@ C10_ALWAYS_INLINE void store_loop(const F& f, void* const* ptrs, int64_t begin, 
   }
 }
 
+// Asks for the cache lines of elements [from, to) of every list of F: the next block's, so that memory
+// works on them while this block's compute runs (docs/benchmarks.md).
+template <typename F>
+C10_ALWAYS_INLINE void prefetch_elements(void* const* ptrs, int64_t from, int64_t to) {
+  for (int k = 0; k < F::kLists; ++k) {
+    const int64_t bytes = F::Lists::bytes(k);
+    const char* p = static_cast<const char*>(ptrs[k]);
+    for (int64_t at = from * bytes; at < to * bytes; at += 64) __builtin_prefetch(p + at, 1);
+  }
+}
+
+// Elements a loop takes at a time where it prefetches the next block's.
+constexpr int64_t kPrefetchBlock = 512;
+
 // Count: NoStats, or the StatsRows of a call with `stats`, whose loop counts each write in this
 // item's Tally (Counting) and adds it to them at the end.
 template <typename F, typename Count = NoStats>
@@ -78,15 +92,23 @@ SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t
   f.resolve();
   if (f.skip()) return;
   if constexpr (std::is_same_v<Count, NoStats>) {
-    if (f.weight_one()) {  // the source as it is, through the select that ignores the destination
-      for (int64_t i = begin; i < end; ++i) f.store(ptrs, i, f.load(ptrs, i));
-    } else {
-      for (int64_t i = begin; i < end; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i));
+    for (int64_t b = begin; b < end; b += kPrefetchBlock) {
+      const int64_t e = std::min(end, b + kPrefetchBlock);
+      prefetch_elements<F>(ptrs, e, std::min(end, e + kPrefetchBlock));
+      if (f.weight_one()) {  // the source as it is, through the select that ignores the destination
+        for (int64_t i = b; i < e; ++i) f.store(ptrs, i, f.load(ptrs, i));
+      } else {
+        for (int64_t i = b; i < e; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i));
+      }
     }
   } else {
     constexpr int S = F::kRoundedLists;
     Tally<S> tally;
-    store_loop(f, ptrs, begin, end, counted(Nearest{}, &tally));
+    for (int64_t b = begin; b < end; b += kPrefetchBlock) {
+      const int64_t e = std::min(end, b + kPrefetchBlock);
+      prefetch_elements<F>(ptrs, e, std::min(end, e + kPrefetchBlock));
+      store_loop(f, ptrs, b, e, counted(Nearest{}, &tally));
+    }
     add_tally(tally, count);
   }
 }
@@ -105,17 +127,6 @@ C10_ALWAYS_INLINE void random_block(const RoundingKey<S>& key, int s, int64_t fl
   static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the halves' order is little-endian");
   const PhiloxStream stream{key.seed_lo, key.seed_hi, key.step_lo, key.step_hi, key.stream_hi[s]};
   philox_calls(stream, static_cast<uint64_t>(flat) >> 3, groups, reinterpret_cast<uint32_t*>(bits));
-}
-
-// Asks for the cache lines of elements [from, to) of every list of F: the next block's, before this
-// block's Philox calls, which load nothing, so that memory works on them meanwhile.
-template <typename F>
-C10_ALWAYS_INLINE void prefetch_elements(void* const* ptrs, int64_t from, int64_t to) {
-  for (int k = 0; k < F::kLists; ++k) {
-    const int64_t bytes = F::Lists::bytes(k);
-    const char* p = static_cast<const char*>(ptrs[k]);
-    for (int64_t at = from * bytes; at < to * bytes; at += 64) __builtin_prefetch(p + at, 1);
-  }
 }
 
 // run_item with the functor's S written lists rounded stochastically; `first`: the tensor's first

@@ -4,7 +4,7 @@
 // 64-bit lane (its 32-bit words in the low halves, which is all vpmuludq reads), so a round is two
 // multiplies, two shuffles and two three-way xors for 8 (AVX-512) or 4 (AVX2) calls, and four
 // registers' calls are in flight to hide the multiplies' latency. The words written are the scalar
-// function's, bit for bit (tests/test_rounding.py runs each width against the reference).
+// function's, bit for bit (tests/test_rounding.py runs the ops at each width against the scalar one).
 //
 // Which width runs follows the CPU, capped like torch's own kernels by ATEN_CPU_CAPABILITY
 // (default, avx2, avx512), read once.
