@@ -85,32 +85,38 @@ C10_ALWAYS_INLINE void prefetch_elements(void* const* ptrs, int64_t from, int64_
 // Elements a loop takes at a time where it prefetches the next block's.
 constexpr int64_t kPrefetchBlock = 512;
 
+// A work item's tally for a call's Count: none (NoStats) or the counts of its S written lists.
+template <typename Count>
+struct TallyOf {
+  using type = NoStats;
+};
+template <int S>
+struct TallyOf<StatsRows<S>> {
+  using type = Tally<S>;
+};
+template <typename Count>
+using TallyFor = typename TallyOf<Count>::type;
+
 // Count: NoStats, or the StatsRows of a call with `stats`, whose loop counts each write in this
 // item's Tally (Counting) and adds it to them at the end.
 template <typename F, typename Count = NoStats>
 SWA_FAST_CPU_CLONES void run_item(F f, void* const* ptrs, int64_t begin, int64_t end, Count count = {}) {
   f.resolve();
   if (f.skip()) return;
-  if constexpr (std::is_same_v<Count, NoStats>) {
-    for (int64_t b = begin; b < end; b += kPrefetchBlock) {
-      const int64_t e = std::min(end, b + kPrefetchBlock);
-      prefetch_elements<F>(ptrs, e, std::min(end, e + kPrefetchBlock));
-      if (f.weight_one()) {  // the source as it is, through the select that ignores the destination
-        for (int64_t i = b; i < e; ++i) f.store(ptrs, i, f.load(ptrs, i));
-      } else {
-        for (int64_t i = b; i < e; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i));
-      }
-    }
-  } else {
-    constexpr int S = F::kRoundedLists;
-    Tally<S> tally;
-    for (int64_t b = begin; b < end; b += kPrefetchBlock) {
-      const int64_t e = std::min(end, b + kPrefetchBlock);
-      prefetch_elements<F>(ptrs, e, std::min(end, e + kPrefetchBlock));
+  constexpr bool kCounts = !std::is_same_v<Count, NoStats>;
+  [[maybe_unused]] TallyFor<Count> tally;
+  for (int64_t b = begin; b < end; b += kPrefetchBlock) {
+    const int64_t e = std::min(end, b + kPrefetchBlock);
+    prefetch_elements<F>(ptrs, e, std::min(end, e + kPrefetchBlock));
+    if constexpr (kCounts) {
       store_loop(f, ptrs, b, e, counted(Nearest{}, &tally));
+    } else if (f.weight_one()) {  // the source as it is, through the select that ignores the destination
+      for (int64_t i = b; i < e; ++i) f.store(ptrs, i, f.load(ptrs, i));
+    } else {
+      for (int64_t i = b; i < e; ++i) f.template store<false>(ptrs, i, f.load(ptrs, i));
     }
-    add_tally(tally, count);
   }
+  if constexpr (kCounts) add_tally(tally, count);
 }
 
 // Stochastic rounding: elements whose random bits are made at a time, into a buffer in L1, by
@@ -137,7 +143,7 @@ SWA_FAST_CPU_CLONES void run_item_rounded(F f, const RoundingKey<S>& key, void* 
   constexpr bool kCounts = !std::is_same_v<Count, NoStats>;
   f.resolve();
   if (f.skip()) return;
-  [[maybe_unused]] std::conditional_t<kCounts, Tally<S>, NoStats> tally;
+  [[maybe_unused]] TallyFor<Count> tally;
   alignas(64) uint16_t bits[S][kRoundBlock + 8];
   for (int64_t b = begin; b < end; b += kRoundBlock) {
     const int64_t n = std::min(end - b, kRoundBlock);
