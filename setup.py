@@ -136,8 +136,9 @@ def extensions():
         "torch_version": torch.__version__,
     }
     macros = [(f"SWA_FAST_BUILD_{k.upper()}", f'"{v}"') for k, v in info.items() if k != "cuda"]
-    # -ffp-contract=off: the CPU kernels fuse a multiply and an add only where the code says so
-    # (functors.h), so a loop's bits do not depend on how the compiler shaped it.
+    # -ffp-contract=off, --fmad=false: the kernels fuse a multiply and an add only where the code
+    # says so (functors.h), so a loop's bits do not depend on how the compiler shaped it, and the
+    # CPU's and the GPU's are the same.
     cxx = ["-O3", "-Wall", "-fopenmp", "-ffp-contract=off"]
     if with_cuda:
         sources += sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))
@@ -146,7 +147,7 @@ def extensions():
             "swa_fast._C",
             sources,
             define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "--fmad=false"]},
             extra_link_args=["-fopenmp"],
             py_limited_api=False,
         )

@@ -138,8 +138,13 @@ C10_HOST_DEVICE inline void store_as(void* p, int64_t i, A x) {
 
 // --- stochastic rounding: swa_fast/ops/rounding.py defines the bits, which every backend computes alike ---
 
-// Philox4x32-10 (Salmon et al., SC 2011; Random123's constants) of the counter c under the key
-// (k0, k1), in place: a pure function, so each element's bits are computed where it is stored.
+// Philox4x32-10's constants (Salmon et al., SC 2011; Random123's): the rounds' multipliers and the
+// key's increments (the golden ratio, sqrt(3) - 1).
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
+
+// Philox4x32-10 of the counter c under the key (k0, k1), in place: a pure function, so each
+// element's bits are computed where it is stored.
 C10_HOST_DEVICE C10_ALWAYS_INLINE void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
   // Unrolled on the host too, so that a loop over counters vectorises across them.
 #if defined(__CUDACC__) || defined(__clang__)
@@ -148,17 +153,34 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void philox4x32_10(uint32_t (&c)[4], uint32_t 
 #pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c[0];
-    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c[2];
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxRoundA) * c[0];
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxRoundB) * c[2];
     const uint32_t c1 = c[1], c3 = c[3];
     c[0] = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
     c[1] = static_cast<uint32_t>(p1);
     c[2] = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
     c[3] = static_cast<uint32_t>(p0);
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
   }
 }
+
+// One written list's Philox calls: the key (the seed), and the counter's words besides the element
+// group's (the step, and the list's stream already shifted into the counter's top byte).
+struct PhiloxStream {
+  uint32_t seed_lo, seed_hi, step_lo, step_hi, stream_hi;
+
+  // The four 32-bit words (32 random bits for each of 8 elements, two each) of the 8 elements
+  // 8g .. 8g + 7: element n's 16 bits are word (n >> 1) & 3's low half for even n, its high half
+  // for odd n.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void words(uint64_t g, uint32_t (&c)[4]) const {
+    c[0] = static_cast<uint32_t>(g);
+    c[1] = static_cast<uint32_t>(g >> 32) ^ stream_hi;
+    c[2] = step_lo;
+    c[3] = step_hi;
+    philox4x32_10(c, seed_lo, seed_hi);
+  }
+};
 
 // What the random bits of a call's written lists depend on besides the element: the seed (Philox's
 // key), the step, and each written list's stream (S of them, the functor's kRoundedLists, in its
@@ -168,16 +190,11 @@ struct RoundingKey {
   uint32_t seed_lo = 0, seed_hi = 0, step_lo = 0, step_hi = 0;
   uint32_t stream_hi[S]{};
 
-  // The four 32-bit words (32 random bits for each of 8 elements, two each) of the 8 elements
-  // 8g .. 8g + 7 of stream s: element n's 16 bits are word (n >> 1) & 3's low half for even n, its
-  // high half for odd n.
-  C10_HOST_DEVICE C10_ALWAYS_INLINE void words(int s, uint64_t g, uint32_t (&c)[4]) const {
-    c[0] = static_cast<uint32_t>(g);
-    c[1] = static_cast<uint32_t>(g >> 32) ^ stream_hi[s];
-    c[2] = step_lo;
-    c[3] = step_hi;
-    philox4x32_10(c, seed_lo, seed_hi);
+  C10_HOST_DEVICE C10_ALWAYS_INLINE PhiloxStream stream(int s) const {
+    return {seed_lo, seed_hi, step_lo, step_hi, stream_hi[s]};
   }
+  // Stream s's words of the 8 elements 8g .. 8g + 7 (PhiloxStream::words).
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void words(int s, uint64_t g, uint32_t (&c)[4]) const { stream(s).words(g, c); }
   // The bits of the 8 elements n0 .. n0 + 7 of stream s (the CUDA vector path), laid out as `words`
   // lays them out (element n0 + i's in word i >> 1, its low half for even i): one Philox call where
   // n0 is a multiple of 8 (every vector of a tensor whose first element is: a flat buffer's views),
@@ -387,11 +404,10 @@ constexpr bool kRoundsStochastically = std::is_same_v<T, c10::BFloat16> || std::
 // NaN: that is how an update is skipped on the device.
 template <typename A>
 struct LerpWeight {
-  A w = A(0), one_minus_w = A(1), w_minus_one = A(-1);
+  A w = A(0), w_minus_one = A(-1);
   bool upper = false, one = false;
   C10_HOST_DEVICE void set(A weight) {
     w = weight;
-    one_minus_w = A(1) - weight;
     w_minus_one = weight - A(1);
     // loop-invariant: the compiler hoists the branches out of the loop
     upper = !(weight < A(0.5) && weight > A(-0.5));  // as torch.lerp: |weight| >= 0.5
@@ -403,17 +419,14 @@ struct LerpWeight {
   // hoist it there).
   template <bool kMayBeOne = true>
   C10_HOST_DEVICE A mix(A start, A end) const {
-#if defined(__CUDA_ARCH__)
-    const A mixed = upper ? end - (end - start) * one_minus_w : start + w * (end - start);
-#else
     // One explicit fused multiply-add, as torch's vectorised CPU lerp computes it: (weight - 1) or
-    // weight times (end - start), plus end or start. The host code is compiled with
-    // -ffp-contract=off (setup.py), so this is the only fusing: the bits do not depend on how the
-    // compiler shapes, unswitches or clones a loop. (One fma of selected operands, not a select of two
-    // fmas, which GCC does not vectorise in the stochastic rounding loop that counts. The baseline
-    // x86-64 clone, for CPUs without FMA, calls the C library's fma: the same bits, slower.)
+    // weight times (end - start), plus end or start. Nothing else is fused (setup.py: the host code
+    // with -ffp-contract=off, the device code with --fmad=false), so the bits do not depend on how
+    // the compiler shapes, unswitches or clones a loop, and are the same on the CPU and the GPU.
+    // (One fma of selected operands, not a select of two fmas, which GCC does not vectorise in the
+    // stochastic rounding loop that counts. The baseline x86-64 clone, for CPUs without FMA, calls
+    // the C library's fma: the same bits, slower.)
     const A mixed = std::fma(upper ? w_minus_one : w, end - start, upper ? end : start);
-#endif
     if constexpr (kMayBeOne) {
       return one ? end : mixed;  // a select, not a branch: the loop stays vectorised
     } else {

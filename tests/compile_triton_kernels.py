@@ -8,9 +8,9 @@ makes interpreted functions, which triton.compile does not take):
 VARIANTS.json lists the launches the launchers make: {"op", "signature" (argument -> Triton type),
 "constexprs" (name -> value; dtypes by name, "fp32")}. Each is compiled for sm_80 and sm_90;
 RESULTS.json gets, per variant and target, the error (None when it compiled), the PTX's 128-bit
-global loads and stores, its shared-memory accesses, 32-bit high multiplies (Philox's) and global
-atomics (the stats'), whether it uses local memory, and its registers per thread (from the cubin,
-through the cuobjdump that ships with Triton).
+global loads and stores, its shared-memory accesses, 32-bit high multiplies (Philox's), global
+atomics (the stats'), its fmas and the multiplies and adds ptxas could fuse, whether it uses local
+memory, and its registers per thread (from the cubin, through the cuobjdump that ships with Triton).
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ def compile_one(job: tuple[dict, int]) -> dict:
     result["mul_hi"] = len(re.findall(r"\bmul\.hi\.u32\b", ptx))
     # global atomics (the stats' counts: atom, or red where the old value is not used)
     result["atomics"] = len(re.findall(r"\b(?:atom|red)\.global\b", ptx))
+    # floating-point multiplies and adds without a rounding modifier, which ptxas may fuse into an
+    # fma (with .rn it may not); and the fmas themselves
+    result["fusable"] = len(re.findall(r"\b(?:mul|add|sub)(?:\.ftz)?\.f(?:32|64)\b", ptx))
+    result["fma"] = len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f(?:32|64)\b", ptx))
     result["registers"], stack, local = resources(compiled.asm["cubin"])
     # local memory asked for in the PTX, or spilled to by ptxas
     result["local"] = bool(re.search(r"\.local\b", ptx)) or stack > 0 or local > 0

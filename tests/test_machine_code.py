@@ -2,8 +2,9 @@
 Triton disassembles the extension's cubins. For every architecture the build was asked for
 (BUILD_INFO's cuda_archs: by default every one the installed torch supports), a cubin must be there
 (not only PTX), lerp_ and bema_ must move 128 bits per global load and store on their vector
-paths (fp32 and bf16 sources), and so must weighted_sum_ (fp32, bf16 and mixed sources), and no
-kernel may spill to local memory; registers per thread are printed (pytest -s)."""
+paths (fp32 and bf16 sources), and so must weighted_sum_ (fp32, bf16 and mixed sources), no
+kernel may spill to local memory, and moments_ must round its square on its own (nothing fused but
+the lerp); registers per thread are printed (pytest -s)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,14 @@ def test_bema_moves_128_bits(sass, src):
     # kernel: a host weight that is not 0, kKeepsAtZero false, `Lb0E` in the mangled name.)
     loads, stores = (3, 2) if src == "f" else (5, 4)
     _assert_vector_and_tail(_kernel(sass, "Bema", "f", src, more="Lb0E"), loads, stores)
+
+
+def test_moments_rounds_its_square_on_its_own(sass):
+    """Built with --fmad=false (setup.py), the device code fuses only what the code fuses: moments_'
+    src * src is a multiply of its own (FMUL), not folded into the lerp's subtraction, as on the
+    CPU, and the lerp's one fused multiply-add is there (FFMA)."""
+    code = _kernel(sass, "Moments", "f", "f")
+    assert re.search(r"\bFMUL\b", code) and re.search(r"\bFFMA\b", code), code
 
 
 BF16, FP16 = "N3c108BFloat16E", "N3c104HalfE"

@@ -3,6 +3,8 @@ generator against its published answers, the rounding's properties and bias, the
 backend and however the tensors are cut, the managers' and the drop-in's `rounding="stochastic"`,
 their state, and the stalled bf16 EMA it cures."""
 
+import ctypes
+import ctypes.util
 import math
 import os
 import subprocess
@@ -13,7 +15,7 @@ import torch
 from conftest import cpu_backends, cuda_backends, mlp, same_bits
 
 import swa_fast
-from swa_fast.ops import StochasticRounding
+from swa_fast.ops import StochasticRounding, reference
 from swa_fast.ops.rounding import philox4x32_10, random_bits, round_stochastically, rounding_tensor
 from swa_fast.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -211,6 +213,98 @@ def test_gpu_backends_round_the_same_bits_as_the_reference(backend):
     assert _same_rounding(results[backend], results["reference"])
 
 
+def test_the_reference_fma_rounds_once_as_the_c_library_does():
+    """reference.fma (fp64, rounded to odd) against the C library's fmaf, on random triples of every
+    sign and scale and on one where rounding the exact fp64 sum to nearest first would land on an
+    fp32 midpoint: (2^-24 + 2^-47)(1 - 2^-23) + (1 + 2^-23) is 1 + 2^-23 + 2^-24 - 2^-70."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.fmaf.restype, libm.fmaf.argtypes = ctypes.c_float, [ctypes.c_float] * 3
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (
+        torch.randn(3000, generator=g) * torch.exp2(torch.randint(-30, 30, (3000,), generator=g))
+        for _ in "abc"
+    )
+    c[:1000] = -(a[:1000].double() * b[:1000].double()).float()  # sums that cancel almost wholly
+    hard = torch.tensor([[2.0**-24 + 2.0**-47, 1 - 2.0**-23, 1 + 2.0**-23]])
+    a, b, c = (torch.cat([t, hard[:, k]]) for k, t in enumerate((a, b, c)))
+    expected = torch.tensor([libm.fmaf(*v) for v in zip(a.tolist(), b.tolist(), c.tolist())])
+    assert same_bits(reference.fma(a, b, c), expected)
+    double_rounded = (a.double() * b.double() + c.double()).float()
+    assert double_rounded[-1] != expected[-1]  # (the case the rounding to odd is there for)
+
+
+def _unfused_lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
+    """torch.lerp's formula with every operation rounded (no fused multiply-add), in fp32."""
+    w = torch.tensor(weight, dtype=torch.float32)
+    if abs(weight) < 0.5:
+        return start + w * (end - start)
+    return end - (end - start) * (1 - w)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("weight", [0.3, 0.7])
+def test_every_backend_computes_the_values_it_rounds_as_one_fused_multiply_add(backend, weight):
+    """Given `rounding`, an fp32 average (stored to nearest) holds the value that a bf16 one would
+    round: the same bits on every backend, whichever way torch's or the interpreter's lerp computes
+    it, and not what an unfused lerp gives."""
+    g = torch.Generator().manual_seed(7)
+    avg, src = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+    key = StochasticRounding(seed=2, step=3)
+    results = {}
+    for name in ("reference", backend):
+        a, m, q = avg.clone(), avg.clone(), avg.abs()
+        avgs = [avg.clone(), avg.clone()]
+        swa_fast.lerp_([a], [src], weight, rounding=key, backend=name)
+        swa_fast.moments_([m], [q], [src], weight, rounding=key, backend=name)
+        swa_fast.multi_lerp_(avgs, [src], [weight, 0.1], rounding=key, backend=name)
+        results[name] = [a, m, q, *avgs]
+    assert all(same_bits(x, y) for x, y in zip(results[backend], results["reference"]))
+    assert not same_bits(results["reference"][0], _unfused_lerp(avg, src, weight))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("weight", [0.3, 0.7])
+def test_every_backend_rounds_alike_where_a_fused_and_an_unfused_lerp_round_apart(backend, weight):
+    """Elements picked so that the fused and the unfused fp32 lerp differ in the last bit right
+    where that element's random bits decide the rounding: every backend stores the fused one's."""
+    n, key = 64, StochasticRounding(seed=11, step=5, firsts=(0,))
+    r = random_bits(torch.arange(n), key.seed, key.step, key.stream)
+    g = torch.Generator().manual_seed(1)
+    pool_start = torch.randn(1 << 20, generator=g).bfloat16().float()
+    pool_end = torch.randn(1 << 20, generator=g)
+    w = torch.tensor(weight, dtype=torch.float32)
+    fused = reference.lerp_value(pool_start, pool_end, w, exact=True)
+    unfused = _unfused_lerp(pool_start, pool_end, weight)
+    differ = fused != unfused
+    pool_start, pool_end, fused, unfused = (t[differ] for t in (pool_start, pool_end, fused, unfused))
+    start, end = pool_start[:n].clone(), pool_end[:n].clone()
+    critical = 0
+    for i in range(n):  # a candidate whose two values round apart with element i's bits
+        apart = round_stochastically(fused, torch.bfloat16, r[i]) != round_stochastically(
+            unfused, torch.bfloat16, r[i]
+        )
+        found = apart.nonzero()
+        if len(found):
+            start[i], end[i] = pool_start[found[0, 0]], pool_end[found[0, 0]]
+            critical += 1
+    assert critical >= n // 2
+    expected = round_stochastically(reference.lerp_value(start, end, w, exact=True), torch.bfloat16, r)
+    assert not same_bits(expected, round_stochastically(_unfused_lerp(start, end, weight), torch.bfloat16, r))
+    got = start.bfloat16()
+    swa_fast.lerp_([got], [end], weight, rounding=key, backend=backend)
+    assert same_bits(got, expected)
+
+
+def test_torch_s_default_cpu_kernels_change_no_value():
+    """At ATEN_CPU_CAPABILITY=default torch's lerp is not fused (in its AVX2 and AVX-512 code it is):
+    the two tests above pass there too, in a subprocess (torch reads the variable once)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    tests = "one_fused_multiply_add or unfused_lerp_round_apart"
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", tests]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-3000:]
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_bits_do_not_depend_on_how_the_tensors_are_cut(backend):
     """An element draws by its place in the whole flat average: a tensor updated whole, or as two
@@ -232,7 +326,7 @@ def test_bits_do_not_depend_on_how_the_tensors_are_cut(backend):
 # 2^32nd Philox call (element 2^35); moments_ and multi_lerp_ (several streams).
 _WIDTH_SCRIPT = """
 import sys, torch, swa_fast
-from swa_fast.ops import StochasticRounding
+from swa_fast.ops import StochasticRounding, reference
 avg, sq, src = torch.load(sys.argv[1])
 firsts = [0, 3, 2**35 - 1000, 2**35 - 4, 77, 2**35 + 5, 1, 512, 9, 2**40 + 3]
 key = StochasticRounding(seed=5, step=3, firsts=firsts)

@@ -1,6 +1,6 @@
 """Stochastic rounding in the compiled CPU kernels (csrc/): lerp_, moments_ and multi_lerp_ given a
 `rounding` tensor, through torch.ops.swa_fast and the extension's eager entry points, bit for bit
-against swa_fast/ops/rounding.py (the definition) applied to the reference's fp32 result; the checks
+against swa_fast/ops/rounding.py (the definition) applied to the reference's exact fp32 result; the checks
 of a bad `rounding` (rounding.py's messages, nothing written); and the nearest path (no `rounding`,
 or None) as it was."""
 
@@ -63,13 +63,13 @@ def _expect_lerp(avg, src, weight, key):
     out = [a.clone() for a in avg]
     for i, (a, s) in enumerate(zip(out, src)):
         acc = reference.acc_dtype(a.dtype)
-        w = reference._weight(weight, a)
+        w = reference.weight_as(weight, a)
         if float(w) == 0:
             continue  # weight 0 writes nothing
         if _nearest(a.dtype):
             torch.ops.swa_fast.lerp_([a], [s], w)
             continue
-        _store(a, reference._lerp(a.to(acc), reference._read(s, acc), w), i, 0, key)
+        _store(a, reference.lerp_value(a.to(acc), reference._read(s, acc), w, exact=True), i, 0, key)
     return out
 
 
@@ -79,14 +79,17 @@ def _expect_moments(mean, sq, src, weight, key, sq_offset: int = 0):
     out_mean, out_sq = [m.clone() for m in mean], [q.clone() for q in sq]
     for i, (m, q, s) in enumerate(zip(out_mean, out_sq, src)):
         acc = reference.acc_dtype(m.dtype)
-        w = reference._weight(weight, m)
+        w = reference.weight_as(weight, m)
         if float(w) == 0:
             continue
         if _nearest(m.dtype):
             torch.ops.swa_fast.moments_([m], [q], [s], w)
             continue
         x = reference._read(s, acc)
-        new_mean, new_sq = reference._lerp(m.to(acc), x, w), reference._lerp(q.to(acc), x * x, w)
+        new_mean, new_sq = (
+            reference.lerp_value(m.to(acc), x, w, True),
+            reference.lerp_value(q.to(acc), x * x, w, True),
+        )
         if sq_offset:
             new_sq = new_sq.nextafter(torch.full_like(new_sq, sq_offset * float("inf")))
         _store(m, new_mean, i, 0, key)
@@ -102,7 +105,7 @@ def _expect_multi_lerp(avgs, src, weights, key):
         for k, w in enumerate(weights):
             a = out[k * n + i]
             acc = reference.acc_dtype(a.dtype)
-            w = reference._weight(w, a)
+            w = reference.weight_as(w, a)
             if float(w) == 0:
                 new.append(None)
             elif _nearest(a.dtype):
@@ -110,7 +113,7 @@ def _expect_multi_lerp(avgs, src, weights, key):
                 torch.ops.swa_fast.lerp_([value], [s], w)
                 new.append(value)
             else:
-                new.append(reference._lerp(a.to(acc), reference._read(s, acc), w))
+                new.append(reference.lerp_value(a.to(acc), reference._read(s, acc), w, exact=True))
         for k, value in enumerate(new):
             if value is None:
                 continue

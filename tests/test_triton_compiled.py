@@ -9,7 +9,8 @@ and multi_lerp_ are launched again with stochastic rounding into bf16 and fp16, 
 STATS variants: as wide as those without, their counts added by atomics). The PTX of the
 lerp_ and weighted_sum_ kernels on aligned tensors must move 128 bits per access (fp32 and bf16
 sources), so must the stochastic lerp_ and moments_ ones, with one Philox call per 8 elements and
-no shared memory, and no kernel may use local memory. Registers per thread are printed (pytest -s).
+no shared memory; no kernel may use local memory, or leave a multiply and an add for the
+compiler to fuse (the lerp's one fma is written). Registers per thread are printed (pytest -s).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ SHAPES = [(triton_kernels.BLOCK + 100,), (3,)]  # a full block and a partial one
 COPIED_INTEGERS = (torch.int64, torch.int32, torch.bool)
 ROUNDING_OPS = ("lerp_", "moments_", "multi_lerp_")
 ROUNDED = (torch.bfloat16, torch.float16)
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")  # launch keywords that are not kernel arguments
+LAUNCH_OPTIONS = (
+    "num_warps",
+    "num_stages",
+    "num_ctas",
+    "enable_fp_fusion",
+)  # launch keywords that are not kernel arguments
 
 pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason=str(triton_kernels.TRITON_ERROR))
 
@@ -203,6 +209,15 @@ def test_every_variant_compiles(compiled):
     for r in compiled:
         wide = f"{r['ld_v4']} ld.global.v4, {r['st_v4']} st.global.v4"
         print(f"  {_label(r):61s} {r['registers']} registers, {wide}")
+
+
+def test_a_multiply_and_an_add_are_fused_only_where_a_kernel_says_so(compiled):
+    """The launches turn the compiler's fusing off: every multiply and add is rounded on its own
+    (.rn, which ptxas does not fuse), as the C++ kernels' are, and the lerp's one fma is there."""
+    fusable = [_label(r) for r in compiled if not r["error"] and r["fusable"]]
+    assert not fusable
+    lerps = [r for r in compiled if r["op"] in ROUNDING_OPS and not r["error"]]
+    assert lerps and all(r["fma"] > 0 for r in lerps)
 
 
 def test_no_local_memory(compiled):

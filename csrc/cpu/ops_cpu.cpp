@@ -131,8 +131,7 @@ template <int S>
 C10_ALWAYS_INLINE void random_block(const RoundingKey<S>& key, int s, int64_t flat, int64_t groups,
                                     uint16_t* bits) {
   static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the halves' order is little-endian");
-  const PhiloxStream stream{key.seed_lo, key.seed_hi, key.step_lo, key.step_hi, key.stream_hi[s]};
-  philox_calls(stream, static_cast<uint64_t>(flat) >> 3, groups, reinterpret_cast<uint32_t*>(bits));
+  philox_calls(key.stream(s), static_cast<uint64_t>(flat) >> 3, groups, reinterpret_cast<uint32_t*>(bits));
 }
 
 // run_item with the functor's S written lists rounded stochastically; `first`: the tensor's first

@@ -23,18 +23,11 @@
 
 namespace swa_fast {
 
-// The counters' words besides the element group's: Philox's key and the counter's step and stream.
-struct PhiloxStream {
-  uint32_t seed_lo, seed_hi, step_lo, step_hi, stream_hi;
-};
-
-// Calls g0 .. g0 + groups - 1 of `stream`, call g's four words at out[4g .. 4g + 3].
+// Calls g0 .. g0 + groups - 1 of the stream k (functors.h), call g's four words at out[4g .. 4g + 3].
 inline void philox_calls_scalar(const PhiloxStream& k, uint64_t g0, int64_t groups, uint32_t* out) {
   for (int64_t g = 0; g < groups; ++g) {
-    const uint64_t counter = g0 + static_cast<uint64_t>(g);
-    uint32_t c[4] = {static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32) ^ k.stream_hi, k.step_lo,
-                     k.step_hi};
-    philox4x32_10(c, k.seed_lo, k.seed_hi);
+    uint32_t c[4];
+    k.words(g0 + static_cast<uint64_t>(g), c);
     std::memcpy(out + 4 * g, c, sizeof c);
   }
 }
@@ -44,7 +37,6 @@ inline void philox_calls_scalar(const PhiloxStream& k, uint64_t g0, int64_t grou
 // are always inlined into those, so the ABI of passing them (GCC's -Wpsabi note) never applies.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
-constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
 constexpr int kPhiloxRegisters = 4;  // independent registers per round: the multiplies' latency hidden
 
 // One width's operations, so that the round and the transpose are written once. Lane order: lane j
@@ -90,11 +82,12 @@ struct Avx2 {
   }
 };
 
-// R registers of W::kLanes calls each, from call g0: the scalar function's rounds, lane-wise.
+// R registers of W::kLanes calls each, from call g0: PhiloxStream::words' counters and rounds,
+// lane-wise.
 template <typename W, int R>
 C10_ALWAYS_INLINE void philox_registers(const PhiloxStream& k, uint64_t g0, uint32_t* out) {
   using V = typename W::V;
-  const V round_a = W::broadcast(0xD2511F53u), round_b = W::broadcast(0xCD9E8D57u);
+  const V round_a = W::broadcast(kPhiloxRoundA), round_b = W::broadcast(kPhiloxRoundB);
   V c0[R], c1[R], c2[R], c3[R];
   for (int r = 0; r < R; ++r) {
     const V counter = W::add(W::broadcast(g0 + static_cast<uint64_t>(r * W::kLanes)), W::lane_order());

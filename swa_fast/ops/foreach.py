@@ -65,7 +65,7 @@ def _lerp_each(
     for j, (dst, target, w) in enumerate(zip(written, targets, weights)):
         if not isinstance(w, Tensor) and float(w) == 0:  # (as the kernels, weight 0 writes nothing)
             continue
-        for i, (d, value) in enumerate(zip(dst, lerped(dst, target, w))):
+        for i, (d, value) in enumerate(zip(dst, lerped(dst, target, w, exact=key is not None))):
             old = d.clone() if stats is not None else None
             if key is None:
                 d.copy_(value)
@@ -174,9 +174,18 @@ def _by_dtype(dst: list[Tensor], end: list[Tensor]) -> list[tuple[torch.dtype, l
     ]
 
 
-def lerped(start: list[Tensor], end: list[Tensor], weight: Tensor | float) -> list[Tensor]:
+def lerped(
+    start: list[Tensor], end: list[Tensor], weight: Tensor | float, exact: bool = False
+) -> list[Tensor]:
     """lerp(start[i], end[i], weight) in start's accumulation dtype, as new tensors (end already in
-    it): weight 0 gives start and weight 1 gives end, whatever the other holds."""
+    it): weight 0 gives start and weight 1 gives end, whatever the other holds. `exact`: each value
+    the kernels' one fused multiply-add rounded once (reference.lerp_value), which stochastic
+    rounding stores alike on every backend."""
+    if exact:
+        return [
+            reference.lerp_value(s.to(e.dtype), e, reference.weight_as(weight, s), True)
+            for s, e in zip(start, end)
+        ]
     start = [s.to(reference.acc_dtype(s.dtype), copy=True) for s in start]
     _lerp_into(start, end, weight)
     return start

@@ -24,7 +24,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _weight(weight: Tensor | float, like: Tensor) -> Tensor:
+def weight_as(weight: Tensor | float, like: Tensor) -> Tensor:
     """The weight as a 0-dim tensor in like's accumulation dtype, on its device."""
     if isinstance(weight, Tensor):
         return weight.to(device=like.device, dtype=acc_dtype(like.dtype))
@@ -36,8 +36,35 @@ def _read(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.resolve_neg().to(dtype)
 
 
-def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
-    return torch.where(weight == 0, start, torch.where(weight == 1, end, torch.lerp(start, end, weight)))
+def lerp_value(start: Tensor, end: Tensor, weight: Tensor, exact: bool = False) -> Tensor:
+    """torch.lerp(start, end, weight), except that weight 0 gives start and weight 1 gives end
+    whatever the other holds. `exact`: an fp32 value is the kernels' one fused multiply-add,
+    (weight - 1 or weight) * (end - start) + (end or start), rounded once, rather than what torch's
+    kernel of the moment computes (fused in its AVX2 and AVX-512 code, not in its default code):
+    the value that stochastic rounding stores the same on every backend (rounding.py)."""
+    if exact and start.dtype == torch.float32:
+        upper = ~((weight < 0.5) & (weight > -0.5))  # torch.lerp's side: |weight| >= 0.5
+        mixed = fma(torch.where(upper, weight - 1, weight), end - start, torch.where(upper, end, start))
+    else:
+        mixed = torch.lerp(start, end, weight)
+    return torch.where(weight == 0, start, torch.where(weight == 1, end, mixed))
+
+
+def fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """a * b + c rounded once, for fp32 tensors (broadcast), as a fused multiply-add instruction
+    gives it, on any CPU. In fp64 the product is exact (24 + 24 bits); the sum's rounding error comes
+    exactly from Two-Sum (Knuth), and where it is not 0 the sum is rounded to odd instead (its last
+    bit set by a step towards the exact value), which then rounds to fp32 correctly, since fp64 has
+    more than 24 + 1 bits (Boldo and Melquiond, IEEE Trans. Computers 2008)."""
+    product, addend = a.double() * b.double(), c.double()
+    total = product + addend
+    back = total - product
+    error = (product - (total - back)) + (addend - back)
+    bits = total.view(torch.int64)
+    to_odd = (error != 0) & ((bits & 1) == 0) & total.isfinite()  # (not finite: no error to keep)
+    away_from_zero = (error > 0) == (total > 0)
+    stepped = (bits + torch.where(away_from_zero, 1, -1)).view(torch.float64)
+    return torch.where(to_odd, stepped, total).float()
 
 
 def _store(
@@ -77,9 +104,9 @@ def lerp_(
     """avg += weight * (src - avg)   (SWA with weight 1/(n+1), EMA with 1 - decay)"""
     for i, (a, s) in enumerate(zip(avg, src)):
         acc = acc_dtype(a.dtype)
-        w = _weight(weight, a)
+        w = weight_as(weight, a)
         if not _skipped(w):
-            _store(a, _lerp(a.to(acc), _read(s, acc), w), rounding, i, 0, stats)
+            _store(a, lerp_value(a.to(acc), _read(s, acc), w, rounding is not None), rounding, i, 0, stats)
 
 
 @torch.no_grad()
@@ -94,11 +121,12 @@ def moments_(
     """mean += w (src - mean);  sq += w (src^2 - sq)   (SWAG, Maddox et al. 2019)"""
     for i, (m, q, s) in enumerate(zip(mean, sq, src)):
         acc = acc_dtype(m.dtype)
-        x, w = _read(s, acc), _weight(weight, m)
+        x, w = _read(s, acc), weight_as(weight, m)
         if _skipped(w):
             continue
         # Both computed before either is written: src may be mean or sq itself.
-        new_mean, new_sq = _lerp(m.to(acc), x, w), _lerp(q.to(acc), x * x, w)
+        exact = rounding is not None
+        new_mean, new_sq = lerp_value(m.to(acc), x, w, exact), lerp_value(q.to(acc), x * x, w, exact)
         _store(m, new_mean, rounding, i, 0, stats)
         _store(q, new_sq, rounding, i, 1, stats)
 
@@ -120,8 +148,8 @@ def multi_lerp_(
         for k in range(len(weights)):
             a = avgs[k * n + i]
             acc = acc_dtype(a.dtype)
-            w = _weight(weights[k], a)
-            new.append(None if _skipped(w) else _lerp(a.to(acc), _read(s, acc), w))
+            w = weight_as(weights[k], a)
+            new.append(None if _skipped(w) else lerp_value(a.to(acc), _read(s, acc), w, rounding is not None))
         for k, value in enumerate(new):
             if value is not None:
                 _store(avgs[k * n + i], value, rounding, i, k, stats)
@@ -140,8 +168,8 @@ def bema_(
     for e, o, s0, s in zip(ema, out, start, src):
         acc = acc_dtype(e.dtype)
         x = _read(s, acc)
-        new_ema = _lerp(e.to(acc), x, _weight(weights[0], e))
-        new_out = new_ema + _weight(weights[1], e) * (x - _read(s0, acc))
+        new_ema = lerp_value(e.to(acc), x, weight_as(weights[0], e))
+        new_out = new_ema + weight_as(weights[1], e) * (x - _read(s0, acc))
         e.copy_(new_ema)
         o.copy_(new_out)
 
@@ -176,9 +204,9 @@ def weighted_sum_(dst: Sequence[Tensor], srcs: Sequence[Tensor], weights: Tensor
         sources = [srcs[k * n + i] for k in range(len(weights))]
         acc = sum_acc_dtype([d.dtype] + [s.dtype for s in sources])
         like = torch.empty(0, dtype=acc, device=d.device)
-        total = _weight(weights[0], like) * _read(sources[0], acc)
+        total = weight_as(weights[0], like) * _read(sources[0], acc)
         for k in range(1, len(sources)):
-            total = total + _weight(weights[k], like) * _read(sources[k], acc)
+            total = total + weight_as(weights[k], like) * _read(sources[k], acc)
         d.copy_(rounded_once(total, d.dtype))  # (every source read first: a source may be dst itself)
 
 

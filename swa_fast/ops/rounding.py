@@ -30,11 +30,14 @@ and the fp32 value x is rounded with r as follows (u: x's bits, f = u & 0x7fffff
                     bits = m + ((F + r) >> 16)            up with probability F / 2^16
     then the sign bit set from x.
 
-x is the op's fp32 result as each backend computes it (torch.lerp's formula: the C++ CPU kernels with
-one explicit fused multiply-add, as torch's vectorised CPU kernel; the other backends as their
-compilers fuse it or not): backends whose fp32 results agree store the same bits; where one differs
-in its last bit (an unfused Triton interpreter against a fused CPU kernel), that element's rounding
-can differ once in about 65,536 such elements.
+x is the op's fp32 result, the same bits on every backend: torch.lerp's formula (weight or weight - 1,
+by its side of 0.5) with one fused multiply-add, weight * (end - start) + start or (weight - 1) *
+(end - start) + end, rounded once, every other operation rounded on its own (moments_' square
+included). The C++ and CUDA kernels write the fma and are built to fuse nothing else (setup.py), the
+Triton kernels likewise (compiled: fusing turned off at launch; interpreted: computed exactly in
+fp64), the reference and foreach backends compute it exactly in fp64 (reference.fma). Where no
+`rounding` is given, the reference and foreach backends use torch.lerp, which fuses or not by its
+CPU kernel (fused in its AVX2 and AVX-512 code).
 
 A value the format holds exactly is never changed (its dropped bits are zero). The expected rounded
 value is x exactly for bf16 and for fp16's normal range, and within 2^-16 of a step (2^-40) in

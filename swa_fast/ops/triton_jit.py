@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import ROUNDING_SCALARS
+from .triton_kernels import INTERPRETING, ROUNDING_SCALARS
+
+_INTERPRETED = tl.constexpr(INTERPRETING)
 
 TL_DTYPES = {
     torch.float32: tl.float32,
@@ -108,9 +110,35 @@ def _loaded(ptr, offs, mask, DTYPE: tl.constexpr, ACC: tl.constexpr, seen):
 @triton.jit
 def _lerp(start, end, w):
     # PyTorch's lerp: exact at both ends, accurate on either side of 0.5; weight 0 keeps start
-    # even where end is not finite, weight 1 gives end even where start is not.
-    mixed = tl.where(tl.abs(w) < 0.5, start + w * (end - start), end - (end - start) * (1 - w))
+    # even where end is not finite, weight 1 gives end even where start is not. One fused
+    # multiply-add, as the C++ kernels compute it (functors.h: LerpWeight), so that the values, and
+    # the bits stochastic rounding stores, are theirs.
+    # (Both sides computed and one selected, as before the fma was explicit: selecting the fma's
+    # operands instead, as the C++ does, needs more registers, and some variants spilled.)
+    d = end - start
+    lower = (w < 0.5) & (w > -0.5)  # torch.lerp's side of the weight (a NaN weight: the upper)
+    mixed = tl.where(lower, _fma(w, d, start), _fma(w - 1, d, end))
     return tl.where(w == 0, start, tl.where(w == 1, end, mixed))
+
+
+@triton.jit
+def _fma(a, b, c):
+    """a * b + c rounded once. Compiled, the instruction (and nothing else is fused: the launches
+    turn the compiler's fusing off); interpreted, where Triton's fma rounds twice (numpy), fp32's
+    is computed exactly as reference.fma does: in fp64 the product is exact, and the sum, rounded to
+    odd by its Two-Sum error, rounds to fp32 correctly."""
+    if _INTERPRETED and a.dtype == tl.float32:
+        product = a.to(tl.float64) * b.to(tl.float64)
+        addend = c.to(tl.float64)
+        total = product + addend
+        back = total - product
+        error = (product - (total - back)) + (addend - back)
+        bits = total.to(tl.int64, bitcast=True)
+        to_odd = (error != 0) & ((bits & 1) == 0) & (tl.abs(total) < float("inf"))
+        stepped = bits + tl.where((error > 0) == (total > 0), 1, -1)
+        return tl.where(to_odd, stepped, bits).to(tl.float64, bitcast=True).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
 
 
 @triton.jit

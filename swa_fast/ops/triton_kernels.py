@@ -215,6 +215,7 @@ def _launch(
             BLOCK=BLOCK,
             ALIGNED=table.aligned,
             num_warps=NUM_WARPS,
+            enable_fp_fusion=False,  # a multiply and an add fused only where the kernel says so
             **extra,
         )
 
