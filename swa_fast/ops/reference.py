@@ -55,7 +55,8 @@ def fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     gives it, on any CPU. In fp64 the product is exact (24 + 24 bits); the sum's rounding error comes
     exactly from Two-Sum (Knuth), and where it is not 0 the sum is rounded to odd instead (its last
     bit set by a step towards the exact value), which then rounds to fp32 correctly, since fp64 has
-    more than 24 + 1 bits (Boldo and Melquiond, IEEE Trans. Computers 2008)."""
+    at least 24 + 2 bits (Boldo and Melquiond, IEEE Trans. Computers 2008). (triton_jit._fma writes
+    the same steps in Triton for the interpreter.)"""
     product, addend = a.double() * b.double(), c.double()
     total = product + addend
     back = total - product
