@@ -241,9 +241,15 @@ def _unfused_lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torc
     return end - (end - start) * (1 - w)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+# Every backend on the CPU, and on the GPU where there is one (against the reference on the CPU).
+PLACES = [(b, "cpu") for b in ALL_BACKENDS] + [
+    (b, "cuda") for b in (cuda_backends() if torch.cuda.is_available() else [])
+]
+
+
+@pytest.mark.parametrize("backend, device", PLACES)
 @pytest.mark.parametrize("weight", [0.3, 0.7])
-def test_every_backend_computes_the_values_it_rounds_as_one_fused_multiply_add(backend, weight):
+def test_every_backend_computes_the_values_it_rounds_as_one_fused_multiply_add(backend, device, weight):
     """Given `rounding`, an fp32 average (stored to nearest) holds the value that a bf16 one would
     round: the same bits on every backend, whichever way torch's or the interpreter's lerp computes
     it, and not what an unfused lerp gives."""
@@ -251,20 +257,20 @@ def test_every_backend_computes_the_values_it_rounds_as_one_fused_multiply_add(b
     avg, src = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
     key = StochasticRounding(seed=2, step=3)
     results = {}
-    for name in ("reference", backend):
-        a, m, q = avg.clone(), avg.clone(), avg.abs()
-        avgs = [avg.clone(), avg.clone()]
-        swa_fast.lerp_([a], [src], weight, rounding=key, backend=name)
-        swa_fast.moments_([m], [q], [src], weight, rounding=key, backend=name)
-        swa_fast.multi_lerp_(avgs, [src], [weight, 0.1], rounding=key, backend=name)
-        results[name] = [a, m, q, *avgs]
+    for name, on in (("reference", "cpu"), (backend, device)):
+        a, m, q, s_ = (t.to(on, copy=True) for t in (avg, avg, avg.abs(), src))
+        avgs = [avg.to(on, copy=True), avg.to(on, copy=True)]
+        swa_fast.lerp_([a], [s_], weight, rounding=key, backend=name)
+        swa_fast.moments_([m], [q], [s_], weight, rounding=key, backend=name)
+        swa_fast.multi_lerp_(avgs, [s_], [weight, 0.1], rounding=key, backend=name)
+        results[name] = [t.cpu() for t in (a, m, q, *avgs)]
     assert all(same_bits(x, y) for x, y in zip(results[backend], results["reference"]))
     assert not same_bits(results["reference"][0], _unfused_lerp(avg, src, weight))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend, device", PLACES)
 @pytest.mark.parametrize("weight", [0.3, 0.7])
-def test_every_backend_rounds_alike_where_a_fused_and_an_unfused_lerp_round_apart(backend, weight):
+def test_every_backend_rounds_alike_where_a_fused_and_an_unfused_lerp_round_apart(backend, device, weight):
     """Elements picked so that the fused and the unfused fp32 lerp differ in the last bit right
     where that element's random bits decide the rounding: every backend stores the fused one's."""
     n, key = 64, StochasticRounding(seed=11, step=5, firsts=(0,))
@@ -290,9 +296,9 @@ def test_every_backend_rounds_alike_where_a_fused_and_an_unfused_lerp_round_apar
     assert critical >= n // 2
     expected = round_stochastically(reference.lerp_value(start, end, w, exact=True), torch.bfloat16, r)
     assert not same_bits(expected, round_stochastically(_unfused_lerp(start, end, weight), torch.bfloat16, r))
-    got = start.bfloat16()
-    swa_fast.lerp_([got], [end], weight, rounding=key, backend=backend)
-    assert same_bits(got, expected)
+    got = start.bfloat16().to(device)
+    swa_fast.lerp_([got], [end.to(device)], weight, rounding=key, backend=backend)
+    assert same_bits(got.cpu(), expected)
 
 
 def test_torch_s_default_cpu_kernels_change_no_value():
