@@ -110,10 +110,19 @@ C10_HOST_DEVICE inline A load_as(const void* p, int64_t i) {
 // Element i of p, of type T, set to x. fp32 -> fp16 on the host is narrowed with integer and float
 // ops that the compiler vectorises (c10's scalar conversion does not, and ran copy_ into fp16 at a
 // fifth of torch's speed); it rounds to nearest even and gives c10's bits, subnormals, overflow to
-// infinity and NaN (0x7e00 with its sign) included. Device code uses the intrinsic.
+// infinity and NaN (0x7e00 with its sign) included. fp32 -> bf16 likewise, with masks for c10's
+// NaN branch (0x7fc0, whatever the sign), which GCC if-converts in the plain loop but not in the
+// loop that counts (`stats`). Device code uses the intrinsic.
 template <typename T, typename A>
 C10_HOST_DEVICE inline void store_as(void* p, int64_t i, A x) {
 #if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    const uint32_t bits = c10::bit_cast<uint32_t>(x);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // to nearest even
+    const uint32_t is_nan = 0u - static_cast<uint32_t>((bits & 0x7fffffffu) > 0x7f800000u);
+    static_cast<c10::BFloat16*>(p)[i].x = static_cast<uint16_t>((rounded & ~is_nan) | (0x7fc0u & is_nan));
+    return;
+  }
   if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<A, float>) {
     const uint32_t bits = c10::bit_cast<uint32_t>(x);
     const uint32_t sign = bits & 0x80000000u;

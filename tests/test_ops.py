@@ -164,6 +164,28 @@ def test_fp32_narrows_to_fp16_as_torch_rounds(backend):
     assert out[0][nan].isnan().all()
 
 
+@pytest.mark.parametrize("counted", [False, True], ids=["copy_", "lerp_ with stats"])
+def test_fp32_narrows_to_bf16_as_torch_rounds(counted, backend):
+    """fp32 -> bf16 to nearest even on a sweep of every 499th fp32 bit pattern of both signs and the
+    edges (ties either way, the carry into infinity, NaN): the bits PyTorch's conversion gives, NaN
+    kept NaN; by copy_ and by lerp_ at weight 1 with `stats` (the CPU's loop that counts)."""
+    import swa_fast
+    from swa_fast.ops.pass_stats import stats_tensor
+
+    edges = [0x3F808000, 0x3F818000, 0x3F807FFF, 0x7F7F8000, 0x7F7F7FFF, 0x7F800000, 0x7F800001, 0x7FFFFFFF]
+    bits = torch.cat([torch.arange(0, 2**31, 499, dtype=torch.int64), torch.tensor(edges)])
+    x = torch.cat([bits, bits - 2**31]).to(torch.int32).view(torch.float32)  # (bits - 2**31: the sign set)
+    out = [torch.zeros(x.shape, dtype=torch.bfloat16)]
+    if counted:
+        swa_fast.lerp_(out, [x], 1.0, stats=stats_tensor(1), backend=backend)
+    else:
+        swa_fast.copy_(out, [x], backend=backend)
+    want = x.to(torch.bfloat16)
+    nan = x.isnan()
+    assert torch.equal(out[0][~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert out[0][nan].isnan().all()
+
+
 @pytest.mark.parametrize("op", ["lerp_", "moments_"])
 def test_weight_one_copies_exactly(op, backend):
     """Weight 1 (the first SWA update, 1/(0+1)) gives the source bit for bit, as torch.lerp does,

@@ -3,8 +3,8 @@ on every backend that runs here, over one set of shapes (GPT-2 small's by defaul
 the bf16 average moves 6 bytes (the model and the average read, the average written) against 10
 for an fp32 average: 1.67x less traffic, if drawing the random bits in registers costs nothing.
 The bf16 average rounded to nearest (which stalls: docs/low-precision.md) is timed beside them, and
-the fp32 and stochastic passes again with `stats` (what the pass sees, zeroed first as a manager's
-`stats=True` does): `stats_cost`, the time with them over the time without.
+each of the three again with `stats` (what the pass sees, zeroed first as a manager's `stats=True`
+does): `stats_cost`, the time with them over the time without.
 
     python -m swa_fast.benchmarks.low_precision --min-run-time 0.2   # alone; `swa_fast bench` runs it too
 """
@@ -32,7 +32,7 @@ def workload_name(name: str) -> str:
 def _candidates(model, avg32, avg16, backends):
     """For each backend b, timed in turn: 'fp32 average swa_fast:b', 'bf16 average, nearest
     swa_fast:b' and 'swa_fast:b' (the bf16 average rounded stochastically, a new step per call),
-    then the first and the last again with `stats` ('stats=True ...')."""
+    then each again with `stats` ('stats=True ...')."""
     out = {}
     for b in backends:
         out[f"{FP32_AVERAGE} swa_fast:{b}"] = lambda b=b: swa_fast.lerp_(avg32, model, WEIGHT, backend=b)
@@ -51,12 +51,17 @@ def _candidates(model, avg32, avg16, backends):
             stats.zero_()
             swa_fast.lerp_(avg32, model, WEIGHT, stats=stats, backend=b)
 
+        def nearest_with_stats(b=b, stats=stats):  # (what a manager's stalled-average warning reads)
+            stats.zero_()
+            swa_fast.lerp_(avg16, model, WEIGHT, stats=stats, backend=b)
+
         def stochastic_with_stats(b=b, steps=steps, rounding=rounding, stats=stats):
             stats.zero_()
             rounding[1] = next(steps)
             swa_fast.lerp_(avg16, model, WEIGHT, rounding=rounding, stats=stats, backend=b)
 
         out[f"{WITH_STATS} {FP32_AVERAGE} swa_fast:{b}"] = fp32_with_stats
+        out[f"{WITH_STATS} {NEAREST} swa_fast:{b}"] = nearest_with_stats
         out[f"{WITH_STATS} swa_fast:{b}"] = stochastic_with_stats
     return out
 
