@@ -326,6 +326,19 @@ struct Tally {
   uint32_t written[S]{}, unchanged[S]{}, non_finite[S]{}, max_update[S]{};
 };
 
+// What a pass counts in for its Count: NoStats for a call without `stats` (functors that have no
+// written-list slots, kRoundedLists, included), a Tally<S> for one with its StatsRows<S>.
+template <typename Count>
+struct TallyOf {
+  using type = NoStats;
+};
+template <int S>
+struct TallyOf<StatsRows<S>> {
+  using type = Tally<S>;
+};
+template <typename Count>
+using TallyFor = typename TallyOf<Count>::type;
+
 // A stored element of T as unsigned integer bits of its width, and its exponent field (all ones:
 // inf or NaN).
 template <typename T>

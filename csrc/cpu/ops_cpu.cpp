@@ -85,18 +85,6 @@ C10_ALWAYS_INLINE void prefetch_elements(void* const* ptrs, int64_t from, int64_
 // Elements a loop takes at a time where it prefetches the next block's.
 constexpr int64_t kPrefetchBlock = 512;
 
-// A work item's tally for a call's Count: none (NoStats) or the counts of its S written lists.
-template <typename Count>
-struct TallyOf {
-  using type = NoStats;
-};
-template <int S>
-struct TallyOf<StatsRows<S>> {
-  using type = Tally<S>;
-};
-template <typename Count>
-using TallyFor = typename TallyOf<Count>::type;
-
 // Count: NoStats, or the StatsRows of a call with `stats`, whose loop counts each write in this
 // item's Tally (Counting) and adds it to them at the end.
 template <typename F, typename Count = NoStats>

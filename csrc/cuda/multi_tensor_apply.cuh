@@ -201,17 +201,6 @@ __device__ void add_block_tally(const Tally<S>& tally, const StatsRows<S>& rows)
   }
 }
 
-// What a thread counts in: NoStats for a call without `stats` (functors that have no written-list
-// slots, kRoundedLists, included), a Tally<S> for one with its StatsRows<S>.
-template <typename Count>
-struct TallyOf {
-  using type = NoStats;
-};
-template <int S>
-struct TallyOf<StatsRows<S>> {
-  using type = Tally<S>;
-};
-
 // The body of a multi-tensor launch. R: NoRounding, or the RoundingKey of a launch whose table
 // holds each tensor's first element in the flat average (the stochastic rounding of bf16 and fp16
 // averages, kernels of their own, so that the nearest kernels stay as they were). Count: NoStats, or
@@ -226,7 +215,7 @@ __device__ C10_ALWAYS_INLINE void multi_tensor_body(const int64_t* table_data, i
   constexpr int kVecU =
       vector_words<F, kVec>(std::make_index_sequence<K>{}) <= plan::kVecUnrollWords ? plan::kVecUnroll : 1;
   if (f.skip()) return;  // a weight of 0: nothing to write (uniform across the grid)
-  [[maybe_unused]] typename TallyOf<Count>::type tally;
+  [[maybe_unused]] TallyFor<Count> tally;
   const unsigned written = f.written_lists();
   int elem_bytes[K];
 #pragma unroll
